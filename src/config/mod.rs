@@ -1,0 +1,579 @@
+//! `config.toml`: serde structs that mirror the file, validation into types that cannot hold
+//! invalid values, and `file:line:column` errors. Takes `&str` so tests need no files.
+//! Defaults live in [`defaults`]; docs/configuration.md documents every key.
+
+mod error;
+mod raw;
+mod units;
+
+pub use error::ConfigError;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::route::{PathTemplate, Router};
+
+/// Default values, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `server.listen`.
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    /// `server.shutdown_grace`.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// `server.max_connections`.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// `server.header_read_timeout`.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `server.close_timeout`.
+    pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `route.mime_type`.
+    pub const MIME_TYPE: &str = "application/json";
+    /// `route.max_message_size`: 1 MiB.
+    pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
+    /// `route.handshake_timeout`.
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The `[server]` table.
+    pub server: ServerConfig,
+    /// The `[[route]]` tables, in file order.
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// The `[server]` table.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Addresses to accept connections on.
+    pub listen: Vec<SocketAddr>,
+    /// How long shutdown waits for connections to close before exiting anyway.
+    pub shutdown_grace: Duration,
+    /// At most this many client connections at once; further ones wait in the accept backlog.
+    pub max_connections: usize,
+    /// A client must send its complete upgrade request within this time.
+    pub header_read_timeout: Duration,
+    /// Bound on each leg's closing handshake; after it the TCP connection is dropped.
+    pub close_timeout: Duration,
+}
+
+/// One `[[route]]`: a path resolver.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Position in the file, from 0; used in logs and as the tie-breaker.
+    pub index: usize,
+    /// The path template requests must match.
+    pub path: PathTemplate,
+    /// If set, only requests with this Host (case-insensitive, port ignored) match.
+    pub host: Option<String>,
+    /// Where to connect, with the path's placeholders substituted.
+    pub upstream: UpstreamUrl,
+    /// Hint for policies on how to decode message bodies.
+    pub mime_type: String,
+    /// Absolute connection lifetime; `None` is unlimited.
+    pub expire: Option<Duration>,
+    /// Close after this long without a data message either way; `None` disables it.
+    pub idle_timeout: Option<Duration>,
+    /// Largest message (after reassembly) accepted from either side.
+    pub max_message_size: usize,
+    /// Bound on connecting to the upstream and completing its handshake (504 after it).
+    pub handshake_timeout: Duration,
+    /// Lua scripts bound to this route (resolved paths that exist).
+    pub policies: Policies,
+    /// TLS settings for `wss://` upstreams.
+    pub upstream_tls: UpstreamTls,
+}
+
+impl Route {
+    /// A short name for logs: the path template, plus the host when there is one.
+    pub fn name(&self) -> String {
+        match &self.host {
+            Some(h) => format!("{h}{}", self.path),
+            None => self.path.to_string(),
+        }
+    }
+}
+
+/// The `[route.policies]` table: paths of Lua scripts, resolved against the config file's folder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policies {
+    /// Runs on the HTTP upgrade request.
+    pub on_upgrade: Option<PathBuf>,
+    /// Runs on each client-to-server message.
+    pub on_client_frame: Option<PathBuf>,
+    /// Runs on each server-to-client message.
+    pub on_server_frame: Option<PathBuf>,
+    /// Runs once when the connection ends.
+    pub on_close: Option<PathBuf>,
+}
+
+impl Policies {
+    /// True when no script is bound.
+    pub fn is_empty(&self) -> bool {
+        *self == Policies::default()
+    }
+}
+
+/// The `[route.upstream_tls]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// Extra PEM root certificates to trust besides the built-in web roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any server certificate (testing only; logged as a warning at start-up).
+    pub insecure_skip_verify: bool,
+}
+
+/// An upstream URL template such as `ws://10.0.0.5:9001/rooms/{room}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    source: String,
+}
+
+impl UpstreamUrl {
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Substitutes path placeholders. Validation guarantees every placeholder has a value.
+    pub fn render(&self, params: &[(String, String)]) -> String {
+        if !self.source.contains('{') {
+            return self.source.clone();
+        }
+        let mut out = String::with_capacity(self.source.len() + 16);
+        let mut rest = self.source.as_str();
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let close = rest[open..].find('}').map(|c| open + c);
+            let Some(close) = close else { break };
+            let name = &rest[open + 1..close];
+            if let Some((_, value)) = params.iter().find(|(n, _)| n == name) {
+                out.push_str(value);
+            }
+            rest = &rest[close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// The placeholder names used, in order.
+    fn placeholders(&self) -> Result<Vec<&str>, String> {
+        let mut names = Vec::new();
+        let mut rest = self.source.as_str();
+        while let Some(open) = rest.find('{') {
+            let Some(len) = rest[open..].find('}') else {
+                return Err("unclosed '{' in upstream URL".into());
+            };
+            let name = &rest[open + 1..open + len];
+            let name = name.strip_prefix('*').unwrap_or(name);
+            names.push(name);
+            rest = &rest[open + len + 1..];
+        }
+        Ok(names)
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read configuration: {e}"),
+            hint: Some("pass the file with --config PATH".into()),
+        })?;
+        Config::from_toml(&source, path)
+    }
+
+    /// Parses and validates `source`; `origin` names it in errors and anchors relative paths.
+    pub fn from_toml(source: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let raw: raw::File = toml::from_str(source).map_err(|e| {
+            ConfigError::at(
+                origin,
+                source,
+                e.span(),
+                e.message().trim().to_owned(),
+                Some("see docs/configuration.md for every key and its format".into()),
+            )
+        })?;
+        let base = origin.parent().unwrap_or(Path::new(""));
+        let v = Validator {
+            origin,
+            source,
+            base,
+        };
+        let server = v.server(raw.server.unwrap_or_default())?;
+        let routes = raw
+            .route
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| v.route(i, r).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Config { server, routes })
+    }
+
+    /// Builds the router for this configuration.
+    pub fn router(&self) -> Router {
+        Router::new(&self.routes)
+    }
+}
+
+/// Turns raw values into validated ones, reporting errors at the value's position.
+struct Validator<'a> {
+    origin: &'a Path,
+    source: &'a str,
+    base: &'a Path,
+}
+
+type Spanned<T> = toml::Spanned<T>;
+
+impl Validator<'_> {
+    fn err<T>(&self, at: &Spanned<T>, message: String, hint: &str) -> ConfigError {
+        ConfigError::at(
+            self.origin,
+            self.source,
+            Some(at.span()),
+            message,
+            (!hint.is_empty()).then(|| hint.to_owned()),
+        )
+    }
+
+    fn duration(&self, value: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+        units::parse_duration(value.get_ref()).map_err(|e| {
+            self.err(
+                value,
+                format!("{key}: {e}"),
+                "write a duration like \"500ms\", \"10s\", \"5m\" or \"1h 30m\"",
+            )
+        })
+    }
+
+    /// A duration where absent or zero means "off".
+    fn optional_duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+    ) -> Result<Option<Duration>, ConfigError> {
+        match value {
+            None => Ok(None),
+            Some(v) => Ok(Some(self.duration(v, key)?).filter(|d| !d.is_zero())),
+        }
+    }
+
+    fn server(&self, raw: raw::Server) -> Result<ServerConfig, ConfigError> {
+        let listen = match raw.listen {
+            None => vec![defaults::LISTEN
+                .parse()
+                .expect("default listen address parses")],
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return Err(self.err(
+                        &list,
+                        "server.listen is empty".into(),
+                        "give at least one address, like [\"0.0.0.0:8080\"]",
+                    ));
+                }
+                list.get_ref()
+                    .iter()
+                    .map(|a| {
+                        a.get_ref().parse::<SocketAddr>().map_err(|_| {
+                            self.err(
+                                a,
+                                format!(
+                                    "server.listen: {:?} is not an IP address and port",
+                                    a.get_ref()
+                                ),
+                                "write it like \"0.0.0.0:8080\" or \"[::1]:8080\"",
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        let max_connections = match raw.max_connections {
+            None => defaults::MAX_CONNECTIONS,
+            Some(n) if *n.get_ref() >= 1 => *n.get_ref() as usize,
+            Some(n) => {
+                return Err(self.err(&n, "server.max_connections must be at least 1".into(), ""))
+            }
+        };
+        Ok(ServerConfig {
+            listen,
+            shutdown_grace: raw
+                .shutdown_grace
+                .map(|v| self.duration(&v, "server.shutdown_grace"))
+                .transpose()?
+                .unwrap_or(defaults::SHUTDOWN_GRACE),
+            max_connections,
+            header_read_timeout: self
+                .optional_duration(&raw.header_read_timeout, "server.header_read_timeout")?
+                .unwrap_or(defaults::HEADER_READ_TIMEOUT),
+            close_timeout: self
+                .optional_duration(&raw.close_timeout, "server.close_timeout")?
+                .unwrap_or(defaults::CLOSE_TIMEOUT),
+        })
+    }
+
+    fn route(&self, index: usize, raw: raw::Route) -> Result<Route, ConfigError> {
+        let path = PathTemplate::parse(raw.path.get_ref()).map_err(|e| {
+            self.err(
+                &raw.path,
+                e,
+                "placeholders are whole segments: /chat/{room} or /files/{*rest}",
+            )
+        })?;
+        let upstream = self.upstream(&raw.upstream, &path)?;
+        let host = match raw.host {
+            Some(h) if h.get_ref().trim().is_empty() || h.get_ref().contains(['/', ' ']) => {
+                return Err(self.err(
+                    &h,
+                    format!("route.host {:?} is not a host name", h.get_ref()),
+                    "write a bare host like \"chat.example.com\" (no scheme, no path)",
+                ));
+            }
+            Some(h) => Some(h.into_inner()),
+            None => None,
+        };
+        let mime_type = match raw.mime_type {
+            Some(m) if !m.get_ref().contains('/') => {
+                return Err(self.err(
+                    &m,
+                    format!("route.mime_type {:?} is not a MIME type", m.get_ref()),
+                    "write it like \"application/json\" or \"text/plain\"",
+                ));
+            }
+            Some(m) => m.into_inner().to_ascii_lowercase(),
+            None => defaults::MIME_TYPE.to_owned(),
+        };
+        let max_message_size = match raw.max_message_size {
+            None => defaults::MAX_MESSAGE_SIZE,
+            Some(v) => {
+                let n = units::parse_size(v.get_ref()).map_err(|e| {
+                    self.err(
+                        &v,
+                        format!("route.max_message_size: {e}"),
+                        "write a size like \"64KiB\" or \"1MiB\"",
+                    )
+                })?;
+                if n == 0 || n > (1 << 30) {
+                    return Err(self.err(
+                        &v,
+                        "route.max_message_size must be between 1 byte and 1GiB".into(),
+                        "",
+                    ));
+                }
+                n as usize
+            }
+        };
+        let handshake_timeout = self
+            .optional_duration(&raw.handshake_timeout, "route.handshake_timeout")?
+            .unwrap_or(defaults::HANDSHAKE_TIMEOUT);
+        let policies = match raw.policies {
+            None => Policies::default(),
+            Some(p) => Policies {
+                on_upgrade: self.script(&p.on_upgrade)?,
+                on_client_frame: self.script(&p.on_client_frame)?,
+                on_server_frame: self.script(&p.on_server_frame)?,
+                on_close: self.script(&p.on_close)?,
+            },
+        };
+        let upstream_tls = match raw.upstream_tls {
+            None => UpstreamTls::default(),
+            Some(t) => UpstreamTls {
+                ca_file: self.existing_file(&t.ca_file, "CA file")?,
+                insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+            },
+        };
+        Ok(Route {
+            index,
+            path,
+            host,
+            upstream,
+            mime_type,
+            expire: self.optional_duration(&raw.expire, "route.expire")?,
+            idle_timeout: self.optional_duration(&raw.idle_timeout, "route.idle_timeout")?,
+            max_message_size,
+            handshake_timeout,
+            policies,
+            upstream_tls,
+        })
+    }
+
+    fn upstream(
+        &self,
+        raw: &Spanned<String>,
+        path: &PathTemplate,
+    ) -> Result<UpstreamUrl, ConfigError> {
+        let url = UpstreamUrl {
+            source: raw.get_ref().clone(),
+        };
+        let names = url.placeholders().map_err(|e| self.err(raw, e, ""))?;
+        for name in &names {
+            if !path.param_names().any(|p| p == *name) {
+                let defined: Vec<_> = path.param_names().map(|n| format!("{{{n}}}")).collect();
+                let hint = if defined.is_empty() {
+                    format!("the path {} defines no placeholders", path)
+                } else {
+                    format!("the path {} defines {}", path, defined.join(", "))
+                };
+                return Err(self.err(raw, format!("upstream uses placeholder {{{name}}} that the route's path does not define"), &hint));
+            }
+        }
+        // Check the shape with every placeholder replaced by a plausible value.
+        let probe: Vec<(String, String)> = names
+            .iter()
+            .map(|n| (n.to_string(), "x".to_owned()))
+            .collect();
+        let rendered = url.render(&probe);
+        let hint = "write it like \"ws://127.0.0.1:9001/path\" or \"wss://backend.internal/ws\"";
+        let uri: http::Uri = rendered.parse().map_err(|e| {
+            self.err(
+                raw,
+                format!("upstream {:?} is not a valid URL: {e}", raw.get_ref()),
+                hint,
+            )
+        })?;
+        match uri.scheme_str() {
+            Some("ws") | Some("wss") => {}
+            _ => {
+                return Err(self.err(
+                    raw,
+                    format!("upstream {:?} must use ws:// or wss://", raw.get_ref()),
+                    hint,
+                ))
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(self.err(
+                raw,
+                format!("upstream {:?} has no host", raw.get_ref()),
+                hint,
+            ));
+        }
+        Ok(url)
+    }
+
+    fn script(&self, value: &Option<Spanned<String>>) -> Result<Option<PathBuf>, ConfigError> {
+        self.existing_file(value, "policy script")
+    }
+
+    fn existing_file(
+        &self,
+        value: &Option<Spanned<String>>,
+        what: &str,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(v) = value else { return Ok(None) };
+        let path = self.base.join(v.get_ref());
+        if !path.is_file() {
+            return Err(self.err(
+                v,
+                format!(
+                    "{what} {:?} not found (looked for {})",
+                    v.get_ref(),
+                    path.display()
+                ),
+                "paths are relative to the folder of the configuration file",
+            ));
+        }
+        Ok(Some(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(src: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(src, Path::new("test.toml"))
+    }
+
+    fn error(src: &str) -> String {
+        load(src).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_route_gets_defaults() {
+        let c = load("[[route]]\npath = \"/echo\"\nupstream = \"ws://127.0.0.1:9001/\"\n").unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.mime_type, "application/json");
+        assert_eq!(r.max_message_size, 1 << 20);
+        assert_eq!(r.expire, None);
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn full_route() {
+        let c = load(
+            r#"
+[server]
+listen = ["0.0.0.0:8080", "[::1]:8081"]
+shutdown_grace = "3s"
+[[route]]
+path = "/chat/{room}"
+host = "chat.example.com"
+upstream = "ws://127.0.0.1:9001/rooms/{room}"
+mime_type = "text/plain"
+expire = "1h"
+idle_timeout = "0s"
+max_message_size = "64KiB"
+"#,
+        )
+        .unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.expire, Some(Duration::from_secs(3600)));
+        assert_eq!(r.idle_timeout, None);
+        assert_eq!(r.max_message_size, 65536);
+        assert_eq!(
+            r.upstream.render(&[("room".into(), "lobby".into())]),
+            "ws://127.0.0.1:9001/rooms/lobby"
+        );
+        assert_eq!(c.server.listen.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let e = error("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\nexpires = \"1h\"\n");
+        assert!(
+            e.starts_with("test.toml:4:1: unknown field `expires`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn undefined_placeholder_is_located_with_hint() {
+        let e = error("[[route]]\npath = \"/chat/{room}\"\nupstream = \"ws://h/{user}\"\n");
+        assert!(
+            e.starts_with("test.toml:3:12: upstream uses placeholder {user}"),
+            "{e}"
+        );
+        assert!(
+            e.contains("hint: the path /chat/{room} defines {room}"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let cases = [
+            ("[[route]]\npath = \"chat\"\nupstream = \"ws://h/\"\n", "test.toml:2:8: path template"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"http://h/\"\n", "must use ws:// or wss://"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws:// bad\"\n", "not a valid URL"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\nexpire = \"soon\"\n", "test.toml:4:10: route.expire: invalid duration"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\nmax_message_size = \"big\"\n", "route.max_message_size: invalid size"),
+            ("[server]\nlisten = [\"localhost\"]\n", "test.toml:2:11: server.listen"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\n[route.policies]\non_upgrade = \"nope.lua\"\n", "test.toml:5:14: policy script \"nope.lua\" not found"),
+            ("[[route]]\npath = \"/a\"\n", "missing field `upstream`"),
+            ("[[route]\n", "test.toml:1:"),
+        ];
+        for (src, want) in cases {
+            let e = error(src);
+            assert!(e.contains(want), "for {src:?}: got {e:?}, want {want:?}");
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! serde mirror of `config.toml`. Every value keeps its span so validation can point at it.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct File {
+    pub server: Option<Server>,
+    #[serde(default)]
+    pub route: Vec<Route>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Server {
+    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub shutdown_grace: Option<Spanned<String>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub header_read_timeout: Option<Spanned<String>>,
+    pub close_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Route {
+    pub path: Spanned<String>,
+    pub host: Option<Spanned<String>>,
+    pub upstream: Spanned<String>,
+    pub mime_type: Option<Spanned<String>>,
+    pub expire: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub max_message_size: Option<Spanned<String>>,
+    pub handshake_timeout: Option<Spanned<String>>,
+    pub policies: Option<Policies>,
+    pub upstream_tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Policies {
+    pub on_upgrade: Option<Spanned<String>>,
+    pub on_client_frame: Option<Spanned<String>>,
+    pub on_server_frame: Option<Spanned<String>>,
+    pub on_close: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpstreamTls {
+    pub ca_file: Option<Spanned<String>>,
+    pub insecure_skip_verify: Option<bool>,
+}

@@ -1,0 +1,311 @@
+//! Why a connection ended, what each leg is told, and the one log line that records it.
+//!
+//! Every end of a relay is an [`Ending`]; [`Ending::plan`] decides per leg whether to send a close
+//! frame (and which), only finish a handshake the peer started, or just drop a dead socket.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, error::ProtocolError};
+
+/// One of the two legs of a proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's leg (gateway is the server).
+    Client,
+    /// The upstream's leg (gateway is the client).
+    Upstream,
+}
+
+impl Side {
+    /// The other leg.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+/// Who ended the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedBy {
+    /// The client sent a close frame, dropped its connection, or broke the protocol.
+    Client,
+    /// The upstream did.
+    Upstream,
+    /// framegate did (lifetime, idle timeout, shutdown, a policy).
+    Gateway,
+}
+
+impl ClosedBy {
+    /// `client`, `upstream` or `gateway`, as logged.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Client => "client",
+            ClosedBy::Upstream => "upstream",
+            ClosedBy::Gateway => "gateway",
+        }
+    }
+}
+
+/// Why a relay ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Ending {
+    /// A leg sent a close frame; it is forwarded to the other leg as is.
+    Closed(Side, Option<CloseFrame>),
+    /// A leg's TCP connection dropped (or reset) without a closing handshake.
+    Gone(Side),
+    /// A leg sent a message over `max_message_size`.
+    TooBig(Side),
+    /// A leg sent a text message that is not UTF-8.
+    BadUtf8(Side),
+    /// A leg broke RFC 6455 framing.
+    Protocol(Side, String),
+    /// The route's `expire` (or a policy's shorter one) passed.
+    Expired,
+    /// No data message either way for `idle_timeout`.
+    Idle,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// A policy closed the connection with this frame.
+    Policy(CloseFrame),
+}
+
+/// What to do with one leg when closing.
+#[derive(Debug, Clone)]
+pub(crate) enum LegClose {
+    /// Deliver what is queued, send this close frame, and wait for the peer's reply.
+    Send(Option<CloseFrame>),
+    /// The peer sent its close already: flush our automatic reply and wait for the end.
+    Finish,
+    /// The socket is dead: drop it.
+    Drop,
+}
+
+fn frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
+    Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    })
+}
+
+/// Close reasons sent by the gateway; docs/configuration.md lists them.
+pub(crate) mod reasons {
+    /// Sent on both legs when `expire` passes.
+    pub const EXPIRED: &str = "connection lifetime expired";
+    /// Sent on both legs after `idle_timeout`.
+    pub const IDLE: &str = "idle timeout";
+    /// Sent on both legs during graceful shutdown.
+    pub const SHUTDOWN: &str = "server shutting down";
+    /// Sent to a client whose upstream vanished.
+    pub const UPSTREAM_LOST: &str = "upstream connection lost";
+    /// Sent to an upstream whose client vanished.
+    pub const CLIENT_LOST: &str = "client connection lost";
+    /// Sent to the sender of an oversized message.
+    pub const TOO_BIG: &str = "message too big";
+    /// Sent to the sender of a text message that is not UTF-8.
+    pub const BAD_UTF8: &str = "invalid UTF-8 in text message";
+    /// Sent to a peer that broke the framing rules.
+    pub const PROTOCOL: &str = "protocol error";
+    /// Sent to the other leg when one leg failed.
+    pub const PEER_FAILED: &str = "peer connection failed";
+}
+
+impl Ending {
+    /// Classifies a read error (or a plain end of stream) on `side`.
+    pub(crate) fn from_read_error(side: Side, error: Option<tungstenite::Error>) -> Ending {
+        use tungstenite::Error as E;
+        match error {
+            Some(E::Capacity(_)) => Ending::TooBig(side),
+            Some(E::Utf8(_)) => Ending::BadUtf8(side),
+            Some(E::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => Ending::Gone(side),
+            Some(E::Protocol(p)) => Ending::Protocol(side, p.to_string()),
+            _ => Ending::Gone(side),
+        }
+    }
+
+    /// The close frame framegate itself originates for this ending, if any.
+    fn gateway_frame(&self) -> Option<CloseFrame> {
+        match self {
+            Ending::TooBig(_) => frame(CloseCode::Size, reasons::TOO_BIG),
+            Ending::BadUtf8(_) => frame(CloseCode::Invalid, reasons::BAD_UTF8),
+            Ending::Protocol(..) => frame(CloseCode::Protocol, reasons::PROTOCOL),
+            Ending::Expired => frame(CloseCode::Away, reasons::EXPIRED),
+            Ending::Idle => frame(CloseCode::Away, reasons::IDLE),
+            Ending::Shutdown => frame(CloseCode::Away, reasons::SHUTDOWN),
+            Ending::Policy(f) => Some(f.clone()),
+            Ending::Closed(..) | Ending::Gone(_) => None,
+        }
+    }
+
+    /// What each leg is told: `(client, upstream)`.
+    pub(crate) fn plan(&self) -> (LegClose, LegClose) {
+        use LegClose::{Drop, Finish, Send};
+        let on = |side: Side, this: LegClose, other: LegClose| match side {
+            Side::Client => (this, other),
+            Side::Upstream => (other, this),
+        };
+        match self {
+            Ending::Closed(side, f) => on(*side, Finish, Send(f.clone())),
+            Ending::Gone(Side::Client) => {
+                (Drop, Send(frame(CloseCode::Away, reasons::CLIENT_LOST)))
+            }
+            Ending::Gone(Side::Upstream) => {
+                (Send(frame(CloseCode::Error, reasons::UPSTREAM_LOST)), Drop)
+            }
+            Ending::TooBig(side) | Ending::BadUtf8(side) | Ending::Protocol(side, _) => on(
+                *side,
+                Send(self.gateway_frame()),
+                Send(frame(CloseCode::Away, reasons::PEER_FAILED)),
+            ),
+            Ending::Expired | Ending::Idle | Ending::Shutdown | Ending::Policy(_) => {
+                (Send(self.gateway_frame()), Send(self.gateway_frame()))
+            }
+        }
+    }
+
+    /// Who ended the connection.
+    pub(crate) fn closed_by(&self) -> ClosedBy {
+        match self.side() {
+            Some(Side::Client) => ClosedBy::Client,
+            Some(Side::Upstream) => ClosedBy::Upstream,
+            None => ClosedBy::Gateway,
+        }
+    }
+
+    /// The close code and reason that describe the end, for the log line and `on_close`.
+    /// 1005 means a close frame without a code; 1006 means no close frame at all.
+    pub(crate) fn code_and_reason(&self) -> (u16, String) {
+        let described = match self {
+            Ending::Closed(_, f) => f.clone(),
+            Ending::Gone(side) => return (1006, format!("{} connection dropped", side.name())),
+            Ending::Protocol(_, detail) => return (1002, detail.clone()),
+            _ => self.gateway_frame(),
+        };
+        described.map_or((1005, String::new()), |f| {
+            (u16::from(f.code), f.reason.to_string())
+        })
+    }
+
+    /// The leg whose behaviour ended the connection; `None` when framegate decided.
+    fn side(&self) -> Option<Side> {
+        match self {
+            Ending::Closed(s, _)
+            | Ending::Gone(s)
+            | Ending::TooBig(s)
+            | Ending::BadUtf8(s)
+            | Ending::Protocol(s, _) => Some(*s),
+            Ending::Expired | Ending::Idle | Ending::Shutdown | Ending::Policy(_) => None,
+        }
+    }
+}
+
+/// Counters for one direction of a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Data messages forwarded.
+    pub messages: u64,
+    /// Payload bytes forwarded.
+    pub bytes: u64,
+    /// Data messages a policy dropped.
+    pub dropped_by_policy: u64,
+    /// Data messages that were queued when the connection closed and could not be delivered.
+    pub undelivered: u64,
+}
+
+/// Everything known about a connection when it ends: the final log line and `on_close` input.
+#[derive(Debug, Clone)]
+pub struct CloseSummary {
+    /// Connection id, unique within the process.
+    pub id: u64,
+    /// The route's name (host and path template).
+    pub route: String,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The upstream URL after substitution.
+    pub upstream: String,
+    /// Time from the 101 to the end.
+    pub duration: Duration,
+    /// Client-to-upstream traffic.
+    pub client_to_upstream: Traffic,
+    /// Upstream-to-client traffic.
+    pub upstream_to_client: Traffic,
+    /// Close code describing the end (1005: no code given, 1006: no close frame).
+    pub code: u16,
+    /// Close reason describing the end.
+    pub reason: String,
+    /// Who ended it.
+    pub closed_by: ClosedBy,
+}
+
+impl CloseSummary {
+    /// Writes the one log line for this connection's end.
+    pub fn log(&self) {
+        tracing::info!(
+            conn = self.id,
+            route = %self.route,
+            client = %self.client,
+            upstream = %self.upstream,
+            duration_ms = self.duration.as_millis() as u64,
+            msgs_in = self.client_to_upstream.messages,
+            bytes_in = self.client_to_upstream.bytes,
+            msgs_out = self.upstream_to_client.messages,
+            bytes_out = self.upstream_to_client.bytes,
+            dropped_in = self.client_to_upstream.dropped_by_policy,
+            dropped_out = self.upstream_to_client.dropped_by_policy,
+            undelivered = self.client_to_upstream.undelivered + self.upstream_to_client.undelivered,
+            code = self.code,
+            reason = %self.reason,
+            closed_by = self.closed_by.as_str(),
+            "connection closed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(l: &LegClose) -> Option<u16> {
+        match l {
+            LegClose::Send(Some(f)) => Some(u16::from(f.code)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn oversized_message_closes_sender_with_1009() {
+        let (c, u) = Ending::TooBig(Side::Client).plan();
+        assert_eq!(sent(&c), Some(1009));
+        assert_eq!(sent(&u), Some(1001));
+        assert_eq!(Ending::TooBig(Side::Client).code_and_reason().0, 1009);
+    }
+
+    #[test]
+    fn vanished_upstream_gives_client_1011() {
+        let (c, u) = Ending::Gone(Side::Upstream).plan();
+        assert_eq!(sent(&c), Some(1011));
+        assert!(matches!(u, LegClose::Drop));
+        assert_eq!(Ending::Gone(Side::Upstream).closed_by(), ClosedBy::Upstream);
+    }
+
+    #[test]
+    fn lifetime_closes_both_with_1001() {
+        let (c, u) = Ending::Expired.plan();
+        assert_eq!((sent(&c), sent(&u)), (Some(1001), Some(1001)));
+        assert_eq!(
+            Ending::Expired.code_and_reason(),
+            (1001, reasons::EXPIRED.to_owned())
+        );
+    }
+}

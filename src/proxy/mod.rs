@@ -1,0 +1,36 @@
+//! The proxy: the upgrade (both handshakes), the relay loop, lifetimes, and closing.
+//!
+//! `proxy` sees policies only through [`crate::policy::FrameHooks`]. See docs/lifecycle.md for
+//! the life of one connection.
+
+mod close;
+mod headers;
+mod lifetime;
+mod relay;
+mod upgrade;
+
+pub use close::{CloseSummary, ClosedBy, Side, Traffic};
+
+pub(crate) use upgrade::handle;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::route::Router;
+
+/// State shared by every connection of one running gateway.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) router: Router,
+    /// TLS client settings per route index (`None` for routes without `wss://` upstreams).
+    pub(crate) tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    /// Cancelled once, when shutdown starts.
+    pub(crate) shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub(crate) tracker: TaskTracker,
+    pub(crate) next_id: AtomicU64,
+}

@@ -1,0 +1,230 @@
+//! The duplex loop of one connection: one task, one poll function over both legs, the timers
+//! and shutdown. Limits are enforced by the WebSocket codec before messages reach the hooks.
+//!
+//! Backpressure: a leg is read only while the other leg has nothing queued, so each direction
+//! holds at most one message plus the codec's write buffer; a peer that stops reading slows
+//! the other side down to its pace.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::close::{Ending, LegClose, Side, Traffic};
+use super::lifetime::{Expiry, Lifetime};
+use crate::policy::{Direction, FrameHooks, Verdict};
+use crate::upstream::WsStream;
+
+/// One WebSocket leg with the messages waiting to be written to it.
+struct Leg {
+    ws: WsStream,
+    outbox: VecDeque<Message>,
+    unflushed: bool,
+}
+
+impl Leg {
+    fn new(ws: WsStream) -> Self {
+        Leg {
+            ws,
+            outbox: VecDeque::new(),
+            unflushed: false,
+        }
+    }
+
+    /// Writes queued messages and flushes; ready when everything is on the wire.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
+        while !self.outbox.is_empty() {
+            ready!(self.ws.poll_ready_unpin(cx))?;
+            let message = self.outbox.pop_front().expect("outbox checked non-empty");
+            self.ws.start_send_unpin(message)?;
+            self.unflushed = true;
+        }
+        if self.unflushed {
+            ready!(self.ws.poll_flush_unpin(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// What the poll function saw.
+enum Event {
+    Data(Side, Message),
+    End(Ending),
+}
+
+/// A running relay between a client and an upstream.
+pub(crate) struct Relay {
+    client: Leg,
+    upstream: Leg,
+    lifetime: Lifetime,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    hooks: Box<dyn FrameHooks>,
+    /// Client-to-upstream, then upstream-to-client.
+    traffic: [Traffic; 2],
+    /// Alternates which leg is read first, so neither can starve the other.
+    client_first: bool,
+}
+
+impl Relay {
+    pub(crate) fn new(
+        client: WsStream,
+        upstream: WsStream,
+        lifetime: Lifetime,
+        shutdown: WaitForCancellationFutureOwned,
+        hooks: Box<dyn FrameHooks>,
+    ) -> Self {
+        Relay {
+            client: Leg::new(client),
+            upstream: Leg::new(upstream),
+            lifetime,
+            shutdown: Box::pin(shutdown),
+            hooks,
+            traffic: [Traffic::default(); 2],
+            client_first: true,
+        }
+    }
+
+    /// Relays until something ends the connection, closes both legs (each closing handshake
+    /// bounded by `close_timeout`) and returns why it ended with the traffic counters.
+    pub(crate) async fn run(
+        mut self,
+        close_timeout: Duration,
+    ) -> (Ending, [Traffic; 2], Box<dyn FrameHooks>) {
+        let ending = loop {
+            match poll_fn(|cx| self.poll_event(cx)).await {
+                Event::Data(from, message) => {
+                    if let Some(ending) = self.on_data(from, message) {
+                        break ending;
+                    }
+                }
+                Event::End(ending) => break ending,
+            }
+        };
+        self.close(&ending, close_timeout).await;
+        (ending, self.traffic, self.hooks)
+    }
+
+    fn on_data(&mut self, from: Side, message: Message) -> Option<Ending> {
+        self.lifetime.touch();
+        let (direction, slot) = match from {
+            Side::Client => (Direction::ClientToUpstream, 0),
+            Side::Upstream => (Direction::UpstreamToClient, 1),
+        };
+        match self.hooks.on_message(direction, message) {
+            Verdict::Forward(message) => {
+                let traffic = &mut self.traffic[slot];
+                traffic.messages += 1;
+                traffic.bytes += message.len() as u64;
+                self.leg(from.other()).outbox.push_back(message);
+                None
+            }
+            Verdict::Drop => {
+                self.traffic[slot].dropped_by_policy += 1;
+                None
+            }
+            Verdict::Close(frame) => Some(Ending::Policy(frame)),
+        }
+    }
+
+    fn leg(&mut self, side: Side) -> &mut Leg {
+        match side {
+            Side::Client => &mut self.client,
+            Side::Upstream => &mut self.upstream,
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        for side in [Side::Client, Side::Upstream] {
+            if let Poll::Ready(Err(e)) = self.leg(side).poll_write(cx) {
+                return Poll::Ready(Event::End(Ending::from_read_error(side, Some(e))));
+            }
+        }
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::End(Ending::Shutdown));
+        }
+        if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
+            return Poll::Ready(Event::End(match expiry {
+                Expiry::Lifetime => Ending::Expired,
+                Expiry::Idle => Ending::Idle,
+            }));
+        }
+        self.client_first = !self.client_first;
+        let order = if self.client_first {
+            [Side::Client, Side::Upstream]
+        } else {
+            [Side::Upstream, Side::Client]
+        };
+        for side in order {
+            if self.leg(side.other()).outbox.is_empty() {
+                if let Poll::Ready(event) = self.poll_read(side, cx) {
+                    return Poll::Ready(event);
+                }
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Reads the next data message or end from `side`; pings and pongs are answered by the
+    /// codec on their own leg and go no further.
+    fn poll_read(&mut self, side: Side, cx: &mut Context<'_>) -> Poll<Event> {
+        loop {
+            let next = ready!(self.leg(side).ws.poll_next_unpin(cx));
+            return Poll::Ready(match next {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => Event::Data(side, m),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(frame))) => Event::End(Ending::Closed(side, frame)),
+                Some(Err(e)) => Event::End(Ending::from_read_error(side, Some(e))),
+                None => Event::End(Ending::from_read_error(side, None)),
+            });
+        }
+    }
+
+    /// Runs both closing handshakes at once, bounded by `timeout`, then drops the sockets.
+    async fn close(&mut self, ending: &Ending, timeout: Duration) {
+        let (client_plan, upstream_plan) = ending.plan();
+        let [to_upstream, to_client] = &mut self.traffic;
+        let both = async {
+            tokio::join!(
+                close_leg(&mut self.client, client_plan, to_client),
+                close_leg(&mut self.upstream, upstream_plan, to_upstream),
+            )
+        };
+        let _ = tokio::time::timeout(timeout, both).await;
+    }
+}
+
+/// Closes one leg per `plan`. Messages still queued for it are delivered first when the leg
+/// can take them; otherwise they are counted as undelivered.
+async fn close_leg(leg: &mut Leg, plan: LegClose, traffic: &mut Traffic) {
+    match plan {
+        LegClose::Drop => {
+            traffic.undelivered += leg.outbox.len() as u64;
+            leg.outbox.clear();
+            return;
+        }
+        LegClose::Finish => {
+            // The peer's close frame came first: nothing may be sent after our reply.
+            traffic.undelivered += leg.outbox.len() as u64;
+            leg.outbox.clear();
+            if leg.ws.flush().await.is_err() {
+                return;
+            }
+        }
+        LegClose::Send(frame) => {
+            leg.outbox.push_back(Message::Close(frame));
+            if poll_fn(|cx| leg.poll_write(cx)).await.is_err() {
+                // Whatever was still queued (the close frame aside) never left.
+                traffic.undelivered += leg.outbox.len().saturating_sub(1) as u64;
+                return;
+            }
+        }
+    }
+    // Wait for the peer's close reply, or for it to drop the connection.
+    while let Some(Ok(_)) = leg.ws.next().await {}
+}

@@ -1,0 +1,315 @@
+//! The HTTP side of a connection: match the route, check the RFC 6455 upgrade, connect and
+//! handshake with the upstream, and only then answer the client with 101 and start the relay.
+//! Every refusal is a [`Rejection`], sorted into a status in one place and logged once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use super::close::CloseSummary;
+use super::lifetime::Lifetime;
+use super::relay::Relay;
+use super::{headers, Shared};
+use crate::config::Route;
+use crate::policy::PassThrough;
+use crate::upstream::{self, UpstreamError};
+
+/// Read buffer per leg. Small, because idle connections hold it (see docs/performance.md).
+const READ_BUFFER: usize = 4 * 1024;
+/// Writes are batched up to this size before a flush forces them out.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Why an upgrade request was not proxied.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Rejection {
+    #[error("no route for {0}")]
+    NoRoute(String),
+    #[error("not a WebSocket upgrade request")]
+    NotWebSocket,
+    #[error("WebSocket upgrade must use GET, not {0}")]
+    Method(Method),
+    #[error("bad WebSocket upgrade: {0}")]
+    BadUpgrade(&'static str),
+    #[error("unsupported Sec-WebSocket-Version (only 13 is supported)")]
+    Version,
+    #[error("upstream {url}: {source}")]
+    Upstream { url: String, source: UpstreamError },
+    #[error("upstream {url} did not complete its handshake within {timeout:?}")]
+    UpstreamTimeout {
+        url: String,
+        timeout: std::time::Duration,
+    },
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body + "\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+impl Rejection {
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let message = self.to_string();
+        match self {
+            Rejection::NoRoute(_) => text(StatusCode::NOT_FOUND, message),
+            Rejection::NotWebSocket => {
+                let mut r = text(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "this path accepts WebSocket connections only".into(),
+                );
+                r.headers_mut()
+                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                r
+            }
+            Rejection::Method(_) => {
+                let mut r = text(StatusCode::METHOD_NOT_ALLOWED, message);
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET"));
+                r
+            }
+            Rejection::BadUpgrade(_) => text(StatusCode::BAD_REQUEST, message),
+            Rejection::Version => {
+                let mut r = text(StatusCode::UPGRADE_REQUIRED, message);
+                r.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+                r
+            }
+            Rejection::Upstream {
+                source:
+                    UpstreamError::Refused {
+                        status,
+                        headers,
+                        body,
+                    },
+                ..
+            } => {
+                let mut r = Response::new(Full::new(body));
+                *r.status_mut() = status;
+                *r.headers_mut() = headers::refusal(&headers);
+                r
+            }
+            Rejection::Upstream { .. } => text(
+                StatusCode::BAD_GATEWAY,
+                "bad gateway: upstream unavailable".into(),
+            ),
+            Rejection::UpstreamTimeout { .. } => text(
+                StatusCode::GATEWAY_TIMEOUT,
+                "gateway timeout: upstream did not answer in time".into(),
+            ),
+        }
+    }
+
+    fn log(&self, peer: SocketAddr, path: &str) {
+        match self {
+            Rejection::Upstream { .. } | Rejection::UpstreamTimeout { .. } => {
+                tracing::warn!(client = %peer, path, error = %self, "upgrade failed")
+            }
+            _ => tracing::info!(client = %peer, path, error = %self, "request rejected"),
+        }
+    }
+}
+
+/// Serves one HTTP request on a client connection.
+pub(crate) async fn handle(
+    mut request: Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    match upgrade(&mut request, peer, shared, permit).await {
+        Ok(response) => Ok(response),
+        Err(rejection) => {
+            rejection.log(peer, request.uri().path());
+            Ok(rejection.into_response())
+        }
+    }
+}
+
+/// The request's Host header (or the authority of an absolute-form target).
+fn request_host<B>(request: &Request<B>) -> Option<&str> {
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Checks the RFC 6455 §4.2.1 requirements; returns the client's key.
+fn validate<B>(request: &Request<B>) -> Result<HeaderValue, Rejection> {
+    let headers = request.headers();
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Err(Rejection::NotWebSocket);
+    }
+    if request.method() != Method::GET {
+        return Err(Rejection::Method(request.method().clone()));
+    }
+    if request.version() != Version::HTTP_11 {
+        return Err(Rejection::BadUpgrade("HTTP/1.1 is required"));
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Err(Rejection::BadUpgrade(
+            "Connection header must include \"Upgrade\"",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(Rejection::Version);
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(Rejection::BadUpgrade("missing Sec-WebSocket-Key"))?;
+    if !is_websocket_key(key.as_bytes()) {
+        return Err(Rejection::BadUpgrade(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ));
+    }
+    Ok(key.clone())
+}
+
+/// 16 random bytes in base64: 22 alphabet characters and "==".
+fn is_websocket_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+fn ws_config(route: &Route) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(Some(route.max_message_size))
+        .max_frame_size(Some(route.max_message_size))
+}
+
+async fn upgrade(
+    request: &mut Request<Incoming>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<Response<Full<Bytes>>, Rejection> {
+    let path = request.uri().path();
+    let found = shared
+        .router
+        .find(request_host(request), path)
+        .ok_or_else(|| Rejection::NoRoute(path.to_owned()))?;
+    let client_key = validate(request)?;
+    let route = found.route;
+
+    let mut url = route.upstream.render(&found.params);
+    if let Some(query) = request.uri().query() {
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(query);
+    }
+    let upstream_headers =
+        headers::upstream_request(request.headers(), peer.ip(), request_host(request), "http");
+    let tls = shared.tls.get(route.index).and_then(Option::as_ref);
+    let connected = match tokio::time::timeout(
+        route.handshake_timeout,
+        upstream::connect(&url, upstream_headers, tls, ws_config(&route)),
+    )
+    .await
+    {
+        Ok(Ok(connected)) => connected,
+        Ok(Err(source)) => return Err(Rejection::Upstream { url, source }),
+        Err(_) => {
+            return Err(Rejection::UpstreamTimeout {
+                url,
+                timeout: route.handshake_timeout,
+            })
+        }
+    };
+
+    let mut response = Response::new(Full::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *response.headers_mut() = headers::client_response(&connected.headers);
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&derive_accept_key(client_key.as_bytes()))
+            .expect("base64 is a valid header value"),
+    );
+
+    let on_upgrade = hyper::upgrade::on(request);
+    let id = shared
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let shutdown = shared.shutdown.clone().cancelled_owned();
+    let close_timeout = shared.config.server.close_timeout;
+    shared.tracker.spawn(async move {
+        let _permit = permit;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::info!(conn = id, client = %peer, error = %e, "client left before the upgrade completed");
+                return;
+            }
+        };
+        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&route))).await;
+        tracing::info!(conn = id, route = %route.name(), client = %peer, upstream = %url, "connection opened");
+        let opened = tokio::time::Instant::now();
+        let lifetime = Lifetime::start(route.expire.map(|e| opened + e), route.idle_timeout);
+        let relay = Relay::new(client, connected.ws, lifetime, shutdown, Box::new(PassThrough));
+        let (ending, [client_to_upstream, upstream_to_client], mut hooks) = relay.run(close_timeout).await;
+        let (code, reason) = ending.code_and_reason();
+        let summary = CloseSummary {
+            id,
+            route: route.name(),
+            client: peer,
+            upstream: url,
+            duration: opened.elapsed(),
+            client_to_upstream,
+            upstream_to_client,
+            code,
+            reason,
+            closed_by: ending.closed_by(),
+        };
+        hooks.on_close(&summary);
+        summary.log();
+    });
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_keys() {
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_websocket_key(b"short=="));
+        assert!(!is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ!="));
+    }
+}
