@@ -51,6 +51,8 @@ pub async fn spawn_chat(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     Ok(bound)
 }
 
+// The handshake callback's error type is tungstenite's, large by its design.
+#[allow(clippy::result_large_err)]
 async fn chat(stream: TcpStream, rooms: Rooms) {
     let mut path = String::new();
     let remember_path = |request: &Request, response: Response| {

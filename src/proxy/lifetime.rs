@@ -88,4 +88,28 @@ mod tests {
         assert_eq!(poll_fn(|cx| l.poll_expired(cx)).await, Expiry::Idle);
         assert_eq!(start.elapsed(), Duration::from_secs(17));
     }
+
+    /// 100,000 connections' deadlines, spread over 10 s, each one a task waiting on its own
+    /// timer: every one fires at its own deadline, with no thread per timer.
+    #[tokio::test(start_paused = true)]
+    async fn a_hundred_thousand_deadlines_fire_on_time() {
+        const N: u64 = 100_000;
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let deadline = start + Duration::from_micros(i * 100);
+            tasks.spawn(async move {
+                let mut l = Lifetime::start(Some(deadline), Some(Duration::from_secs(3600)));
+                poll_fn(|cx| l.poll_expired(cx)).await;
+                Instant::now() - deadline
+            });
+        }
+        let mut fired = 0;
+        while let Some(lateness) = tasks.join_next().await {
+            // The timer wheel's resolution is 1 ms.
+            assert!(lateness.unwrap() <= Duration::from_millis(1));
+            fired += 1;
+        }
+        assert_eq!(fired, N);
+    }
 }

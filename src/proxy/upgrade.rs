@@ -92,17 +92,12 @@ impl Rejection {
                 r
             }
             Rejection::Upstream {
-                source:
-                    UpstreamError::Refused {
-                        status,
-                        headers,
-                        body,
-                    },
+                source: UpstreamError::Refused(refusal),
                 ..
             } => {
-                let mut r = Response::new(Full::new(body));
-                *r.status_mut() = status;
-                *r.headers_mut() = headers::refusal(&headers);
+                let mut r = Response::new(Full::new(refusal.body));
+                *r.status_mut() = refusal.status;
+                *r.headers_mut() = headers::refusal(&refusal.headers);
                 r
             }
             Rejection::Upstream { .. } => text(

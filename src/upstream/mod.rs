@@ -59,18 +59,22 @@ pub enum UpstreamError {
     #[error("upstream handshake failed: {0}")]
     Http(#[from] hyper::Error),
     /// The upstream answered the upgrade with a status other than 101.
-    #[error("upstream refused the upgrade with {status}")]
-    Refused {
-        /// The upstream's status.
-        status: StatusCode,
-        /// The upstream's headers.
-        headers: HeaderMap,
-        /// The upstream's body (truncated to 64 KiB).
-        body: Bytes,
-    },
+    #[error("upstream refused the upgrade with {}", .0.status)]
+    Refused(Box<Refusal>),
     /// The upstream sent 101 but broke the WebSocket handshake rules.
     #[error("upstream handshake invalid: {0}")]
     BadHandshake(String),
+}
+
+/// An upstream's non-101 answer to the upgrade, relayed to the client as it is.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The upstream's status.
+    pub status: StatusCode,
+    /// The upstream's headers.
+    pub headers: HeaderMap,
+    /// The upstream's body (truncated to 64 KiB).
+    pub body: Bytes,
 }
 
 /// An open upstream WebSocket and the headers of its 101 response.
@@ -182,11 +186,11 @@ where
             Ok(collected) => collected.to_bytes(),
             Err(_) => Bytes::new(),
         };
-        return Err(UpstreamError::Refused {
+        return Err(UpstreamError::Refused(Box::new(Refusal {
             status,
             headers,
             body,
-        });
+        })));
     }
     let headers = response.headers();
     let accept = headers.get(http::header::SEC_WEBSOCKET_ACCEPT);

@@ -1,0 +1,270 @@
+//! Issue 2, point 4: the relay is faithful, and every way a leg can misbehave ends cleanly.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+
+async fn pair(extra: &str) -> (framegate::Running, Client, UpstreamWs) {
+    let (up, mut conns) = captured().await;
+    let gw = gateway(&format!(
+        "[[route]]\npath = \"/x\"\nupstream = \"ws://{}/\"\n{extra}",
+        up.addr
+    ))
+    .await;
+    let client = connect(gw.local_addr(), "/x").await;
+    let upstream = within("upstream connection", conns.recv()).await.unwrap();
+    (gw, client, upstream)
+}
+
+fn payloads() -> Vec<Message> {
+    let mut out = Vec::new();
+    for i in 0..200u32 {
+        let len = [0usize, 1, 125, 126, 65535, 65536, 200_000][i as usize % 7];
+        if i % 2 == 0 {
+            let text: String = (0..len)
+                .map(|j| char::from(b'a' + ((i as usize + j) % 26) as u8))
+                .collect();
+            out.push(Message::text(text + "é"));
+        } else {
+            out.push(Message::binary(
+                (0..len)
+                    .map(|j| (i as usize * 31 + j) as u8)
+                    .collect::<Vec<_>>(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn text_and_binary_are_byte_exact_and_in_order_both_ways() {
+    let (_gw, mut client, mut upstream) = pair("").await;
+    let messages = payloads();
+    let expected = messages.clone();
+    let to_up = messages.clone();
+    let sender = tokio::spawn(async move {
+        for m in to_up {
+            client.send(m).await.unwrap();
+        }
+        client
+    });
+    for want in &expected {
+        assert_eq!(&next_message(&mut upstream).await.unwrap().unwrap(), want);
+    }
+    let mut client = within("client sender", sender).await.unwrap();
+    let to_client = messages.clone();
+    let sender = tokio::spawn(async move {
+        for m in to_client {
+            upstream.send(m).await.unwrap();
+        }
+    });
+    for want in &expected {
+        assert_eq!(&next_message(&mut client).await.unwrap().unwrap(), want);
+    }
+    within("upstream sender", sender).await.unwrap();
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_reassembled() {
+    let (_gw, mut client, mut upstream) = pair("").await;
+    client
+        .send(Message::Frame(Frame::message(
+            Bytes::from_static(b"hel"),
+            OpCode::Data(Data::Text),
+            false,
+        )))
+        .await
+        .unwrap();
+    client
+        .send(Message::Ping(Bytes::from_static(b"between fragments")))
+        .await
+        .unwrap();
+    client
+        .send(Message::Frame(Frame::message(
+            Bytes::from_static(b"lo "),
+            OpCode::Data(Data::Continue),
+            false,
+        )))
+        .await
+        .unwrap();
+    client
+        .send(Message::Frame(Frame::message(
+            Bytes::from_static(b"world"),
+            OpCode::Data(Data::Continue),
+            true,
+        )))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut upstream).await.unwrap().unwrap(),
+        Message::text("hello world")
+    );
+}
+
+#[tokio::test]
+async fn oversized_message_gets_1009_and_closes_the_other_leg() {
+    let (_gw, mut client, mut upstream) = pair("max_message_size = \"1KiB\"\n").await;
+    client.send(Message::binary(vec![7u8; 1024])).await.unwrap();
+    assert_eq!(
+        next_message(&mut upstream).await.unwrap().unwrap().len(),
+        1024,
+        "exactly the limit passes"
+    );
+    client.send(Message::binary(vec![7u8; 1025])).await.unwrap();
+    let to_client = expect_close(&mut client).await;
+    assert_eq!(u16::from(to_client.code), 1009);
+    assert_eq!(to_client.reason.as_str(), "message too big");
+    let to_upstream = expect_close(&mut upstream).await;
+    assert_eq!(u16::from(to_upstream.code), 1001);
+}
+
+#[tokio::test]
+async fn oversized_fragmented_message_from_upstream_gets_1009() {
+    let (_gw, mut client, mut upstream) = pair("max_message_size = \"1KiB\"\n").await;
+    for i in 0..3 {
+        let op = if i == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        upstream
+            .send(Message::Frame(Frame::message(vec![1u8; 500], op, i == 2)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(u16::from(expect_close(&mut upstream).await.code), 1009);
+    assert_eq!(u16::from(expect_close(&mut client).await.code), 1001);
+}
+
+#[tokio::test]
+async fn pings_are_answered_on_each_leg_and_not_forwarded() {
+    let (_gw, mut client, mut upstream) = pair("").await;
+    client
+        .send(Message::Ping(Bytes::from_static(b"c")))
+        .await
+        .unwrap();
+    match within("pong", client.next()).await {
+        Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"c"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    upstream
+        .send(Message::Ping(Bytes::from_static(b"u")))
+        .await
+        .unwrap();
+    client.send(Message::text("after ping")).await.unwrap();
+    // The upstream's first frame is the pong to its own ping, then the data: no forwarded ping.
+    match within("upstream pong", upstream.next()).await {
+        Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"u"),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+    assert_eq!(
+        within("data", upstream.next()).await.unwrap().unwrap(),
+        Message::text("after ping")
+    );
+}
+
+#[tokio::test]
+async fn client_close_reaches_the_upstream_with_code_and_reason() {
+    let (_gw, mut client, mut upstream) = pair("").await;
+    client.send(Message::text("last words")).await.unwrap();
+    client
+        .close(Some(close_frame(4000, "bye now")))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut upstream).await.unwrap().unwrap(),
+        Message::text("last words")
+    );
+    let frame = expect_close(&mut upstream).await;
+    assert_eq!(
+        (u16::from(frame.code), frame.reason.as_str()),
+        (4000, "bye now")
+    );
+    // The client's own closing handshake completes: its stream ends after the echoed close.
+    let echoed = expect_close(&mut client).await;
+    assert_eq!(u16::from(echoed.code), 4000);
+    assert!(within("client end", client.next()).await.is_none());
+}
+
+#[tokio::test]
+async fn upstream_close_reaches_the_client_with_code_and_reason() {
+    let (_gw, mut client, mut upstream) = pair("").await;
+    upstream
+        .close(Some(close_frame(4001, "maintenance")))
+        .await
+        .unwrap();
+    let frame = expect_close(&mut client).await;
+    assert_eq!(
+        (u16::from(frame.code), frame.reason.as_str()),
+        (4001, "maintenance")
+    );
+    assert!(within("client end", client.next()).await.is_none());
+    let echoed = expect_close(&mut upstream).await;
+    assert_eq!(u16::from(echoed.code), 4001);
+}
+
+#[tokio::test]
+async fn vanished_upstream_gives_the_client_1011() {
+    let (_gw, mut client, upstream) = pair("").await;
+    drop(upstream);
+    let frame = expect_close(&mut client).await;
+    assert_eq!(
+        (u16::from(frame.code), frame.reason.as_str()),
+        (1011, "upstream connection lost")
+    );
+}
+
+#[tokio::test]
+async fn vanished_client_closes_the_upstream_with_1001() {
+    let (_gw, client, mut upstream) = pair("").await;
+    drop(client);
+    let frame = expect_close(&mut upstream).await;
+    assert_eq!(
+        (u16::from(frame.code), frame.reason.as_str()),
+        (1001, "client connection lost")
+    );
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_gets_1007() {
+    let (_gw, mut client, mut upstream) = pair("").await;
+    client
+        .send(Message::Frame(Frame::message(
+            Bytes::from_static(&[0xff, 0xfe, 0x41]),
+            OpCode::Data(Data::Text),
+            true,
+        )))
+        .await
+        .unwrap();
+    let frame = expect_close(&mut client).await;
+    assert_eq!(
+        (u16::from(frame.code), frame.reason.as_str()),
+        (1007, "invalid UTF-8 in text message")
+    );
+    assert_eq!(u16::from(expect_close(&mut upstream).await.code), 1001);
+}
+
+#[tokio::test]
+async fn a_failing_connection_does_not_disturb_others() {
+    let (up, mut conns) = captured().await;
+    let gw = gateway(&format!(
+        "[[route]]\npath = \"/x\"\nupstream = \"ws://{}/\"\nmax_message_size = \"100\"\n",
+        up.addr
+    ))
+    .await;
+    let mut good = connect(gw.local_addr(), "/x").await;
+    let mut good_up = within("upstream", conns.recv()).await.unwrap();
+    let mut bad = connect(gw.local_addr(), "/x").await;
+    let _bad_up = within("upstream", conns.recv()).await.unwrap();
+    bad.send(Message::binary(vec![0u8; 101])).await.unwrap();
+    assert_eq!(u16::from(expect_close(&mut bad).await.code), 1009);
+    good.send(Message::text("unaffected")).await.unwrap();
+    assert_eq!(
+        next_message(&mut good_up).await.unwrap().unwrap(),
+        Message::text("unaffected")
+    );
+}

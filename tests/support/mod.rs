@@ -1,0 +1,275 @@
+//! Test harness: the real gateway in-process on 127.0.0.1:0, real upstreams and real clients.
+#![allow(dead_code)]
+// tungstenite's handshake callback returns its large ErrorResponse by design.
+#![allow(clippy::result_large_err)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use framegate::{Config, Gateway, Running};
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request as HsRequest, Response as HsResponse,
+};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// A client-side WebSocket over plain TCP.
+pub type Client = WebSocketStream<TcpStream>;
+/// An upstream-side WebSocket over plain TCP.
+pub type UpstreamWs = WebSocketStream<TcpStream>;
+
+/// Upper bound for any single awaited event in tests, so a bug fails instead of hanging.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Awaits `f`, failing the test if it takes longer than [`EVENT_TIMEOUT`].
+pub async fn within<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(EVENT_TIMEOUT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Starts a gateway. `toml` holds routes (and optionally `[server]` keys via `server`); the
+/// listen address is always 127.0.0.1:0.
+pub async fn gateway(routes: &str) -> Running {
+    gateway_with_server("", routes).await
+}
+
+/// Like [`gateway`], with extra `[server]` keys.
+pub async fn gateway_with_server(server: &str, routes: &str) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("FRAMEGATE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let toml = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{server}\n{routes}");
+    let config =
+        Config::from_toml(&toml, std::path::Path::new("test.toml")).expect("test config is valid");
+    Gateway::new(config)
+        .expect("gateway builds")
+        .start()
+        .await
+        .expect("gateway starts")
+}
+
+/// What an upstream saw of a handshake request.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    /// Request target (path and query).
+    pub uri: String,
+    /// All request headers.
+    pub headers: HeaderMap,
+}
+
+/// A scripted upstream: every accepted WebSocket is handed to `handler`; every handshake
+/// request is reported on `requests`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub requests: mpsc::UnboundedReceiver<SeenRequest>,
+}
+
+/// Options for the upstream's handshake answer.
+#[derive(Clone, Default)]
+pub struct Answer {
+    /// Extra response headers on the 101.
+    pub headers: Vec<(&'static str, &'static str)>,
+    /// Subprotocol to choose, if the client offered it.
+    pub protocol: Option<&'static str>,
+}
+
+/// Starts an upstream that answers handshakes per `answer` and runs `handler` per connection.
+pub async fn upstream<H, F>(answer: Answer, handler: H) -> Upstream
+where
+    H: Fn(UpstreamWs, SeenRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, requests) = mpsc::unbounded_channel();
+    let handler = std::sync::Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            let handler = handler.clone();
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut seen = None;
+                let callback =
+                    |req: &HsRequest, mut resp: HsResponse| -> Result<HsResponse, ErrorResponse> {
+                        seen = Some(SeenRequest {
+                            uri: req.uri().to_string(),
+                            headers: req.headers().clone(),
+                        });
+                        for (k, v) in &answer.headers {
+                            resp.headers_mut().append(*k, v.parse().unwrap());
+                        }
+                        if let Some(p) = answer.protocol {
+                            resp.headers_mut()
+                                .insert("sec-websocket-protocol", p.parse().unwrap());
+                        }
+                        Ok(resp)
+                    };
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+                    return;
+                };
+                let seen = seen.expect("callback ran");
+                let _ = tx.send(seen.clone());
+                handler(ws, seen).await;
+            });
+        }
+    });
+    Upstream { addr, requests }
+}
+
+/// An echo upstream (data messages come back; the close handshake is completed).
+pub async fn echo() -> Upstream {
+    upstream(Answer::default(), |mut ws, _| async move {
+        while let Some(Ok(m)) = ws.next().await {
+            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// An upstream that hands each connection to the test through a channel.
+pub async fn captured() -> (Upstream, mpsc::UnboundedReceiver<UpstreamWs>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let up = upstream(Answer::default(), move |ws, _| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(ws);
+        }
+    })
+    .await;
+    (up, rx)
+}
+
+/// Opens a WebSocket through the gateway at `addr` + `path`.
+pub async fn connect(addr: SocketAddr, path: &str) -> Client {
+    connect_with(addr, path, &[])
+        .await
+        .expect("upgrade succeeds")
+        .0
+}
+
+/// Opens a WebSocket with extra request headers; returns the socket and the 101 response, or
+/// the handshake error (e.g. `Error::Http` with the refusal).
+pub async fn connect_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Client, tungstenite::handshake::client::Response), tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let mut request: Request<()> = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (k, v) in headers {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let stream = TcpStream::connect(addr).await.unwrap();
+    within(
+        "client handshake",
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await
+}
+
+/// Sends raw bytes as an HTTP request and returns the status code, the head and the body.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_response(&mut stream).await
+}
+
+/// Reads one HTTP/1.1 response head and its Content-Length body.
+pub async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = within("response", stream.read(&mut chunk)).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed before a full response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let mut chunk = [0u8; 4096];
+        let n = within("response body", stream.read(&mut chunk))
+            .await
+            .unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
+    (status, head, body)
+}
+
+/// A well-formed upgrade request for `path`, with extra header lines (each ending in \r\n).
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: gateway.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// The next message that is not a ping or pong.
+pub async fn next_message(
+    ws: &mut WebSocketStream<TcpStream>,
+) -> Option<Result<Message, tungstenite::Error>> {
+    loop {
+        match within("next message", ws.next()).await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reads until a close frame arrives and returns it (panics on data or a plain end).
+pub async fn expect_close(ws: &mut WebSocketStream<TcpStream>) -> CloseFrame {
+    loop {
+        match next_message(ws).await {
+            Some(Ok(Message::Close(Some(frame)))) => return frame,
+            Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
+            Some(Ok(m)) if m.is_text() || m.is_binary() => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Builds a close frame.
+pub fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_owned().into(),
+    }
+}
+
+/// A TCP port on loopback with nothing listening.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
