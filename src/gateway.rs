@@ -4,16 +4,16 @@
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::policy::lua::{Engine, LoadError};
+use crate::policy::shared::SharedDict;
 use crate::proxy::Shared;
-use crate::{listener, upstream};
+use crate::upstream;
+use crate::worker::{self, Workers};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,12 @@ pub enum StartError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A policy script failed to load (syntax error, or it does not return a function).
+    #[error(transparent)]
+    Policy(#[from] LoadError),
+    /// A worker thread could not start.
+    #[error("cannot start a worker thread: {0}")]
+    Worker(String),
     /// A route's TLS settings could not be loaded.
     #[error("route {route}: {message}")]
     Tls {
@@ -42,8 +48,13 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Prepares everything that can fail before listening: routing and TLS settings.
+    /// Prepares everything that can fail before listening: routing, TLS settings, and the
+    /// compilation of every policy script.
     pub fn new(config: Config) -> Result<Gateway, StartError> {
+        let dict = Arc::new(SharedDict::default());
+        // Compile every script once here, so that a broken one fails `check` and start-up
+        // with its path and line; the workers compile their own copies.
+        Engine::new(&config, dict.clone())?;
         let tls = config
             .routes
             .iter()
@@ -73,17 +84,17 @@ impl Gateway {
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 next_id: AtomicU64::new(1),
+                dict,
             }),
         })
     }
 
-    /// Binds every `server.listen` address and starts accepting.
+    /// Binds every `server.listen` address, starts the workers and starts accepting.
     pub async fn start(self) -> Result<Running, StartError> {
         let mut listeners = Vec::new();
         for addr in &self.shared.config.server.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind {
+            let listener =
+                std::net::TcpListener::bind(addr).map_err(|source| StartError::Bind {
                     addr: *addr,
                     source,
                 })?;
@@ -93,28 +104,24 @@ impl Gateway {
             .iter()
             .map(|l| l.local_addr().expect("a bound listener has an address"))
             .collect();
-        let permits = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
-        let mut accept_loops = tokio::task::JoinSet::new();
-        for listener in listeners {
-            accept_loops.spawn(listener::accept_loop(
-                listener,
-                self.shared.clone(),
-                permits.clone(),
-            ));
-        }
+        let shared = self.shared.clone();
+        // Worker start-up blocks on thread creation and script compilation.
+        let workers = tokio::task::spawn_blocking(move || worker::start(shared, listeners))
+            .await
+            .map_err(|e| StartError::Worker(e.to_string()))??;
         Ok(Running {
             shared: self.shared,
             local_addrs,
-            accept_loops,
+            workers: Some(workers),
         })
     }
 }
 
-/// A started gateway.
+/// A started gateway. Dropping it without [`Running::shutdown`] stops it abruptly.
 pub struct Running {
     shared: Arc<Shared>,
     local_addrs: Vec<SocketAddr>,
-    accept_loops: tokio::task::JoinSet<()>,
+    workers: Option<Workers>,
 }
 
 /// How a shutdown ended.
@@ -122,7 +129,7 @@ pub struct Running {
 pub enum ShutdownOutcome {
     /// Every connection closed within the grace period.
     Drained,
-    /// The grace period ran out with connections still open; they are abandoned.
+    /// The grace period ran out with connections still open; they were dropped.
     GraceExpired,
 }
 
@@ -137,44 +144,35 @@ impl Running {
         self.local_addrs[0]
     }
 
-    /// Stops accepting, closes every connection with 1001 "server shutting down", and waits for
-    /// them up to `server.shutdown_grace`.
+    /// Stops accepting, closes every connection with 1001 "server shutting down", waits for
+    /// them up to `server.shutdown_grace`, then stops the workers.
     pub async fn shutdown(mut self) -> ShutdownOutcome {
-        self.shutdown_within(self.shared.config.server.shutdown_grace)
-            .await
-    }
-
-    async fn shutdown_within(&mut self, grace: Duration) -> ShutdownOutcome {
+        let grace = self.shared.config.server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down");
         self.shared.shutdown.cancel();
-        while self.accept_loops.join_next().await.is_some() {}
         self.shared.tracker.close();
-        match tokio::time::timeout(grace, self.shared.tracker.wait()).await {
+        let outcome = match tokio::time::timeout(grace, self.shared.tracker.wait()).await {
             Ok(()) => ShutdownOutcome::Drained,
             Err(_) => ShutdownOutcome::GraceExpired,
+        };
+        if let Some(workers) = self.workers.take() {
+            workers.stop.cancel();
+            let _ = tokio::task::spawn_blocking(move || {
+                for thread in workers.threads {
+                    let _ = thread.join();
+                }
+            })
+            .await;
+        }
+        outcome
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(workers) = self.workers.take() {
+            self.shared.shutdown.cancel();
+            workers.stop.cancel();
         }
     }
-
-    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> std::io::Result<ShutdownOutcome> {
-        wait_for_signal().await?;
-        Ok(self.shutdown().await)
-    }
-}
-
-#[cfg(unix)]
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signal() -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
 }

@@ -6,7 +6,10 @@
 //! - [`policy`]: the hook trait the proxy calls at each phase, and its verdicts; no sockets.
 //! - [`proxy`]: the upgrade (both handshakes), the relay loop, lifetimes and closing.
 //! - [`upstream`]: connecting to upstreams over TCP or TLS.
-//! - [`listener`]: the accept loop, the connection cap and graceful shutdown.
+//! - `listener`: the accept loop, the connection cap, serving one HTTP connection.
+//! - `worker`: worker threads, each a current-thread runtime with its own Lua VM.
+//! - [`gateway`]: build, start and shut down a gateway.
+//! - [`policy_test`]: `framegate policy-test`, running a policy on a message without sockets.
 //! - [`samples`]: built-in sample upstreams (echo, broadcast chat) for demos and tests.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -15,10 +18,12 @@ pub mod config;
 pub mod gateway;
 mod listener;
 pub mod policy;
+pub mod policy_test;
 pub mod proxy;
 pub mod route;
 pub mod samples;
 pub mod upstream;
+mod worker;
 
 pub use config::Config;
 pub use gateway::{Gateway, Running, ShutdownOutcome, StartError};

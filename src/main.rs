@@ -1,13 +1,15 @@
-//! The `framegate` command: argument parsing and logging set-up around the library. The only
-//! place `anyhow` appears.
+//! The `framegate` command: argument parsing, logging and signal set-up around the library.
+//! The only place `anyhow` appears.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use framegate::{Config, Gateway, ShutdownOutcome};
+use framegate::policy::Direction;
+use framegate::{policy_test, Config, Gateway, ShutdownOutcome};
 
 /// A policy-scripted WebSocket gateway.
 #[derive(Debug, Parser)]
@@ -21,7 +23,7 @@ struct Cli {
     log_format: LogFormat,
     /// Also start the built-in sample upstreams: echo on 127.0.0.1:9001 and a broadcast chat on
     /// 127.0.0.1:9002 (what the repository's config.toml points at).
-    #[arg(long)]
+    #[arg(long, global = true)]
     with_samples: bool,
     #[command(subcommand)]
     command: Option<Command>,
@@ -31,8 +33,41 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default).
     Run,
-    /// Validate the configuration and everything it refers to, then exit.
+    /// Validate the configuration, compile every policy script, then exit.
     Check,
+    /// Run a frame policy on one message (or a spec file of cases) without a gateway.
+    PolicyTest(PolicyTestArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PolicyTestArgs {
+    /// The Lua script (an on_client_frame / on_server_frame policy).
+    #[arg(required_unless_present = "spec")]
+    script: Option<PathBuf>,
+    /// The message body.
+    #[arg(long, short, default_value = "")]
+    message: String,
+    /// Send the message as binary instead of text.
+    #[arg(long)]
+    binary: bool,
+    /// Which way the message travels: client (on_client_frame) or server (on_server_frame).
+    #[arg(long, value_enum, default_value_t = Way::Client)]
+    direction: Way,
+    /// The upgrade context as JSON, e.g. '{"user":"ann"}'.
+    #[arg(long)]
+    ctx: Option<String>,
+    /// The route's MIME type hint.
+    #[arg(long, default_value = "application/json")]
+    mime: String,
+    /// A TOML spec file of cases with expected decisions (see docs/policies.md).
+    #[arg(long, conflicts_with = "script")]
+    spec: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Way {
+    Client,
+    Server,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -43,9 +78,12 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    if let Err(e) = init_logging(cli.log_format) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -53,28 +91,41 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FRAMEGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logging(format: LogFormat) -> anyhow::Result<()> {
+    let filter = match std::env::var("FRAMEGATE_LOG") {
+        Ok(spec) => tracing_subscriber::EnvFilter::try_new(&spec)
+            .with_context(|| format!("invalid FRAMEGATE_LOG {spec:?}"))?,
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(())
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Some(Command::PolicyTest(args)) = &cli.command {
+        return policy_test(args);
+    }
     // Config errors already say file:line:column; print them as they are.
     let config = Config::load(&cli.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let gateway = Gateway::new(config).with_context(|| format!("in {}", cli.config.display()))?;
+    let gateway = Gateway::new(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(Command::Check) = cli.command {
         println!("{}: OK", cli.config.display());
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Handlers first, so that a signal never finds the gateway unprepared.
+        let mut signals = Signals::install().context("cannot install signal handlers")?;
         if cli.with_samples {
             start_samples().await?;
         }
@@ -82,18 +133,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         for addr in running.local_addrs() {
             tracing::info!(%addr, "listening");
         }
-        match running
-            .run_until_signal()
-            .await
-            .context("cannot install signal handlers")?
-        {
-            ShutdownOutcome::Drained => tracing::info!("all connections closed; bye"),
-            ShutdownOutcome::GraceExpired => {
-                tracing::warn!("shutdown grace expired with connections still open")
+        signals.next().await;
+        let shutdown = running.shutdown();
+        tokio::pin!(shutdown);
+        tokio::select! {
+            outcome = &mut shutdown => match outcome {
+                ShutdownOutcome::Drained => tracing::info!("all connections closed; bye"),
+                ShutdownOutcome::GraceExpired => tracing::warn!("shutdown grace expired with connections still open"),
+            },
+            _ = signals.next() => {
+                tracing::warn!("second signal: exiting now");
+                return Ok(ExitCode::FAILURE);
             }
         }
-        Ok(())
+        Ok(ExitCode::SUCCESS)
     })
+}
+
+/// SIGINT and SIGTERM.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn start_samples() -> anyhow::Result<()> {
@@ -107,4 +194,36 @@ async fn start_samples() -> anyhow::Result<()> {
         .with_context(|| format!("sample chat upstream on {chat}"))?;
     tracing::info!(%echo, %chat, "sample upstreams started");
     Ok(())
+}
+
+fn policy_test(args: &PolicyTestArgs) -> anyhow::Result<ExitCode> {
+    if let Some(spec) = &args.spec {
+        let report = policy_test::run_spec(spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for line in &report.lines {
+            println!("{line}");
+        }
+        println!("{} passed, {} failed", report.passed, report.failed);
+        return Ok(if report.failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let script = args
+        .script
+        .as_ref()
+        .expect("clap requires a script without --spec");
+    let case = policy_test::Case {
+        message: args.message.clone(),
+        binary: args.binary,
+        direction: match args.direction {
+            Way::Client => Direction::ClientToUpstream,
+            Way::Server => Direction::UpstreamToClient,
+        },
+        ctx: args.ctx.clone(),
+    };
+    let decision =
+        policy_test::run(script, &args.mime, &case).map_err(|e| anyhow::anyhow!("{e}"))?;
+    print!("{decision}");
+    Ok(ExitCode::SUCCESS)
 }

@@ -35,6 +35,15 @@ pub mod defaults {
     pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
     /// `route.handshake_timeout`.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `route.policy_cpu_limit`: time one policy call may run.
+    pub const POLICY_CPU_LIMIT: Duration = Duration::from_millis(10);
+    /// `route.policy_memory_limit`: how much one policy call may grow its worker's Lua heap.
+    pub const POLICY_MEMORY_LIMIT: usize = 16 << 20;
+
+    /// `server.workers`: one per CPU.
+    pub fn workers() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
 }
 
 /// A validated configuration.
@@ -59,6 +68,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Bound on each leg's closing handshake; after it the TCP connection is dropped.
     pub close_timeout: Duration,
+    /// Worker threads, each with its own runtime and Lua VM.
+    pub workers: usize,
 }
 
 /// One `[[route]]`: a path resolver.
@@ -84,6 +95,12 @@ pub struct Route {
     pub handshake_timeout: Duration,
     /// Lua scripts bound to this route (resolved paths that exist).
     pub policies: Policies,
+    /// What a failing frame policy does to its connection.
+    pub on_policy_error: OnPolicyError,
+    /// Time one policy call may run before it is stopped.
+    pub policy_cpu_limit: Duration,
+    /// How much one policy call may grow its worker's Lua heap.
+    pub policy_memory_limit: usize,
     /// TLS settings for `wss://` upstreams.
     pub upstream_tls: UpstreamTls,
 }
@@ -96,6 +113,18 @@ impl Route {
             None => self.path.to_string(),
         }
     }
+}
+
+/// What happens to a connection when a frame policy fails (error, CPU or memory limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnPolicyError {
+    /// Close both legs with 1011 (the default).
+    #[default]
+    Close,
+    /// Forward the message unchanged.
+    Pass,
+    /// Drop the message (counted).
+    Drop,
 }
 
 /// The `[route.policies]` table: paths of Lua scripts, resolved against the config file's folder.
@@ -302,7 +331,19 @@ impl Validator<'_> {
                 return Err(self.err(&n, "server.max_connections must be at least 1".into(), ""))
             }
         };
+        let workers = match raw.workers {
+            None => defaults::workers(),
+            Some(n) if (1..=1024).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                return Err(self.err(
+                    &n,
+                    "server.workers must be between 1 and 1024".into(),
+                    "leave it out to get one worker per CPU",
+                ))
+            }
+        };
         Ok(ServerConfig {
+            workers,
             listen,
             shutdown_grace: raw
                 .shutdown_grace
@@ -389,7 +430,42 @@ impl Validator<'_> {
                 insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
             },
         };
+        let on_policy_error = match raw.on_policy_error {
+            None => OnPolicyError::default(),
+            Some(v) => match v.get_ref().as_str() {
+                "close" => OnPolicyError::Close,
+                "pass" => OnPolicyError::Pass,
+                "drop" => OnPolicyError::Drop,
+                other => return Err(self.err(&v, format!("route.on_policy_error {other:?} is not one of close, pass, drop"), "close (the default) ends the connection with 1011; pass forwards the message; drop drops it")),
+            },
+        };
+        let policy_cpu_limit = self
+            .optional_duration(&raw.policy_cpu_limit, "route.policy_cpu_limit")?
+            .unwrap_or(defaults::POLICY_CPU_LIMIT);
+        let policy_memory_limit = match raw.policy_memory_limit {
+            None => defaults::POLICY_MEMORY_LIMIT,
+            Some(v) => {
+                let n = units::parse_size(v.get_ref()).map_err(|e| {
+                    self.err(
+                        &v,
+                        format!("route.policy_memory_limit: {e}"),
+                        "write a size like \"16MiB\"",
+                    )
+                })?;
+                if n < 64 * 1024 {
+                    return Err(self.err(
+                        &v,
+                        "route.policy_memory_limit must be at least 64KiB".into(),
+                        "",
+                    ));
+                }
+                n as usize
+            }
+        };
         Ok(Route {
+            on_policy_error,
+            policy_cpu_limit,
+            policy_memory_limit,
             index,
             path,
             host,

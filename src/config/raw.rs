@@ -19,6 +19,7 @@ pub(super) struct Server {
     pub max_connections: Option<Spanned<i64>>,
     pub header_read_timeout: Option<Spanned<String>>,
     pub close_timeout: Option<Spanned<String>>,
+    pub workers: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +34,9 @@ pub(super) struct Route {
     pub max_message_size: Option<Spanned<String>>,
     pub handshake_timeout: Option<Spanned<String>>,
     pub policies: Option<Policies>,
+    pub on_policy_error: Option<Spanned<String>>,
+    pub policy_cpu_limit: Option<Spanned<String>>,
+    pub policy_memory_limit: Option<Spanned<String>>,
     pub upstream_tls: Option<UpstreamTls>,
 }
 

@@ -1,13 +1,24 @@
 //! The hook points the proxy calls for each connection, and the verdicts they return.
 //!
-//! This module owns the contract between the relay and whatever decides about messages (the Lua
-//! engine, or nothing). It never touches a socket: the proxy applies verdicts.
+//! This module owns the contract between the proxy and whatever decides about traffic (the Lua
+//! engine in [`lua`], or nothing). It never touches a socket: the proxy applies verdicts.
 //!
-//! Phases, in order: upgrade (before the upstream is contacted), each data message in either
-//! direction (whole, reassembled; control frames never reach a hook), then close.
+//! Phases, in order: upgrade ([`RoutePolicy::on_upgrade`], before the upstream is contacted),
+//! each data message in either direction ([`FrameHooks::on_message`], whole and reassembled;
+//! control frames never reach a hook), then close ([`FrameHooks::on_close`]).
 
+pub mod lua;
+pub mod shared;
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
+
+use crate::proxy::CloseSummary;
 
 /// Which way a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,23 +40,106 @@ pub enum Verdict {
     Close(CloseFrame),
 }
 
+/// Messages a hook sends besides its verdict (`conn:reply`, `conn:send_client`, …). They are
+/// queued before the verdict's message.
+pub struct Outbound<'a> {
+    /// Queue towards the client.
+    pub to_client: &'a mut std::collections::VecDeque<Message>,
+    /// Queue towards the upstream.
+    pub to_upstream: &'a mut std::collections::VecDeque<Message>,
+}
+
 /// Per-connection message hooks. Every method has a default that leaves traffic untouched.
-pub trait FrameHooks: Send {
+pub trait FrameHooks {
     /// Called with each whole data message (text or binary) before it is forwarded.
     /// The default forwards it unchanged.
-    fn on_message(&mut self, direction: Direction, message: Message) -> Verdict {
-        let _ = direction;
+    fn on_message(&mut self, direction: Direction, message: Message, out: Outbound<'_>) -> Verdict {
+        let _ = (direction, out);
         Verdict::Forward(message)
     }
 
     /// Called once when the connection has ended; it cannot send anything. The default does nothing.
-    fn on_close(&mut self, summary: &crate::proxy::CloseSummary) {
+    fn on_close(&mut self, summary: &CloseSummary) {
         let _ = summary;
     }
 }
 
-/// Hooks that forward everything unchanged: a route with no policies.
+/// Hooks that forward everything unchanged: a route with no frame policies.
 #[derive(Debug, Default)]
 pub struct PassThrough;
 
 impl FrameHooks for PassThrough {}
+
+/// What the upgrade phase may read of the client's request.
+#[derive(Debug)]
+pub struct UpgradeRequest<'a> {
+    /// Connection id (the same as in the log lines).
+    pub id: u64,
+    /// HTTP method (always GET for a valid upgrade).
+    pub method: &'a str,
+    /// Request path, without the query string.
+    pub path: &'a str,
+    /// Raw query string, without '?'; empty when there is none.
+    pub query: &'a str,
+    /// All request headers.
+    pub headers: &'a HeaderMap,
+    /// The route's path placeholders.
+    pub params: &'a [(String, String)],
+    /// The client's IP address.
+    pub client_ip: IpAddr,
+    /// `ws` or `wss`, as the client connected.
+    pub scheme: &'static str,
+    /// The Host header.
+    pub host: Option<&'a str>,
+}
+
+/// Changes an upgrade policy asked for.
+#[derive(Debug, Default)]
+pub struct UpgradeChanges {
+    /// Connect here instead of the route's upstream.
+    pub upstream: Option<String>,
+    /// Headers to set (`Some`) or remove (`None`) on the upstream request, in call order.
+    pub headers: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// The subprotocol to answer the client with (one it offered); only it is offered upstream.
+    pub subprotocol: Option<String>,
+    /// Close the connection at this time, if earlier than the route's `expire`.
+    pub expire_at: Option<SystemTime>,
+}
+
+/// The outcome of the upgrade phase.
+pub enum UpgradeVerdict {
+    /// Go on with these changes; the hooks carry the frozen context to the frame phase.
+    Continue {
+        /// What to change before connecting upstream.
+        changes: UpgradeChanges,
+        /// The connection's frame hooks.
+        hooks: Box<dyn FrameHooks>,
+    },
+    /// Answer the client with this response; the upstream is never contacted.
+    Reject {
+        /// Status code.
+        status: StatusCode,
+        /// Response body.
+        body: Bytes,
+        /// Extra response headers.
+        headers: HeaderMap,
+    },
+    /// The policy failed (error, budget exceeded): the client gets 500.
+    Failed(PolicyError),
+}
+
+/// A route's policies as seen by the proxy, one instance per worker thread.
+pub trait RoutePolicy {
+    /// Runs the upgrade phase for one request.
+    fn on_upgrade(&self, request: &UpgradeRequest<'_>) -> UpgradeVerdict;
+}
+
+/// A policy failure: which script, where, and the Lua message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{script}: {message}")]
+pub struct PolicyError {
+    /// The script's path as configured.
+    pub script: String,
+    /// The Lua error, with `line:` prefix when Lua knows it.
+    pub message: String,
+}

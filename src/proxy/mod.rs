@@ -33,4 +33,6 @@ pub(crate) struct Shared {
     /// Every connection task, so shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
     pub(crate) next_id: AtomicU64,
+    /// `gw.shared`: the process-wide dictionary of the policies.
+    pub(crate) dict: Arc<crate::policy::shared::SharedDict>,
 }

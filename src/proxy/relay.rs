@@ -1,9 +1,9 @@
 //! The duplex loop of one connection: one task, one poll function over both legs, the timers
 //! and shutdown. Limits are enforced by the WebSocket codec before messages reach the hooks.
 //!
-//! Backpressure: a leg is read only while the other leg has nothing queued, so each direction
-//! holds at most one message plus the codec's write buffer; a peer that stops reading slows
-//! the other side down to its pace.
+//! Backpressure: a leg is read only while the other leg has nothing queued (and its own queue of
+//! policy replies is short), so each direction holds at most one message plus the codec's write
+//! buffer; a peer that stops reading slows the other side down to its pace.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -17,8 +17,11 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{Ending, LegClose, Side, Traffic};
 use super::lifetime::{Expiry, Lifetime};
-use crate::policy::{Direction, FrameHooks, Verdict};
+use crate::policy::{Direction, FrameHooks, Outbound, Verdict};
 use crate::upstream::WsStream;
+
+/// A leg is not read while more than this many policy replies wait to be written to it.
+const MAX_QUEUED_REPLIES: usize = 64;
 
 /// One WebSocket leg with the messages waiting to be written to it.
 struct Leg {
@@ -116,7 +119,11 @@ impl Relay {
             Side::Client => (Direction::ClientToUpstream, 0),
             Side::Upstream => (Direction::UpstreamToClient, 1),
         };
-        match self.hooks.on_message(direction, message) {
+        let out = Outbound {
+            to_client: &mut self.client.outbox,
+            to_upstream: &mut self.upstream.outbox,
+        };
+        match self.hooks.on_message(direction, message, out) {
             Verdict::Forward(message) => {
                 let traffic = &mut self.traffic[slot];
                 traffic.messages += 1;
@@ -161,7 +168,11 @@ impl Relay {
             [Side::Upstream, Side::Client]
         };
         for side in order {
-            if self.leg(side.other()).outbox.is_empty() {
+            // Replies a policy queued towards `side` itself count against it too, so a sender
+            // that does not read its replies is throttled as well.
+            if self.leg(side.other()).outbox.is_empty()
+                && self.leg(side).outbox.len() <= MAX_QUEUED_REPLIES
+            {
                 if let Poll::Ready(event) = self.poll_read(side, cx) {
                     return Poll::Ready(event);
                 }

@@ -15,15 +15,19 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use super::close::CloseSummary;
+use super::close::{CloseSummary, ClosedBy, Traffic};
 use super::lifetime::Lifetime;
 use super::relay::Relay;
 use super::{headers, Shared};
 use crate::config::Route;
-use crate::policy::PassThrough;
+use crate::policy::{
+    FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
+};
 use crate::upstream::{self, UpstreamError};
+use crate::worker::{Slot, WorkerCtx};
+use std::rc::Rc;
 
-/// Read buffer per leg. Small, because idle connections hold it (see docs/performance.md).
+/// Read buffer per leg. Small, because idle connections hold it.
 const READ_BUFFER: usize = 4 * 1024;
 /// Writes are batched up to this size before a flush forces them out.
 const WRITE_BUFFER: usize = 16 * 1024;
@@ -43,6 +47,10 @@ pub(crate) enum Rejection {
     Version,
     #[error("upstream {url}: {source}")]
     Upstream { url: String, source: UpstreamError },
+    #[error("policy rejected the upgrade with {}", .0.0)]
+    Policy(Box<(StatusCode, Bytes, HeaderMap)>),
+    #[error("policy failed: {0}")]
+    PolicyFailed(PolicyError),
     #[error("upstream {url} did not complete its handshake within {timeout:?}")]
     UpstreamTimeout {
         url: String,
@@ -100,6 +108,17 @@ impl Rejection {
                 *r.headers_mut() = headers::refusal(&refusal.headers);
                 r
             }
+            Rejection::Policy(rejection) => {
+                let (status, body, headers) = *rejection;
+                let mut r = Response::new(Full::new(body));
+                *r.status_mut() = status;
+                *r.headers_mut() = headers;
+                r
+            }
+            Rejection::PolicyFailed(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error in the upgrade policy".into(),
+            ),
             Rejection::Upstream { .. } => text(
                 StatusCode::BAD_GATEWAY,
                 "bad gateway: upstream unavailable".into(),
@@ -113,6 +132,9 @@ impl Rejection {
 
     fn log(&self, peer: SocketAddr, path: &str) {
         match self {
+            Rejection::PolicyFailed(e) => {
+                tracing::warn!(client = %peer, path, script = %e.script, error = %e.message, "policy error in on_upgrade")
+            }
             Rejection::Upstream { .. } | Rejection::UpstreamTimeout { .. } => {
                 tracing::warn!(client = %peer, path, error = %self, "upgrade failed")
             }
@@ -126,9 +148,10 @@ pub(crate) async fn handle(
     mut request: Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    worker: Rc<WorkerCtx>,
+    slot: Rc<Slot>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    match upgrade(&mut request, peer, shared, permit).await {
+    match upgrade(&mut request, peer, shared, worker, slot).await {
         Ok(response) => Ok(response),
         Err(rejection) => {
             rejection.log(peer, request.uri().path());
@@ -211,7 +234,8 @@ async fn upgrade(
     request: &mut Request<Incoming>,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    worker: Rc<WorkerCtx>,
+    slot: Rc<Slot>,
 ) -> Result<Response<Full<Bytes>>, Rejection> {
     let path = request.uri().path();
     let found = shared
@@ -220,14 +244,60 @@ async fn upgrade(
         .ok_or_else(|| Rejection::NoRoute(path.to_owned()))?;
     let client_key = validate(request)?;
     let route = found.route;
+    let id = shared
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
-    let mut url = route.upstream.render(&found.params);
+    // Phase: on_upgrade. It may reject, or change the upstream, headers, subprotocol, lifetime.
+    let (changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) =
+        match worker.policies.get(route.index).and_then(Option::as_ref) {
+            None => (UpgradeChanges::default(), Box::new(PassThrough)),
+            Some(policy) => {
+                let upgrade_request = UpgradeRequest {
+                    id,
+                    method: request.method().as_str(),
+                    path,
+                    query: request.uri().query().unwrap_or(""),
+                    headers: request.headers(),
+                    params: &found.params,
+                    client_ip: peer.ip(),
+                    scheme: "ws",
+                    host: request_host(request),
+                };
+                match policy.on_upgrade(&upgrade_request) {
+                    UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
+                    UpgradeVerdict::Reject {
+                        status,
+                        body,
+                        headers,
+                    } => return Err(Rejection::Policy(Box::new((status, body, headers)))),
+                    UpgradeVerdict::Failed(error) => return Err(Rejection::PolicyFailed(error)),
+                }
+            }
+        };
+
+    let mut url = changes
+        .upstream
+        .unwrap_or_else(|| route.upstream.render(&found.params));
     if let Some(query) = request.uri().query() {
         url.push(if url.contains('?') { '&' } else { '?' });
         url.push_str(query);
     }
-    let upstream_headers =
+    let mut upstream_headers =
         headers::upstream_request(request.headers(), peer.ip(), request_host(request), "http");
+    for (name, value) in changes.headers {
+        match value {
+            Some(value) => upstream_headers.insert(name, value),
+            None => upstream_headers.remove(name),
+        };
+    }
+    if let Some(chosen) = &changes.subprotocol {
+        // Only the chosen subprotocol is offered upstream.
+        upstream_headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(chosen).expect("an offered subprotocol is a valid header value"),
+        );
+    }
     let tls = shared.tls.get(route.index).and_then(Option::as_ref);
     let connected = match tokio::time::timeout(
         route.handshake_timeout,
@@ -249,6 +319,12 @@ async fn upgrade(
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers::client_response(&connected.headers);
     let h = response.headers_mut();
+    if let Some(chosen) = &changes.subprotocol {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(chosen).expect("an offered subprotocol is a valid header value"),
+        );
+    }
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(
@@ -258,43 +334,74 @@ async fn upgrade(
     );
 
     let on_upgrade = hyper::upgrade::on(request);
-    let id = shared
-        .next_id
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let shutdown = shared.shutdown.clone().cancelled_owned();
     let close_timeout = shared.config.server.close_timeout;
-    shared.tracker.spawn(async move {
-        let _permit = permit;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::info!(conn = id, client = %peer, error = %e, "client left before the upgrade completed");
-                return;
-            }
-        };
-        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&route))).await;
-        tracing::info!(conn = id, route = %route.name(), client = %peer, upstream = %url, "connection opened");
+    let policy_deadline = changes.expire_at;
+    shared.tracker.spawn_local(async move {
+        let _slot = slot;
         let opened = tokio::time::Instant::now();
-        let lifetime = Lifetime::start(route.expire.map(|e| opened + e), route.idle_timeout);
-        let relay = Relay::new(client, connected.ws, lifetime, shutdown, Box::new(PassThrough));
-        let (ending, [client_to_upstream, upstream_to_client], mut hooks) = relay.run(close_timeout).await;
-        let (code, reason) = ending.code_and_reason();
-        let summary = CloseSummary {
+        let mut summary = CloseSummary {
             id,
             route: route.name(),
             client: peer,
             upstream: url,
-            duration: opened.elapsed(),
-            client_to_upstream,
-            upstream_to_client,
-            code,
-            reason,
-            closed_by: ending.closed_by(),
+            duration: std::time::Duration::ZERO,
+            client_to_upstream: Traffic::default(),
+            upstream_to_client: Traffic::default(),
+            code: 1006,
+            reason: String::new(),
+            closed_by: ClosedBy::Client,
         };
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                // The client left between our 101 and the switch: tell the upstream.
+                let mut upstream = connected.ws;
+                let _ = upstream.close(frame_for_lost_client()).await;
+                summary.reason = format!("client left during the upgrade: {e}");
+                summary.log();
+                return;
+            }
+        };
+        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&route))).await;
+        tracing::info!(conn = id, route = %summary.route, client = %peer, upstream = %summary.upstream, "connection opened");
+        let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
+        let lifetime = Lifetime::start(deadline, route.idle_timeout);
+        let relay = Relay::new(client, connected.ws, lifetime, shutdown, hooks);
+        let (ending, [client_to_upstream, upstream_to_client], mut hooks) = relay.run(close_timeout).await;
+        (summary.code, summary.reason) = ending.code_and_reason();
+        summary.closed_by = ending.closed_by();
+        summary.duration = opened.elapsed();
+        summary.client_to_upstream = client_to_upstream;
+        summary.upstream_to_client = upstream_to_client;
         hooks.on_close(&summary);
         summary.log();
     });
     Ok(response)
+}
+
+fn frame_for_lost_client() -> Option<tokio_tungstenite::tungstenite::protocol::CloseFrame> {
+    Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away,
+        reason: super::close::reasons::CLIENT_LOST.into(),
+    })
+}
+
+/// The earlier of the route's deadline and one a policy asked for (a wall-clock time).
+fn earliest(
+    route: Option<tokio::time::Instant>,
+    policy: Option<std::time::SystemTime>,
+) -> Option<tokio::time::Instant> {
+    let policy = policy.map(|at| {
+        let from_now = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::Instant::now() + from_now
+    });
+    match (route, policy) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,459 @@
+//! The frame phase: the `msg` and `conn` objects, and [`LuaFrameHooks`], which runs
+//! `on_client_frame`, `on_server_frame` and `on_close` for one connection.
+
+use std::cell::{OnceCell, RefCell};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use mlua::{AnyUserData, Lua, Table, UserData, UserDataFields, UserDataMethods, Value};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use super::codec::Codec;
+use super::{misuse, Engine, Limits, LuaRoutePolicy, Script, Vm};
+use crate::config::OnPolicyError;
+use crate::policy::{Direction, FrameHooks, Outbound, PolicyError, Verdict};
+use crate::proxy::CloseSummary;
+
+/// At most this many messages may be sent by one policy call.
+const MAX_SENDS_PER_CALL: usize = 64;
+
+/// What the running call may do, shared by the hooks and the `conn` object.
+#[derive(Default)]
+struct CallState {
+    /// `Some` during a frame call: the direction of the message being handled.
+    direction: Option<Direction>,
+    /// True during `on_close`.
+    closing: bool,
+    /// Messages sent by the call: (towards the client?, message).
+    sends: Vec<(bool, Message)>,
+    /// Set by `conn:close`.
+    close: Option<CloseFrame>,
+}
+
+/// `msg`: one data message, valid only during the call that received it.
+struct Msg {
+    payload: Bytes,
+    is_text: bool,
+    direction: Direction,
+    mime: Rc<str>,
+    codec: Option<&'static dyn Codec>,
+    /// `msg.json` and `msg.json_error`, decoded on first access.
+    decoded: OnceCell<(Value, Option<String>)>,
+}
+
+impl Msg {
+    fn decoded(&self, lua: &Lua) -> &(Value, Option<String>) {
+        self.decoded.get_or_init(|| {
+            if !self.is_text {
+                return (Value::Nil, Some("binary message".into()));
+            }
+            match self.codec {
+                None => (
+                    Value::Nil,
+                    Some(format!("mime type {} has no decoder", self.mime)),
+                ),
+                Some(codec) => match codec.decode(lua, &self.payload) {
+                    Ok(v) => (v, None),
+                    Err(e) => (Value::Nil, Some(e)),
+                },
+            }
+        })
+    }
+}
+
+impl UserData for Msg {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("type", |_, m| Ok(if m.is_text { "text" } else { "binary" }));
+        fields.add_field_method_get("data", |lua, m| lua.create_string(&m.payload));
+        fields.add_field_method_get("size", |_, m| Ok(m.payload.len()));
+        fields.add_field_method_get("direction", |_, m| {
+            Ok(match m.direction {
+                Direction::ClientToUpstream => "client",
+                Direction::UpstreamToClient => "server",
+            })
+        });
+        fields.add_field_method_get("mime", |_, m| Ok(m.mime.to_string()));
+        fields.add_field_method_get("json", |lua, m| Ok(m.decoded(lua).0.clone()));
+        fields.add_field_method_get("json_error", |lua, m| Ok(m.decoded(lua).1.clone()));
+        fields.add_field_method_get("text", |lua, m| match std::str::from_utf8(&m.payload) {
+            Ok(s) => Ok(Value::String(lua.create_string(s)?)),
+            Err(_) => Ok(Value::Nil),
+        });
+    }
+}
+
+/// `conn`: the connection, for the whole life of the connection.
+struct Conn {
+    id: u64,
+    state: Table,
+    call: Rc<RefCell<CallState>>,
+    codec: Option<&'static dyn Codec>,
+}
+
+impl Conn {
+    fn send(
+        &self,
+        lua: &Lua,
+        method: &str,
+        to_client: Option<bool>,
+        data: Value,
+    ) -> mlua::Result<()> {
+        let mut call = self.call.borrow_mut();
+        if call.closing {
+            return Err(misuse(
+                lua,
+                format!("conn:{method} cannot be used in on_close: the connection has ended"),
+            ));
+        }
+        let Some(direction) = call.direction else {
+            return Err(misuse(
+                lua,
+                format!("conn:{method} can only be used in on_client_frame or on_server_frame"),
+            ));
+        };
+        if call.sends.len() >= MAX_SENDS_PER_CALL {
+            return Err(misuse(
+                lua,
+                format!("conn:{method}: at most {MAX_SENDS_PER_CALL} messages per call"),
+            ));
+        }
+        // `reply` goes back to whoever sent the message being handled.
+        let to_client = to_client.unwrap_or(direction == Direction::ClientToUpstream);
+        let message = to_message(lua, &format!("conn:{method}"), data, self.codec)?;
+        call.sends.push((to_client, message));
+        Ok(())
+    }
+}
+
+/// A payload given by a policy: a string (text when it is UTF-8, binary otherwise) or a table
+/// (encoded per the route's MIME type).
+fn to_message(
+    lua: &Lua,
+    what: &str,
+    data: Value,
+    codec: Option<&'static dyn Codec>,
+) -> mlua::Result<Message> {
+    match data {
+        Value::String(s) => Ok(bytes_message(Bytes::copy_from_slice(&s.as_bytes()))),
+        Value::Table(_) => {
+            let codec = codec.ok_or_else(|| {
+                misuse(
+                    lua,
+                    format!(
+                        "{what}: this route's mime_type has no encoder for tables; send a string"
+                    ),
+                )
+            })?;
+            let encoded = codec
+                .encode(&data)
+                .map_err(|e| misuse(lua, format!("{what}: {e}")))?;
+            Ok(if codec.is_text() {
+                bytes_message(Bytes::from(encoded))
+            } else {
+                Message::Binary(Bytes::from(encoded))
+            })
+        }
+        other => Err(misuse(
+            lua,
+            format!(
+                "{what} expects a string or a table, got {}",
+                other.type_name()
+            ),
+        )),
+    }
+}
+
+fn bytes_message(bytes: Bytes) -> Message {
+    if std::str::from_utf8(&bytes).is_ok() {
+        Message::Text(Utf8Bytes::try_from(bytes).expect("checked to be UTF-8"))
+    } else {
+        Message::Binary(bytes)
+    }
+}
+
+impl UserData for Conn {
+    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
+        fields.add_field_method_get("id", |_, c| Ok(c.id));
+        fields.add_field_method_get("state", |_, c| Ok(c.state.clone()));
+    }
+
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("reply", |lua, c, data: Value| {
+            c.send(lua, "reply", None, data)
+        });
+        methods.add_method("send_client", |lua, c, data: Value| {
+            c.send(lua, "send_client", Some(true), data)
+        });
+        methods.add_method("send_server", |lua, c, data: Value| {
+            c.send(lua, "send_server", Some(false), data)
+        });
+        methods.add_method("close", |lua, c, (code, reason): (Value, Value)| {
+            let mut call = c.call.borrow_mut();
+            if call.closing {
+                return Err(misuse(
+                    lua,
+                    "conn:close cannot be used in on_close: the connection has ended",
+                ));
+            }
+            let code =
+                match code {
+                    Value::Nil => 1000,
+                    Value::Integer(n)
+                        if (1000..=4999).contains(&n) && !matches!(n, 1004..=1006 | 1015) =>
+                    {
+                        n as u16
+                    }
+                    other => return Err(misuse(
+                        lua,
+                        format!(
+                            "conn:close: code must be 1000-4999 and not 1004-1006 or 1015, got {}",
+                            other.to_string().unwrap_or_default()
+                        ),
+                    )),
+                };
+            let reason = match reason {
+                Value::Nil => String::new(),
+                Value::String(s) if s.as_bytes().len() <= 123 => s.to_str()?.to_owned(),
+                Value::String(_) => {
+                    return Err(misuse(
+                        lua,
+                        "conn:close: the reason must be at most 123 bytes",
+                    ))
+                }
+                other => {
+                    return Err(misuse(
+                        lua,
+                        format!(
+                            "conn:close: reason must be a string, got {}",
+                            other.type_name()
+                        ),
+                    ))
+                }
+            };
+            call.close = Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            });
+            Ok(())
+        });
+    }
+}
+
+/// The frame hooks of one connection on a route with Lua policies.
+pub(crate) struct LuaFrameHooks {
+    vm: Rc<Vm>,
+    on_client_frame: Option<Rc<Script>>,
+    on_server_frame: Option<Rc<Script>>,
+    on_close: Option<Rc<Script>>,
+    limits: Limits,
+    on_error: OnPolicyError,
+    codec: Option<&'static dyn Codec>,
+    mime: Rc<str>,
+    id: u64,
+    /// The frozen context, built once per connection.
+    ctx: Table,
+    conn: AnyUserData,
+    call: Rc<RefCell<CallState>>,
+}
+
+impl LuaFrameHooks {
+    pub(crate) fn new(policy: &LuaRoutePolicy, id: u64, ctx: Table) -> mlua::Result<Self> {
+        let call = Rc::new(RefCell::new(CallState::default()));
+        let conn = policy.vm.lua.create_userdata(Conn {
+            id,
+            state: policy.vm.lua.create_table()?,
+            call: call.clone(),
+            codec: policy.codec,
+        })?;
+        Ok(LuaFrameHooks {
+            vm: policy.vm.clone(),
+            on_client_frame: policy.on_client_frame.clone(),
+            on_server_frame: policy.on_server_frame.clone(),
+            on_close: policy.on_close.clone(),
+            limits: policy.limits,
+            on_error: policy.on_error,
+            codec: policy.codec,
+            mime: policy.mime.clone(),
+            id,
+            ctx,
+            conn,
+            call,
+        })
+    }
+
+    fn failed(&self, error: PolicyError, message: Message) -> Verdict {
+        tracing::warn!(conn = self.id, script = %error.script, error = %error.message, on_error = ?self.on_error, "policy error");
+        match self.on_error {
+            OnPolicyError::Close => Verdict::Close(CloseFrame {
+                code: CloseCode::Error,
+                reason: "policy error".into(),
+            }),
+            OnPolicyError::Pass => Verdict::Forward(message),
+            OnPolicyError::Drop => Verdict::Drop,
+        }
+    }
+
+    /// Turns a frame policy's return value into a verdict.
+    fn verdict(&self, script: &Script, returned: Value, message: Message) -> Verdict {
+        let lua = &self.vm.lua;
+        match returned {
+            Value::Nil | Value::Boolean(true) => Verdict::Forward(message),
+            Value::Boolean(false) => Verdict::Drop,
+            Value::String(s) => {
+                let bytes = Bytes::copy_from_slice(&s.as_bytes());
+                if message.is_text() {
+                    match Utf8Bytes::try_from(bytes) {
+                        Ok(text) => Verdict::Forward(Message::Text(text)),
+                        Err(_) => self.failed(
+                            script.plain_error(
+                                "returned a string that is not UTF-8 for a text message",
+                            ),
+                            message,
+                        ),
+                    }
+                } else {
+                    Verdict::Forward(Message::Binary(bytes))
+                }
+            }
+            table @ Value::Table(_) => {
+                match to_message(lua, "the returned table", table, self.codec) {
+                    Ok(replacement) => Verdict::Forward(replacement),
+                    Err(e) => self.failed(script.error(&e, self.limits), message),
+                }
+            }
+            other => {
+                let what = format!(
+                    "must return nil, false, a string or a table, not {}",
+                    other.type_name()
+                );
+                self.failed(script.plain_error(&what), message)
+            }
+        }
+    }
+}
+
+impl Script {
+    fn plain_error(&self, message: &str) -> PolicyError {
+        PolicyError {
+            script: self.path.to_string(),
+            message: format!("{}: {message}", self.path),
+        }
+    }
+}
+
+impl FrameHooks for LuaFrameHooks {
+    fn on_message(&mut self, direction: Direction, message: Message, out: Outbound<'_>) -> Verdict {
+        let script = match direction {
+            Direction::ClientToUpstream => &self.on_client_frame,
+            Direction::UpstreamToClient => &self.on_server_frame,
+        };
+        let Some(script) = script.clone() else {
+            return Verdict::Forward(message);
+        };
+        let (payload, is_text) = match &message {
+            Message::Text(t) => (Bytes::from(t.clone()), true),
+            Message::Binary(b) => (b.clone(), false),
+            _ => return Verdict::Forward(message),
+        };
+        let lua = &self.vm.lua;
+        let msg = match lua.create_userdata(Msg {
+            payload,
+            is_text,
+            direction,
+            mime: self.mime.clone(),
+            codec: self.codec,
+            decoded: OnceCell::new(),
+        }) {
+            Ok(msg) => msg,
+            Err(e) => return self.failed(script.error(&e, self.limits), message),
+        };
+        self.call.borrow_mut().direction = Some(direction);
+        let result = self.vm.guarded(self.limits, || {
+            script.function.call::<Value>((&msg, &self.ctx, &self.conn))
+        });
+        // The payload is released now, not whenever Lua collects the object.
+        let _ = msg.destroy();
+        let (sends, close) = {
+            let mut call = self.call.borrow_mut();
+            call.direction = None;
+            (std::mem::take(&mut call.sends), call.close.take())
+        };
+        let returned = match result {
+            Ok(returned) => returned,
+            Err(e) => return self.failed(script.error(&e, self.limits), message),
+        };
+        for (to_client, sent) in sends {
+            if to_client {
+                out.to_client.push_back(sent);
+            } else {
+                out.to_upstream.push_back(sent);
+            }
+        }
+        if let Some(frame) = close {
+            return Verdict::Close(frame);
+        }
+        self.verdict(&script, returned, message)
+    }
+
+    fn on_close(&mut self, summary: &CloseSummary) {
+        let Some(script) = self.on_close.clone() else {
+            return;
+        };
+        let lua = &self.vm.lua;
+        let info = (|| {
+            let t = lua.create_table()?;
+            t.set("code", summary.code)?;
+            t.set("reason", summary.reason.as_str())?;
+            t.set("by", summary.closed_by.as_str())?;
+            t.set("duration", summary.duration.as_secs_f64())?;
+            t.set("messages_in", summary.client_to_upstream.messages)?;
+            t.set("bytes_in", summary.client_to_upstream.bytes)?;
+            t.set("messages_out", summary.upstream_to_client.messages)?;
+            t.set("bytes_out", summary.upstream_to_client.bytes)?;
+            t.set("dropped_in", summary.client_to_upstream.dropped_by_policy)?;
+            t.set("dropped_out", summary.upstream_to_client.dropped_by_policy)?;
+            Ok::<_, mlua::Error>(t)
+        })();
+        self.call.borrow_mut().closing = true;
+        let result = info.and_then(|info| {
+            self.vm.guarded(self.limits, || {
+                script.function.call::<()>((&self.ctx, &self.conn, info))
+            })
+        });
+        if let Err(e) = result {
+            let error = script.error(&e, self.limits);
+            tracing::warn!(conn = self.id, script = %error.script, error = %error.message, "policy error in on_close");
+        }
+    }
+}
+
+/// Frame hooks for route `index` of `engine` with `ctx` as the context, for
+/// `framegate policy-test` (no upgrade phase, no sockets).
+pub fn test_hooks(
+    engine: &Engine,
+    index: usize,
+    ctx_json: Option<&str>,
+) -> Result<Box<dyn FrameHooks>, String> {
+    let policy = engine.lua_route(index).ok_or("the route has no policies")?;
+    let lua = &policy.vm.lua;
+    let ctx = match ctx_json {
+        Some(json) => super::codec::JSON
+            .decode(lua, json.as_bytes())
+            .map_err(|e| format!("--ctx: {e}"))?,
+        None => Value::Nil,
+    };
+    let build = || -> mlua::Result<LuaFrameHooks> {
+        let table = match ctx {
+            Value::Table(t) => t,
+            _ => lua.create_table()?,
+        };
+        if !table.contains_key("request")? {
+            table.set("request", lua.create_table()?)?;
+        }
+        let frozen = super::freeze(&policy.vm, table, "ctx")?;
+        LuaFrameHooks::new(&policy, 0, frozen)
+    };
+    Ok(Box::new(build().map_err(|e| e.to_string())?))
+}

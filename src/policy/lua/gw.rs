@@ -1,0 +1,214 @@
+//! The `gw` table every script sees: `gw.log`, `gw.json`, `gw.now()` and `gw.shared`.
+//! Runtime failures return `nil, message`; misuse raises an error at the caller's line.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mlua::{Function, Lua, MultiValue, Table, UserData, UserDataMethods, Value, Variadic};
+
+use super::codec::{self, Codec};
+use super::misuse;
+use crate::policy::shared::{SharedDict, SharedValue};
+
+/// Builds the (still writable) `gw` table; the sandbox freezes it.
+pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
+    let gw = lua.create_table()?;
+
+    let log = lua.create_table()?;
+    log.set("debug", log_function(lua, tracing::Level::DEBUG)?)?;
+    log.set("info", log_function(lua, tracing::Level::INFO)?)?;
+    log.set("warn", log_function(lua, tracing::Level::WARN)?)?;
+    log.set("error", log_function(lua, tracing::Level::ERROR)?)?;
+    gw.set("log", log)?;
+
+    let json = lua.create_table()?;
+    json.set(
+        "decode",
+        lua.create_function(|lua, text: Value| {
+            let Value::String(text) = text else {
+                return Err(misuse(
+                    lua,
+                    format!("gw.json.decode expects a string, got {}", text.type_name()),
+                ));
+            };
+            Ok(match codec::JSON.decode(lua, &text.as_bytes()) {
+                Ok(value) => (value, Value::Nil),
+                Err(e) => (Value::Nil, Value::String(lua.create_string(e)?)),
+            })
+        })?,
+    )?;
+    json.set(
+        "encode",
+        lua.create_function(|lua, value: Value| {
+            Ok(match codec::JSON.encode(&value) {
+                Ok(bytes) => (Value::String(lua.create_string(bytes)?), Value::Nil),
+                Err(e) => (Value::Nil, Value::String(lua.create_string(e)?)),
+            })
+        })?,
+    )?;
+    json.set("null", mlua::LuaSerdeExt::null(lua))?;
+    gw.set("json", json)?;
+
+    gw.set(
+        "now",
+        lua.create_function(|_, ()| {
+            Ok(SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()))
+        })?,
+    )?;
+    gw.set("shared", Shared(dict))?;
+    Ok(gw)
+}
+
+/// `print(...)` in policies logs at info, like `gw.log.info`.
+pub(super) fn print_function(lua: &Lua) -> mlua::Result<Function> {
+    log_function(lua, tracing::Level::INFO)
+}
+
+fn log_function(lua: &Lua, level: tracing::Level) -> mlua::Result<Function> {
+    lua.create_function(move |lua, args: Variadic<Value>| {
+        let mut message = String::new();
+        for (i, arg) in args.iter().enumerate() {
+            if i > 0 {
+                message.push(' ');
+            }
+            match arg {
+                Value::String(s) => message.push_str(&s.to_string_lossy()),
+                other => message.push_str(
+                    &other
+                        .to_string()
+                        .unwrap_or_else(|_| other.type_name().to_owned()),
+                ),
+            }
+        }
+        let at = lua
+            .inspect_stack(1, |d| {
+                format!(
+                    "{}:{}",
+                    d.source()
+                        .short_src
+                        .map(|s| s.into_owned())
+                        .unwrap_or_default(),
+                    d.current_line().unwrap_or(0)
+                )
+            })
+            .unwrap_or_default();
+        match level {
+            tracing::Level::DEBUG => tracing::debug!(target: "framegate::policy", at, "{message}"),
+            tracing::Level::INFO => tracing::info!(target: "framegate::policy", at, "{message}"),
+            tracing::Level::WARN => tracing::warn!(target: "framegate::policy", at, "{message}"),
+            _ => tracing::error!(target: "framegate::policy", at, "{message}"),
+        }
+        Ok(())
+    })
+}
+
+/// `gw.shared`: methods are called with a colon, `gw.shared:get(key)`.
+struct Shared(Arc<SharedDict>);
+
+fn key_arg(lua: &Lua, method: &str, key: &Value) -> mlua::Result<String> {
+    match key {
+        Value::String(s) => Ok(s.to_str()?.to_owned()),
+        other => Err(misuse(lua, format!("gw.shared:{method} expects a string key, got {} (call it with a colon: gw.shared:{method}(...))", other.type_name()))),
+    }
+}
+
+fn ttl_arg(lua: &Lua, method: &str, ttl: &Value) -> mlua::Result<Option<Duration>> {
+    match ttl {
+        Value::Nil => Ok(None),
+        Value::Integer(n) if *n >= 0 => Ok(Some(Duration::from_secs(*n as u64))),
+        Value::Number(n) if n.is_finite() && *n >= 0.0 => Ok(Some(Duration::from_secs_f64(*n))),
+        other => Err(misuse(
+            lua,
+            format!(
+                "gw.shared:{method}: ttl must be a number of seconds >= 0, got {}",
+                other.to_string().unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+fn to_shared(lua: &Lua, method: &str, value: &Value) -> mlua::Result<Option<SharedValue>> {
+    Ok(Some(match value {
+        Value::Nil => return Ok(None),
+        Value::String(s) => SharedValue::Str(s.as_bytes().to_vec()),
+        Value::Integer(i) => SharedValue::Int(*i),
+        Value::Number(n) => SharedValue::Float(*n),
+        Value::Boolean(b) => SharedValue::Bool(*b),
+        other => {
+            return Err(misuse(
+                lua,
+                format!(
+                    "gw.shared:{method}: values are strings, numbers or booleans, not {}",
+                    other.type_name()
+                ),
+            ))
+        }
+    }))
+}
+
+fn from_shared(lua: &Lua, value: SharedValue) -> mlua::Result<Value> {
+    Ok(match value {
+        SharedValue::Str(s) => Value::String(lua.create_string(s)?),
+        SharedValue::Int(i) => Value::Integer(i),
+        SharedValue::Float(f) => Value::Number(f),
+        SharedValue::Bool(b) => Value::Boolean(b),
+    })
+}
+
+impl UserData for Shared {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("get", |lua, this, key: Value| {
+            let key = key_arg(lua, "get", &key)?;
+            this.0
+                .get(&key)
+                .map_or(Ok(Value::Nil), |v| from_shared(lua, v))
+        });
+        methods.add_method(
+            "set",
+            |lua, this, (key, value, ttl): (Value, Value, Value)| {
+                let key = key_arg(lua, "set", &key)?;
+                let ttl = ttl_arg(lua, "set", &ttl)?;
+                match to_shared(lua, "set", &value)? {
+                    Some(v) => this.0.set(&key, v, ttl),
+                    None => this.0.delete(&key),
+                }
+                Ok(())
+            },
+        );
+        methods.add_method(
+            "incr",
+            |lua, this, (key, by, ttl): (Value, Value, Value)| {
+                let key = key_arg(lua, "incr", &key)?;
+                let ttl = ttl_arg(lua, "incr", &ttl)?;
+                let by = match by {
+                    Value::Nil => SharedValue::Int(1),
+                    Value::Integer(i) => SharedValue::Int(i),
+                    Value::Number(n) => SharedValue::Float(n),
+                    other => {
+                        return Err(misuse(
+                            lua,
+                            format!(
+                                "gw.shared:incr: the increment must be a number, not {}",
+                                other.type_name()
+                            ),
+                        ))
+                    }
+                };
+                Ok(match this.0.incr(&key, by, ttl) {
+                    Ok(v) => MultiValue::from_vec(vec![from_shared(lua, v)?]),
+                    Err(e) => MultiValue::from_vec(vec![
+                        Value::Nil,
+                        Value::String(lua.create_string(e.to_string())?),
+                    ]),
+                })
+            },
+        );
+        methods.add_method("delete", |lua, this, key: Value| {
+            let key = key_arg(lua, "delete", &key)?;
+            this.0.delete(&key);
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,304 @@
+//! The Lua policy engine: one Lua 5.4 VM per worker thread, scripts compiled once per VM, and
+//! every call guarded by a CPU deadline and a memory limit.
+//!
+//! Files: [`sandbox`] builds each script's environment and the read-only views; `request` is
+//! the `req` object of `on_upgrade`; `frame` holds the `msg` and `conn` objects and the frame
+//! hooks; `gw` is the `gw` table; [`codec`] decodes and encodes message bodies per MIME type.
+//! docs/policies.md is the user-facing reference.
+
+pub mod codec;
+mod frame;
+mod gw;
+mod request;
+pub mod sandbox;
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
+
+use super::shared::SharedDict;
+use super::{PolicyError, RoutePolicy};
+use crate::config::{Config, OnPolicyError, Route};
+
+pub use frame::test_hooks;
+
+/// Instructions between two checks of the CPU deadline.
+const HOOK_EVERY: u32 = 1000;
+
+/// A script that could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct LoadError {
+    /// The script's path.
+    pub script: PathBuf,
+    /// `path:line: what` when Lua knows the line, `path: what` otherwise.
+    pub message: String,
+}
+
+/// Per-call limits of one route.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) cpu: Duration,
+    pub(crate) memory: usize,
+}
+
+/// One worker's Lua VM and the compiled scripts of every route.
+pub struct Engine {
+    vm: Rc<Vm>,
+    routes: Vec<Option<Rc<LuaRoutePolicy>>>,
+}
+
+/// The VM and what every call needs.
+pub(crate) struct Vm {
+    pub(crate) lua: Lua,
+    /// When the running call must stop; `None` between calls.
+    deadline: Rc<Cell<Option<Instant>>>,
+    pub(crate) sandbox: sandbox::Sandbox,
+}
+
+impl Vm {
+    /// Runs `f` under `limits`: the CPU deadline and how much the heap may grow.
+    pub(crate) fn guarded<R>(
+        &self,
+        limits: Limits,
+        f: impl FnOnce() -> mlua::Result<R>,
+    ) -> mlua::Result<R> {
+        self.deadline.set(Some(Instant::now() + limits.cpu));
+        let _ = self
+            .lua
+            .set_memory_limit(self.lua.used_memory() + limits.memory);
+        let result = f();
+        self.deadline.set(None);
+        let _ = self.lua.set_memory_limit(0);
+        result
+    }
+}
+
+/// The compiled scripts of one route, and how to run them.
+pub(crate) struct LuaRoutePolicy {
+    pub(crate) vm: Rc<Vm>,
+    pub(crate) on_upgrade: Option<Rc<Script>>,
+    pub(crate) on_client_frame: Option<Rc<Script>>,
+    pub(crate) on_server_frame: Option<Rc<Script>>,
+    pub(crate) on_close: Option<Rc<Script>>,
+    pub(crate) limits: Limits,
+    pub(crate) on_error: OnPolicyError,
+    pub(crate) codec: Option<&'static dyn codec::Codec>,
+    pub(crate) mime: Rc<str>,
+}
+
+/// A compiled script: the function it returned, and its path for messages.
+pub(crate) struct Script {
+    pub(crate) function: Function,
+    pub(crate) path: Rc<str>,
+}
+
+impl Script {
+    /// Wraps a failure of this script for the log and the proxy.
+    pub(crate) fn error(&self, error: &mlua::Error, limits: Limits) -> PolicyError {
+        PolicyError {
+            script: self.path.to_string(),
+            message: describe(error, limits),
+        }
+    }
+}
+
+impl Engine {
+    /// Creates a VM and compiles every route's scripts in it.
+    pub fn new(config: &Config, dict: Arc<SharedDict>) -> Result<Engine, LoadError> {
+        let vm = Rc::new(new_vm(dict).map_err(|e| LoadError {
+            script: PathBuf::from("<engine>"),
+            message: format!("cannot set up the Lua VM: {e}"),
+        })?);
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            routes.push(if route.policies.is_empty() {
+                None
+            } else {
+                Some(Rc::new(compile_route(&vm, route)?))
+            });
+        }
+        Ok(Engine { vm, routes })
+    }
+
+    /// The policies of `route` in this VM, if it has any scripts.
+    pub fn route_policy(&self, route: &Route) -> Option<Rc<dyn RoutePolicy>> {
+        self.routes
+            .get(route.index)
+            .and_then(|r| r.clone())
+            .map(|r| r as Rc<dyn RoutePolicy>)
+    }
+
+    /// The route's compiled policies, for `framegate policy-test`.
+    pub(crate) fn lua_route(&self, index: usize) -> Option<Rc<LuaRoutePolicy>> {
+        self.routes.get(index).and_then(|r| r.clone())
+    }
+
+    /// Bytes the VM currently uses.
+    pub fn used_memory(&self) -> usize {
+        self.vm.lua.used_memory()
+    }
+}
+
+fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
+    let libs = StdLib::TABLE
+        | StdLib::STRING
+        | StdLib::MATH
+        | StdLib::UTF8
+        | StdLib::OS
+        | StdLib::COROUTINE;
+    let lua = Lua::new_with(libs, LuaOptions::default())?;
+    let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
+    let watched = deadline.clone();
+    lua.set_hook(
+        HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+        move |_, debug| match watched.get() {
+            Some(d) if Instant::now() >= d => {
+                let src = debug
+                    .source()
+                    .short_src
+                    .map(|s| s.into_owned())
+                    .unwrap_or_default();
+                let line = debug.current_line().unwrap_or(0);
+                Err(mlua::Error::runtime(format!(
+                    "{src}:{line}: CPU limit exceeded"
+                )))
+            }
+            _ => Ok(VmState::Continue),
+        },
+    )?;
+    let sandbox = sandbox::Sandbox::new(&lua, dict)?;
+    Ok(Vm {
+        lua,
+        deadline,
+        sandbox,
+    })
+}
+
+fn compile_route(vm: &Rc<Vm>, route: &Route) -> Result<LuaRoutePolicy, LoadError> {
+    let limits = Limits {
+        cpu: route.policy_cpu_limit,
+        memory: route.policy_memory_limit,
+    };
+    let load = |path: &Option<PathBuf>| {
+        path.as_deref()
+            .map(|p| compile(vm, p, limits).map(Rc::new))
+            .transpose()
+    };
+    Ok(LuaRoutePolicy {
+        vm: vm.clone(),
+        on_upgrade: load(&route.policies.on_upgrade)?,
+        on_client_frame: load(&route.policies.on_client_frame)?,
+        on_server_frame: load(&route.policies.on_server_frame)?,
+        on_close: load(&route.policies.on_close)?,
+        limits,
+        on_error: route.on_policy_error,
+        codec: codec::for_mime(&route.mime_type),
+        mime: Rc::from(route.mime_type.as_str()),
+    })
+}
+
+/// Loads the script at `path` in its own sandboxed environment; it must return a function.
+pub(crate) fn compile(vm: &Vm, path: &Path, limits: Limits) -> Result<Script, LoadError> {
+    let shown = path.display().to_string();
+    let fail = |message: String| LoadError {
+        script: path.to_path_buf(),
+        message,
+    };
+    let source = std::fs::read(path).map_err(|e| fail(format!("{shown}: cannot read: {e}")))?;
+    let env = vm
+        .sandbox
+        .environment(&vm.lua)
+        .map_err(|e| fail(format!("{shown}: {e}")))?;
+    let chunk = vm
+        .lua
+        .load(&source[..])
+        .set_name(format!("@{shown}"))
+        .set_environment(env);
+    let function = chunk
+        .into_function()
+        .map_err(|e| fail(describe(&e, limits)))?;
+    let returned = vm
+        .guarded(limits, || function.call::<Value>(()))
+        .map_err(|e| fail(prefix(&shown, describe(&e, limits))))?;
+    match returned {
+        Value::Function(function) => Ok(Script {
+            function,
+            path: Rc::from(shown.as_str()),
+        }),
+        other => Err(fail(format!(
+            "{shown}: the script must return a function (it returned {})",
+            other.type_name()
+        ))),
+    }
+}
+
+/// Adds `path: ` unless the message already starts with it.
+fn prefix(path: &str, message: String) -> String {
+    if message.starts_with(path) {
+        message
+    } else {
+        format!("{path}: {message}")
+    }
+}
+
+/// One line describing a Lua failure: the innermost cause, without tracebacks.
+pub(crate) fn describe(error: &mlua::Error, limits: Limits) -> String {
+    use mlua::Error as E;
+    match error {
+        E::CallbackError { cause, .. } => describe(cause, limits),
+        E::WithContext { cause, .. } => describe(cause, limits),
+        E::MemoryError(_) => format!(
+            "memory limit exceeded ({} per call)",
+            bytesize::ByteSize(limits.memory as u64)
+        ),
+        E::SyntaxError { message, .. } | E::RuntimeError(message) => first_line(message),
+        E::BadArgument {
+            to,
+            pos,
+            name,
+            cause,
+        } => {
+            let what = name
+                .as_deref()
+                .map_or(format!("#{pos}"), |n| format!("#{pos} ({n})"));
+            format!(
+                "bad argument {what} to {}: {}",
+                to.as_deref().unwrap_or("?"),
+                describe(cause, limits)
+            )
+        }
+        other => first_line(&other.to_string()),
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").trim().to_owned()
+}
+
+/// A misuse error located at the policy line that called into the API.
+pub(crate) fn misuse(lua: &Lua, message: impl std::fmt::Display) -> mlua::Error {
+    let location = lua
+        .inspect_stack(1, |d| {
+            let src = d
+                .source()
+                .short_src
+                .map(|s| s.into_owned())
+                .unwrap_or_default();
+            match d.current_line() {
+                Some(line) => format!("{src}:{line}: "),
+                None => String::new(),
+            }
+        })
+        .unwrap_or_default();
+    mlua::Error::runtime(format!("{location}{message}"))
+}
+
+/// A table's frozen, read-only view (see [`sandbox::Sandbox::freeze`]).
+pub(crate) fn freeze(vm: &Vm, table: Table, what: &str) -> mlua::Result<Table> {
+    vm.sandbox.freeze(table, what)
+}

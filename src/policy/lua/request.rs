@@ -1,0 +1,365 @@
+//! The `req` object of `on_upgrade`, and the upgrade phase itself: run the script, collect
+//! its changes or its rejection, then freeze the context for the frame phase.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
+
+use super::frame::LuaFrameHooks;
+use super::{misuse, LuaRoutePolicy};
+use crate::policy::{
+    FrameHooks, PassThrough, RoutePolicy, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
+};
+
+/// Headers the gateway manages per leg; policies may not set them.
+const MANAGED: [&str; 9] = [
+    "connection",
+    "upgrade",
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-accept",
+];
+
+/// `req`: the request's fields (a table shared with `ctx.request`) plus the methods.
+struct Req {
+    fields: Table,
+    headers: HeaderMap,
+    offered: Vec<String>,
+    changes: UpgradeChanges,
+    rejection: Option<(StatusCode, Bytes, HeaderMap)>,
+}
+
+fn string_arg(lua: &Lua, method: &str, what: &str, value: &Value) -> mlua::Result<String> {
+    match value {
+        Value::String(s) => Ok(s.to_str()?.to_owned()),
+        Value::Integer(_) | Value::Number(_) => Ok(value.to_string()?),
+        other => Err(misuse(
+            lua,
+            format!(
+                "req:{method}: {what} must be a string, got {}",
+                other.type_name()
+            ),
+        )),
+    }
+}
+
+fn seconds_arg(lua: &Lua, method: &str, value: &Value) -> mlua::Result<f64> {
+    match value {
+        Value::Integer(i) => Ok(*i as f64),
+        Value::Number(n) if n.is_finite() => Ok(*n),
+        other => Err(misuse(
+            lua,
+            format!(
+                "req:{method} expects a number of seconds, got {}",
+                other.type_name()
+            ),
+        )),
+    }
+}
+
+impl Req {
+    /// Keeps the earliest requested expiry.
+    fn shorten(&mut self, at: SystemTime) {
+        self.changes.expire_at = Some(self.changes.expire_at.map_or(at, |current| current.min(at)));
+    }
+}
+
+impl UserData for Req {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method_mut(
+            "reject",
+            |lua, this, (status, body, headers): (Value, Value, Value)| {
+                let status = match status {
+                    Value::Integer(s) if (200..=599).contains(&s) => {
+                        StatusCode::from_u16(s as u16).expect("200..=599 is a valid status")
+                    }
+                    other => {
+                        return Err(misuse(
+                            lua,
+                            format!(
+                                "req:reject: status must be an integer from 200 to 599, got {}",
+                                other.to_string().unwrap_or_default()
+                            ),
+                        ))
+                    }
+                };
+                let body = match body {
+                    Value::Nil => Bytes::new(),
+                    Value::String(s) => Bytes::copy_from_slice(&s.as_bytes()),
+                    other => {
+                        return Err(misuse(
+                            lua,
+                            format!(
+                                "req:reject: body must be a string, got {}",
+                                other.type_name()
+                            ),
+                        ))
+                    }
+                };
+                let mut map = HeaderMap::new();
+                match headers {
+                    Value::Nil => {}
+                    Value::Table(t) => {
+                        for pair in t.pairs::<Value, Value>() {
+                            let (k, v) = pair?;
+                            let name = string_arg(lua, "reject", "a header name", &k)?;
+                            let value = string_arg(lua, "reject", "a header value", &v)?;
+                            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                                misuse(lua, format!("req:reject: invalid header name {name:?}"))
+                            })?;
+                            let value = HeaderValue::from_str(&value).map_err(|_| {
+                                misuse(lua, format!("req:reject: invalid value for header {name}"))
+                            })?;
+                            map.append(name, value);
+                        }
+                    }
+                    other => {
+                        return Err(misuse(
+                            lua,
+                            format!(
+                                "req:reject: headers must be a table, got {}",
+                                other.type_name()
+                            ),
+                        ))
+                    }
+                }
+                this.rejection = Some((status, body, map));
+                Ok(())
+            },
+        );
+        methods.add_method_mut("set_upstream", |lua, this, url: Value| {
+            let url = string_arg(lua, "set_upstream", "the URL", &url)?;
+            let valid = url.parse::<http::Uri>().ok().filter(|u| {
+                matches!(u.scheme_str(), Some("ws" | "wss"))
+                    && u.host().is_some_and(|h| !h.is_empty())
+            });
+            if valid.is_none() {
+                return Err(misuse(
+                    lua,
+                    format!("req:set_upstream: {url:?} is not a ws:// or wss:// URL"),
+                ));
+            }
+            this.changes.upstream = Some(url);
+            Ok(())
+        });
+        methods.add_method_mut("set_header", |lua, this, (name, value): (Value, Value)| {
+            let name =
+                string_arg(lua, "set_header", "the header name", &name)?.to_ascii_lowercase();
+            if MANAGED.contains(&name.as_str()) {
+                return Err(misuse(
+                    lua,
+                    format!("req:set_header: {name} is managed by the gateway"),
+                ));
+            }
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                misuse(lua, format!("req:set_header: invalid header name {name:?}"))
+            })?;
+            let value = match value {
+                Value::Nil => None,
+                v => {
+                    let text = string_arg(lua, "set_header", "the value", &v)?;
+                    Some(HeaderValue::from_str(&text).map_err(|_| {
+                        misuse(lua, format!("req:set_header: invalid value for {name}"))
+                    })?)
+                }
+            };
+            this.changes.headers.push((header, value));
+            Ok(())
+        });
+        methods.add_method_mut("select_subprotocol", |lua, this, name: Value| {
+            let name = string_arg(lua, "select_subprotocol", "the subprotocol", &name)?;
+            if !this.offered.contains(&name) {
+                return Err(misuse(
+                    lua,
+                    format!(
+                        "req:select_subprotocol: the client did not offer {name:?} (offered: {})",
+                        this.offered.join(", ")
+                    ),
+                ));
+            }
+            this.changes.subprotocol = Some(name);
+            Ok(())
+        });
+        methods.add_method_mut("expire_in", |lua, this, seconds: Value| {
+            let seconds = seconds_arg(lua, "expire_in", &seconds)?;
+            if seconds < 0.0 {
+                return Err(misuse(lua, "req:expire_in: seconds must not be negative"));
+            }
+            this.shorten(SystemTime::now() + Duration::from_secs_f64(seconds));
+            Ok(())
+        });
+        methods.add_method_mut("expire_at", |lua, this, at: Value| {
+            let at = seconds_arg(lua, "expire_at", &at)?;
+            if at < 0.0 {
+                return Err(misuse(
+                    lua,
+                    "req:expire_at: the time must be a Unix time in seconds",
+                ));
+            }
+            this.shorten(UNIX_EPOCH + Duration::from_secs_f64(at));
+            Ok(())
+        });
+        methods.add_method("header_values", |lua, this, name: Value| {
+            let name = string_arg(lua, "header_values", "the header name", &name)?;
+            let values = this
+                .headers
+                .get_all(name.to_ascii_lowercase().as_str())
+                .iter()
+                .map(|v| lua.create_string(v.as_bytes()))
+                .collect::<mlua::Result<Vec<_>>>()?;
+            lua.create_sequence_from(values)
+        });
+        methods.add_meta_method(MetaMethod::Index, |_, this, key: Value| {
+            this.fields.get::<Value>(key)
+        });
+        methods.add_meta_method(
+            MetaMethod::NewIndex,
+            |lua, _, key: Value| -> mlua::Result<()> {
+                Err(misuse(
+                    lua,
+                    format!(
+                        "req is read-only (tried to set {}); use its methods",
+                        key.to_string().unwrap_or_default()
+                    ),
+                ))
+            },
+        );
+    }
+}
+
+/// Builds the request's field table (shared by `req` and `ctx.request`).
+fn request_table(
+    policy: &LuaRoutePolicy,
+    request: &UpgradeRequest<'_>,
+    offered: &[String],
+) -> mlua::Result<Table> {
+    let lua = &policy.vm.lua;
+    let t = lua.create_table_with_capacity(0, 10)?;
+    t.set("method", request.method)?;
+    t.set("path", request.path)?;
+    let query = lua.create_table()?;
+    for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
+        if !query.contains_key(k.as_ref())? {
+            query.set(k.as_ref(), v.as_ref())?;
+        }
+    }
+    t.set("query", query)?;
+    t.set("query_string", request.query)?;
+    let headers = lua.create_table_with_capacity(0, request.headers.keys_len())?;
+    for name in request.headers.keys() {
+        let mut joined = Vec::new();
+        for (i, v) in request.headers.get_all(name).iter().enumerate() {
+            if i > 0 {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(v.as_bytes());
+        }
+        headers.set(name.as_str(), lua.create_string(joined)?)?;
+    }
+    policy.vm.sandbox.header_table(&headers)?;
+    t.set("headers", headers)?;
+    let params = lua.create_table()?;
+    for (k, v) in request.params {
+        params.set(k.as_str(), v.as_str())?;
+    }
+    t.set("params", params)?;
+    t.set("client_ip", request.client_ip.to_string())?;
+    t.set("scheme", request.scheme)?;
+    t.set("host", request.host)?;
+    t.set(
+        "subprotocols",
+        lua.create_sequence_from(offered.iter().map(String::as_str))?,
+    )?;
+    Ok(t)
+}
+
+/// The client's offered subprotocols, in order.
+fn offered_subprotocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+impl RoutePolicy for LuaRoutePolicy {
+    fn on_upgrade(&self, request: &UpgradeRequest<'_>) -> UpgradeVerdict {
+        let needs_frames = self.on_client_frame.is_some()
+            || self.on_server_frame.is_some()
+            || self.on_close.is_some();
+        if self.on_upgrade.is_none() && !needs_frames {
+            return UpgradeVerdict::Continue {
+                changes: UpgradeChanges::default(),
+                hooks: Box::new(PassThrough),
+            };
+        }
+        match self.run_upgrade(request, needs_frames) {
+            Ok(verdict) => verdict,
+            Err(error) => {
+                let error = match &self.on_upgrade {
+                    Some(script) => script.error(&error, self.limits),
+                    None => crate::policy::PolicyError {
+                        script: "<upgrade>".into(),
+                        message: super::describe(&error, self.limits),
+                    },
+                };
+                UpgradeVerdict::Failed(error)
+            }
+        }
+    }
+}
+
+impl LuaRoutePolicy {
+    fn run_upgrade(
+        &self,
+        request: &UpgradeRequest<'_>,
+        needs_frames: bool,
+    ) -> mlua::Result<UpgradeVerdict> {
+        let lua = &self.vm.lua;
+        let offered = offered_subprotocols(request.headers);
+        let fields = request_table(self, request, &offered)?;
+        let ctx = lua.create_table()?;
+        let mut changes = UpgradeChanges::default();
+        if let Some(script) = &self.on_upgrade {
+            let req = lua.create_userdata(Req {
+                fields: fields.clone(),
+                headers: request.headers.clone(),
+                offered,
+                changes: UpgradeChanges::default(),
+                rejection: None,
+            })?;
+            let result = self
+                .vm
+                .guarded(self.limits, || script.function.call::<Value>((&req, &ctx)));
+            let req = req.take::<Req>()?;
+            result?;
+            if let Some((status, body, headers)) = req.rejection {
+                return Ok(UpgradeVerdict::Reject {
+                    status,
+                    body,
+                    headers,
+                });
+            }
+            changes = req.changes;
+        }
+        if !needs_frames {
+            return Ok(UpgradeVerdict::Continue {
+                changes,
+                hooks: Box::new(PassThrough),
+            });
+        }
+        ctx.set("request", fields)?;
+        let frozen = super::freeze(&self.vm, ctx, "ctx")?;
+        let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(self, request.id, frozen)?);
+        Ok(UpgradeVerdict::Continue { changes, hooks })
+    }
+}

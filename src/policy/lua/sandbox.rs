@@ -1,0 +1,125 @@
+//! What a policy script can reach: a fresh environment per script with a whitelist of the
+//! standard library (no `io`, `os.execute`/`exit`/`remove`, `load`, `loadfile`, `dofile`,
+//! `require`, `debug`, `string.dump`, `collectgarbage` or `rawset`), and read-only views of
+//! shared tables (`ctx`, `gw`).
+//!
+//! A read-only view is an empty proxy whose metatable serves reads from a private copy, so every
+//! write, at any depth, reaches `__newindex` and raises "<what> is read-only". `pairs`, `ipairs`,
+//! `#` and the `table` functions see through it; `next` and `rawget` see an empty table.
+
+use std::sync::Arc;
+
+use mlua::{Function, Lua, Table};
+
+use crate::policy::shared::SharedDict;
+
+const PRELUDE: &str = r#"
+local G_string, G_table, G_math, G_utf8, G_coroutine, G_os = string, table, math, utf8, coroutine, os
+local next, type, error, setmetatable, getmetatable, pairs = next, type, error, setmetatable, getmetatable, pairs
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+local function freeze(t, what, seen)
+  local done = seen[t]
+  if done then return done end
+  local view, proxy = {}, {}
+  seen[t] = proxy
+  for k, v in next, t do
+    if type(v) == "table" then v = freeze(v, what, seen) end
+    view[k] = v
+  end
+  local index = view
+  local mt = getmetatable(t)
+  if type(mt) == "table" and mt.__framegate_ci then
+    index = function(_, k)
+      if type(k) == "string" then return view[k:lower()] end
+      return view[k]
+    end
+  end
+  local function readonly() error(what .. " is read-only", 2) end
+  return setmetatable(proxy, {
+    __index = index,
+    __newindex = readonly,
+    __len = function() return #view end,
+    __pairs = function() return next, view, nil end,
+    __metatable = what,
+  })
+end
+
+-- Header tables: lower-case keys, any-case lookup.
+local ci_meta = {
+  __framegate_ci = true,
+  __index = function(t, k)
+    if type(k) == "string" then return rawget(t, k:lower()) end
+  end,
+}
+
+local function environment(gw, print)
+  local env = {
+    assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs, pcall = pcall,
+    select = select, tonumber = tonumber, tostring = tostring, type = type, xpcall = xpcall,
+    rawequal = rawequal, rawget = rawget, rawlen = rawlen, setmetatable = setmetatable,
+    getmetatable = getmetatable, _VERSION = _VERSION,
+    string = copy(G_string), table = copy(G_table), math = copy(G_math), utf8 = copy(G_utf8),
+    coroutine = copy(G_coroutine),
+    os = { time = G_os.time, clock = G_os.clock, date = G_os.date, difftime = G_os.difftime },
+    gw = gw, print = print,
+  }
+  env.string.dump = nil
+  env.unpack = G_table.unpack
+  env._G = env
+  return env
+end
+
+-- The string metatable's __index is the real string library, shared by every script:
+-- hide it so that no script can change string methods for the others.
+getmetatable("").__metatable = false
+
+return function(t, what) return freeze(t, what, {}) end, ci_meta, environment
+"#;
+
+/// The sandbox of one VM.
+pub struct Sandbox {
+    freeze: Function,
+    ci_meta: Table,
+    environment: Function,
+    gw: Table,
+    print: Function,
+}
+
+impl Sandbox {
+    /// Sets up the prelude and the `gw` table in `lua`.
+    pub(crate) fn new(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Sandbox> {
+        let (freeze, ci_meta, environment): (Function, Table, Function) =
+            lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
+        let gw = super::gw::build(lua, dict)?;
+        let gw: Table = freeze.call((gw, "gw"))?;
+        let print = super::gw::print_function(lua)?;
+        Ok(Sandbox {
+            freeze,
+            ci_meta,
+            environment,
+            gw,
+            print,
+        })
+    }
+
+    /// A fresh global environment for one script.
+    pub(crate) fn environment(&self, _lua: &Lua) -> mlua::Result<Table> {
+        self.environment.call((&self.gw, &self.print))
+    }
+
+    /// The read-only view of `table`; writes raise "`what` is read-only".
+    pub(crate) fn freeze(&self, table: Table, what: &str) -> mlua::Result<Table> {
+        self.freeze.call((table, what))
+    }
+
+    /// Makes `table` a header table: keys are lower-case, look-ups accept any case.
+    pub(crate) fn header_table(&self, table: &Table) -> mlua::Result<()> {
+        table.set_metatable(Some(self.ci_meta.clone()))
+    }
+}
