@@ -59,7 +59,9 @@ impl Gateway {
             .routes
             .iter()
             .map(|route| {
-                let needs_tls = route.upstream.as_str().starts_with("wss://");
+                // A route's on_upgrade policy may pick a wss:// upstream too.
+                let needs_tls = route.upstream.as_str().starts_with("wss://")
+                    || route.policies.on_upgrade.is_some();
                 needs_tls
                     .then(|| upstream::client_config(&route.upstream_tls))
                     .transpose()
@@ -93,11 +95,10 @@ impl Gateway {
     pub async fn start(self) -> Result<Running, StartError> {
         let mut listeners = Vec::new();
         for addr in &self.shared.config.server.listen {
-            let listener =
-                std::net::TcpListener::bind(addr).map_err(|source| StartError::Bind {
-                    addr: *addr,
-                    source,
-                })?;
+            let listener = bind(*addr).map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
             listeners.push(listener);
         }
         let local_addrs = listeners
@@ -175,4 +176,19 @@ impl Drop for Running {
             workers.stop.cancel();
         }
     }
+}
+
+/// Listen backlog: room for connection bursts while the accept loop catches up (the kernel caps
+/// it at net.core.somaxconn).
+const BACKLOG: u32 = 1024;
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)?.into_std()
 }

@@ -258,3 +258,33 @@ async fn malformed_upgrades_get_precise_statuses() {
         tungstenite::Message::text("still fine")
     );
 }
+
+#[tokio::test]
+async fn a_long_refusal_body_is_truncated_to_64_kib() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let body = "x".repeat(70_000);
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await;
+        }
+    });
+    let gw = gateway(&format!(
+        "[[route]]\npath = \"/x\"\nupstream = \"ws://{addr}/\"\n"
+    ))
+    .await;
+    let (status, _, body) = raw_http(gw.local_addr(), &upgrade_request("/x", "")).await;
+    assert_eq!(status, 503);
+    assert_eq!(body.len(), 64 * 1024);
+}

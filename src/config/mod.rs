@@ -180,6 +180,7 @@ impl UpstreamUrl {
             let close = rest[open..].find('}').map(|c| open + c);
             let Some(close) = close else { break };
             let name = &rest[open + 1..close];
+            let name = name.strip_prefix('*').unwrap_or(name);
             if let Some((_, value)) = params.iter().find(|(n, _)| n == name) {
                 out.push_str(value);
             }
@@ -294,6 +295,28 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration that must be greater than zero; absent gives `default`.
+    fn positive_duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(v) = value else { return Ok(default) };
+        let d = self.duration(v, key)?;
+        if d.is_zero() {
+            return Err(self.err(
+                v,
+                format!("{key} must be greater than 0"),
+                &format!(
+                    "leave it out for the default ({})",
+                    humantime::format_duration(default)
+                ),
+            ));
+        }
+        Ok(d)
+    }
+
     fn server(&self, raw: raw::Server) -> Result<ServerConfig, ConfigError> {
         let listen = match raw.listen {
             None => vec![defaults::LISTEN
@@ -351,12 +374,16 @@ impl Validator<'_> {
                 .transpose()?
                 .unwrap_or(defaults::SHUTDOWN_GRACE),
             max_connections,
-            header_read_timeout: self
-                .optional_duration(&raw.header_read_timeout, "server.header_read_timeout")?
-                .unwrap_or(defaults::HEADER_READ_TIMEOUT),
-            close_timeout: self
-                .optional_duration(&raw.close_timeout, "server.close_timeout")?
-                .unwrap_or(defaults::CLOSE_TIMEOUT),
+            header_read_timeout: self.positive_duration(
+                &raw.header_read_timeout,
+                "server.header_read_timeout",
+                defaults::HEADER_READ_TIMEOUT,
+            )?,
+            close_timeout: self.positive_duration(
+                &raw.close_timeout,
+                "server.close_timeout",
+                defaults::CLOSE_TIMEOUT,
+            )?,
         })
     }
 
@@ -377,7 +404,14 @@ impl Validator<'_> {
                     "write a bare host like \"chat.example.com\" (no scheme, no path)",
                 ));
             }
-            Some(h) => Some(h.into_inner()),
+            Some(h) if h.get_ref().contains(':') && !h.get_ref().starts_with('[') => {
+                return Err(self.err(
+                    &h,
+                    format!("route.host {:?} has a port", h.get_ref()),
+                    "hosts are matched without their port: write the bare host",
+                ));
+            }
+            Some(h) => Some(h.into_inner().to_ascii_lowercase()),
             None => None,
         };
         let mime_type = match raw.mime_type {
@@ -411,9 +445,11 @@ impl Validator<'_> {
                 n as usize
             }
         };
-        let handshake_timeout = self
-            .optional_duration(&raw.handshake_timeout, "route.handshake_timeout")?
-            .unwrap_or(defaults::HANDSHAKE_TIMEOUT);
+        let handshake_timeout = self.positive_duration(
+            &raw.handshake_timeout,
+            "route.handshake_timeout",
+            defaults::HANDSHAKE_TIMEOUT,
+        )?;
         let policies = match raw.policies {
             None => Policies::default(),
             Some(p) => Policies {
@@ -439,9 +475,11 @@ impl Validator<'_> {
                 other => return Err(self.err(&v, format!("route.on_policy_error {other:?} is not one of close, pass, drop"), "close (the default) ends the connection with 1011; pass forwards the message; drop drops it")),
             },
         };
-        let policy_cpu_limit = self
-            .optional_duration(&raw.policy_cpu_limit, "route.policy_cpu_limit")?
-            .unwrap_or(defaults::POLICY_CPU_LIMIT);
+        let policy_cpu_limit = self.positive_duration(
+            &raw.policy_cpu_limit,
+            "route.policy_cpu_limit",
+            defaults::POLICY_CPU_LIMIT,
+        )?;
         let policy_memory_limit = match raw.policy_memory_limit {
             None => defaults::POLICY_MEMORY_LIMIT,
             Some(v) => {
@@ -498,6 +536,16 @@ impl Validator<'_> {
                     format!("the path {} defines {}", path, defined.join(", "))
                 };
                 return Err(self.err(raw, format!("upstream uses placeholder {{{name}}} that the route's path does not define"), &hint));
+            }
+        }
+        if let Some(authority) = raw
+            .get_ref()
+            .split("://")
+            .nth(1)
+            .map(|rest| rest.split('/').next().unwrap_or(""))
+        {
+            if authority.contains('{') {
+                return Err(self.err(raw, "placeholders are not allowed in the upstream's host or port".into(), "a client could choose where the gateway connects; route dynamically with an on_upgrade policy (req:set_upstream) instead"));
             }
         }
         // Check the shape with every placeholder replaced by a plausible value.
@@ -613,6 +661,14 @@ max_message_size = "64KiB"
     }
 
     #[test]
+    fn catch_all_placeholder_substitutes_with_or_without_star() {
+        let c = load("[[route]]\npath = \"/f/{*rest}\"\nupstream = \"ws://h/x/{*rest}\"\n[[route]]\npath = \"/g/{*rest}\"\nupstream = \"ws://h/y/{rest}\"\n").unwrap();
+        let params = [("rest".to_owned(), "a/b".to_owned())];
+        assert_eq!(c.routes[0].upstream.render(&params), "ws://h/x/a/b");
+        assert_eq!(c.routes[1].upstream.render(&params), "ws://h/y/a/b");
+    }
+
+    #[test]
     fn unknown_key_is_located() {
         let e = error("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\nexpires = \"1h\"\n");
         assert!(
@@ -645,6 +701,10 @@ max_message_size = "64KiB"
             ("[server]\nlisten = [\"localhost\"]\n", "test.toml:2:11: server.listen"),
             ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\n[route.policies]\non_upgrade = \"nope.lua\"\n", "test.toml:5:14: policy script \"nope.lua\" not found"),
             ("[[route]]\npath = \"/a\"\n", "missing field `upstream`"),
+            ("[[route]]\npath = \"/{h}\"\nupstream = \"ws://{h}:80/\"\n", "not allowed in the upstream's host"),
+            ("[[route]]\npath = \"/a\"\nhost = \"x.com:80\"\nupstream = \"ws://h/\"\n", "has a port"),
+            ("[server]\nclose_timeout = \"0s\"\n", "server.close_timeout must be greater than 0"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\non_policy_error = \"explode\"\n", "not one of close, pass, drop"),
             ("[[route]\n", "test.toml:1:"),
         ];
         for (src, want) in cases {

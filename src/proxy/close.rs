@@ -249,6 +249,23 @@ pub struct CloseSummary {
 }
 
 impl CloseSummary {
+    /// A summary of a connection that has not carried anything yet: code 1006, closed by the
+    /// client, zero counters.
+    pub fn new(id: u64, route: String, client: SocketAddr, upstream: String) -> Self {
+        CloseSummary {
+            id,
+            route,
+            client,
+            upstream,
+            duration: Duration::ZERO,
+            client_to_upstream: Traffic::default(),
+            upstream_to_client: Traffic::default(),
+            code: 1006,
+            reason: String::new(),
+            closed_by: ClosedBy::Client,
+        }
+    }
+
     /// Writes the one log line for this connection's end.
     pub fn log(&self) {
         tracing::info!(

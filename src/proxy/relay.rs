@@ -28,6 +28,8 @@ struct Leg {
     ws: WsStream,
     outbox: VecDeque<Message>,
     unflushed: bool,
+    /// Data messages taken from the outbox whose write failed.
+    lost: u64,
 }
 
 impl Leg {
@@ -36,6 +38,7 @@ impl Leg {
             ws,
             outbox: VecDeque::new(),
             unflushed: false,
+            lost: 0,
         }
     }
 
@@ -44,7 +47,11 @@ impl Leg {
         while !self.outbox.is_empty() {
             ready!(self.ws.poll_ready_unpin(cx))?;
             let message = self.outbox.pop_front().expect("outbox checked non-empty");
-            self.ws.start_send_unpin(message)?;
+            let is_data = message.is_text() || message.is_binary();
+            if let Err(e) = self.ws.start_send_unpin(message) {
+                self.lost += u64::from(is_data);
+                return Poll::Ready(Err(e));
+            }
             self.unflushed = true;
         }
         if self.unflushed {
@@ -109,8 +116,19 @@ impl Relay {
                 Event::End(ending) => break ending,
             }
         };
-        self.close(&ending, close_timeout).await;
-        (ending, self.traffic, self.hooks)
+        let Relay {
+            client,
+            upstream,
+            traffic: [mut to_upstream, mut to_client],
+            hooks,
+            ..
+        } = self;
+        let (client_plan, upstream_plan) = ending.plan();
+        tokio::join!(
+            close_leg(client, client_plan, &mut to_client, close_timeout),
+            close_leg(upstream, upstream_plan, &mut to_upstream, close_timeout),
+        );
+        (ending, [to_upstream, to_client], hooks)
     }
 
     fn on_data(&mut self, from: Side, message: Message) -> Option<Ending> {
@@ -195,34 +213,27 @@ impl Relay {
             });
         }
     }
-
-    /// Runs both closing handshakes at once, bounded by `timeout`, then drops the sockets.
-    async fn close(&mut self, ending: &Ending, timeout: Duration) {
-        let (client_plan, upstream_plan) = ending.plan();
-        let [to_upstream, to_client] = &mut self.traffic;
-        let both = async {
-            tokio::join!(
-                close_leg(&mut self.client, client_plan, to_client),
-                close_leg(&mut self.upstream, upstream_plan, to_upstream),
-            )
-        };
-        let _ = tokio::time::timeout(timeout, both).await;
-    }
 }
 
-/// Closes one leg per `plan`. Messages still queued for it are delivered first when the leg
-/// can take them; otherwise they are counted as undelivered.
-async fn close_leg(leg: &mut Leg, plan: LegClose, traffic: &mut Traffic) {
+/// Closes one leg per `plan`, bounded by `timeout`, then drops its socket at once (without
+/// waiting for the other leg). Data messages that were queued for it but never written are
+/// counted as undelivered.
+async fn close_leg(mut leg: Leg, plan: LegClose, traffic: &mut Traffic, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, close_handshake(&mut leg, plan)).await;
+    let unsent = leg
+        .outbox
+        .iter()
+        .filter(|m| m.is_text() || m.is_binary())
+        .count() as u64;
+    traffic.undelivered += unsent + leg.lost;
+}
+
+async fn close_handshake(leg: &mut Leg, plan: LegClose) {
     match plan {
-        LegClose::Drop => {
-            traffic.undelivered += leg.outbox.len() as u64;
-            leg.outbox.clear();
-            return;
-        }
+        LegClose::Drop => return,
         LegClose::Finish => {
-            // The peer's close frame came first: nothing may be sent after our reply.
-            traffic.undelivered += leg.outbox.len() as u64;
-            leg.outbox.clear();
+            // The peer's close frame came first: nothing may be sent after our reply, so what
+            // is queued stays undelivered.
             if leg.ws.flush().await.is_err() {
                 return;
             }
@@ -230,8 +241,6 @@ async fn close_leg(leg: &mut Leg, plan: LegClose, traffic: &mut Traffic) {
         LegClose::Send(frame) => {
             leg.outbox.push_back(Message::Close(frame));
             if poll_fn(|cx| leg.poll_write(cx)).await.is_err() {
-                // Whatever was still queued (the close frame aside) never left.
-                traffic.undelivered += leg.outbox.len().saturating_sub(1) as u64;
                 return;
             }
         }

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use super::close::{CloseSummary, ClosedBy, Traffic};
+use super::close::{CloseSummary, ClosedBy};
 use super::lifetime::Lifetime;
 use super::relay::Relay;
 use super::{headers, Shared};
@@ -276,13 +276,18 @@ async fn upgrade(
             }
         };
 
-    let mut url = changes
-        .upstream
-        .unwrap_or_else(|| route.upstream.render(&found.params));
-    if let Some(query) = request.uri().query() {
-        url.push(if url.contains('?') { '&' } else { '?' });
-        url.push_str(query);
-    }
+    // A URL set by a policy is used as given; the route's own URL gets the client's query.
+    let url = match changes.upstream {
+        Some(url) => url,
+        None => {
+            let mut url = route.upstream.render(&found.params);
+            if let Some(query) = request.uri().query() {
+                url.push(if url.contains('?') { '&' } else { '?' });
+                url.push_str(query);
+            }
+            url
+        }
+    };
     let mut upstream_headers =
         headers::upstream_request(request.headers(), peer.ip(), request_host(request), "http");
     for (name, value) in changes.headers {
@@ -306,12 +311,21 @@ async fn upgrade(
     .await
     {
         Ok(Ok(connected)) => connected,
-        Ok(Err(source)) => return Err(Rejection::Upstream { url, source }),
-        Err(_) => {
-            return Err(Rejection::UpstreamTimeout {
-                url,
-                timeout: route.handshake_timeout,
-            })
+        failed => {
+            let rejection = match failed {
+                Ok(Err(source)) => Rejection::Upstream { url, source },
+                _ => Rejection::UpstreamTimeout {
+                    url,
+                    timeout: route.handshake_timeout,
+                },
+            };
+            // on_upgrade went ahead, so on_close runs too: it may release what on_upgrade took.
+            let mut hooks = hooks;
+            let mut summary = CloseSummary::new(id, route.name(), peer, String::new());
+            summary.reason = rejection.to_string();
+            summary.closed_by = ClosedBy::Gateway;
+            hooks.on_close(&summary);
+            return Err(rejection);
         }
     };
 
@@ -340,18 +354,7 @@ async fn upgrade(
     shared.tracker.spawn_local(async move {
         let _slot = slot;
         let opened = tokio::time::Instant::now();
-        let mut summary = CloseSummary {
-            id,
-            route: route.name(),
-            client: peer,
-            upstream: url,
-            duration: std::time::Duration::ZERO,
-            client_to_upstream: Traffic::default(),
-            upstream_to_client: Traffic::default(),
-            code: 1006,
-            reason: String::new(),
-            closed_by: ClosedBy::Client,
-        };
+        let mut summary = CloseSummary::new(id, route.name(), peer, url);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -359,6 +362,9 @@ async fn upgrade(
                 let mut upstream = connected.ws;
                 let _ = upstream.close(frame_for_lost_client()).await;
                 summary.reason = format!("client left during the upgrade: {e}");
+                summary.duration = opened.elapsed();
+                let mut hooks = hooks;
+                hooks.on_close(&summary);
                 summary.log();
                 return;
             }

@@ -162,6 +162,11 @@ fn parse_segment(seg: &str) -> Result<Segment, String> {
         return Ok(Segment::Literal(seg.to_owned()));
     };
     let Some(inner) = inner.strip_suffix('}') else {
+        if inner.contains('}') {
+            return Err(format!(
+                "segment {seg:?}: a placeholder must be a whole segment, like {{name}}"
+            ));
+        }
         return Err(format!("segment {seg:?}: unclosed '{{'"));
     };
     let (catch_all, name) = match inner.strip_prefix('*') {
@@ -236,6 +241,7 @@ mod tests {
         for bad in [
             "chat",
             "/chat/{room",
+            "/chat/{room}.json",
             "/chat/x{room}",
             "/{*a}/b",
             "/{a}/{a}",

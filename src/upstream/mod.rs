@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -153,6 +153,23 @@ pub async fn connect(
     Ok(Connected { ws, headers })
 }
 
+/// Reads up to `limit` bytes of a body; a longer body is truncated, a failing one cut short.
+async fn read_prefix(mut body: hyper::body::Incoming, limit: usize) -> Bytes {
+    let mut collected = bytes::BytesMut::new();
+    while collected.len() < limit {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    let room = limit - collected.len();
+                    collected.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            _ => break,
+        }
+    }
+    collected.freeze()
+}
+
 fn header_value(s: &str) -> Result<HeaderValue, UpstreamError> {
     HeaderValue::from_str(s).map_err(|_| UpstreamError::BadUrl {
         url: s.to_owned(),
@@ -179,13 +196,7 @@ where
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
-        let body = match Limited::new(response.into_body(), MAX_REFUSAL_BODY)
-            .collect()
-            .await
-        {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => Bytes::new(),
-        };
+        let body = read_prefix(response.into_body(), MAX_REFUSAL_BODY).await;
         return Err(UpstreamError::Refused(Box::new(Refusal {
             status,
             headers,

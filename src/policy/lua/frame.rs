@@ -197,22 +197,23 @@ impl UserData for Conn {
                     "conn:close cannot be used in on_close: the connection has ended",
                 ));
             }
-            let code =
-                match code {
-                    Value::Nil => 1000,
-                    Value::Integer(n)
-                        if (1000..=4999).contains(&n) && !matches!(n, 1004..=1006 | 1015) =>
-                    {
-                        n as u16
-                    }
-                    other => return Err(misuse(
+            let code = match code {
+                Value::Nil => 1000,
+                Value::Integer(n)
+                    if (1000..=4999).contains(&n) && !matches!(n, 1004..=1006 | 1015) =>
+                {
+                    n as u16
+                }
+                other => {
+                    return Err(misuse(
                         lua,
                         format!(
                             "conn:close: code must be 1000-4999 and not 1004-1006 or 1015, got {}",
                             other.to_string().unwrap_or_default()
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             let reason = match reason {
                 Value::Nil => String::new(),
                 Value::String(s) if s.as_bytes().len() <= 123 => s.to_str()?.to_owned(),
