@@ -20,6 +20,9 @@ use super::lifetime::{Expiry, Lifetime};
 use crate::policy::{Direction, FrameHooks, Outbound, Verdict};
 use crate::upstream::WsStream;
 
+/// At most this many messages are read between two flushes.
+const FLUSH_BATCH: usize = 32;
+
 /// A leg is not read while more than this many policy replies wait to be written to it.
 const MAX_QUEUED_REPLIES: usize = 64;
 
@@ -42,8 +45,9 @@ impl Leg {
         }
     }
 
-    /// Writes queued messages and flushes; ready when everything is on the wire.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
+    /// Hands queued messages to the codec (which writes once its buffer is full); ready when the
+    /// outbox is empty. Flushing is separate, so that a burst is written with few syscalls.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
         while !self.outbox.is_empty() {
             ready!(self.ws.poll_ready_unpin(cx))?;
             let message = self.outbox.pop_front().expect("outbox checked non-empty");
@@ -54,11 +58,22 @@ impl Leg {
             }
             self.unflushed = true;
         }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Flushes what was handed to the codec.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
         if self.unflushed {
             ready!(self.ws.poll_flush_unpin(cx))?;
             self.unflushed = false;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Sends and flushes everything queued.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
+        ready!(self.poll_send(cx))?;
+        self.poll_flush(cx)
     }
 }
 
@@ -79,6 +94,8 @@ pub(crate) struct Relay {
     traffic: [Traffic; 2],
     /// Alternates which leg is read first, so neither can starve the other.
     client_first: bool,
+    /// Messages read since the last flush.
+    unflushed_batch: usize,
 }
 
 impl Relay {
@@ -97,6 +114,7 @@ impl Relay {
             hooks,
             traffic: [Traffic::default(); 2],
             client_first: true,
+            unflushed_batch: 0,
         }
     }
 
@@ -166,7 +184,7 @@ impl Relay {
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         for side in [Side::Client, Side::Upstream] {
-            if let Poll::Ready(Err(e)) = self.leg(side).poll_write(cx) {
+            if let Poll::Ready(Err(e)) = self.leg(side).poll_send(cx) {
                 return Poll::Ready(Event::End(Ending::from_read_error(side, Some(e))));
             }
         }
@@ -179,22 +197,39 @@ impl Relay {
                 Expiry::Idle => Ending::Idle,
             }));
         }
-        self.client_first = !self.client_first;
-        let order = if self.client_first {
-            [Side::Client, Side::Upstream]
-        } else {
-            [Side::Upstream, Side::Client]
-        };
-        for side in order {
-            // Replies a policy queued towards `side` itself count against it too, so a sender
-            // that does not read its replies is throttled as well.
-            if self.leg(side.other()).outbox.is_empty()
-                && self.leg(side).outbox.len() <= MAX_QUEUED_REPLIES
-            {
-                if let Poll::Ready(event) = self.poll_read(side, cx) {
-                    return Poll::Ready(event);
+        // Read while data is ready, up to a batch; flush once nothing more is ready (or the
+        // batch is full), so bursts share write syscalls while a lone message goes out at once.
+        if self.unflushed_batch < FLUSH_BATCH {
+            self.client_first = !self.client_first;
+            let order = if self.client_first {
+                [Side::Client, Side::Upstream]
+            } else {
+                [Side::Upstream, Side::Client]
+            };
+            for side in order {
+                // Replies a policy queued towards `side` itself count against it too, so a
+                // sender that does not read its replies is throttled as well.
+                if self.leg(side.other()).outbox.is_empty()
+                    && self.leg(side).outbox.len() <= MAX_QUEUED_REPLIES
+                {
+                    if let Poll::Ready(event) = self.poll_read(side, cx) {
+                        self.unflushed_batch += 1;
+                        return Poll::Ready(event);
+                    }
                 }
             }
+        }
+        let batch_full = self.unflushed_batch >= FLUSH_BATCH;
+        self.unflushed_batch = 0;
+        for side in [Side::Client, Side::Upstream] {
+            if let Poll::Ready(Err(e)) = self.leg(side).poll_flush(cx) {
+                return Poll::Ready(Event::End(Ending::from_read_error(side, Some(e))));
+            }
+        }
+        if batch_full {
+            // The legs were not read this time, so no read wake-up is registered: come back
+            // at once to read the rest.
+            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }

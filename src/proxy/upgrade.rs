@@ -10,10 +10,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 
 use super::close::{CloseSummary, ClosedBy};
 use super::lifetime::Lifetime;
@@ -369,7 +367,13 @@ async fn upgrade(
                 return;
             }
         };
-        let client = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&route))).await;
+        let client = match upstream::websocket(upgraded, Role::Server, ws_config(&route)).await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(conn = id, error = %e, "cannot start the client WebSocket");
+                return;
+            }
+        };
         tracing::info!(conn = id, route = %summary.route, client = %peer, upstream = %summary.upstream, "connection opened");
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let lifetime = Lifetime::start(deadline, route.idle_timeout);

@@ -22,8 +22,91 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-/// A WebSocket over an upgraded HTTP/1.1 connection; both legs use this type.
-pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
+/// A WebSocket leg; both legs use this type.
+pub type WsStream = WebSocketStream<Io>;
+
+/// The socket under a WebSocket leg. After the upgrade, hyper's connection is taken apart
+/// (`Upgraded::downcast`) so that its buffers are freed and reads and writes go straight to the
+/// socket, without a boxed I/O object in between.
+pub enum Io {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// TLS to a `wss://` upstream.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Takes hyper's upgraded connection apart into the socket and any bytes already read past the
+/// handshake, and starts a WebSocket on it.
+pub async fn websocket(
+    upgraded: Upgraded,
+    role: Role,
+    config: WebSocketConfig,
+) -> Result<WsStream, UpstreamError> {
+    let (io, pre_read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (Io::Tcp(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => {
+            match upgraded.downcast::<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>() {
+                Ok(parts) => (Io::Tls(Box::new(parts.io.into_inner())), parts.read_buf),
+                Err(_) => {
+                    return Err(UpstreamError::BadHandshake(
+                        "unexpected connection type after the upgrade".into(),
+                    ))
+                }
+            }
+        }
+    };
+    Ok(if pre_read.is_empty() {
+        WebSocketStream::from_raw_socket(io, role, Some(config)).await
+    } else {
+        WebSocketStream::from_partially_read(io, pre_read.to_vec(), role, Some(config)).await
+    })
+}
 
 /// Bodies of refused handshakes are relayed up to this size.
 const MAX_REFUSAL_BODY: usize = 64 * 1024;
@@ -148,8 +231,7 @@ pub async fn connect(
         handshake(tcp, request, &key, &offered).await?
     };
     let (io, headers) = upgraded;
-    let ws =
-        WebSocketStream::from_raw_socket(TokioIo::new(io), Role::Client, Some(ws_config)).await;
+    let ws = websocket(io, Role::Client, ws_config).await?;
     Ok(Connected { ws, headers })
 }
 

@@ -1,0 +1,120 @@
+//! Micro-benchmarks of the per-request and per-message hot paths: route matching with 1,000
+//! routes, a trivial Lua frame policy call, a Lua JSON decode-modify-encode of a 1 KiB message,
+//! and context access from a frame policy.
+
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use framegate::policy::lua::{test_hooks, Engine};
+use framegate::policy::shared::SharedDict;
+use framegate::policy::{Direction, Outbound, Verdict};
+use framegate::Config;
+use tokio_tungstenite::tungstenite::Message;
+
+fn routes_config() -> Config {
+    let mut toml = String::new();
+    for i in 0..1000 {
+        let path = match i % 4 {
+            0 => format!("/api/v{i}/items"),
+            1 => format!("/chat{i}/{{room}}"),
+            2 => format!("/t{i}/{{a}}/x/{{b}}"),
+            _ => format!("/files{i}/{{*rest}}"),
+        };
+        toml.push_str(&format!(
+            "[[route]]\npath = \"{path}\"\nupstream = \"ws://127.0.0.1:9/\"\n"
+        ));
+    }
+    Config::from_toml(&toml, std::path::Path::new("bench.toml")).expect("bench routes are valid")
+}
+
+fn route_matching(c: &mut Criterion) {
+    let router = routes_config().router();
+    let mut group = c.benchmark_group("route_match_1000_routes");
+    group.bench_function("exact", |b| {
+        b.iter(|| router.find(None, black_box("/api/v500/items")))
+    });
+    group.bench_function("template_late", |b| {
+        b.iter(|| router.find(None, black_box("/t998/1/x/2")))
+    });
+    group.bench_function("catch_all_late", |b| {
+        b.iter(|| router.find(None, black_box("/files999/a/b/c")))
+    });
+    group.bench_function("miss", |b| {
+        b.iter(|| router.find(None, black_box("/nothing/here")))
+    });
+    group.finish();
+}
+
+/// Writes `source` to a temporary script and returns an engine with it as on_client_frame.
+fn engine_with(name: &str, source: &str) -> Engine {
+    let dir = std::env::temp_dir().join(format!("framegate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path: PathBuf = dir.join(name);
+    std::fs::write(&path, source).expect("write script");
+    let toml = format!(
+        "[[route]]\npath = \"/b\"\nupstream = \"ws://127.0.0.1:9/\"\n[route.policies]\non_client_frame = {:?}\n",
+        path.display().to_string()
+    );
+    let config = Config::from_toml(&toml, std::path::Path::new("bench.toml")).expect("valid");
+    Engine::new(&config, Arc::new(SharedDict::default())).expect("script compiles")
+}
+
+fn call(hooks: &mut dyn framegate::policy::FrameHooks, message: &Message) -> Verdict {
+    let (mut to_client, mut to_upstream) = (VecDeque::new(), VecDeque::new());
+    hooks.on_message(
+        Direction::ClientToUpstream,
+        message.clone(),
+        Outbound {
+            to_client: &mut to_client,
+            to_upstream: &mut to_upstream,
+        },
+    )
+}
+
+fn lua_policies(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lua_frame_policy");
+    let small = Message::text(r#"{"type":"chat","text":"hello"}"#);
+
+    let engine = engine_with(
+        "trivial.lua",
+        "return function(msg, ctx, conn) return nil end",
+    );
+    let mut hooks = test_hooks(&engine, 0, Some(r#"{"user":"ann"}"#)).expect("hooks");
+    group.bench_function("trivial_call", |b| b.iter(|| call(hooks.as_mut(), &small)));
+
+    let engine = engine_with(
+        "ctx.lua",
+        "return function(msg, ctx, conn) if ctx.user == 'ann' and ctx.claims.role == 'admin' then return nil end return false end",
+    );
+    let mut hooks = test_hooks(
+        &engine,
+        0,
+        Some(r#"{"user":"ann","claims":{"role":"admin"}}"#),
+    )
+    .expect("hooks");
+    group.bench_function("context_access", |b| {
+        b.iter(|| call(hooks.as_mut(), &small))
+    });
+
+    let engine = engine_with(
+        "json.lua",
+        "return function(msg, ctx, conn) local m = msg.json m.from = ctx.user return m end",
+    );
+    let mut hooks = test_hooks(&engine, 0, Some(r#"{"user":"ann"}"#)).expect("hooks");
+    let mut body = String::from(r#"{"type":"chat","seq":12345,"tags":["a","b","c"],"text":""#);
+    while body.len() < 1000 {
+        body.push_str("lorem ipsum ");
+    }
+    body.push_str(r#""}"#);
+    let kib = Message::text(body);
+    group.bench_function("json_decode_modify_encode_1kib", |b| {
+        b.iter(|| call(hooks.as_mut(), &kib))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, route_matching, lua_policies);
+criterion_main!(benches);

@@ -1,0 +1,322 @@
+#!/usr/bin/env python3
+"""framegate's benchmark: framegate beside NGINX and HAProxy, in one run, on loopback.
+
+Installs nginx and haproxy if missing (Debian packages), builds the harness in release mode,
+starts one echo upstream and every proxy in front of it with a generated config, then
+interleaves the runs (direct, nginx, haproxy, framegate, framegate with Lua policies) so that
+drift on a shared machine hits all alike, repeats them, and prints one table of medians with
+their spread (min-max) and ratios. Everything is bounded in time and count; it stops by itself
+and ends only the processes it started.
+
+    python3 bench/run.py                 # the full run (about 15 minutes)
+    python3 bench/run.py --quick         # one repetition, short runs (about 3 minutes)
+"""
+import argparse, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+ECHO_PORT = 19000
+TARGETS = {  # name -> port
+    "direct": ECHO_PORT,
+    "nginx": 19001,
+    "haproxy": 19002,
+    "framegate": 19003,
+    "fg+lua": 19004,      # trivial on_client_frame and on_server_frame
+    "fg+json": 19005,     # JSON decode-modify-encode on_client_frame
+    "fg+auth": 19006,     # on_upgrade token check
+}
+TOKEN = "bench-token"
+started = []
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def ensure_packages():
+    missing = [p for p, exe in (("nginx-light", "nginx"), ("haproxy", "haproxy")) if not shutil.which(exe) and not os.path.exists("/usr/sbin/" + exe)]
+    if missing:
+        log("installing", " ".join(missing))
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        sh(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+        sh(["apt-get", "install", "-y", "-q"] + missing, env=env, stdout=subprocess.DEVNULL)
+
+
+def build():
+    log("building the harness and framegate (release)")
+    sh(["cargo", "build", "--release", "-q", "--bin", "framegate"], cwd=ROOT)
+    sh(["cargo", "build", "--release", "-q", "-p", "framegate-bench", "--bins"], cwd=ROOT)
+
+
+def start(cmd, name, **kw):
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, name + ".log"), "w"), **kw)
+    started.append(p)
+    return p
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port} after {timeout}s")
+
+
+def write(name, text):
+    path = os.path.join(WORK, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def nginx_conf():
+    return write("nginx.conf", f"""
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid {WORK}/nginx.pid;
+error_log {WORK}/nginx-error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {WORK}/nginx-body;
+  proxy_temp_path {WORK}/nginx-proxy;
+  upstream echo {{ server 127.0.0.1:{ECHO_PORT}; keepalive 16; }}
+  server {{
+    listen 127.0.0.1:{TARGETS['nginx']} backlog=4096;
+    location / {{
+      proxy_pass http://echo;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_read_timeout 1h;
+      proxy_send_timeout 1h;
+    }}
+  }}
+}}
+""")
+
+
+def haproxy_conf():
+    return write("haproxy.cfg", f"""
+global
+  maxconn 9900
+  nbthread 2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend ws
+  bind 127.0.0.1:{TARGETS['haproxy']}
+  default_backend echo
+backend echo
+  server s1 127.0.0.1:{ECHO_PORT}
+""")
+
+
+def framegate_conf(name, port, policies=""):
+    return write(name + ".toml", f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+max_connections = 20000
+[[route]]
+path = "/{{*rest}}"
+upstream = "ws://127.0.0.1:{ECHO_PORT}/"
+max_message_size = "16MiB"
+{policies}
+""")
+
+
+def scripts():
+    trivial = write("trivial.lua", "return function(msg, ctx, conn) return nil end\n")
+    json = write("json.lua", "return function(msg, ctx, conn) local m = msg.json if m then m.seen = true return m end end\n")
+    auth = write("auth.lua", f"""return function(req, ctx)
+  if req.headers["authorization"] ~= "Bearer {TOKEN}" then return req:reject(401, "no") end
+  ctx.user = "bench"
+end
+""")
+    return trivial, json, auth
+
+
+def start_all():
+    ulimit = ["prlimit", "--nofile=20000:20000", "--"]
+    start(ulimit + [os.path.join(BIN, "fg-echo"), "--listen", f"127.0.0.1:{ECHO_PORT}", "--threads", "1"], "echo")
+    os.makedirs(os.path.join(WORK, "nginx-body"), exist_ok=True)
+    procs = {}
+    procs["nginx"] = start(ulimit + ["nginx", "-c", nginx_conf(), "-g", "daemon off;"], "nginx")
+    procs["haproxy"] = start(ulimit + ["haproxy", "-f", haproxy_conf(), "-db"], "haproxy")
+    trivial, json, auth = scripts()
+    env = dict(os.environ, FRAMEGATE_LOG="warn")
+    fg = os.path.join(BIN, "framegate")
+    for name, pol in (
+        ("framegate", ""),
+        ("fg+lua", f'[route.policies]\non_client_frame = "{trivial}"\non_server_frame = "{trivial}"'),
+        ("fg+json", f'[route.policies]\non_client_frame = "{json}"'),
+        ("fg+auth", f'[route.policies]\non_upgrade = "{auth}"'),
+    ):
+        procs[name] = start(ulimit + [fg, "--config", framegate_conf(name, TARGETS[name], pol)], name, env=env)
+    for port in TARGETS.values():
+        wait_port(port)
+    return procs
+
+
+def load(target, *args, timeout=120):
+    url = f"ws://127.0.0.1:{TARGETS[target]}/"
+    cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url]
+    if target == "fg+auth":
+        cmd += ["--header", f"authorization: Bearer {TOKEN}"]
+    out = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        log(f"  {target}: {out.stderr.strip()}")
+        return None
+    return dict(kv.split("=") for kv in out.stdout.split() if "=" in kv)
+
+
+def process_tree_rss_kb(pid):
+    """RSS of pid and all its descendants, in KiB."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return total
+
+
+def idle_run(target, proc, count):
+    """Opens `count` idle connections through `target`; returns (handshakes/s, RSS KB per connection)."""
+    before = process_tree_rss_kb(proc.pid) if proc else 0
+    url = f"ws://127.0.0.1:{TARGETS[target]}/"
+    cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url]
+    if target == "fg+auth":
+        cmd += ["--header", f"authorization: Bearer {TOKEN}"]
+    p = subprocess.Popen(cmd + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    started.append(p)
+    result, deadline = {}, time.time() + 90
+    for line in p.stdout:
+        if line.strip() == "READY" or time.time() > deadline:
+            break
+        result.update(kv.split("=") for kv in line.split() if "=" in kv)
+    time.sleep(1.0)  # let the proxy settle; RSS is read while every connection is open
+    after = process_tree_rss_kb(proc.pid) if proc else 0
+    p.stdin.close()
+    p.wait(timeout=30)
+    time.sleep(1.0)  # connections close before the next run
+    if "handshakes_per_sec" not in result:
+        return None, None
+    per_conn = (after - before) * 1024 / count / 1000 if proc else None
+    return float(result["handshakes_per_sec"]), per_conn
+
+
+def summary(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None, None
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if v >= 10000:
+        return f"{v/1000:.0f}k{unit}"
+    if v >= 100:
+        return f"{v:.0f}{unit}"
+    return f"{v:.1f}{unit}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--duration", default="3s")
+    ap.add_argument("--idle", type=int, default=9000, help="idle connections per memory run")
+    ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
+    ap.add_argument("--skip-build", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.reps, args.duration, args.idle = 1, "1s", 2000
+    ensure_packages()
+    if not args.skip_build:
+        build()
+    procs = start_all()
+    proxies = ["direct", "nginx", "haproxy", "framegate", "fg+lua"]
+    results = {}  # (metric, target) -> [values]
+    rot = 0
+    for rep in range(args.reps):
+        log(f"repetition {rep + 1}/{args.reps}")
+        for size in (64, 1024, 65536):
+            order = proxies + (["fg+json"] if size == 1024 else [])
+            order = order[rot % len(order):] + order[:rot % len(order)]
+            rot += 1
+            for t in order:
+                r = load(t, "throughput", "--size", str(size), "--duration", args.duration, "--connections", "4", "--inflight", "32")
+                results.setdefault((f"msg/s {size}B", t), []).append(float(r["msgs_per_sec"]) if r else None)
+        for t in proxies:
+            r = load(t, "latency", "--rate", "2000", "--duration", "5s" if not args.quick else "2s")
+            for q in ("p50_us", "p99_us", "p999_us"):
+                results.setdefault((f"rtt {q[:-3]} us @2k/s", t), []).append(float(r[q]) if r else None)
+    idle_reps = max(1, args.reps // 2)
+    for rep in range(idle_reps):
+        for t in ["nginx", "haproxy", "framegate", "fg+auth"]:
+            hs, rss = idle_run(t, procs.get(t), args.idle)
+            results.setdefault(("handshakes/s", t), []).append(hs)
+            results.setdefault((f"RSS KB/idle conn ({args.idle})", t), []).append(rss)
+    stop_all()
+    report(results, args)
+
+
+def report(results, args):
+    metrics = list(dict.fromkeys(m for m, _ in results))
+    targets = list(TARGETS)
+    print(f"\nframegate benchmark: medians of {args.reps} (idle runs: {max(1, args.reps // 2)}), spread min-max in brackets; one run, same machine\n")
+    header = "| metric | " + " | ".join(targets) + " |"
+    print(header)
+    print("|" + "---|" * (len(targets) + 1))
+    for m in metrics:
+        cells = []
+        for t in targets:
+            med, lo, hi = summary(results.get((m, t), []))
+            cells.append("" if med is None else f"{fmt(med)} [{fmt(lo)}-{fmt(hi)}]")
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    print("\nratios of medians (framegate / peer; for latency and RSS lower is better)\n")
+    print("| metric | fg/direct | fg/nginx | fg/haproxy | fg+lua/fg | fg+json/fg | fg+auth/fg |")
+    print("|---|---|---|---|---|---|---|")
+    for m in metrics:
+        med = {t: summary(results.get((m, t), []))[0] for t in targets}
+        def ratio(a, b):
+            return f"{med[a] / med[b]:.2f}x" if med.get(a) and med.get(b) else ""
+        print(f"| {m} | {ratio('framegate', 'direct')} | {ratio('framegate', 'nginx')} | {ratio('framegate', 'haproxy')} | {ratio('fg+lua', 'framegate')} | {ratio('fg+json', 'framegate')} | {ratio('fg+auth', 'framegate')} |")
+
+
+def stop_all():
+    for p in reversed(started):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in started:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+if __name__ == "__main__":
+    WORK = tempfile.mkdtemp(prefix="framegate-bench-")
+    try:
+        main()
+    finally:
+        stop_all()

@@ -1,0 +1,363 @@
+//! The benchmark load generator. Every mode is bounded in time and count and prints one line of
+//! `key=value` results for run.py.
+//!
+//! - `throughput`: N connections, each keeping M messages in flight; echoed messages per second.
+//! - `latency`: an open loop at a fixed total rate; each message carries its *intended* send
+//!   time, so a stalled proxy cannot hide queueing (no coordinated omission); HDR percentiles.
+//! - `connections`: opens N idle connections, reports handshakes per second, prints READY and
+//!   holds them until stdin closes or the hold time ends.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use framegate_bench::parse_duration;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+#[derive(Parser)]
+struct Args {
+    /// ws:// URL to load.
+    #[arg(long)]
+    url: String,
+    /// Runtime threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Extra request header "name: value" (repeatable).
+    #[arg(long)]
+    header: Vec<String>,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    Throughput {
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 32)]
+        inflight: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        warmup: Duration,
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+    Latency {
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Messages per second, all connections together.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        warmup: Duration,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+    Connections {
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        hold: Duration,
+    },
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn open(url: &str, headers: &[String]) -> anyhow::Result<Ws> {
+    let mut request = url.into_client_request()?;
+    for h in headers {
+        let (k, v) = h.split_once(':').context("--header is name: value")?;
+        request
+            .headers_mut()
+            .append(http_name(k.trim())?, v.trim().parse()?);
+    }
+    let host = request
+        .uri()
+        .authority()
+        .context("URL has no host")?
+        .as_str()
+        .to_owned();
+    let stream = TcpStream::connect(&host).await?;
+    stream.set_nodelay(true)?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .max_message_size(Some(64 << 20));
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+    Ok(ws)
+}
+
+fn http_name(name: &str) -> anyhow::Result<tokio_tungstenite::tungstenite::http::HeaderName> {
+    Ok(name.parse()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run(args));
+    // Skip orderly teardown of thousands of sockets: the numbers are printed.
+    std::process::exit(match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("fg-load: {e:#}");
+            1
+        }
+    });
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    match args.mode {
+        Mode::Throughput {
+            connections,
+            inflight,
+            size,
+            warmup,
+            duration,
+        } => {
+            throughput(
+                &args.url,
+                &args.header,
+                connections,
+                inflight,
+                size,
+                warmup,
+                duration,
+            )
+            .await
+        }
+        Mode::Latency {
+            connections,
+            rate,
+            size,
+            warmup,
+            duration,
+        } => {
+            latency(
+                &args.url,
+                &args.header,
+                connections,
+                rate,
+                size,
+                warmup,
+                duration,
+            )
+            .await
+        }
+        Mode::Connections {
+            count,
+            concurrency,
+            hold,
+        } => idle(&args.url, &args.header, count, concurrency, hold).await,
+    }
+}
+
+async fn throughput(
+    url: &str,
+    headers: &[String],
+    connections: usize,
+    inflight: usize,
+    size: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let payload = Message::Binary(Bytes::from(vec![b'x'; size]));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut ws = open(url, headers).await?;
+        let (received, stop, payload) = (received.clone(), stop.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut in_flight = 0;
+            while !stop.load(Ordering::Relaxed) {
+                while in_flight < inflight {
+                    ws.feed(payload.clone()).await?;
+                    in_flight += 1;
+                }
+                ws.flush().await?;
+                let mut got = match ws.next().await {
+                    Some(Ok(m)) if m.is_binary() => 1,
+                    Some(Ok(_)) => 0,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => bail!("connection closed"),
+                };
+                while let Some(Some(Ok(m))) = ws.next().now_or_never() {
+                    got += u64::from(m.is_binary());
+                }
+                in_flight -= got as usize;
+                received.fetch_add(got, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    let start_count = received.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    let count = received.load(Ordering::Relaxed) - start_count;
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in &tasks {
+        if t.is_finished() {
+            bail!("a connection failed during the run");
+        }
+    }
+    println!("msgs_per_sec={:.0}", count as f64 / elapsed);
+    Ok(())
+}
+
+async fn latency(
+    url: &str,
+    headers: &[String],
+    connections: usize,
+    rate: u64,
+    size: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let total = warmup + duration;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut ticks = Vec::new();
+    let mut tasks = Vec::new();
+    let mut sockets = Vec::new();
+    for _ in 0..connections {
+        sockets.push(open(url, headers).await?);
+    }
+    let base = Instant::now();
+    for ws in sockets {
+        let (mut sink, mut stream) = ws.split();
+        let (tick_tx, mut tick_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+        ticks.push(tick_tx);
+        let sender = tokio::spawn(async move {
+            while let Some(intended) = tick_rx.recv().await {
+                let mut payload = vec![0u8; size.max(8)];
+                payload[..8].copy_from_slice(&(intended.as_nanos() as u64).to_le_bytes());
+                sink.send(Message::Binary(Bytes::from(payload))).await?;
+            }
+            Ok::<_, anyhow::Error>(sink)
+        });
+        let receiver = tokio::spawn(async move {
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let deadline = base + total + Duration::from_secs(2);
+            while let Ok(Some(message)) =
+                tokio::time::timeout_at(deadline.into(), stream.next()).await
+            {
+                let Ok(Message::Binary(b)) = message else {
+                    continue;
+                };
+                let intended =
+                    Duration::from_nanos(u64::from_le_bytes(b[..8].try_into().expect("8 bytes")));
+                if intended < warmup {
+                    continue;
+                }
+                // Measured from the intended send time: a proxy that pushes back is charged
+                // for the wait (no coordinated omission).
+                histogram
+                    .saturating_record(base.elapsed().saturating_sub(intended).as_micros() as u64);
+                if intended + interval * connections as u32 >= total {
+                    break;
+                }
+            }
+            histogram
+        });
+        tasks.push((sender, receiver));
+    }
+    // The pacer: a plain thread sleeps precisely (tens of microseconds, where tokio's timer
+    // wheel has a 1 ms resolution) and tells the connections, in turn, when to send.
+    let pacer = std::thread::spawn(move || {
+        let mut i: u32 = 0;
+        loop {
+            let intended = interval * i;
+            if intended >= total {
+                break;
+            }
+            if let Some(wait) = intended.checked_sub(base.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            if ticks[i as usize % ticks.len()].send(intended).is_err() {
+                break;
+            }
+            i += 1;
+        }
+    });
+    let mut merged = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    for (sender, receiver) in tasks {
+        merged.add(receiver.await?).expect("same bounds");
+        sender.abort();
+    }
+    let _ = pacer.join();
+    let expected = (rate as f64 * duration.as_secs_f64()) as u64;
+    if merged.len() < expected * 9 / 10 {
+        bail!(
+            "only {} of about {expected} messages came back",
+            merged.len()
+        );
+    }
+    println!(
+        "p50_us={} p99_us={} p999_us={} samples={}",
+        merged.value_at_quantile(0.5),
+        merged.value_at_quantile(0.99),
+        merged.value_at_quantile(0.999),
+        merged.len()
+    );
+    Ok(())
+}
+
+async fn idle(
+    url: &str,
+    headers: &[String],
+    count: usize,
+    concurrency: usize,
+    hold: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut open_conns: Vec<Ws> = Vec::with_capacity(count);
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut launched = 0;
+    while open_conns.len() < count {
+        while launched < count && pending.len() < concurrency {
+            pending.push(open(url, headers));
+            launched += 1;
+        }
+        match pending.next().await {
+            Some(Ok(ws)) => open_conns.push(ws),
+            Some(Err(e)) => bail!("connection {} failed: {e:#}", open_conns.len() + 1),
+            None => break,
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "handshakes_per_sec={:.0} open={}",
+        count as f64 / elapsed,
+        open_conns.len()
+    );
+    println!("READY");
+    // Hold until stdin closes (the orchestrator is done measuring) or the hold time ends.
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    let _ = tokio::time::timeout(hold, async {
+        while stdin.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {}
+    })
+    .await;
+    drop(open_conns);
+    Ok(())
+}
