@@ -36,8 +36,16 @@ pub struct Router {
 struct Group {
     /// Exact literal paths: one hash look-up. The first route in file order wins a duplicate.
     exact: HashMap<String, Arc<Route>>,
-    /// Templates, then catch-alls, each in file order.
-    patterns: Vec<Arc<Route>>,
+    /// Templates and catch-alls whose first segment is literal, by that segment; each list is
+    /// sorted by precedence (templates, then catch-alls, each in file order).
+    by_first_segment: HashMap<String, Vec<Arc<Route>>>,
+    /// Templates and catch-alls that start with a placeholder, sorted the same way.
+    open_first_segment: Vec<Arc<Route>>,
+}
+
+/// The precedence of a route among matching ones: lower wins.
+fn rank(route: &Route) -> (Specificity, usize) {
+    (route.path.specificity(), route.index)
 }
 
 impl Group {
@@ -46,11 +54,14 @@ impl Group {
             self.exact
                 .entry(route.path.as_str().to_owned())
                 .or_insert(route);
-        } else {
-            self.patterns.push(route);
-            // Stable sort keeps file order within a specificity class.
-            self.patterns.sort_by_key(|r| r.path.specificity());
+            return;
         }
+        let list = match route.path.first_literal() {
+            Some(first) => self.by_first_segment.entry(first.to_owned()).or_default(),
+            None => &mut self.open_first_segment,
+        };
+        list.push(route);
+        list.sort_by_key(|r| rank(r));
     }
 
     fn find(&self, path: &str) -> Option<RouteMatch> {
@@ -60,12 +71,28 @@ impl Group {
                 params: Params::new(),
             });
         }
-        self.patterns.iter().find_map(|route| {
-            route.path.matches(path).map(|params| RouteMatch {
-                route: route.clone(),
-                params,
+        let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+        let first_match = |list: &[Arc<Route>]| {
+            list.iter().find_map(|route| {
+                route.path.matches(path).map(|params| RouteMatch {
+                    route: route.clone(),
+                    params,
+                })
             })
-        })
+        };
+        let keyed = self
+            .by_first_segment
+            .get(first)
+            .and_then(|l| first_match(l));
+        let open = first_match(&self.open_first_segment);
+        match (keyed, open) {
+            (Some(a), Some(b)) => Some(if rank(&a.route) <= rank(&b.route) {
+                a
+            } else {
+                b
+            }),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -174,6 +201,43 @@ mod tests {
         assert_eq!(upstream_of(&r, Some("other"), "/ws").unwrap(), "ws://h/any");
         assert_eq!(upstream_of(&r, None, "/ws").unwrap(), "ws://h/any");
         assert!(upstream_of(&r, None, "/nope").is_none());
+    }
+
+    #[test]
+    fn precedence_holds_across_first_segment_buckets() {
+        let r = router(
+            r#"
+            [[route]]
+            path = "/{any}/x"
+            upstream = "ws://h/open-template"
+            [[route]]
+            path = "/a/{*rest}"
+            upstream = "ws://h/keyed-catch-all"
+            [[route]]
+            path = "/{*all}"
+            upstream = "ws://h/open-catch-all"
+            [[route]]
+            path = "/b/{id}"
+            upstream = "ws://h/keyed-template"
+            "#,
+        );
+        // A template beats a catch-all even when the template starts with a placeholder.
+        assert_eq!(
+            upstream_of(&r, None, "/a/x").unwrap(),
+            "ws://h/open-template"
+        );
+        assert_eq!(
+            upstream_of(&r, None, "/a/y").unwrap(),
+            "ws://h/keyed-catch-all"
+        );
+        assert_eq!(
+            upstream_of(&r, None, "/b/1").unwrap(),
+            "ws://h/keyed-template"
+        );
+        assert_eq!(
+            upstream_of(&r, None, "/c/d/e").unwrap(),
+            "ws://h/open-catch-all"
+        );
     }
 
     #[test]

@@ -98,6 +98,14 @@ impl PathTemplate {
         })
     }
 
+    /// The first segment when it is literal: a request must start with it to match.
+    pub(crate) fn first_literal(&self) -> Option<&str> {
+        match self.segments.first() {
+            Some(Segment::Literal(s)) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The template as written in the configuration.
     pub fn as_str(&self) -> &str {
         &self.source

@@ -32,7 +32,8 @@ struct CallState {
     close: Option<CloseFrame>,
 }
 
-/// `msg`: one data message, valid only during the call that received it.
+/// `msg`: one data message. The object is reused for every message of a connection; after the
+/// call that received it, it is empty.
 struct Msg {
     payload: Bytes,
     is_text: bool,
@@ -251,11 +252,12 @@ pub(crate) struct LuaFrameHooks {
     limits: Limits,
     on_error: OnPolicyError,
     codec: Option<&'static dyn Codec>,
-    mime: Rc<str>,
     id: u64,
     /// The frozen context, built once per connection.
     ctx: Table,
     conn: AnyUserData,
+    /// The `msg` object, reused for every message of this connection.
+    msg: AnyUserData,
     call: Rc<RefCell<CallState>>,
 }
 
@@ -268,7 +270,16 @@ impl LuaFrameHooks {
             call: call.clone(),
             codec: policy.codec,
         })?;
+        let msg = policy.vm.lua.create_userdata(Msg {
+            payload: Bytes::new(),
+            is_text: true,
+            direction: Direction::ClientToUpstream,
+            mime: policy.mime.clone(),
+            codec: policy.codec,
+            decoded: OnceCell::new(),
+        })?;
         Ok(LuaFrameHooks {
+            msg,
             vm: policy.vm.clone(),
             on_client_frame: policy.on_client_frame.clone(),
             on_server_frame: policy.on_server_frame.clone(),
@@ -276,7 +287,6 @@ impl LuaFrameHooks {
             limits: policy.limits,
             on_error: policy.on_error,
             codec: policy.codec,
-            mime: policy.mime.clone(),
             id,
             ctx,
             conn,
@@ -358,24 +368,27 @@ impl FrameHooks for LuaFrameHooks {
             Message::Binary(b) => (b.clone(), false),
             _ => return Verdict::Forward(message),
         };
-        let lua = &self.vm.lua;
-        let msg = match lua.create_userdata(Msg {
-            payload,
-            is_text,
-            direction,
-            mime: self.mime.clone(),
-            codec: self.codec,
-            decoded: OnceCell::new(),
-        }) {
-            Ok(msg) => msg,
+        // One `msg` object per connection, refilled for each message: no allocation per call.
+        match self.msg.borrow_mut::<Msg>() {
+            Ok(mut msg) => {
+                msg.payload = payload;
+                msg.is_text = is_text;
+                msg.direction = direction;
+                msg.decoded = OnceCell::new();
+            }
             Err(e) => return self.failed(script.error(&e, self.limits), message),
-        };
+        }
         self.call.borrow_mut().direction = Some(direction);
         let result = self.vm.guarded(self.limits, || {
-            script.function.call::<Value>((&msg, &self.ctx, &self.conn))
+            script
+                .function
+                .call::<Value>((&self.msg, &self.ctx, &self.conn))
         });
-        // The payload is released now, not whenever Lua collects the object.
-        let _ = msg.destroy();
+        // Release the payload (and anything decoded from it) now, not when Lua collects.
+        if let Ok(mut msg) = self.msg.borrow_mut::<Msg>() {
+            msg.payload = Bytes::new();
+            msg.decoded = OnceCell::new();
+        }
         let (sends, close) = {
             let mut call = self.call.borrow_mut();
             call.direction = None;

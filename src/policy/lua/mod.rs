@@ -102,7 +102,7 @@ impl Script {
     pub(crate) fn error(&self, error: &mlua::Error, limits: Limits) -> PolicyError {
         PolicyError {
             script: self.path.to_string(),
-            message: describe(error, limits),
+            message: full_path(describe(error, limits), &self.path),
         }
     }
 }
@@ -221,10 +221,10 @@ pub(crate) fn compile(vm: &Vm, path: &Path, limits: Limits) -> Result<Script, Lo
         .set_environment(env);
     let function = chunk
         .into_function()
-        .map_err(|e| fail(describe(&e, limits)))?;
+        .map_err(|e| fail(full_path(describe(&e, limits), &shown)))?;
     let returned = vm
         .guarded(limits, || function.call::<Value>(()))
-        .map_err(|e| fail(prefix(&shown, describe(&e, limits))))?;
+        .map_err(|e| fail(prefix(&shown, full_path(describe(&e, limits), &shown))))?;
     match returned {
         Value::Function(function) => Ok(Script {
             function,
@@ -235,6 +235,18 @@ pub(crate) fn compile(vm: &Vm, path: &Path, limits: Limits) -> Result<Script, Lo
             other.type_name()
         ))),
     }
+}
+
+/// Lua shortens chunk names to 60 bytes ("...tail.lua:3: msg"); put the whole path back.
+pub(crate) fn full_path(message: String, path: &str) -> String {
+    if let Some(rest) = message.strip_prefix("...") {
+        if let Some(colon) = rest.find(':') {
+            if path.ends_with(&rest[..colon]) {
+                return format!("{path}{}", &rest[colon..]);
+            }
+        }
+    }
+    message
 }
 
 /// Adds `path: ` unless the message already starts with it.
@@ -273,6 +285,22 @@ pub(crate) fn describe(error: &mlua::Error, limits: Limits) -> String {
             )
         }
         other => first_line(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::full_path;
+
+    #[test]
+    fn truncated_chunk_names_get_their_whole_path_back() {
+        let path = "/srv/policies/a-very-long-directory-name/and-a-long-file-name.lua";
+        let short = format!("...{}:3: unexpected symbol", &path[path.len() - 40..]);
+        assert_eq!(
+            full_path(short, path),
+            format!("{path}:3: unexpected symbol")
+        );
+        assert_eq!(full_path("x.lua:1: boom".into(), path), "x.lua:1: boom");
     }
 }
 
