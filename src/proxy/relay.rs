@@ -188,15 +188,6 @@ impl Relay {
                 return Poll::Ready(Event::End(Ending::from_read_error(side, Some(e))));
             }
         }
-        if self.shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Event::End(Ending::Shutdown));
-        }
-        if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
-            return Poll::Ready(Event::End(match expiry {
-                Expiry::Lifetime => Ending::Expired,
-                Expiry::Idle => Ending::Idle,
-            }));
-        }
         // Read while data is ready, up to a batch; flush once nothing more is ready (or the
         // batch is full), so bursts share write syscalls while a lone message goes out at once.
         if self.unflushed_batch < FLUSH_BATCH {
@@ -218,6 +209,17 @@ impl Relay {
                     }
                 }
             }
+        }
+        // Shutdown and the timers are polled once per batch, not per message: their wake-ups
+        // stay registered in between, and polling the shutdown token takes a lock.
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::End(Ending::Shutdown));
+        }
+        if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
+            return Poll::Ready(Event::End(match expiry {
+                Expiry::Lifetime => Ending::Expired,
+                Expiry::Idle => Ending::Idle,
+            }));
         }
         let batch_full = self.unflushed_batch >= FLUSH_BATCH;
         self.unflushed_batch = 0;
