@@ -151,7 +151,8 @@ fn run(
         let ctx = Rc::new(WorkerCtx {
             policies: shared.config.routes.iter().map(|r| engine.route_policy(r)).collect(),
         });
-        if let Some((listeners, links, permits)) = accept {
+                if let Some((listeners, links, permits)) = accept {
+            shared.tracker.spawn_local(sweep_shared_dict(shared.clone()));
             for listener in listeners {
                 let listener = match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
                     Ok(l) => l,
@@ -187,6 +188,20 @@ fn run(
         drop(ctx);
         drop(engine);
     });
+}
+
+/// Removes expired `gw.shared` entries now and then, so keys nobody touches again do not stay.
+async fn sweep_shared_dict(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                shared.dict.sweep();
+            }
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Picks the worker with the fewest open connections and hands it the stream.

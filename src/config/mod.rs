@@ -404,7 +404,10 @@ impl Validator<'_> {
                     "write a bare host like \"chat.example.com\" (no scheme, no path)",
                 ));
             }
-            Some(h) if h.get_ref().contains(':') && !h.get_ref().starts_with('[') => {
+            Some(h)
+                if (h.get_ref().contains(':') && !h.get_ref().starts_with('['))
+                    || h.get_ref().contains("]:") =>
+            {
                 return Err(self.err(
                     &h,
                     format!("route.host {:?} has a port", h.get_ref()),

@@ -57,7 +57,7 @@ impl SharedDict {
 
     /// Stores `value` at `key`, expiring after `ttl` if given.
     pub fn set(&self, key: &str, value: SharedValue, ttl: Option<Duration>) {
-        let expires = ttl.map(|t| Instant::now() + t);
+        let expires = ttl.and_then(|t| Instant::now().checked_add(t));
         self.map.insert(key.to_owned(), Entry { value, expires });
     }
 
@@ -77,12 +77,12 @@ impl SharedDict {
         let now = Instant::now();
         let mut entry = self.map.entry(key.to_owned()).or_insert_with(|| Entry {
             value: SharedValue::Int(0),
-            expires: ttl.map(|t| now + t),
+            expires: ttl.and_then(|t| now.checked_add(t)),
         });
         if !entry.live(now) {
             *entry = Entry {
                 value: SharedValue::Int(0),
-                expires: ttl.map(|t| now + t),
+                expires: ttl.and_then(|t| now.checked_add(t)),
             };
         }
         let sum = match (&entry.value, &by) {

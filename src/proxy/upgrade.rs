@@ -369,8 +369,15 @@ async fn upgrade(
         };
         let client = match upstream::websocket(upgraded, Role::Server, ws_config(&route)).await {
             Ok(client) => client,
-            Err(e) => {
+                        Err(e) => {
                 tracing::warn!(conn = id, error = %e, "cannot start the client WebSocket");
+                let mut upstream = connected.ws;
+                let _ = upstream.close(frame_for_lost_client()).await;
+                summary.reason = e.to_string();
+                summary.closed_by = ClosedBy::Gateway;
+                let mut hooks = hooks;
+                hooks.on_close(&summary);
+                summary.log();
                 return;
             }
         };
@@ -402,11 +409,11 @@ fn earliest(
     route: Option<tokio::time::Instant>,
     policy: Option<std::time::SystemTime>,
 ) -> Option<tokio::time::Instant> {
-    let policy = policy.map(|at| {
+    let policy = policy.and_then(|at| {
         let from_now = at
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
-        tokio::time::Instant::now() + from_now
+        tokio::time::Instant::now().checked_add(from_now)
     });
     match (route, policy) {
         (Some(a), Some(b)) => Some(a.min(b)),

@@ -273,3 +273,33 @@ pub async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap()
 }
+
+/// Writes `lua` to a new file named after `name` in this process's folder under the temp dir
+/// and returns its absolute path.
+pub fn script_path(name: &str, lua: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("framegate-policies-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}-{name}", NEXT.fetch_add(1, Ordering::Relaxed)));
+    std::fs::write(&path, lua).unwrap();
+    path
+}
+
+/// Like [`script_path`], as a quoted TOML string.
+pub fn script(name: &str, lua: &str) -> String {
+    format!("{:?}", script_path(name, lua).display().to_string())
+}
+
+/// A `[[route]]` table with extra keys and `[route.policies]` entries (`hook = quoted path`).
+pub fn route(path: &str, upstream: SocketAddr, extra: &str, policies: &[(&str, &str)]) -> String {
+    let mut toml =
+        format!("[[route]]\npath = \"{path}\"\nupstream = \"ws://{upstream}/\"\n{extra}\n");
+    if !policies.is_empty() {
+        toml.push_str("[route.policies]\n");
+        for (hook, path) in policies {
+            toml.push_str(&format!("{hook} = {path}\n"));
+        }
+    }
+    toml
+}

@@ -36,7 +36,11 @@ impl Codec for Json {
         // One pass from JSON text to Lua values, no intermediate tree.
         let value = lua
             .to_value_with(&serde_transcode::Transcoder::new(&mut de), options)
-            .map_err(|e| format!("invalid JSON: {}", super::first_line(&e.to_string())))?;
+            .map_err(|e| match e {
+                // mlua wraps the parser's message; show the parser's own words.
+                mlua::Error::SerializeError(message) => format!("invalid JSON: {message}"),
+                other => format!("invalid JSON: {}", super::first_line(&other.to_string())),
+            })?;
         de.end().map_err(|e| format!("invalid JSON: {e}"))?;
         Ok(value)
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mlua::{Function, Lua, MultiValue, Table, UserData, UserDataMethods, Value, Variadic};
+use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
 
 use super::codec::{self, Codec};
 use super::misuse;
@@ -57,7 +57,7 @@ pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
                 .map_or(0.0, |d| d.as_secs_f64()))
         })?,
     )?;
-    gw.set("shared", Shared(dict))?;
+    gw.set("shared", shared_table(lua, dict)?)?;
     Ok(gw)
 }
 
@@ -104,21 +104,32 @@ fn log_function(lua: &Lua, level: tracing::Level) -> mlua::Result<Function> {
     })
 }
 
-/// `gw.shared`: methods are called with a colon, `gw.shared:get(key)`.
-struct Shared(Arc<SharedDict>);
+/// The longest TTL kept as given: a century.
+const MAX_TTL_SECS: u64 = 100 * 365 * 24 * 3600;
 
 fn key_arg(lua: &Lua, method: &str, key: &Value) -> mlua::Result<String> {
     match key {
         Value::String(s) => Ok(s.to_str()?.to_owned()),
-        other => Err(misuse(lua, format!("gw.shared:{method} expects a string key, got {} (call it with a colon: gw.shared:{method}(...))", other.type_name()))),
+        other => Err(misuse(
+            lua,
+            format!(
+                "gw.shared:{method} expects a string key, got {}",
+                other.type_name()
+            ),
+        )),
     }
 }
 
 fn ttl_arg(lua: &Lua, method: &str, ttl: &Value) -> mlua::Result<Option<Duration>> {
     match ttl {
         Value::Nil => Ok(None),
-        Value::Integer(n) if *n >= 0 => Ok(Some(Duration::from_secs(*n as u64))),
-        Value::Number(n) if n.is_finite() && *n >= 0.0 => Ok(Some(Duration::from_secs_f64(*n))),
+        // Anything beyond a century is as good as forever.
+        Value::Integer(n) if *n >= 0 => {
+            Ok(Some(Duration::from_secs((*n as u64).min(MAX_TTL_SECS))))
+        }
+        Value::Number(n) if n.is_finite() && *n >= 0.0 => {
+            Ok(Some(Duration::from_secs_f64(n.min(MAX_TTL_SECS as f64))))
+        }
         other => Err(misuse(
             lua,
             format!(
@@ -157,58 +168,82 @@ fn from_shared(lua: &Lua, value: SharedValue) -> mlua::Result<Value> {
     })
 }
 
-impl UserData for Shared {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("get", |lua, this, key: Value| {
-            let key = key_arg(lua, "get", &key)?;
-            this.0
-                .get(&key)
-                .map_or(Ok(Value::Nil), |v| from_shared(lua, v))
-        });
-        methods.add_method(
-            "set",
-            |lua, this, (key, value, ttl): (Value, Value, Value)| {
-                let key = key_arg(lua, "set", &key)?;
-                let ttl = ttl_arg(lua, "set", &ttl)?;
-                match to_shared(lua, "set", &value)? {
-                    Some(v) => this.0.set(&key, v, ttl),
-                    None => this.0.delete(&key),
-                }
-                Ok(())
-            },
-        );
-        methods.add_method(
-            "incr",
-            |lua, this, (key, by, ttl): (Value, Value, Value)| {
-                let key = key_arg(lua, "incr", &key)?;
-                let ttl = ttl_arg(lua, "incr", &ttl)?;
-                let by = match by {
-                    Value::Nil => SharedValue::Int(1),
-                    Value::Integer(i) => SharedValue::Int(i),
-                    Value::Number(n) => SharedValue::Float(n),
-                    other => {
-                        return Err(misuse(
-                            lua,
-                            format!(
-                                "gw.shared:incr: the increment must be a number, not {}",
-                                other.type_name()
-                            ),
-                        ))
-                    }
-                };
-                Ok(match this.0.incr(&key, by, ttl) {
-                    Ok(v) => MultiValue::from_vec(vec![from_shared(lua, v)?]),
-                    Err(e) => MultiValue::from_vec(vec![
-                        Value::Nil,
-                        Value::String(lua.create_string(e.to_string())?),
-                    ]),
-                })
-            },
-        );
-        methods.add_method("delete", |lua, this, key: Value| {
-            let key = key_arg(lua, "delete", &key)?;
-            this.0.delete(&key);
-            Ok(())
-        });
+/// `gw.shared`: a table of functions over the process-wide dictionary. They work called with a
+/// colon (`gw.shared:get(k)`, like OpenResty's `ngx.shared.DICT:get`) or with a dot.
+fn shared_table(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
+    /// Drops the table itself when the function was called with a colon.
+    fn args(mut values: MultiValue) -> Vec<Value> {
+        if matches!(values.front(), Some(Value::Table(_))) {
+            values.pop_front();
+        }
+        values.into_iter().collect()
     }
+    fn arg(values: &[Value], i: usize) -> Value {
+        values.get(i).cloned().unwrap_or(Value::Nil)
+    }
+    let shared = lua.create_table()?;
+    let d = dict.clone();
+    shared.set(
+        "get",
+        lua.create_function(move |lua, values: MultiValue| {
+            let v = args(values);
+            let key = key_arg(lua, "get", &arg(&v, 0))?;
+            d.get(&key)
+                .map_or(Ok(Value::Nil), |value| from_shared(lua, value))
+        })?,
+    )?;
+    let d = dict.clone();
+    shared.set(
+        "set",
+        lua.create_function(move |lua, values: MultiValue| {
+            let v = args(values);
+            let key = key_arg(lua, "set", &arg(&v, 0))?;
+            let ttl = ttl_arg(lua, "set", &arg(&v, 2))?;
+            match to_shared(lua, "set", &arg(&v, 1))? {
+                Some(value) => d.set(&key, value, ttl),
+                None => d.delete(&key),
+            }
+            Ok(())
+        })?,
+    )?;
+    let d = dict.clone();
+    shared.set(
+        "incr",
+        lua.create_function(move |lua, values: MultiValue| {
+            let v = args(values);
+            let key = key_arg(lua, "incr", &arg(&v, 0))?;
+            let ttl = ttl_arg(lua, "incr", &arg(&v, 2))?;
+            let by = match arg(&v, 1) {
+                Value::Nil => SharedValue::Int(1),
+                Value::Integer(i) => SharedValue::Int(i),
+                Value::Number(n) => SharedValue::Float(n),
+                other => {
+                    return Err(misuse(
+                        lua,
+                        format!(
+                            "gw.shared:incr: the increment must be a number, not {}",
+                            other.type_name()
+                        ),
+                    ))
+                }
+            };
+            Ok(match d.incr(&key, by, ttl) {
+                Ok(value) => MultiValue::from_vec(vec![from_shared(lua, value)?]),
+                Err(e) => MultiValue::from_vec(vec![
+                    Value::Nil,
+                    Value::String(lua.create_string(e.to_string())?),
+                ]),
+            })
+        })?,
+    )?;
+    shared.set(
+        "delete",
+        lua.create_function(move |lua, values: MultiValue| {
+            let v = args(values);
+            let key = key_arg(lua, "delete", &arg(&v, 0))?;
+            dict.delete(&key);
+            Ok(())
+        })?,
+    )?;
+    Ok(shared)
 }

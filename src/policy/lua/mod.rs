@@ -154,7 +154,8 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
     let lua = Lua::new_with(libs, LuaOptions::default())?;
     let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
     let watched = deadline.clone();
-    lua.set_hook(
+    // A global hook: coroutines created by policies run under it too.
+    lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(HOOK_EVERY),
         move |_, debug| match watched.get() {
             Some(d) if Instant::now() >= d => {
@@ -171,7 +172,10 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
             _ => Ok(VmState::Continue),
         },
     )?;
-    let sandbox = sandbox::Sandbox::new(&lua, dict)?;
+    let watched = deadline.clone();
+    let over_budget =
+        lua.create_function(move |_, ()| Ok(watched.get().is_some_and(|d| Instant::now() >= d)))?;
+    let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget)?;
     Ok(Vm {
         lua,
         deadline,
@@ -288,22 +292,6 @@ pub(crate) fn describe(error: &mlua::Error, limits: Limits) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::full_path;
-
-    #[test]
-    fn truncated_chunk_names_get_their_whole_path_back() {
-        let path = "/srv/policies/a-very-long-directory-name/and-a-long-file-name.lua";
-        let short = format!("...{}:3: unexpected symbol", &path[path.len() - 40..]);
-        assert_eq!(
-            full_path(short, path),
-            format!("{path}:3: unexpected symbol")
-        );
-        assert_eq!(full_path("x.lua:1: boom".into(), path), "x.lua:1: boom");
-    }
-}
-
 fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or("").trim().to_owned()
 }
@@ -329,4 +317,20 @@ pub(crate) fn misuse(lua: &Lua, message: impl std::fmt::Display) -> mlua::Error 
 /// A table's frozen, read-only view (see [`sandbox::Sandbox::freeze`]).
 pub(crate) fn freeze(vm: &Vm, table: Table, what: &str) -> mlua::Result<Table> {
     vm.sandbox.freeze(table, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::full_path;
+
+    #[test]
+    fn truncated_chunk_names_get_their_whole_path_back() {
+        let path = "/srv/policies/a-very-long-directory-name/and-a-long-file-name.lua";
+        let short = format!("...{}:3: unexpected symbol", &path[path.len() - 40..]);
+        assert_eq!(
+            full_path(short, path),
+            format!("{path}:3: unexpected symbol")
+        );
+        assert_eq!(full_path("x.lua:1: boom".into(), path), "x.lua:1: boom");
+    }
 }

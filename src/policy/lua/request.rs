@@ -13,9 +13,15 @@ use crate::policy::{
     FrameHooks, PassThrough, RoutePolicy, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
 
-/// Headers the gateway manages per leg; policies may not set them.
-const MANAGED: [&str; 9] = [
+/// Hop-by-hop headers and those the gateway manages per leg; policies may not set them.
+const MANAGED: [&str; 15] = [
     "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
     "upgrade",
     "host",
     "content-length",
@@ -64,9 +70,12 @@ fn seconds_arg(lua: &Lua, method: &str, value: &Value) -> mlua::Result<f64> {
 }
 
 impl Req {
-    /// Keeps the earliest requested expiry.
-    fn shorten(&mut self, at: SystemTime) {
-        self.changes.expire_at = Some(self.changes.expire_at.map_or(at, |current| current.min(at)));
+    /// Keeps the earliest requested expiry; a time too far away to represent shortens nothing.
+    fn shorten(&mut self, at: Option<SystemTime>) {
+        if let Some(at) = at {
+            self.changes.expire_at =
+                Some(self.changes.expire_at.map_or(at, |current| current.min(at)));
+        }
     }
 }
 
@@ -191,7 +200,8 @@ impl UserData for Req {
             if seconds < 0.0 {
                 return Err(misuse(lua, "req:expire_in: seconds must not be negative"));
             }
-            this.shorten(SystemTime::now() + Duration::from_secs_f64(seconds));
+            let delay = Duration::try_from_secs_f64(seconds).ok();
+            this.shorten(delay.and_then(|d| SystemTime::now().checked_add(d)));
             Ok(())
         });
         methods.add_method_mut("expire_at", |lua, this, at: Value| {
@@ -202,7 +212,8 @@ impl UserData for Req {
                     "req:expire_at: the time must be a Unix time in seconds",
                 ));
             }
-            this.shorten(UNIX_EPOCH + Duration::from_secs_f64(at));
+            let since_epoch = Duration::try_from_secs_f64(at).ok();
+            this.shorten(since_epoch.and_then(|d| UNIX_EPOCH.checked_add(d)));
             Ok(())
         });
         methods.add_method("header_values", |lua, this, name: Value| {
@@ -331,7 +342,8 @@ impl LuaRoutePolicy {
         let mut changes = UpgradeChanges::default();
         if let Some(script) = &self.on_upgrade {
             let req = lua.create_userdata(Req {
-                fields: fields.clone(),
+                // The policy reads the request through a read-only view.
+                fields: super::freeze(&self.vm, fields.clone(), "req")?,
                 headers: request.headers.clone(),
                 offered,
                 changes: UpgradeChanges::default(),

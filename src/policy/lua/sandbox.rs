@@ -1,7 +1,7 @@
 //! What a policy script can reach: a fresh environment per script with a whitelist of the
 //! standard library (no `io`, `os.execute`/`exit`/`remove`, `load`, `loadfile`, `dofile`,
-//! `require`, `debug`, `string.dump`, `collectgarbage` or `rawset`), and read-only views of
-//! shared tables (`ctx`, `gw`).
+//! `require`, `debug`, `string.dump`, `collectgarbage` or `rawset`; `pcall` and `xpcall` cannot
+//! swallow the CPU limit), and read-only views of shared tables (`ctx`, `gw`, `req`'s fields).
 //!
 //! A read-only view is an empty proxy whose metatable serves reads from a private copy, so every
 //! write, at any depth, reaches `__newindex` and raises "<what> is read-only". `pairs`, `ipairs`,
@@ -23,9 +23,12 @@ local function copy(t)
   return c
 end
 
+local frozen = setmetatable({}, { __mode = "k" })
+
 local function freeze(t, what, seen)
   local done = seen[t]
   if done then return done end
+  if frozen[t] then return t end
   local view, proxy = {}, {}
   seen[t] = proxy
   for k, v in next, t do
@@ -40,7 +43,8 @@ local function freeze(t, what, seen)
       return view[k]
     end
   end
-  local function readonly() error(what .. " is read-only", 2) end
+    local function readonly() error(what .. " is read-only", 2) end
+  frozen[proxy] = true
   return setmetatable(proxy, {
     __index = index,
     __newindex = readonly,
@@ -58,10 +62,22 @@ local ci_meta = {
   end,
 }
 
-local function environment(gw, print)
+-- pcall and xpcall cannot swallow the CPU limit: an error caught after the call's deadline
+-- is raised again, so the policy call ends.
+local function guarded_pcall(over_budget)
+  local function check(ok, ...)
+    if not ok and over_budget() then error((...), 0) end
+    return ok, ...
+  end
+  return function(f, ...) return check(pcall(f, ...)) end,
+         function(f, handler, ...) return check(xpcall(f, handler, ...)) end
+end
+
+local function environment(gw, print, over_budget)
+  local safe_pcall, safe_xpcall = guarded_pcall(over_budget)
   local env = {
-    assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs, pcall = pcall,
-    select = select, tonumber = tonumber, tostring = tostring, type = type, xpcall = xpcall,
+        assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs, pcall = safe_pcall,
+    select = select, tonumber = tonumber, tostring = tostring, type = type, xpcall = safe_xpcall,
     rawequal = rawequal, rawget = rawget, rawlen = rawlen, setmetatable = setmetatable,
     getmetatable = getmetatable, _VERSION = _VERSION,
     string = copy(G_string), table = copy(G_table), math = copy(G_math), utf8 = copy(G_utf8),
@@ -77,6 +93,8 @@ end
 
 -- The string metatable's __index is the real string library, shared by every script:
 -- hide it so that no script can change string methods for the others.
+-- string.dump is taken out of the shared library too, or ("").dump would still reach it.
+G_string.dump = nil
 getmetatable("").__metatable = false
 
 return function(t, what) return freeze(t, what, {}) end, ci_meta, environment
@@ -89,11 +107,16 @@ pub struct Sandbox {
     environment: Function,
     gw: Table,
     print: Function,
+    over_budget: Function,
 }
 
 impl Sandbox {
     /// Sets up the prelude and the `gw` table in `lua`.
-    pub(crate) fn new(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Sandbox> {
+    pub(crate) fn new(
+        lua: &Lua,
+        dict: Arc<SharedDict>,
+        over_budget: Function,
+    ) -> mlua::Result<Sandbox> {
         let (freeze, ci_meta, environment): (Function, Table, Function) =
             lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
         let gw = super::gw::build(lua, dict)?;
@@ -105,12 +128,14 @@ impl Sandbox {
             environment,
             gw,
             print,
+            over_budget,
         })
     }
 
     /// A fresh global environment for one script.
     pub(crate) fn environment(&self, _lua: &Lua) -> mlua::Result<Table> {
-        self.environment.call((&self.gw, &self.print))
+        self.environment
+            .call((&self.gw, &self.print, &self.over_budget))
     }
 
     /// The read-only view of `table`; writes raise "`what` is read-only".

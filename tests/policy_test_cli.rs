@@ -1,0 +1,437 @@
+//! `framegate policy-test`: a frame policy run on one message (or a spec file of cases) without
+//! a gateway, printing its decision.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value as Json};
+
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    /// The value after `prefix` on the first stdout line that starts with it.
+    fn line(&self, prefix: &str) -> &str {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{}", self.stdout))
+    }
+}
+
+/// Runs `framegate args…` in the crate root and waits (bounded) for it to exit.
+fn framegate(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_framegate"))
+        .args(args)
+        .current_dir(MANIFEST_DIR)
+        .env("FRAMEGATE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("framegate starts");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            pipe.read_to_string(&mut text).unwrap();
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("framegate {args:?} did not exit within 10s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// A folder of its own per test, removed when the test ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "framegate-policy-test-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn json_of(text: &str) -> Json {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+}
+
+#[test]
+fn a_valid_message_is_replaced_with_the_sender_added() {
+    let out = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--message",
+        r#"{"type":"chat"}"#,
+        "--ctx",
+        r#"{"user":"ann"}"#,
+    ]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.line("decision: "), "replace");
+    assert_eq!(
+        json_of(out.line("payload: ")),
+        json!({"type": "chat", "from": "ann"})
+    );
+    assert!(!out.stdout.contains("sent to client:"), "{}", out.stdout);
+}
+
+#[test]
+fn an_invalid_message_is_dropped_with_an_error_to_the_client() {
+    let out = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--message",
+        "not json",
+    ]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.line("decision: "), "drop");
+    assert!(!out.stdout.contains("payload:"), "{}", out.stdout);
+    let sent = json_of(out.line("sent to client: "));
+    assert_eq!(sent["error"], "invalid message");
+    assert!(
+        sent["detail"].as_str().unwrap().contains("invalid JSON"),
+        "{sent}"
+    );
+}
+
+#[test]
+fn kick_closes_with_1008() {
+    let out = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--message",
+        r#"{"type":"kick"}"#,
+        "--ctx",
+        r#"{"user":"ann"}"#,
+    ]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.line("decision: "), "close");
+    assert_eq!(out.line("close: "), "1008 not allowed");
+}
+
+#[test]
+fn direction_server_runs_the_policy_on_a_server_message() {
+    let out = framegate(&[
+        "policy-test",
+        "policies/redact.lua",
+        "--direction",
+        "server",
+        "--message",
+        r#"{"text":"hi","email":"a@b.c"}"#,
+    ]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.line("decision: "), "replace");
+    assert_eq!(
+        json_of(out.line("payload: ")),
+        json!({"text": "hi", "email": "[redacted]"})
+    );
+
+    let out = framegate(&[
+        "policy-test",
+        "policies/redact.lua",
+        "--direction",
+        "server",
+        "--message",
+        "no json here",
+    ]);
+    assert_eq!(out.line("decision: "), "forward");
+    assert_eq!(out.line("payload: "), "no json here");
+
+    // The direction reaches the policy as msg.direction.
+    let dir = TempDir::new("direction");
+    let script = dir.write(
+        "direction.lua",
+        "return function(msg, ctx, conn) return msg.direction end\n",
+    );
+    let script = script.display().to_string();
+    for (way, want) in [("server", "server"), ("client", "client")] {
+        let out = framegate(&["policy-test", &script, "--direction", way, "--message", "x"]);
+        assert_eq!(out.line("payload: "), want, "{}", out.stderr);
+    }
+}
+
+const SPEC_SCRIPT: &str = r#"
+return function(msg, ctx, conn)
+  if msg.data == "ping" then conn:reply("pong for " .. ctx.user) return false end
+  if msg.data == "tell" then conn:send_server("told") return nil end
+  if msg.data == "bye" then conn:close(4000, "bye " .. ctx.user) return false end
+  if msg.data == "upper" then return msg.data:upper() end
+end
+"#;
+
+const SPEC_CASES: &str = r#"
+[[case]]
+name = "ping is answered"
+message = "ping"
+ctx = { user = "ann" }
+expect = "drop"
+sent_to_client = ["pong for ann"]
+
+[[case]]
+name = "tell goes to the server too"
+message = "tell"
+expect = "forward"
+payload = "tell"
+sent_to_server = ["told"]
+
+[[case]]
+name = "bye closes"
+message = "bye"
+ctx = { user = "bob" }
+expect = "close"
+close_code = 4000
+
+[[case]]
+name = "upper replaces"
+message = "upper"
+expect = "replace"
+payload = "UPPER"
+
+[[case]]
+name = "anything else passes"
+message = "hello"
+expect = "forward"
+payload = "hello"
+"#;
+
+#[test]
+fn a_spec_whose_cases_all_pass_exits_zero() {
+    let dir = TempDir::new("spec-pass");
+    dir.write("cases.lua", SPEC_SCRIPT);
+    // The script path is relative to the spec's folder.
+    let spec = dir.write(
+        "spec.toml",
+        &format!("script = \"cases.lua\"\n{SPEC_CASES}"),
+    );
+    let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(out.stdout.lines().last(), Some("5 passed, 0 failed"));
+    for name in [
+        "ping is answered",
+        "tell goes to the server too",
+        "bye closes",
+        "upper replaces",
+        "anything else passes",
+    ] {
+        assert!(
+            out.stdout.contains(&format!("ok - {name}\n")),
+            "{name}: {}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
+fn a_spec_can_test_the_shipped_examples() {
+    let dir = TempDir::new("spec-examples");
+    let validate = Path::new(MANIFEST_DIR).join("policies/validate.lua");
+    let spec = dir.write(
+        "spec.toml",
+        &format!(
+            "script = {:?}\n\
+             [[case]]\nname = \"kick\"\nmessage = '{{\"type\":\"kick\"}}'\nexpect = \"close\"\nclose_code = 1008\n\
+             [[case]]\nname = \"valid\"\nmessage = '{{\"type\":\"chat\"}}'\nctx = {{ user = \"ann\" }}\nexpect = \"replace\"\n\
+             [[case]]\nname = \"bad\"\nmessage = 'nope'\nexpect = \"drop\"\n",
+            validate.display().to_string()
+        ),
+    );
+    let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.lines().last(), Some("3 passed, 0 failed"));
+}
+
+#[test]
+fn a_failing_expectation_is_reported_and_exits_non_zero() {
+    let dir = TempDir::new("spec-fail");
+    dir.write("cases.lua", SPEC_SCRIPT);
+    let spec = dir.write(
+        "spec.toml",
+        "script = \"cases.lua\"\n\
+         [[case]]\nname = \"upper replaces\"\nmessage = \"upper\"\nexpect = \"replace\"\npayload = \"UPPER\"\n\
+         [[case]]\nname = \"ping passes\"\nmessage = \"ping\"\nctx = { user = \"ann\" }\nexpect = \"forward\"\n\
+         [[case]]\nname = \"wrong reply\"\nmessage = \"ping\"\nctx = { user = \"ann\" }\nexpect = \"drop\"\nsent_to_client = [\"pong for bob\"]\n",
+    );
+    let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
+    assert!(
+        !out.status.success(),
+        "a failing spec exited 0: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("ok - upper replaces\n"),
+        "{}",
+        out.stdout
+    );
+    let failed = out.line("FAILED - ping passes: ");
+    assert!(failed.contains("expected forward, got drop"), "{failed}");
+    let failed = out.line("FAILED - wrong reply: ");
+    assert!(failed.contains("pong for bob"), "{failed}");
+    assert_eq!(out.stdout.lines().last(), Some("1 passed, 2 failed"));
+}
+
+#[test]
+fn a_spec_json_payload_does_not_depend_on_key_order() {
+    // A table a policy returns is re-encoded as JSON; a spec writer cannot know in which order
+    // its keys come out, so the same spec must pass on every run.
+    let dir = TempDir::new("spec-json-order");
+    let validate = Path::new(MANIFEST_DIR).join("policies/validate.lua");
+    let spec = dir.write(
+        "spec.toml",
+        &format!(
+            "script = {:?}\n\
+             [[case]]\nname = \"stamped\"\nmessage = '{{\"type\":\"chat\",\"text\":\"hi\"}}'\n\
+             ctx = {{ user = \"ann\" }}\nexpect = \"replace\"\n\
+             payload = '{{\"from\":\"ann\",\"text\":\"hi\",\"type\":\"chat\"}}'\n",
+            validate.display().to_string()
+        ),
+    );
+    for run in 1..=6 {
+        let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
+        assert!(
+            out.status.success(),
+            "run {run}: the same spec failed:\n{}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
+fn a_broken_script_is_an_error_with_its_path_and_line() {
+    let dir = TempDir::new("broken");
+    let script = dir.write("broken.lua", "return function(msg)\n  return (\nend\n");
+    let shown = script.display().to_string();
+    let out = framegate(&["policy-test", &shown, "--message", "x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(
+        out.stderr.contains(&format!("{shown}:3:")),
+        "stderr: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn binary_messages_and_other_mime_types() {
+    let out = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--binary",
+        "--message",
+        r#"{"type":"chat"}"#,
+    ]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.line("decision: "),
+        "drop",
+        "binary messages are never decoded"
+    );
+    assert_eq!(
+        json_of(out.line("sent to client: ")),
+        json!({"error": "invalid message", "detail": "binary message"})
+    );
+
+    let out = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--mime",
+        "text/plain",
+        "--message",
+        r#"{"type":"chat"}"#,
+    ]);
+    assert_eq!(out.line("decision: "), "close", "{}", out.stderr);
+    assert_eq!(
+        out.line("close: "),
+        "1011 policy error",
+        "conn:reply with a table fails on text/plain"
+    );
+
+    let dir = TempDir::new("binary");
+    let script = dir.write(
+        "bytes.lua",
+        "return function(msg) return msg.type .. \" \" .. msg.size end\n",
+    );
+    let out = framegate(&[
+        "policy-test",
+        &script.display().to_string(),
+        "--binary",
+        "--message",
+        "abc",
+    ]);
+    assert_eq!(out.line("decision: "), "replace");
+    assert_eq!(out.line("payload: "), "<binary 8 bytes: binary 3>");
+}
+
+#[test]
+fn bad_input_exits_with_status_1() {
+    let out = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--message",
+        "x",
+        "--ctx",
+        "{not json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("--ctx"), "{}", out.stderr);
+
+    let dir = TempDir::new("bad-spec");
+    dir.write("cases.lua", SPEC_SCRIPT);
+    let spec = dir.write(
+        "direction.toml",
+        "script = \"cases.lua\"\n[[case]]\nname = \"n\"\nmessage = \"m\"\ndirection = \"sideways\"\nexpect = \"forward\"\n",
+    );
+    let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("sideways"), "{}", out.stderr);
+
+    let spec = dir.write(
+        "unknown.toml",
+        "script = \"cases.lua\"\n[[case]]\nname = \"n\"\nmessage = \"m\"\nexpect = \"forward\"\nexpected_payload = \"m\"\n",
+    );
+    let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("expected_payload"), "{}", out.stderr);
+}
