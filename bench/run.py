@@ -24,6 +24,7 @@ TARGETS = {  # name -> port
     "fg+lua": 19004,      # trivial on_client_frame and on_server_frame
     "fg+json": 19005,     # JSON decode-modify-encode on_client_frame
     "fg+auth": 19006,     # on_upgrade token check
+    "fg+expiry": 19007,   # on_upgrade sets each connection's lifetime from ?ttl=
 }
 TOKEN = "bench-token"
 started = []
@@ -52,10 +53,35 @@ def build():
     sh(["cargo", "build", "--release", "-q", "-p", "framegate-bench", "--bins"], cwd=ROOT)
 
 
+COMMANDS = {}  # name -> (cmd, kw), to start a fresh process for memory runs
+
+
 def start(cmd, name, **kw):
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, name + ".log"), "w"), **kw)
+    COMMANDS[name] = (cmd, kw)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, name + ".log"), "a"), **kw)
     started.append(p)
     return p
+
+
+def restart(name, proc, port):
+    """Stops `proc` and starts the same command again: memory runs need a fresh heap, or a
+    second run reuses what the first one grew and shows almost nothing."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    while True:  # until the port is free again
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            time.sleep(0.05)
+        except OSError:
+            break
+    cmd, kw = COMMANDS[name]
+    fresh = start(cmd, name, **kw)
+    wait_port(port)
+    return fresh
 
 
 def wait_port(port, timeout=20):
@@ -143,7 +169,8 @@ def scripts():
   ctx.user = "bench"
 end
 """)
-    return trivial, json, auth
+    expiry = write("expiry.lua", "return function(req, ctx) req:expire_in(tonumber(req.query.ttl)) end\n")
+    return trivial, json, auth, expiry
 
 
 def start_all():
@@ -153,7 +180,7 @@ def start_all():
     procs = {}
     procs["nginx"] = start(ulimit + ["nginx", "-c", nginx_conf(), "-g", "daemon off;"], "nginx")
     procs["haproxy"] = start(ulimit + ["haproxy", "-f", haproxy_conf(), "-db"], "haproxy")
-    trivial, json, auth = scripts()
+    trivial, json, auth, expiry = scripts()
     env = dict(os.environ, FRAMEGATE_LOG="warn")
     fg = os.path.join(BIN, "framegate")
     for name, pol in (
@@ -161,6 +188,7 @@ def start_all():
         ("fg+lua", f'[route.policies]\non_client_frame = "{trivial}"\non_server_frame = "{trivial}"'),
         ("fg+json", f'[route.policies]\non_client_frame = "{json}"'),
         ("fg+auth", f'[route.policies]\non_upgrade = "{auth}"'),
+        ("fg+expiry", f'expire = "1h"\n[route.policies]\non_upgrade = "{expiry}"'),
     ):
         procs[name] = start(ulimit + [fg, "--config", framegate_conf(name, TARGETS[name], pol)], name, env=env)
     for port in TARGETS.values():
@@ -223,6 +251,34 @@ def idle_run(target, proc, count):
     return float(result["handshakes_per_sec"]), per_conn
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of pid, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def expiry_run(proc, count):
+    """`count` connections with lifetimes spread over 10 s: lateness of each close, and the
+    gateway's CPU use while it waits for the deadlines."""
+    url = f"ws://127.0.0.1:{TARGETS['fg+expiry']}/"
+    cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url,
+           "expiry", "--count", str(count), "--base", "5s", "--spread", "10s"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    started.append(p)
+    result = {}
+    cpu_start = wall_start = None
+    for line in p.stdout:
+        if line.strip() == "READY":
+            cpu_start, wall_start = cpu_seconds(proc.pid), time.time()
+            continue
+        result.update(kv.split("=") for kv in line.split() if "=" in kv)
+    p.wait(timeout=60)
+    if cpu_start is not None:
+        result["cpu_pct_while_waiting"] = 100 * (cpu_seconds(proc.pid) - cpu_start) / (time.time() - wall_start)
+    return result
+
+
 def summary(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -247,7 +303,10 @@ def main():
     ap.add_argument("--idle", type=int, default=9000, help="idle connections per memory run")
     ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--only", default="throughput,latency,idle,expiry",
+                    help="comma-separated parts to run: throughput, latency, idle, expiry")
     args = ap.parse_args()
+    args.only = set(args.only.split(","))
     if args.quick:
         args.reps, args.duration, args.idle = 1, "1s", 2000
     ensure_packages()
@@ -257,32 +316,37 @@ def main():
     proxies = ["direct", "nginx", "haproxy", "framegate", "fg+lua"]
     results = {}  # (metric, target) -> [values]
     rot = 0
-    for rep in range(args.reps):
+    for rep in range(args.reps if args.only & {"throughput", "latency"} else 0):
         log(f"repetition {rep + 1}/{args.reps}")
-        for size in (64, 1024, 65536):
+        for size in (64, 1024, 65536) if "throughput" in args.only else ():
             order = proxies + (["fg+json"] if size == 1024 else [])
             order = order[rot % len(order):] + order[:rot % len(order)]
             rot += 1
             for t in order:
                 r = load(t, "throughput", "--size", str(size), "--duration", args.duration, "--connections", "4", "--inflight", "32")
                 results.setdefault((f"msg/s {size}B", t), []).append(float(r["msgs_per_sec"]) if r else None)
-        for t in proxies:
+        for t in proxies if "latency" in args.only else ():
             r = load(t, "latency", "--rate", "2000", "--duration", "5s" if not args.quick else "2s")
             for q in ("p50_us", "p99_us", "p999_us"):
                 results.setdefault((f"rtt {q[:-3]} us @2k/s", t), []).append(float(r[q]) if r else None)
     idle_reps = max(1, args.reps // 2)
-    for rep in range(idle_reps):
+    for rep in range(idle_reps if "idle" in args.only else 0):
         for t in ["nginx", "haproxy", "framegate", "fg+auth"]:
+            procs[t] = restart(t, procs[t], TARGETS[t])
             hs, rss = idle_run(t, procs.get(t), args.idle)
             results.setdefault(("handshakes/s", t), []).append(hs)
             results.setdefault((f"RSS KB/idle conn ({args.idle})", t), []).append(rss)
+    expiry = expiry_run(procs["fg+expiry"], args.idle) if "expiry" in args.only else {}
     stop_all()
     report(results, args)
+    if expiry:
+        print(f"\nexpiry: {args.idle} connections, lifetimes spread over 5-15 s (on_upgrade req:expire_in):")
+        print("  " + " ".join(f"{k}={float(v):.1f}" if k != "missing" and k != "closed" else f"{k}={v}" for k, v in expiry.items()))
 
 
 def report(results, args):
     metrics = list(dict.fromkeys(m for m, _ in results))
-    targets = list(TARGETS)
+    targets = [t for t in TARGETS if t != "fg+expiry"]
     print(f"\nframegate benchmark: medians of {args.reps} (idle runs: {max(1, args.reps // 2)}), spread min-max in brackets; one run, same machine\n")
     header = "| metric | " + " | ".join(targets) + " |"
     print(header)

@@ -66,6 +66,20 @@ enum Mode {
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         duration: Duration,
     },
+    /// Opens N connections whose lifetimes are spread evenly over `spread` (each URL gets
+    /// `?ttl=<seconds>`, which the gateway's on_upgrade policy passes to req:expire_in), waits for
+    /// every close and reports how late each came.
+    Expiry {
+        #[arg(long, default_value_t = 9000)]
+        count: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Lifetimes run from `base` to `base + spread`.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        base: Duration,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        spread: Duration,
+    },
     Connections {
         #[arg(long, default_value_t = 1000)]
         count: usize,
@@ -125,6 +139,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.mode {
+        Mode::Expiry {
+            count,
+            concurrency,
+            base,
+            spread,
+        } => expiry(&args.url, &args.header, count, concurrency, base, spread).await,
         Mode::Throughput {
             connections,
             inflight,
@@ -318,6 +338,69 @@ async fn latency(
         merged.value_at_quantile(0.99),
         merged.value_at_quantile(0.999),
         merged.len()
+    );
+    Ok(())
+}
+
+async fn expiry(url: &str, headers: &[String], count: usize, concurrency: usize, base: Duration, spread: Duration) -> anyhow::Result<()> {
+    // Open every connection first (bounded concurrency), remembering when each was answered.
+    let mut open_conns: Vec<(Ws, Instant, Duration)> = Vec::with_capacity(count);
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut launched = 0;
+    while open_conns.len() < count {
+        while launched < count && pending.len() < concurrency {
+            let ttl = base + spread.mul_f64(launched as f64 / count as f64);
+            let url = format!("{url}?ttl={:.3}", ttl.as_secs_f64());
+            pending.push(async move {
+                let ws = open(&url, headers).await?;
+                Ok::<_, anyhow::Error>((ws, Instant::now(), ttl))
+            });
+            launched += 1;
+        }
+        match pending.next().await {
+            Some(Ok(c)) => open_conns.push(c),
+            Some(Err(e)) => bail!("connection {} failed: {e:#}", open_conns.len() + 1),
+            None => break,
+        }
+    }
+    println!("opened={}", open_conns.len());
+    println!("READY");
+    let last = base + spread + Duration::from_secs(5);
+    let mut waits = futures_util::stream::FuturesUnordered::new();
+    for (mut ws, answered, ttl) in open_conns {
+        waits.push(async move {
+            let deadline = answered + ttl;
+            let end = tokio::time::timeout_at((answered + last).into(), async {
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_close() {
+                        return Some(Instant::now());
+                    }
+                }
+                None
+            })
+            .await;
+            match end {
+                // Our clock started when the 101 arrived, a little after the gateway's: a close
+                // marginally "early" is on time.
+                Ok(Some(at)) => Ok(at.saturating_duration_since(deadline)),
+                _ => Err(()),
+            }
+        });
+    }
+    let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut missing = 0;
+    while let Some(result) = waits.next().await {
+        match result {
+            Ok(lateness) => late.saturating_record(lateness.as_micros().max(1) as u64),
+            Err(()) => missing += 1,
+        }
+    }
+    println!(
+        "late_p50_ms={:.1} late_p99_ms={:.1} late_max_ms={:.1} closed={} missing={missing}",
+        late.value_at_quantile(0.5) as f64 / 1000.0,
+        late.value_at_quantile(0.99) as f64 / 1000.0,
+        late.max() as f64 / 1000.0,
+        late.len()
     );
     Ok(())
 }
