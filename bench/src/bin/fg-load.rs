@@ -342,7 +342,14 @@ async fn latency(
     Ok(())
 }
 
-async fn expiry(url: &str, headers: &[String], count: usize, concurrency: usize, base: Duration, spread: Duration) -> anyhow::Result<()> {
+async fn expiry(
+    url: &str,
+    headers: &[String],
+    count: usize,
+    concurrency: usize,
+    base: Duration,
+    spread: Duration,
+) -> anyhow::Result<()> {
     // Open every connection first (bounded concurrency), remembering when each was answered.
     let mut open_conns: Vec<(Ws, Instant, Duration)> = Vec::with_capacity(count);
     let mut pending = futures_util::stream::FuturesUnordered::new();
