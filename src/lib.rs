@@ -11,6 +11,27 @@
 //! - [`gateway`]: build, start and shut down a gateway.
 //! - [`policy_test`]: `framegate policy-test`, running a policy on a message without sockets.
 //! - [`samples`]: built-in sample upstreams (echo, broadcast chat) for demos and tests.
+//!
+//! Running a gateway in-process, as the integration tests do:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = framegate::Config::from_toml(
+//!     r#"
+//!     [server]
+//!     listen = ["127.0.0.1:0"]
+//!     [[route]]
+//!     path = "/echo"
+//!     upstream = "ws://127.0.0.1:9001/"
+//!     "#,
+//!     std::path::Path::new("inline.toml"),
+//! )?;
+//! let running = framegate::Gateway::new(config)?.start().await?;
+//! println!("listening on {}", running.local_addr());
+//! running.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
