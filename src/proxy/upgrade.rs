@@ -21,7 +21,7 @@ use crate::config::Route;
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
-use crate::upstream::{self, UpstreamError};
+use crate::upstream::{self, UpstreamError, WsStream};
 use crate::worker::{Slot, WorkerCtx};
 use std::rc::Rc;
 
@@ -356,29 +356,15 @@ async fn upgrade(
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
-                // The client left between our 101 and the switch: tell the upstream.
-                let mut upstream = connected.ws;
-                let _ = upstream.close(frame_for_lost_client()).await;
-                summary.reason = format!("client left during the upgrade: {e}");
-                summary.duration = opened.elapsed();
-                let mut hooks = hooks;
-                hooks.on_close(&summary);
-                summary.log();
-                return;
+                let reason = format!("client left during the upgrade: {e}");
+                return abandon(connected.ws, hooks, summary, opened, reason, ClosedBy::Client).await;
             }
         };
         let client = match upstream::websocket(upgraded, Role::Server, ws_config(&route)).await {
             Ok(client) => client,
-                        Err(e) => {
+            Err(e) => {
                 tracing::warn!(conn = id, error = %e, "cannot start the client WebSocket");
-                let mut upstream = connected.ws;
-                let _ = upstream.close(frame_for_lost_client()).await;
-                summary.reason = e.to_string();
-                summary.closed_by = ClosedBy::Gateway;
-                let mut hooks = hooks;
-                hooks.on_close(&summary);
-                summary.log();
-                return;
+                return abandon(connected.ws, hooks, summary, opened, e.to_string(), ClosedBy::Gateway).await;
             }
         };
         tracing::info!(conn = id, route = %summary.route, client = %peer, upstream = %summary.upstream, "connection opened");
@@ -395,6 +381,24 @@ async fn upgrade(
         summary.log();
     });
     Ok(response)
+}
+
+/// Ends a connection that never reached the relay: the upstream is told the client is gone,
+/// `on_close` runs (it may release what `on_upgrade` took) and the close line is written.
+async fn abandon(
+    mut upstream: WsStream,
+    mut hooks: Box<dyn FrameHooks>,
+    mut summary: CloseSummary,
+    opened: tokio::time::Instant,
+    reason: String,
+    closed_by: ClosedBy,
+) {
+    let _ = upstream.close(frame_for_lost_client()).await;
+    summary.reason = reason;
+    summary.closed_by = closed_by;
+    summary.duration = opened.elapsed();
+    hooks.on_close(&summary);
+    summary.log();
 }
 
 fn frame_for_lost_client() -> Option<tokio_tungstenite::tungstenite::protocol::CloseFrame> {
