@@ -23,14 +23,6 @@ async fn pair(extra: &str, policies: &[(&str, &str)]) -> (framegate::Running, Cl
     (gw, client, upstream)
 }
 
-/// The next data message as text.
-async fn next_text(ws: &mut Client) -> String {
-    match next_message(ws).await {
-        Some(Ok(Message::Text(t))) => t.to_string(),
-        other => panic!("expected a text message, got {other:?}"),
-    }
-}
-
 /// The next data message, parsed as JSON.
 async fn next_json(ws: &mut Client) -> Json {
     let text = next_text(ws).await;

@@ -10,14 +10,6 @@ use support::*;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The next data message as text.
-async fn next_text(ws: &mut Client) -> String {
-    match next_message(ws).await {
-        Some(Ok(Message::Text(t))) => t.to_string(),
-        other => panic!("expected a text message, got {other:?}"),
-    }
-}
-
 /// Sends `text` and returns the reply.
 async fn ask(ws: &mut Client, text: &str) -> String {
     ws.send(Message::text(text)).await.unwrap();

@@ -21,28 +21,8 @@ fn example(name: &str) -> String {
     format!("{:?}", path.display().to_string())
 }
 
-/// A `[[route]]` to an upstream URL (which may use the path's placeholders).
-fn route_to(path: &str, upstream: &str, extra: &str, policies: &[(&str, &str)]) -> String {
-    let mut toml = format!("[[route]]\npath = \"{path}\"\nupstream = \"{upstream}\"\n{extra}\n");
-    if !policies.is_empty() {
-        toml.push_str("[route.policies]\n");
-        for (hook, path) in policies {
-            toml.push_str(&format!("{hook} = {path}\n"));
-        }
-    }
-    toml
-}
-
 fn ws_url(addr: SocketAddr) -> String {
     format!("ws://{addr}/")
-}
-
-/// The next data message as text.
-async fn next_text(ws: &mut Client) -> String {
-    match next_message(ws).await {
-        Some(Ok(Message::Text(t))) => t.to_string(),
-        other => panic!("expected a text message, got {other:?}"),
-    }
 }
 
 async fn next_json(ws: &mut Client) -> Json {

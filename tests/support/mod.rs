@@ -291,10 +291,15 @@ pub fn script(name: &str, lua: &str) -> String {
     format!("{:?}", script_path(name, lua).display().to_string())
 }
 
-/// A `[[route]]` table with extra keys and `[route.policies]` entries (`hook = quoted path`).
+/// A `[[route]]` table to `ws://{upstream}/` with extra keys and `[route.policies]` entries
+/// (`hook = quoted path`).
 pub fn route(path: &str, upstream: SocketAddr, extra: &str, policies: &[(&str, &str)]) -> String {
-    let mut toml =
-        format!("[[route]]\npath = \"{path}\"\nupstream = \"ws://{upstream}/\"\n{extra}\n");
+    route_to(path, &format!("ws://{upstream}/"), extra, policies)
+}
+
+/// Like [`route`], to an upstream URL (which may use the path's placeholders).
+pub fn route_to(path: &str, upstream: &str, extra: &str, policies: &[(&str, &str)]) -> String {
+    let mut toml = format!("[[route]]\npath = \"{path}\"\nupstream = \"{upstream}\"\n{extra}\n");
     if !policies.is_empty() {
         toml.push_str("[route.policies]\n");
         for (hook, path) in policies {
@@ -302,4 +307,44 @@ pub fn route(path: &str, upstream: SocketAddr, extra: &str, policies: &[(&str, &
         }
     }
     toml
+}
+
+/// The next data message as text (panics on anything else).
+pub async fn next_text(ws: &mut Client) -> String {
+    match next_message(ws).await {
+        Some(Ok(Message::Text(t))) => t.to_string(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// A folder of its own per test, removed when the test ends.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// Creates a fresh folder under the temp dir, unique to this process, `name` and moment.
+    pub fn new(name: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "framegate-test-{}-{name}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// Writes a file in the folder and returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
