@@ -389,22 +389,28 @@ impl FrameHooks for LuaFrameHooks {
             msg.payload = Bytes::new();
             msg.decoded = OnceCell::new();
         }
-        let (sends, close) = {
+        let close = {
             let mut call = self.call.borrow_mut();
             call.direction = None;
-            (std::mem::take(&mut call.sends), call.close.take())
+            if result.is_ok() {
+                // Drained in place: the vector keeps its capacity for the next call.
+                for (to_client, sent) in call.sends.drain(..) {
+                    if to_client {
+                        out.to_client.push_back(sent);
+                    } else {
+                        out.to_upstream.push_back(sent);
+                    }
+                }
+            } else {
+                // A failed call sends nothing.
+                call.sends.clear();
+            }
+            call.close.take()
         };
         let returned = match result {
             Ok(returned) => returned,
             Err(e) => return self.failed(script.error(&e, self.limits), message),
         };
-        for (to_client, sent) in sends {
-            if to_client {
-                out.to_client.push_back(sent);
-            } else {
-                out.to_upstream.push_back(sent);
-            }
-        }
         if let Some(frame) = close {
             return Verdict::Close(frame);
         }
@@ -466,7 +472,7 @@ pub fn test_hooks(
         if !table.contains_key("request")? {
             table.set("request", lua.create_table()?)?;
         }
-        let frozen = super::freeze(&policy.vm, table, "ctx")?;
+        let frozen = policy.vm.sandbox.freeze(table, "ctx")?;
         LuaFrameHooks::new(&policy, 0, frozen)
     };
     Ok(Box::new(build().map_err(|e| e.to_string())?))

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Value, VmState};
 
 use super::shared::SharedDict;
 use super::{PolicyError, RoutePolicy};
@@ -48,7 +48,7 @@ pub(crate) struct Limits {
 
 /// One worker's Lua VM and the compiled scripts of every route.
 pub struct Engine {
-    vm: Rc<Vm>,
+    /// Each route's scripts hold the VM, which lives as long as any of them.
     routes: Vec<Option<Rc<LuaRoutePolicy>>>,
 }
 
@@ -122,7 +122,7 @@ impl Engine {
                 Some(Rc::new(compile_route(&vm, route)?))
             });
         }
-        Ok(Engine { vm, routes })
+        Ok(Engine { routes })
     }
 
     /// The policies of `route` in this VM, if it has any scripts.
@@ -136,11 +136,6 @@ impl Engine {
     /// The route's compiled policies, for `framegate policy-test`.
     pub(crate) fn lua_route(&self, index: usize) -> Option<Rc<LuaRoutePolicy>> {
         self.routes.get(index).and_then(|r| r.clone())
-    }
-
-    /// Bytes the VM currently uses.
-    pub fn used_memory(&self) -> usize {
-        self.vm.lua.used_memory()
     }
 }
 
@@ -312,11 +307,6 @@ pub(crate) fn misuse(lua: &Lua, message: impl std::fmt::Display) -> mlua::Error 
         })
         .unwrap_or_default();
     mlua::Error::runtime(format!("{location}{message}"))
-}
-
-/// A table's frozen, read-only view (see [`sandbox::Sandbox::freeze`]).
-pub(crate) fn freeze(vm: &Vm, table: Table, what: &str) -> mlua::Result<Table> {
-    vm.sandbox.freeze(table, what)
 }
 
 #[cfg(test)]

@@ -343,7 +343,7 @@ impl LuaRoutePolicy {
         if let Some(script) = &self.on_upgrade {
             let req = lua.create_userdata(Req {
                 // The policy reads the request through a read-only view.
-                fields: super::freeze(&self.vm, fields.clone(), "req")?,
+                fields: self.vm.sandbox.freeze(fields.clone(), "req")?,
                 headers: request.headers.clone(),
                 offered,
                 changes: UpgradeChanges::default(),
@@ -370,7 +370,7 @@ impl LuaRoutePolicy {
             });
         }
         ctx.set("request", fields)?;
-        let frozen = super::freeze(&self.vm, ctx, "ctx")?;
+        let frozen = self.vm.sandbox.freeze(ctx, "ctx")?;
         let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(self, request.id, frozen)?);
         Ok(UpgradeVerdict::Continue { changes, hooks })
     }
