@@ -155,15 +155,21 @@ async fn pings_are_answered_on_each_leg_and_not_forwarded() {
         .send(Message::Ping(Bytes::from_static(b"u")))
         .await
         .unwrap();
-    client.send(Message::text("after ping")).await.unwrap();
-    // The upstream's first frame is the pong to its own ping, then the data: no forwarded ping.
+    // Nothing else is in flight, so the upstream's next frame is the gateway's pong.
     match within("upstream pong", upstream.next()).await {
         Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], b"u"),
         other => panic!("expected a pong, got {other:?}"),
     }
+    client.send(Message::text("after ping")).await.unwrap();
     assert_eq!(
         within("data", upstream.next()).await.unwrap().unwrap(),
         Message::text("after ping")
+    );
+    // The upstream's ping never reached the client: its next frame is the upstream's data.
+    upstream.send(Message::text("reply")).await.unwrap();
+    assert_eq!(
+        within("client data", client.next()).await.unwrap().unwrap(),
+        Message::text("reply")
     );
 }
 

@@ -58,6 +58,15 @@ pub trait FrameHooks {
         Verdict::Forward(message)
     }
 
+    /// Whether [`FrameHooks::on_message`] looks at messages going `direction`. When it does
+    /// not, the proxy relays them straight from its read buffer, without building a
+    /// [`Message`], and never calls `on_message` for them. Asked once, when the relay starts.
+    /// The default is `true`.
+    fn inspects(&self, direction: Direction) -> bool {
+        let _ = direction;
+        true
+    }
+
     /// Called once when the connection has ended; it cannot send anything. The default does nothing.
     fn on_close(&mut self, summary: &CloseSummary) {
         let _ = summary;
@@ -68,7 +77,11 @@ pub trait FrameHooks {
 #[derive(Debug, Default)]
 pub struct PassThrough;
 
-impl FrameHooks for PassThrough {}
+impl FrameHooks for PassThrough {
+    fn inspects(&self, _direction: Direction) -> bool {
+        false
+    }
+}
 
 /// What the upgrade phase may read of the client's request.
 #[derive(Debug)]

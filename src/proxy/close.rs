@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{self, error::ProtocolError};
 
 /// One of the two legs of a proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,8 +85,9 @@ pub(crate) enum Ending {
 pub(crate) enum LegClose {
     /// Deliver what is queued, send this close frame, and wait for the peer's reply.
     Send(Option<CloseFrame>),
-    /// The peer sent its close already: flush our automatic reply and wait for the end.
-    Finish,
+    /// The peer sent its close already: deliver what is queued, answer with this frame (its
+    /// own, echoed) and finish.
+    Finish(Option<CloseFrame>),
     /// The socket is dead: drop it.
     Drop,
 }
@@ -122,18 +122,6 @@ pub(crate) mod reasons {
 }
 
 impl Ending {
-    /// Classifies a read error (or a plain end of stream) on `side`.
-    pub(crate) fn from_read_error(side: Side, error: Option<tungstenite::Error>) -> Ending {
-        use tungstenite::Error as E;
-        match error {
-            Some(E::Capacity(_)) => Ending::TooBig(side),
-            Some(E::Utf8(_)) => Ending::BadUtf8(side),
-            Some(E::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => Ending::Gone(side),
-            Some(E::Protocol(p)) => Ending::Protocol(side, p.to_string()),
-            _ => Ending::Gone(side),
-        }
-    }
-
     /// The close frame framegate itself originates for this ending, if any.
     fn gateway_frame(&self) -> Option<CloseFrame> {
         match self {
@@ -156,7 +144,7 @@ impl Ending {
             Side::Upstream => (other, this),
         };
         match self {
-            Ending::Closed(side, f) => on(*side, Finish, Send(f.clone())),
+            Ending::Closed(side, f) => on(*side, Finish(f.clone()), Send(f.clone())),
             Ending::Gone(Side::Client) => {
                 (Drop, Send(frame(CloseCode::Away, reasons::CLIENT_LOST)))
             }

@@ -4,7 +4,9 @@
 //! the life of one connection.
 
 mod close;
+mod frame;
 mod headers;
+mod leg;
 mod lifetime;
 mod relay;
 mod upgrade;

@@ -1,87 +1,34 @@
 //! The duplex loop of one connection: one task, one poll function over both legs, the timers
-//! and shutdown. Limits are enforced by the WebSocket codec before messages reach the hooks.
+//! and shutdown. Limits are enforced by the legs while they read, before messages reach the
+//! hooks.
 //!
-//! Backpressure: a leg is read only while the other leg has nothing queued (and its own queue of
-//! policy replies is short), so each direction holds at most one message plus the codec's write
-//! buffer; a peer that stops reading slows the other side down to its pace.
+//! Backpressure: a leg is read only while the other leg has nothing left to write (and its own
+//! queue of replies is short), so each direction holds at most one read's worth of frames; a
+//! peer that stops reading slows the other side down to its pace.
+//!
+//! Routes whose hooks do not look at a direction relay its messages straight from the read
+//! buffer into the other leg's write buffer: one copy, no allocation per message.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::{self, Message};
+use bytes::Bytes;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{Ending, LegClose, Side, Traffic};
+use super::leg::{Leg, Outbox};
 use super::lifetime::{Expiry, Lifetime};
 use crate::policy::{Direction, FrameHooks, Outbound, Verdict};
-use crate::upstream::WsStream;
 
-/// At most this many messages are read between two flushes.
-const FLUSH_BATCH: usize = 32;
+/// A leg is not read while more than this many bytes of replies wait to be written to it.
+const MAX_QUEUED_REPLIES: usize = 64 * 1024;
 
-/// A leg is not read while more than this many policy replies wait to be written to it.
-const MAX_QUEUED_REPLIES: usize = 64;
-
-/// One WebSocket leg with the messages waiting to be written to it.
-struct Leg {
-    ws: WsStream,
-    outbox: VecDeque<Message>,
-    unflushed: bool,
-    /// Data messages taken from the outbox whose write failed.
-    lost: u64,
-}
-
-impl Leg {
-    fn new(ws: WsStream) -> Self {
-        Leg {
-            ws,
-            outbox: VecDeque::new(),
-            unflushed: false,
-            lost: 0,
-        }
-    }
-
-    /// Hands queued messages to the codec (which writes once its buffer is full); ready when the
-    /// outbox is empty. Flushing is separate, so that a burst is written with few syscalls.
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
-        while !self.outbox.is_empty() {
-            ready!(self.ws.poll_ready_unpin(cx))?;
-            let message = self.outbox.pop_front().expect("outbox checked non-empty");
-            let is_data = message.is_text() || message.is_binary();
-            if let Err(e) = self.ws.start_send_unpin(message) {
-                self.lost += u64::from(is_data);
-                return Poll::Ready(Err(e));
-            }
-            self.unflushed = true;
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Flushes what was handed to the codec.
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
-        if self.unflushed {
-            ready!(self.ws.poll_flush_unpin(cx))?;
-            self.unflushed = false;
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Sends and flushes everything queued.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
-        ready!(self.poll_send(cx))?;
-        self.poll_flush(cx)
-    }
-}
-
-/// What the poll function saw.
-enum Event {
-    Data(Side, Message),
-    End(Ending),
-}
+/// Read-and-write rounds in one poll before the task yields to the other connections.
+const ROUNDS: usize = 16;
 
 /// A running relay between a client and an upstream.
 pub(crate) struct Relay {
@@ -92,29 +39,37 @@ pub(crate) struct Relay {
     hooks: Box<dyn FrameHooks>,
     /// Client-to-upstream, then upstream-to-client.
     traffic: [Traffic; 2],
+    /// Whether the hooks look at client-to-upstream, then upstream-to-client messages.
+    inspects: [bool; 2],
+    /// Messages the hooks send besides their verdicts, towards the client and the upstream.
+    /// Empty (unallocated) unless a policy sends.
+    replies: [VecDeque<Message>; 2],
     /// Alternates which leg is read first, so neither can starve the other.
     client_first: bool,
-    /// Messages read since the last flush.
-    unflushed_batch: usize,
 }
 
 impl Relay {
     pub(crate) fn new(
-        client: WsStream,
-        upstream: WsStream,
+        client: Leg,
+        upstream: Leg,
         lifetime: Lifetime,
         shutdown: WaitForCancellationFutureOwned,
         hooks: Box<dyn FrameHooks>,
     ) -> Self {
+        let inspects = [
+            hooks.inspects(Direction::ClientToUpstream),
+            hooks.inspects(Direction::UpstreamToClient),
+        ];
         Relay {
-            client: Leg::new(client),
-            upstream: Leg::new(upstream),
+            client,
+            upstream,
             lifetime,
             shutdown: Box::pin(shutdown),
             hooks,
             traffic: [Traffic::default(); 2],
+            inspects,
+            replies: Default::default(),
             client_first: true,
-            unflushed_batch: 0,
         }
     }
 
@@ -124,16 +79,7 @@ impl Relay {
         mut self,
         close_timeout: Duration,
     ) -> (Ending, [Traffic; 2], Box<dyn FrameHooks>) {
-        let ending = loop {
-            match poll_fn(|cx| self.poll_event(cx)).await {
-                Event::Data(from, message) => {
-                    if let Some(ending) = self.on_data(from, message) {
-                        break ending;
-                    }
-                }
-                Event::End(ending) => break ending,
-            }
-        };
+        let ending = poll_fn(|cx| self.poll_relay(cx)).await;
         let Relay {
             client,
             upstream,
@@ -149,106 +95,146 @@ impl Relay {
         (ending, [to_upstream, to_client], hooks)
     }
 
-    fn on_data(&mut self, from: Side, message: Message) -> Option<Ending> {
-        self.lifetime.touch();
-        let (direction, slot) = match from {
-            Side::Client => (Direction::ClientToUpstream, 0),
-            Side::Upstream => (Direction::UpstreamToClient, 1),
-        };
-        let out = Outbound {
-            to_client: &mut self.client.outbox,
-            to_upstream: &mut self.upstream.outbox,
-        };
-        match self.hooks.on_message(direction, message, out) {
-            Verdict::Forward(message) => {
-                let traffic = &mut self.traffic[slot];
-                traffic.messages += 1;
-                traffic.bytes += message.len() as u64;
-                self.leg(from.other()).outbox.push_back(message);
-                None
+    /// Moves messages both ways until the connection ends.
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+        let mut busy = false;
+        for _ in 0..ROUNDS {
+            if let Err(ending) = self.flush(cx) {
+                return Poll::Ready(ending);
             }
-            Verdict::Drop => {
-                self.traffic[slot].dropped_by_policy += 1;
-                None
-            }
-            Verdict::Close(frame) => Some(Ending::Policy(frame)),
-        }
-    }
-
-    fn leg(&mut self, side: Side) -> &mut Leg {
-        match side {
-            Side::Client => &mut self.client,
-            Side::Upstream => &mut self.upstream,
-        }
-    }
-
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        for side in [Side::Client, Side::Upstream] {
-            if let Poll::Ready(Err(e)) = self.leg(side).poll_send(cx) {
-                return Poll::Ready(Event::End(Ending::from_read_error(side, Some(e))));
-            }
-        }
-        // Read while data is ready, up to a batch; flush once nothing more is ready (or the
-        // batch is full), so bursts share write syscalls while a lone message goes out at once.
-        if self.unflushed_batch < FLUSH_BATCH {
+            busy = false;
             self.client_first = !self.client_first;
             let order = if self.client_first {
                 [Side::Client, Side::Upstream]
             } else {
                 [Side::Upstream, Side::Client]
             };
-            for side in order {
-                // Replies a policy queued towards `side` itself count against it too, so a
-                // sender that does not read its replies is throttled as well.
-                if self.leg(side.other()).outbox.is_empty()
-                    && self.leg(side).outbox.len() <= MAX_QUEUED_REPLIES
-                {
-                    if let Poll::Ready(event) = self.poll_read(side, cx) {
-                        self.unflushed_batch += 1;
-                        return Poll::Ready(event);
-                    }
+            for from in order {
+                match self.poll_read(from, cx) {
+                    Poll::Ready(Ok(())) => busy = true,
+                    Poll::Ready(Err(ending)) => return Poll::Ready(ending),
+                    Poll::Pending => {}
                 }
             }
-        }
-        // Shutdown and the timers are polled once per batch, not per message: their wake-ups
-        // stay registered in between, and polling the shutdown token takes a lock.
-        if self.shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Event::End(Ending::Shutdown));
-        }
-        if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
-            return Poll::Ready(Event::End(match expiry {
-                Expiry::Lifetime => Ending::Expired,
-                Expiry::Idle => Ending::Idle,
-            }));
-        }
-        let batch_full = self.unflushed_batch >= FLUSH_BATCH;
-        self.unflushed_batch = 0;
-        for side in [Side::Client, Side::Upstream] {
-            if let Poll::Ready(Err(e)) = self.leg(side).poll_flush(cx) {
-                return Poll::Ready(Event::End(Ending::from_read_error(side, Some(e))));
+            if !busy {
+                break;
             }
         }
-        if batch_full {
-            // The legs were not read this time, so no read wake-up is registered: come back
-            // at once to read the rest.
+        if let Err(ending) = self.flush(cx) {
+            return Poll::Ready(ending);
+        }
+        // Shutdown and the timers are polled once per wake-up, not per message: their wake-ups
+        // stay registered in between, and polling the shutdown token takes a lock.
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ending::Shutdown);
+        }
+        if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
+            return Poll::Ready(match expiry {
+                Expiry::Lifetime => Ending::Expired,
+                Expiry::Idle => Ending::Idle,
+            });
+        }
+        if busy {
+            // Still data to read, but others get their turn first.
             cx.waker().wake_by_ref();
+        } else {
+            self.client.release_buffers();
+            self.upstream.release_buffers();
         }
         Poll::Pending
     }
 
-    /// Reads the next data message or end from `side`; pings and pongs are answered by the
-    /// codec on their own leg and go no further.
-    fn poll_read(&mut self, side: Side, cx: &mut Context<'_>) -> Poll<Event> {
-        loop {
-            let next = ready!(self.leg(side).ws.poll_next_unpin(cx));
-            return Poll::Ready(match next {
-                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => Event::Data(side, m),
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Close(frame))) => Event::End(Ending::Closed(side, frame)),
-                Some(Err(e)) => Event::End(Ending::from_read_error(side, Some(e))),
-                None => Event::End(Ending::from_read_error(side, None)),
+    /// Writes what is queued on both legs, as far as the sockets take it.
+    fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), Ending> {
+        for leg in [&mut self.client, &mut self.upstream] {
+            if let Poll::Ready(Err(ending)) = leg.poll_flush(cx) {
+                return Err(ending);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one batch from `from`, if the other leg has written out what it was given.
+    fn poll_read(&mut self, from: Side, cx: &mut Context<'_>) -> Poll<Result<(), Ending>> {
+        let (reader, writer) = match from {
+            Side::Client => (&mut self.client, &mut self.upstream),
+            Side::Upstream => (&mut self.upstream, &mut self.client),
+        };
+        // Replies a policy queued towards the sender itself count against it too, so a sender
+        // that does not read its replies is throttled as well.
+        if !writer.out.is_empty() || reader.out.len() > MAX_QUEUED_REPLIES {
+            return Poll::Pending;
+        }
+        let slot = match from {
+            Side::Client => 0,
+            Side::Upstream => 1,
+        };
+        let traffic = &mut self.traffic[slot];
+        let lifetime = &mut self.lifetime;
+        if !self.inspects[slot] {
+            return reader.poll_receive(cx, |text, payload, _| {
+                lifetime.touch();
+                traffic.messages += 1;
+                traffic.bytes += payload.len() as u64;
+                writer.out.push_data(text, payload);
+                Ok(())
             });
         }
+        let hooks = &mut self.hooks;
+        let replies = &mut self.replies;
+        reader.poll_receive(cx, |text, payload, own| {
+            lifetime.touch();
+            let message = to_message(text, payload);
+            let [to_client, to_upstream] = &mut *replies;
+            let direction = match from {
+                Side::Client => Direction::ClientToUpstream,
+                Side::Upstream => Direction::UpstreamToClient,
+            };
+            let verdict = hooks.on_message(
+                direction,
+                message,
+                Outbound {
+                    to_client: &mut *to_client,
+                    to_upstream: &mut *to_upstream,
+                },
+            );
+            // Replies go out before the verdict's message.
+            let (own_replies, other_replies) = match from {
+                Side::Client => (to_client, to_upstream),
+                Side::Upstream => (to_upstream, to_client),
+            };
+            drain_into(own_replies, own);
+            drain_into(other_replies, &mut writer.out);
+            match verdict {
+                Verdict::Forward(message) => {
+                    traffic.messages += 1;
+                    traffic.bytes += message.len() as u64;
+                    writer.out.push_message(&message);
+                    Ok(())
+                }
+                Verdict::Drop => {
+                    traffic.dropped_by_policy += 1;
+                    Ok(())
+                }
+                Verdict::Close(frame) => Err(Ending::Policy(frame)),
+            }
+        })
+    }
+}
+
+/// A message for the hooks: the payload is copied once, out of the read buffer.
+fn to_message(text: bool, payload: &[u8]) -> Message {
+    let bytes = Bytes::copy_from_slice(payload);
+    if text {
+        Message::Text(Utf8Bytes::try_from(bytes).expect("the leg checked the text is UTF-8"))
+    } else {
+        Message::Binary(bytes)
+    }
+}
+
+fn drain_into(queue: &mut VecDeque<Message>, out: &mut Outbox) {
+    for message in queue.drain(..) {
+        out.push_message(&message);
     }
 }
 
@@ -256,32 +242,13 @@ impl Relay {
 /// waiting for the other leg). Data messages that were queued for it but never written are
 /// counted as undelivered.
 async fn close_leg(mut leg: Leg, plan: LegClose, traffic: &mut Traffic, timeout: Duration) {
-    let _ = tokio::time::timeout(timeout, close_handshake(&mut leg, plan)).await;
-    let unsent = leg
-        .outbox
-        .iter()
-        .filter(|m| m.is_text() || m.is_binary())
-        .count() as u64;
-    traffic.undelivered += unsent + leg.lost;
-}
-
-async fn close_handshake(leg: &mut Leg, plan: LegClose) {
-    match plan {
-        LegClose::Drop => return,
-        LegClose::Finish => {
-            // The peer's close frame came first: nothing may be sent after our reply, so what
-            // is queued stays undelivered.
-            if leg.ws.flush().await.is_err() {
-                return;
-            }
+    let handshake = async {
+        match &plan {
+            LegClose::Drop => {}
+            LegClose::Finish(reply) => leg.finish(reply.as_ref()).await,
+            LegClose::Send(frame) => leg.close(frame.as_ref()).await,
         }
-        LegClose::Send(frame) => {
-            leg.outbox.push_back(Message::Close(frame));
-            if poll_fn(|cx| leg.poll_write(cx)).await.is_err() {
-                return;
-            }
-        }
-    }
-    // Wait for the peer's close reply, or for it to drop the connection.
-    while let Some(Ok(_)) = leg.ws.next().await {}
+    };
+    let _ = tokio::time::timeout(timeout, handshake).await;
+    traffic.undelivered += leg.undelivered();
 }

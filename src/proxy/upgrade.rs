@@ -11,24 +11,18 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::close::{CloseSummary, ClosedBy};
+use super::close::{CloseSummary, ClosedBy, Side};
+use super::leg::Leg;
 use super::lifetime::Lifetime;
 use super::relay::Relay;
 use super::{headers, Shared};
-use crate::config::Route;
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
-use crate::upstream::{self, UpstreamError, WsStream};
+use crate::upstream::{self, UpstreamError};
 use crate::worker::{Slot, WorkerCtx};
 use std::rc::Rc;
-
-/// Read buffer per leg. Small, because idle connections hold it.
-const READ_BUFFER: usize = 4 * 1024;
-/// Writes are batched up to this size before a flush forces them out.
-const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Why an upgrade request was not proxied.
 #[derive(Debug, thiserror::Error)]
@@ -220,14 +214,6 @@ fn is_websocket_key(key: &[u8]) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
 }
 
-fn ws_config(route: &Route) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(Some(route.max_message_size))
-        .max_frame_size(Some(route.max_message_size))
-}
-
 async fn upgrade(
     request: &mut Request<Incoming>,
     peer: SocketAddr,
@@ -304,7 +290,7 @@ async fn upgrade(
     let tls = shared.tls.get(route.index).and_then(Option::as_ref);
     let connected = match tokio::time::timeout(
         route.handshake_timeout,
-        upstream::connect(&url, upstream_headers, tls, ws_config(&route)),
+        upstream::connect(&url, upstream_headers, tls),
     )
     .await
     {
@@ -353,24 +339,25 @@ async fn upgrade(
         let _slot = slot;
         let opened = tokio::time::Instant::now();
         let mut summary = CloseSummary::new(id, route.name(), peer, url);
+        let upstream_leg = Leg::new(connected.socket, Side::Upstream, route.max_message_size);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
                 let reason = format!("client left during the upgrade: {e}");
-                return abandon(connected.ws, hooks, summary, opened, reason, ClosedBy::Client).await;
+                return abandon(upstream_leg, hooks, summary, opened, reason, ClosedBy::Client, close_timeout).await;
             }
         };
-        let client = match upstream::websocket(upgraded, Role::Server, ws_config(&route)).await {
-            Ok(client) => client,
+        let client = match upstream::take_apart(upgraded) {
+            Ok(socket) => Leg::new(socket, Side::Client, route.max_message_size),
             Err(e) => {
                 tracing::warn!(conn = id, error = %e, "cannot start the client WebSocket");
-                return abandon(connected.ws, hooks, summary, opened, e.to_string(), ClosedBy::Gateway).await;
+                return abandon(upstream_leg, hooks, summary, opened, e.to_string(), ClosedBy::Gateway, close_timeout).await;
             }
         };
         tracing::info!(conn = id, route = %summary.route, client = %peer, upstream = %summary.upstream, "connection opened");
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let lifetime = Lifetime::start(deadline, route.idle_timeout);
-        let relay = Relay::new(client, connected.ws, lifetime, shutdown, hooks);
+        let relay = Relay::new(client, upstream_leg, lifetime, shutdown, hooks);
         let (ending, [client_to_upstream, upstream_to_client], mut hooks) = relay.run(close_timeout).await;
         (summary.code, summary.reason) = ending.code_and_reason();
         summary.closed_by = ending.closed_by();
@@ -386,14 +373,19 @@ async fn upgrade(
 /// Ends a connection that never reached the relay: the upstream is told the client is gone,
 /// `on_close` runs (it may release what `on_upgrade` took) and the close line is written.
 async fn abandon(
-    mut upstream: WsStream,
+    mut upstream: Leg,
     mut hooks: Box<dyn FrameHooks>,
     mut summary: CloseSummary,
     opened: tokio::time::Instant,
     reason: String,
     closed_by: ClosedBy,
+    close_timeout: std::time::Duration,
 ) {
-    let _ = upstream.close(frame_for_lost_client()).await;
+    let _ = tokio::time::timeout(
+        close_timeout,
+        upstream.close(Some(&frame_for_lost_client())),
+    )
+    .await;
     summary.reason = reason;
     summary.closed_by = closed_by;
     summary.duration = opened.elapsed();
@@ -401,11 +393,11 @@ async fn abandon(
     summary.log();
 }
 
-fn frame_for_lost_client() -> Option<tokio_tungstenite::tungstenite::protocol::CloseFrame> {
-    Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+fn frame_for_lost_client() -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+    tokio_tungstenite::tungstenite::protocol::CloseFrame {
         code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away,
         reason: super::close::reasons::CLIENT_LOST.into(),
-    })
+    }
 }
 
 /// The earlier of the route's deadline and one a policy asked for (a wall-clock time).

@@ -19,11 +19,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
-
-/// A WebSocket leg; both legs use this type.
-pub type WsStream = WebSocketStream<Io>;
 
 /// The socket under a WebSocket leg. After the upgrade, hyper's connection is taken apart
 /// (`Upgraded::downcast`) so that its buffers are freed and reads and writes go straight to the
@@ -81,13 +76,17 @@ impl tokio::io::AsyncWrite for Io {
     }
 }
 
+/// A socket after its handshake, with any bytes already read past the handshake.
+pub struct Socket {
+    /// The socket.
+    pub io: Io,
+    /// Bytes that arrived with the handshake (the start of the first frames).
+    pub pre_read: Bytes,
+}
+
 /// Takes hyper's upgraded connection apart into the socket and any bytes already read past the
-/// handshake, and starts a WebSocket on it.
-pub async fn websocket(
-    upgraded: Upgraded,
-    role: Role,
-    config: WebSocketConfig,
-) -> Result<WsStream, UpstreamError> {
+/// handshake.
+pub fn take_apart(upgraded: Upgraded) -> Result<Socket, UpstreamError> {
     let (io, pre_read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => (Io::Tcp(parts.io.into_inner()), parts.read_buf),
         Err(upgraded) => {
@@ -101,11 +100,7 @@ pub async fn websocket(
             }
         }
     };
-    Ok(if pre_read.is_empty() {
-        WebSocketStream::from_raw_socket(io, role, Some(config)).await
-    } else {
-        WebSocketStream::from_partially_read(io, pre_read.to_vec(), role, Some(config)).await
-    })
+    Ok(Socket { io, pre_read })
 }
 
 /// Bodies of refused handshakes are relayed up to this size.
@@ -160,10 +155,10 @@ pub struct Refusal {
     pub body: Bytes,
 }
 
-/// An open upstream WebSocket and the headers of its 101 response.
+/// An upstream that accepted the WebSocket handshake, and the headers of its 101 response.
 pub struct Connected {
-    /// The upstream leg.
-    pub ws: WsStream,
+    /// The upstream's socket, ready for frames.
+    pub socket: Socket,
     /// The upstream's 101 response headers.
     pub headers: HeaderMap,
 }
@@ -174,7 +169,6 @@ pub async fn connect(
     url: &str,
     mut headers: HeaderMap,
     tls: Option<&Arc<rustls::ClientConfig>>,
-    ws_config: WebSocketConfig,
 ) -> Result<Connected, UpstreamError> {
     let bad = |reason: &str| UpstreamError::BadUrl {
         url: url.to_owned(),
@@ -231,8 +225,10 @@ pub async fn connect(
         handshake(tcp, request, &key, &offered).await?
     };
     let (io, headers) = upgraded;
-    let ws = websocket(io, Role::Client, ws_config).await?;
-    Ok(Connected { ws, headers })
+    Ok(Connected {
+        socket: take_apart(io)?,
+        headers,
+    })
 }
 
 /// Reads up to `limit` bytes of a body; a longer body is truncated, a failing one cut short.

@@ -355,6 +355,13 @@ impl Script {
 }
 
 impl FrameHooks for LuaFrameHooks {
+    fn inspects(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::ClientToUpstream => self.on_client_frame.is_some(),
+            Direction::UpstreamToClient => self.on_server_frame.is_some(),
+        }
+    }
+
     fn on_message(&mut self, direction: Direction, message: Message, out: Outbound<'_>) -> Verdict {
         let script = match direction {
             Direction::ClientToUpstream => &self.on_client_frame,
