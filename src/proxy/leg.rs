@@ -391,11 +391,11 @@ impl Leg {
         {
             return;
         }
-        let mut closed = false;
-        while !closed {
-            let ended = std::future::poll_fn(|cx| self.poll_receive(cx, |_, _, _| Ok(()))).await;
-            closed = matches!(ended, Err(_));
-        }
+        // Until the peer's close (or the end): what it still sends is discarded.
+        while std::future::poll_fn(|cx| self.poll_receive(cx, |_, _, _| Ok(())))
+            .await
+            .is_ok()
+        {}
         if self.role == Role::Client {
             self.wait_for_end().await;
         }
