@@ -181,12 +181,19 @@ pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
     }
 }
 
-/// Appends one whole frame (FIN set) to `out`. `mask` is `Some` on a client leg, where every
-/// frame must be masked.
-pub(crate) fn encode(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
+/// `key` as it applies from mask position `offset` on (a payload continued in a later chunk).
+pub(crate) fn rotate_key(key: [u8; 4], offset: usize) -> [u8; 4] {
+    let mut rotated = key;
+    rotated.rotate_left(offset % 4);
+    rotated
+}
+
+/// Appends the header of a final (FIN) frame with a payload of `payload_len` bytes. `mask` is
+/// `Some` on a client leg, where every frame must be masked.
+pub(crate) fn encode_header(out: &mut Vec<u8>, opcode: OpCode, payload_len: usize, mask: Option<[u8; 4]>) {
     let mut header = [0u8; 14];
     header[0] = 0x80 | opcode.bits();
-    let mut len = match payload.len() {
+    let mut len = match payload_len {
         n if n < 126 => {
             header[1] = n as u8;
             2
@@ -207,8 +214,13 @@ pub(crate) fn encode(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Op
         header[len..len + 4].copy_from_slice(&key);
         len += 4;
     }
-    out.reserve(len + payload.len());
     out.extend_from_slice(&header[..len]);
+}
+
+/// Appends one whole frame (FIN set) to `out`, masked when `mask` is `Some`.
+pub(crate) fn encode(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
+    out.reserve(14 + payload.len());
+    encode_header(out, opcode, payload.len(), mask);
     let start = out.len();
     out.extend_from_slice(payload);
     if let Some(key) = mask {
@@ -331,6 +343,21 @@ mod tests {
         let mut body = frame[h.header_len..].to_vec();
         apply_mask(&mut body, h.mask.unwrap());
         assert_eq!(body, b"Hello");
+    }
+
+    #[test]
+    fn a_payload_masked_in_chunks_equals_one_masked_whole() {
+        let key = [9, 8, 7, 6];
+        let payload: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut whole = payload.clone();
+        apply_mask(&mut whole, key);
+        let mut chunked = payload.clone();
+        let mut at = 0;
+        for len in [3usize, 1, 250, 7, 739] {
+            apply_mask(&mut chunked[at..at + len], rotate_key(key, at));
+            at += len;
+        }
+        assert_eq!(chunked, whole);
     }
 
     #[test]

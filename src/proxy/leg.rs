@@ -6,7 +6,6 @@
 //! arrived is kept by the leg. Its write buffer is released once it is written out. An idle
 //! connection therefore holds two sockets, a little state, and no buffers at all.
 
-use std::cell::RefCell;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -16,46 +15,76 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::close::{Ending, Side};
+use super::buffers::{self, take_scratch};
+use super::close::{Ending, Side, Traffic};
 use super::frame::{self, ClosePayload, FrameError, OpCode, Role};
 use crate::upstream::{Io, Socket};
 
-/// The scratch read buffer of each worker thread, and the most one read takes in.
-const SCRATCH: usize = 64 * 1024;
+/// The smallest buffer a partial frame is kept in.
+const MIN_PARTIAL: usize = 4 * 1024;
 
-/// Leftovers up to this size are copied out of the scratch buffer; a larger partial frame
-/// keeps the scratch buffer itself (the next read allocates a new one).
-const COPY_LEFTOVER: usize = 4 * 1024;
+/// Binary frames at least this large are relayed as they arrive (cut-through) on directions
+/// no hook looks at, instead of being held until their last byte is in.
+const STREAM_MIN: usize = 16 * 1024;
 
 thread_local! {
-    static SCRATCH_BUF: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+    /// Masking keys drawn from the thread's CSPRNG in blocks (RFC 6455 §10.3 asks for a
+    /// strong source), so that a frame costs four bytes of the block, not a call into it.
+    static MASKS: std::cell::RefCell<([u8; 256], usize)> = const { std::cell::RefCell::new(([0; 256], 256)) };
 }
 
-/// Takes this thread's scratch buffer (allocating one if a leg kept the last one).
-fn take_scratch() -> BytesMut {
-    let mut buf = SCRATCH_BUF.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    buf.clear();
-    // Reclaims the whole capacity when the buffer is empty and unshared.
-    buf.reserve(SCRATCH);
-    buf
-}
-
-/// Gives a buffer back to this thread if its slot is empty; otherwise it is freed.
-fn give_back(buf: BytesMut) {
-    if buf.capacity() >= SCRATCH {
-        SCRATCH_BUF.with(|s| {
-            let mut slot = s.borrow_mut();
-            if slot.capacity() == 0 {
-                *slot = buf;
-            }
-        });
-    }
+/// A fresh masking key.
+fn mask_key() -> [u8; 4] {
+    MASKS.with(|m| {
+        let (block, at) = &mut *m.borrow_mut();
+        if *at == block.len() {
+            rand::fill(&mut block[..]);
+            *at = 0;
+        }
+        let key = [block[*at], block[*at + 1], block[*at + 2], block[*at + 3]];
+        *at += 4;
+        key
+    })
 }
 
 /// A message being reassembled from fragments.
 struct Fragments {
     text: bool,
     data: Vec<u8>,
+}
+
+/// A large binary frame being relayed as it arrives.
+struct Streaming {
+    /// Payload bytes still to come.
+    left: usize,
+    /// The sender's masking key XOR the receiver's (either may be absent): one pass turns the
+    /// bytes as read into the bytes to write.
+    key: Option<[u8; 4]>,
+    /// Payload bytes relayed so far, for the mask position.
+    done: usize,
+}
+
+/// Where a leg's data messages go.
+pub(crate) enum Sink<'a> {
+    /// Straight into the other leg's outbox, counted in `traffic`; large binary frames are
+    /// relayed as they arrive.
+    Through {
+        /// The other leg's outbox.
+        peer: &'a mut Outbox,
+        /// The counters of this direction.
+        traffic: &'a mut Traffic,
+    },
+    /// Each whole message to a hook, with this leg's own outbox for replies to the sender.
+    Hooks(&'a mut dyn FnMut(bool, &[u8], &mut Outbox) -> Result<(), Ending>),
+    /// Nowhere: the connection is closing.
+    Discard,
+}
+
+fn combine(a: Option<[u8; 4]>, b: Option<[u8; 4]>) -> Option<[u8; 4]> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some([a[0] ^ b[0], a[1] ^ b[1], a[2] ^ b[2], a[3] ^ b[3]]),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Encoded frames waiting to be written to one leg.
@@ -65,6 +94,12 @@ pub(crate) struct Outbox {
     written: usize,
     /// Client legs mask every frame they send.
     masked: bool,
+    /// Payload bytes of a streamed frame still to come. Nothing else may be queued meanwhile:
+    /// a frame cannot be interrupted.
+    open: usize,
+    /// Bytes at the start of `buf` that belong to a streamed frame whose header was written
+    /// before; frames are aligned from here.
+    head_skip: usize,
 }
 
 impl Outbox {
@@ -73,11 +108,13 @@ impl Outbox {
             buf: Vec::new(),
             written: 0,
             masked: role == Role::Client,
+            open: 0,
+            head_skip: 0,
         }
     }
 
     fn mask(&self) -> Option<[u8; 4]> {
-        self.masked.then(rand::random::<[u8; 4]>)
+        self.masked.then(mask_key)
     }
 
     /// Nothing is waiting to be written.
@@ -90,21 +127,56 @@ impl Outbox {
         self.buf.len() - self.written
     }
 
+    /// The buffer to encode into, taken from the thread's pool when the leg holds none.
+    fn buf(&mut self) -> &mut Vec<u8> {
+        if self.buf.capacity() == 0 {
+            self.buf = buffers::take_write();
+        }
+        &mut self.buf
+    }
+
+    /// Queues one frame.
+    fn push(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mask = self.mask();
+        frame::encode(self.buf(), opcode, payload, mask);
+    }
+
+    /// A streamed frame is half-way through: no other frame may be queued before it ends.
+    pub(crate) fn is_mid_frame(&self) -> bool {
+        self.open > 0
+    }
+
+    /// Queues the header of a binary frame whose payload follows in [`Outbox::push_chunk`]
+    /// calls; returns the masking key the payload must carry.
+    fn open_binary(&mut self, payload_len: usize) -> Option<[u8; 4]> {
+        let mask = self.mask();
+        frame::encode_header(self.buf(), OpCode::Binary, payload_len, mask);
+        self.open = payload_len;
+        mask
+    }
+
+    /// Queues the next payload bytes of the open frame, XORed in place with `key` (the
+    /// sender's and this leg's masking keys combined) from mask position `offset`.
+    fn push_chunk(&mut self, chunk: &mut [u8], key: Option<[u8; 4]>, offset: usize) {
+        if let Some(key) = key {
+            frame::apply_mask(chunk, frame::rotate_key(key, offset));
+        }
+        self.open -= chunk.len();
+        self.buf().extend_from_slice(chunk);
+    }
+
     /// Queues one data message.
     pub(crate) fn push_data(&mut self, text: bool, payload: &[u8]) {
-        let opcode = if text { OpCode::Text } else { OpCode::Binary };
-        let mask = self.mask();
-        frame::encode(&mut self.buf, opcode, payload, mask);
+        self.push(if text { OpCode::Text } else { OpCode::Binary }, payload);
     }
 
     /// Queues a message a policy produced.
     pub(crate) fn push_message(&mut self, message: &Message) {
-        let mask = self.mask();
         match message {
-            Message::Text(t) => frame::encode(&mut self.buf, OpCode::Text, t.as_bytes(), mask),
-            Message::Binary(b) => frame::encode(&mut self.buf, OpCode::Binary, b, mask),
-            Message::Ping(p) => frame::encode(&mut self.buf, OpCode::Ping, p, mask),
-            Message::Pong(p) => frame::encode(&mut self.buf, OpCode::Pong, p, mask),
+            Message::Text(t) => self.push(OpCode::Text, t.as_bytes()),
+            Message::Binary(b) => self.push(OpCode::Binary, b),
+            Message::Ping(p) => self.push(OpCode::Ping, p),
+            Message::Pong(p) => self.push(OpCode::Pong, p),
             Message::Close(f) => self.push_close(f.as_ref()),
             Message::Frame(_) => {}
         }
@@ -114,7 +186,7 @@ impl Outbox {
     pub(crate) fn push_close(&mut self, close: Option<&CloseFrame>) {
         let mask = self.mask();
         frame::encode_close(
-            &mut self.buf,
+            self.buf(),
             close.map(|f| (u16::from(f.code), f.reason.as_str())),
             mask,
         );
@@ -132,6 +204,8 @@ impl Outbox {
         if !self.buf.is_empty() {
             self.buf.clear();
             self.written = 0;
+            // The rest of an open frame comes first in the emptied buffer.
+            self.head_skip = self.open;
         }
         // A no-op on TCP; TLS writes out its own buffer.
         Pin::new(&mut *io).poll_flush(cx)
@@ -140,14 +214,12 @@ impl Outbox {
     /// Data messages queued and not (fully) written, found by walking the frames this leg
     /// encoded itself.
     fn undelivered(&self) -> u64 {
-        let mut count = 0;
-        let mut at = 0;
+        // A streamed frame begun in an earlier buffer: not delivered while still open or not
+        // written to its end.
+        let mut count = u64::from(self.head_skip > 0 && (self.open > 0 || self.head_skip > self.written));
+        let receiver = if self.masked { Role::Server } else { Role::Client };
+        let mut at = self.head_skip;
         while at < self.buf.len() {
-            let receiver = if self.masked {
-                Role::Server
-            } else {
-                Role::Client
-            };
             let Ok(Some(header)) = frame::parse_header(&self.buf[at..], receiver, usize::MAX)
             else {
                 break;
@@ -162,6 +234,20 @@ impl Outbox {
     }
 }
 
+/// Passes one whole data message to `sink`.
+fn deliver(sink: &mut Sink<'_>, text: bool, payload: &[u8], own: &mut Outbox) -> Result<(), Ending> {
+    match sink {
+        Sink::Through { peer, traffic } => {
+            traffic.messages += 1;
+            traffic.bytes += payload.len() as u64;
+            peer.push_data(text, payload);
+            Ok(())
+        }
+        Sink::Hooks(hook) => hook(text, payload, own),
+        Sink::Discard => Ok(()),
+    }
+}
+
 /// One WebSocket leg.
 pub(crate) struct Leg {
     io: Io,
@@ -171,6 +257,7 @@ pub(crate) struct Leg {
     /// The start of a frame that has not fully arrived; empty (unallocated) between frames.
     partial: BytesMut,
     fragments: Option<Fragments>,
+    stream: Option<Streaming>,
     /// Frames waiting to be written to this leg.
     pub(crate) out: Outbox,
 }
@@ -189,6 +276,7 @@ impl Leg {
             max_message_size,
             partial: BytesMut::from(&socket.pre_read[..]),
             fragments: None,
+            stream: None,
             out: Outbox::new(role),
         }
     }
@@ -201,29 +289,27 @@ impl Leg {
         }
     }
 
-    /// Frees the write buffer if nothing waits in it, so an idle leg holds none.
+    /// Gives the write buffer back if nothing waits in it, so an idle leg holds none.
     pub(crate) fn release_buffers(&mut self) {
         if self.out.is_empty() && self.out.buf.capacity() > 0 {
-            self.out.buf = Vec::new();
+            buffers::give_back_write(std::mem::take(&mut self.out.buf));
             self.out.written = 0;
         }
     }
 
-    /// Reads what the socket has and hands each whole data message to `deliver` with this
-    /// leg's own outbox (for replies to the sender). Pings are answered here and pongs dropped.
+    /// Reads what the socket has and passes each data message to `sink`. Pings are answered
+    /// here and pongs dropped.
     ///
-    /// Ready with `Ok` after one read's worth of frames; with `Err` when the leg ended (a close
-    /// frame, a dropped connection, a protocol error, a message over the limit) or `deliver`
-    /// stopped it.
-    pub(crate) fn poll_receive<F>(
+    /// Ready with `Ok(active)` after one read's worth of frames, `active` telling whether any
+    /// data moved; with `Err` when the leg ended (a close frame, a dropped connection, a
+    /// protocol error, a message over the limit) or a hook stopped it.
+    pub(crate) fn poll_receive(
         &mut self,
         cx: &mut Context<'_>,
-        mut deliver: F,
-    ) -> Poll<Result<(), Ending>>
-    where
-        F: FnMut(bool, &[u8], &mut Outbox) -> Result<(), Ending>,
-    {
-        let mut buf = if self.partial.is_empty() {
+        mut sink: Sink<'_>,
+    ) -> Poll<Result<bool, Ending>> {
+        let scratch = self.partial.is_empty();
+        let mut buf = if scratch {
             take_scratch()
         } else {
             let mut buf = std::mem::take(&mut self.partial);
@@ -232,25 +318,25 @@ impl Leg {
                 Ok(Some(h)) => h.frame_len().saturating_sub(buf.len()),
                 _ => 0,
             };
-            buf.reserve(want.max(COPY_LEFTOVER));
+            buf.reserve(want.max(MIN_PARTIAL));
             buf
         };
         // Bytes handed over with the handshake are parsed before the socket is read.
         if buf.is_empty() || !self.has_whole_frame(&buf) {
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf) {
                 Poll::Pending => {
-                    self.keep(buf);
+                    self.keep(buf, scratch);
                     return Poll::Pending;
                 }
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    self.keep(buf);
+                    self.keep(buf, scratch);
                     return Poll::Ready(Err(Ending::Gone(self.side)));
                 }
                 Poll::Ready(Ok(_)) => {}
             }
         }
-        let result = self.parse_frames(&mut buf, &mut deliver);
-        self.keep(buf);
+        let result = self.parse_frames(&mut buf, &mut sink);
+        self.keep(buf, scratch);
         Poll::Ready(result)
     }
 
@@ -263,30 +349,79 @@ impl Leg {
         }
     }
 
-    /// Keeps the unparsed rest of `buf` as this leg's partial frame, and gives the scratch
-    /// buffer back when the leg does not need it.
-    fn keep(&mut self, mut buf: BytesMut) {
-        if buf.is_empty() {
-            give_back(buf);
-        } else if buf.len() <= COPY_LEFTOVER && buf.capacity() >= SCRATCH {
-            self.partial = BytesMut::from(&buf[..]);
-            buf.clear();
-            give_back(buf);
-        } else {
-            self.partial = buf;
+    /// Keeps the unparsed rest of `buf` (the start of a frame) as this leg's partial frame.
+    /// Out of the scratch buffer it is copied into a buffer of its own, sized for the whole
+    /// frame so that the rest of it is read in place, and the scratch buffer goes back to the
+    /// thread. A partial buffer that empties is freed.
+    fn keep(&mut self, mut buf: BytesMut, scratch: bool) {
+        if !scratch {
+            if buf.is_empty() {
+                buffers::give_back_partial(buf);
+            } else {
+                self.partial = buf;
+            }
+            return;
         }
+        if !buf.is_empty() {
+            let frame_len = match frame::parse_header(&buf, self.role, self.max_message_size) {
+                Ok(Some(h)) => h.frame_len(),
+                _ => 0,
+            };
+            let size = frame_len.max(buf.len()).max(MIN_PARTIAL);
+            let mut partial = buffers::take_partial(size);
+            partial.extend_from_slice(&buf);
+            self.partial = partial;
+            buf.clear();
+        }
+        buffers::give_back_scratch(buf);
     }
 
-    fn parse_frames<F>(&mut self, buf: &mut BytesMut, deliver: &mut F) -> Result<(), Ending>
-    where
-        F: FnMut(bool, &[u8], &mut Outbox) -> Result<(), Ending>,
-    {
+    fn parse_frames(&mut self, buf: &mut BytesMut, sink: &mut Sink<'_>) -> Result<bool, Ending> {
+        let mut active = false;
         loop {
+            if let Some(stream) = &mut self.stream {
+                let n = stream.left.min(buf.len());
+                if n == 0 {
+                    return Ok(active);
+                }
+                if let Sink::Through { peer, traffic } = sink {
+                    peer.push_chunk(&mut buf[..n], stream.key, stream.done);
+                    traffic.bytes += n as u64;
+                    if n == stream.left {
+                        traffic.messages += 1;
+                    }
+                }
+                stream.left -= n;
+                stream.done += n;
+                if stream.left == 0 {
+                    self.stream = None;
+                }
+                buf.advance(n);
+                active = true;
+                continue;
+            }
             let header = match frame::parse_header(buf, self.role, self.max_message_size) {
-                Ok(Some(h)) if buf.len() >= h.frame_len() => h,
-                Ok(_) => return Ok(()),
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(active),
                 Err(e) => return Err(self.frame_error(e)),
             };
+            if buf.len() < header.frame_len() {
+                let streams = header.opcode == OpCode::Binary
+                    && header.fin
+                    && header.payload_len >= STREAM_MIN
+                    && self.fragments.is_none();
+                if let (true, Sink::Through { peer, .. }) = (streams, &mut *sink) {
+                    let out_key = peer.open_binary(header.payload_len);
+                    self.stream = Some(Streaming {
+                        left: header.payload_len,
+                        key: combine(header.mask, out_key),
+                        done: 0,
+                    });
+                    buf.advance(header.header_len);
+                    continue;
+                }
+                return Ok(active);
+            }
             let payload = &mut buf[header.header_len..header.frame_len()];
             if let Some(key) = header.mask {
                 frame::apply_mask(payload, key);
@@ -302,7 +437,8 @@ impl Leg {
                         if text && std::str::from_utf8(payload).is_err() {
                             return Err(Ending::BadUtf8(self.side));
                         }
-                        deliver(text, payload, &mut self.out)?;
+                        active = true;
+                        deliver(sink, text, payload, &mut self.out)?;
                     } else {
                         self.fragments = Some(Fragments {
                             text,
@@ -324,13 +460,11 @@ impl Leg {
                         if text && std::str::from_utf8(&data).is_err() {
                             return Err(Ending::BadUtf8(self.side));
                         }
-                        deliver(text, &data, &mut self.out)?;
+                        active = true;
+                        deliver(sink, text, &data, &mut self.out)?;
                     }
                 }
-                OpCode::Ping => {
-                    let mask = self.out.mask();
-                    frame::encode(&mut self.out.buf, OpCode::Pong, payload, mask);
-                }
+                OpCode::Ping => self.out.push(OpCode::Pong, payload),
                 OpCode::Pong => {}
                 OpCode::Close => return Err(self.close_received(payload)),
             }
@@ -392,7 +526,7 @@ impl Leg {
             return;
         }
         // Until the peer's close (or the end): what it still sends is discarded.
-        while std::future::poll_fn(|cx| self.poll_receive(cx, |_, _, _| Ok(())))
+        while std::future::poll_fn(|cx| self.poll_receive(cx, Sink::Discard))
             .await
             .is_ok()
         {}
@@ -420,7 +554,7 @@ impl Leg {
         let _ = std::future::poll_fn(|cx| loop {
             let mut buf = take_scratch();
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf);
-            give_back(buf);
+            buffers::give_back_scratch(buf);
             match ready!(read) {
                 Ok(0) | Err(_) => return Poll::Ready(()),
                 Ok(_) => continue,

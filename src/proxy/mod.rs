@@ -3,6 +3,7 @@
 //! `proxy` sees policies only through [`crate::policy::FrameHooks`]. See docs/lifecycle.md for
 //! the life of one connection.
 
+mod buffers;
 mod close;
 mod frame;
 mod headers;

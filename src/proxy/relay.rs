@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{Ending, LegClose, Side, Traffic};
-use super::leg::{Leg, Outbox};
+use super::leg::{Leg, Outbox, Sink};
 use super::lifetime::{Expiry, Lifetime};
 use crate::policy::{Direction, FrameHooks, Outbound, Verdict};
 
@@ -46,6 +46,8 @@ pub(crate) struct Relay {
     replies: [VecDeque<Message>; 2],
     /// Alternates which leg is read first, so neither can starve the other.
     client_first: bool,
+    /// Wake-ups that moved data since shutdown was last polled.
+    unpolled_shutdown: u8,
 }
 
 impl Relay {
@@ -70,6 +72,7 @@ impl Relay {
             inspects,
             replies: Default::default(),
             client_first: true,
+            unpolled_shutdown: 0,
         }
     }
 
@@ -98,6 +101,7 @@ impl Relay {
     /// Moves messages both ways until the connection ends.
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
         let mut busy = false;
+        let mut moved = false;
         for _ in 0..ROUNDS {
             if let Err(ending) = self.flush(cx) {
                 return Poll::Ready(ending);
@@ -119,13 +123,15 @@ impl Relay {
             if !busy {
                 break;
             }
+            moved = true;
         }
         if let Err(ending) = self.flush(cx) {
             return Poll::Ready(ending);
         }
-        // Shutdown and the timers are polled once per wake-up, not per message: their wake-ups
-        // stay registered in between, and polling the shutdown token takes a lock.
-        if self.shutdown.as_mut().poll(cx).is_ready() {
+        // Polling the shutdown token takes a lock, so a wake-up that moved data (and so was
+        // not the token's) polls it only now and then; its wake-up stays registered between.
+        self.unpolled_shutdown = self.unpolled_shutdown.wrapping_add(1);
+        if (!moved || self.unpolled_shutdown % 16 == 0) && self.shutdown.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ending::Shutdown);
         }
         if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
@@ -161,8 +167,9 @@ impl Relay {
             Side::Upstream => (&mut self.upstream, &mut self.client),
         };
         // Replies a policy queued towards the sender itself count against it too, so a sender
-        // that does not read its replies is throttled as well.
-        if !writer.out.is_empty() || reader.out.len() > MAX_QUEUED_REPLIES {
+        // that does not read its replies is throttled as well. A leg the other one is
+        // streaming a frame into is not read either: its pongs could not be queued.
+        if !writer.out.is_empty() || reader.out.len() > MAX_QUEUED_REPLIES || reader.out.is_mid_frame() {
             return Poll::Pending;
         }
         let slot = match from {
@@ -170,55 +177,65 @@ impl Relay {
             Side::Upstream => 1,
         };
         let traffic = &mut self.traffic[slot];
-        let lifetime = &mut self.lifetime;
-        if !self.inspects[slot] {
-            return reader.poll_receive(cx, |text, payload, _| {
-                lifetime.touch();
-                traffic.messages += 1;
-                traffic.bytes += payload.len() as u64;
-                writer.out.push_data(text, payload);
-                Ok(())
-            });
-        }
-        let hooks = &mut self.hooks;
-        let replies = &mut self.replies;
-        reader.poll_receive(cx, |text, payload, own| {
-            lifetime.touch();
-            let message = to_message(text, payload);
-            let [to_client, to_upstream] = &mut *replies;
-            let direction = match from {
-                Side::Client => Direction::ClientToUpstream,
-                Side::Upstream => Direction::UpstreamToClient,
-            };
-            let verdict = hooks.on_message(
-                direction,
-                message,
-                Outbound {
-                    to_client: &mut *to_client,
-                    to_upstream: &mut *to_upstream,
+        let received = if !self.inspects[slot] {
+            reader.poll_receive(
+                cx,
+                Sink::Through {
+                    peer: &mut writer.out,
+                    traffic,
                 },
-            );
-            // Replies go out before the verdict's message.
-            let (own_replies, other_replies) = match from {
-                Side::Client => (to_client, to_upstream),
-                Side::Upstream => (to_upstream, to_client),
+            )
+        } else {
+            let hooks = &mut self.hooks;
+            let replies = &mut self.replies;
+            let mut hook = |text: bool, payload: &[u8], own: &mut Outbox| {
+                let message = to_message(text, payload);
+                let [to_client, to_upstream] = &mut *replies;
+                let direction = match from {
+                    Side::Client => Direction::ClientToUpstream,
+                    Side::Upstream => Direction::UpstreamToClient,
+                };
+                let verdict = hooks.on_message(
+                    direction,
+                    message,
+                    Outbound {
+                        to_client: &mut *to_client,
+                        to_upstream: &mut *to_upstream,
+                    },
+                );
+                // Replies go out before the verdict's message.
+                let (own_replies, other_replies) = match from {
+                    Side::Client => (to_client, to_upstream),
+                    Side::Upstream => (to_upstream, to_client),
+                };
+                drain_into(own_replies, own);
+                drain_into(other_replies, &mut writer.out);
+                match verdict {
+                    Verdict::Forward(message) => {
+                        traffic.messages += 1;
+                        traffic.bytes += message.len() as u64;
+                        writer.out.push_message(&message);
+                        Ok(())
+                    }
+                    Verdict::Drop => {
+                        traffic.dropped_by_policy += 1;
+                        Ok(())
+                    }
+                    Verdict::Close(frame) => Err(Ending::Policy(frame)),
+                }
             };
-            drain_into(own_replies, own);
-            drain_into(other_replies, &mut writer.out);
-            match verdict {
-                Verdict::Forward(message) => {
-                    traffic.messages += 1;
-                    traffic.bytes += message.len() as u64;
-                    writer.out.push_message(&message);
-                    Ok(())
+            reader.poll_receive(cx, Sink::Hooks(&mut hook))
+        };
+        match received {
+            Poll::Ready(Ok(active)) => {
+                if active {
+                    // Once per batch: the idle timer needs no finer time than that.
+                    self.lifetime.touch();
                 }
-                Verdict::Drop => {
-                    traffic.dropped_by_policy += 1;
-                    Ok(())
-                }
-                Verdict::Close(frame) => Err(Ending::Policy(frame)),
+                Poll::Ready(Ok(()))
             }
-        })
+            other => other.map_ok(|_| ()),
+        }
     }
 }
 
@@ -242,6 +259,12 @@ fn drain_into(queue: &mut VecDeque<Message>, out: &mut Outbox) {
 /// waiting for the other leg). Data messages that were queued for it but never written are
 /// counted as undelivered.
 async fn close_leg(mut leg: Leg, plan: LegClose, traffic: &mut Traffic, timeout: Duration) {
+    // A frame streamed into this leg was cut short: no close frame can follow it.
+    let plan = if leg.out.is_mid_frame() {
+        LegClose::Drop
+    } else {
+        plan
+    };
     let handshake = async {
         match &plan {
             LegClose::Drop => {}
