@@ -50,7 +50,9 @@ pub(crate) fn give_back_scratch(buf: BytesMut) {
 
 /// An empty write buffer.
 pub(crate) fn take_write() -> Vec<u8> {
-    POOLS.with(|p| p.borrow_mut().writes.pop()).unwrap_or_default()
+    POOLS
+        .with(|p| p.borrow_mut().writes.pop())
+        .unwrap_or_default()
 }
 
 /// Returns an emptied write buffer to the pool (or frees it).

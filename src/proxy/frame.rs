@@ -190,7 +190,12 @@ pub(crate) fn rotate_key(key: [u8; 4], offset: usize) -> [u8; 4] {
 
 /// Appends the header of a final (FIN) frame with a payload of `payload_len` bytes. `mask` is
 /// `Some` on a client leg, where every frame must be masked.
-pub(crate) fn encode_header(out: &mut Vec<u8>, opcode: OpCode, payload_len: usize, mask: Option<[u8; 4]>) {
+pub(crate) fn encode_header(
+    out: &mut Vec<u8>,
+    opcode: OpCode,
+    payload_len: usize,
+    mask: Option<[u8; 4]>,
+) {
     let mut header = [0u8; 14];
     header[0] = 0x80 | opcode.bits();
     let mut len = match payload_len {

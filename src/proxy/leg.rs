@@ -216,8 +216,13 @@ impl Outbox {
     fn undelivered(&self) -> u64 {
         // A streamed frame begun in an earlier buffer: not delivered while still open or not
         // written to its end.
-        let mut count = u64::from(self.head_skip > 0 && (self.open > 0 || self.head_skip > self.written));
-        let receiver = if self.masked { Role::Server } else { Role::Client };
+        let mut count =
+            u64::from(self.head_skip > 0 && (self.open > 0 || self.head_skip > self.written));
+        let receiver = if self.masked {
+            Role::Server
+        } else {
+            Role::Client
+        };
         let mut at = self.head_skip;
         while at < self.buf.len() {
             let Ok(Some(header)) = frame::parse_header(&self.buf[at..], receiver, usize::MAX)
@@ -235,7 +240,12 @@ impl Outbox {
 }
 
 /// Passes one whole data message to `sink`.
-fn deliver(sink: &mut Sink<'_>, text: bool, payload: &[u8], own: &mut Outbox) -> Result<(), Ending> {
+fn deliver(
+    sink: &mut Sink<'_>,
+    text: bool,
+    payload: &[u8],
+    own: &mut Outbox,
+) -> Result<(), Ending> {
     match sink {
         Sink::Through { peer, traffic } => {
             traffic.messages += 1;

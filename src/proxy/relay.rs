@@ -78,18 +78,30 @@ impl Relay {
 
     /// Relays until something ends the connection, closes both legs (each closing handshake
     /// bounded by `close_timeout`) and returns why it ended with the traffic counters.
+    ///
+    /// The relay is boxed: an async function's state would hold it more than once.
     pub(crate) async fn run(
-        mut self,
+        mut self: Box<Self>,
         close_timeout: Duration,
     ) -> (Ending, [Traffic; 2], Box<dyn FrameHooks>) {
         let ending = poll_fn(|cx| self.poll_relay(cx)).await;
+        // The closing handshakes' state is allocated only now, so that it does not add to
+        // what every open connection holds.
+        Box::pin(self.close(ending, close_timeout)).await
+    }
+
+    async fn close(
+        self: Box<Self>,
+        ending: Ending,
+        close_timeout: Duration,
+    ) -> (Ending, [Traffic; 2], Box<dyn FrameHooks>) {
         let Relay {
             client,
             upstream,
             traffic: [mut to_upstream, mut to_client],
             hooks,
             ..
-        } = self;
+        } = *self;
         let (client_plan, upstream_plan) = ending.plan();
         tokio::join!(
             close_leg(client, client_plan, &mut to_client, close_timeout),
@@ -131,7 +143,9 @@ impl Relay {
         // Polling the shutdown token takes a lock, so a wake-up that moved data (and so was
         // not the token's) polls it only now and then; its wake-up stays registered between.
         self.unpolled_shutdown = self.unpolled_shutdown.wrapping_add(1);
-        if (!moved || self.unpolled_shutdown % 16 == 0) && self.shutdown.as_mut().poll(cx).is_ready() {
+        if (!moved || self.unpolled_shutdown % 16 == 0)
+            && self.shutdown.as_mut().poll(cx).is_ready()
+        {
             return Poll::Ready(Ending::Shutdown);
         }
         if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
@@ -169,7 +183,10 @@ impl Relay {
         // Replies a policy queued towards the sender itself count against it too, so a sender
         // that does not read its replies is throttled as well. A leg the other one is
         // streaming a frame into is not read either: its pongs could not be queued.
-        if !writer.out.is_empty() || reader.out.len() > MAX_QUEUED_REPLIES || reader.out.is_mid_frame() {
+        if !writer.out.is_empty()
+            || reader.out.len() > MAX_QUEUED_REPLIES
+            || reader.out.is_mid_frame()
+        {
             return Poll::Pending;
         }
         let slot = match from {

@@ -335,29 +335,31 @@ async fn upgrade(
     let shutdown = shared.shutdown.clone().cancelled_owned();
     let close_timeout = shared.config.server.close_timeout;
     let policy_deadline = changes.expire_at;
+    // Only the socket goes into the task (the upstream's headers are done with), so an idle
+    // connection holds as little as possible.
+    let upstream_leg = Leg::new(connected.socket, Side::Upstream, route.max_message_size);
     shared.tracker.spawn_local(async move {
         let _slot = slot;
         let opened = tokio::time::Instant::now();
         let mut summary = CloseSummary::new(id, route.name(), peer, url);
-        let upstream_leg = Leg::new(connected.socket, Side::Upstream, route.max_message_size);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
                 let reason = format!("client left during the upgrade: {e}");
-                return abandon(upstream_leg, hooks, summary, opened, reason, ClosedBy::Client, close_timeout).await;
+                return Box::pin(abandon(upstream_leg, hooks, summary, opened, reason, ClosedBy::Client, close_timeout)).await;
             }
         };
         let client = match upstream::take_apart(upgraded) {
             Ok(socket) => Leg::new(socket, Side::Client, route.max_message_size),
             Err(e) => {
                 tracing::warn!(conn = id, error = %e, "cannot start the client WebSocket");
-                return abandon(upstream_leg, hooks, summary, opened, e.to_string(), ClosedBy::Gateway, close_timeout).await;
+                return Box::pin(abandon(upstream_leg, hooks, summary, opened, e.to_string(), ClosedBy::Gateway, close_timeout)).await;
             }
         };
         tracing::info!(conn = id, route = %summary.route, client = %peer, upstream = %summary.upstream, "connection opened");
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let lifetime = Lifetime::start(deadline, route.idle_timeout);
-        let relay = Relay::new(client, upstream_leg, lifetime, shutdown, hooks);
+        let relay = Box::new(Relay::new(client, upstream_leg, lifetime, shutdown, hooks));
         let (ending, [client_to_upstream, upstream_to_client], mut hooks) = relay.run(close_timeout).await;
         (summary.code, summary.reason) = ending.code_and_reason();
         summary.closed_by = ending.closed_by();
