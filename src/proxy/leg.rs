@@ -64,6 +64,9 @@ struct Streaming {
     done: usize,
 }
 
+/// A hook over whole data messages: `(is_text, payload, the sender's own outbox)`.
+pub(crate) type Hook<'a> = dyn FnMut(bool, &[u8], &mut Outbox) -> Result<(), Ending> + 'a;
+
 /// Where a leg's data messages go.
 pub(crate) enum Sink<'a> {
     /// Straight into the other leg's outbox, counted in `traffic`; large binary frames are
@@ -75,7 +78,7 @@ pub(crate) enum Sink<'a> {
         traffic: &'a mut Traffic,
     },
     /// Each whole message to a hook, with this leg's own outbox for replies to the sender.
-    Hooks(&'a mut dyn FnMut(bool, &[u8], &mut Outbox) -> Result<(), Ending>),
+    Hooks(&'a mut Hook<'a>),
     /// Nowhere: the connection is closing.
     Discard,
 }
