@@ -177,7 +177,8 @@ fn run(
                         continue;
                     };
                     let slot = Rc::new(Slot { _permit: permit, active: active.clone() });
-                    let Ok(stream) = stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) else { continue };
+                    // `into_std` on the accepting worker left the socket non-blocking.
+                    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { continue };
                     let task = crate::listener::serve(stream, peer, shared.clone(), ctx.clone(), slot);
                     shared.tracker.spawn_local(task);
                 }

@@ -649,6 +649,75 @@ end
     );
 }
 
+/// `req`'s table fields are made when first read: they are read-only at every level, they
+/// iterate and count like tables, and one kept in `ctx` keeps its content in the frame phase.
+#[tokio::test]
+async fn req_table_fields_are_read_only_iterable_and_survive_in_ctx() {
+    let up = echo().await;
+    let keep = script(
+        "keep.lua",
+        r#"
+return function(req, ctx)
+  local ok, err = pcall(function() req.headers["x-new"] = "1" end)
+  local qok = pcall(function() req.query.a = "2" end)
+  local keys = {}
+  for k, v in pairs(req.query) do keys[#keys + 1] = k .. "=" .. v end
+  table.sort(keys)
+  ctx.seen = {
+    header_write = tostring(ok) .. " " .. tostring(err),
+    query_write = qok,
+    query_pairs = table.concat(keys, "&"),
+    protocols = #req.subprotocols .. " " .. tostring(req.subprotocols[1]),
+    metatable = getmetatable(req.headers),
+  }
+  ctx.headers = req.headers
+  ctx.params = req.params
+end
+"#,
+    );
+    let show = script(
+        "show.lua",
+        r#"
+return function(msg, ctx, conn)
+  local s = ctx.seen
+  conn:reply({
+    header_write = s.header_write, query_write = s.query_write, query_pairs = s.query_pairs,
+    protocols = s.protocols, metatable = s.metatable,
+    kept_header = ctx.headers["X-Custom"], kept_param = ctx.params.room,
+  })
+  return false
+end
+"#,
+    );
+    let gw = gateway(&route(
+        "/keep/{room}",
+        up.addr,
+        "",
+        &[("on_upgrade", &keep), ("on_client_frame", &show)],
+    ))
+    .await;
+    let (mut ws, _) = connect_with(gw.local_addr(), "/keep/blue?b=2&a=1", &[("x-custom", "c1")])
+        .await
+        .expect("upgrade succeeds");
+    ws.send(Message::text("show")).await.unwrap();
+    let reply = next_message(&mut ws).await.unwrap().unwrap();
+    let seen: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+    assert!(
+        seen["header_write"].as_str().unwrap().starts_with("false ")
+            && seen["header_write"]
+                .as_str()
+                .unwrap()
+                .contains("req is read-only"),
+        "{seen}"
+    );
+    assert_eq!(seen["query_write"], false, "{seen}");
+    assert_eq!(seen["query_pairs"], "a=1&b=2", "{seen}");
+    assert_eq!(seen["protocols"], "0 nil", "{seen}");
+    assert_eq!(seen["metatable"], "req", "{seen}");
+    assert_eq!(seen["kept_header"], "c1", "{seen}");
+    assert_eq!(seen["kept_param"], "blue", "{seen}");
+}
+
 #[tokio::test]
 async fn a_runtime_error_in_on_upgrade_gives_500_without_contacting_the_upstream() {
     let mut up = echo().await;

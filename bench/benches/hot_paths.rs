@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the per-request and per-message hot paths: route matching with 1,000
 //! routes, a trivial Lua frame policy call, a Lua JSON decode-modify-encode of a 1 KiB message,
-//! and context access from a frame policy.
+//! context access from a frame policy, and an `on_upgrade` token check.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use framegate::policy::lua::{test_hooks, Engine};
 use framegate::policy::shared::SharedDict;
-use framegate::policy::{Direction, Outbound, Verdict};
+use framegate::policy::{Direction, Outbound, UpgradeRequest, UpgradeVerdict, Verdict};
 use framegate::Config;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -50,12 +50,17 @@ fn route_matching(c: &mut Criterion) {
 
 /// Writes `source` to a temporary script and returns an engine with it as on_client_frame.
 fn engine_with(name: &str, source: &str) -> Engine {
+    engine_hooking("on_client_frame", name, source)
+}
+
+/// Writes `source` to a temporary script and returns an engine with it bound as `hook`.
+fn engine_hooking(hook: &str, name: &str, source: &str) -> Engine {
     let dir = std::env::temp_dir().join(format!("framegate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path: PathBuf = dir.join(name);
     std::fs::write(&path, source).expect("write script");
     let toml = format!(
-        "[[route]]\npath = \"/b\"\nupstream = \"ws://127.0.0.1:9/\"\n[route.policies]\non_client_frame = {:?}\n",
+        "[[route]]\npath = \"/b\"\nupstream = \"ws://127.0.0.1:9/\"\n[route.policies]\n{hook} = {:?}\n",
         path.display().to_string()
     );
     let config = Config::from_toml(&toml, std::path::Path::new("bench.toml")).expect("valid");
@@ -116,5 +121,54 @@ fn lua_policies(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route_matching, lua_policies);
+/// The `on_upgrade` token check of `bench/run.py`'s `fg+auth` gateway, on the headers
+/// `fg-load` sends.
+fn lua_upgrade_policy(c: &mut Criterion) {
+    let engine = engine_hooking(
+        "on_upgrade",
+        "auth.lua",
+        r#"return function(req, ctx)
+  if req.headers["authorization"] ~= "Bearer bench-token" then return req:reject(401, "no") end
+  ctx.user = "bench"
+end"#,
+    );
+    let config = Config::from_toml(
+        "[[route]]\npath = \"/b\"\nupstream = \"ws://127.0.0.1:9/\"\n",
+        std::path::Path::new("bench.toml"),
+    )
+    .expect("valid");
+    let policy = engine.route_policy(&config.routes[0]).expect("a policy");
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in [
+        ("host", "127.0.0.1:19006"),
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("authorization", "Bearer bench-token"),
+    ] {
+        headers.insert(name, value.parse().expect("valid header"));
+    }
+    let request = UpgradeRequest {
+        id: 1,
+        method: "GET",
+        path: "/b",
+        query: "",
+        headers: &headers,
+        params: &[],
+        client_ip: "127.0.0.1".parse().expect("an IP"),
+        scheme: "ws",
+        host: Some("127.0.0.1:19006"),
+    };
+    let mut group = c.benchmark_group("lua_upgrade_policy");
+    group.bench_function("token_check", |b| {
+        b.iter(|| match policy.on_upgrade(black_box(&request)) {
+            UpgradeVerdict::Continue { .. } => {}
+            _ => panic!("the token is valid"),
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, route_matching, lua_policies, lua_upgrade_policy);
 criterion_main!(benches);

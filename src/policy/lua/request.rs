@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::frame::LuaFrameHooks;
+use super::sandbox::ReadOnlyViews;
 use super::{misuse, LuaRoutePolicy};
 use crate::policy::{
     FrameHooks, PassThrough, RoutePolicy, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
@@ -32,11 +33,24 @@ const MANAGED: [&str; 15] = [
     "sec-websocket-accept",
 ];
 
-/// `req`: the request's fields (a table shared with `ctx.request`) plus the methods.
-struct Req {
-    fields: Table,
+/// What `req` reads its fields from: the request, copied out of the HTTP layer.
+struct RequestData {
+    path: String,
+    query: String,
     headers: HeaderMap,
+    params: Vec<(String, String)>,
+    client_ip: std::net::IpAddr,
+    scheme: &'static str,
+    host: Option<String>,
+}
+
+/// `req`: the request's fields plus the methods. A field's Lua value is made the first time
+/// the script reads it (most scripts read one or two), and its tables are read-only views.
+struct Req {
+    request: RequestData,
     offered: Vec<String>,
+    /// The table fields made so far (`headers`, `query`, `params`, `subprotocols`).
+    made: Option<Table>,
     changes: UpgradeChanges,
     rejection: Option<(StatusCode, Bytes, HeaderMap)>,
 }
@@ -219,6 +233,7 @@ impl UserData for Req {
         methods.add_method("header_values", |lua, this, name: Value| {
             let name = string_arg(lua, "header_values", "the header name", &name)?;
             let values = this
+                .request
                 .headers
                 .get_all(name.to_ascii_lowercase().as_str())
                 .iter()
@@ -226,8 +241,40 @@ impl UserData for Req {
                 .collect::<mlua::Result<Vec<_>>>()?;
             lua.create_sequence_from(values)
         });
-        methods.add_meta_method(MetaMethod::Index, |_, this, key: Value| {
-            this.fields.get::<Value>(key)
+        methods.add_meta_method_mut(MetaMethod::Index, |lua, this, key: Value| {
+            let Value::String(key) = key else {
+                return Ok(Value::Nil);
+            };
+            let key = key.as_bytes();
+            let r = &this.request;
+            let text = |s: &str| lua.create_string(s).map(Value::String);
+            match &key[..] {
+                b"method" => text("GET"),
+                b"path" => text(&r.path),
+                b"query_string" => text(&r.query),
+                b"client_ip" => text(&r.client_ip.to_string()),
+                b"scheme" => text(r.scheme),
+                b"host" => r.host.as_deref().map_or(Ok(Value::Nil), text),
+                name @ (b"headers" | b"query" | b"params" | b"subprotocols") => {
+                    let name = std::str::from_utf8(name).expect("an ASCII field name");
+                    let made = match &this.made {
+                        Some(made) => made.clone(),
+                        None => this.made.insert(lua.create_table()?).clone(),
+                    };
+                    if let Value::Table(t) = made.raw_get::<Value>(name)? {
+                        return Ok(Value::Table(t));
+                    }
+                    let views = lua
+                        .app_data_ref::<ReadOnlyViews>()
+                        .expect("the sandbox registers its read-only views")
+                        .clone();
+                    let table = field_table(lua, &views, name, r, &this.offered)?;
+                    let view = views.req_view(lua, table)?;
+                    made.raw_set(name, &view)?;
+                    Ok(Value::Table(view))
+                }
+                _ => Ok(Value::Nil),
+            }
         });
         methods.add_meta_method(
             MetaMethod::NewIndex,
@@ -244,50 +291,88 @@ impl UserData for Req {
     }
 }
 
-/// Builds the request's field table (shared by `req` and `ctx.request`).
-fn request_table(
-    policy: &LuaRoutePolicy,
-    request: &UpgradeRequest<'_>,
+/// One of the request's table fields: `headers`, `query`, `params` or `subprotocols`.
+fn field_table(
+    lua: &Lua,
+    views: &ReadOnlyViews,
+    name: &str,
+    r: &RequestData,
     offered: &[String],
 ) -> mlua::Result<Table> {
-    let lua = &policy.vm.lua;
-    let t = lua.create_table_with_capacity(0, 10)?;
-    t.set("method", request.method)?;
-    t.set("path", request.path)?;
-    let query = lua.create_table()?;
-    for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
-        if !query.contains_key(k.as_ref())? {
-            query.set(k.as_ref(), v.as_ref())?;
-        }
-    }
-    t.set("query", query)?;
-    t.set("query_string", request.query)?;
-    let headers = lua.create_table_with_capacity(0, request.headers.keys_len())?;
-    for name in request.headers.keys() {
-        let mut joined = Vec::new();
-        for (i, v) in request.headers.get_all(name).iter().enumerate() {
-            if i > 0 {
-                joined.extend_from_slice(b", ");
+    match name {
+        "headers" => {
+            let headers = lua.create_table_with_capacity(0, r.headers.keys_len())?;
+            for key in r.headers.keys() {
+                let mut values = r.headers.get_all(key).iter();
+                let first = values.next().map_or(&b""[..], |v| v.as_bytes());
+                let value = match values.next() {
+                    None => lua.create_string(first)?,
+                    Some(second) => {
+                        let mut joined = [first, b", ", second.as_bytes()].concat();
+                        for v in values {
+                            joined.extend_from_slice(b", ");
+                            joined.extend_from_slice(v.as_bytes());
+                        }
+                        lua.create_string(joined)?
+                    }
+                };
+                headers.raw_set(key.as_str(), value)?;
             }
-            joined.extend_from_slice(v.as_bytes());
+            views.header_table(&headers)?;
+            Ok(headers)
         }
-        headers.set(name.as_str(), lua.create_string(joined)?)?;
+        "query" => {
+            let query = lua.create_table()?;
+            for (k, v) in form_urlencoded::parse(r.query.as_bytes()) {
+                if !query.contains_key(k.as_ref())? {
+                    query.raw_set(k.as_ref(), v.as_ref())?;
+                }
+            }
+            Ok(query)
+        }
+        "params" => {
+            let params = lua.create_table_with_capacity(0, r.params.len())?;
+            for (k, v) in &r.params {
+                params.raw_set(k.as_str(), v.as_str())?;
+            }
+            Ok(params)
+        }
+        _ => lua.create_sequence_from(offered.iter().map(String::as_str)),
     }
-    policy.vm.sandbox.header_table(&headers)?;
-    t.set("headers", headers)?;
-    let params = lua.create_table()?;
-    for (k, v) in request.params {
-        params.set(k.as_str(), v.as_str())?;
+}
+
+/// Builds the request's whole field table, for `ctx.request`.
+fn request_table(
+    lua: &Lua,
+    views: &ReadOnlyViews,
+    r: &RequestData,
+    offered: &[String],
+) -> mlua::Result<Table> {
+    let t = lua.create_table_with_capacity(0, 10)?;
+    t.raw_set("method", "GET")?;
+    t.raw_set("path", r.path.as_str())?;
+    t.raw_set("query_string", r.query.as_str())?;
+    t.raw_set("client_ip", r.client_ip.to_string())?;
+    t.raw_set("scheme", r.scheme)?;
+    t.raw_set("host", r.host.as_deref())?;
+    for name in ["headers", "query", "params", "subprotocols"] {
+        t.raw_set(name, field_table(lua, views, name, r, offered)?)?;
     }
-    t.set("params", params)?;
-    t.set("client_ip", request.client_ip.to_string())?;
-    t.set("scheme", request.scheme)?;
-    t.set("host", request.host)?;
-    t.set(
-        "subprotocols",
-        lua.create_sequence_from(offered.iter().map(String::as_str))?,
-    )?;
     Ok(t)
+}
+
+impl RequestData {
+    fn new(request: &UpgradeRequest<'_>) -> Self {
+        RequestData {
+            path: request.path.to_owned(),
+            query: request.query.to_owned(),
+            headers: request.headers.clone(),
+            params: request.params.to_vec(),
+            client_ip: request.client_ip,
+            scheme: request.scheme,
+            host: request.host.map(str::to_owned),
+        }
+    }
 }
 
 /// The client's offered subprotocols, in order.
@@ -337,38 +422,42 @@ impl LuaRoutePolicy {
     ) -> mlua::Result<UpgradeVerdict> {
         let lua = &self.vm.lua;
         let offered = offered_subprotocols(request.headers);
-        let fields = request_table(self, request, &offered)?;
+        let data = RequestData::new(request);
         let ctx = lua.create_table()?;
         let mut changes = UpgradeChanges::default();
-        if let Some(script) = &self.on_upgrade {
-            let req = lua.create_userdata(Req {
-                // The policy reads the request through a read-only view.
-                fields: self.vm.sandbox.freeze(fields.clone(), "req")?,
-                headers: request.headers.clone(),
-                offered,
-                changes: UpgradeChanges::default(),
-                rejection: None,
-            })?;
-            let result = self
-                .vm
-                .guarded(self.limits, || script.function.call::<Value>((&req, &ctx)));
-            let req = req.take::<Req>()?;
-            result?;
-            if let Some((status, body, headers)) = req.rejection {
-                return Ok(UpgradeVerdict::Reject {
-                    status,
-                    body,
-                    headers,
-                });
+        let (data, offered) = match &self.on_upgrade {
+            None => (data, offered),
+            Some(script) => {
+                let req = lua.create_userdata(Req {
+                    request: data,
+                    offered,
+                    made: None,
+                    changes: UpgradeChanges::default(),
+                    rejection: None,
+                })?;
+                let result = self
+                    .vm
+                    .guarded(self.limits, || script.function.call::<Value>((&req, &ctx)));
+                let req = req.take::<Req>()?;
+                result?;
+                if let Some((status, body, headers)) = req.rejection {
+                    return Ok(UpgradeVerdict::Reject {
+                        status,
+                        body,
+                        headers,
+                    });
+                }
+                changes = req.changes;
+                (req.request, req.offered)
             }
-            changes = req.changes;
-        }
+        };
         if !needs_frames {
             return Ok(UpgradeVerdict::Continue {
                 changes,
                 hooks: Box::new(PassThrough),
             });
         }
+        let fields = request_table(lua, &self.vm.sandbox.views, &data, &offered)?;
         ctx.set("request", fields)?;
         let frozen = self.vm.sandbox.freeze(ctx, "ctx")?;
         let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(self, request.id, frozen)?);

@@ -54,6 +54,17 @@ local function freeze(t, what, seen)
   })
 end
 
+-- Read-only views of req's table fields, made from Rust when a field is first read: one
+-- shared metatable, so a view costs a table and two weak entries.
+local views = setmetatable({}, { __mode = "k" })
+local req_meta = {
+  __index = function(p, k) return views[p][k] end,
+  __newindex = function() error("req is read-only", 2) end,
+  __len = function(p) return #views[p] end,
+  __pairs = function(p) return next, views[p], nil end,
+  __metatable = "req",
+}
+
 -- Header tables: lower-case keys, any-case lookup.
 local ci_meta = {
   __framegate_ci = true,
@@ -97,13 +108,48 @@ end
 G_string.dump = nil
 getmetatable("").__metatable = false
 
-return function(t, what) return freeze(t, what, {}) end, ci_meta, environment
+return function(t, what) return freeze(t, what, {}) end, ci_meta, environment,
+  frozen, views, req_meta
 "#;
+
+/// Makes read-only views of tables, and header tables with any-case look-ups. Registered as
+/// the VM's app data, so that `req` can make its fields' views when they are first read.
+#[derive(Clone)]
+pub(crate) struct ReadOnlyViews {
+    freeze: Function,
+    ci_meta: Table,
+    /// Views already frozen (weak keys): `freeze` keeps them as they are.
+    frozen: Table,
+    /// View -> its table, for `req_meta` (weak keys).
+    views: Table,
+    req_meta: Table,
+}
+
+impl ReadOnlyViews {
+    /// A read-only view of a flat table of `req` (writes raise "req is read-only"), made
+    /// without copying it.
+    pub(crate) fn req_view(&self, lua: &Lua, table: Table) -> mlua::Result<Table> {
+        let view = lua.create_table()?;
+        view.set_metatable(Some(self.req_meta.clone()))?;
+        self.views.raw_set(&view, table)?;
+        self.frozen.raw_set(&view, true)?;
+        Ok(view)
+    }
+
+    /// The read-only view of `table`; writes raise "`what` is read-only".
+    pub(crate) fn freeze(&self, table: Table, what: &str) -> mlua::Result<Table> {
+        self.freeze.call((table, what))
+    }
+
+    /// Makes `table` a header table: keys are lower-case, look-ups accept any case.
+    pub(crate) fn header_table(&self, table: &Table) -> mlua::Result<()> {
+        table.set_metatable(Some(self.ci_meta.clone()))
+    }
+}
 
 /// The sandbox of one VM.
 pub struct Sandbox {
-    freeze: Function,
-    ci_meta: Table,
+    pub(crate) views: ReadOnlyViews,
     environment: Function,
     gw: Table,
     print: Function,
@@ -117,14 +163,27 @@ impl Sandbox {
         dict: Arc<SharedDict>,
         over_budget: Function,
     ) -> mlua::Result<Sandbox> {
-        let (freeze, ci_meta, environment): (Function, Table, Function) =
-            lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
+        let (freeze, ci_meta, environment, frozen, views, req_meta): (
+            Function,
+            Table,
+            Function,
+            Table,
+            Table,
+            Table,
+        ) = lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
         let gw = super::gw::build(lua, dict)?;
         let gw: Table = freeze.call((gw, "gw"))?;
         let print = super::gw::print_function(lua)?;
-        Ok(Sandbox {
+        let views = ReadOnlyViews {
             freeze,
             ci_meta,
+            frozen,
+            views,
+            req_meta,
+        };
+        lua.set_app_data(views.clone());
+        Ok(Sandbox {
+            views,
             environment,
             gw,
             print,
@@ -140,11 +199,6 @@ impl Sandbox {
 
     /// The read-only view of `table`; writes raise "`what` is read-only".
     pub(crate) fn freeze(&self, table: Table, what: &str) -> mlua::Result<Table> {
-        self.freeze.call((table, what))
-    }
-
-    /// Makes `table` a header table: keys are lower-case, look-ups accept any case.
-    pub(crate) fn header_table(&self, table: &Table) -> mlua::Result<()> {
-        table.set_metatable(Some(self.ci_meta.clone()))
+        self.views.freeze(table, what)
     }
 }
