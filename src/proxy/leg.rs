@@ -9,11 +9,11 @@
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::buffers::{self, take_scratch};
 use super::close::{Ending, Side, Traffic};
@@ -64,8 +64,8 @@ struct Streaming {
     done: usize,
 }
 
-/// A hook over whole data messages: `(is_text, payload, the sender's own outbox)`.
-pub(crate) type Hook<'a> = dyn FnMut(bool, &[u8], &mut Outbox) -> Result<(), Ending> + 'a;
+/// A hook over whole data messages, given with the sender's own outbox (for replies).
+pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<(), Ending> + 'a;
 
 /// Where a leg's data messages go.
 pub(crate) enum Sink<'a> {
@@ -242,22 +242,13 @@ impl Outbox {
     }
 }
 
-/// Passes one whole data message to `sink`.
-fn deliver(
-    sink: &mut Sink<'_>,
-    text: bool,
-    payload: &[u8],
-    own: &mut Outbox,
-) -> Result<(), Ending> {
-    match sink {
-        Sink::Through { peer, traffic } => {
-            traffic.messages += 1;
-            traffic.bytes += payload.len() as u64;
-            peer.push_data(text, payload);
-            Ok(())
-        }
-        Sink::Hooks(hook) => hook(text, payload, own),
-        Sink::Discard => Ok(()),
+/// Passes one whole data message on to the other leg (hooks get theirs from `Leg::message`;
+/// a closing leg drops it).
+fn pass_through(sink: &mut Sink<'_>, text: bool, payload: &[u8]) {
+    if let Sink::Through { peer, traffic } = sink {
+        traffic.messages += 1;
+        traffic.bytes += payload.len() as u64;
+        peer.push_data(text, payload);
     }
 }
 
@@ -447,11 +438,19 @@ impl Leg {
                     }
                     let text = header.opcode == OpCode::Text;
                     if header.fin {
+                        active = true;
+                        if let Sink::Hooks(hook) = sink {
+                            // The hook gets the payload where it lies in the read buffer:
+                            // shared, not copied.
+                            let frame = buf.split_to(header.frame_len()).freeze();
+                            let message = self.message(text, frame.slice(header.header_len..))?;
+                            hook(message, &mut self.out)?;
+                            continue;
+                        }
                         if text && std::str::from_utf8(payload).is_err() {
                             return Err(Ending::BadUtf8(self.side));
                         }
-                        active = true;
-                        deliver(sink, text, payload, &mut self.out)?;
+                        pass_through(sink, text, payload);
                     } else {
                         self.fragments = Some(Fragments {
                             text,
@@ -470,11 +469,16 @@ impl Leg {
                     if header.fin {
                         let Fragments { text, data } =
                             self.fragments.take().expect("fragments checked above");
-                        if text && std::str::from_utf8(&data).is_err() {
-                            return Err(Ending::BadUtf8(self.side));
-                        }
                         active = true;
-                        deliver(sink, text, &data, &mut self.out)?;
+                        if let Sink::Hooks(hook) = sink {
+                            let message = self.message(text, Bytes::from(data))?;
+                            hook(message, &mut self.out)?;
+                        } else {
+                            if text && std::str::from_utf8(&data).is_err() {
+                                return Err(Ending::BadUtf8(self.side));
+                            }
+                            pass_through(sink, text, &data);
+                        }
                     }
                 }
                 OpCode::Ping => self.out.push(OpCode::Pong, payload),
@@ -482,6 +486,17 @@ impl Leg {
                 OpCode::Close => return Err(self.close_received(payload)),
             }
             buf.advance(header.frame_len());
+        }
+    }
+
+    /// A message for the hooks; text is checked to be UTF-8 here.
+    fn message(&self, text: bool, payload: Bytes) -> Result<Message, Ending> {
+        if text {
+            Utf8Bytes::try_from(payload)
+                .map(Message::Text)
+                .map_err(|_| Ending::BadUtf8(self.side))
+        } else {
+            Ok(Message::Binary(payload))
         }
     }
 

@@ -15,8 +15,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{Ending, LegClose, Side, Traffic};
@@ -205,8 +204,7 @@ impl Relay {
         } else {
             let hooks = &mut self.hooks;
             let replies = &mut self.replies;
-            let mut hook = |text: bool, payload: &[u8], own: &mut Outbox| {
-                let message = to_message(text, payload);
+            let mut hook = |message: Message, own: &mut Outbox| {
                 let [to_client, to_upstream] = &mut *replies;
                 let direction = match from {
                     Side::Client => Direction::ClientToUpstream,
@@ -253,16 +251,6 @@ impl Relay {
             }
             other => other.map_ok(|_| ()),
         }
-    }
-}
-
-/// A message for the hooks: the payload is copied once, out of the read buffer.
-fn to_message(text: bool, payload: &[u8]) -> Message {
-    let bytes = Bytes::copy_from_slice(payload);
-    if text {
-        Message::Text(Utf8Bytes::try_from(bytes).expect("the leg checked the text is UTF-8"))
-    } else {
-        Message::Binary(bytes)
     }
 }
 
