@@ -52,11 +52,24 @@ pub struct Engine {
     routes: Vec<Option<Rc<LuaRoutePolicy>>>,
 }
 
+/// The CPU budget of the running policy call. Its clock starts at the call's first hook
+/// (after [`HOOK_EVERY`] instructions, a few microseconds at most), so the many calls that end
+/// sooner never read the clock.
+#[derive(Debug, Clone, Copy)]
+enum Budget {
+    /// No call is running.
+    Idle,
+    /// A call with this limit started and has not reached its first hook.
+    Armed(Duration),
+    /// The running call must stop at this time.
+    Running(Instant),
+}
+
 /// The VM and what every call needs.
 pub(crate) struct Vm {
     pub(crate) lua: Lua,
-    /// When the running call must stop; `None` between calls.
-    deadline: Rc<Cell<Option<Instant>>>,
+    /// The running call's CPU budget.
+    budget: Rc<Cell<Budget>>,
     pub(crate) sandbox: sandbox::Sandbox,
 }
 
@@ -67,12 +80,12 @@ impl Vm {
         limits: Limits,
         f: impl FnOnce() -> mlua::Result<R>,
     ) -> mlua::Result<R> {
-        self.deadline.set(Some(Instant::now() + limits.cpu));
+        self.budget.set(Budget::Armed(limits.cpu));
         let _ = self
             .lua
             .set_memory_limit(self.lua.used_memory() + limits.memory);
         let result = f();
-        self.deadline.set(None);
+        self.budget.set(Budget::Idle);
         let _ = self.lua.set_memory_limit(0);
         result
     }
@@ -147,13 +160,17 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
         | StdLib::OS
         | StdLib::COROUTINE;
     let lua = Lua::new_with(libs, LuaOptions::default())?;
-    let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
-    let watched = deadline.clone();
+    let budget: Rc<Cell<Budget>> = Rc::new(Cell::new(Budget::Idle));
+    let watched = budget.clone();
     // A global hook: coroutines created by policies run under it too.
     lua.set_global_hook(
         HookTriggers::new().every_nth_instruction(HOOK_EVERY),
         move |_, debug| match watched.get() {
-            Some(d) if Instant::now() >= d => {
+            Budget::Armed(limit) => {
+                watched.set(Budget::Running(Instant::now() + limit));
+                Ok(VmState::Continue)
+            }
+            Budget::Running(d) if Instant::now() >= d => {
                 let src = debug
                     .source()
                     .short_src
@@ -167,13 +184,14 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
             _ => Ok(VmState::Continue),
         },
     )?;
-    let watched = deadline.clone();
-    let over_budget =
-        lua.create_function(move |_, ()| Ok(watched.get().is_some_and(|d| Instant::now() >= d)))?;
+    let watched = budget.clone();
+    let over_budget = lua.create_function(move |_, ()| {
+        Ok(matches!(watched.get(), Budget::Running(d) if Instant::now() >= d))
+    })?;
     let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget)?;
     Ok(Vm {
         lua,
-        deadline,
+        budget,
         sandbox,
     })
 }
