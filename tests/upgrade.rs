@@ -288,3 +288,87 @@ async fn a_long_refusal_body_is_truncated_to_64_kib() {
     assert_eq!(status, 503);
     assert_eq!(body.len(), 64 * 1024);
 }
+
+#[tokio::test]
+async fn a_chunked_refusal_body_is_relayed_de_chunked() {
+    let addr = raw_upstream(|_| {
+        b"HTTP/1.1 429 Too Many Requests\r\nTransfer-Encoding: chunked\r\nX-Reason: slow down\r\n\r\n\
+          6\r\nslow d\r\n5;ext=1\r\nown, \r\nb\r\nplease wait\r\n0\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let gw = gateway(&route("/x", addr, "", &[])).await;
+    // The upstream keeps its connection open: the last chunk, not the end of the connection,
+    // ends the body.
+    let (status, head, body) = raw_http(gw.local_addr(), &upgrade_request("/x", "")).await;
+    assert_eq!(status, 429);
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("x-reason: slow down"), "{head}");
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    assert_eq!(body, "slow down, please wait");
+}
+
+#[tokio::test]
+async fn a_frame_sent_with_the_101_reaches_the_client() {
+    let addr = raw_upstream(|accept| {
+        let mut answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        // An unmasked text frame "first", in the same write as the head.
+        answer.extend_from_slice(b"\x81\x05first");
+        answer
+    })
+    .await;
+    let gw = gateway(&route("/x", addr, "", &[])).await;
+    let mut ws = connect(gw.local_addr(), "/x").await;
+    assert_eq!(next_text(&mut ws).await, "first");
+}
+
+#[tokio::test]
+async fn interim_answers_before_the_101_are_skipped() {
+    let addr = raw_upstream(|accept| {
+        let mut answer = format!(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        answer.extend_from_slice(b"\x81\x02ok");
+        answer
+    })
+    .await;
+    let gw = gateway(&route("/x", addr, "", &[])).await;
+    let mut ws = connect(gw.local_addr(), "/x").await;
+    assert_eq!(next_text(&mut ws).await, "ok");
+}
+
+#[tokio::test]
+async fn a_garbage_response_head_gets_502() {
+    // Not HTTP at all, and the connection stays open: only parsing can end the wait in time.
+    let addr = raw_upstream(|_| b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()).await;
+    let gw = gateway(&route("/x", addr, "", &[])).await;
+    let (status, _, body) = raw_http(gw.local_addr(), &upgrade_request("/x", "")).await;
+    assert_eq!(status, 502);
+    assert_eq!(body.trim(), "bad gateway: upstream unavailable");
+}
+
+#[tokio::test]
+async fn a_response_head_cut_short_gets_502() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgr")
+                .await;
+            // Dropped here: the head never ends.
+        }
+    });
+    let gw = gateway(&route("/x", addr, "", &[])).await;
+    let (status, _, _) = raw_http(gw.local_addr(), &upgrade_request("/x", "")).await;
+    assert_eq!(status, 502);
+}

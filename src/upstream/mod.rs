@@ -1,28 +1,36 @@
-//! Connecting to an upstream: TCP (or TLS for `wss://`), then the WebSocket client handshake
-//! over hyper, so that a refusal's status, headers and body can be relayed to the client.
+//! Connecting to an upstream: TCP (or TLS for `wss://`), then the WebSocket client handshake,
+//! written and read directly on the socket: one write for the request head, the answer parsed
+//! as it arrives (see `response`), and a refusal's status, headers and body kept so that they
+//! can be relayed to the client. No HTTP client sits in between, as one would cost a task,
+//! channels and buffers per upgrade for an exchange that is over after one response.
 //!
-//! Owns nothing of the client leg: it takes the headers to send and returns either an open
+//! Owns nothing of the client leg, except [`take_apart`], which takes the client's socket back
+//! from hyper's server upgrade. [`connect`] takes the headers to send and returns either an open
 //! WebSocket with the upstream's 101 headers, or a typed error the proxy sorts into a status.
 
+mod response;
 mod tls;
 
+pub use response::BadResponse;
 pub use tls::client_config;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-/// The socket under a WebSocket leg. After the upgrade, hyper's connection is taken apart
-/// (`Upgraded::downcast`) so that its buffers are freed and reads and writes go straight to the
-/// socket, without a boxed I/O object in between.
+use response::Answer;
+
+/// The socket under a WebSocket leg. The client's is taken back from hyper after the upgrade
+/// ([`take_apart`]) so that hyper's buffers are freed and reads and writes go straight to the
+/// socket, without a boxed I/O object in between; the upstream's never goes through hyper.
 pub enum Io {
     /// Plain TCP.
     Tcp(TcpStream),
@@ -84,27 +92,19 @@ pub struct Socket {
     pub pre_read: Bytes,
 }
 
-/// Takes hyper's upgraded connection apart into the socket and any bytes already read past the
-/// handshake.
+/// Takes the client's connection back from hyper's server upgrade: the socket, and any bytes
+/// hyper had already read past the handshake.
 pub fn take_apart(upgraded: Upgraded) -> Result<Socket, UpstreamError> {
-    let (io, pre_read) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => (Io::Tcp(parts.io.into_inner()), parts.read_buf),
-        Err(upgraded) => {
-            match upgraded.downcast::<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>() {
-                Ok(parts) => (Io::Tls(Box::new(parts.io.into_inner())), parts.read_buf),
-                Err(_) => {
-                    return Err(UpstreamError::BadHandshake(
-                        "unexpected connection type after the upgrade".into(),
-                    ))
-                }
-            }
-        }
-    };
-    Ok(Socket { io, pre_read })
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Ok(Socket {
+            io: Io::Tcp(parts.io.into_inner()),
+            pre_read: parts.read_buf,
+        }),
+        Err(_) => Err(UpstreamError::BadHandshake(
+            "unexpected connection type after the upgrade".into(),
+        )),
+    }
 }
-
-/// Bodies of refused handshakes are relayed up to this size.
-const MAX_REFUSAL_BODY: usize = 64 * 1024;
 
 /// Why the upstream could not be reached or refused the WebSocket.
 #[derive(Debug, thiserror::Error)]
@@ -133,9 +133,12 @@ pub enum UpstreamError {
         /// The I/O error carrying the TLS alert.
         source: std::io::Error,
     },
-    /// The HTTP exchange failed (connection dropped, malformed response).
+    /// Sending the upgrade request or reading the answer failed (connection reset, …).
     #[error("upstream handshake failed: {0}")]
-    Http(#[from] hyper::Error),
+    Exchange(#[source] std::io::Error),
+    /// The upstream's answer was not a valid HTTP/1.x response, or stopped short of its head.
+    #[error("upstream sent a bad response: {0}")]
+    BadResponse(#[from] BadResponse),
     /// The upstream answered the upgrade with a status other than 101.
     #[error("upstream refused the upgrade with {}", .0.status)]
     Refused(Box<Refusal>),
@@ -151,7 +154,7 @@ pub struct Refusal {
     pub status: StatusCode,
     /// The upstream's headers.
     pub headers: HeaderMap,
-    /// The upstream's body (truncated to 64 KiB).
+    /// The upstream's body, truncated to 64 KiB (and cut short if the upstream broke off).
     pub body: Bytes,
 }
 
@@ -167,7 +170,7 @@ pub struct Connected {
 /// (the per-leg handshake headers are added here). The caller bounds it with a timeout.
 pub async fn connect(
     url: &str,
-    mut headers: HeaderMap,
+    headers: HeaderMap,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Connected, UpstreamError> {
     let bad = |reason: &str| UpstreamError::BadUrl {
@@ -179,6 +182,16 @@ pub async fn connect(
     let host = uri.host().ok_or_else(|| bad("no host"))?;
     let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
     let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or(host);
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let key = generate_key();
+    let request = request_head(
+        target,
+        &header_value(authority)?,
+        &header_value(&key)?,
+        &headers,
+    );
+
     let addr = format!("{host}:{port}");
     let tcp = TcpStream::connect((bare_host, port))
         .await
@@ -187,32 +200,7 @@ pub async fn connect(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-
-    let authority = uri.authority().map(|a| a.as_str()).unwrap_or(host);
-    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let key = generate_key();
-    headers.insert(http::header::HOST, header_value(authority)?);
-    headers.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static("Upgrade"),
-    );
-    headers.insert(
-        http::header::SEC_WEBSOCKET_VERSION,
-        HeaderValue::from_static("13"),
-    );
-    headers.insert(http::header::SEC_WEBSOCKET_KEY, header_value(&key)?);
-    let mut request = Request::get(target)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| bad(&e.to_string()))?;
-    let offered = headers
-        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .cloned()
-        .collect::<Vec<_>>();
-    *request.headers_mut() = headers;
-
-    let upgraded = if secure {
+    let mut io = if secure {
         let config = tls.ok_or_else(|| bad("no TLS configuration for this route"))?;
         let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
             .map_err(|_| bad("host is not a valid TLS server name"))?;
@@ -220,32 +208,15 @@ pub async fn connect(
             .connect(name, tcp)
             .await
             .map_err(|source| UpstreamError::Tls { addr, source })?;
-        handshake(stream, request, &key, &offered).await?
+        Io::Tls(Box::new(stream))
     } else {
-        handshake(tcp, request, &key, &offered).await?
+        Io::Tcp(tcp)
     };
-    let (io, headers) = upgraded;
+    let (headers, pre_read) = handshake(&mut io, &request, &key, &headers).await?;
     Ok(Connected {
-        socket: take_apart(io)?,
+        socket: Socket { io, pre_read },
         headers,
     })
-}
-
-/// Reads up to `limit` bytes of a body; a longer body is truncated, a failing one cut short.
-async fn read_prefix(mut body: hyper::body::Incoming, limit: usize) -> Bytes {
-    let mut collected = bytes::BytesMut::new();
-    while collected.len() < limit {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    let room = limit - collected.len();
-                    collected.extend_from_slice(&data[..data.len().min(room)]);
-                }
-            }
-            _ => break,
-        }
-    }
-    collected.freeze()
 }
 
 fn header_value(s: &str) -> Result<HeaderValue, UpstreamError> {
@@ -255,54 +226,95 @@ fn header_value(s: &str) -> Result<HeaderValue, UpstreamError> {
     })
 }
 
-/// Sends the upgrade request over `io` and waits for the upstream's answer.
-async fn handshake<IO>(
-    io: IO,
-    request: Request<Empty<Bytes>>,
-    key: &str,
-    offered: &[HeaderValue],
-) -> Result<(Upgraded, HeaderMap), UpstreamError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-    tokio::spawn(async move {
-        // Ends with the upgrade (the I/O moves to `Upgraded`) or with an error seen by `send_request`.
-        let _ = conn.with_upgrades().await;
-    });
-    let mut response = sender.send_request(request).await?;
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let status = response.status();
-        let headers = std::mem::take(response.headers_mut());
-        let body = read_prefix(response.into_body(), MAX_REFUSAL_BODY).await;
-        return Err(UpstreamError::Refused(Box::new(Refusal {
-            status,
-            headers,
-            body,
-        })));
+/// The upgrade request's head, whole, so that it goes out in one write. The per-leg headers
+/// are the gateway's own: any of them in `headers` is left out.
+fn request_head(
+    target: &str,
+    host: &HeaderValue,
+    key: &HeaderValue,
+    headers: &HeaderMap,
+) -> Vec<u8> {
+    const PER_LEG: [HeaderName; 5] = [
+        header::HOST,
+        header::UPGRADE,
+        header::CONNECTION,
+        header::SEC_WEBSOCKET_VERSION,
+        header::SEC_WEBSOCKET_KEY,
+    ];
+    let forwarded = || headers.iter().filter(|(name, _)| !PER_LEG.contains(name));
+    let size = forwarded()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>();
+    let mut head = Vec::with_capacity(160 + target.len() + host.len() + size);
+    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    head.extend_from_slice(host.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in forwarded() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
     }
-    let headers = response.headers();
-    let accept = headers.get(http::header::SEC_WEBSOCKET_ACCEPT);
+    head.extend_from_slice(
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: ",
+    );
+    head.extend_from_slice(key.as_bytes());
+    head.extend_from_slice(b"\r\n\r\n");
+    head
+}
+
+/// Sends the upgrade request over `io` and reads the upstream's answer. On 101, returns its
+/// headers and the bytes that came after them.
+async fn handshake<IO>(
+    io: &mut IO,
+    request: &[u8],
+    key: &str,
+    sent: &HeaderMap,
+) -> Result<(HeaderMap, Bytes), UpstreamError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    io.write_all(request)
+        .await
+        .map_err(UpstreamError::Exchange)?;
+    // TCP sends at once; TLS may hold the last record until flushed.
+    io.flush().await.map_err(UpstreamError::Exchange)?;
+    match response::read(io).await? {
+        Answer::Refused(refusal) => Err(UpstreamError::Refused(Box::new(refusal))),
+        Answer::Switching { headers, rest } => {
+            check_accept(&headers, key, sent)?;
+            Ok((headers, rest))
+        }
+    }
+}
+
+/// Checks a 101 against the key sent and the subprotocols offered (RFC 6455 §4.1).
+fn check_accept(headers: &HeaderMap, key: &str, sent: &HeaderMap) -> Result<(), UpstreamError> {
+    let accept = headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|v| v.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
         return Err(UpstreamError::BadHandshake(
             "wrong or missing Sec-WebSocket-Accept".into(),
         ));
     }
-    if let Some(chosen) = headers.get(http::header::SEC_WEBSOCKET_PROTOCOL) {
+    if let Some(chosen) = headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
         let chosen = chosen.to_str().unwrap_or("").trim();
-        let was_offered = offered.iter().any(|v| {
-            v.to_str()
-                .unwrap_or("")
-                .split(',')
-                .any(|p| p.trim() == chosen)
-        });
+        let was_offered = sent
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .any(|p| p.trim() == chosen)
+            });
         if !was_offered {
             return Err(UpstreamError::BadHandshake(format!(
                 "upstream chose subprotocol {chosen:?}, which the client did not offer"
             )));
         }
     }
-    let headers = headers.clone();
-    let upgraded = hyper::upgrade::on(&mut response).await?;
-    Ok((upgraded, headers))
+    Ok(())
 }

@@ -228,6 +228,49 @@ pub async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
     (status, head, body)
 }
 
+/// A hand-written upstream: reads each handshake request head and answers with the bytes
+/// `answer` makes of it (given the `Sec-WebSocket-Accept` for its key), in one write, then holds
+/// the connection open until the gateway closes it.
+pub async fn raw_upstream<A>(answer: A) -> SocketAddr
+where
+    A: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim())
+                    })
+                    .unwrap_or_default();
+                let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                if stream.write_all(&answer(&accept)).await.is_err() {
+                    return;
+                }
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    addr
+}
+
 /// A well-formed upgrade request for `path`, with extra header lines (each ending in \r\n).
 pub fn upgrade_request(path: &str, extra: &str) -> String {
     format!(
