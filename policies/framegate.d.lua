@@ -161,6 +161,7 @@ function FramegateConnection:close(code, reason) end
 ---@field bytes_out integer Their payload bytes.
 ---@field dropped_in integer Client messages a policy dropped.
 ---@field dropped_out integer Upstream messages a policy dropped.
+---@field undelivered integer Messages, either way, queued for a leg and never fully written because the connection closed.
 
 -------------------------------------------------------------------------------------------------
 -- gw

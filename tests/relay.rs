@@ -274,3 +274,143 @@ async fn a_failing_connection_does_not_disturb_others() {
         Message::text("unaffected")
     );
 }
+
+/// A 101 for `accept`, then the first `sent` payload bytes of a binary frame whose header
+/// announces `announced`.
+fn answer_with_cut_frame(accept: &str, announced: usize, sent: usize) -> Vec<u8> {
+    let mut bytes = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&[0x82, 127]);
+    bytes.extend_from_slice(&(announced as u64).to_be_bytes());
+    bytes.extend(std::iter::repeat_n(7u8, sent));
+    bytes
+}
+
+/// An upstream that answers with [`answer_with_cut_frame`] and keeps the connection open.
+async fn upstream_cut_mid_frame(announced: usize, sent: usize) -> std::net::SocketAddr {
+    raw_upstream(move |accept| answer_with_cut_frame(accept, announced, sent)).await
+}
+
+#[tokio::test]
+async fn a_large_frame_is_relayed_before_its_last_byte_arrives() {
+    // The upstream sends 40,000 of 100,000 payload bytes and then waits: the client still gets
+    // the frame's start, because large binary frames are relayed as they arrive.
+    let up = upstream_cut_mid_frame(100_000, 40_000).await;
+    let gw = gateway(&format!(
+        "[[route]]\npath = \"/x\"\nupstream = \"ws://{up}/\"\n"
+    ))
+    .await;
+    let mut raw = tokio::net::TcpStream::connect(gw.local_addr())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw.write_all(upgrade_request("/x", "").as_bytes())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    within("the frame's first 40,000 bytes", async {
+        let mut chunk = vec![0u8; 65536];
+        while seen
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_none_or(|end| seen.len() < end + 4 + 10 + 40_000)
+        {
+            let n = raw.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the gateway closed early");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let body = &seen[seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    assert_eq!(&body[..2], &[0x82, 127], "an unmasked, final binary frame");
+    assert_eq!(u64::from_be_bytes(body[2..10].try_into().unwrap()), 100_000);
+    assert!(body[10..].iter().all(|b| *b == 7));
+}
+
+#[tokio::test]
+async fn a_frame_cut_short_drops_the_receiver_and_counts_as_undelivered() {
+    let up = raw_upstream_then_hang_up(100_000, 40_000).await;
+    let record = script(
+        "record_cut.lua",
+        "return function(ctx, conn, info) gw.shared:set('cut', gw.json.encode(info)) end\n",
+    );
+    let reader = script(
+        "read_cut.lua",
+        "return function(msg, ctx, conn) conn:reply(tostring(gw.shared:get('cut'))) return false end\n",
+    );
+    let echo = echo().await;
+    let gw = gateway(&format!(
+        "{}{}",
+        route("/x", up, "", &[("on_close", &record)]),
+        route("/read", echo.addr, "", &[("on_client_frame", &reader)])
+    ))
+    .await;
+    let mut client = connect(gw.local_addr(), "/x").await;
+    // The client never gets a close frame: one cannot follow half a frame.
+    let end = within("the client leg to end", async {
+        loop {
+            match client.next().await {
+                Some(Ok(Message::Close(frame))) => return Err(frame),
+                Some(Ok(_)) => continue,
+                _ => return Ok(()),
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "a close frame followed a cut frame: {end:?}");
+    let mut reader = connect(gw.local_addr(), "/read").await;
+    let info = within("on_close to record", async {
+        loop {
+            reader.send(Message::text("?")).await.unwrap();
+            let seen = next_text(&mut reader).await;
+            if seen != "nil" {
+                return seen;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["undelivered"], 1, "{info}");
+    assert_eq!(info["messages_out"], 0, "{info}");
+    assert_eq!(info["by"], "upstream", "{info}");
+    assert_eq!(info["code"], 1006, "{info}");
+}
+
+/// Like [`upstream_cut_mid_frame`], but the upstream hangs up right after its bytes.
+async fn raw_upstream_then_hang_up(announced: usize, sent: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim())
+                    })
+                    .unwrap_or_default();
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let bytes = answer_with_cut_frame(&accept, announced, sent);
+                let _ = stream.write_all(&bytes).await;
+                // Dropped here: the upstream vanishes mid-frame.
+            });
+        }
+    });
+    addr
+}

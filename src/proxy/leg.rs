@@ -6,6 +6,7 @@
 //! arrived is kept by the leg. Its write buffer is released once it is written out. An idle
 //! connection therefore holds two sockets, a little state, and no buffers at all.
 
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -69,11 +70,11 @@ pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<(), Ending>
 
 /// Where a leg's data messages go.
 pub(crate) enum Sink<'a> {
-    /// Straight into the other leg's outbox, counted in `traffic`; large binary frames are
-    /// relayed as they arrive.
+    /// Straight to the other leg, counted in `traffic`; large binary frames are relayed as
+    /// they arrive.
     Through {
-        /// The other leg's outbox.
-        peer: &'a mut Outbox,
+        /// The other leg.
+        peer: &'a mut Leg,
         /// The counters of this direction.
         traffic: &'a mut Traffic,
     },
@@ -158,14 +159,41 @@ impl Outbox {
         mask
     }
 
-    /// Queues the next payload bytes of the open frame, XORed in place with `key` (the
-    /// sender's and this leg's masking keys combined) from mask position `offset`.
-    fn push_chunk(&mut self, chunk: &mut [u8], key: Option<[u8; 4]>, offset: usize) {
+    /// Sends the next payload bytes of the open frame, XORed in place with `key` (the
+    /// sender's and this leg's masking keys combined) from mask position `offset`. They are
+    /// written at once, with whatever is queued before them, straight from the read buffer;
+    /// only what the socket does not take is copied into the queue.
+    fn push_chunk(
+        &mut self,
+        io: &mut Io,
+        cx: &mut Context<'_>,
+        chunk: &mut [u8],
+        key: Option<[u8; 4]>,
+        offset: usize,
+    ) {
         if let Some(key) = key {
             frame::apply_mask(chunk, frame::rotate_key(key, offset));
         }
+        let open_before = self.open;
         self.open -= chunk.len();
-        self.buf().extend_from_slice(chunk);
+        let queued = &self.buf[self.written..];
+        let slices = [IoSlice::new(queued), IoSlice::new(chunk)];
+        let mut sent = 0;
+        if let Poll::Ready(Ok(n)) = Pin::new(&mut *io).poll_write_vectored(cx, &slices) {
+            let from_queue = n.min(queued.len());
+            self.written += from_queue;
+            sent = n - from_queue;
+        }
+        if self.written == self.buf.len() {
+            self.buf.clear();
+            self.written = 0;
+            // What is left of the frame comes first in the emptied queue.
+            self.head_skip = open_before - sent;
+        }
+        let rest = &chunk[sent..];
+        if !rest.is_empty() {
+            self.buf().extend_from_slice(rest);
+        }
     }
 
     /// Queues one data message.
@@ -248,7 +276,7 @@ fn pass_through(sink: &mut Sink<'_>, text: bool, payload: &[u8]) {
     if let Sink::Through { peer, traffic } = sink {
         traffic.messages += 1;
         traffic.bytes += payload.len() as u64;
-        peer.push_data(text, payload);
+        peer.out.push_data(text, payload);
     }
 }
 
@@ -339,7 +367,7 @@ impl Leg {
                 Poll::Ready(Ok(_)) => {}
             }
         }
-        let result = self.parse_frames(&mut buf, &mut sink);
+        let result = self.parse_frames(cx, &mut buf, &mut sink);
         self.keep(buf, scratch);
         Poll::Ready(result)
     }
@@ -380,7 +408,12 @@ impl Leg {
         buffers::give_back_scratch(buf);
     }
 
-    fn parse_frames(&mut self, buf: &mut BytesMut, sink: &mut Sink<'_>) -> Result<bool, Ending> {
+    fn parse_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        sink: &mut Sink<'_>,
+    ) -> Result<bool, Ending> {
         let mut active = false;
         loop {
             if let Some(stream) = &mut self.stream {
@@ -389,7 +422,8 @@ impl Leg {
                     return Ok(active);
                 }
                 if let Sink::Through { peer, traffic } = sink {
-                    peer.push_chunk(&mut buf[..n], stream.key, stream.done);
+                    let Leg { io, out, .. } = &mut **peer;
+                    out.push_chunk(io, cx, &mut buf[..n], stream.key, stream.done);
                     traffic.bytes += n as u64;
                     if n == stream.left {
                         traffic.messages += 1;
@@ -409,21 +443,22 @@ impl Leg {
                 Ok(None) => return Ok(active),
                 Err(e) => return Err(self.frame_error(e)),
             };
+            // A large binary frame goes through as it arrives, whole or not.
+            let streams = header.opcode == OpCode::Binary
+                && header.fin
+                && header.payload_len >= STREAM_MIN
+                && self.fragments.is_none();
+            if let (true, Sink::Through { peer, .. }) = (streams, &mut *sink) {
+                let out_key = peer.out.open_binary(header.payload_len);
+                self.stream = Some(Streaming {
+                    left: header.payload_len,
+                    key: combine(header.mask, out_key),
+                    done: 0,
+                });
+                buf.advance(header.header_len);
+                continue;
+            }
             if buf.len() < header.frame_len() {
-                let streams = header.opcode == OpCode::Binary
-                    && header.fin
-                    && header.payload_len >= STREAM_MIN
-                    && self.fragments.is_none();
-                if let (true, Sink::Through { peer, .. }) = (streams, &mut *sink) {
-                    let out_key = peer.open_binary(header.payload_len);
-                    self.stream = Some(Streaming {
-                        left: header.payload_len,
-                        key: combine(header.mask, out_key),
-                        done: 0,
-                    });
-                    buf.advance(header.header_len);
-                    continue;
-                }
                 return Ok(active);
             }
             let payload = &mut buf[header.header_len..header.frame_len()];

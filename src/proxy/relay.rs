@@ -197,7 +197,7 @@ impl Relay {
             reader.poll_receive(
                 cx,
                 Sink::Through {
-                    peer: &mut writer.out,
+                    peer: writer,
                     traffic,
                 },
             )

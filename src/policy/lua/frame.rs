@@ -441,6 +441,10 @@ impl FrameHooks for LuaFrameHooks {
             t.set("bytes_out", summary.upstream_to_client.bytes)?;
             t.set("dropped_in", summary.client_to_upstream.dropped_by_policy)?;
             t.set("dropped_out", summary.upstream_to_client.dropped_by_policy)?;
+            t.set(
+                "undelivered",
+                summary.client_to_upstream.undelivered + summary.upstream_to_client.undelivered,
+            )?;
             Ok::<_, mlua::Error>(t)
         })();
         self.call.borrow_mut().closing = true;
