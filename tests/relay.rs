@@ -381,36 +381,5 @@ async fn a_frame_cut_short_drops_the_receiver_and_counts_as_undelivered() {
 
 /// Like [`upstream_cut_mid_frame`], but the upstream hangs up right after its bytes.
 async fn raw_upstream_then_hang_up(announced: usize, sent: usize) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut chunk = [0u8; 4096];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| v.trim())
-                    })
-                    .unwrap_or_default();
-                let accept =
-                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-                let bytes = answer_with_cut_frame(&accept, announced, sent);
-                let _ = stream.write_all(&bytes).await;
-                // Dropped here: the upstream vanishes mid-frame.
-            });
-        }
-    });
-    addr
+    raw_upstream_hanging_up(move |accept| answer_with_cut_frame(accept, announced, sent)).await
 }

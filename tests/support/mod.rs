@@ -235,6 +235,21 @@ pub async fn raw_upstream<A>(answer: A) -> SocketAddr
 where
     A: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
 {
+    raw_upstream_then(answer, true).await
+}
+
+/// Like [`raw_upstream`], but the upstream hangs up right after its answer.
+pub async fn raw_upstream_hanging_up<A>(answer: A) -> SocketAddr
+where
+    A: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+{
+    raw_upstream_then(answer, false).await
+}
+
+async fn raw_upstream_then<A>(answer: A, hold: bool) -> SocketAddr
+where
+    A: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let answer = std::sync::Arc::new(answer);
@@ -260,7 +275,7 @@ where
                     })
                     .unwrap_or_default();
                 let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-                if stream.write_all(&answer(&accept)).await.is_err() {
+                if stream.write_all(&answer(&accept)).await.is_err() || !hold {
                     return;
                 }
                 let mut rest = Vec::new();
