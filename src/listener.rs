@@ -13,13 +13,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::proxy::{self, Shared};
-use crate::worker::{self, Handoff, Slot, WorkerCtx, WorkerLink};
+use crate::worker::{self, Slot, WorkerCtx, WorkerLink};
 
 /// Accepts connections until shutdown. Each connection holds a permit of `permits` for its
 /// whole life, relay included; at the cap, accepting pauses (clients wait in the backlog).
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
+    here: Rc<WorkerCtx>,
     links: Arc<Vec<WorkerLink>>,
     permits: Arc<Semaphore>,
 ) {
@@ -42,18 +43,9 @@ pub(crate) async fn accept_loop(
             _ = shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        match stream.into_std() {
-            Ok(stream) => worker::dispatch(
-                &links,
-                Handoff {
-                    stream,
-                    peer,
-                    permit,
-                },
-            ),
-            Err(e) => {
-                tracing::warn!(client = %peer, error = %e, "cannot hand the connection to a worker")
-            }
+        if let Some((stream, slot)) = worker::place(&links, stream, peer, permit) {
+            let task = serve(stream, peer, shared.clone(), here.clone(), slot);
+            shared.tracker.spawn_local(task);
         }
     }
 }

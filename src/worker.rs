@@ -2,8 +2,8 @@
 //! current-thread tokio runtime with its own Lua VM. A connection lives on one worker from
 //! accept to close, so its policy state never crosses threads and needs no locks.
 //!
-//! The accept loops run on worker 0 and hand each new connection to the worker with the fewest
-//! open connections.
+//! The accept loops run on worker 0 and give each new connection to the worker with the fewest
+//! open connections: worker 0 keeps it if that is itself, and hands it over otherwise.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -161,7 +161,7 @@ fn run(
                         return;
                     }
                 };
-                let task = crate::listener::accept_loop(listener, shared.clone(), links.clone(), permits.clone());
+                let task = crate::listener::accept_loop(listener, shared.clone(), ctx.clone(), links.clone(), permits.clone());
                 shared.tracker.spawn_local(task);
             }
         }
@@ -205,16 +205,47 @@ async fn sweep_shared_dict(shared: Arc<Shared>) {
     }
 }
 
-/// Picks the worker with the fewest open connections and hands it the stream.
-pub(crate) fn dispatch(links: &[WorkerLink], handoff: Handoff) {
+/// Picks the worker with the fewest open connections for a stream accepted on worker 0. If
+/// that is worker 0 itself, the stream stays where it is registered and is returned with its
+/// slot, to be served here; otherwise it is handed over (deregistered here, registered there).
+pub(crate) fn place(
+    links: &[WorkerLink],
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+) -> Option<(tokio::net::TcpStream, Rc<Slot>)> {
     let (index, link) = links
         .iter()
         .enumerate()
         .min_by_key(|(_, l)| l.active.load(Ordering::Relaxed))
         .expect("there is at least one worker");
     link.active.fetch_add(1, Ordering::Relaxed);
-    if link.sender.send(handoff).is_err() {
+    if index == 0 {
+        let slot = Slot {
+            _permit: permit,
+            active: link.active.clone(),
+        };
+        return Some((stream, Rc::new(slot)));
+    }
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            link.active.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(client = %peer, error = %e, "cannot hand the connection to a worker");
+            return None;
+        }
+    };
+    if link
+        .sender
+        .send(Handoff {
+            stream,
+            peer,
+            permit,
+        })
+        .is_err()
+    {
         link.active.fetch_sub(1, Ordering::Relaxed);
         tracing::warn!(worker = index, "worker has stopped; connection dropped");
     }
+    None
 }
