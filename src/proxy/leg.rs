@@ -348,16 +348,17 @@ impl Leg {
             take_scratch()
         } else {
             let mut buf = std::mem::take(&mut self.partial);
-            // Room for the rest of the frame at once (its size was checked against the limit).
+            // Room for the rest of the frame at once (its size was checked against the limit),
+            // unless it will be relayed as it arrives.
             let want = match frame::parse_header(&buf, self.role, self.max_message_size) {
-                Ok(Some(h)) => h.frame_len().saturating_sub(buf.len()),
+                Ok(Some(h)) if !self.streams(&h, &sink) => h.frame_len().saturating_sub(buf.len()),
                 _ => 0,
             };
             buf.reserve(want.max(MIN_PARTIAL));
             buf
         };
         // Bytes handed over with the handshake are parsed before the socket is read.
-        if buf.is_empty() || !self.has_whole_frame(&buf) {
+        if buf.is_empty() || !self.can_progress(&buf, &sink) {
             // Mid-way through a relayed frame, reads are kept small: the bytes go straight
             // out again, and 32 KiB at a time cost the kernel less than 128 KiB (measured:
             // about a quarter less system time per 64 KiB message).
@@ -388,10 +389,24 @@ impl Leg {
         Poll::Ready(result)
     }
 
-    /// Whether `buf` starts with a whole frame (or a header that is already an error).
-    fn has_whole_frame(&self, buf: &[u8]) -> bool {
+    /// Whether the frame `header` starts is relayed as it arrives: a large, final binary frame
+    /// outside a fragmented message, in a direction no hook looks at.
+    fn streams(&self, header: &frame::Header, sink: &Sink<'_>) -> bool {
+        matches!(sink, Sink::Through { .. })
+            && header.opcode == OpCode::Binary
+            && header.fin
+            && header.payload_len >= STREAM_MIN
+            && self.fragments.is_none()
+    }
+
+    /// Whether `buf` can be parsed further without reading: it starts with a whole frame, with
+    /// a frame that is relayed as it arrives, or with a header that is already an error.
+    fn can_progress(&self, buf: &[u8], sink: &Sink<'_>) -> bool {
+        if self.stream.is_some() {
+            return true;
+        }
         match frame::parse_header(buf, self.role, self.max_message_size) {
-            Ok(Some(h)) => buf.len() >= h.frame_len(),
+            Ok(Some(h)) => buf.len() >= h.frame_len() || self.streams(&h, sink),
             Ok(None) => false,
             Err(_) => true,
         }
@@ -460,10 +475,7 @@ impl Leg {
                 Err(e) => return Err(self.frame_error(e)),
             };
             // A large binary frame goes through as it arrives, whole or not.
-            let streams = header.opcode == OpCode::Binary
-                && header.fin
-                && header.payload_len >= STREAM_MIN
-                && self.fragments.is_none();
+            let streams = self.streams(&header, sink);
             if let (true, Sink::Through { peer, .. }) = (streams, &mut *sink) {
                 let out_key = peer.out.open_binary(header.payload_len);
                 self.stream = Some(Streaming {
