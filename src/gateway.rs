@@ -86,6 +86,7 @@ impl Gateway {
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 next_id: AtomicU64::new(1),
+                stopping: std::sync::atomic::AtomicBool::new(false),
                 dict,
             }),
         })
@@ -150,7 +151,7 @@ impl Running {
     pub async fn shutdown(mut self) -> ShutdownOutcome {
         let grace = self.shared.config.server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down");
-        self.shared.shutdown.cancel();
+        self.shared.begin_shutdown();
         self.shared.tracker.close();
         let outcome = match tokio::time::timeout(grace, self.shared.tracker.wait()).await {
             Ok(()) => ShutdownOutcome::Drained,
@@ -172,7 +173,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(workers) = self.workers.take() {
-            self.shared.shutdown.cancel();
+            self.shared.begin_shutdown();
             workers.stop.cancel();
         }
     }

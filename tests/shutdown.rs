@@ -130,6 +130,58 @@ async fn shutdown_closes_every_connection_with_1001_and_drains() {
     assert_not_accepting(addr).await;
 }
 
+/// A connection busy with traffic when shutdown starts is closed with 1001 too: the relay
+/// notices shutdown on a wake-up that also moved data.
+#[tokio::test]
+async fn shutdown_closes_a_connection_in_the_middle_of_traffic() {
+    let (cap_up, mut accepted) = captured().await;
+    let running = gateway_with_server(
+        "shutdown_grace = \"5s\"\n",
+        &format!(
+            "[[route]]\npath = \"/cap\"\nupstream = \"ws://{}/\"\n",
+            cap_up.addr
+        ),
+    )
+    .await;
+    let addr = running.local_addr();
+    let client = connect(addr, "/cap").await;
+    let mut upstream = within("upstream connection", accepted.recv())
+        .await
+        .expect("upstream accepted");
+    let (mut sink, mut stream) = client.split();
+    // The client sends without pause, so the gateway is moving data when the token fires.
+    let sender = tokio::spawn(async move {
+        for i in 0..1_000_000u32 {
+            if sink.send(Message::text(format!("m{i}"))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let first = next_message(&mut upstream).await.unwrap().unwrap();
+    assert!(first.to_text().unwrap().starts_with('m'));
+    let shutdown = tokio::spawn(running.shutdown());
+    let frame = within("the client's close frame", async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_shutting_down(&frame, "busy client");
+    sender.abort();
+    let frame = expect_close(&mut upstream).await;
+    assert_shutting_down(&frame, "busy upstream");
+    drop(upstream);
+    drop(stream);
+    let outcome = within("shutdown to return", shutdown)
+        .await
+        .expect("shutdown task");
+    assert_eq!(outcome, ShutdownOutcome::Drained);
+}
+
 #[tokio::test]
 async fn shutdown_gives_up_after_the_grace_period() {
     let up = echo().await;

@@ -33,9 +33,20 @@ pub(crate) struct Shared {
     pub(crate) tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     /// Cancelled once, when shutdown starts.
     pub(crate) shutdown: CancellationToken,
+    /// Set just before `shutdown` is cancelled: a check that takes no lock, for the relay.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
     /// Every connection task, so shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
     pub(crate) next_id: AtomicU64,
     /// `gw.shared`: the process-wide dictionary of the policies.
     pub(crate) dict: Arc<crate::policy::shared::SharedDict>,
+}
+
+impl Shared {
+    /// Starts graceful shutdown: the flag first, so that every task the token wakes sees it.
+    pub(crate) fn begin_shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shutdown.cancel();
+    }
 }

@@ -12,6 +12,8 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::close::{Ending, LegClose, Side, Traffic};
 use super::leg::{Leg, Outbox, Sink};
 use super::lifetime::{Expiry, Lifetime};
+use super::Shared;
 use crate::policy::{Direction, FrameHooks, Outbound, Verdict};
 
 /// A leg is not read while more than this many bytes of replies wait to be written to it.
@@ -45,8 +48,10 @@ pub(crate) struct Relay {
     replies: [VecDeque<Message>; 2],
     /// Alternates which leg is read first, so neither can starve the other.
     client_first: bool,
-    /// Wake-ups that moved data since shutdown was last polled.
-    unpolled_shutdown: u8,
+    /// Set when shutdown starts; checked on every wake-up (no lock).
+    shared: Arc<Shared>,
+    /// Whether the shutdown future has been polled once, so that it wakes this task.
+    shutdown_armed: bool,
 }
 
 impl Relay {
@@ -55,6 +60,7 @@ impl Relay {
         upstream: Leg,
         lifetime: Lifetime,
         shutdown: WaitForCancellationFutureOwned,
+        shared: Arc<Shared>,
         hooks: Box<dyn FrameHooks>,
     ) -> Self {
         let inspects = [
@@ -71,7 +77,8 @@ impl Relay {
             inspects,
             replies: Default::default(),
             client_first: true,
-            unpolled_shutdown: 0,
+            shared,
+            shutdown_armed: false,
         }
     }
 
@@ -112,7 +119,6 @@ impl Relay {
     /// Moves messages both ways until the connection ends.
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
         let mut busy = false;
-        let mut moved = false;
         for _ in 0..ROUNDS {
             if let Err(ending) = self.flush(cx) {
                 return Poll::Ready(ending);
@@ -134,17 +140,19 @@ impl Relay {
             if !busy {
                 break;
             }
-            moved = true;
         }
         if let Err(ending) = self.flush(cx) {
             return Poll::Ready(ending);
         }
-        // Polling the shutdown token takes a lock, so a wake-up that moved data (and so was
-        // not the token's) polls it only now and then; its wake-up stays registered between.
-        self.unpolled_shutdown = self.unpolled_shutdown.wrapping_add(1);
-        if (!moved || self.unpolled_shutdown % 16 == 0)
-            && self.shutdown.as_mut().poll(cx).is_ready()
-        {
+        // Polling the shutdown token takes a lock: it is polled once, so that cancelling it
+        // wakes this task, and after that the flag set before the cancel is enough.
+        if !self.shutdown_armed {
+            self.shutdown_armed = true;
+            if self.shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ending::Shutdown);
+            }
+        }
+        if self.shared.stopping.load(Ordering::Acquire) {
             return Poll::Ready(Ending::Shutdown);
         }
         if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {

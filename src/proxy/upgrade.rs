@@ -338,7 +338,8 @@ async fn upgrade(
     // Only the socket goes into the task (the upstream's headers are done with), so an idle
     // connection holds as little as possible.
     let upstream_leg = Leg::new(connected.socket, Side::Upstream, route.max_message_size);
-    shared.tracker.spawn_local(async move {
+    let tracker = shared.tracker.clone();
+    tracker.spawn_local(async move {
         let _slot = slot;
         let opened = tokio::time::Instant::now();
         let mut summary = CloseSummary::new(id, route.name(), peer, url);
@@ -359,7 +360,7 @@ async fn upgrade(
         tracing::info!(conn = id, route = %summary.route, client = %peer, upstream = %summary.upstream, "connection opened");
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let lifetime = Lifetime::start(deadline, route.idle_timeout);
-        let relay = Box::new(Relay::new(client, upstream_leg, lifetime, shutdown, hooks));
+        let relay = Box::new(Relay::new(client, upstream_leg, lifetime, shutdown, shared, hooks));
         let (ending, [client_to_upstream, upstream_to_client], mut hooks) = relay.run(close_timeout).await;
         (summary.code, summary.reason) = ending.code_and_reason();
         summary.closed_by = ending.closed_by();
