@@ -61,12 +61,7 @@ pub(crate) fn give_back_write(mut buf: Vec<u8>) {
         return;
     }
     buf.clear();
-    POOLS.with(|p| {
-        let mut pools = p.borrow_mut();
-        if pools.writes.len() < POOLED {
-            pools.writes.push(buf);
-        }
-    });
+    keep_in(|p| &mut p.writes, buf);
 }
 
 /// An empty buffer with room for at least `size` bytes, for a partial frame.
@@ -84,10 +79,16 @@ pub(crate) fn give_back_partial(mut buf: BytesMut) {
         return;
     }
     buf.clear();
+    keep_in(|p| &mut p.partials, buf);
+}
+
+/// Keeps `buf` in the pool `select` picks, unless that pool is full.
+fn keep_in<T>(select: fn(&mut Pools) -> &mut Vec<T>, buf: T) {
     POOLS.with(|p| {
         let mut pools = p.borrow_mut();
-        if pools.partials.len() < POOLED {
-            pools.partials.push(buf);
+        let pool = select(&mut pools);
+        if pool.len() < POOLED {
+            pool.push(buf);
         }
     });
 }

@@ -609,11 +609,7 @@ impl Leg {
     /// connection to end). A server leg drops the connection once the peer's close is in; a
     /// client leg waits for the server to end it, as RFC 6455 §7.1.1 asks.
     pub(crate) async fn close(&mut self, frame: Option<&CloseFrame>) {
-        self.out.push_close(frame);
-        if std::future::poll_fn(|cx| self.poll_flush(cx))
-            .await
-            .is_err()
-        {
+        if !self.send_close(frame).await {
             return;
         }
         // Until the peer's close (or the end): what it still sends is discarded.
@@ -628,16 +624,15 @@ impl Leg {
 
     /// The peer's close came first: answers it with `reply` and finishes.
     pub(crate) async fn finish(&mut self, reply: Option<&CloseFrame>) {
-        self.out.push_close(reply);
-        if std::future::poll_fn(|cx| self.poll_flush(cx))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        if self.role == Role::Client {
+        if self.send_close(reply).await && self.role == Role::Client {
             self.wait_for_end().await;
         }
+    }
+
+    /// Writes what is queued and then `frame`; false if the connection failed.
+    async fn send_close(&mut self, frame: Option<&CloseFrame>) -> bool {
+        self.out.push_close(frame);
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await.is_ok()
     }
 
     /// Reads and discards until the peer ends the connection.
