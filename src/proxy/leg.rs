@@ -348,13 +348,14 @@ impl Leg {
             take_scratch()
         } else {
             let mut buf = std::mem::take(&mut self.partial);
-            // Room for the rest of the frame at once (its size was checked against the limit),
-            // unless it will be relayed as it arrives.
+            // Room for the rest of the frame (unless it will be relayed as it arrives), but at
+            // most one scratch buffer's worth ahead of what has arrived: a header alone must
+            // not make framegate hold the whole announced size.
             let want = match frame::parse_header(&buf, self.role, self.max_message_size) {
                 Ok(Some(h)) if !self.streams(&h, &sink) => h.frame_len().saturating_sub(buf.len()),
                 _ => 0,
             };
-            buf.reserve(want.max(MIN_PARTIAL));
+            buf.reserve(want.clamp(MIN_PARTIAL, buffers::SCRATCH));
             buf
         };
         // Bytes handed over with the handshake are parsed before the socket is read.
@@ -413,9 +414,9 @@ impl Leg {
     }
 
     /// Keeps the unparsed rest of `buf` (the start of a frame) as this leg's partial frame.
-    /// Out of the scratch buffer it is copied into a buffer of its own, sized for the whole
-    /// frame so that the rest of it is read in place, and the scratch buffer goes back to the
-    /// thread. A partial buffer that empties is freed.
+    /// Out of the scratch buffer it is copied into a buffer of its own, with room for the rest
+    /// of the frame (up to 128 KiB at a time) so that it is read in place, and the scratch
+    /// buffer goes back to the thread. A partial buffer that empties is freed.
     fn keep(&mut self, mut buf: BytesMut, scratch: bool) {
         if !scratch {
             if buf.is_empty() {
@@ -430,7 +431,11 @@ impl Leg {
                 Ok(Some(h)) => h.frame_len(),
                 _ => 0,
             };
-            let size = frame_len.max(buf.len()).max(MIN_PARTIAL);
+            // Sized for the frame, up to one scratch buffer beyond what has arrived.
+            let size = frame_len
+                .min(buf.len() + buffers::SCRATCH)
+                .max(buf.len())
+                .max(MIN_PARTIAL);
             let mut partial = buffers::take_partial(size);
             partial.extend_from_slice(&buf);
             self.partial = partial;
