@@ -33,8 +33,12 @@ struct CallState {
 }
 
 /// `msg`: one data message. The object is reused for every message of a connection; after the
-/// call that received it, it is empty.
-struct Msg {
+/// call that received it, it is empty. The hooks refill it through their own handle on its
+/// state, without going through Lua's userdata type check.
+struct Msg(Rc<RefCell<MsgState>>);
+
+/// What `msg` holds.
+struct MsgState {
     payload: Bytes,
     is_text: bool,
     direction: Direction,
@@ -44,7 +48,7 @@ struct Msg {
     decoded: OnceCell<(Value, Option<String>)>,
 }
 
-impl Msg {
+impl MsgState {
     fn decoded(&self, lua: &Lua) -> &(Value, Option<String>) {
         self.decoded.get_or_init(|| {
             if !self.is_text {
@@ -66,21 +70,31 @@ impl Msg {
 
 impl UserData for Msg {
     fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_field_method_get("type", |_, m| Ok(if m.is_text { "text" } else { "binary" }));
-        fields.add_field_method_get("data", |lua, m| lua.create_string(&m.payload));
-        fields.add_field_method_get("size", |_, m| Ok(m.payload.len()));
+        fields.add_field_method_get("type", |_, m| {
+            Ok(if m.0.borrow().is_text {
+                "text"
+            } else {
+                "binary"
+            })
+        });
+        fields.add_field_method_get("data", |lua, m| lua.create_string(&m.0.borrow().payload));
+        fields.add_field_method_get("size", |_, m| Ok(m.0.borrow().payload.len()));
         fields.add_field_method_get("direction", |_, m| {
-            Ok(match m.direction {
+            Ok(match m.0.borrow().direction {
                 Direction::ClientToUpstream => "client",
                 Direction::UpstreamToClient => "server",
             })
         });
-        fields.add_field_method_get("mime", |_, m| Ok(m.mime.to_string()));
-        fields.add_field_method_get("json", |lua, m| Ok(m.decoded(lua).0.clone()));
-        fields.add_field_method_get("json_error", |lua, m| Ok(m.decoded(lua).1.clone()));
-        fields.add_field_method_get("text", |lua, m| match std::str::from_utf8(&m.payload) {
-            Ok(s) => Ok(Value::String(lua.create_string(s)?)),
-            Err(_) => Ok(Value::Nil),
+        fields.add_field_method_get("mime", |_, m| Ok(m.0.borrow().mime.to_string()));
+        fields.add_field_method_get("json", |lua, m| Ok(m.0.borrow().decoded(lua).0.clone()));
+        fields.add_field_method_get("json_error", |lua, m| {
+            Ok(m.0.borrow().decoded(lua).1.clone())
+        });
+        fields.add_field_method_get("text", |lua, m| {
+            match std::str::from_utf8(&m.0.borrow().payload) {
+                Ok(s) => Ok(Value::String(lua.create_string(s)?)),
+                Err(_) => Ok(Value::Nil),
+            }
         });
     }
 }
@@ -256,8 +270,9 @@ pub(crate) struct LuaFrameHooks {
     /// The frozen context, built once per connection.
     ctx: Table,
     conn: AnyUserData,
-    /// The `msg` object, reused for every message of this connection.
+    /// The `msg` object, reused for every message of this connection, and its state.
     msg: AnyUserData,
+    msg_state: Rc<RefCell<MsgState>>,
     call: Rc<RefCell<CallState>>,
 }
 
@@ -270,16 +285,18 @@ impl LuaFrameHooks {
             call: call.clone(),
             codec: policy.codec,
         })?;
-        let msg = policy.vm.lua.create_userdata(Msg {
+        let msg_state = Rc::new(RefCell::new(MsgState {
             payload: Bytes::new(),
             is_text: true,
             direction: Direction::ClientToUpstream,
             mime: policy.mime.clone(),
             codec: policy.codec,
             decoded: OnceCell::new(),
-        })?;
+        }));
+        let msg = policy.vm.lua.create_userdata(Msg(msg_state.clone()))?;
         Ok(LuaFrameHooks {
             msg,
+            msg_state,
             vm: policy.vm.clone(),
             on_client_frame: policy.on_client_frame.clone(),
             on_server_frame: policy.on_server_frame.clone(),
@@ -376,14 +393,12 @@ impl FrameHooks for LuaFrameHooks {
             _ => return Verdict::Forward(message),
         };
         // One `msg` object per connection, refilled for each message: no allocation per call.
-        match self.msg.borrow_mut::<Msg>() {
-            Ok(mut msg) => {
-                msg.payload = payload;
-                msg.is_text = is_text;
-                msg.direction = direction;
-                msg.decoded = OnceCell::new();
-            }
-            Err(e) => return self.failed(script.error(&e, self.limits), message),
+        {
+            let mut msg = self.msg_state.borrow_mut();
+            msg.payload = payload;
+            msg.is_text = is_text;
+            msg.direction = direction;
+            msg.decoded = OnceCell::new();
         }
         self.call.borrow_mut().direction = Some(direction);
         let result = self.vm.guarded(self.limits, || {
@@ -392,7 +407,8 @@ impl FrameHooks for LuaFrameHooks {
                 .call::<Value>((&self.msg, &self.ctx, &self.conn))
         });
         // Release the payload (and anything decoded from it) now, not when Lua collects.
-        if let Ok(mut msg) = self.msg.borrow_mut::<Msg>() {
+        {
+            let mut msg = self.msg_state.borrow_mut();
             msg.payload = Bytes::new();
             msg.decoded = OnceCell::new();
         }
