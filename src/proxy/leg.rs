@@ -283,11 +283,18 @@ fn pass_through(sink: &mut Sink<'_>, text: bool, payload: &[u8]) {
     }
 }
 
+/// framegate's end of a leg on `side`: it accepted the client leg and opened the upstream one.
+fn role_on(side: Side) -> Role {
+    match side {
+        Side::Client => Role::Server,
+        Side::Upstream => Role::Client,
+    }
+}
+
 /// One WebSocket leg.
 pub(crate) struct Leg {
     io: Io,
     side: Side,
-    role: Role,
     max_message_size: usize,
     /// The start of a frame that has not fully arrived; empty (unallocated) between frames.
     partial: BytesMut,
@@ -300,20 +307,24 @@ pub(crate) struct Leg {
 impl Leg {
     /// A leg on `socket`, after its handshake.
     pub(crate) fn new(socket: Socket, side: Side, max_message_size: usize) -> Self {
-        let role = match side {
-            Side::Client => Role::Server,
-            Side::Upstream => Role::Client,
-        };
         Leg {
             io: socket.io,
             side,
-            role,
             max_message_size,
             partial: BytesMut::from(&socket.pre_read[..]),
             fragments: None,
             stream: None,
-            out: Outbox::new(role),
+            out: Outbox::new(role_on(side)),
         }
+    }
+
+    fn role(&self) -> Role {
+        role_on(self.side)
+    }
+
+    /// The header at the start of `buf`, as this leg receives it, under its size limit.
+    fn header(&self, buf: &[u8]) -> Result<Option<frame::Header>, FrameError> {
+        frame::parse_header(buf, self.role(), self.max_message_size)
     }
 
     /// Writes what is queued to this leg. An error ends the connection as this leg gone.
@@ -351,7 +362,7 @@ impl Leg {
             // Room for the rest of the frame (unless it will be relayed as it arrives), but at
             // most one scratch buffer's worth ahead of what has arrived: a header alone must
             // not make framegate hold the whole announced size.
-            let want = match frame::parse_header(&buf, self.role, self.max_message_size) {
+            let want = match self.header(&buf) {
                 Ok(Some(h)) if !self.streams(&h, &sink) => h.frame_len().saturating_sub(buf.len()),
                 _ => 0,
             };
@@ -406,7 +417,7 @@ impl Leg {
         if self.stream.is_some() {
             return true;
         }
-        match frame::parse_header(buf, self.role, self.max_message_size) {
+        match self.header(buf) {
             Ok(Some(h)) => buf.len() >= h.frame_len() || self.streams(&h, sink),
             Ok(None) => false,
             Err(_) => true,
@@ -427,7 +438,7 @@ impl Leg {
             return;
         }
         if !buf.is_empty() {
-            let frame_len = match frame::parse_header(&buf, self.role, self.max_message_size) {
+            let frame_len = match self.header(&buf) {
                 Ok(Some(h)) => h.frame_len(),
                 _ => 0,
             };
@@ -474,7 +485,7 @@ impl Leg {
                 active = true;
                 continue;
             }
-            let header = match frame::parse_header(buf, self.role, self.max_message_size) {
+            let header = match self.header(buf) {
                 Ok(Some(h)) => h,
                 Ok(None) => return Ok(active),
                 Err(e) => return Err(self.frame_error(e)),
@@ -622,14 +633,14 @@ impl Leg {
             .await
             .is_ok()
         {}
-        if self.role == Role::Client {
+        if self.role() == Role::Client {
             self.wait_for_end().await;
         }
     }
 
     /// The peer's close came first: answers it with `reply` and finishes.
     pub(crate) async fn finish(&mut self, reply: Option<&CloseFrame>) {
-        if self.send_close(reply).await && self.role == Role::Client {
+        if self.send_close(reply).await && self.role() == Role::Client {
             self.wait_for_end().await;
         }
     }

@@ -59,7 +59,6 @@ impl Relay {
         client: Leg,
         upstream: Leg,
         lifetime: Lifetime,
-        shutdown: WaitForCancellationFutureOwned,
         shared: Arc<Shared>,
         hooks: Box<dyn FrameHooks>,
     ) -> Self {
@@ -71,7 +70,7 @@ impl Relay {
             client,
             upstream,
             lifetime,
-            shutdown: Box::pin(shutdown),
+            shutdown: Box::pin(shared.shutdown.clone().cancelled_owned()),
             hooks,
             traffic: [Traffic::default(); 2],
             inspects,

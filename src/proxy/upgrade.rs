@@ -332,7 +332,6 @@ async fn upgrade(
     );
 
     let on_upgrade = hyper::upgrade::on(request);
-    let shutdown = shared.shutdown.clone().cancelled_owned();
     let close_timeout = shared.config.server.close_timeout;
     let policy_deadline = changes.expire_at;
     // Only the socket goes into the task (the upstream's headers are done with), so an idle
@@ -360,7 +359,7 @@ async fn upgrade(
         tracing::info!(conn = id, route = %summary.route, client = %peer, upstream = %summary.upstream, "connection opened");
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let lifetime = Lifetime::start(deadline, route.idle_timeout);
-        let relay = Box::new(Relay::new(client, upstream_leg, lifetime, shutdown, shared, hooks));
+        let relay = Box::new(Relay::new(client, upstream_leg, lifetime, shared, hooks));
         let (ending, [client_to_upstream, upstream_to_client], mut hooks) = relay.run(close_timeout).await;
         (summary.code, summary.reason) = ending.code_and_reason();
         summary.closed_by = ending.closed_by();
