@@ -258,6 +258,46 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree_cpu_seconds(pid):
+    """User + system CPU time of pid and all its descendants (NGINX's workers), in seconds."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return total
+
+
+def handshake_run(target, proc, count):
+    """Opens `count` connections through `target` (64 at a time), then closes them. Returns the
+    handshakes per second and the proxy's CPU time per handshake in µs, counted from the first
+    connection to the last one answered (closing is not counted)."""
+    url = f"ws://127.0.0.1:{TARGETS[target]}/"
+    cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url]
+    if target == "fg+auth":
+        cmd += ["--header", f"authorization: Bearer {TOKEN}"]
+    cpu_before = process_tree_cpu_seconds(proc.pid)
+    p = subprocess.Popen(cmd + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    started.append(p)
+    result, deadline = {}, time.time() + 60
+    for line in p.stdout:
+        if line.strip() == "READY" or time.time() > deadline:
+            break
+        result.update(kv.split("=") for kv in line.split() if "=" in kv)
+    cpu_after = process_tree_cpu_seconds(proc.pid)
+    p.stdin.close()
+    p.wait(timeout=30)
+    time.sleep(0.5)  # connections close before the next run
+    if "handshakes_per_sec" not in result:
+        return None, None
+    return float(result["handshakes_per_sec"]), (cpu_after - cpu_before) * 1e6 / count
+
+
 def expiry_run(proc, count):
     """`count` connections with lifetimes spread over 10 s: lateness of each close, and the
     gateway's CPU use while it waits for the deadlines."""
@@ -303,8 +343,8 @@ def main():
     ap.add_argument("--idle", type=int, default=9000, help="idle connections per memory run")
     ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
     ap.add_argument("--skip-build", action="store_true")
-    ap.add_argument("--only", default="throughput,latency,idle,expiry",
-                    help="comma-separated parts to run: throughput, latency, idle, expiry")
+    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry",
+                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry")
     args = ap.parse_args()
     args.only = set(args.only.split(","))
     if args.quick:
@@ -329,12 +369,18 @@ def main():
             r = load(t, "latency", "--rate", "2000", "--duration", "5s" if not args.quick else "2s")
             for q in ("p50_us", "p99_us", "p999_us"):
                 results.setdefault((f"rtt {q[:-3]} us @2k/s", t), []).append(float(r[q]) if r else None)
+    peers = ["nginx", "haproxy", "framegate", "fg+auth"]
+    for rep in range(args.reps if "handshakes" in args.only else 0):
+        for t in peers[rep % len(peers):] + peers[:rep % len(peers)]:
+            hs, cpu = handshake_run(t, procs[t], 3000 if not args.quick else 1000)
+            results.setdefault(("handshakes/s", t), []).append(hs)
+            results.setdefault(("proxy CPU us/handshake", t), []).append(cpu)
     idle_reps = max(1, args.reps // 2)
     for rep in range(idle_reps if "idle" in args.only else 0):
-        for t in ["nginx", "haproxy", "framegate", "fg+auth"]:
+        for t in peers:
             procs[t] = restart(t, procs[t], TARGETS[t])
             hs, rss = idle_run(t, procs.get(t), args.idle)
-            results.setdefault(("handshakes/s", t), []).append(hs)
+            results.setdefault((f"handshakes/s ({args.idle}, fresh process)", t), []).append(hs)
             results.setdefault((f"RSS KB/idle conn ({args.idle})", t), []).append(rss)
     expiry = expiry_run(procs["fg+expiry"], args.idle) if "expiry" in args.only else {}
     stop_all()
@@ -357,14 +403,14 @@ def report(results, args):
             med, lo, hi = summary(results.get((m, t), []))
             cells.append("" if med is None else f"{fmt(med)} [{fmt(lo)}-{fmt(hi)}]")
         print(f"| {m} | " + " | ".join(cells) + " |")
-    print("\nratios of medians (framegate / peer; for latency and RSS lower is better)\n")
-    print("| metric | fg/direct | fg/nginx | fg/haproxy | fg+lua/fg | fg+json/fg | fg+auth/fg |")
-    print("|---|---|---|---|---|---|---|")
+    print("\nratios of medians (framegate / peer; for latency, RSS and CPU lower is better)\n")
+    print("| metric | fg/direct | fg/nginx | fg/haproxy | fg+lua/fg | fg+json/fg | fg+auth/fg | fg+auth/haproxy |")
+    print("|---|---|---|---|---|---|---|---|")
     for m in metrics:
         med = {t: summary(results.get((m, t), []))[0] for t in targets}
         def ratio(a, b):
             return f"{med[a] / med[b]:.2f}x" if med.get(a) and med.get(b) else ""
-        print(f"| {m} | {ratio('framegate', 'direct')} | {ratio('framegate', 'nginx')} | {ratio('framegate', 'haproxy')} | {ratio('fg+lua', 'framegate')} | {ratio('fg+json', 'framegate')} | {ratio('fg+auth', 'framegate')} |")
+        print(f"| {m} | {ratio('framegate', 'direct')} | {ratio('framegate', 'nginx')} | {ratio('framegate', 'haproxy')} | {ratio('fg+lua', 'framegate')} | {ratio('fg+json', 'framegate')} | {ratio('fg+auth', 'framegate')} | {ratio('fg+auth', 'haproxy')} |")
 
 
 def stop_all():
