@@ -196,43 +196,68 @@ def start_all():
     return procs
 
 
-def load(target, *args, timeout=120):
+def fg_load_cmd(target):
+    """The load generator's command line for `target` (with the token `fg+auth` wants)."""
     url = f"ws://127.0.0.1:{TARGETS[target]}/"
     cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url]
     if target == "fg+auth":
         cmd += ["--header", f"authorization: Bearer {TOKEN}"]
-    out = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout)
+    return cmd
+
+
+def load(target, *args, timeout=120):
+    out = subprocess.run(fg_load_cmd(target) + list(args), capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         log(f"  {target}: {out.stderr.strip()}")
         return None
     return dict(kv.split("=") for kv in out.stdout.split() if "=" in kv)
 
 
-def process_tree_rss_kb(pid):
-    """RSS of pid and all its descendants, in KiB."""
-    total, todo = 0, [pid]
+def process_tree(pid):
+    """pid and all its descendants (NGINX's workers)."""
+    todo = [pid]
     while todo:
         p = todo.pop()
+        yield p
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
             with open(f"/proc/{p}/task/{p}/children") as f:
                 todo += [int(c) for c in f.read().split()]
         except OSError:
             pass
-    return total
 
 
-def idle_run(target, proc, count):
-    """Opens `count` idle connections through `target`; returns (handshakes/s, RSS KB per connection)."""
-    before = process_tree_rss_kb(proc.pid) if proc else 0
-    url = f"ws://127.0.0.1:{TARGETS[target]}/"
-    cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url]
-    if target == "fg+auth":
-        cmd += ["--header", f"authorization: Bearer {TOKEN}"]
-    p = subprocess.Popen(cmd + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s"],
+def rss_kb(pid):
+    """Resident set size of pid, in KiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of pid, in seconds (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_rss_kb(pid):
+    return sum(rss_kb(p) for p in process_tree(pid))
+
+
+def process_tree_cpu_seconds(pid):
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
+def with_open_connections(target, count, while_open, settle):
+    """Opens `count` connections through `target` (64 at a time), calls `while_open()` once the
+    last one is answered, then closes them and waits `settle` seconds for the proxy to let go.
+    Returns (handshakes/s or None, what `while_open` returned)."""
+    p = subprocess.Popen(fg_load_cmd(target) + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     started.append(p)
     result, deadline = {}, time.time() + 90
@@ -240,70 +265,38 @@ def idle_run(target, proc, count):
         if line.strip() == "READY" or time.time() > deadline:
             break
         result.update(kv.split("=") for kv in line.split() if "=" in kv)
-    time.sleep(1.0)  # let the proxy settle; RSS is read while every connection is open
-    after = process_tree_rss_kb(proc.pid) if proc else 0
+    measured = while_open()
     p.stdin.close()
     p.wait(timeout=30)
-    time.sleep(1.0)  # connections close before the next run
-    if "handshakes_per_sec" not in result:
-        return None, None
-    per_conn = (after - before) * 1024 / count / 1000 if proc else None
-    return float(result["handshakes_per_sec"]), per_conn
+    time.sleep(settle)
+    return (float(result["handshakes_per_sec"]) if "handshakes_per_sec" in result else None), measured
 
 
-def cpu_seconds(pid):
-    """User + system CPU time of pid, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def idle_run(target, proc, count):
+    """Opens `count` idle connections through `target`; returns (handshakes/s, RSS KB per connection)."""
+    before = process_tree_rss_kb(proc.pid)
 
+    def settled_rss():
+        time.sleep(1.0)  # let the proxy settle; RSS is read while every connection is open
+        return process_tree_rss_kb(proc.pid)
 
-def process_tree_cpu_seconds(pid):
-    """User + system CPU time of pid and all its descendants (NGINX's workers), in seconds."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            total += cpu_seconds(p)
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except OSError:
-            pass
-    return total
+    hs, after = with_open_connections(target, count, settled_rss, settle=1.0)
+    return hs, (after - before) * 1024 / count / 1000 if hs is not None else None
 
 
 def handshake_run(target, proc, count):
-    """Opens `count` connections through `target` (64 at a time), then closes them. Returns the
-    handshakes per second and the proxy's CPU time per handshake in µs, counted from the first
-    connection to the last one answered (closing is not counted)."""
-    url = f"ws://127.0.0.1:{TARGETS[target]}/"
-    cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url]
-    if target == "fg+auth":
-        cmd += ["--header", f"authorization: Bearer {TOKEN}"]
-    cpu_before = process_tree_cpu_seconds(proc.pid)
-    p = subprocess.Popen(cmd + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    started.append(p)
-    result, deadline = {}, time.time() + 60
-    for line in p.stdout:
-        if line.strip() == "READY" or time.time() > deadline:
-            break
-        result.update(kv.split("=") for kv in line.split() if "=" in kv)
-    cpu_after = process_tree_cpu_seconds(proc.pid)
-    p.stdin.close()
-    p.wait(timeout=30)
-    time.sleep(0.5)  # connections close before the next run
-    if "handshakes_per_sec" not in result:
-        return None, None
-    return float(result["handshakes_per_sec"]), (cpu_after - cpu_before) * 1e6 / count
+    """Opens `count` connections through `target`, then closes them. Returns the handshakes per
+    second and the proxy's CPU time per handshake in µs, counted from the first connection to
+    the last one answered (closing is not counted)."""
+    before = process_tree_cpu_seconds(proc.pid)
+    hs, after = with_open_connections(target, count, lambda: process_tree_cpu_seconds(proc.pid), settle=0.5)
+    return hs, (after - before) * 1e6 / count if hs is not None else None
 
 
 def expiry_run(proc, count):
     """`count` connections with lifetimes spread over 10 s: lateness of each close, and the
     gateway's CPU use while it waits for the deadlines."""
-    url = f"ws://127.0.0.1:{TARGETS['fg+expiry']}/"
-    cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url,
-           "expiry", "--count", str(count), "--base", "5s", "--spread", "10s"]
+    cmd = fg_load_cmd("fg+expiry") + ["expiry", "--count", str(count), "--base", "5s", "--spread", "10s"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     started.append(p)
     result = {}
@@ -379,7 +372,7 @@ def main():
     for rep in range(idle_reps if "idle" in args.only else 0):
         for t in peers:
             procs[t] = restart(t, procs[t], TARGETS[t])
-            hs, rss = idle_run(t, procs.get(t), args.idle)
+            hs, rss = idle_run(t, procs[t], args.idle)
             results.setdefault((f"handshakes/s ({args.idle}, fresh process)", t), []).append(hs)
             results.setdefault((f"RSS KB/idle conn ({args.idle})", t), []).append(rss)
     expiry = expiry_run(procs["fg+expiry"], args.idle) if "expiry" in args.only else {}
