@@ -6,7 +6,8 @@
 //! - [`policy`]: the hook trait the proxy calls at each phase, and its verdicts; no sockets.
 //! - [`proxy`]: the upgrade (both handshakes), the relay loop, lifetimes and closing.
 //! - [`upstream`]: connecting to upstreams over TCP or TLS.
-//! - `listener`: the accept loop, the connection cap, serving one HTTP connection.
+//! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
+//! - `listener`: the accept loop, the connection cap, serving one client connection.
 //! - `worker`: worker threads, each a current-thread runtime with its own Lua VM.
 //! - [`gateway`]: build, start and shut down a gateway.
 //! - [`policy_test`]: `framegate policy-test`, running a policy on a message without sockets.
@@ -35,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod client_http;
 pub mod config;
 pub mod gateway;
 mod listener;

@@ -1,18 +1,19 @@
 //! Accepting and serving client connections: the accept loop (connection cap, hand-off to a
-//! worker) and one hyper HTTP/1.1 connection per client on its worker, with graceful shutdown.
+//! worker) and, per client on its worker, the HTTP/1.1 requests up to the upgrade.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use bytes::BytesMut;
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::proxy::{self, Shared};
+use crate::client_http::{self, Answer, ReadError};
+use crate::proxy::{self, Handled, Shared};
 use crate::worker::{self, Slot, WorkerCtx, WorkerLink};
 
 /// Accepts connections until shutdown. Each connection holds a permit of `permits` for its
@@ -50,33 +51,82 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Serves one client connection on the current worker.
+/// Serves one client connection on the current worker: reads requests until one is upgraded
+/// (then relays it) or the connection ends. Refused requests are answered and, where HTTP/1.1
+/// keep-alive allows, the next request is read on the same connection.
 pub(crate) async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     worker: Rc<WorkerCtx>,
     slot: Rc<Slot>,
 ) {
-    let header_read_timeout = shared.config.server.header_read_timeout;
-    let shutdown = shared.shutdown.clone();
-    let service = service_fn(move |request| {
-        proxy::handle(request, peer, shared.clone(), worker.clone(), slot.clone())
-    });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    // Held until the connection is gone, relay included.
+    let _slot = slot;
+    let timeout = shared.config.server.header_read_timeout;
+    let mut buf = BytesMut::new();
+    loop {
+        let (request, rest) = match client_http::read_request(
+            &mut stream,
+            &mut buf,
+            timeout,
+            &shared.shutdown,
+        )
+        .await
+        {
+            Ok(Some(read)) => read,
+            Ok(None) => return,
+            Err(ReadError::Bad(bad)) => {
+                tracing::info!(client = %peer, error = %bad, "request rejected");
+                let answer = Answer::text(bad.status(), bad.to_string());
+                return finish(stream, &answer.encode(true, false), true).await;
+            }
+            Err(e) => {
+                tracing::debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+                return;
+            }
+        };
+        let answer = match proxy::handle(&request, peer, &shared, &worker).await {
+            Handled::Upgraded(accepted) => {
+                drop(request);
+                return accepted.run(stream, rest).await;
+            }
+            Handled::Answered(answer) => answer,
+        };
+        let keep_alive = request.keep_alive() && !shared.shutdown.is_cancelled();
+        let bytes = answer.encode(!keep_alive, request.method == Method::HEAD);
+        if !keep_alive {
+            return finish(stream, &bytes, request.has_body || !rest.is_empty()).await;
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+        if stream.write_all(&bytes).await.is_err() {
+            return;
+        }
+        // Bytes of a pipelined next request.
+        buf.extend_from_slice(&rest);
+    }
+}
+
+/// How long a closing connection's unread input is drained (see [`finish`]).
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Writes a last answer and closes. If the client may still be sending (a body, pipelined
+/// requests), its input is read and dropped for up to [`LINGER`] first: closing a socket with
+/// unread input resets the connection, and the client could lose the answer.
+async fn finish(mut stream: TcpStream, answer: &[u8], linger: bool) {
+    if stream.write_all(answer).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    if linger {
+        let drain = async {
+            let mut sink = [0u8; 4096];
+            let mut left = client_http::MAX_HEAD;
+            while let Ok(n @ 1..) = stream.read(&mut sink).await {
+                left = left.saturating_sub(n);
+                if left == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 }

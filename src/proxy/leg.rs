@@ -562,7 +562,13 @@ impl Leg {
                 }
                 OpCode::Ping => self.out.push(OpCode::Pong, payload),
                 OpCode::Pong => {}
-                OpCode::Close => return Err(self.close_received(payload)),
+                OpCode::Close => {
+                    let ending = self.close_received(payload);
+                    // Nothing may follow a close frame (RFC 6455 §5.5.1), so nothing is kept:
+                    // a kept frame would cost a partial buffer on every close.
+                    buf.clear();
+                    return Err(ending);
+                }
             }
             buf.advance(header.frame_len());
         }

@@ -14,7 +14,7 @@ mod upgrade;
 
 pub use close::{CloseSummary, ClosedBy, Side, Traffic};
 
-pub(crate) use upgrade::handle;
+pub(crate) use upgrade::{handle, Handled};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

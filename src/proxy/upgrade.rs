@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http::{Method, StatusCode, Version};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::close::{CloseSummary, ClosedBy, Side};
@@ -17,12 +17,13 @@ use super::leg::Leg;
 use super::lifetime::Lifetime;
 use super::relay::Relay;
 use super::{headers, Shared};
+use crate::client_http::{Answer, RequestHead};
+use crate::config::Route;
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
-use crate::upstream::{self, UpstreamError};
-use crate::worker::{Slot, WorkerCtx};
-use std::rc::Rc;
+use crate::upstream::{self, Io, Socket, UpstreamError};
+use crate::worker::WorkerCtx;
 
 /// Why an upgrade request was not proxied.
 #[derive(Debug, thiserror::Error)]
@@ -50,18 +51,12 @@ pub(crate) enum Rejection {
     },
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body + "\n")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
+fn text(status: StatusCode, body: String) -> Answer {
+    Answer::text(status, body)
 }
 
 impl Rejection {
-    fn into_response(self) -> Response<Full<Bytes>> {
+    fn into_answer(self) -> Answer {
         let message = self.to_string();
         match self {
             Rejection::NoRoute(_) => text(StatusCode::NOT_FOUND, message),
@@ -70,22 +65,22 @@ impl Rejection {
                     StatusCode::UPGRADE_REQUIRED,
                     "this path accepts WebSocket connections only".into(),
                 );
-                r.headers_mut()
+                r.headers
                     .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-                r.headers_mut()
+                r.headers
                     .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
                 r
             }
             Rejection::Method(_) => {
                 let mut r = text(StatusCode::METHOD_NOT_ALLOWED, message);
-                r.headers_mut()
+                r.headers
                     .insert(header::ALLOW, HeaderValue::from_static("GET"));
                 r
             }
             Rejection::BadUpgrade(_) => text(StatusCode::BAD_REQUEST, message),
             Rejection::Version => {
                 let mut r = text(StatusCode::UPGRADE_REQUIRED, message);
-                r.headers_mut().insert(
+                r.headers.insert(
                     header::SEC_WEBSOCKET_VERSION,
                     HeaderValue::from_static("13"),
                 );
@@ -94,18 +89,18 @@ impl Rejection {
             Rejection::Upstream {
                 source: UpstreamError::Refused(refusal),
                 ..
-            } => {
-                let mut r = Response::new(Full::new(refusal.body));
-                *r.status_mut() = refusal.status;
-                *r.headers_mut() = headers::refusal(&refusal.headers);
-                r
-            }
+            } => Answer {
+                status: refusal.status,
+                headers: headers::refusal(&refusal.headers),
+                body: refusal.body,
+            },
             Rejection::Policy(rejection) => {
                 let (status, body, headers) = *rejection;
-                let mut r = Response::new(Full::new(body));
-                *r.status_mut() = status;
-                *r.headers_mut() = headers;
-                r
+                Answer {
+                    status,
+                    headers,
+                    body,
+                }
             }
             Rejection::PolicyFailed(_) => text(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -135,30 +130,28 @@ impl Rejection {
     }
 }
 
-/// Serves one HTTP request on a client connection.
-pub(crate) async fn handle(
-    mut request: Request<Incoming>,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    worker: Rc<WorkerCtx>,
-    slot: Rc<Slot>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    match upgrade(&mut request, peer, shared, worker, slot).await {
-        Ok(response) => Ok(response),
-        Err(rejection) => {
-            rejection.log(peer, request.uri().path());
-            Ok(rejection.into_response())
-        }
-    }
+/// What became of a request.
+pub(crate) enum Handled {
+    /// Not upgraded: the answer to write. The connection may carry another request.
+    Answered(Answer),
+    /// The upstream accepted the WebSocket: [`Accepted::run`] answers 101 and relays.
+    Upgraded(Box<Accepted>),
 }
 
-/// The request's Host header (or the authority of an absolute-form target).
-fn request_host<B>(request: &Request<B>) -> Option<&str> {
-    request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()))
+/// Serves one HTTP request on a client connection: a refusal is logged here, once.
+pub(crate) async fn handle(
+    request: &RequestHead,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    worker: &WorkerCtx,
+) -> Handled {
+    match upgrade(request, peer, shared, worker).await {
+        Ok(accepted) => Handled::Upgraded(Box::new(accepted)),
+        Err(rejection) => {
+            rejection.log(peer, request.path());
+            Handled::Answered(rejection.into_answer())
+        }
+    }
 }
 
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -171,21 +164,24 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 }
 
 /// Checks the RFC 6455 §4.2.1 requirements; returns the client's key.
-fn validate<B>(request: &Request<B>) -> Result<HeaderValue, Rejection> {
-    let headers = request.headers();
+fn validate(request: &RequestHead) -> Result<&HeaderValue, Rejection> {
+    let headers = &request.headers;
     if !has_token(headers, header::UPGRADE, "websocket") {
         return Err(Rejection::NotWebSocket);
     }
-    if request.method() != Method::GET {
-        return Err(Rejection::Method(request.method().clone()));
+    if request.method != Method::GET {
+        return Err(Rejection::Method(request.method.clone()));
     }
-    if request.version() != Version::HTTP_11 {
+    if request.version != Version::HTTP_11 {
         return Err(Rejection::BadUpgrade("HTTP/1.1 is required"));
     }
     if !has_token(headers, header::CONNECTION, "upgrade") {
         return Err(Rejection::BadUpgrade(
             "Connection header must include \"Upgrade\"",
         ));
+    }
+    if request.has_body {
+        return Err(Rejection::BadUpgrade("an upgrade request has no body"));
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
@@ -202,7 +198,7 @@ fn validate<B>(request: &Request<B>) -> Result<HeaderValue, Rejection> {
             "Sec-WebSocket-Key must be 16 bytes in base64",
         ));
     }
-    Ok(key.clone())
+    Ok(key)
 }
 
 /// 16 random bytes in base64: 22 alphabet characters and "==".
@@ -215,16 +211,16 @@ fn is_websocket_key(key: &[u8]) -> bool {
 }
 
 async fn upgrade(
-    request: &mut Request<Incoming>,
+    request: &RequestHead,
     peer: SocketAddr,
-    shared: Arc<Shared>,
-    worker: Rc<WorkerCtx>,
-    slot: Rc<Slot>,
-) -> Result<Response<Full<Bytes>>, Rejection> {
-    let path = request.uri().path();
+    shared: &Arc<Shared>,
+    worker: &WorkerCtx,
+) -> Result<Accepted, Rejection> {
+    let path = request.path();
+    let host = request.host();
     let found = shared
         .router
-        .find(request_host(request), path)
+        .find(host, path)
         .ok_or_else(|| Rejection::NoRoute(path.to_owned()))?;
     let client_key = validate(request)?;
     let route = found.route;
@@ -239,14 +235,14 @@ async fn upgrade(
             Some(policy) => {
                 let upgrade_request = UpgradeRequest {
                     id,
-                    method: request.method().as_str(),
+                    method: request.method.as_str(),
                     path,
-                    query: request.uri().query().unwrap_or(""),
-                    headers: request.headers(),
+                    query: request.query().unwrap_or(""),
+                    headers: &request.headers,
                     params: &found.params,
                     client_ip: peer.ip(),
                     scheme: "ws",
-                    host: request_host(request),
+                    host,
                 };
                 match policy.on_upgrade(&upgrade_request) {
                     UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
@@ -265,15 +261,14 @@ async fn upgrade(
         Some(url) => url,
         None => {
             let mut url = route.upstream.render(&found.params);
-            if let Some(query) = request.uri().query() {
+            if let Some(query) = request.query() {
                 url.push(if url.contains('?') { '&' } else { '?' });
                 url.push_str(query);
             }
             url
         }
     };
-    let mut upstream_headers =
-        headers::upstream_request(request.headers(), peer.ip(), request_host(request), "http");
+    let mut upstream_headers = headers::upstream_request(&request.headers, peer.ip(), host, "http");
     for (name, value) in changes.headers {
         match value {
             Some(value) => upstream_headers.insert(name, value),
@@ -313,10 +308,7 @@ async fn upgrade(
         }
     };
 
-    let mut response = Response::new(Full::default());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    *response.headers_mut() = headers::client_response(&connected.headers);
-    let h = response.headers_mut();
+    let mut h = headers::client_response(&connected.headers);
     if let Some(chosen) = &changes.subprotocol {
         h.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
@@ -330,37 +322,76 @@ async fn upgrade(
         HeaderValue::from_str(&derive_accept_key(client_key.as_bytes()))
             .expect("base64 is a valid header value"),
     );
+    Ok(Accepted {
+        response: crate::client_http::switching_protocols(&h),
+        // Only the socket is kept (the upstream's headers are done with), so an idle
+        // connection holds as little as possible.
+        upstream: Leg::new(connected.socket, Side::Upstream, route.max_message_size),
+        hooks,
+        summary: CloseSummary::new(id, route.name(), peer, url),
+        route,
+        policy_deadline: changes.expire_at,
+        shared: shared.clone(),
+    })
+}
 
-    let on_upgrade = hyper::upgrade::on(request);
-    let close_timeout = shared.config.server.close_timeout;
-    let policy_deadline = changes.expire_at;
-    // Only the socket goes into the task (the upstream's headers are done with), so an idle
-    // connection holds as little as possible.
-    let upstream_leg = Leg::new(connected.socket, Side::Upstream, route.max_message_size);
-    let tracker = shared.tracker.clone();
-    tracker.spawn_local(async move {
-        let _slot = slot;
+/// An upgrade the upstream has accepted, waiting for the client's 101.
+pub(crate) struct Accepted {
+    /// The 101, encoded.
+    response: Vec<u8>,
+    upstream: Leg,
+    hooks: Box<dyn FrameHooks>,
+    /// The close line, filled in as the connection ends.
+    summary: CloseSummary,
+    route: Arc<Route>,
+    /// A close time `on_upgrade` asked for.
+    policy_deadline: Option<std::time::SystemTime>,
+    shared: Arc<Shared>,
+}
+
+impl Accepted {
+    /// Answers the client with 101 on `stream` and relays until the connection ends;
+    /// `pre_read` holds the bytes the client sent after its request head.
+    pub(crate) async fn run(self, mut stream: TcpStream, pre_read: Bytes) {
+        let Accepted {
+            response,
+            upstream,
+            hooks,
+            mut summary,
+            route,
+            policy_deadline,
+            shared,
+        } = self;
+        let close_timeout = shared.config.server.close_timeout;
         let opened = tokio::time::Instant::now();
-        let mut summary = CloseSummary::new(id, route.name(), peer, url);
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                let reason = format!("client left during the upgrade: {e}");
-                return Box::pin(abandon(upstream_leg, hooks, summary, opened, reason, ClosedBy::Client, close_timeout)).await;
-            }
-        };
-        let client = match upstream::take_apart(upgraded) {
-            Ok(socket) => Leg::new(socket, Side::Client, route.max_message_size),
-            Err(e) => {
-                tracing::warn!(conn = id, error = %e, "cannot start the client WebSocket");
-                return Box::pin(abandon(upstream_leg, hooks, summary, opened, e.to_string(), ClosedBy::Gateway, close_timeout)).await;
-            }
-        };
-        tracing::info!(conn = id, route = %summary.route, client = %peer, upstream = %summary.upstream, "connection opened");
+        if let Err(e) = stream.write_all(&response).await {
+            let reason = format!("client left during the upgrade: {e}");
+            return Box::pin(abandon(
+                upstream,
+                hooks,
+                summary,
+                opened,
+                reason,
+                ClosedBy::Client,
+                close_timeout,
+            ))
+            .await;
+        }
+        drop(response);
+        let client = Leg::new(
+            Socket {
+                io: Io::Tcp(stream),
+                pre_read,
+            },
+            Side::Client,
+            route.max_message_size,
+        );
+        tracing::info!(conn = summary.id, route = %summary.route, client = %summary.client, upstream = %summary.upstream, "connection opened");
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let lifetime = Lifetime::start(deadline, route.idle_timeout);
-        let relay = Box::new(Relay::new(client, upstream_leg, lifetime, shared, hooks));
-        let (ending, [client_to_upstream, upstream_to_client], mut hooks) = relay.run(close_timeout).await;
+        let relay = Box::new(Relay::new(client, upstream, lifetime, shared, hooks));
+        let (ending, [client_to_upstream, upstream_to_client], mut hooks) =
+            relay.run(close_timeout).await;
         (summary.code, summary.reason) = ending.code_and_reason();
         summary.closed_by = ending.closed_by();
         summary.duration = opened.elapsed();
@@ -368,8 +399,7 @@ async fn upgrade(
         summary.upstream_to_client = upstream_to_client;
         hooks.on_close(&summary);
         summary.log();
-    });
-    Ok(response)
+    }
 }
 
 /// Ends a connection that never reached the relay: the upstream is told the client is gone,

@@ -4,9 +4,9 @@
 //! can be relayed to the client. No HTTP client sits in between, as one would cost a task,
 //! channels and buffers per upgrade for an exchange that is over after one response.
 //!
-//! Owns nothing of the client leg, except [`take_apart`], which takes the client's socket back
-//! from hyper's server upgrade. [`connect`] takes the headers to send and returns either an open
-//! WebSocket with the upstream's 101 headers, or a typed error the proxy sorts into a status.
+//! Owns nothing of the client leg but the socket types ([`Io`], [`Socket`]) both legs share.
+//! [`connect`] takes the headers to send and returns either an open WebSocket with the
+//! upstream's 101 headers, or a typed error the proxy sorts into a status.
 
 mod response;
 mod tls;
@@ -19,8 +19,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
@@ -28,9 +26,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use response::Answer;
 
-/// The socket under a WebSocket leg. The client's is taken back from hyper after the upgrade
-/// ([`take_apart`]) so that hyper's buffers are freed and reads and writes go straight to the
-/// socket, without a boxed I/O object in between; the upstream's never goes through hyper.
+/// The socket under a WebSocket leg: reads and writes go straight to it, without a boxed I/O
+/// object in between.
 pub enum Io {
     /// Plain TCP.
     Tcp(TcpStream),
@@ -108,20 +105,6 @@ pub struct Socket {
     pub io: Io,
     /// Bytes that arrived with the handshake (the start of the first frames).
     pub pre_read: Bytes,
-}
-
-/// Takes the client's connection back from hyper's server upgrade: the socket, and any bytes
-/// hyper had already read past the handshake.
-pub fn take_apart(upgraded: Upgraded) -> Result<Socket, UpstreamError> {
-    match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => Ok(Socket {
-            io: Io::Tcp(parts.io.into_inner()),
-            pre_read: parts.read_buf,
-        }),
-        Err(_) => Err(UpstreamError::BadHandshake(
-            "unexpected connection type after the upgrade".into(),
-        )),
-    }
 }
 
 /// Why the upstream could not be reached or refused the WebSocket.

@@ -12,6 +12,7 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{Refusal, UpstreamError};
+use crate::client_http::{has_empty_line, parse_length};
 
 /// Bodies of refused handshakes are relayed up to this size.
 pub(super) const MAX_REFUSAL_BODY: usize = 64 * 1024;
@@ -122,11 +123,6 @@ where
     }
 }
 
-/// Whether `bytes` hold the end of a line followed by an empty one.
-fn has_empty_line(bytes: &[u8]) -> bool {
-    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
-}
-
 /// Reads what the socket has into `buf`, growing it when it is full.
 async fn fill<IO>(io: &mut IO, buf: &mut BytesMut) -> std::io::Result<usize>
 where
@@ -207,13 +203,6 @@ fn framing(status: StatusCode, headers: &HeaderMap) -> Result<Framing, BadRespon
         }
     }
     Ok(length.map_or(Framing::UntilEof, Framing::Length))
-}
-
-fn parse_length(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Reads a refusal's body, starting with the bytes already in `buf`. An upstream that hangs up

@@ -1,0 +1,320 @@
+//! A client's request head, parsed with httparse from the bytes read so far.
+//!
+//! Header values are slices of the bytes read, not copies: the head is parsed once, the bytes
+//! are frozen, and every value shares them. Only what routing, validation and the policy read
+//! is built: the method, the target (as one string), the version and the header map.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// A request head may be this long; a longer one is answered with 431.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+
+/// As many headers as hyper and NGINX accept by default; more are answered with 431.
+const MAX_HEADERS: usize = 100;
+
+/// What is wrong with a client's request head. Each is answered with its
+/// [`status`](BadRequest::status) and the connection is closed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadRequest {
+    /// Not an HTTP/1.x request head.
+    #[error("malformed request head: {0}")]
+    Malformed(httparse::Error),
+    /// More than [`MAX_HEAD`] bytes without the end of the head.
+    #[error("request head longer than {} KiB", MAX_HEAD / 1024)]
+    TooLarge,
+    /// More headers than accepted.
+    #[error("more than {MAX_HEADERS} request headers")]
+    TooManyHeaders,
+    /// The request target is neither a path nor an absolute URL.
+    #[error("bad request target {0:?}")]
+    Target(String),
+    /// `Content-Length` is not a number, or its values disagree.
+    #[error("invalid Content-Length")]
+    ContentLength,
+}
+
+impl BadRequest {
+    /// The status the client is answered with.
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            BadRequest::TooLarge | BadRequest::TooManyHeaders => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    /// The request method.
+    pub(crate) method: Method,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub(crate) version: Version,
+    /// Path and query, as sent (the path and query of an absolute-form target).
+    target: String,
+    /// The authority of an absolute-form target (`GET http://host/path`).
+    authority: Option<String>,
+    /// The request headers.
+    pub(crate) headers: HeaderMap,
+    /// The request announces a body (`Transfer-Encoding`, or a `Content-Length` above 0).
+    pub(crate) has_body: bool,
+    /// The client asked for the connection to end after this request.
+    close: bool,
+}
+
+impl RequestHead {
+    /// The request path, without the query.
+    pub(crate) fn path(&self) -> &str {
+        self.target.split_once('?').map_or(&self.target, |(p, _)| p)
+    }
+
+    /// The query, without `?`, if there is one.
+    pub(crate) fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
+
+    /// The `Host` header, or the authority of an absolute-form target.
+    pub(crate) fn host(&self) -> Option<&str> {
+        self.headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(self.authority.as_deref())
+    }
+
+    /// Whether the connection may carry another request after this one is answered: an
+    /// HTTP/1.1 request without `Connection: close` and without a body (which is never read).
+    pub(crate) fn keep_alive(&self) -> bool {
+        self.version == Version::HTTP_11 && !self.close && !self.has_body
+    }
+}
+
+/// Whether `bytes` hold the end of a line followed by an empty one: the end of a head.
+pub(crate) fn has_empty_line(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// Checks the start of a head for what can already be wrong with it (garbage fails at once).
+pub(crate) fn check_start(buf: &[u8]) -> Result<(), BadRequest> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Request::new(&mut slots).parse(buf) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(classify(e)),
+    }
+}
+
+fn classify(e: httparse::Error) -> BadRequest {
+    match e {
+        httparse::Error::TooManyHeaders => BadRequest::TooManyHeaders,
+        e => BadRequest::Malformed(e),
+    }
+}
+
+/// Parses the head at the start of `buf`, which holds an empty line (see [`has_empty_line`]).
+/// On success the bytes read are taken out of `buf`; the head is returned with the bytes that
+/// came after it. `Ok(None)`: the empty line was not the end of a head (empty lines before a
+/// request line are skipped), so `buf` is left as it was.
+pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, BadRequest> {
+    let read = buf.split().freeze();
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut slots);
+    let len = match request.parse(&read) {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+        Ok(httparse::Status::Complete(_)) => return Err(BadRequest::TooLarge),
+        Ok(httparse::Status::Partial) => {
+            buf.extend_from_slice(&read);
+            return Ok(None);
+        }
+        Err(e) => return Err(classify(e)),
+    };
+    // httparse has checked each part; the conversions below only re-state that for `http`.
+    let malformed = BadRequest::Malformed;
+    let method = request
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or(malformed(httparse::Error::Token))?;
+    let version = match request.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let (target, authority) = split_target(request.path.unwrap_or("/"))?;
+    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    let mut close = version == Version::HTTP_10;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    for h in request.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| malformed(httparse::Error::HeaderName))?;
+        let value = HeaderValue::from_maybe_shared(read.slice_ref(h.value))
+            .map_err(|_| malformed(httparse::Error::HeaderValue))?;
+        if name == header::CONTENT_LENGTH {
+            for part in value.as_bytes().split(|b| *b == b',') {
+                let n = parse_length(part.trim_ascii()).ok_or(BadRequest::ContentLength)?;
+                if length.replace(n).is_some_and(|prior| prior != n) {
+                    return Err(BadRequest::ContentLength);
+                }
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            chunked = true;
+        } else if name == header::CONNECTION {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    close = false;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    let head = RequestHead {
+        method,
+        version,
+        target,
+        authority,
+        headers,
+        has_body: chunked || length.is_some_and(|n| n > 0),
+        close,
+    };
+    Ok(Some((head, read.slice(len..))))
+}
+
+/// The origin-form target of a request, and the authority if it came in absolute form.
+fn split_target(target: &str) -> Result<(String, Option<String>), BadRequest> {
+    if target.starts_with('/') {
+        return Ok((target.to_owned(), None));
+    }
+    let bad = || BadRequest::Target(target.chars().take(100).collect());
+    let uri: http::Uri = target.parse().map_err(|_| bad())?;
+    match (uri.scheme(), uri.authority()) {
+        (Some(_), Some(authority)) => {
+            let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let path = if path.is_empty() { "/" } else { path };
+            Ok((path.to_owned(), Some(authority.as_str().to_owned())))
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// A `Content-Length` value: digits only.
+pub(crate) fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Option<(RequestHead, Bytes)>, BadRequest> {
+        parse(&mut BytesMut::from(text))
+    }
+
+    fn head(text: &str) -> RequestHead {
+        parse_str(text).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn parses_an_upgrade_and_keeps_what_follows() {
+        let (head, rest) = parse_str(
+            "GET /chat/room?x=1&y=2 HTTP/1.1\r\nHost: gw.example\r\nUpgrade: websocket\r\n\
+             X-Custom: a b\r\n\r\n\x01\x05hello",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.method, Method::GET);
+        assert_eq!(head.version, Version::HTTP_11);
+        assert_eq!(head.path(), "/chat/room");
+        assert_eq!(head.query(), Some("x=1&y=2"));
+        assert_eq!(head.host(), Some("gw.example"));
+        assert_eq!(head.headers["x-custom"], "a b");
+        assert!(head.keep_alive());
+        assert_eq!(&rest[..], b"\x01\x05hello");
+    }
+
+    #[test]
+    fn absolute_form_targets_give_path_and_authority() {
+        let head = head("GET ws://gw.example:8080/a/b?q HTTP/1.1\r\n\r\n");
+        assert_eq!(head.path(), "/a/b");
+        assert_eq!(head.query(), Some("q"));
+        assert_eq!(head.host(), Some("gw.example:8080"));
+        // The Host header wins over the target's authority.
+        let head = head_with_host();
+        assert_eq!(head.host(), Some("other"));
+        assert!(matches!(
+            parse_str("GET * HTTP/1.1\r\n\r\n"),
+            Err(BadRequest::Target(_))
+        ));
+    }
+
+    fn head_with_host() -> RequestHead {
+        head("GET http://gw.example/ HTTP/1.1\r\nHost: other\r\n\r\n")
+    }
+
+    #[test]
+    fn keep_alive_follows_version_connection_and_body() {
+        assert!(!head("GET / HTTP/1.1\r\nConnection: Upgrade, close\r\n\r\n").keep_alive());
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive());
+        // HTTP/1.0 keep-alive is honoured by the parser but the version still ends it: only
+        // HTTP/1.1 connections are kept.
+        assert!(!head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive());
+        let with_body = head("POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+        assert!(with_body.has_body && !with_body.keep_alive());
+        assert!(!head("GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").has_body);
+        assert!(head("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").has_body);
+    }
+
+    #[test]
+    fn bad_heads_get_their_status() {
+        for (text, status) in [
+            ("\x16\x03\x01\x00garbage\r\n\r\n", StatusCode::BAD_REQUEST),
+            (
+                "GET / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n",
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+                StatusCode::BAD_REQUEST,
+            ),
+        ] {
+            let e = parse_str(text).unwrap_err();
+            assert_eq!(e.status(), status, "{text:?}: {e}");
+        }
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "X-A: 1\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert_eq!(
+            parse_str(&many).unwrap_err().status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        assert!(check_start(b"\x16\x03\x01").is_err());
+        assert!(check_start(b"GET /pa").is_ok());
+    }
+
+    #[test]
+    fn leading_empty_lines_are_not_a_head() {
+        let mut buf = BytesMut::from("\r\n\r\n");
+        assert!(parse(&mut buf).unwrap().is_none());
+        assert_eq!(&buf[..], b"\r\n\r\n");
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(parse(&mut buf).unwrap().unwrap().0.path(), "/");
+    }
+
+    #[test]
+    fn empty_lines_are_found_across_reads() {
+        assert!(has_empty_line(b"\r\n\r\n"));
+        assert!(has_empty_line(b"x\n\n"));
+        assert!(!has_empty_line(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+    }
+}

@@ -1,0 +1,174 @@
+//! The client's side of HTTP/1.1, written on the socket: reading a request head under the
+//! header read timeout ([`read_request`]) and encoding answers ([`Answer`], the 101).
+//!
+//! A gateway that only upgrades needs little of HTTP: one head to parse, one answer to write,
+//! and no request bodies (a request that has one is answered and its connection closed). So no
+//! HTTP server sits in front of the relay: it would cost a connection task's worth of buffers,
+//! channels and allocations per upgrade for an exchange that ends after one response.
+
+mod answer;
+mod head;
+
+pub(crate) use answer::{switching_protocols, Answer};
+pub(crate) use head::{has_empty_line, parse_length, BadRequest, RequestHead, MAX_HEAD};
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
+
+/// What the socket is asked for at a time: an upgrade request fits in one read.
+const READ_SIZE: usize = 2048;
+
+/// Why no request head could be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// The head is not one to serve; it gets an answer with the error's status.
+    #[error(transparent)]
+    Bad(#[from] BadRequest),
+    /// The head did not arrive within `server.header_read_timeout`.
+    #[error("no complete request head within {0:?}")]
+    Timeout(Duration),
+    /// The client closed its side in the middle of a head.
+    #[error("connection closed after {0} bytes of a request head")]
+    Closed(usize),
+    /// Reading failed (connection reset, …).
+    #[error("reading the request failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads the next request head from `io`, starting with the bytes already in `buf`, within
+/// `timeout`. Returns the head and the bytes read past it; `Ok(None)` when the client closed
+/// the connection between requests, or `shutdown` began before a request started.
+pub(crate) async fn read_request<IO>(
+    io: &mut IO,
+    buf: &mut BytesMut,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<(RequestHead, Bytes)>, ReadError>
+where
+    IO: AsyncRead + Unpin,
+{
+    // Created now, registered with the timer only if a read has to wait.
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    // Parsed once an empty line has come (parsing again on every read would be quadratic in a
+    // head that trickles in), and checked on the first bytes so that garbage fails at once.
+    let mut checked: usize = 0;
+    loop {
+        if has_empty_line(&buf[checked.saturating_sub(2)..]) {
+            if let Some(parsed) = head::parse(buf)? {
+                return Ok(Some(parsed));
+            }
+        } else if checked == 0 && !buf.is_empty() {
+            head::check_start(buf)?;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(BadRequest::TooLarge.into());
+        }
+        checked = buf.len();
+        if buf.capacity() - buf.len() < READ_SIZE / 4 {
+            buf.reserve(READ_SIZE);
+        }
+        tokio::select! {
+            biased;
+            read = io.read_buf(buf) => match read? {
+                0 if buf.is_empty() => return Ok(None),
+                0 => return Err(ReadError::Closed(buf.len())),
+                _ => {}
+            },
+            () = &mut deadline => return Err(ReadError::Timeout(timeout)),
+            () = shutdown.cancelled(), if buf.is_empty() => return Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shutdown() -> CancellationToken {
+        CancellationToken::new()
+    }
+
+    #[tokio::test]
+    async fn a_head_cut_across_reads_is_read_whole() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for part in ["GET /a HT", "TP/1.1\r\nHost: x\r", "\n\r", "\nrest"] {
+                client.write_all(part.as_bytes()).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client
+        });
+        let mut buf = BytesMut::new();
+        let (head, rest) = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.path(), "/a");
+        // What came after the head in the same read is returned; later bytes stay unread.
+        assert!(b"rest".starts_with(&rest), "{rest:?}");
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_head_times_out_and_an_idle_one_ends_at_shutdown() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut buf = BytesMut::new();
+        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        assert!(matches!(read, Err(ReadError::Timeout(_))), "{read:?}");
+
+        let (_client, mut server) = tokio::io::duplex(64);
+        let token = shutdown();
+        token.cancel();
+        let mut buf = BytesMut::new();
+        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &token).await;
+        assert!(matches!(read, Ok(None)), "{read:?}");
+    }
+
+    #[tokio::test]
+    async fn a_close_between_requests_is_not_an_error_but_one_inside_is() {
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        let mut buf = BytesMut::new();
+        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        assert!(matches!(read, Ok(None)), "{read:?}");
+
+        let (mut client, mut server) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        drop(client);
+        let mut buf = BytesMut::new();
+        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        assert!(matches!(read, Err(ReadError::Closed(16))), "{read:?}");
+    }
+
+    #[tokio::test]
+    async fn garbage_fails_on_its_first_bytes_and_a_huge_head_is_refused() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"\x16\x03\x01\x00").await.unwrap();
+        let mut buf = BytesMut::new();
+        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        assert!(
+            matches!(read, Err(ReadError::Bad(BadRequest::Malformed(_)))),
+            "{read:?}"
+        );
+
+        let (mut client, mut server) = tokio::io::duplex(MAX_HEAD * 2);
+        let mut huge = b"GET / HTTP/1.1\r\nX-Big: ".to_vec();
+        huge.resize(MAX_HEAD + 100, b'a');
+        client.write_all(&huge).await.unwrap();
+        let mut buf = BytesMut::new();
+        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        assert!(
+            matches!(read, Err(ReadError::Bad(BadRequest::TooLarge))),
+            "{read:?}"
+        );
+    }
+}
