@@ -821,3 +821,80 @@ fn an_error_while_loading_a_script_fails_start_up_with_the_path_and_line() {
         "error should name {shown}:3: but is {error:?}"
     );
 }
+
+/// Header views look each header up when read; `pairs` still sees every header (lower-case
+/// names, repeated values joined), in `on_upgrade` and in `ctx.request.headers` alike, and
+/// each view is read-only with its own message.
+#[tokio::test]
+async fn header_views_iterate_and_are_read_only_in_both_phases() {
+    let up = echo().await;
+    let upgrade = script(
+        "hv_upgrade.lua",
+        r#"
+local function names(h)
+  local keys = {}
+  for k, v in pairs(h) do keys[#keys + 1] = k .. "=" .. v end
+  table.sort(keys)
+  return table.concat(keys, ";")
+end
+return function(req, ctx)
+  ctx.upgrade_names = names(req.headers)
+  ctx.upgrade_type = type(req.headers) .. " " .. #req.headers
+  ctx.same_view = rawequal(req.headers, req.headers)
+  ctx.number_key = tostring(req.headers[1])
+end
+"#,
+    );
+    let frames = script(
+        "hv_frames.lua",
+        r#"
+return function(msg, ctx, conn)
+  local h = ctx.request.headers
+  local count = 0
+  for k, v in pairs(h) do
+    if k == "x-multi" then count = count + 1 end
+  end
+  local ok, err = pcall(function() h["x-new"] = "1" end)
+  conn:reply({
+    upgrade_names = ctx.upgrade_names, upgrade_type = ctx.upgrade_type,
+    same_view = ctx.same_view, number_key = ctx.number_key,
+    any_case = h["X-CUSTOM"], multi = h["x-multi"], multi_seen = count,
+    write = tostring(ok) .. " " .. tostring(err),
+  })
+  return false
+end
+"#,
+    );
+    let gw = gateway(&route(
+        "/hv",
+        up.addr,
+        "",
+        &[("on_upgrade", &upgrade), ("on_client_frame", &frames)],
+    ))
+    .await;
+    let (mut ws, _) = connect_with(
+        gw.local_addr(),
+        "/hv",
+        &[("x-custom", "c1"), ("x-multi", "one"), ("x-multi", "two")],
+    )
+    .await
+    .expect("upgrade succeeds");
+    ws.send(Message::text("show")).await.unwrap();
+    let reply = next_message(&mut ws).await.unwrap().unwrap();
+    let seen: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+    let names = seen["upgrade_names"].as_str().unwrap();
+    assert!(names.contains("x-custom=c1;"), "{seen}");
+    assert!(names.contains("x-multi=one, two"), "{seen}");
+    assert!(names.contains("sec-websocket-key="), "{seen}");
+    assert_eq!(seen["upgrade_type"], "table 0", "{seen}");
+    assert_eq!(seen["same_view"], true, "{seen}");
+    assert_eq!(seen["number_key"], "nil", "{seen}");
+    assert_eq!(seen["any_case"], "c1", "{seen}");
+    assert_eq!(seen["multi"], "one, two", "{seen}");
+    assert_eq!(seen["multi_seen"], 1, "{seen}");
+    let write = seen["write"].as_str().unwrap();
+    assert!(
+        write.starts_with("false ") && write.contains("ctx is read-only"),
+        "{seen}"
+    );
+}

@@ -33,6 +33,10 @@ pub(crate) enum BadRequest {
     /// `Content-Length` is not a number, or its values disagree.
     #[error("invalid Content-Length")]
     ContentLength,
+    /// An HTTP/1.1 request without `Host` (and without an absolute-form target), or with
+    /// more than one (RFC 9112 §3.2).
+    #[error("{0}")]
+    Host(&'static str),
 }
 
 impl BadRequest {
@@ -171,6 +175,13 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
         }
         headers.append(name, value);
     }
+    match headers.get_all(header::HOST).iter().count() {
+        0 if version == Version::HTTP_11 && authority.is_none() => {
+            return Err(BadRequest::Host("missing Host header"));
+        }
+        0 | 1 => {}
+        _ => return Err(BadRequest::Host("more than one Host header")),
+    }
     let head = RequestHead {
         method,
         version,
@@ -259,15 +270,17 @@ mod tests {
 
     #[test]
     fn keep_alive_follows_version_connection_and_body() {
-        assert!(!head("GET / HTTP/1.1\r\nConnection: Upgrade, close\r\n\r\n").keep_alive());
+        assert!(
+            !head("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, close\r\n\r\n").keep_alive()
+        );
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive());
         // HTTP/1.0 keep-alive is honoured by the parser but the version still ends it: only
         // HTTP/1.1 connections are kept.
         assert!(!head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive());
-        let with_body = head("POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+        let with_body = head("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc");
         assert!(with_body.has_body && !with_body.keep_alive());
-        assert!(!head("GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").has_body);
-        assert!(head("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").has_body);
+        assert!(!head("GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n").has_body);
+        assert!(head("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n").has_body);
     }
 
     #[test]
@@ -275,11 +288,11 @@ mod tests {
         for (text, status) in [
             ("\x16\x03\x01\x00garbage\r\n\r\n", StatusCode::BAD_REQUEST),
             (
-                "GET / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n",
+                "GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1, 2\r\n\r\n",
                 StatusCode::BAD_REQUEST,
             ),
             (
-                "GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                "GET / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
                 StatusCode::BAD_REQUEST,
             ),
             (
@@ -291,7 +304,7 @@ mod tests {
             assert_eq!(e.status(), status, "{text:?}: {e}");
         }
         let many = format!(
-            "GET / HTTP/1.1\r\n{}\r\n",
+            "GET / HTTP/1.1\r\nHost: h\r\n{}\r\n",
             "X-A: 1\r\n".repeat(MAX_HEADERS + 1)
         );
         assert_eq!(
@@ -307,7 +320,7 @@ mod tests {
         let mut buf = BytesMut::from("\r\n\r\n");
         assert!(parse(&mut buf).unwrap().is_none());
         assert_eq!(&buf[..], b"\r\n\r\n");
-        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!(parse(&mut buf).unwrap().unwrap().0.path(), "/");
     }
 

@@ -2,13 +2,14 @@
 //! every call guarded by a CPU deadline and a memory limit.
 //!
 //! Files: [`sandbox`] builds each script's environment and the read-only views; `request` is
-//! the `req` object of `on_upgrade`; `frame` holds the `msg` and `conn` objects and the frame
+//! the `req` object of `on_upgrade`; `headers` its header views; `frame` holds the `msg` and `conn` objects and the frame
 //! hooks; `gw` is the `gw` table; [`codec`] decodes and encodes message bodies per MIME type.
 //! docs/policies.md is the user-facing reference.
 
 pub mod codec;
 mod frame;
 mod gw;
+mod headers;
 mod request;
 pub mod sandbox;
 

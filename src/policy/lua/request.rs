@@ -1,6 +1,7 @@
 //! The `req` object of `on_upgrade`, and the upgrade phase itself: run the script, collect
 //! its changes or its rejection, then freeze the context for the frame phase.
 
+use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -8,6 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::frame::LuaFrameHooks;
+use super::headers::HeaderSource;
 use super::sandbox::ReadOnlyViews;
 use super::{misuse, LuaRoutePolicy};
 use crate::policy::{
@@ -33,11 +35,14 @@ const MANAGED: [&str; 15] = [
     "sec-websocket-accept",
 ];
 
+/// `req`'s fields that are tables, made when first read.
+const TABLE_FIELDS: [&str; 4] = ["headers", "query", "params", "subprotocols"];
+
 /// What `req` reads its fields from: the request, copied out of the HTTP layer.
 struct RequestData {
     path: String,
     query: String,
-    headers: HeaderMap,
+    headers: Rc<HeaderMap>,
     params: Vec<(String, String)>,
     client_ip: std::net::IpAddr,
     scheme: &'static str,
@@ -49,8 +54,8 @@ struct RequestData {
 struct Req {
     request: RequestData,
     offered: Vec<String>,
-    /// The table fields made so far (`headers`, `query`, `params`, `subprotocols`).
-    made: Option<Table>,
+    /// The table fields made so far, in the order of [`TABLE_FIELDS`].
+    made: [Option<Table>; 4],
     changes: UpgradeChanges,
     rejection: Option<(StatusCode, Bytes, HeaderMap)>,
 }
@@ -255,25 +260,25 @@ impl UserData for Req {
                 b"client_ip" => text(&r.client_ip.to_string()),
                 b"scheme" => text(r.scheme),
                 b"host" => r.host.as_deref().map_or(Ok(Value::Nil), text),
-                name @ (b"headers" | b"query" | b"params" | b"subprotocols") => {
-                    let name = std::str::from_utf8(name).expect("an ASCII field name");
-                    let made = match &this.made {
-                        Some(made) => made.clone(),
-                        None => this.made.insert(lua.create_table()?).clone(),
+                name => {
+                    let Some(slot) = TABLE_FIELDS.iter().position(|f| f.as_bytes() == name) else {
+                        return Ok(Value::Nil);
                     };
-                    if let Value::Table(t) = made.raw_get::<Value>(name)? {
-                        return Ok(Value::Table(t));
+                    if let Some(made) = &this.made[slot] {
+                        return Ok(Value::Table(made.clone()));
                     }
                     let views = lua
                         .app_data_ref::<ReadOnlyViews>()
-                        .expect("the sandbox registers its read-only views")
-                        .clone();
-                    let table = field_table(lua, &views, name, r, &this.offered)?;
-                    let view = views.req_view(lua, table)?;
-                    made.raw_set(name, &view)?;
+                        .expect("the sandbox registers its read-only views");
+                    let view = match TABLE_FIELDS[slot] {
+                        "headers" => {
+                            views.header_view(lua, HeaderSource(r.headers.clone()), "req")?
+                        }
+                        name => views.req_view(lua, field_table(lua, name, r, &this.offered)?)?,
+                    };
+                    this.made[slot] = Some(view.clone());
                     Ok(Value::Table(view))
                 }
-                _ => Ok(Value::Nil),
             }
         });
         methods.add_meta_method(
@@ -291,36 +296,9 @@ impl UserData for Req {
     }
 }
 
-/// One of the request's table fields: `headers`, `query`, `params` or `subprotocols`.
-fn field_table(
-    lua: &Lua,
-    views: &ReadOnlyViews,
-    name: &str,
-    r: &RequestData,
-    offered: &[String],
-) -> mlua::Result<Table> {
+/// One of the request's plain table fields: `query`, `params` or `subprotocols`.
+fn field_table(lua: &Lua, name: &str, r: &RequestData, offered: &[String]) -> mlua::Result<Table> {
     match name {
-        "headers" => {
-            let headers = lua.create_table_with_capacity(0, r.headers.keys_len())?;
-            for key in r.headers.keys() {
-                let mut values = r.headers.get_all(key).iter();
-                let first = values.next().map_or(&b""[..], |v| v.as_bytes());
-                let value = match values.next() {
-                    None => lua.create_string(first)?,
-                    Some(second) => {
-                        let mut joined = [first, b", ", second.as_bytes()].concat();
-                        for v in values {
-                            joined.extend_from_slice(b", ");
-                            joined.extend_from_slice(v.as_bytes());
-                        }
-                        lua.create_string(joined)?
-                    }
-                };
-                headers.raw_set(key.as_str(), value)?;
-            }
-            views.header_table(&headers)?;
-            Ok(headers)
-        }
         "query" => {
             let query = lua.create_table()?;
             for (k, v) in form_urlencoded::parse(r.query.as_bytes()) {
@@ -355,8 +333,12 @@ fn request_table(
     t.raw_set("client_ip", r.client_ip.to_string())?;
     t.raw_set("scheme", r.scheme)?;
     t.raw_set("host", r.host.as_deref())?;
-    for name in ["headers", "query", "params", "subprotocols"] {
-        t.raw_set(name, field_table(lua, views, name, r, offered)?)?;
+    t.raw_set(
+        "headers",
+        views.header_view(lua, HeaderSource(r.headers.clone()), "ctx")?,
+    )?;
+    for name in &TABLE_FIELDS[1..] {
+        t.raw_set(*name, field_table(lua, name, r, offered)?)?;
     }
     Ok(t)
 }
@@ -366,7 +348,7 @@ impl RequestData {
         RequestData {
             path: request.path.to_owned(),
             query: request.query.to_owned(),
-            headers: request.headers.clone(),
+            headers: Rc::new(request.headers.clone()),
             params: request.params.to_vec(),
             client_ip: request.client_ip,
             scheme: request.scheme,
@@ -431,7 +413,7 @@ impl LuaRoutePolicy {
                 let req = lua.create_userdata(Req {
                     request: data,
                     offered,
-                    made: None,
+                    made: Default::default(),
                     changes: UpgradeChanges::default(),
                     rejection: None,
                 })?;

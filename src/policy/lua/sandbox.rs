@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use mlua::{Function, Lua, Table};
 
+use super::headers::HeaderSource;
 use crate::policy::shared::SharedDict;
 
 const PRELUDE: &str = r#"
@@ -35,18 +36,10 @@ local function freeze(t, what, seen)
     if type(v) == "table" then v = freeze(v, what, seen) end
     view[k] = v
   end
-  local index = view
-  local mt = getmetatable(t)
-  if type(mt) == "table" and mt.__framegate_ci then
-    index = function(_, k)
-      if type(k) == "string" then return view[k:lower()] end
-      return view[k]
-    end
-  end
-    local function readonly() error(what .. " is read-only", 2) end
+  local function readonly() error(what .. " is read-only", 2) end
   frozen[proxy] = true
   return setmetatable(proxy, {
-    __index = index,
+    __index = view,
     __newindex = readonly,
     __len = function() return #view end,
     __pairs = function() return next, view, nil end,
@@ -65,13 +58,39 @@ local req_meta = {
   __metatable = "req",
 }
 
--- Header tables: lower-case keys, any-case lookup.
-local ci_meta = {
-  __framegate_ci = true,
-  __index = function(t, k)
-    if type(k) == "string" then return rawget(t, k:lower()) end
-  end,
-}
+-- Header views (src/policy/lua/headers.rs): an empty proxy per request whose reads are
+-- looked up in the request's header map by `lookup`; `pairs` makes the whole table once.
+local header_src = setmetatable({}, { __mode = "k" })
+local header_all = setmetatable({}, { __mode = "k" })
+local function header_views(lookup, materialise)
+  local metas = {}
+  local function meta(what)
+    local m = metas[what]
+    if m then return m end
+    m = {
+      __index = function(p, k) return lookup(header_src[p], k) end,
+      __newindex = function() error(what .. " is read-only", 2) end,
+      __len = function() return 0 end,
+      __pairs = function(p)
+        local all = header_all[p]
+        if not all then
+          all = materialise(header_src[p])
+          header_all[p] = all
+        end
+        return next, all, nil
+      end,
+      __metatable = what,
+    }
+    metas[what] = m
+    return m
+  end
+  return function(source, what)
+    local p = setmetatable({}, meta(what))
+    header_src[p] = source
+    frozen[p] = true
+    return p
+  end
+end
 
 -- pcall and xpcall cannot swallow the CPU limit: an error caught after the call's deadline
 -- is raised again, so the policy call ends.
@@ -108,16 +127,17 @@ end
 G_string.dump = nil
 getmetatable("").__metatable = false
 
-return function(t, what) return freeze(t, what, {}) end, ci_meta, environment,
+return function(t, what) return freeze(t, what, {}) end, header_views, environment,
   frozen, views, req_meta
 "#;
 
-/// Makes read-only views of tables, and header tables with any-case look-ups. Registered as
+/// Makes read-only views of tables, and header views with any-case look-ups. Registered as
 /// the VM's app data, so that `req` can make its fields' views when they are first read.
 #[derive(Clone)]
 pub(crate) struct ReadOnlyViews {
     freeze: Function,
-    ci_meta: Table,
+    /// `(source, what) -> view`: a header view over a [`HeaderSource`] userdata.
+    header_view: Function,
     /// Views already frozen (weak keys): `freeze` keeps them as they are.
     frozen: Table,
     /// View -> its table, for `req_meta` (weak keys).
@@ -141,9 +161,15 @@ impl ReadOnlyViews {
         self.freeze.call((table, what))
     }
 
-    /// Makes `table` a header table: keys are lower-case, look-ups accept any case.
-    pub(crate) fn header_table(&self, table: &Table) -> mlua::Result<()> {
-        table.set_metatable(Some(self.ci_meta.clone()))
+    /// A read-only view of `source`'s headers (see [`super::headers`]); writes raise
+    /// "`what` is read-only".
+    pub(crate) fn header_view(
+        &self,
+        lua: &Lua,
+        source: HeaderSource,
+        what: &str,
+    ) -> mlua::Result<Table> {
+        self.header_view.call((lua.create_userdata(source)?, what))
     }
 }
 
@@ -163,20 +189,21 @@ impl Sandbox {
         dict: Arc<SharedDict>,
         over_budget: Function,
     ) -> mlua::Result<Sandbox> {
-        let (freeze, ci_meta, environment, frozen, views, req_meta): (
+        let (freeze, header_views, environment, frozen, views, req_meta): (
             Function,
-            Table,
+            Function,
             Function,
             Table,
             Table,
             Table,
         ) = lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
+        let header_view: Function = header_views.call(super::headers::functions(lua)?)?;
         let gw = super::gw::build(lua, dict)?;
         let gw: Table = freeze.call((gw, "gw"))?;
         let print = super::gw::print_function(lua)?;
         let views = ReadOnlyViews {
             freeze,
-            ci_meta,
+            header_view,
             frozen,
             views,
             req_meta,
