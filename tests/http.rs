@@ -122,6 +122,14 @@ impl Conn {
         WebSocketStream::from_partially_read(self.stream, self.buf, Role::Client, None).await
     }
 
+    /// Reads a 101 and checks that a message is echoed over the upgraded connection.
+    async fn expect_upgrade_and_echo(mut self, text: &str) {
+        let switched = self.head().await;
+        assert_eq!(switched.status, 101, "{text}: {switched:?}");
+        let mut ws = self.into_ws().await;
+        ws_echo(&mut ws, text).await;
+    }
+
     /// Reads one unmasked, unfragmented server frame with a short payload.
     async fn frame(&mut self) -> (u8, Vec<u8>) {
         while self.buf.len() < 2 {
@@ -234,10 +242,8 @@ async fn pipelined_requests_are_answered_in_order() {
         (second.status, second.body.as_str()),
         (404, "no route for /second\n")
     );
-    let third = conn.head().await;
-    assert_eq!(third.status, 101, "{third:?}");
-    let mut ws = conn.into_ws().await;
-    ws_echo(&mut ws, "after two pipelined refusals").await;
+    conn.expect_upgrade_and_echo("after two pipelined refusals")
+        .await;
 }
 
 /// RFC 9112 §2.2: a server should ignore empty lines before a request line (some clients send
@@ -252,10 +258,7 @@ async fn empty_lines_between_kept_alive_requests_are_skipped() {
     assert_eq!(conn.response().await.body, "no route for /second\n");
     conn.send("\r\n").await;
     conn.send(upgrade_request("/echo", "")).await;
-    let switched = conn.head().await;
-    assert_eq!(switched.status, 101, "{switched:?}");
-    let mut ws = conn.into_ws().await;
-    ws_echo(&mut ws, "after empty lines").await;
+    conn.expect_upgrade_and_echo("after empty lines").await;
 }
 
 // 3.
@@ -392,10 +395,7 @@ async fn a_request_with_a_body_is_answered_and_closed() {
     let mut conn = Conn::open(addr).await;
     conn.send(upgrade_request("/echo", "Content-Length: 0\r\n"))
         .await;
-    let switched = conn.head().await;
-    assert_eq!(switched.status, 101, "{switched:?}");
-    let mut ws = conn.into_ws().await;
-    ws_echo(&mut ws, "no body").await;
+    conn.expect_upgrade_and_echo("no body").await;
 }
 
 // 6.
@@ -612,10 +612,7 @@ async fn an_absolute_form_target_is_routed_by_its_path() {
     let mut conn = Conn::open(gw.local_addr()).await;
     conn.send(upgrade_request("http://gateway.test/echo", ""))
         .await;
-    let switched = conn.head().await;
-    assert_eq!(switched.status, 101, "{switched:?}");
-    let mut ws = conn.into_ws().await;
-    ws_echo(&mut ws, "absolute form").await;
+    conn.expect_upgrade_and_echo("absolute form").await;
 
     // Routed by path: another path in absolute form is not found.
     let mut conn = Conn::open(gw.local_addr()).await;
@@ -639,10 +636,7 @@ async fn an_absolute_form_authority_stands_for_a_missing_host_header() {
     let request = upgrade_request("ws://a.example/x", "").replace("Host: gateway.test\r\n", "");
     let mut conn = Conn::open(gw.local_addr()).await;
     conn.send(request).await;
-    let switched = conn.head().await;
-    assert_eq!(switched.status, 101, "{switched:?}");
-    let mut ws = conn.into_ws().await;
-    ws_echo(&mut ws, "host from the target").await;
+    conn.expect_upgrade_and_echo("host from the target").await;
 }
 
 // 9.
