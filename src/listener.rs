@@ -6,14 +6,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::client_http::{self, Answer, ReadError};
-use crate::proxy::{self, Handled, Shared};
+use crate::proxy::{self, Accepted, Handled, Shared};
 use crate::worker::{self, Slot, WorkerCtx, WorkerLink};
 
 /// Accepts connections until shutdown. Each connection holds a permit of `permits` for its
@@ -51,9 +51,8 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Serves one client connection on the current worker: reads requests until one is upgraded
-/// (then relays it) or the connection ends. Refused requests are answered and, where HTTP/1.1
-/// keep-alive allows, the next request is read on the same connection.
+/// Serves one client connection on the current worker: its HTTP requests until one is
+/// upgraded, then the relay.
 pub(crate) async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -63,44 +62,53 @@ pub(crate) async fn serve(
 ) {
     // Held until the connection is gone, relay included.
     let _slot = slot;
+    // Boxed: the HTTP phase's futures (reading, `on_upgrade`, the TCP and TLS connects) are
+    // large and short-lived. Inline, they would size the task of every relayed connection for
+    // its whole life; boxed, they are freed when the relay starts.
+    let upgraded = Box::pin(requests(&mut stream, peer, &shared, &worker)).await;
+    if let Some((accepted, rest)) = upgraded {
+        accepted.run(stream, rest).await;
+    }
+}
+
+/// Reads and answers requests until one is upgraded: returns it, with the bytes the client
+/// sent after its head, or `None` once the connection is to be closed. Refused requests are
+/// answered and, where HTTP/1.1 keep-alive allows, the next request is read.
+async fn requests(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    worker: &WorkerCtx,
+) -> Option<(Box<Accepted>, Bytes)> {
     let timeout = shared.config.server.header_read_timeout;
     let mut buf = BytesMut::new();
     loop {
-        let (request, rest) = match client_http::read_request(
-            &mut stream,
-            &mut buf,
-            timeout,
-            &shared.shutdown,
-        )
-        .await
-        {
+        let read = client_http::read_request(stream, &mut buf, timeout, &shared.shutdown).await;
+        let (request, rest) = match read {
             Ok(Some(read)) => read,
-            Ok(None) => return,
+            Ok(None) => return None,
             Err(ReadError::Bad(bad)) => {
                 tracing::info!(client = %peer, error = %bad, "request rejected");
                 let answer = Answer::text(bad.status(), bad.to_string());
-                return finish(stream, &answer.encode(true, false), true).await;
+                finish(stream, &answer.encode(true, false), true).await;
+                return None;
             }
             Err(e) => {
                 tracing::debug!(client = %peer, error = %e, "HTTP connection ended with an error");
-                return;
+                return None;
             }
         };
-        let answer = match proxy::handle(&request, peer, &shared, &worker).await {
-            Handled::Upgraded(accepted) => {
-                drop(request);
-                return accepted.run(stream, rest).await;
-            }
+        let answer = match proxy::handle(&request, peer, shared, worker).await {
+            Handled::Upgraded(accepted) => return Some((accepted, rest)),
             Handled::Answered(answer) => answer,
         };
         let keep_alive = request.keep_alive() && !shared.shutdown.is_cancelled();
         let bytes = answer.encode(!keep_alive, request.method == Method::HEAD);
         if !keep_alive {
-            return finish(stream, &bytes, request.has_body || !rest.is_empty()).await;
+            finish(stream, &bytes, request.has_body || !rest.is_empty()).await;
+            return None;
         }
-        if stream.write_all(&bytes).await.is_err() {
-            return;
-        }
+        stream.write_all(&bytes).await.ok()?;
         // Bytes of a pipelined next request.
         buf.extend_from_slice(&rest);
     }
@@ -112,13 +120,14 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Writes a last answer and closes. If the client may still be sending (a body, pipelined
 /// requests), its input is read and dropped for up to [`LINGER`] first: closing a socket with
 /// unread input resets the connection, and the client could lose the answer.
-async fn finish(mut stream: TcpStream, answer: &[u8], linger: bool) {
+async fn finish(stream: &mut TcpStream, answer: &[u8], linger: bool) {
     if stream.write_all(answer).await.is_err() || stream.shutdown().await.is_err() {
         return;
     }
     if linger {
         let drain = async {
-            let mut sink = [0u8; 4096];
+            // On the heap: an array here would make every connection's task 4 KiB larger.
+            let mut sink = vec![0u8; 4096];
             let mut left = client_http::MAX_HEAD;
             while let Ok(n @ 1..) = stream.read(&mut sink).await {
                 left = left.saturating_sub(n);

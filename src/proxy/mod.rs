@@ -14,7 +14,7 @@ mod upgrade;
 
 pub use close::{CloseSummary, ClosedBy, Side, Traffic};
 
-pub(crate) use upgrade::{handle, Handled};
+pub(crate) use upgrade::{handle, Accepted, Handled};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

@@ -8,13 +8,32 @@
 
 use std::rc::Rc;
 
-use http::HeaderMap;
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderValue};
 use mlua::{AnyUserData, Function, Lua, Table, UserData, Value};
 
 /// A request's headers, shared by the views of one request.
 pub(crate) struct HeaderSource(pub(crate) Rc<HeaderMap>);
 
 impl UserData for HeaderSource {}
+
+/// A copy of `headers` that shares no memory with them, its values in one allocation. A
+/// request's values point into the whole buffer its head was read into, which a view kept in
+/// `ctx` for the connection's life must not hold.
+pub(crate) fn compact(headers: &HeaderMap) -> HeaderMap {
+    let mut bytes = BytesMut::with_capacity(headers.iter().map(|(_, v)| v.len()).sum());
+    for (_, value) in headers {
+        bytes.extend_from_slice(value.as_bytes());
+    }
+    let mut bytes = bytes.freeze();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let copy = bytes.split_to(value.len());
+        let copy = HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| value.clone());
+        out.append(name.clone(), copy);
+    }
+    out
+}
 
 /// `req.headers[name]`: the value of header `name` (any case), or `nil`.
 fn lookup(lua: &Lua, (source, name): (AnyUserData, Value)) -> mlua::Result<Value> {
@@ -67,4 +86,22 @@ pub(crate) fn functions(lua: &Lua) -> mlua::Result<(Function, Function)> {
         lua.create_function(lookup)?,
         lua.create_function(materialise)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compact_copy_keeps_every_value_in_order() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("host", HeaderValue::from_static("gw"));
+        headers.append("x-multi", HeaderValue::from_static("two"));
+        headers.append("x-empty", HeaderValue::from_static(""));
+        let copy = compact(&headers);
+        assert_eq!(copy, headers);
+        let values: Vec<_> = copy.get_all("x-multi").iter().collect();
+        assert_eq!(values, ["one", "two"]);
+    }
 }

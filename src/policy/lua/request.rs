@@ -348,7 +348,7 @@ impl RequestData {
         RequestData {
             path: request.path.to_owned(),
             query: request.query.to_owned(),
-            headers: Rc::new(request.headers.clone()),
+            headers: Rc::new(super::headers::compact(request.headers)),
             params: request.params.to_vec(),
             client_ip: request.client_ip,
             scheme: request.scheme,
