@@ -6,7 +6,7 @@
 //! refusing upstream's) is left out, as the body is always sent whole.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
 /// A final answer to a request that is not upgraded.
@@ -80,17 +80,19 @@ impl Answer {
     }
 }
 
-/// The 101 that answers an upgrade, with `headers` (which carry `Upgrade`, `Connection` and
-/// `Sec-WebSocket-Accept`).
-pub(crate) fn switching_protocols(headers: &HeaderMap) -> Vec<u8> {
-    let size = headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum::<usize>();
-    let mut out = Vec::with_capacity(40 + size);
+/// The 101 that answers an upgrade: `headers` (the upstream's, as forwarded), then the
+/// gateway's own `lines` (`Upgrade`, `Connection`, `Sec-WebSocket-Accept`, …) as name and value.
+pub(crate) fn switching_protocols<'a>(
+    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    lines: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
     status_line(&mut out, StatusCode::SWITCHING_PROTOCOLS);
     for (name, value) in headers {
         header_line(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    for (name, value) in lines {
+        header_line(&mut out, name.as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     out
@@ -163,18 +165,20 @@ mod tests {
     }
 
     #[test]
-    fn the_101_carries_the_headers_given() {
+    fn the_101_carries_the_headers_given_then_the_gateways() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(
-            header::SEC_WEBSOCKET_ACCEPT,
-            HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-        );
-        let text = text_of(switching_protocols(&headers));
+        headers.insert(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        let text = text_of(switching_protocols(
+            headers.iter(),
+            &[
+                ("Upgrade", "websocket"),
+                ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            ],
+        ));
         assert_eq!(
             text,
-            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
-             sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+            "HTTP/1.1 101 Switching Protocols\r\nset-cookie: a=1\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
         );
     }
 }

@@ -4,8 +4,10 @@
 //! handshake headers never cross; `Sec-WebSocket-Protocol` does. Upstream requests get
 //! `X-Forwarded-For` (appended), `X-Forwarded-Proto` and `X-Forwarded-Host`.
 
+use std::io::Write;
 use std::net::IpAddr;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one hop or one WebSocket leg, never forwarded.
@@ -25,27 +27,36 @@ const NEVER_FORWARDED: [HeaderName; 13] = [
     header::SEC_WEBSOCKET_ACCEPT,
 ];
 
-/// Copies `from` without hop-by-hop, per-leg and `Host`/`Content-Length` headers.
-fn end_to_end(from: &HeaderMap) -> HeaderMap {
-    let named_in_connection: Vec<String> = from
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    let mut out = HeaderMap::with_capacity(from.len() + 3);
-    for (name, value) in from {
-        let skip = NEVER_FORWARDED.contains(name)
+/// `from` without hop-by-hop, per-leg and `Host`/`Content-Length` headers.
+fn end_to_end_iter(from: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    from.iter().filter(|(name, _)| {
+        !(NEVER_FORWARDED.contains(name)
             || *name == header::HOST
             || *name == header::CONTENT_LENGTH
-            || named_in_connection.iter().any(|t| t == name.as_str());
-        if !skip {
-            out.append(name.clone(), value.clone());
-        }
+            || named_in_connection(from, name))
+    })
+}
+
+/// Copies `from` without hop-by-hop, per-leg and `Host`/`Content-Length` headers.
+fn end_to_end(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(from.len() + 3);
+    for (name, value) in end_to_end_iter(from) {
+        out.append(name.clone(), value.clone());
     }
     out
+}
+
+/// Whether `from`'s `Connection` header names `name` (which makes it hop-by-hop). Read again
+/// for each header rather than collected: there are few of either, and this allocates nothing.
+fn named_in_connection(from: &HeaderMap, name: &HeaderName) -> bool {
+    from.get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|token| {
+            token
+                .trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+        })
 }
 
 /// The headers to send upstream for a client's upgrade request.
@@ -56,25 +67,28 @@ pub(crate) fn upstream_request(
     proto: &'static str,
 ) -> HeaderMap {
     let mut out = end_to_end(client);
-    let ip = client_ip.to_string();
-    let forwarded_for = match client
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-    {
-        prior if prior.is_empty() => ip,
-        prior => format!("{}, {ip}", prior.join(", ")),
-    };
+    let mut forwarded_for = Vec::with_capacity(48);
+    for prior in client.get_all("x-forwarded-for") {
+        forwarded_for.extend_from_slice(prior.as_bytes());
+        forwarded_for.extend_from_slice(b", ");
+    }
+    // An IP address is digits, dots, colons and hex letters: a valid header value.
+    let _ = write!(forwarded_for, "{client_ip}");
     out.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
         out.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     out.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(proto),
     );
-    match client_host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    // The client's own Host value is shared, not copied; an absolute-form target's authority
+    // is copied.
+    let host = client
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| client_host.and_then(|h| HeaderValue::from_str(h).ok()));
+    match host {
         Some(h) => {
             out.insert(HeaderName::from_static("x-forwarded-host"), h);
         }
@@ -85,9 +99,12 @@ pub(crate) fn upstream_request(
     out
 }
 
-/// The upstream's 101 headers that go back to the client (`Set-Cookie`, the chosen subprotocol…).
-pub(crate) fn client_response(upstream: &HeaderMap) -> HeaderMap {
-    end_to_end(upstream)
+/// The upstream's 101 headers that go back to the client (`Set-Cookie`, the chosen
+/// subprotocol…), read where they are: the 101 is written from them directly.
+pub(crate) fn client_response(
+    upstream: &HeaderMap,
+) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    end_to_end_iter(upstream)
 }
 
 /// The upstream's headers on a refused handshake, relayed with its status and body.

@@ -308,22 +308,21 @@ async fn upgrade(
         }
     };
 
-    let mut h = headers::client_response(&connected.headers);
-    if let Some(chosen) = &changes.subprotocol {
-        h.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_str(chosen).expect("an offered subprotocol is a valid header value"),
-        );
-    }
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&derive_accept_key(client_key.as_bytes()))
-            .expect("base64 is a valid header value"),
-    );
+    // The policy's choice replaces the upstream's (RFC 6455 allows one subprotocol).
+    let chosen = changes.subprotocol.as_deref();
+    let forwarded = headers::client_response(&connected.headers)
+        .filter(|(name, _)| chosen.is_none() || **name != header::SEC_WEBSOCKET_PROTOCOL);
+    let accept = derive_accept_key(client_key.as_bytes());
+    let lines = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", accept.as_str()),
+        ("Sec-WebSocket-Protocol", chosen.unwrap_or_default()),
+    ];
+    let own = if chosen.is_some() { 4 } else { 3 };
+    let response = crate::client_http::switching_protocols(forwarded, &lines[..own]);
     Ok(Accepted {
-        response: crate::client_http::switching_protocols(&h),
+        response,
         // Only the socket is kept (the upstream's headers are done with), so an idle
         // connection holds as little as possible.
         upstream: Leg::new(connected.socket, Side::Upstream, route.max_message_size),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use http::{HeaderMap, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
@@ -185,19 +185,17 @@ pub async fn connect(
     let bare_host = host.trim_start_matches('[').trim_end_matches(']');
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or(host);
     let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    if !is_header_value(authority) {
+        return Err(bad("the host is not a valid header value"));
+    }
     let key = generate_key();
-    let request = request_head(
-        target,
-        &header_value(authority)?,
-        &header_value(&key)?,
-        &headers,
-    );
+    let request = request_head(target, authority, &key, &headers);
 
-    let addr = format!("{host}:{port}");
+    let addr = || format!("{host}:{port}");
     let tcp = TcpStream::connect((bare_host, port))
         .await
         .map_err(|source| UpstreamError::Connect {
-            addr: addr.clone(),
+            addr: addr(),
             source,
         })?;
     let _ = tcp.set_nodelay(true);
@@ -208,7 +206,10 @@ pub async fn connect(
         let stream = tokio_rustls::TlsConnector::from(config.clone())
             .connect(name, tcp)
             .await
-            .map_err(|source| UpstreamError::Tls { addr, source })?;
+            .map_err(|source| UpstreamError::Tls {
+                addr: addr(),
+                source,
+            })?;
         Io::Tls(Box::new(stream))
     } else {
         Io::Tcp(tcp)
@@ -220,21 +221,14 @@ pub async fn connect(
     })
 }
 
-fn header_value(s: &str) -> Result<HeaderValue, UpstreamError> {
-    HeaderValue::from_str(s).map_err(|_| UpstreamError::BadUrl {
-        url: s.to_owned(),
-        reason: "not a valid header value".into(),
-    })
+/// Whether `s` can be sent as a header value as it is (visible ASCII, spaces and tabs).
+fn is_header_value(s: &str) -> bool {
+    s.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
 /// The upgrade request's head, whole, so that it goes out in one write. The per-leg headers
 /// are the gateway's own: any of them in `headers` is left out.
-fn request_head(
-    target: &str,
-    host: &HeaderValue,
-    key: &HeaderValue,
-    headers: &HeaderMap,
-) -> Vec<u8> {
+fn request_head(target: &str, host: &str, key: &str, headers: &HeaderMap) -> Vec<u8> {
     const PER_LEG: [HeaderName; 5] = [
         header::HOST,
         header::UPGRADE,
