@@ -67,7 +67,7 @@ pub(crate) async fn serve(
     // its whole life; boxed, they are freed when the relay starts.
     let upgraded = Box::pin(requests(&mut stream, peer, &shared, &worker)).await;
     if let Some((accepted, rest)) = upgraded {
-        accepted.run(stream, rest).await;
+        Accepted::run(accepted, stream, rest).await;
     }
 }
 

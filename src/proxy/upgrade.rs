@@ -351,7 +351,12 @@ pub(crate) struct Accepted {
 impl Accepted {
     /// Answers the client with 101 on `stream` and relays until the connection ends;
     /// `pre_read` holds the bytes the client sent after its request head.
-    pub(crate) async fn run(self, mut stream: TcpStream, pre_read: Bytes) {
+    pub(crate) async fn run(self: Box<Self>, mut stream: TcpStream, pre_read: Bytes) {
+        // Out of the box at once: a box moved out of in an async fn is freed only when the
+        // future ends, and this one lasts as long as the connection.
+        fn unbox(accepted: Box<Accepted>) -> Accepted {
+            *accepted
+        }
         let Accepted {
             response,
             upstream,
@@ -360,7 +365,7 @@ impl Accepted {
             route,
             policy_deadline,
             shared,
-        } = self;
+        } = unbox(self);
         let close_timeout = shared.config.server.close_timeout;
         let opened = tokio::time::Instant::now();
         if let Err(e) = stream.write_all(&response).await {
