@@ -126,7 +126,8 @@ async fn finish(stream: &mut TcpStream, answer: &[u8], linger: bool) {
     }
     if linger {
         let drain = async {
-            // On the heap: an array here would make every connection's task 4 KiB larger.
+            // On the heap, and only here: as an array it would make every connection's HTTP
+            // phase 4 KiB larger.
             let mut sink = vec![0u8; 4096];
             let mut left = client_http::MAX_HEAD;
             while let Ok(n @ 1..) = stream.read(&mut sink).await {

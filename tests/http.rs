@@ -1,7 +1,8 @@
 //! The gateway's own HTTP/1.1 request reader, driven with raw bytes on real TCP connections:
 //! keep-alive after a refusal, pipelining, `Connection: close` and HTTP/1.0, HEAD, request
 //! bodies, oversized and malformed heads, the header read timeout, absolute-form targets,
-//! bytes sent with the head, and shutdown of idle kept-alive connections.
+//! bytes sent with the head, shutdown of idle kept-alive connections, and a client that leaves
+//! before its 101.
 
 mod support;
 
@@ -698,4 +699,82 @@ async fn shutdown_closes_an_idle_kept_alive_connection() {
     assert!(took < Duration::from_secs(2), "closed only after {took:?}");
     let outcome = within("shutdown to return", shutdown).await.unwrap();
     assert_eq!(outcome, ShutdownOutcome::Drained);
+}
+
+/// A client that resets its connection while the upstream is still answering: the 101 cannot
+/// be written, so the gateway closes the upstream with 1001 "client connection lost".
+#[tokio::test]
+async fn a_client_gone_before_the_101_gets_the_upstream_closed_with_1001() {
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (asked_tx, asked_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let upstream = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the gateway closed before its request head");
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8(head).unwrap();
+        let key = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("the gateway sends a key")
+            .to_owned();
+        asked_tx.send(()).unwrap();
+        go_rx.await.unwrap();
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        );
+        s.write_all(answer.as_bytes()).await.unwrap();
+        // The gateway's close frame: masked, as the gateway is the client on this leg.
+        let mut start = [0u8; 2];
+        s.read_exact(&mut start).await.unwrap();
+        assert_eq!(start[0], 0x88, "a final close frame");
+        assert_ne!(start[1] & 0x80, 0, "masked");
+        let mut mask = [0u8; 4];
+        s.read_exact(&mut mask).await.unwrap();
+        let mut payload = vec![0u8; usize::from(start[1] & 0x7f)];
+        s.read_exact(&mut payload).await.unwrap();
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        (
+            u16::from_be_bytes([payload[0], payload[1]]),
+            String::from_utf8(payload[2..].to_vec()).unwrap(),
+        )
+    });
+    let gw = gateway(&route("/x", up, "", &[])).await;
+    let mut client = TcpStream::connect(gw.local_addr()).await.unwrap();
+    client
+        .write_all(upgrade_request("/x", "").as_bytes())
+        .await
+        .unwrap();
+    within("the request reaches the upstream", asked_rx)
+        .await
+        .unwrap();
+    // Closing with a zero linger time resets the connection. (tokio deprecates `set_linger`
+    // because a linger time makes `drop` block; a zero one resets at once and never blocks.)
+    #[allow(deprecated)]
+    client.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(client);
+    go_tx.send(()).unwrap();
+    let (code, reason) = within("the upstream's close frame", upstream)
+        .await
+        .unwrap();
+    assert_eq!((code, reason.as_str()), (1001, "client connection lost"));
+    // The gateway is still serving.
+    still_serving_elsewhere(&gw).await;
+}
+
+/// Another route on `gw` still answers (a 404 for a path nobody serves).
+async fn still_serving_elsewhere(gw: &framegate::Running) {
+    let (status, _, _) = raw_http(gw.local_addr(), &upgrade_request("/nowhere", "")).await;
+    assert_eq!(status, 404);
 }
