@@ -164,14 +164,12 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
         } else if name == header::TRANSFER_ENCODING {
             chunked = true;
         } else if name == header::CONNECTION {
-            for token in value.as_bytes().split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
-                }
-            }
+            // HTTP/1.0 connections are closed after their answer whatever they ask for, so
+            // only `close` matters here.
+            close |= value
+                .as_bytes()
+                .split(|b| *b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
         }
         headers.append(name, value);
     }
@@ -274,8 +272,7 @@ mod tests {
             !head("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, close\r\n\r\n").keep_alive()
         );
         assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive());
-        // HTTP/1.0 keep-alive is honoured by the parser but the version still ends it: only
-        // HTTP/1.1 connections are kept.
+        // Only HTTP/1.1 connections are kept, whatever an HTTP/1.0 client asks for.
         assert!(!head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive());
         let with_body = head("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc");
         assert!(with_body.has_body && !with_body.keep_alive());
