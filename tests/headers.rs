@@ -54,8 +54,29 @@ async fn request_headers_go_upstream_without_hop_by_hop_ones() {
         h.get("sec-websocket-extensions").is_none(),
         "permessage-deflate is not negotiated"
     );
-    // The upstream leg has its own key, not the client's.
     assert!(h.get("sec-websocket-key").is_some());
+}
+
+/// The client's `Sec-WebSocket-Key` goes upstream as it is (as NGINX and HAProxy pass it), so
+/// the upstream's accept value is the one the client checks.
+#[tokio::test]
+async fn the_clients_key_serves_both_legs() {
+    let mut up = echo().await;
+    let gw = gateway(&route("/k", up.addr, "", &[])).await;
+    let (status, head, _) = raw_http(gw.local_addr(), &upgrade_request("/k", "")).await;
+    assert_eq!(status, 101);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let seen = within("upstream request", up.requests.recv())
+        .await
+        .unwrap();
+    assert_eq!(
+        seen.headers["sec-websocket-key"],
+        "dGhlIHNhbXBsZSBub25jZQ=="
+    );
 }
 
 #[tokio::test]

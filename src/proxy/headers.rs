@@ -10,7 +10,8 @@ use std::net::IpAddr;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that describe one hop or one WebSocket leg, never forwarded.
+/// Headers that describe one hop or one WebSocket leg, never copied across. (The upstream
+/// handshake writes its own per-leg headers, with the client's `Sec-WebSocket-Key`.)
 const NEVER_FORWARDED: [HeaderName; 13] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),

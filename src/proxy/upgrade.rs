@@ -283,9 +283,17 @@ async fn upgrade(
         );
     }
     let tls = shared.tls.get(route.index).and_then(Option::as_ref);
+    // The client's key goes upstream too, so the upstream's accept value is the client's.
+    // `validate` has checked the key: 24 base64 characters, valid UTF-8.
+    let key = std::str::from_utf8(client_key.as_bytes()).unwrap_or_default();
+    let accept = derive_accept_key(client_key.as_bytes());
+    let key = upstream::Key {
+        key,
+        accept: &accept,
+    };
     let connected = match tokio::time::timeout(
         route.handshake_timeout,
-        upstream::connect(&url, upstream_headers, tls),
+        upstream::connect(&url, upstream_headers, key, tls),
     )
     .await
     {
@@ -312,7 +320,6 @@ async fn upgrade(
     let chosen = changes.subprotocol.as_deref();
     let forwarded = headers::client_response(&connected.headers)
         .filter(|(name, _)| chosen.is_none() || **name != header::SEC_WEBSOCKET_PROTOCOL);
-    let accept = derive_accept_key(client_key.as_bytes());
     let lines = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),

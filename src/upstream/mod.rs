@@ -21,8 +21,6 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::handshake::client::generate_key;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use response::Answer;
 
@@ -167,11 +165,23 @@ pub struct Connected {
     pub headers: HeaderMap,
 }
 
+/// The WebSocket key to send upstream, and the `Sec-WebSocket-Accept` the upstream must answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Key<'a> {
+    /// `Sec-WebSocket-Key`: the client's own, passed on as NGINX and HAProxy do, so that one
+    /// key and one accept value serve both legs.
+    pub key: &'a str,
+    /// The accept value derived from `key` (RFC 6455 §4.2.2), computed once for both legs.
+    pub accept: &'a str,
+}
+
 /// Connects to `url` (`ws://` or `wss://`) and performs the client handshake, sending `headers`
-/// (the per-leg handshake headers are added here). The caller bounds it with a timeout.
+/// (the per-leg handshake headers are added here) and `key`. The caller bounds it with a
+/// timeout.
 pub async fn connect(
     url: &str,
     headers: HeaderMap,
+    key: Key<'_>,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Connected, UpstreamError> {
     let bad = |reason: &str| UpstreamError::BadUrl {
@@ -188,8 +198,7 @@ pub async fn connect(
     if !is_header_value(authority) {
         return Err(bad("the host is not a valid header value"));
     }
-    let key = generate_key();
-    let request = request_head(target, authority, &key, &headers);
+    let request = request_head(target, authority, key.key, &headers);
 
     let addr = || format!("{host}:{port}");
     let tcp = TcpStream::connect((bare_host, port))
@@ -214,7 +223,7 @@ pub async fn connect(
     } else {
         Io::Tcp(tcp)
     };
-    let (headers, pre_read) = handshake(&mut io, &request, &key, &headers).await?;
+    let (headers, pre_read) = handshake(&mut io, &request, key.accept, &headers).await?;
     Ok(Connected {
         socket: Socket { io, pre_read },
         headers,
@@ -266,7 +275,7 @@ fn request_head(target: &str, host: &str, key: &str, headers: &HeaderMap) -> Vec
 async fn handshake<IO>(
     io: &mut IO,
     request: &[u8],
-    key: &str,
+    accept: &str,
     sent: &HeaderMap,
 ) -> Result<(HeaderMap, Bytes), UpstreamError>
 where
@@ -280,16 +289,21 @@ where
     match response::read(io).await? {
         Answer::Refused(refusal) => Err(UpstreamError::Refused(Box::new(refusal))),
         Answer::Switching { headers, rest } => {
-            check_accept(&headers, key, sent)?;
+            check_accept(&headers, accept, sent)?;
             Ok((headers, rest))
         }
     }
 }
 
-/// Checks a 101 against the key sent and the subprotocols offered (RFC 6455 §4.1).
-fn check_accept(headers: &HeaderMap, key: &str, sent: &HeaderMap) -> Result<(), UpstreamError> {
+/// Checks a 101 against the accept value expected for the key sent and against the
+/// subprotocols offered (RFC 6455 §4.1).
+fn check_accept(
+    headers: &HeaderMap,
+    expected: &str,
+    sent: &HeaderMap,
+) -> Result<(), UpstreamError> {
     let accept = headers.get(header::SEC_WEBSOCKET_ACCEPT);
-    if accept.map(|v| v.as_bytes()) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
+    if accept.map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
         return Err(UpstreamError::BadHandshake(
             "wrong or missing Sec-WebSocket-Accept".into(),
         ));
