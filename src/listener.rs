@@ -90,7 +90,7 @@ async fn requests(
             Err(ReadError::Bad(bad)) => {
                 tracing::info!(client = %peer, error = %bad, "request rejected");
                 let answer = Answer::text(bad.status(), bad.to_string());
-                finish(stream, &answer.encode(true, false), true).await;
+                finish(stream, &answer.encode(true, false), true, timeout).await;
                 return None;
             }
             Err(e) => {
@@ -105,10 +105,24 @@ async fn requests(
         let keep_alive = request.keep_alive() && !shared.shutdown.is_cancelled();
         let bytes = answer.encode(!keep_alive, request.method == Method::HEAD);
         if !keep_alive {
-            finish(stream, &bytes, request.has_body || !rest.is_empty()).await;
+            finish(
+                stream,
+                &bytes,
+                request.has_body || !rest.is_empty(),
+                timeout,
+            )
+            .await;
             return None;
         }
-        stream.write_all(&bytes).await.ok()?;
+        // A client that does not read its answers must not hold its connection (and its
+        // permit) forever: writing an answer has the header read timeout too.
+        if !matches!(
+            tokio::time::timeout(timeout, stream.write_all(&bytes)).await,
+            Ok(Ok(()))
+        ) {
+            tracing::debug!(client = %peer, "HTTP connection ended: the answer could not be written in time");
+            return None;
+        }
         // Bytes of a pipelined next request.
         buf.extend_from_slice(&rest);
     }
@@ -117,11 +131,16 @@ async fn requests(
 /// How long a closing connection's unread input is drained (see [`finish`]).
 const LINGER: Duration = Duration::from_secs(1);
 
-/// Writes a last answer and closes. If the client may still be sending (a body, pipelined
-/// requests), its input is read and dropped for up to [`LINGER`] first: closing a socket with
-/// unread input resets the connection, and the client could lose the answer.
-async fn finish(stream: &mut TcpStream, answer: &[u8], linger: bool) {
-    if stream.write_all(answer).await.is_err() || stream.shutdown().await.is_err() {
+/// Writes a last answer (within `timeout`) and closes. If the client may still be sending (a
+/// body, pipelined requests), its input is read and dropped for up to [`LINGER`] first: closing
+/// a socket with unread input resets the connection, and the client could lose the answer.
+async fn finish(stream: &mut TcpStream, answer: &[u8], linger: bool, timeout: Duration) {
+    let written = tokio::time::timeout(timeout, async {
+        stream.write_all(answer).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
         return;
     }
     if linger {

@@ -778,3 +778,42 @@ async fn still_serving_elsewhere(gw: &framegate::Running) {
     let (status, _, _) = raw_http(gw.local_addr(), &upgrade_request("/nowhere", "")).await;
     assert_eq!(status, 404);
 }
+
+/// A client that pipelines requests but never reads the answers: once the gateway cannot write
+/// an answer within the header read timeout, it drops the connection and its permit, so the
+/// next client (here the only one the cap allows) is served.
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_dropped() {
+    let gw = gateway_with_server(
+        "max_connections = 1\nheader_read_timeout = \"300ms\"\n",
+        "[[route]]\npath = \"/x\"\nupstream = \"ws://127.0.0.1:9/\"\n",
+    )
+    .await;
+    let addr = gw.local_addr();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // A small receive buffer, so that the gateway's writes stall soon.
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stuck = socket.connect(addr).await.unwrap();
+    let (_reader, mut writer) = stuck.into_split();
+    // About 1.6 MB of requests whose answers (about 8 MB) no buffer holds. The writer stalls
+    // too once the gateway stops reading; it is dropped with the test.
+    let _pipelining = tokio::spawn(async move {
+        let request = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n";
+        for _ in 0..50_000 {
+            if writer.write_all(request).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let (status, _, body) = within(
+        "the next client's answer",
+        raw_http(addr, "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"),
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (404, "no route for /nowhere\n"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the stuck client held the only permit until its write timed out"
+    );
+}
