@@ -580,9 +580,37 @@ async fn expire_at_in_the_past_closes_the_connection_as_soon_as_it_opens() {
     assert!(elapsed < Duration::from_secs(1), "closed after {elapsed:?}");
 }
 
+/// Starts a gateway whose route `template` runs `on_upgrade` and then `on_client_frame`,
+/// upgrades on `path` with `headers`, sends one message and returns the frame policy's JSON
+/// reply (the frame policy reports what it saw with `conn:reply`).
+async fn reply_after_upgrade(
+    template: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    on_upgrade: &str,
+    on_client_frame: &str,
+) -> serde_json::Value {
+    let up = echo().await;
+    let gw = gateway(&route(
+        template,
+        up.addr,
+        "",
+        &[
+            ("on_upgrade", on_upgrade),
+            ("on_client_frame", on_client_frame),
+        ],
+    ))
+    .await;
+    let (mut ws, _) = connect_with(gw.local_addr(), path, headers)
+        .await
+        .expect("upgrade succeeds");
+    ws.send(Message::text("show")).await.unwrap();
+    let reply = next_message(&mut ws).await.unwrap().unwrap();
+    serde_json::from_str(reply.to_text().unwrap()).unwrap()
+}
+
 #[tokio::test]
 async fn ctx_from_on_upgrade_reaches_frame_policies_with_the_request() {
-    let up = echo().await;
     let login = script(
         "login.lua",
         r#"
@@ -614,23 +642,14 @@ return function(msg, ctx, conn)
 end
 "#,
     );
-    let gw = gateway(&route(
+    let seen = reply_after_upgrade(
         "/ctx/{room}",
-        up.addr,
-        "",
-        &[("on_upgrade", &login), ("on_client_frame", &show)],
-    ))
-    .await;
-    let (mut ws, _) = connect_with(
-        gw.local_addr(),
         "/ctx/green?user=ann",
         &[("x-custom", "c1")],
+        &login,
+        &show,
     )
-    .await
-    .expect("upgrade succeeds");
-    ws.send(Message::text("who am I")).await.unwrap();
-    let reply = next_message(&mut ws).await.unwrap().unwrap();
-    let seen: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+    .await;
     assert_eq!(
         seen,
         serde_json::json!({
@@ -653,7 +672,6 @@ end
 /// iterate and count like tables, and one kept in `ctx` keeps its content in the frame phase.
 #[tokio::test]
 async fn req_table_fields_are_read_only_iterable_and_survive_in_ctx() {
-    let up = echo().await;
     let keep = script(
         "keep.lua",
         r#"
@@ -689,19 +707,14 @@ return function(msg, ctx, conn)
 end
 "#,
     );
-    let gw = gateway(&route(
+    let seen = reply_after_upgrade(
         "/keep/{room}",
-        up.addr,
-        "",
-        &[("on_upgrade", &keep), ("on_client_frame", &show)],
-    ))
+        "/keep/blue?b=2&a=1",
+        &[("x-custom", "c1")],
+        &keep,
+        &show,
+    )
     .await;
-    let (mut ws, _) = connect_with(gw.local_addr(), "/keep/blue?b=2&a=1", &[("x-custom", "c1")])
-        .await
-        .expect("upgrade succeeds");
-    ws.send(Message::text("show")).await.unwrap();
-    let reply = next_message(&mut ws).await.unwrap().unwrap();
-    let seen: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
     assert!(
         seen["header_write"].as_str().unwrap().starts_with("false ")
             && seen["header_write"]
@@ -827,7 +840,6 @@ fn an_error_while_loading_a_script_fails_start_up_with_the_path_and_line() {
 /// each view is read-only with its own message.
 #[tokio::test]
 async fn header_views_iterate_and_are_read_only_in_both_phases() {
-    let up = echo().await;
     let upgrade = script(
         "hv_upgrade.lua",
         r#"
@@ -865,23 +877,14 @@ return function(msg, ctx, conn)
 end
 "#,
     );
-    let gw = gateway(&route(
+    let seen = reply_after_upgrade(
         "/hv",
-        up.addr,
-        "",
-        &[("on_upgrade", &upgrade), ("on_client_frame", &frames)],
-    ))
-    .await;
-    let (mut ws, _) = connect_with(
-        gw.local_addr(),
         "/hv",
         &[("x-custom", "c1"), ("x-multi", "one"), ("x-multi", "two")],
+        &upgrade,
+        &frames,
     )
-    .await
-    .expect("upgrade succeeds");
-    ws.send(Message::text("show")).await.unwrap();
-    let reply = next_message(&mut ws).await.unwrap().unwrap();
-    let seen: serde_json::Value = serde_json::from_str(reply.to_text().unwrap()).unwrap();
+    .await;
     let names = seen["upgrade_names"].as_str().unwrap();
     assert!(names.contains("x-custom=c1;"), "{seen}");
     assert!(names.contains("x-multi=one, two"), "{seen}");
@@ -897,4 +900,41 @@ end
         write.starts_with("false ") && write.contains("ctx is read-only"),
         "{seen}"
     );
+}
+
+/// One `req` serves every `on_upgrade` call of a worker, refilled for each (as `msg` is for
+/// each message): a `req` kept past its call refuses to be used, with a message that says why.
+#[tokio::test]
+async fn a_req_kept_past_its_call_refuses_use() {
+    let keep = script(
+        "keep_req.lua",
+        r#"
+return function(req, ctx)
+  ctx.req = req
+  ctx.path = req.path
+end
+"#,
+    );
+    let show = script(
+        "use_req.lua",
+        r#"
+return function(msg, ctx, conn)
+  local ok, err = pcall(function() return ctx.req.path end)
+  local mok, merr = pcall(function() return ctx.req:header_values("host") end)
+  conn:reply({ kept_path = ctx.path, read = tostring(ok) .. " " .. tostring(err),
+               method = tostring(mok) .. " " .. tostring(merr) })
+  return false
+end
+"#,
+    );
+    let seen = reply_after_upgrade("/kr", "/kr", &[], &keep, &show).await;
+    assert_eq!(seen["kept_path"], "/kr", "{seen}");
+    for field in ["read", "method"] {
+        let text = seen[field].as_str().unwrap();
+        assert!(
+            text.starts_with("false ")
+                && text.contains("req is valid only during its on_upgrade call"),
+            "{field}: {seen}"
+        );
+    }
 }

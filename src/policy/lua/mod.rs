@@ -72,6 +72,8 @@ pub(crate) struct Vm {
     /// The running call's CPU budget.
     budget: Rc<Cell<Budget>>,
     pub(crate) sandbox: sandbox::Sandbox,
+    /// The `req` of every `on_upgrade` call on this VM, refilled for each.
+    pub(crate) req: mlua::AnyUserData,
 }
 
 impl Vm {
@@ -190,10 +192,12 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
         Ok(matches!(watched.get(), Budget::Running(d) if Instant::now() >= d))
     })?;
     let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget)?;
+    let req = request::reusable_req(&lua)?;
     Ok(Vm {
         lua,
         budget,
         sandbox,
+        req,
     })
 }
 

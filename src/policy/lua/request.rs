@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
+use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::frame::LuaFrameHooks;
 use super::headers::HeaderSource;
@@ -52,6 +52,9 @@ struct RequestData {
 /// `req`: the request's fields plus the methods. A field's Lua value is made the first time
 /// the script reads it (most scripts read one or two), and its tables are read-only views.
 struct Req {
+    /// Whether an `on_upgrade` call is running: one `req` serves every call of its VM and is
+    /// refilled for each, so outside a call it refuses to be used.
+    open: bool,
     request: RequestData,
     offered: Vec<String>,
     /// The table fields made so far, in the order of [`TABLE_FIELDS`].
@@ -89,6 +92,18 @@ fn seconds_arg(lua: &Lua, method: &str, value: &Value) -> mlua::Result<f64> {
 }
 
 impl Req {
+    /// An error unless an `on_upgrade` call is running.
+    fn usable(&self, lua: &Lua) -> mlua::Result<()> {
+        if self.open {
+            Ok(())
+        } else {
+            Err(misuse(
+                lua,
+                "req is valid only during its on_upgrade call; keep the fields you need instead",
+            ))
+        }
+    }
+
     /// Keeps the earliest requested expiry; a time too far away to represent shortens nothing.
     fn shorten(&mut self, at: Option<SystemTime>) {
         if let Some(at) = at {
@@ -103,6 +118,7 @@ impl UserData for Req {
         methods.add_method_mut(
             "reject",
             |lua, this, (status, body, headers): (Value, Value, Value)| {
+                this.usable(lua)?;
                 let status = match status {
                     Value::Integer(s) if (200..=599).contains(&s) => {
                         StatusCode::from_u16(s as u16).expect("200..=599 is a valid status")
@@ -162,6 +178,7 @@ impl UserData for Req {
             },
         );
         methods.add_method_mut("set_upstream", |lua, this, url: Value| {
+            this.usable(lua)?;
             let url = string_arg(lua, "set_upstream", "the URL", &url)?;
             let valid = url.parse::<http::Uri>().ok().filter(|u| {
                 matches!(u.scheme_str(), Some("ws" | "wss"))
@@ -177,6 +194,7 @@ impl UserData for Req {
             Ok(())
         });
         methods.add_method_mut("set_header", |lua, this, (name, value): (Value, Value)| {
+            this.usable(lua)?;
             let name =
                 string_arg(lua, "set_header", "the header name", &name)?.to_ascii_lowercase();
             if MANAGED.contains(&name.as_str()) {
@@ -201,6 +219,7 @@ impl UserData for Req {
             Ok(())
         });
         methods.add_method_mut("select_subprotocol", |lua, this, name: Value| {
+            this.usable(lua)?;
             let name = string_arg(lua, "select_subprotocol", "the subprotocol", &name)?;
             if !this.offered.contains(&name) {
                 return Err(misuse(
@@ -215,6 +234,7 @@ impl UserData for Req {
             Ok(())
         });
         methods.add_method_mut("expire_in", |lua, this, seconds: Value| {
+            this.usable(lua)?;
             let seconds = seconds_arg(lua, "expire_in", &seconds)?;
             if seconds < 0.0 {
                 return Err(misuse(lua, "req:expire_in: seconds must not be negative"));
@@ -224,6 +244,7 @@ impl UserData for Req {
             Ok(())
         });
         methods.add_method_mut("expire_at", |lua, this, at: Value| {
+            this.usable(lua)?;
             let at = seconds_arg(lua, "expire_at", &at)?;
             if at < 0.0 {
                 return Err(misuse(
@@ -236,6 +257,7 @@ impl UserData for Req {
             Ok(())
         });
         methods.add_method("header_values", |lua, this, name: Value| {
+            this.usable(lua)?;
             let name = string_arg(lua, "header_values", "the header name", &name)?;
             let values = this
                 .request
@@ -247,6 +269,7 @@ impl UserData for Req {
             lua.create_sequence_from(values)
         });
         methods.add_meta_method_mut(MetaMethod::Index, |lua, this, key: Value| {
+            this.usable(lua)?;
             let Value::String(key) = key else {
                 return Ok(Value::Nil);
             };
@@ -344,29 +367,72 @@ fn request_table(
 }
 
 impl RequestData {
-    fn new(request: &UpgradeRequest<'_>) -> Self {
+    fn empty() -> Self {
         RequestData {
-            path: request.path.to_owned(),
-            query: request.query.to_owned(),
-            headers: Rc::new(super::headers::compact(request.headers)),
-            params: request.params.to_vec(),
-            client_ip: request.client_ip,
-            scheme: request.scheme,
-            host: request.host.map(str::to_owned),
+            path: String::new(),
+            query: String::new(),
+            headers: Rc::default(),
+            params: Vec::new(),
+            client_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            scheme: "ws",
+            host: None,
         }
+    }
+
+    /// Refills this with `request`, reusing the strings' room from the last call.
+    fn fill(&mut self, request: &UpgradeRequest<'_>) {
+        refill(&mut self.path, request.path);
+        refill(&mut self.query, request.query);
+        match (&mut self.host, request.host) {
+            (Some(kept), Some(host)) => refill(kept, host),
+            (kept, host) => *kept = host.map(str::to_owned),
+        }
+        self.params.truncate(request.params.len());
+        for (i, (name, value)) in request.params.iter().enumerate() {
+            match self.params.get_mut(i) {
+                Some((kept_name, kept_value)) => {
+                    refill(kept_name, name);
+                    refill(kept_value, value);
+                }
+                None => self.params.push((name.clone(), value.clone())),
+            }
+        }
+        self.headers = Rc::new(super::headers::compact(request.headers));
+        self.client_ip = request.client_ip;
+        self.scheme = request.scheme;
     }
 }
 
+fn refill(kept: &mut String, with: &str) {
+    kept.clear();
+    kept.push_str(with);
+}
+
+/// The one `req` of a VM, refilled for each `on_upgrade` call (as `msg` is for each message):
+/// a call makes no userdata and, once the strings have grown, copies the request into room
+/// it already has.
+pub(crate) fn reusable_req(lua: &Lua) -> mlua::Result<AnyUserData> {
+    lua.create_userdata(Req {
+        open: false,
+        request: RequestData::empty(),
+        offered: Vec::new(),
+        made: Default::default(),
+        changes: UpgradeChanges::default(),
+        rejection: None,
+    })
+}
+
 /// The client's offered subprotocols, in order.
-fn offered_subprotocols(headers: &HeaderMap) -> Vec<String> {
-    headers
+fn offered_subprotocols(headers: &HeaderMap, offered: &mut Vec<String>) {
+    offered.clear();
+    let names = headers
         .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|p| p.trim().to_owned())
-        .filter(|p| !p.is_empty())
-        .collect()
+        .map(str::trim)
+        .filter(|p| !p.is_empty());
+    offered.extend(names.map(str::to_owned));
 }
 
 impl RoutePolicy for LuaRoutePolicy {
@@ -403,43 +469,48 @@ impl LuaRoutePolicy {
         needs_frames: bool,
     ) -> mlua::Result<UpgradeVerdict> {
         let lua = &self.vm.lua;
-        let offered = offered_subprotocols(request.headers);
-        let data = RequestData::new(request);
+        let req = &self.vm.req;
+        {
+            let mut r = req.borrow_mut::<Req>()?;
+            let r = &mut *r;
+            r.request.fill(request);
+            offered_subprotocols(request.headers, &mut r.offered);
+            r.made = Default::default();
+        }
         let ctx = lua.create_table()?;
         let mut changes = UpgradeChanges::default();
-        let (data, offered) = match &self.on_upgrade {
-            None => (data, offered),
-            Some(script) => {
-                let req = lua.create_userdata(Req {
-                    request: data,
-                    offered,
-                    made: Default::default(),
-                    changes: UpgradeChanges::default(),
-                    rejection: None,
-                })?;
-                let result = self
-                    .vm
-                    .guarded(self.limits, || script.function.call::<Value>((&req, &ctx)));
-                let req = req.take::<Req>()?;
-                result?;
-                if let Some((status, body, headers)) = req.rejection {
-                    return Ok(UpgradeVerdict::Reject {
-                        status,
-                        body,
-                        headers,
-                    });
-                }
-                changes = req.changes;
-                (req.request, req.offered)
+        if let Some(script) = &self.on_upgrade {
+            req.borrow_mut::<Req>()?.open = true;
+            let result = self
+                .vm
+                .guarded(self.limits, || script.function.call::<Value>((req, &ctx)));
+            // Closed again whatever happened, so that a `req` the script kept refuses use.
+            let (taken, rejection) = {
+                let mut r = req.borrow_mut::<Req>()?;
+                r.open = false;
+                r.made = Default::default();
+                (std::mem::take(&mut r.changes), r.rejection.take())
+            };
+            result?;
+            if let Some((status, body, headers)) = rejection {
+                return Ok(UpgradeVerdict::Reject {
+                    status,
+                    body,
+                    headers,
+                });
             }
-        };
+            changes = taken;
+        }
         if !needs_frames {
             return Ok(UpgradeVerdict::Continue {
                 changes,
                 hooks: Box::new(PassThrough),
             });
         }
-        let fields = request_table(lua, &self.vm.sandbox.views, &data, &offered)?;
+        let fields = {
+            let r = req.borrow::<Req>()?;
+            request_table(lua, &self.vm.sandbox.views, &r.request, &r.offered)?
+        };
         ctx.set("request", fields)?;
         let frozen = self.vm.sandbox.freeze(ctx, "ctx")?;
         let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(self, request.id, frozen)?);
