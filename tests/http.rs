@@ -118,6 +118,26 @@ impl Conn {
         std::mem::take(&mut self.buf)
     }
 
+    /// Reads to the end and checks that the gateway closed the connection without a byte, no
+    /// sooner than `at_least` after `started` and well within 5 s.
+    async fn assert_closed_unanswered(&mut self, started: Instant, at_least: Duration, what: &str) {
+        let got = self.read_to_eof(&format!("close of {what}")).await;
+        let took = started.elapsed();
+        assert!(
+            got.is_empty(),
+            "{what}: answered {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        assert!(
+            took >= at_least,
+            "{what}: closed after {took:?}, before the timeout"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{what}: closed only after {took:?}"
+        );
+    }
+
     /// The connection as a client WebSocket, after a 101 was read off it.
     async fn into_ws(self) -> WebSocketStream<TcpStream> {
         WebSocketStream::from_partially_read(self.stream, self.buf, Role::Client, None).await
@@ -517,48 +537,27 @@ async fn a_head_that_stops_coming_is_closed_after_the_header_read_timeout() {
     let started = Instant::now();
     let mut half = Conn::open(addr).await;
     half.send("GET /echo HTTP/1.1\r\nHost: x\r\nUpgr").await;
-    let got = half.read_to_eof("close of a half head").await;
-    let took = started.elapsed();
-    assert!(
-        got.is_empty(),
-        "answered: {:?}",
-        String::from_utf8_lossy(&got)
-    );
-    assert!(took >= timeout, "closed after {took:?}, before the timeout");
-    assert!(took < Duration::from_secs(5), "closed only after {took:?}");
+    half.assert_closed_unanswered(started, timeout, "a half head")
+        .await;
 
     let started = Instant::now();
     let mut silent = Conn::open(addr).await;
-    let got = silent.read_to_eof("close of a silent connection").await;
-    let took = started.elapsed();
-    assert!(
-        got.is_empty(),
-        "answered: {:?}",
-        String::from_utf8_lossy(&got)
-    );
-    assert!(took >= timeout, "closed after {took:?}, before the timeout");
-    assert!(took < Duration::from_secs(5), "closed only after {took:?}");
+    silent
+        .assert_closed_unanswered(started, timeout, "a silent connection")
+        .await;
 
     // A kept-alive connection gets the same time for its next request.
     let mut kept = Conn::open(addr).await;
     kept.send("GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(kept.response().await.status, 404);
-    let started = Instant::now();
-    let got = kept
-        .read_to_eof("close of an idle kept-alive connection")
-        .await;
-    let took = started.elapsed();
-    assert!(
-        got.is_empty(),
-        "answered: {:?}",
-        String::from_utf8_lossy(&got)
-    );
     // The timer started when the answer was written, just before it was read here.
-    assert!(
-        took >= timeout - Duration::from_millis(50),
-        "closed after {took:?}, before the timeout"
-    );
-    assert!(took < Duration::from_secs(5), "closed only after {took:?}");
+    let started = Instant::now();
+    kept.assert_closed_unanswered(
+        started,
+        timeout - Duration::from_millis(50),
+        "an idle kept-alive connection",
+    )
+    .await;
 
     still_serving(addr, "timeouts").await;
 }
@@ -727,11 +726,7 @@ async fn a_client_gone_before_the_101_gets_the_upstream_closed_with_1001() {
             .to_owned();
         asked_tx.send(()).unwrap();
         go_rx.await.unwrap();
-        let answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {}\r\n\r\n",
-            derive_accept_key(key.as_bytes())
-        );
+        let answer = switching_head(&derive_accept_key(key.as_bytes()));
         s.write_all(answer.as_bytes()).await.unwrap();
         // The gateway's close frame: masked, as the gateway is the client on this leg.
         let mut start = [0u8; 2];

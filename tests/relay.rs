@@ -278,10 +278,7 @@ async fn a_failing_connection_does_not_disturb_others() {
 /// A 101 for `accept`, then the first `sent` payload bytes of a binary frame whose header
 /// announces `announced`.
 fn answer_with_cut_frame(accept: &str, announced: usize, sent: usize) -> Vec<u8> {
-    let mut bytes = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    )
-    .into_bytes();
+    let mut bytes = switching_head(accept).into_bytes();
     bytes.extend_from_slice(&[0x82, 127]);
     bytes.extend_from_slice(&(announced as u64).to_be_bytes());
     bytes.extend(std::iter::repeat_n(7u8, sent));

@@ -60,7 +60,7 @@ async fn client_gets_101_only_after_the_upstream_accepted() {
         let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
         use tokio::io::AsyncWriteExt;
         stream
-            .write_all(format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").as_bytes())
+            .write_all(switching_head(&accept).as_bytes())
             .await
             .unwrap();
         // Keep the connection open while the client looks at it.
@@ -311,11 +311,7 @@ async fn a_chunked_refusal_body_is_relayed_de_chunked() {
 #[tokio::test]
 async fn a_frame_sent_with_the_101_reaches_the_client() {
     let addr = raw_upstream(|accept| {
-        let mut answer = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {accept}\r\n\r\n"
-        )
-        .into_bytes();
+        let mut answer = switching_head(accept).into_bytes();
         // An unmasked text frame "first", in the same write as the head.
         answer.extend_from_slice(b"\x81\x05first");
         answer
@@ -329,11 +325,8 @@ async fn a_frame_sent_with_the_101_reaches_the_client() {
 #[tokio::test]
 async fn interim_answers_before_the_101_are_skipped() {
     let addr = raw_upstream(|accept| {
-        let mut answer = format!(
-            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-        )
-        .into_bytes();
+        let mut answer =
+            format!("HTTP/1.1 100 Continue\r\n\r\n{}", switching_head(accept)).into_bytes();
         answer.extend_from_slice(b"\x81\x02ok");
         answer
     })

@@ -51,17 +51,13 @@ pub(crate) enum Rejection {
     },
 }
 
-fn text(status: StatusCode, body: String) -> Answer {
-    Answer::text(status, body)
-}
-
 impl Rejection {
     fn into_answer(self) -> Answer {
         let message = self.to_string();
         match self {
-            Rejection::NoRoute(_) => text(StatusCode::NOT_FOUND, message),
+            Rejection::NoRoute(_) => Answer::text(StatusCode::NOT_FOUND, message),
             Rejection::NotWebSocket => {
-                let mut r = text(
+                let mut r = Answer::text(
                     StatusCode::UPGRADE_REQUIRED,
                     "this path accepts WebSocket connections only".into(),
                 );
@@ -72,14 +68,14 @@ impl Rejection {
                 r
             }
             Rejection::Method(_) => {
-                let mut r = text(StatusCode::METHOD_NOT_ALLOWED, message);
+                let mut r = Answer::text(StatusCode::METHOD_NOT_ALLOWED, message);
                 r.headers
                     .insert(header::ALLOW, HeaderValue::from_static("GET"));
                 r
             }
-            Rejection::BadUpgrade(_) => text(StatusCode::BAD_REQUEST, message),
+            Rejection::BadUpgrade(_) => Answer::text(StatusCode::BAD_REQUEST, message),
             Rejection::Version => {
-                let mut r = text(StatusCode::UPGRADE_REQUIRED, message);
+                let mut r = Answer::text(StatusCode::UPGRADE_REQUIRED, message);
                 r.headers.insert(
                     header::SEC_WEBSOCKET_VERSION,
                     HeaderValue::from_static("13"),
@@ -102,15 +98,15 @@ impl Rejection {
                     body,
                 }
             }
-            Rejection::PolicyFailed(_) => text(
+            Rejection::PolicyFailed(_) => Answer::text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error in the upgrade policy".into(),
             ),
-            Rejection::Upstream { .. } => text(
+            Rejection::Upstream { .. } => Answer::text(
                 StatusCode::BAD_GATEWAY,
                 "bad gateway: upstream unavailable".into(),
             ),
-            Rejection::UpstreamTimeout { .. } => text(
+            Rejection::UpstreamTimeout { .. } => Answer::text(
                 StatusCode::GATEWAY_TIMEOUT,
                 "gateway timeout: upstream did not answer in time".into(),
             ),

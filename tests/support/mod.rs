@@ -286,6 +286,14 @@ where
     addr
 }
 
+/// An upstream's 101 head accepting the key whose accept value is `accept`.
+pub fn switching_head(accept: &str) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+}
+
 /// A well-formed upgrade request for `path`, with extra header lines (each ending in \r\n).
 pub fn upgrade_request(path: &str, extra: &str) -> String {
     format!(
