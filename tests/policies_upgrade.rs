@@ -938,3 +938,90 @@ end
         );
     }
 }
+
+/// `req.headers` kept in `ctx`, at any depth, keeps its headers in the frame phase; kept
+/// anywhere else it refuses use once its call has ended, in the frame phase and in the next
+/// connection's `on_upgrade` alike, rather than reading another request's headers.
+#[tokio::test]
+async fn req_headers_kept_in_ctx_survive_and_kept_elsewhere_refuse_use() {
+    let up = echo().await;
+    let keep = script(
+        "keep_headers.lua",
+        r#"
+local stash
+return function(req, ctx)
+  if stash then
+    local ok, err = pcall(function() return stash["x-custom"] end)
+    ctx.previous = tostring(ok) .. " " .. tostring(err)
+  end
+  stash = req.headers
+  ctx.h = req.headers
+  ctx.nested = { deeper = { h = req.headers } }
+  ctx.read_stash = function() return stash["x-custom"] end
+  ctx.pairs_stash = function() for k in pairs(stash) do return k end end
+end
+"#,
+    );
+    let show = script(
+        "show_headers.lua",
+        r#"
+return function(msg, ctx, conn)
+  local rok, rerr = pcall(ctx.read_stash)
+  local pok, perr = pcall(ctx.pairs_stash)
+  local n = 0
+  for _ in pairs(ctx.h) do n = n + 1 end
+  local wok, werr = pcall(function() ctx.h["x-new"] = "1" end)
+  conn:reply({
+    previous = ctx.previous, direct = ctx.h["X-Custom"], nested = ctx.nested.deeper.h["x-custom"],
+    same = rawequal(ctx.h, ctx.nested.deeper.h), count = n, write = tostring(wok) .. " " .. tostring(werr),
+    read = tostring(rok) .. " " .. tostring(rerr), pairs = tostring(pok) .. " " .. tostring(perr),
+  })
+  return false
+end
+"#,
+    );
+    let gw = gateway_with_server(
+        "workers = 1",
+        &route(
+            "/kh",
+            up.addr,
+            "",
+            &[("on_upgrade", &keep), ("on_client_frame", &show)],
+        ),
+    )
+    .await;
+    let mut replies = Vec::new();
+    for value in ["first", "second"] {
+        let (mut ws, _) = connect_with(gw.local_addr(), "/kh", &[("x-custom", value)])
+            .await
+            .expect("upgrade succeeds");
+        ws.send(Message::text("show")).await.unwrap();
+        let reply = next_message(&mut ws).await.unwrap().unwrap();
+        replies.push(serde_json::from_str::<serde_json::Value>(reply.to_text().unwrap()).unwrap());
+    }
+    let stale = "req.headers is valid only during its on_upgrade call";
+    for (seen, value) in replies.iter().zip(["first", "second"]) {
+        assert_eq!(seen["direct"], value, "{seen}");
+        assert_eq!(seen["nested"], value, "{seen}");
+        assert_eq!(seen["same"], true, "{seen}");
+        assert!(seen["count"].as_u64().unwrap() >= 5, "{seen}");
+        let write = seen["write"].as_str().unwrap();
+        assert!(
+            write.starts_with("false ") && write.contains("req is read-only"),
+            "{seen}"
+        );
+        for field in ["read", "pairs"] {
+            let text = seen[field].as_str().unwrap();
+            assert!(
+                text.starts_with("false ") && text.contains(stale),
+                "{field}: {seen}"
+            );
+        }
+    }
+    assert!(replies[0]["previous"].is_null(), "{}", replies[0]);
+    let previous = replies[1]["previous"].as_str().unwrap();
+    assert!(
+        previous.starts_with("false ") && previous.contains(stale),
+        "{previous}"
+    );
+}

@@ -98,7 +98,12 @@ impl RequestHead {
 
 /// Whether `bytes` hold the end of a line followed by an empty one: the end of a head.
 pub(crate) fn has_empty_line(bytes: &[u8]) -> bool {
-    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
+    // Visits the line ends only (a dozen in a head), not every byte.
+    memchr::memchr_iter(b'\n', bytes).any(|at| match bytes.get(at + 1) {
+        Some(b'\n') => true,
+        Some(b'\r') => bytes.get(at + 2) == Some(&b'\n'),
+        _ => false,
+    })
 }
 
 /// Checks the start of a head for what can already be wrong with it (garbage fails at once).
@@ -326,5 +331,9 @@ mod tests {
         assert!(has_empty_line(b"\r\n\r\n"));
         assert!(has_empty_line(b"x\n\n"));
         assert!(!has_empty_line(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(has_empty_line(b"GET / HTTP/1.1\r\nHost: a\n\r\nrest"));
+        assert!(!has_empty_line(b"Host: a\r\n\r"));
+        assert!(!has_empty_line(b"\n"));
+        assert!(!has_empty_line(b""));
     }
 }

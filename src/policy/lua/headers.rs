@@ -1,107 +1,154 @@
-//! `req.headers` and `ctx.request.headers`: a read-only view that looks each header up in the
-//! request's header map when it is read, instead of copying every header into Lua first.
+//! `req.headers` and `ctx.request.headers`: read-only views that look each header up when it
+//! is read, instead of copying every header into Lua first.
 //!
-//! Most upgrade policies read one or two headers (a token, an origin), so the view costs a
-//! table and a userdata, and each read makes one string. `pairs` makes the whole table once,
-//! on its first call. The view holds the header map, so it keeps working wherever a script
-//! keeps it (`ctx.headers = req.headers` reads the same headers in the frame phase).
+//! Most upgrade policies read one or two headers (a token, an origin), so a read costs one
+//! string and `pairs` makes the whole table once, on its first call. There are two kinds:
+//!
+//! - **the call's view**, `req.headers`: an empty table made when the script first reads the
+//!   field, whose look-ups read the headers that the VM's one `req` holds for the running call
+//!   ([`HeaderList`], refilled per call without allocating). It has no state of its own, so it
+//!   costs one table. Once the call has ended it refuses use.
+//! - **kept views**, `ctx.request.headers`, and `req.headers` when the script stored it in
+//!   `ctx` (the freeze swaps it for a kept view): each holds its own copy of the headers.
 
 use std::rc::Rc;
 
-use bytes::BytesMut;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use mlua::{AnyUserData, Function, Lua, Table, UserData, Value};
 
-/// A request's headers, shared by the views of one request.
-pub(crate) struct HeaderSource(pub(crate) Rc<HeaderMap>);
+/// A request's headers, names (lower case) and values in one buffer. Refilled for each
+/// call, it keeps its room; the values of one name are next to each other, in order, as
+/// [`HeaderMap`] iterates them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HeaderList {
+    bytes: Vec<u8>,
+    /// For each header, where its name ends and where its value ends in `bytes`; it starts
+    /// where the previous one's value ends.
+    spans: Vec<(u32, u32)>,
+}
+
+impl HeaderList {
+    /// Replaces the content with `headers`, reusing the room of the last fill.
+    pub(crate) fn fill(&mut self, headers: &HeaderMap) {
+        self.bytes.clear();
+        self.spans.clear();
+        for (name, value) in headers {
+            self.bytes.extend_from_slice(name.as_str().as_bytes());
+            let name_end = self.bytes.len() as u32;
+            self.bytes.extend_from_slice(value.as_bytes());
+            self.spans.push((name_end, self.bytes.len() as u32));
+        }
+    }
+
+    /// A copy that holds no spare room, for a view that may live as long as its connection.
+    pub(crate) fn kept(&self) -> HeaderList {
+        HeaderList {
+            bytes: self.bytes.as_slice().to_vec(),
+            spans: self.spans.as_slice().to_vec(),
+        }
+    }
+
+    /// Every `(name, value)`, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut start = 0usize;
+        self.spans.iter().map(move |&(name_end, value_end)| {
+            let (name_end, value_end) = (name_end as usize, value_end as usize);
+            let pair = (
+                &self.bytes[start..name_end],
+                &self.bytes[name_end..value_end],
+            );
+            start = value_end;
+            pair
+        })
+    }
+
+    /// The values of header `name`, given in any case, in order.
+    pub(crate) fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+}
+
+/// The state of a kept view: its own copy of the headers.
+pub(crate) struct HeaderSource(pub(crate) Rc<HeaderList>);
 
 impl UserData for HeaderSource {}
 
-/// A copy of `headers` that shares no memory with them, its values in one allocation. A
-/// request's values point into the whole buffer its head was read into, which a view kept in
-/// `ctx` for the connection's life must not hold.
-pub(crate) fn compact(headers: &HeaderMap) -> HeaderMap {
-    let mut bytes = BytesMut::with_capacity(headers.iter().map(|(_, v)| v.len()).sum());
-    for (_, value) in headers {
-        bytes.extend_from_slice(value.as_bytes());
-    }
-    let mut bytes = bytes.freeze();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let copy = bytes.split_to(value.len());
-        let copy = HeaderValue::from_maybe_shared(copy).unwrap_or_else(|_| value.clone());
-        out.append(name.clone(), copy);
-    }
-    out
-}
-
-/// `req.headers[name]`: the value of header `name` (any case), or `nil`.
-fn lookup(lua: &Lua, (source, name): (AnyUserData, Value)) -> mlua::Result<Value> {
+/// The values of header `name` (any case) joined with `", "`, or `nil`.
+pub(crate) fn value_of(lua: &Lua, headers: &HeaderList, name: &Value) -> mlua::Result<Value> {
     let Value::String(name) = name else {
         return Ok(Value::Nil);
     };
-    let source = source.borrow::<HeaderSource>()?;
     let name = name.as_bytes();
-    match std::str::from_utf8(&name) {
-        Ok(name) => value_of(lua, &source.0, name),
-        Err(_) => Ok(Value::Nil),
-    }
-}
-
-/// The values of header `name` joined with `", "`, or `nil`. `HeaderMap` finds names in any
-/// case, without allocating.
-fn value_of(lua: &Lua, headers: &HeaderMap, name: &str) -> mlua::Result<Value> {
-    let mut values = headers.get_all(name).iter();
+    let mut values = headers.values(&name);
     let Some(first) = values.next() else {
         return Ok(Value::Nil);
     };
     match values.next() {
-        None => lua.create_string(first.as_bytes()).map(Value::String),
+        None => lua.create_string(first).map(Value::String),
         Some(second) => {
-            let mut joined = [first.as_bytes(), b", ", second.as_bytes()].concat();
+            let mut joined = [first, b", ", second].concat();
             for v in values {
                 joined.extend_from_slice(b", ");
-                joined.extend_from_slice(v.as_bytes());
+                joined.extend_from_slice(v);
             }
             lua.create_string(joined).map(Value::String)
         }
     }
 }
 
-/// Every header in a plain table (lower-case names), for `pairs`.
-fn materialise(lua: &Lua, source: AnyUserData) -> mlua::Result<Table> {
-    let source = source.borrow::<HeaderSource>()?;
-    let headers = &source.0;
-    let table = lua.create_table_with_capacity(0, headers.keys_len())?;
-    for name in headers.keys() {
-        table.raw_set(name.as_str(), value_of(lua, headers, name.as_str())?)?;
+/// Every header in a plain table (lower-case names, repeated ones joined), for `pairs`.
+pub(crate) fn materialise(lua: &Lua, headers: &HeaderList) -> mlua::Result<Table> {
+    let table = lua.create_table_with_capacity(0, headers.spans.len())?;
+    let mut previous: Option<&[u8]> = None;
+    for (name, _) in headers.iter() {
+        // The values of one name are adjacent (see `HeaderList`): the first one joins them all.
+        if previous == Some(name) {
+            continue;
+        }
+        previous = Some(name);
+        let key = Value::String(lua.create_string(name)?);
+        table.raw_set(&key, value_of(lua, headers, &key)?)?;
     }
     Ok(table)
 }
 
-/// The Rust half of the views: the look-up and `pairs` functions the sandbox's prelude builds
-/// its header metatable from.
-pub(crate) fn functions(lua: &Lua) -> mlua::Result<(Function, Function)> {
+/// The Rust half of kept views: the look-up and `pairs` functions the sandbox's prelude
+/// builds their metatable from.
+pub(crate) fn kept_view_functions(lua: &Lua) -> mlua::Result<(Function, Function)> {
     Ok((
-        lua.create_function(lookup)?,
-        lua.create_function(materialise)?,
+        lua.create_function(|lua, (source, name): (AnyUserData, Value)| {
+            value_of(lua, &source.borrow::<HeaderSource>()?.0, &name)
+        })?,
+        lua.create_function(|lua, source: AnyUserData| {
+            materialise(lua, &source.borrow::<HeaderSource>()?.0)
+        })?,
     ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
-    fn a_compact_copy_keeps_every_value_in_order() {
+    fn a_list_keeps_every_value_in_order_and_finds_names_in_any_case() {
         let mut headers = HeaderMap::new();
         headers.append("x-multi", HeaderValue::from_static("one"));
         headers.append("host", HeaderValue::from_static("gw"));
         headers.append("x-multi", HeaderValue::from_static("two"));
         headers.append("x-empty", HeaderValue::from_static(""));
-        let copy = compact(&headers);
-        assert_eq!(copy, headers);
-        let values: Vec<_> = copy.get_all("x-multi").iter().collect();
-        assert_eq!(values, ["one", "two"]);
+        let mut list = HeaderList::default();
+        list.fill(&HeaderMap::new());
+        list.fill(&headers);
+        let values: Vec<_> = list.values(b"X-Multi").collect();
+        assert_eq!(values, [&b"one"[..], b"two"]);
+        assert_eq!(list.values(b"x-empty").collect::<Vec<_>>(), [&b""[..]]);
+        assert_eq!(list.values(b"missing").count(), 0);
+        let kept = list.kept();
+        assert_eq!(kept.iter().count(), 4);
+        let names: Vec<_> = kept.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, [&b"x-multi"[..], b"x-multi", b"host", b"x-empty"]);
     }
 }

@@ -191,8 +191,9 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
     let over_budget = lua.create_function(move |_, ()| {
         Ok(matches!(watched.get(), Budget::Running(d) if Instant::now() >= d))
     })?;
-    let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget)?;
     let req = request::reusable_req(&lua)?;
+    let call_headers = request::call_header_functions(&lua, &req)?;
+    let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget, call_headers)?;
     Ok(Vm {
         lua,
         budget,

@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::frame::LuaFrameHooks;
-use super::headers::HeaderSource;
+use super::headers::{materialise, value_of, HeaderList, HeaderSource};
 use super::sandbox::ReadOnlyViews;
 use super::{misuse, LuaRoutePolicy};
 use crate::policy::{
@@ -42,7 +42,7 @@ const TABLE_FIELDS: [&str; 4] = ["headers", "query", "params", "subprotocols"];
 struct RequestData {
     path: String,
     query: String,
-    headers: Rc<HeaderMap>,
+    headers: HeaderList,
     params: Vec<(String, String)>,
     client_ip: std::net::IpAddr,
     scheme: &'static str,
@@ -57,8 +57,11 @@ struct Req {
     open: bool,
     request: RequestData,
     offered: Vec<String>,
-    /// The table fields made so far, in the order of [`TABLE_FIELDS`].
+    /// The table fields made so far, in the order of [`TABLE_FIELDS`]. The first one is the
+    /// call's header view, which reads `request.headers` (see [`super::headers`]).
     made: [Option<Table>; 4],
+    /// `pairs(req.headers)`'s table, made on its first call.
+    all_headers: Option<Table>,
     changes: UpgradeChanges,
     rejection: Option<(StatusCode, Bytes, HeaderMap)>,
 }
@@ -100,6 +103,20 @@ impl Req {
             Err(misuse(
                 lua,
                 "req is valid only during its on_upgrade call; keep the fields you need instead",
+            ))
+        }
+    }
+
+    /// An error unless `view` is the running call's `req.headers`.
+    fn call_view(&self, lua: &Lua, view: &Value) -> mlua::Result<()> {
+        let current = self.made[0].as_ref().map(Table::to_pointer);
+        if self.open && current == Some(view.to_pointer()) {
+            Ok(())
+        } else {
+            Err(misuse(
+                lua,
+                "req.headers is valid only during its on_upgrade call; \
+                 keep it in ctx, or keep the values you need",
             ))
         }
     }
@@ -262,9 +279,8 @@ impl UserData for Req {
             let values = this
                 .request
                 .headers
-                .get_all(name.to_ascii_lowercase().as_str())
-                .iter()
-                .map(|v| lua.create_string(v.as_bytes()))
+                .values(name.as_bytes())
+                .map(|v| lua.create_string(v))
                 .collect::<mlua::Result<Vec<_>>>()?;
             lua.create_sequence_from(values)
         });
@@ -295,7 +311,9 @@ impl UserData for Req {
                         .expect("the sandbox registers its read-only views");
                     let view = match TABLE_FIELDS[slot] {
                         "headers" => {
-                            views.header_view(lua, HeaderSource(r.headers.clone()), "req")?
+                            let view = lua.create_table()?;
+                            view.set_metatable(Some(views.call_headers_meta.clone()))?;
+                            view
                         }
                         name => views.req_view(lua, field_table(lua, name, r, &this.offered)?)?,
                     };
@@ -342,11 +360,13 @@ fn field_table(lua: &Lua, name: &str, r: &RequestData, offered: &[String]) -> ml
     }
 }
 
-/// Builds the request's whole field table, for `ctx.request`.
+/// Builds the request's whole field table, for `ctx.request`; `headers` is a kept copy of the
+/// request's headers.
 fn request_table(
     lua: &Lua,
     views: &ReadOnlyViews,
     r: &RequestData,
+    headers: &Rc<HeaderList>,
     offered: &[String],
 ) -> mlua::Result<Table> {
     let t = lua.create_table_with_capacity(0, 10)?;
@@ -358,7 +378,7 @@ fn request_table(
     t.raw_set("host", r.host.as_deref())?;
     t.raw_set(
         "headers",
-        views.header_view(lua, HeaderSource(r.headers.clone()), "ctx")?,
+        views.header_view(lua, HeaderSource(headers.clone()), "ctx")?,
     )?;
     for name in &TABLE_FIELDS[1..] {
         t.raw_set(*name, field_table(lua, name, r, offered)?)?;
@@ -371,7 +391,7 @@ impl RequestData {
         RequestData {
             path: String::new(),
             query: String::new(),
-            headers: Rc::default(),
+            headers: HeaderList::default(),
             params: Vec::new(),
             client_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
             scheme: "ws",
@@ -397,7 +417,7 @@ impl RequestData {
                 None => self.params.push((name.clone(), value.clone())),
             }
         }
-        self.headers = Rc::new(super::headers::compact(request.headers));
+        self.headers.fill(request.headers);
         self.client_ip = request.client_ip;
         self.scheme = request.scheme;
     }
@@ -417,9 +437,36 @@ pub(crate) fn reusable_req(lua: &Lua) -> mlua::Result<AnyUserData> {
         request: RequestData::empty(),
         offered: Vec::new(),
         made: Default::default(),
+        all_headers: None,
         changes: UpgradeChanges::default(),
         rejection: None,
     })
+}
+
+/// The `__index` and `pairs` functions of the call's header views: they read the headers of
+/// the call that `req` (the VM's one `req`) holds, and refuse use once that call has ended.
+pub(crate) fn call_header_functions(
+    lua: &Lua,
+    req: &AnyUserData,
+) -> mlua::Result<(mlua::Function, mlua::Function)> {
+    let of = req.clone();
+    let index = lua.create_function(move |lua, (view, name): (Value, Value)| {
+        let req = of.borrow::<Req>()?;
+        req.call_view(lua, &view)?;
+        value_of(lua, &req.request.headers, &name)
+    })?;
+    let of = req.clone();
+    let all = lua.create_function(move |lua, view: Value| {
+        let mut req = of.borrow_mut::<Req>()?;
+        req.call_view(lua, &view)?;
+        if let Some(all) = &req.all_headers {
+            return Ok(all.clone());
+        }
+        let all = materialise(lua, &req.request.headers)?;
+        req.all_headers = Some(all.clone());
+        Ok(all)
+    })?;
+    Ok((index, all))
 }
 
 /// The client's offered subprotocols, in order.
@@ -476,9 +523,11 @@ impl LuaRoutePolicy {
             r.request.fill(request);
             offered_subprotocols(request.headers, &mut r.offered);
             r.made = Default::default();
+            r.all_headers = None;
         }
         let ctx = lua.create_table()?;
         let mut changes = UpgradeChanges::default();
+        let mut call_view = None;
         if let Some(script) = &self.on_upgrade {
             req.borrow_mut::<Req>()?.open = true;
             let result = self
@@ -488,7 +537,8 @@ impl LuaRoutePolicy {
             let (taken, rejection) = {
                 let mut r = req.borrow_mut::<Req>()?;
                 r.open = false;
-                r.made = Default::default();
+                call_view = std::mem::take(&mut r.made)[0].take();
+                r.all_headers = None;
                 (std::mem::take(&mut r.changes), r.rejection.take())
             };
             result?;
@@ -507,12 +557,20 @@ impl LuaRoutePolicy {
                 hooks: Box::new(PassThrough),
             });
         }
-        let fields = {
+        let views = &self.vm.sandbox.views;
+        let (fields, headers) = {
             let r = req.borrow::<Req>()?;
-            request_table(lua, &self.vm.sandbox.views, &r.request, &r.offered)?
+            let headers = Rc::new(r.request.headers.kept());
+            let fields = request_table(lua, views, &r.request, &headers, &r.offered)?;
+            (fields, headers)
         };
         ctx.set("request", fields)?;
-        let frozen = self.vm.sandbox.freeze(ctx, "ctx")?;
+        // A `req.headers` the script kept in `ctx` becomes a kept view of the same headers.
+        let kept = match &call_view {
+            Some(view) => Some((view, views.header_view(lua, HeaderSource(headers), "req")?)),
+            None => None,
+        };
+        let frozen = views.freeze(ctx, "ctx", kept.as_ref().map(|(from, to)| (*from, to)))?;
         let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(self, request.id, frozen)?);
         Ok(UpgradeVerdict::Continue { changes, hooks })
     }

@@ -58,11 +58,13 @@ local req_meta = {
   __metatable = "req",
 }
 
--- Header views (src/policy/lua/headers.rs): an empty proxy per request whose reads are
--- looked up in the request's header map by `lookup`; `pairs` makes the whole table once.
+-- Header views (src/policy/lua/headers.rs). A kept view is an empty proxy whose reads are
+-- looked up by `lookup` in the source that header_src maps it to; `pairs` makes the whole
+-- table once. The call's view (req.headers) holds nothing: its metatable's functions read
+-- the running call's headers from Rust.
 local header_src = setmetatable({}, { __mode = "k" })
 local header_all = setmetatable({}, { __mode = "k" })
-local function header_views(lookup, materialise)
+local function header_views(lookup, materialise, call_index, call_all)
   local metas = {}
   local function meta(what)
     local m = metas[what]
@@ -84,12 +86,19 @@ local function header_views(lookup, materialise)
     metas[what] = m
     return m
   end
+  local call_meta = {
+    __index = call_index,
+    __newindex = function() error("req is read-only", 2) end,
+    __len = function() return 0 end,
+    __pairs = function(p) return next, call_all(p), nil end,
+    __metatable = "req",
+  }
   return function(source, what)
     local p = setmetatable({}, meta(what))
     header_src[p] = source
     frozen[p] = true
     return p
-  end
+  end, call_meta
 end
 
 -- pcall and xpcall cannot swallow the CPU limit: an error caught after the call's deadline
@@ -127,7 +136,12 @@ end
 G_string.dump = nil
 getmetatable("").__metatable = false
 
-return function(t, what) return freeze(t, what, {}) end, header_views, environment,
+-- `from`, when given, is replaced by `to` wherever it occurs in `t`.
+return function(t, what, from, to)
+    local seen = {}
+    if from then seen[from] = to end
+    return freeze(t, what, seen)
+  end, header_views, environment,
   frozen, views, req_meta
 "#;
 
@@ -136,8 +150,10 @@ return function(t, what) return freeze(t, what, {}) end, header_views, environme
 #[derive(Clone)]
 pub(crate) struct ReadOnlyViews {
     freeze: Function,
-    /// `(source, what) -> view`: a header view over a [`HeaderSource`] userdata.
+    /// `(source, what) -> view`: a kept header view over a [`HeaderSource`] userdata.
     header_view: Function,
+    /// The metatable of the call's header views (`req.headers`).
+    pub(crate) call_headers_meta: Table,
     /// Views already frozen (weak keys): `freeze` keeps them as they are.
     frozen: Table,
     /// View -> its table, for `req_meta` (weak keys).
@@ -156,12 +172,21 @@ impl ReadOnlyViews {
         Ok(view)
     }
 
-    /// The read-only view of `table`; writes raise "`what` is read-only".
-    pub(crate) fn freeze(&self, table: Table, what: &str) -> mlua::Result<Table> {
-        self.freeze.call((table, what))
+    /// The read-only view of `table`; writes raise "`what` is read-only". Where `swap` is
+    /// `(from, to)`, `to` stands for `from` wherever `from` occurs in `table`.
+    pub(crate) fn freeze(
+        &self,
+        table: Table,
+        what: &str,
+        swap: Option<(&Table, &Table)>,
+    ) -> mlua::Result<Table> {
+        match swap {
+            Some((from, to)) => self.freeze.call((table, what, from, to)),
+            None => self.freeze.call((table, what)),
+        }
     }
 
-    /// A read-only view of `source`'s headers (see [`super::headers`]); writes raise
+    /// A kept read-only view of `source`'s headers (see [`super::headers`]); writes raise
     /// "`what` is read-only".
     pub(crate) fn header_view(
         &self,
@@ -184,10 +209,13 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Sets up the prelude and the `gw` table in `lua`.
+    /// `call_headers` are the `__index` and `pairs` functions of the call's header views
+    /// (see [`super::headers`]).
     pub(crate) fn new(
         lua: &Lua,
         dict: Arc<SharedDict>,
         over_budget: Function,
+        call_headers: (Function, Function),
     ) -> mlua::Result<Sandbox> {
         let (freeze, header_views, environment, frozen, views, req_meta): (
             Function,
@@ -197,13 +225,16 @@ impl Sandbox {
             Table,
             Table,
         ) = lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
-        let header_view: Function = header_views.call(super::headers::functions(lua)?)?;
+        let (lookup, materialise) = super::headers::kept_view_functions(lua)?;
+        let (header_view, call_headers_meta): (Function, Table) =
+            header_views.call((lookup, materialise, call_headers.0, call_headers.1))?;
         let gw = super::gw::build(lua, dict)?;
         let gw: Table = freeze.call((gw, "gw"))?;
         let print = super::gw::print_function(lua)?;
         let views = ReadOnlyViews {
             freeze,
             header_view,
+            call_headers_meta,
             frozen,
             views,
             req_meta,
@@ -226,6 +257,6 @@ impl Sandbox {
 
     /// The read-only view of `table`; writes raise "`what` is read-only".
     pub(crate) fn freeze(&self, table: Table, what: &str) -> mlua::Result<Table> {
-        self.views.freeze(table, what)
+        self.views.freeze(table, what, None)
     }
 }
