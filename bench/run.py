@@ -11,7 +11,7 @@ and ends only the processes it started.
     python3 bench/run.py                 # the full run (about 15 minutes)
     python3 bench/run.py --quick         # one repetition, short runs (about 3 minutes)
 """
-import argparse, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, collections, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -312,6 +312,17 @@ def expiry_run(proc, count):
     return result
 
 
+def quantile(counts, q):
+    """The value at quantile q of a histogram given as {value: count}, as HdrHistogram reads it."""
+    total = sum(counts.values())
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen >= q * total:
+            return float(value)
+    return None
+
+
 def summary(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -348,6 +359,7 @@ def main():
     procs = start_all()
     proxies = ["direct", "nginx", "haproxy", "framegate", "fg+lua"]
     results = {}  # (metric, target) -> [values]
+    pooled = {}  # target -> Counter of round-trip microseconds (latency histograms, merged)
     rot = 0
     for rep in range(args.reps if args.only & {"throughput", "latency"} else 0):
         log(f"repetition {rep + 1}/{args.reps}")
@@ -358,10 +370,20 @@ def main():
             for t in order:
                 r = load(t, "throughput", "--size", str(size), "--duration", args.duration, "--connections", "4", "--inflight", "32")
                 results.setdefault((f"msg/s {size}B", t), []).append(float(r["msgs_per_sec"]) if r else None)
-        for t in proxies if "latency" in args.only else ():
+        lat_order = proxies[rep % len(proxies):] + proxies[:rep % len(proxies)]
+        for t in lat_order if "latency" in args.only else ():
             r = load(t, "latency", "--rate", "2000", "--duration", "5s" if not args.quick else "2s")
             for q in ("p50_us", "p99_us", "p999_us"):
                 results.setdefault((f"rtt {q[:-3]} us @2k/s", t), []).append(float(r[q]) if r else None)
+            for bucket in (r or {}).get("histogram", "").split(","):
+                if bucket:
+                    value, count = bucket.split(":")
+                    pooled.setdefault(t, collections.Counter())[int(value)] += int(count)
+    # Percentiles of every repetition's samples together: each proxy's p99 then rests on
+    # reps x 10,000 round trips spread over the whole run, not on one 5 s window.
+    for t, counts in pooled.items():
+        for q, name in ((0.5, "p50"), (0.99, "p99"), (0.999, "p999")):
+            results.setdefault((f"rtt {name} us @2k/s, pooled", t), []).append(quantile(counts, q))
     peers = ["nginx", "haproxy", "framegate", "fg+auth"]
     for rep in range(args.reps if "handshakes" in args.only else 0):
         for t in peers[rep % len(peers):] + peers[:rep % len(peers)]:

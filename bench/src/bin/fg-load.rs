@@ -332,12 +332,19 @@ async fn latency(
             merged.len()
         );
     }
+    // The histogram itself too (`value:count` per recorded bucket), so that run.py can pool
+    // the samples of every repetition before taking percentiles.
+    let buckets: Vec<String> = merged
+        .iter_recorded()
+        .map(|v| format!("{}:{}", v.value_iterated_to(), v.count_at_value()))
+        .collect();
     println!(
-        "p50_us={} p99_us={} p999_us={} samples={}",
+        "p50_us={} p99_us={} p999_us={} samples={} histogram={}",
         merged.value_at_quantile(0.5),
         merged.value_at_quantile(0.99),
         merged.value_at_quantile(0.999),
-        merged.len()
+        merged.len(),
+        buckets.join(",")
     );
     Ok(())
 }
