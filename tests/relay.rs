@@ -381,3 +381,117 @@ async fn a_frame_cut_short_drops_the_receiver_and_counts_as_undelivered() {
 async fn raw_upstream_then_hang_up(announced: usize, sent: usize) -> std::net::SocketAddr {
     raw_upstream_hanging_up(move |accept| answer_with_cut_frame(accept, announced, sent)).await
 }
+
+/// A masked client frame: `first` is the first header byte (FIN and opcode); `long` writes the
+/// length in the 16-bit form even when it would fit in 7 bits (allowed to parse, not to send).
+fn masked_frame(first: u8, key: [u8; 4], payload: &[u8], long: bool) -> Vec<u8> {
+    let mut frame = vec![first];
+    if long || payload.len() >= 126 {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | payload.len() as u8);
+    }
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
+/// Whole data frames in a direction without hooks cross byte for byte: a client's frame keeps
+/// the client's masking key on its way upstream (as through HAProxy or NGINX), an upstream's
+/// frame reaches the client unchanged, and a frame whose length was not written in the fewest
+/// bytes is encoded again, minimally, with a key of the gateway's own.
+#[tokio::test]
+async fn whole_frames_cross_byte_for_byte_with_the_clients_masking_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let from_upstream: &[u8] = &[0x81, 5, b'w', b'o', b'r', b'l', b'd'];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the gateway closed before its request head ended");
+            head.extend_from_slice(&chunk[..n]);
+        }
+        // The gateway passes the client's key upstream (see upgrade.rs).
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+            b"dGhlIHNhbXBsZSBub25jZQ==",
+        );
+        let mut answer = switching_head(&accept).into_bytes();
+        answer.extend_from_slice(from_upstream);
+        stream.write_all(&answer).await.unwrap();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+            let _ = seen_tx.send(chunk[..n].to_vec());
+        }
+    });
+    let gw = gateway(&format!(
+        "[[route]]\npath = \"/x\"\nupstream = \"ws://{up}/\"\n"
+    ))
+    .await;
+    let mut client = tokio::net::TcpStream::connect(gw.local_addr())
+        .await
+        .unwrap();
+    client
+        .write_all(upgrade_request("/x", "").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    within("the 101 and the upstream's frame", async {
+        let mut chunk = [0u8; 4096];
+        while got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_none_or(|end| got.len() < end + 4 + from_upstream.len())
+        {
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the gateway closed early");
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let body = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    assert_eq!(body, from_upstream, "the upstream's frame, unchanged");
+
+    let text = masked_frame(0x81, [1, 2, 3, 4], b"hello", false);
+    let binary = masked_frame(0x82, [5, 6, 7, 8], &[9, 8, 7], false);
+    let long = masked_frame(0x82, [0xAA, 0xBB, 0xCC, 0xDD], &[1, 2, 3, 4, 5], true);
+    let sent = [text.clone(), binary.clone(), long].concat();
+    client.write_all(&sent).await.unwrap();
+    let expected = text.len() + binary.len() + 2 + 4 + 5;
+    let mut seen = Vec::new();
+    within("the client's frames upstream", async {
+        while seen.len() < expected {
+            seen.extend(seen_rx.recv().await.expect("the upstream is reading"));
+        }
+    })
+    .await;
+    assert_eq!(
+        &seen[..text.len()],
+        &text[..],
+        "text, with the client's key"
+    );
+    let rest = &seen[text.len()..];
+    assert_eq!(
+        &rest[..binary.len()],
+        &binary[..],
+        "binary, with the client's key"
+    );
+    let again = &rest[binary.len()..];
+    assert_eq!(
+        &again[..2],
+        &[0x82, 0x80 | 5],
+        "encoded again with a 7-bit length"
+    );
+    let key = &again[2..6];
+    let payload: Vec<u8> = again[6..11]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ key[i % 4])
+        .collect();
+    assert_eq!(payload, [1, 2, 3, 4, 5]);
+}

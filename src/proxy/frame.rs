@@ -92,6 +92,18 @@ impl Header {
     pub(crate) fn frame_len(&self) -> usize {
         self.header_len + self.payload_len
     }
+
+    /// Whether the length is written in the fewest bytes, as RFC 6455 §5.2 requires of
+    /// senders: such a frame can be relayed byte for byte.
+    pub(crate) fn is_minimal(&self) -> bool {
+        let length_bytes = match self.payload_len {
+            n if n < 126 => 0,
+            n if n <= usize::from(u16::MAX) => 2,
+            _ => 8,
+        };
+        let mask_bytes = if self.mask.is_some() { 4 } else { 0 };
+        self.header_len == 2 + length_bytes + mask_bytes
+    }
 }
 
 /// Parses the header at the start of `buf`. `Ok(None)` means more bytes are needed.

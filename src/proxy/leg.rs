@@ -199,6 +199,13 @@ impl Outbox {
         }
     }
 
+    /// Queues a whole frame as it came from the other leg: header, masking key and masked
+    /// payload alike. A client's frames thus reach the upstream with the client's own masking
+    /// key, as through a TCP proxy, and a server's unmasked frames reach the client unchanged.
+    fn push_verbatim(&mut self, frame: &[u8]) {
+        self.buf().extend_from_slice(frame);
+    }
+
     /// Queues one data message.
     pub(crate) fn push_data(&mut self, text: bool, payload: &[u8]) {
         self.push(if text { OpCode::Text } else { OpCode::Binary }, payload);
@@ -275,6 +282,19 @@ impl Outbox {
 
 /// Passes one whole data message on to the other leg (hooks get theirs from `Leg::message`;
 /// a closing leg drops it).
+/// Whether the payload of the whole `frame` is UTF-8. A masked payload is unmasked to be
+/// checked, then masked again with its own key, so that the frame is left as it came.
+fn is_utf8(frame: &mut [u8], header: &frame::Header) -> bool {
+    let payload = &mut frame[header.header_len..];
+    let Some(key) = header.mask else {
+        return std::str::from_utf8(payload).is_ok();
+    };
+    frame::apply_mask(payload, key);
+    let valid = std::str::from_utf8(payload).is_ok();
+    frame::apply_mask(payload, key);
+    valid
+}
+
 fn pass_through(sink: &mut Sink<'_>, text: bool, payload: &[u8]) {
     if let Sink::Through { peer, traffic } = sink {
         traffic.messages += 1;
@@ -401,6 +421,16 @@ impl Leg {
         Poll::Ready(result)
     }
 
+    /// Whether the whole frame `header` starts, in a direction no hook looks at, is relayed
+    /// byte for byte: a final data frame outside a fragmented message, its length written in
+    /// the fewest bytes. Anything else is unmasked, checked and encoded again.
+    fn relays_verbatim(&self, header: &frame::Header) -> bool {
+        matches!(header.opcode, OpCode::Text | OpCode::Binary)
+            && header.fin
+            && self.fragments.is_none()
+            && header.is_minimal()
+    }
+
     /// Whether the frame `header` starts is relayed as it arrives: a large, final binary frame
     /// outside a fragmented message, in a direction no hook looks at.
     fn streams(&self, header: &frame::Header, sink: &Sink<'_>) -> bool {
@@ -504,6 +534,20 @@ impl Leg {
             }
             if buf.len() < header.frame_len() {
                 return Ok(active);
+            }
+            if let Sink::Through { peer, traffic } = sink {
+                if self.relays_verbatim(&header) {
+                    let frame = &mut buf[..header.frame_len()];
+                    if header.opcode == OpCode::Text && !is_utf8(frame, &header) {
+                        return Err(Ending::BadUtf8(self.side));
+                    }
+                    traffic.messages += 1;
+                    traffic.bytes += header.payload_len as u64;
+                    peer.out.push_verbatim(frame);
+                    buf.advance(header.frame_len());
+                    active = true;
+                    continue;
+                }
             }
             let payload = &mut buf[header.header_len..header.frame_len()];
             if let Some(key) = header.mask {
