@@ -7,7 +7,6 @@
 use std::io::Write;
 use std::net::IpAddr;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one hop or one WebSocket leg, never copied across. (The upstream
@@ -60,44 +59,118 @@ fn named_in_connection(from: &HeaderMap, name: &HeaderName) -> bool {
         })
 }
 
-/// The headers to send upstream for a client's upgrade request.
-pub(crate) fn upstream_request(
-    client: &HeaderMap,
-    client_ip: IpAddr,
-    client_host: Option<&str>,
-    proto: &'static str,
-) -> HeaderMap {
-    let mut out = end_to_end(client);
-    let mut forwarded_for = Vec::with_capacity(48);
-    for prior in client.get_all("x-forwarded-for") {
-        forwarded_for.extend_from_slice(prior.as_bytes());
-        forwarded_for.extend_from_slice(b", ");
-    }
-    // An IP address is digits, dots, colons and hex letters: a valid header value.
-    let _ = write!(forwarded_for, "{client_ip}");
-    out.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(forwarded_for)) {
-        out.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
-    out.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
-    );
-    // The client's own Host value is shared, not copied; an absolute-form target's authority
-    // is copied.
-    let host = client
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| client_host.and_then(|h| HeaderValue::from_str(h).ok()));
-    match host {
-        Some(h) => {
-            out.insert(HeaderName::from_static("x-forwarded-host"), h);
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// What goes upstream besides the client's end-to-end headers.
+pub(crate) struct UpstreamRequest<'a> {
+    /// The client's address, appended to `X-Forwarded-For`.
+    pub(crate) client_ip: IpAddr,
+    /// The authority of an absolute-form target, for `X-Forwarded-Host` when the client sent
+    /// no `Host`.
+    pub(crate) client_host: Option<&'a str>,
+    /// `X-Forwarded-Proto`.
+    pub(crate) proto: &'static str,
+    /// The policy's `req:set_header` calls, in call order: set (`Some`) or remove (`None`).
+    pub(crate) changes: &'a [(HeaderName, Option<HeaderValue>)],
+    /// The subprotocol the policy chose: the only one offered upstream.
+    pub(crate) subprotocol: Option<&'a str>,
+}
+
+impl UpstreamRequest<'_> {
+    /// The header the gateway itself sets, if `name` is one: the forwarded headers and the
+    /// chosen subprotocol. `None` (outer) when the gateway leaves `name` to the client;
+    /// `Some(None)` when it removes it.
+    fn own<'a>(&'a self, name: &HeaderName, client: &'a HeaderMap) -> Option<Option<Own<'a>>> {
+        if *name == header::SEC_WEBSOCKET_PROTOCOL {
+            return self.subprotocol.map(|p| Some(Own::Text(p)));
         }
-        None => {
-            out.remove("x-forwarded-host");
+        if *name == FORWARDED_FOR {
+            Some(Some(Own::ForwardedFor))
+        } else if *name == FORWARDED_PROTO {
+            Some(Some(Own::Text(self.proto)))
+        } else if *name == FORWARDED_HOST {
+            // The client's own Host value, or an absolute-form target's authority.
+            let host = client.get(header::HOST).map(|h| h.as_bytes());
+            Some(host.or(self.client_host.map(str::as_bytes)).map(Own::Bytes))
+        } else {
+            None
         }
     }
-    out
+
+    /// What the upstream gets for `name`, where the gateway or the policy decides it:
+    /// `None` when the client's values go as they are.
+    fn decided<'a>(&'a self, name: &HeaderName, client: &'a HeaderMap) -> Option<Option<Own<'a>>> {
+        if *name == header::SEC_WEBSOCKET_PROTOCOL && self.subprotocol.is_some() {
+            return self.own(name, client);
+        }
+        // The policy's last word on a name wins over the gateway's.
+        match self.changes.iter().rev().find(|(n, _)| n == name) {
+            Some((_, value)) => Some(value.as_ref().map(|v| Own::Bytes(v.as_bytes()))),
+            None => self.own(name, client),
+        }
+    }
+}
+
+/// A value the gateway writes itself.
+enum Own<'a> {
+    Text(&'a str),
+    Bytes(&'a [u8]),
+    /// The client's `X-Forwarded-For` values and its address, joined with ", ".
+    ForwardedFor,
+}
+
+/// Appends the header lines of the upstream request (`name: value\r\n` each): the client's
+/// end-to-end headers, `X-Forwarded-For` (appended to), `X-Forwarded-Proto` and
+/// `X-Forwarded-Host`, then the policy's changes and the chosen subprotocol, which replace
+/// every value of their name. Written straight from the client's headers: no header map.
+/// Hop-by-hop and per-leg headers never appear (the policy cannot set them either), so the
+/// upstream handshake adds its own.
+pub(crate) fn upstream_request(out: &mut Vec<u8>, client: &HeaderMap, extra: &UpstreamRequest<'_>) {
+    let line = |out: &mut Vec<u8>, name: &HeaderName, value: &[u8]| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in end_to_end_iter(client) {
+        if extra.decided(name, client).is_none() {
+            line(out, name, value.as_bytes());
+        }
+    }
+    let own = [
+        FORWARDED_FOR,
+        FORWARDED_PROTO,
+        FORWARDED_HOST,
+        header::SEC_WEBSOCKET_PROTOCOL,
+    ];
+    let changed = extra.changes.iter().map(|(name, _)| name);
+    for (i, name) in own.iter().chain(changed).enumerate() {
+        // Each name once: a name the policy changed twice, or one the gateway also sets,
+        // is written where it first comes.
+        let first = own
+            .iter()
+            .chain(extra.changes.iter().map(|(n, _)| n))
+            .position(|n| n == name);
+        if first != Some(i) {
+            continue;
+        }
+        match extra.decided(name, client) {
+            Some(Some(Own::Text(v))) => line(out, name, v.as_bytes()),
+            Some(Some(Own::Bytes(v))) => line(out, name, v),
+            Some(Some(Own::ForwardedFor)) => {
+                out.extend_from_slice(b"x-forwarded-for: ");
+                for prior in client.get_all(&FORWARDED_FOR) {
+                    out.extend_from_slice(prior.as_bytes());
+                    out.extend_from_slice(b", ");
+                }
+                // An IP address is digits, dots, colons and hex letters: a valid value.
+                let _ = write!(out, "{}\r\n", extra.client_ip);
+            }
+            Some(None) | None => {}
+        }
+    }
 }
 
 /// The upstream's 101 headers that go back to the client (`Set-Cookie`, the chosen
@@ -116,6 +189,33 @@ pub(crate) fn refusal(upstream: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The upstream request's header lines for `client`, read back into a map.
+    fn upstream(
+        client: &HeaderMap,
+        ip: &str,
+        host: Option<&str>,
+        changes: &[(HeaderName, Option<HeaderValue>)],
+        subprotocol: Option<&str>,
+    ) -> HeaderMap {
+        let mut lines = Vec::new();
+        let extra = UpstreamRequest {
+            client_ip: ip.parse().unwrap(),
+            client_host: host,
+            proto: "http",
+            changes,
+            subprotocol,
+        };
+        upstream_request(&mut lines, client, &extra);
+        let text = String::from_utf8(lines).unwrap();
+        let mut out = HeaderMap::new();
+        for line in text.split_terminator("\r\n") {
+            let (name, value) = line.split_once(": ").expect("name: value");
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            out.append(name, HeaderValue::from_str(value).unwrap());
+        }
+        out
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
@@ -143,12 +243,7 @@ mod tests {
             ("cookie", "a=1"),
             ("cookie", "b=2"),
         ]);
-        let out = upstream_request(
-            &client,
-            "10.0.0.9".parse().unwrap(),
-            Some("gw.example"),
-            "http",
-        );
+        let out = upstream(&client, "10.0.0.9", Some("gw.example"), &[], None);
         for gone in [
             "host",
             "connection",
@@ -174,7 +269,44 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
         ]);
-        let out = upstream_request(&client, "3.3.3.3".parse().unwrap(), None, "http");
+        let out = upstream(&client, "3.3.3.3", None, &[], None);
         assert_eq!(out["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
+    }
+
+    #[test]
+    fn the_policy_and_the_chosen_subprotocol_have_the_last_word_once_per_name() {
+        let client = map(&[
+            ("authorization", "Bearer a"),
+            ("x-forwarded-proto", "https"),
+            ("sec-websocket-protocol", "chat, superchat"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("x-kept", "k"),
+        ]);
+        let set = |name: &'static str, value: Option<&'static str>| {
+            (
+                HeaderName::from_static(name),
+                value.map(HeaderValue::from_static),
+            )
+        };
+        let changes = [
+            set("authorization", Some("Bearer b")),
+            set("x-forwarded-proto", Some("custom")),
+            set("cookie", None),
+            set("x-new", Some("1")),
+            set("x-new", Some("2")),
+            set("x-forwarded-host", None),
+        ];
+        let out = upstream(&client, "10.0.0.9", Some("gw"), &changes, Some("chat"));
+        let all = |name: &str| -> Vec<_> { out.get_all(name).iter().collect() };
+        assert_eq!(all("authorization"), ["Bearer b"]);
+        assert_eq!(all("x-forwarded-proto"), ["custom"]);
+        assert!(all("cookie").is_empty());
+        assert_eq!(all("x-new"), ["2"]);
+        assert!(all("x-forwarded-host").is_empty());
+        assert_eq!(all("sec-websocket-protocol"), ["chat"]);
+        assert_eq!(all("x-forwarded-for"), ["10.0.0.9"]);
+        assert_eq!(all("x-kept"), ["k"]);
+        assert_eq!(out.len(), 6);
     }
 }

@@ -264,20 +264,21 @@ async fn upgrade(
             url
         }
     };
-    let mut upstream_headers = headers::upstream_request(&request.headers, peer.ip(), host, "http");
-    for (name, value) in changes.headers {
-        match value {
-            Some(value) => upstream_headers.insert(name, value),
-            None => upstream_headers.remove(name),
-        };
-    }
-    if let Some(chosen) = &changes.subprotocol {
-        // Only the chosen subprotocol is offered upstream.
-        upstream_headers.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_str(chosen).expect("an offered subprotocol is a valid header value"),
-        );
-    }
+    // Only the chosen subprotocol, if the policy chose one, is offered upstream.
+    let extra = headers::UpstreamRequest {
+        client_ip: peer.ip(),
+        client_host: host,
+        proto: "http",
+        changes: &changes.headers,
+        subprotocol: changes.subprotocol.as_deref(),
+    };
+    let size: usize = request
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut upstream_headers = Vec::with_capacity(size + 96);
+    headers::upstream_request(&mut upstream_headers, &request.headers, &extra);
     let tls = shared.tls.get(route.index).and_then(Option::as_ref);
     // The client's key goes upstream too, so the upstream's accept value is the client's.
     // `validate` has checked the key: 24 base64 characters, valid UTF-8.

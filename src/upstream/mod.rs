@@ -180,7 +180,7 @@ pub struct Key<'a> {
 /// timeout.
 pub async fn connect(
     url: &str,
-    headers: HeaderMap,
+    header_lines: Vec<u8>,
     key: Key<'_>,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Connected, UpstreamError> {
@@ -198,7 +198,7 @@ pub async fn connect(
     if !is_header_value(authority) {
         return Err(bad("the host is not a valid header value"));
     }
-    let request = request_head(target, authority, key.key, &headers);
+    let request = request_head(target, authority, key.key, &header_lines);
 
     let addr = || format!("{host}:{port}");
     let tcp = TcpStream::connect((bare_host, port))
@@ -223,7 +223,7 @@ pub async fn connect(
     } else {
         Io::Tcp(tcp)
     };
-    let (headers, pre_read) = handshake(&mut io, &request, key.accept, &headers).await?;
+    let (headers, pre_read) = handshake(&mut io, &request, key.accept, &header_lines).await?;
     Ok(Connected {
         socket: Socket { io, pre_read },
         headers,
@@ -235,32 +235,17 @@ fn is_header_value(s: &str) -> bool {
     s.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
-/// The upgrade request's head, whole, so that it goes out in one write. The per-leg headers
-/// are the gateway's own: any of them in `headers` is left out.
-fn request_head(target: &str, host: &str, key: &str, headers: &HeaderMap) -> Vec<u8> {
-    const PER_LEG: [HeaderName; 5] = [
-        header::HOST,
-        header::UPGRADE,
-        header::CONNECTION,
-        header::SEC_WEBSOCKET_VERSION,
-        header::SEC_WEBSOCKET_KEY,
-    ];
-    let forwarded = || headers.iter().filter(|(name, _)| !PER_LEG.contains(name));
-    let size = forwarded()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum::<usize>();
-    let mut head = Vec::with_capacity(160 + target.len() + host.len() + size);
+/// The upgrade request's head, whole, so that it goes out in one write: the request line,
+/// `Host`, the header `lines` (`name: value\r\n` each, without per-leg headers; see
+/// `proxy::headers::upstream_request`), and the gateway's own per-leg headers.
+fn request_head(target: &str, host: &str, key: &str, lines: &[u8]) -> Vec<u8> {
+    let mut head = Vec::with_capacity(160 + target.len() + host.len() + lines.len());
     head.extend_from_slice(b"GET ");
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     head.extend_from_slice(host.as_bytes());
     head.extend_from_slice(b"\r\n");
-    for (name, value) in forwarded() {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+    head.extend_from_slice(lines);
     head.extend_from_slice(
         b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
           Sec-WebSocket-Key: ",
@@ -276,7 +261,7 @@ async fn handshake<IO>(
     io: &mut IO,
     request: &[u8],
     accept: &str,
-    sent: &HeaderMap,
+    sent: &[u8],
 ) -> Result<(HeaderMap, Bytes), UpstreamError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -295,13 +280,23 @@ where
     }
 }
 
+/// The values of header `name` among header `lines` as they were sent (`name: value\r\n` each).
+fn values_in_lines<'a>(
+    lines: &'a [u8],
+    name: &'a HeaderName,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    lines.split(|b| *b == b'\n').filter_map(move |line| {
+        let line = line.strip_suffix(b"\r")?;
+        let colon = line.iter().position(|b| *b == b':')?;
+        let (n, v) = line.split_at(colon);
+        n.eq_ignore_ascii_case(name.as_str().as_bytes())
+            .then(|| v[1..].trim_ascii())
+    })
+}
+
 /// Checks a 101 against the accept value expected for the key sent and against the
 /// subprotocols offered (RFC 6455 §4.1).
-fn check_accept(
-    headers: &HeaderMap,
-    expected: &str,
-    sent: &HeaderMap,
-) -> Result<(), UpstreamError> {
+fn check_accept(headers: &HeaderMap, expected: &str, sent: &[u8]) -> Result<(), UpstreamError> {
     let accept = headers.get(header::SEC_WEBSOCKET_ACCEPT);
     if accept.map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
         return Err(UpstreamError::BadHandshake(
@@ -310,15 +305,10 @@ fn check_accept(
     }
     if let Some(chosen) = headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
         let chosen = chosen.to_str().unwrap_or("").trim();
-        let was_offered = sent
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .any(|v| {
-                v.to_str()
-                    .unwrap_or("")
-                    .split(',')
-                    .any(|p| p.trim() == chosen)
-            });
+        let was_offered = values_in_lines(sent, &header::SEC_WEBSOCKET_PROTOCOL).any(|v| {
+            v.split(|b| *b == b',')
+                .any(|p| p.trim_ascii() == chosen.as_bytes())
+        });
         if !was_offered {
             return Err(UpstreamError::BadHandshake(format!(
                 "upstream chose subprotocol {chosen:?}, which the client did not offer"
@@ -326,4 +316,16 @@ fn check_accept(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_found_in_header_lines_in_any_case() {
+        let lines = b"x-a: 1\r\nsec-websocket-protocol:  chat \r\nSec-WebSocket-Protocol: b\r\n";
+        let found: Vec<_> = values_in_lines(lines, &header::SEC_WEBSOCKET_PROTOCOL).collect();
+        assert_eq!(found, [&b"chat"[..], b"b"]);
+    }
 }
