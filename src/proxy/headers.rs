@@ -165,10 +165,34 @@ pub(crate) fn upstream_request(out: &mut Vec<u8>, client: &HeaderMap, extra: &Up
                     out.extend_from_slice(prior.as_bytes());
                     out.extend_from_slice(b", ");
                 }
-                // An IP address is digits, dots, colons and hex letters: a valid value.
-                let _ = write!(out, "{}\r\n", extra.client_ip);
+                write_ip(out, extra.client_ip);
+                out.extend_from_slice(b"\r\n");
             }
             Some(None) | None => {}
+        }
+    }
+}
+
+/// Appends `ip` as text: digits, dots, colons and hex letters, a valid header value. An IPv4
+/// address is written by hand, as `Display` costs about 1k instructions.
+fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
         }
     }
 }
@@ -308,5 +332,22 @@ mod tests {
         assert_eq!(all("x-forwarded-for"), ["10.0.0.9"]);
         assert_eq!(all("x-kept"), ["k"]);
         assert_eq!(out.len(), 6);
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.9",
+            "127.0.0.1",
+            "192.168.100.255",
+            "::1",
+            "fe80::1:2",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut out = Vec::new();
+            write_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string().into_bytes());
+        }
     }
 }

@@ -150,13 +150,14 @@ pub(crate) async fn handle(
     }
 }
 
+/// Whether a comma-separated `name` header lists `token` (any case). Bytes, not strings: a
+/// token is ASCII, so no value needs checking as UTF-8 first.
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Checks the RFC 6455 §4.2.1 requirements; returns the client's key.
