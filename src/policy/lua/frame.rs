@@ -415,7 +415,7 @@ impl FrameHooks for LuaFrameHooks {
         let close = {
             let mut call = self.call.borrow_mut();
             call.direction = None;
-            if result.is_ok() {
+            if result.is_ok() && !call.sends.is_empty() {
                 // Drained in place: the vector keeps its capacity for the next call.
                 for (to_client, sent) in call.sends.drain(..) {
                     if to_client {
