@@ -397,10 +397,10 @@ fn masked_frame(first: u8, key: [u8; 4], payload: &[u8], long: bool) -> Vec<u8> 
     frame
 }
 
-/// Whole data frames in a direction without hooks cross byte for byte: a client's frame keeps
-/// the client's masking key on its way upstream (as through HAProxy or NGINX), an upstream's
-/// frame reaches the client unchanged, and a frame whose length was not written in the fewest
-/// bytes is encoded again, minimally, with a key of the gateway's own.
+/// Data frames in a direction without hooks cross byte for byte: a client's frame keeps the
+/// client's masking key on its way upstream (as through HAProxy or NGINX), whole or relayed as
+/// it arrives, an upstream's frame reaches the client unchanged, and a frame whose length was
+/// not written in the fewest bytes is encoded again, minimally, with a key of the gateway's own.
 #[tokio::test]
 async fn whole_frames_cross_byte_for_byte_with_the_clients_masking_key() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -460,9 +460,12 @@ async fn whole_frames_cross_byte_for_byte_with_the_clients_masking_key() {
     let text = masked_frame(0x81, [1, 2, 3, 4], b"hello", false);
     let binary = masked_frame(0x82, [5, 6, 7, 8], &[9, 8, 7], false);
     let long = masked_frame(0x82, [0xAA, 0xBB, 0xCC, 0xDD], &[1, 2, 3, 4, 5], true);
-    let sent = [text.clone(), binary.clone(), long].concat();
+    // Large enough to be relayed as it arrives (cut-through): it keeps its key too.
+    let streamed_payload: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let streamed = masked_frame(0x82, [0x11, 0x22, 0x33, 0x44], &streamed_payload, false);
+    let sent = [text.clone(), binary.clone(), long, streamed.clone()].concat();
     client.write_all(&sent).await.unwrap();
-    let expected = text.len() + binary.len() + 2 + 4 + 5;
+    let expected = text.len() + binary.len() + 2 + 4 + 5 + streamed.len();
     let mut seen = Vec::new();
     within("the client's frames upstream", async {
         while seen.len() < expected {
@@ -494,4 +497,8 @@ async fn whole_frames_cross_byte_for_byte_with_the_clients_masking_key() {
         .map(|(i, b)| b ^ key[i % 4])
         .collect();
     assert_eq!(payload, [1, 2, 3, 4, 5]);
+    assert!(
+        again[11..] == streamed[..],
+        "the streamed frame, with the client's key"
+    );
 }

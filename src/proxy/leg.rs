@@ -61,11 +61,6 @@ struct Fragments {
 struct Streaming {
     /// Payload bytes still to come.
     left: usize,
-    /// The sender's masking key XOR the receiver's (either may be absent): one pass turns the
-    /// bytes as read into the bytes to write.
-    key: Option<[u8; 4]>,
-    /// Payload bytes relayed so far, for the mask position.
-    done: usize,
 }
 
 /// A hook over whole data messages, given with the sender's own outbox (for replies).
@@ -85,13 +80,6 @@ pub(crate) enum Sink<'a> {
     Hooks(&'a mut Hook<'a>),
     /// Nowhere: the connection is closing.
     Discard,
-}
-
-fn combine(a: Option<[u8; 4]>, b: Option<[u8; 4]>) -> Option<[u8; 4]> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some([a[0] ^ b[0], a[1] ^ b[1], a[2] ^ b[2], a[3] ^ b[3]]),
-        (a, b) => a.or(b),
-    }
 }
 
 /// Encoded frames waiting to be written to one leg.
@@ -154,29 +142,19 @@ impl Outbox {
     }
 
     /// Queues the header of a binary frame whose payload follows in [`Outbox::push_chunk`]
-    /// calls; returns the masking key the payload must carry.
-    fn open_binary(&mut self, payload_len: usize) -> Option<[u8; 4]> {
-        let mask = self.mask();
-        frame::encode_header(self.buf(), OpCode::Binary, payload_len, mask);
+    /// calls, with the masking key the sender used (`None` from a server), as in
+    /// [`Outbox::push_verbatim`]: the payload then goes out exactly as it came, with no XOR
+    /// pass.
+    fn open_binary(&mut self, payload_len: usize, sender_mask: Option<[u8; 4]>) {
+        frame::encode_header(self.buf(), OpCode::Binary, payload_len, sender_mask);
         self.open = payload_len;
-        mask
     }
 
-    /// Sends the next payload bytes of the open frame, XORed in place with `key` (the
-    /// sender's and this leg's masking keys combined) from mask position `offset`. They are
-    /// written at once, with whatever is queued before them, straight from the read buffer;
-    /// only what the socket does not take is copied into the queue.
-    fn push_chunk(
-        &mut self,
-        io: &mut Io,
-        cx: &mut Context<'_>,
-        chunk: &mut [u8],
-        key: Option<[u8; 4]>,
-        offset: usize,
-    ) {
-        if let Some(key) = key {
-            frame::apply_mask(chunk, frame::rotate_key(key, offset));
-        }
+    /// Sends the next payload bytes of the open frame, as they came (the frame keeps the
+    /// sender's masking key). They are written at once, with whatever is queued before them,
+    /// straight from the read buffer; only what the socket does not take is copied into the
+    /// queue.
+    fn push_chunk(&mut self, io: &mut Io, cx: &mut Context<'_>, chunk: &[u8]) {
         let open_before = self.open;
         self.open -= chunk.len();
         let queued = &self.buf[self.written..];
@@ -500,14 +478,13 @@ impl Leg {
                 }
                 if let Sink::Through { peer, traffic } = sink {
                     let Leg { io, out, .. } = &mut **peer;
-                    out.push_chunk(io, cx, &mut buf[..n], stream.key, stream.done);
+                    out.push_chunk(io, cx, &buf[..n]);
                     traffic.bytes += n as u64;
                     if n == stream.left {
                         traffic.messages += 1;
                     }
                 }
                 stream.left -= n;
-                stream.done += n;
                 if stream.left == 0 {
                     self.stream = None;
                 }
@@ -523,11 +500,9 @@ impl Leg {
             // A large binary frame goes through as it arrives, whole or not.
             let streams = self.streams(&header, sink);
             if let (true, Sink::Through { peer, .. }) = (streams, &mut *sink) {
-                let out_key = peer.out.open_binary(header.payload_len);
+                peer.out.open_binary(header.payload_len, header.mask);
                 self.stream = Some(Streaming {
                     left: header.payload_len,
-                    key: combine(header.mask, out_key),
-                    done: 0,
                 });
                 buf.advance(header.header_len);
                 continue;
