@@ -238,14 +238,21 @@ async fn vanished_client_closes_the_upstream_with_1001() {
 #[tokio::test]
 async fn invalid_utf8_text_gets_1007() {
     let (_gw, mut client, mut upstream) = pair("").await;
+    // Sent together, so that both arrive in one read: the good message still goes through.
+    client.feed(Message::text("before")).await.unwrap();
     client
-        .send(Message::Frame(Frame::message(
+        .feed(Message::Frame(Frame::message(
             Bytes::from_static(&[0xff, 0xfe, 0x41]),
             OpCode::Data(Data::Text),
             true,
         )))
         .await
         .unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(
+        next_message(&mut upstream).await.unwrap().unwrap(),
+        Message::text("before")
+    );
     let frame = expect_close(&mut client).await;
     assert_eq!(
         (u16::from(frame.code), frame.reason.as_str()),

@@ -57,6 +57,25 @@ struct Fragments {
     data: Vec<u8>,
 }
 
+/// Frames at the start of a read buffer that are relayed byte for byte, by their length.
+#[derive(Clone, Copy)]
+enum Run {
+    /// No whole frame follows them in the buffer.
+    AtEnd(usize),
+    /// Another frame follows: one that is not relayed byte for byte, or a bad header.
+    Before(usize),
+    /// A text frame that is not UTF-8 follows: the leg ends after them.
+    BeforeBadUtf8(usize),
+}
+
+impl Run {
+    fn len(self) -> usize {
+        match self {
+            Run::AtEnd(len) | Run::Before(len) | Run::BeforeBadUtf8(len) => len,
+        }
+    }
+}
+
 /// A large binary frame being relayed as it arrives.
 struct Streaming {
     /// Payload bytes still to come.
@@ -172,6 +191,30 @@ impl Outbox {
             self.head_skip = open_before - sent;
         }
         let rest = &chunk[sent..];
+        if !rest.is_empty() {
+            self.buf().extend_from_slice(rest);
+        }
+    }
+
+    /// Writes `frames` (whole frames, relayed as they came) after whatever is queued, in one
+    /// vectored write straight from the read buffer; only what the socket does not take is
+    /// copied into the queue. Nothing may be open: `frames` start a frame.
+    fn write_through(&mut self, io: &mut Io, cx: &mut Context<'_>, frames: &[u8]) {
+        debug_assert_eq!(self.open, 0, "a streamed frame is open");
+        let queued = &self.buf[self.written..];
+        let slices = [IoSlice::new(queued), IoSlice::new(frames)];
+        let mut sent = 0;
+        if let Poll::Ready(Ok(n)) = Pin::new(&mut *io).poll_write_vectored(cx, &slices) {
+            let from_queue = n.min(queued.len());
+            self.written += from_queue;
+            sent = n - from_queue;
+        }
+        if self.written == self.buf.len() {
+            self.buf.clear();
+            self.written = 0;
+            self.head_skip = 0;
+        }
+        let rest = &frames[sent..];
         if !rest.is_empty() {
             self.buf().extend_from_slice(rest);
         }
@@ -399,6 +442,27 @@ impl Leg {
         Poll::Ready(result)
     }
 
+    /// The frames at the start of `buf` that are relayed byte for byte (see
+    /// [`Leg::relays_verbatim`]; the first one is), counted in `traffic`.
+    fn verbatim_run(&self, buf: &mut BytesMut, traffic: &mut Traffic) -> Run {
+        let mut len = 0;
+        loop {
+            let header = match self.header(&buf[len..]) {
+                Ok(Some(h)) if self.relays_verbatim(&h) && buf.len() - len >= h.frame_len() => h,
+                Ok(Some(h)) if buf.len() - len < h.frame_len() => return Run::AtEnd(len),
+                Ok(None) => return Run::AtEnd(len),
+                _ => return Run::Before(len),
+            };
+            let frame = &mut buf[len..len + header.frame_len()];
+            if header.opcode == OpCode::Text && !is_utf8(frame, &header) {
+                return Run::BeforeBadUtf8(len);
+            }
+            traffic.messages += 1;
+            traffic.bytes += header.payload_len as u64;
+            len += header.frame_len();
+        }
+    }
+
     /// Whether the whole frame `header` starts, in a direction no hook looks at, is relayed
     /// byte for byte: a final data frame outside a fragmented message, its length written in
     /// the fewest bytes. Anything else is unmasked, checked and encoded again.
@@ -512,14 +576,21 @@ impl Leg {
             }
             if let Sink::Through { peer, traffic } = sink {
                 if self.relays_verbatim(&header) {
-                    let frame = &mut buf[..header.frame_len()];
-                    if header.opcode == OpCode::Text && !is_utf8(frame, &header) {
+                    let run = self.verbatim_run(buf, traffic);
+                    let Leg { io, out, .. } = &mut **peer;
+                    match run {
+                        // The run ends the read's whole frames: written out at once.
+                        Run::AtEnd(len) => out.write_through(io, cx, &buf[..len]),
+                        // Other frames follow, or a bad one: queued, to go out first.
+                        Run::Before(len) | Run::BeforeBadUtf8(len) if len > 0 => {
+                            out.push_verbatim(&buf[..len])
+                        }
+                        _ => {}
+                    }
+                    buf.advance(run.len());
+                    if let Run::BeforeBadUtf8(_) = run {
                         return Err(Ending::BadUtf8(self.side));
                     }
-                    traffic.messages += 1;
-                    traffic.bytes += header.payload_len as u64;
-                    peer.out.push_verbatim(frame);
-                    buf.advance(header.frame_len());
                     active = true;
                     continue;
                 }
