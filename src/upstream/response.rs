@@ -24,8 +24,10 @@ const MAX_HEAD: usize = 64 * 1024;
 /// As many headers as hyper accepts by default.
 const MAX_HEADERS: usize = 100;
 
-/// What the socket is asked for at a time: a 101 head and the first frames fit in one read.
-const READ_SIZE: usize = 4 * 1024;
+/// What the socket is asked for at a time: a 101 head is a few hundred bytes, and a longer
+/// one grows the buffer. Just under 1 KiB, for the reason given at the client's head buffer
+/// (`client_http::READ_SIZE`).
+const READ_SIZE: usize = 1000;
 
 /// What is wrong with an upstream's answer to the upgrade request.
 #[derive(Debug, thiserror::Error)]
