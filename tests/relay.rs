@@ -297,6 +297,36 @@ async fn upstream_cut_mid_frame(announced: usize, sent: usize) -> std::net::Sock
     raw_upstream(move |accept| answer_with_cut_frame(accept, announced, sent)).await
 }
 
+/// A raw TCP client that has sent `upgrade_request("/x")` to the gateway at `gw`, and the bytes
+/// that followed the 101 head, read until at least `body_len` of them came.
+async fn raw_upgrade(
+    gw: std::net::SocketAddr,
+    body_len: usize,
+    what: &str,
+) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut raw = tokio::net::TcpStream::connect(gw).await.unwrap();
+    raw.write_all(upgrade_request("/x", "").as_bytes())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    within(what, async {
+        let mut chunk = vec![0u8; 65536];
+        while seen
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .is_none_or(|end| seen.len() < end + 4 + body_len)
+        {
+            let n = raw.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the gateway closed early");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    (raw, seen.split_off(end))
+}
+
 #[tokio::test]
 async fn a_large_frame_is_relayed_before_its_last_byte_arrives() {
     // The upstream sends 20,000 of 100,000 payload bytes with its 101 and then waits: the client gets
@@ -307,28 +337,12 @@ async fn a_large_frame_is_relayed_before_its_last_byte_arrives() {
         "[[route]]\npath = \"/x\"\nupstream = \"ws://{up}/\"\n"
     ))
     .await;
-    let mut raw = tokio::net::TcpStream::connect(gw.local_addr())
-        .await
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    raw.write_all(upgrade_request("/x", "").as_bytes())
-        .await
-        .unwrap();
-    let mut seen = Vec::new();
-    within("the frame's first 20,000 bytes", async {
-        let mut chunk = vec![0u8; 65536];
-        while seen
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .is_none_or(|end| seen.len() < end + 4 + 10 + 20_000)
-        {
-            let n = raw.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "the gateway closed early");
-            seen.extend_from_slice(&chunk[..n]);
-        }
-    })
+    let (_raw, body) = raw_upgrade(
+        gw.local_addr(),
+        10 + 20_000,
+        "the frame's first 20,000 bytes",
+    )
     .await;
-    let body = &seen[seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
     assert_eq!(&body[..2], &[0x82, 127], "an unmasked, final binary frame");
     assert_eq!(u64::from_be_bytes(body[2..10].try_into().unwrap()), 100_000);
     assert!(body[10..].iter().all(|b| *b == 7));
@@ -440,29 +454,13 @@ async fn whole_frames_cross_byte_for_byte_with_the_clients_masking_key() {
         "[[route]]\npath = \"/x\"\nupstream = \"ws://{up}/\"\n"
     ))
     .await;
-    let mut client = tokio::net::TcpStream::connect(gw.local_addr())
-        .await
-        .unwrap();
-    client
-        .write_all(upgrade_request("/x", "").as_bytes())
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    within("the 101 and the upstream's frame", async {
-        let mut chunk = [0u8; 4096];
-        while got
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .is_none_or(|end| got.len() < end + 4 + from_upstream.len())
-        {
-            let n = client.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "the gateway closed early");
-            got.extend_from_slice(&chunk[..n]);
-        }
-    })
+    let (mut client, body) = raw_upgrade(
+        gw.local_addr(),
+        from_upstream.len(),
+        "the 101 and the upstream's frame",
+    )
     .await;
-    let body = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
-    assert_eq!(body, from_upstream, "the upstream's frame, unchanged");
+    assert_eq!(&body[..], from_upstream, "the upstream's frame, unchanged");
 
     let text = masked_frame(0x81, [1, 2, 3, 4], b"hello", false);
     let binary = masked_frame(0x82, [5, 6, 7, 8], &[9, 8, 7], false);

@@ -170,39 +170,33 @@ impl Outbox {
     }
 
     /// Sends the next payload bytes of the open frame, as they came (the frame keeps the
-    /// sender's masking key). They are written at once, with whatever is queued before them,
-    /// straight from the read buffer; only what the socket does not take is copied into the
-    /// queue.
+    /// sender's masking key), straight from the read buffer (see [`Outbox::write_behind`]).
     fn push_chunk(&mut self, io: &mut Io, cx: &mut Context<'_>, chunk: &[u8]) {
         let open_before = self.open;
         self.open -= chunk.len();
-        let queued = &self.buf[self.written..];
-        let slices = [IoSlice::new(queued), IoSlice::new(chunk)];
-        let mut sent = 0;
-        if let Poll::Ready(Ok(n)) = Pin::new(&mut *io).poll_write_vectored(cx, &slices) {
-            let from_queue = n.min(queued.len());
-            self.written += from_queue;
-            sent = n - from_queue;
-        }
-        if self.written == self.buf.len() {
-            self.buf.clear();
-            self.written = 0;
-            // What is left of the frame comes first in the emptied queue.
-            self.head_skip = open_before - sent;
-        }
-        let rest = &chunk[sent..];
-        if !rest.is_empty() {
-            self.buf().extend_from_slice(rest);
-        }
+        self.write_behind(io, cx, chunk, open_before);
     }
 
-    /// Writes `frames` (whole frames, relayed as they came) after whatever is queued, in one
-    /// vectored write straight from the read buffer; only what the socket does not take is
-    /// copied into the queue. Nothing may be open: `frames` start a frame.
+    /// Writes `frames` (whole frames, relayed as they came) straight from the read buffer (see
+    /// [`Outbox::write_behind`]). Nothing may be open: `frames` start a frame.
     fn write_through(&mut self, io: &mut Io, cx: &mut Context<'_>, frames: &[u8]) {
         debug_assert_eq!(self.open, 0, "a streamed frame is open");
+        self.write_behind(io, cx, frames, 0);
+    }
+
+    /// Writes `bytes` after whatever is queued, in one vectored write; only what the socket
+    /// does not take is copied into the queue. `open_from_bytes` counts the bytes, from the
+    /// start of `bytes` on, of a streamed frame still open before them (0 when `bytes` start a
+    /// frame): when the queue empties, what is left of that frame comes first in it.
+    fn write_behind(
+        &mut self,
+        io: &mut Io,
+        cx: &mut Context<'_>,
+        bytes: &[u8],
+        open_from_bytes: usize,
+    ) {
         let queued = &self.buf[self.written..];
-        let slices = [IoSlice::new(queued), IoSlice::new(frames)];
+        let slices = [IoSlice::new(queued), IoSlice::new(bytes)];
         let mut sent = 0;
         if let Poll::Ready(Ok(n)) = Pin::new(&mut *io).poll_write_vectored(cx, &slices) {
             let from_queue = n.min(queued.len());
@@ -212,9 +206,9 @@ impl Outbox {
         if self.written == self.buf.len() {
             self.buf.clear();
             self.written = 0;
-            self.head_skip = 0;
+            self.head_skip = open_from_bytes.saturating_sub(sent);
         }
-        let rest = &frames[sent..];
+        let rest = &bytes[sent..];
         if !rest.is_empty() {
             self.buf().extend_from_slice(rest);
         }
