@@ -91,9 +91,13 @@ impl UpstreamRequest<'_> {
         } else if *name == FORWARDED_PROTO {
             Some(Some(Own::Text(self.proto)))
         } else if *name == FORWARDED_HOST {
-            // The client's own Host value, or an absolute-form target's authority.
+            // The client's own Host value, or an absolute-form target's authority (visible
+            // ASCII, as a header value must be: httparse has checked the request line).
+            let authority = self
+                .client_host
+                .filter(|h| h.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)));
             let host = client.get(header::HOST).map(|h| h.as_bytes());
-            Some(host.or(self.client_host.map(str::as_bytes)).map(Own::Bytes))
+            Some(host.or(authority.map(str::as_bytes)).map(Own::Bytes))
         } else {
             None
         }
