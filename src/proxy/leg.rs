@@ -295,8 +295,6 @@ impl Outbox {
     }
 }
 
-/// Passes one whole data message on to the other leg (hooks get theirs from `Leg::message`;
-/// a closing leg drops it).
 /// Whether the payload of the whole `frame` is UTF-8. A masked payload is unmasked to be
 /// checked, then masked again with its own key, so that the frame is left as it came.
 fn is_utf8(frame: &mut [u8], header: &frame::Header) -> bool {
@@ -310,6 +308,8 @@ fn is_utf8(frame: &mut [u8], header: &frame::Header) -> bool {
     valid
 }
 
+/// Passes one whole data message on to the other leg (hooks get theirs from `Leg::message`;
+/// a closing leg drops it).
 fn pass_through(sink: &mut Sink<'_>, text: bool, payload: &[u8]) {
     if let Sink::Through { peer, traffic } = sink {
         traffic.messages += 1;
