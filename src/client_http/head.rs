@@ -171,10 +171,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
         } else if name == header::CONNECTION {
             // HTTP/1.0 connections are closed after their answer whatever they ask for, so
             // only `close` matters here.
-            close |= value
-                .as_bytes()
-                .split(|b| *b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+            close |= lists_token(value.as_bytes(), b"close");
         }
         headers.append(name, value);
     }
@@ -212,6 +209,14 @@ fn split_target(target: &str) -> Result<(String, Option<String>), BadRequest> {
         }
         _ => Err(bad()),
     }
+}
+
+/// Whether the comma-separated header value `value` lists `token`, in any case (as
+/// `Connection: keep-alive, Upgrade` lists `upgrade`).
+pub(crate) fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|listed| listed.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// A `Content-Length` value: digits only.
@@ -324,6 +329,14 @@ mod tests {
         assert_eq!(&buf[..], b"\r\n\r\n");
         buf.extend_from_slice(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!(parse(&mut buf).unwrap().unwrap().0.path(), "/");
+    }
+
+    #[test]
+    fn tokens_are_found_in_lists_in_any_case() {
+        assert!(lists_token(b"keep-alive, Upgrade", b"upgrade"));
+        assert!(lists_token(b" close ", b"close"));
+        assert!(!lists_token(b"upgrades", b"upgrade"));
+        assert!(!lists_token(b"", b"close"));
     }
 
     #[test]

@@ -10,7 +10,9 @@ mod answer;
 mod head;
 
 pub(crate) use answer::{switching_protocols, Answer};
-pub(crate) use head::{has_empty_line, parse_length, BadRequest, RequestHead, MAX_HEAD};
+pub(crate) use head::{
+    has_empty_line, lists_token, parse_length, BadRequest, RequestHead, MAX_HEAD,
+};
 
 use std::time::Duration;
 

@@ -9,6 +9,8 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::client_http::lists_token;
+
 /// Headers that describe one hop or one WebSocket leg, never copied across. (The upstream
 /// handshake writes its own per-leg headers, with the client's `Sec-WebSocket-Key`.)
 const NEVER_FORWARDED: [HeaderName; 13] = [
@@ -51,12 +53,7 @@ fn end_to_end(from: &HeaderMap) -> HeaderMap {
 fn named_in_connection(from: &HeaderMap, name: &HeaderName) -> bool {
     from.get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|token| {
-            token
-                .trim_ascii()
-                .eq_ignore_ascii_case(name.as_str().as_bytes())
-        })
+        .any(|v| lists_token(v.as_bytes(), name.as_str().as_bytes()))
 }
 
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -79,40 +76,33 @@ pub(crate) struct UpstreamRequest<'a> {
 }
 
 impl UpstreamRequest<'_> {
-    /// The header the gateway itself sets, if `name` is one: the forwarded headers and the
-    /// chosen subprotocol. `None` (outer) when the gateway leaves `name` to the client;
-    /// `Some(None)` when it removes it.
-    fn own<'a>(&'a self, name: &HeaderName, client: &'a HeaderMap) -> Option<Option<Own<'a>>> {
+    /// What the upstream gets for `name` where the gateway or the policy decides it, rather
+    /// than the client: `Some(None)` removes the header, `None` lets the client's values go
+    /// as they are. The chosen subprotocol comes first, then the policy's last word on the
+    /// name, then the forwarded headers.
+    fn decided<'a>(&'a self, name: &HeaderName, client: &'a HeaderMap) -> Option<Option<Own<'a>>> {
         if *name == header::SEC_WEBSOCKET_PROTOCOL {
-            return self.subprotocol.map(|p| Some(Own::Text(p)));
+            if let Some(chosen) = self.subprotocol {
+                return Some(Some(Own::Text(chosen)));
+            }
+        }
+        if let Some((_, value)) = self.changes.iter().rev().find(|(n, _)| n == name) {
+            return Some(value.as_ref().map(|v| Own::Bytes(v.as_bytes())));
         }
         if *name == FORWARDED_FOR {
             Some(Some(Own::ForwardedFor))
         } else if *name == FORWARDED_PROTO {
             Some(Some(Own::Text(self.proto)))
         } else if *name == FORWARDED_HOST {
-            // The client's own Host value, or an absolute-form target's authority (visible
-            // ASCII, as a header value must be: httparse has checked the request line).
-            let authority = self
-                .client_host
-                .filter(|h| h.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)));
-            let host = client.get(header::HOST).map(|h| h.as_bytes());
-            Some(host.or(authority.map(str::as_bytes)).map(Own::Bytes))
+            // The client's own Host value, or an absolute-form target's authority.
+            let host = client.get(header::HOST).map(|h| h.as_bytes()).or_else(|| {
+                self.client_host
+                    .filter(|h| crate::upstream::is_header_value(h))
+                    .map(str::as_bytes)
+            });
+            Some(host.map(Own::Bytes))
         } else {
             None
-        }
-    }
-
-    /// What the upstream gets for `name`, where the gateway or the policy decides it:
-    /// `None` when the client's values go as they are.
-    fn decided<'a>(&'a self, name: &HeaderName, client: &'a HeaderMap) -> Option<Option<Own<'a>>> {
-        if *name == header::SEC_WEBSOCKET_PROTOCOL && self.subprotocol.is_some() {
-            return self.own(name, client);
-        }
-        // The policy's last word on a name wins over the gateway's.
-        match self.changes.iter().rev().find(|(n, _)| n == name) {
-            Some((_, value)) => Some(value.as_ref().map(|v| Own::Bytes(v.as_bytes()))),
-            None => self.own(name, client),
         }
     }
 }
@@ -149,15 +139,11 @@ pub(crate) fn upstream_request(out: &mut Vec<u8>, client: &HeaderMap, extra: &Up
         FORWARDED_HOST,
         header::SEC_WEBSOCKET_PROTOCOL,
     ];
-    let changed = extra.changes.iter().map(|(name, _)| name);
-    for (i, name) in own.iter().chain(changed).enumerate() {
+    let names = || own.iter().chain(extra.changes.iter().map(|(name, _)| name));
+    for (i, name) in names().enumerate() {
         // Each name once: a name the policy changed twice, or one the gateway also sets,
         // is written where it first comes.
-        let first = own
-            .iter()
-            .chain(extra.changes.iter().map(|(n, _)| n))
-            .position(|n| n == name);
-        if first != Some(i) {
+        if names().take(i).any(|earlier| earlier == name) {
             continue;
         }
         match extra.decided(name, client) {

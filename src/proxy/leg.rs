@@ -437,16 +437,12 @@ impl Leg {
     }
 
     /// The frames at the start of `buf` that are relayed byte for byte (see
-    /// [`Leg::relays_verbatim`]; the first one is), counted in `traffic`.
-    fn verbatim_run(&self, buf: &mut BytesMut, traffic: &mut Traffic) -> Run {
+    /// [`Leg::relays_verbatim`]), counted in `traffic`; `first` is the first one's header, a
+    /// whole frame that is.
+    fn verbatim_run(&self, buf: &mut BytesMut, first: frame::Header, traffic: &mut Traffic) -> Run {
         let mut len = 0;
+        let mut header = first;
         loop {
-            let header = match self.header(&buf[len..]) {
-                Ok(Some(h)) if self.relays_verbatim(&h) && buf.len() - len >= h.frame_len() => h,
-                Ok(Some(h)) if buf.len() - len < h.frame_len() => return Run::AtEnd(len),
-                Ok(None) => return Run::AtEnd(len),
-                _ => return Run::Before(len),
-            };
             let frame = &mut buf[len..len + header.frame_len()];
             if header.opcode == OpCode::Text && !is_utf8(frame, &header) {
                 return Run::BeforeBadUtf8(len);
@@ -454,6 +450,12 @@ impl Leg {
             traffic.messages += 1;
             traffic.bytes += header.payload_len as u64;
             len += header.frame_len();
+            header = match self.header(&buf[len..]) {
+                Ok(Some(h)) if self.relays_verbatim(&h) && buf.len() - len >= h.frame_len() => h,
+                Ok(Some(h)) if buf.len() - len < h.frame_len() => return Run::AtEnd(len),
+                Ok(None) => return Run::AtEnd(len),
+                _ => return Run::Before(len),
+            };
         }
     }
 
@@ -570,7 +572,7 @@ impl Leg {
             }
             if let Sink::Through { peer, traffic } = sink {
                 if self.relays_verbatim(&header) {
-                    let run = self.verbatim_run(buf, traffic);
+                    let run = self.verbatim_run(buf, header, traffic);
                     let Leg { io, out, .. } = &mut **peer;
                     match run {
                         // The run ends the read's whole frames: written out at once.

@@ -17,7 +17,7 @@ use super::leg::Leg;
 use super::lifetime::Lifetime;
 use super::relay::Relay;
 use super::{headers, Shared};
-use crate::client_http::{Answer, RequestHead};
+use crate::client_http::{lists_token, Answer, RequestHead};
 use crate::config::Route;
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
@@ -150,14 +150,12 @@ pub(crate) async fn handle(
     }
 }
 
-/// Whether a comma-separated `name` header lists `token` (any case). Bytes, not strings: a
-/// token is ASCII, so no value needs checking as UTF-8 first.
+/// Whether a comma-separated `name` header lists `token` (any case).
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .any(|v| lists_token(v.as_bytes(), token.as_bytes()))
 }
 
 /// Checks the RFC 6455 §4.2.1 requirements; returns the client's key.

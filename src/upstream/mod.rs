@@ -231,7 +231,7 @@ pub async fn connect(
 }
 
 /// Whether `s` can be sent as a header value as it is (visible ASCII, spaces and tabs).
-fn is_header_value(s: &str) -> bool {
+pub(crate) fn is_header_value(s: &str) -> bool {
     s.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 

@@ -560,7 +560,9 @@ impl LuaRoutePolicy {
         let views = &self.vm.sandbox.views;
         let (fields, headers) = {
             let r = req.borrow::<Req>()?;
-            let headers = Rc::new(r.request.headers.kept());
+            // A clone holds no spare room (`Vec::clone` allocates the length, not the
+            // capacity): it may live as long as the connection.
+            let headers = Rc::new(r.request.headers.clone());
             let fields = request_table(lua, views, &r.request, &headers, &r.offered)?;
             (fields, headers)
         };
