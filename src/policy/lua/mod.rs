@@ -74,6 +74,8 @@ pub(crate) struct Vm {
     pub(crate) sandbox: sandbox::Sandbox,
     /// The `req` of every `on_upgrade` call on this VM, refilled for each.
     pub(crate) req: mlua::AnyUserData,
+    /// Makes the kept view that replaces `req.headers` where the call stored it in `ctx`.
+    pub(crate) keep_call_view: Function,
 }
 
 impl Vm {
@@ -193,12 +195,13 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
     })?;
     let req = request::reusable_req(&lua)?;
     let call_headers = request::call_header_functions(&lua, &req)?;
-    let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget, call_headers)?;
+    let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget, &call_headers)?;
     Ok(Vm {
         lua,
         budget,
         sandbox,
         req,
+        keep_call_view: call_headers.keep,
     })
 }
 

@@ -35,8 +35,13 @@ const MANAGED: [&str; 15] = [
     "sec-websocket-accept",
 ];
 
-/// `req`'s fields that are tables, made when first read.
+/// `req`'s fields that are tables, made when first read (`headers` is made for each call).
 const TABLE_FIELDS: [&str; 4] = ["headers", "query", "params", "subprotocols"];
+
+/// `req`'s field table: the `__index` of `req`'s metatable, so that a field it holds is read
+/// without a call into Rust. During a call it holds `headers`, the call's header view; its
+/// own `__index` makes every other field (see [`Req::field`]).
+struct ReqFields(Table);
 
 /// What `req` reads its fields from: the request, copied out of the HTTP layer.
 struct RequestData {
@@ -51,6 +56,9 @@ struct RequestData {
 
 /// `req`: the request's fields plus the methods. A field's Lua value is made the first time
 /// the script reads it (most scripts read one or two), and its tables are read-only views.
+/// `req.headers`, which nearly every upgrade script reads, is made before the call, while
+/// the call's memory limit is not yet set (so Lua makes it without a protected call), and
+/// is read from [`ReqFields`] in Lua.
 struct Req {
     /// Whether an `on_upgrade` call is running: one `req` serves every call of its VM and is
     /// refilled for each, so outside a call it refuses to be used.
@@ -62,6 +70,13 @@ struct Req {
     made: [Option<Table>; 4],
     /// `pairs(req.headers)`'s table, made on its first call.
     all_headers: Option<Table>,
+    /// The table that serves `req`'s fields (see [`ReqFields`]).
+    fields: Table,
+    /// The Lua string `"headers"`, the key of the call's view in `fields`.
+    headers_key: mlua::LuaString,
+    /// The call's headers as kept in `ctx.request.headers`, while the context is frozen: a
+    /// `req.headers` kept in `ctx` becomes a view of them.
+    kept: Option<Rc<HeaderList>>,
     changes: UpgradeChanges,
     rejection: Option<(StatusCode, Bytes, HeaderMap)>,
 }
@@ -121,6 +136,41 @@ impl Req {
         }
     }
 
+    /// The field `key` of `req`, for the `__index` of [`ReqFields`]: every field but the call's
+    /// `headers`, which the field table holds during the call.
+    fn field(&mut self, lua: &Lua, key: Value) -> mlua::Result<Value> {
+        self.usable(lua)?;
+        let Value::String(key) = key else {
+            return Ok(Value::Nil);
+        };
+        let key = key.as_bytes();
+        let r = &self.request;
+        let text = |s: &str| lua.create_string(s).map(Value::String);
+        match &key[..] {
+            b"method" => text("GET"),
+            b"path" => text(&r.path),
+            b"query_string" => text(&r.query),
+            b"client_ip" => text(&r.client_ip.to_string()),
+            b"scheme" => text(r.scheme),
+            b"host" => r.host.as_deref().map_or(Ok(Value::Nil), text),
+            name => {
+                let Some(slot) = TABLE_FIELDS.iter().position(|f| f.as_bytes() == name) else {
+                    return Ok(Value::Nil);
+                };
+                if let Some(made) = &self.made[slot] {
+                    return Ok(Value::Table(made.clone()));
+                }
+                let views = lua
+                    .app_data_ref::<ReadOnlyViews>()
+                    .expect("the sandbox registers its read-only views");
+                let table = field_table(lua, TABLE_FIELDS[slot], r, &self.offered)?;
+                let view = views.req_view(lua, table)?;
+                self.made[slot] = Some(view.clone());
+                Ok(Value::Table(view))
+            }
+        }
+    }
+
     /// Keeps the earliest requested expiry; a time too far away to represent shortens nothing.
     fn shorten(&mut self, at: Option<SystemTime>) {
         if let Some(at) = at {
@@ -131,6 +181,15 @@ impl Req {
 }
 
 impl UserData for Req {
+    fn add_fields<F: mlua::UserDataFields<Self>>(fields: &mut F) {
+        fields.add_meta_field_with(MetaMethod::Index, |lua| {
+            let fields = lua
+                .app_data_ref::<ReqFields>()
+                .expect("reusable_req registers req's field table before making req");
+            Ok(fields.0.clone())
+        });
+    }
+
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method_mut(
             "reject",
@@ -284,44 +343,6 @@ impl UserData for Req {
                 .collect::<mlua::Result<Vec<_>>>()?;
             lua.create_sequence_from(values)
         });
-        methods.add_meta_method_mut(MetaMethod::Index, |lua, this, key: Value| {
-            this.usable(lua)?;
-            let Value::String(key) = key else {
-                return Ok(Value::Nil);
-            };
-            let key = key.as_bytes();
-            let r = &this.request;
-            let text = |s: &str| lua.create_string(s).map(Value::String);
-            match &key[..] {
-                b"method" => text("GET"),
-                b"path" => text(&r.path),
-                b"query_string" => text(&r.query),
-                b"client_ip" => text(&r.client_ip.to_string()),
-                b"scheme" => text(r.scheme),
-                b"host" => r.host.as_deref().map_or(Ok(Value::Nil), text),
-                name => {
-                    let Some(slot) = TABLE_FIELDS.iter().position(|f| f.as_bytes() == name) else {
-                        return Ok(Value::Nil);
-                    };
-                    if let Some(made) = &this.made[slot] {
-                        return Ok(Value::Table(made.clone()));
-                    }
-                    let views = lua
-                        .app_data_ref::<ReadOnlyViews>()
-                        .expect("the sandbox registers its read-only views");
-                    let view = match TABLE_FIELDS[slot] {
-                        "headers" => {
-                            let view = lua.create_table()?;
-                            view.set_metatable(Some(views.call_headers_meta.clone()))?;
-                            view
-                        }
-                        name => views.req_view(lua, field_table(lua, name, r, &this.offered)?)?,
-                    };
-                    this.made[slot] = Some(view.clone());
-                    Ok(Value::Table(view))
-                }
-            }
-        });
         methods.add_meta_method(
             MetaMethod::NewIndex,
             |lua, _, key: Value| -> mlua::Result<()> {
@@ -432,23 +453,44 @@ fn refill(kept: &mut String, with: &str) {
 /// a call makes no userdata and, once the strings have grown, copies the request into room
 /// it already has.
 pub(crate) fn reusable_req(lua: &Lua) -> mlua::Result<AnyUserData> {
-    lua.create_userdata(Req {
+    let fields = lua.create_table()?;
+    lua.set_app_data(ReqFields(fields.clone()));
+    let req = lua.create_userdata(Req {
         open: false,
         request: RequestData::empty(),
         offered: Vec::new(),
         made: Default::default(),
         all_headers: None,
+        fields: fields.clone(),
+        headers_key: lua.create_string("headers")?,
+        kept: None,
         changes: UpgradeChanges::default(),
         rejection: None,
-    })
+    })?;
+    let of = req.clone();
+    let index = lua.create_function(move |lua, (_, key): (Value, Value)| {
+        of.borrow_mut::<Req>()?.field(lua, key)
+    })?;
+    let meta = lua.create_table()?;
+    meta.raw_set("__index", index)?;
+    fields.set_metatable(Some(meta))?;
+    Ok(req)
 }
 
-/// The `__index` and `pairs` functions of the call's header views: they read the headers of
-/// the call that `req` (the VM's one `req`) holds, and refuse use once that call has ended.
+/// The functions of the call's header views: `__index` and `pairs` read the headers of the
+/// call that `req` (the VM's one `req`) holds, and refuse use once that call has ended;
+/// `keep` makes the kept view that replaces the call's view where `ctx` holds it.
+pub(crate) struct CallHeaderFunctions {
+    pub(crate) index: mlua::Function,
+    pub(crate) all: mlua::Function,
+    pub(crate) keep: mlua::Function,
+}
+
+/// Makes the [`CallHeaderFunctions`] of `req`.
 pub(crate) fn call_header_functions(
     lua: &Lua,
     req: &AnyUserData,
-) -> mlua::Result<(mlua::Function, mlua::Function)> {
+) -> mlua::Result<CallHeaderFunctions> {
     let of = req.clone();
     let index = lua.create_function(move |lua, (view, name): (Value, Value)| {
         let req = of.borrow::<Req>()?;
@@ -466,7 +508,16 @@ pub(crate) fn call_header_functions(
         req.all_headers = Some(all.clone());
         Ok(all)
     })?;
-    Ok((index, all))
+    let of = req.clone();
+    let keep = lua.create_function(move |lua, ()| {
+        let headers = of.borrow::<Req>()?.kept.clone();
+        let headers = headers.ok_or_else(|| misuse(lua, "req.headers kept outside a freeze"))?;
+        let views = lua
+            .app_data_ref::<ReadOnlyViews>()
+            .expect("the sandbox registers its read-only views");
+        views.header_view(lua, HeaderSource(headers), "req")
+    })?;
+    Ok(CallHeaderFunctions { index, all, keep })
 }
 
 /// The client's offered subprotocols, in order.
@@ -525,11 +576,21 @@ impl LuaRoutePolicy {
             r.made = Default::default();
             r.all_headers = None;
         }
+        let views = &self.vm.sandbox.views;
         let ctx = lua.create_table()?;
         let mut changes = UpgradeChanges::default();
         let mut call_view = None;
         if let Some(script) = &self.on_upgrade {
-            req.borrow_mut::<Req>()?.open = true;
+            {
+                // Made here, before the call's memory limit is set: Lua then makes tables
+                // without a protected call.
+                let view = lua.create_table()?;
+                view.set_metatable(Some(views.call_headers_meta.clone()))?;
+                let mut r = req.borrow_mut::<Req>()?;
+                r.fields.raw_set(&r.headers_key, &view)?;
+                r.made[0] = Some(view);
+                r.open = true;
+            }
             let result = self
                 .vm
                 .guarded(self.limits, || script.function.call::<Value>((req, &ctx)));
@@ -537,6 +598,7 @@ impl LuaRoutePolicy {
             let (taken, rejection) = {
                 let mut r = req.borrow_mut::<Req>()?;
                 r.open = false;
+                r.fields.raw_set(&r.headers_key, Value::Nil)?;
                 call_view = std::mem::take(&mut r.made)[0].take();
                 r.all_headers = None;
                 (std::mem::take(&mut r.changes), r.rejection.take())
@@ -557,22 +619,22 @@ impl LuaRoutePolicy {
                 hooks: Box::new(PassThrough),
             });
         }
-        let views = &self.vm.sandbox.views;
-        let (fields, headers) = {
-            let r = req.borrow::<Req>()?;
+        let fields = {
+            let mut r = req.borrow_mut::<Req>()?;
             // A clone holds no spare room (`Vec::clone` allocates the length, not the
             // capacity): it may live as long as the connection.
             let headers = Rc::new(r.request.headers.clone());
             let fields = request_table(lua, views, &r.request, &headers, &r.offered)?;
-            (fields, headers)
+            r.kept = Some(headers);
+            fields
         };
         ctx.set("request", fields)?;
-        // A `req.headers` the script kept in `ctx` becomes a kept view of the same headers.
-        let kept = match &call_view {
-            Some(view) => Some((view, views.header_view(lua, HeaderSource(headers), "req")?)),
-            None => None,
-        };
-        let frozen = views.freeze(ctx, "ctx", kept.as_ref().map(|(from, to)| (*from, to)))?;
+        // A `req.headers` the script kept in `ctx` becomes a kept view of the same headers,
+        // made by `keep` if the freeze meets it.
+        let swap = call_view.as_ref().map(|view| (view, &self.vm.keep_call_view));
+        let frozen = views.freeze(ctx, "ctx", swap);
+        req.borrow_mut::<Req>()?.kept = None;
+        let frozen = frozen?;
         let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(self, request.id, frozen)?);
         Ok(UpgradeVerdict::Continue { changes, hooks })
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use mlua::{Function, Lua, Table};
 
 use super::headers::HeaderSource;
+use super::request::CallHeaderFunctions;
 use crate::policy::shared::SharedDict;
 
 const PRELUDE: &str = r#"
@@ -29,6 +30,12 @@ local frozen = setmetatable({}, { __mode = "k" })
 local function freeze(t, what, seen)
   local done = seen[t]
   if done then return done end
+  if done == false then
+    -- The table to swap: its replacement is made now that it is met.
+    done = seen.make()
+    seen[t] = done
+    return done
+  end
   if frozen[t] then return t end
   local view, proxy = {}, {}
   seen[t] = proxy
@@ -136,10 +143,11 @@ end
 G_string.dump = nil
 getmetatable("").__metatable = false
 
--- `from`, when given, is replaced by `to` wherever it occurs in `t`.
-return function(t, what, from, to)
+-- `from`, when given, is replaced by what `make()` returns wherever it occurs in `t`
+-- (`make` is called once, and only if `from` occurs).
+return function(t, what, from, make)
     local seen = {}
-    if from then seen[from] = to end
+    if from then seen[from] = false seen.make = make end
     return freeze(t, what, seen)
   end, header_views, environment,
   frozen, views, req_meta
@@ -173,15 +181,16 @@ impl ReadOnlyViews {
     }
 
     /// The read-only view of `table`; writes raise "`what` is read-only". Where `swap` is
-    /// `(from, to)`, `to` stands for `from` wherever `from` occurs in `table`.
+    /// `(from, make)`, what `make()` returns stands for `from` wherever `from` occurs in
+    /// `table`; `make` is called once, and only if `from` occurs.
     pub(crate) fn freeze(
         &self,
         table: Table,
         what: &str,
-        swap: Option<(&Table, &Table)>,
+        swap: Option<(&Table, &Function)>,
     ) -> mlua::Result<Table> {
         match swap {
-            Some((from, to)) => self.freeze.call((table, what, from, to)),
+            Some((from, make)) => self.freeze.call((table, what, from, make)),
             None => self.freeze.call((table, what)),
         }
     }
@@ -215,7 +224,7 @@ impl Sandbox {
         lua: &Lua,
         dict: Arc<SharedDict>,
         over_budget: Function,
-        call_headers: (Function, Function),
+        call_headers: &CallHeaderFunctions,
     ) -> mlua::Result<Sandbox> {
         let (freeze, header_views, environment, frozen, views, req_meta): (
             Function,
@@ -227,7 +236,7 @@ impl Sandbox {
         ) = lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
         let (lookup, materialise) = super::headers::kept_view_functions(lua)?;
         let (header_view, call_headers_meta): (Function, Table) =
-            header_views.call((lookup, materialise, call_headers.0, call_headers.1))?;
+            header_views.call((lookup, materialise, &call_headers.index, &call_headers.all))?;
         let gw = super::gw::build(lua, dict)?;
         let gw: Table = freeze.call((gw, "gw"))?;
         let print = super::gw::print_function(lua)?;
