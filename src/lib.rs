@@ -39,6 +39,7 @@
 mod client_http;
 pub mod config;
 pub mod gateway;
+pub mod header_fields;
 mod listener;
 pub mod policy;
 pub mod policy_test;

@@ -921,15 +921,17 @@ end
 return function(msg, ctx, conn)
   local ok, err = pcall(function() return ctx.req.path end)
   local mok, merr = pcall(function() return ctx.req:header_values("host") end)
+  local hok, herr = pcall(function() return ctx.req.headers end)
   conn:reply({ kept_path = ctx.path, read = tostring(ok) .. " " .. tostring(err),
-               method = tostring(mok) .. " " .. tostring(merr) })
+               method = tostring(mok) .. " " .. tostring(merr),
+               headers = tostring(hok) .. " " .. tostring(herr) })
   return false
 end
 "#,
     );
     let seen = reply_after_upgrade("/kr", "/kr", &[], &keep, &show).await;
     assert_eq!(seen["kept_path"], "/kr", "{seen}");
-    for field in ["read", "method"] {
+    for field in ["read", "method", "headers"] {
         let text = seen[field].as_str().unwrap();
         assert!(
             text.starts_with("false ")

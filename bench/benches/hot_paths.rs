@@ -10,6 +10,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use framegate::policy::lua::{test_hooks, Engine};
 use framegate::policy::shared::SharedDict;
+use framegate::header_fields::HeaderFields;
 use framegate::policy::{Direction, Outbound, UpgradeRequest, UpgradeVerdict, Verdict};
 use framegate::Config;
 use tokio_tungstenite::tungstenite::Message;
@@ -138,17 +139,14 @@ end"#,
     )
     .expect("valid");
     let policy = engine.route_policy(&config.routes[0]).expect("a policy");
-    let mut headers = http::HeaderMap::new();
-    for (name, value) in [
+    let headers = HeaderFields::from_pairs([
         ("host", "127.0.0.1:19006"),
         ("connection", "Upgrade"),
         ("upgrade", "websocket"),
         ("sec-websocket-version", "13"),
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         ("authorization", "Bearer bench-token"),
-    ] {
-        headers.insert(name, value.parse().expect("valid header"));
-    }
+    ]);
     let request = UpgradeRequest {
         id: 1,
         method: "GET",

@@ -6,7 +6,7 @@
 //! refusing upstream's) is left out, as the body is always sent whole.
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::StatusCode;
 
 /// A final answer to a request that is not upgraded.
@@ -83,13 +83,13 @@ impl Answer {
 /// The 101 that answers an upgrade: `headers` (the upstream's, as forwarded), then the
 /// gateway's own `lines` (`Upgrade`, `Connection`, `Sec-WebSocket-Accept`, …) as name and value.
 pub(crate) fn switching_protocols<'a>(
-    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    headers: impl Iterator<Item = (&'a [u8], &'a [u8])>,
     lines: &[(&str, &str)],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     status_line(&mut out, StatusCode::SWITCHING_PROTOCOLS);
     for (name, value) in headers {
-        header_line(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        header_line(&mut out, name, value);
     }
     for (name, value) in lines {
         header_line(&mut out, name.as_bytes(), value.as_bytes());
@@ -166,10 +166,9 @@ mod tests {
 
     #[test]
     fn the_101_carries_the_headers_given_then_the_gateways() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        let headers = [(&b"set-cookie"[..], &b"a=1"[..])];
         let text = text_of(switching_protocols(
-            headers.iter(),
+            headers.into_iter(),
             &[
                 ("Upgrade", "websocket"),
                 ("Sec-WebSocket-Accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),

@@ -1,12 +1,14 @@
 //! A client's request head, parsed with httparse from the bytes read so far.
 //!
-//! Header values are slices of the bytes read, not copies: the head is parsed once, the bytes
-//! are frozen, and every value shares them. Only what routing, validation and the policy read
-//! is built: the method, the target (as one string), the version and the header map.
+//! Header fields are spans of the bytes read, not copies: the head is parsed once, the bytes
+//! are frozen, and the fields point into them ([`HeaderFields`]). Only what routing,
+//! validation and the policy read is built: the method, the target (as one string), the
+//! version and the fields.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
+
+use crate::header_fields::{self, HeaderFields};
 
 /// A request head may be this long; a longer one is answered with 431.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -63,7 +65,7 @@ pub(crate) struct RequestHead {
     /// The authority of an absolute-form target (`GET http://host/path`).
     authority: Option<String>,
     /// The request headers.
-    pub(crate) headers: HeaderMap,
+    pub(crate) headers: HeaderFields,
     /// The request announces a body (`Transfer-Encoding`, or a `Content-Length` above 0).
     pub(crate) has_body: bool,
     /// The client asked for the connection to end after this request.
@@ -84,8 +86,7 @@ impl RequestHead {
     /// The `Host` header, or the authority of an absolute-form target.
     pub(crate) fn host(&self) -> Option<&str> {
         self.headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
+            .get_str("host")
             .or(self.authority.as_deref())
     }
 
@@ -150,32 +151,31 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
         _ => Version::HTTP_11,
     };
     let (target, authority) = split_target(request.path.unwrap_or("/"))?;
-    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    // httparse has checked every name and value; the fields are their spans in `read`.
+    let headers = HeaderFields::from_spans(read.clone(), header_fields::spans(&read, request.headers));
     let mut close = version == Version::HTTP_10;
     let mut length: Option<u64> = None;
     let mut chunked = false;
-    for h in request.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| malformed(httparse::Error::HeaderName))?;
-        let value = HeaderValue::from_maybe_shared(read.slice_ref(h.value))
-            .map_err(|_| malformed(httparse::Error::HeaderValue))?;
-        if name == header::CONTENT_LENGTH {
-            for part in value.as_bytes().split(|b| *b == b',') {
+    let mut hosts = 0;
+    for (name, value) in headers.iter() {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in value.split(|b| *b == b',') {
                 let n = parse_length(part.trim_ascii()).ok_or(BadRequest::ContentLength)?;
                 if length.replace(n).is_some_and(|prior| prior != n) {
                     return Err(BadRequest::ContentLength);
                 }
             }
-        } else if name == header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             chunked = true;
-        } else if name == header::CONNECTION {
+        } else if name.eq_ignore_ascii_case(b"connection") {
             // HTTP/1.0 connections are closed after their answer whatever they ask for, so
             // only `close` matters here.
-            close |= lists_token(value.as_bytes(), b"close");
+            close |= lists_token(value, b"close");
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
         }
-        headers.append(name, value);
     }
-    match headers.get_all(header::HOST).iter().count() {
+    match hosts {
         0 if version == Version::HTTP_11 && authority.is_none() => {
             return Err(BadRequest::Host("missing Host header"));
         }
@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(head.path(), "/chat/room");
         assert_eq!(head.query(), Some("x=1&y=2"));
         assert_eq!(head.host(), Some("gw.example"));
-        assert_eq!(head.headers["x-custom"], "a b");
+        assert_eq!(head.headers.get("x-custom"), Some(&b"a b"[..]));
         assert!(head.keep_alive());
         assert_eq!(&rest[..], b"\x01\x05hello");
     }

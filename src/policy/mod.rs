@@ -15,6 +15,8 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::header_fields::HeaderFields;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -94,8 +96,8 @@ pub struct UpgradeRequest<'a> {
     pub path: &'a str,
     /// Raw query string, without '?'; empty when there is none.
     pub query: &'a str,
-    /// All request headers.
-    pub headers: &'a HeaderMap,
+    /// All request headers, names as the client sent them.
+    pub headers: &'a HeaderFields,
     /// The route's path placeholders.
     pub params: &'a [(String, String)],
     /// The client's IP address.

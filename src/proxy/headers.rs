@@ -7,58 +7,64 @@
 use std::io::Write;
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::client_http::lists_token;
+use crate::header_fields::HeaderFields;
 
-/// Headers that describe one hop or one WebSocket leg, never copied across. (The upstream
-/// handshake writes its own per-leg headers, with the client's `Sec-WebSocket-Key`.)
-const NEVER_FORWARDED: [HeaderName; 13] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::SEC_WEBSOCKET_KEY,
-    header::SEC_WEBSOCKET_VERSION,
-    header::SEC_WEBSOCKET_EXTENSIONS,
-    header::SEC_WEBSOCKET_ACCEPT,
-];
-
-/// `from` without hop-by-hop, per-leg and `Host`/`Content-Length` headers.
-fn end_to_end_iter(from: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-    from.iter().filter(|(name, _)| {
-        !(NEVER_FORWARDED.contains(name)
-            || *name == header::HOST
-            || *name == header::CONTENT_LENGTH
-            || named_in_connection(from, name))
-    })
+/// Whether `name` (any case) describes one hop or one WebSocket leg, and is never copied
+/// across. (The upstream handshake writes its own per-leg headers, with the client's
+/// `Sec-WebSocket-Key`.) `Host` and `Content-Length` are not copied either: each leg has its
+/// own.
+fn is_never_forwarded(name: &[u8]) -> bool {
+    // Sorted by length first: most names are turned away by their length alone.
+    let candidates: &[&str] = match name.len() {
+        2 => &["te"],
+        4 => &["host"],
+        7 => &["trailer", "upgrade"],
+        10 => &["connection", "keep-alive"],
+        14 => &["content-length"],
+        16 => &["proxy-connection"],
+        17 => &["transfer-encoding", "sec-websocket-key"],
+        18 => &["proxy-authenticate"],
+        19 => &["proxy-authorization"],
+        20 => &["sec-websocket-accept"],
+        21 => &["sec-websocket-version"],
+        24 => &["sec-websocket-extensions"],
+        _ => return false,
+    };
+    candidates
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
 }
 
-/// Copies `from` without hop-by-hop, per-leg and `Host`/`Content-Length` headers.
-fn end_to_end(from: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(from.len() + 3);
-    for (name, value) in end_to_end_iter(from) {
-        out.append(name.clone(), value.clone());
-    }
-    out
+/// `from` without hop-by-hop, per-leg and `Host`/`Content-Length` headers: `(name, value)`,
+/// names as they were sent.
+fn end_to_end_iter(from: &HeaderFields) -> impl Iterator<Item = (&[u8], &[u8])> {
+    // `Connection` makes the headers it names hop-by-hop. It nearly always names only
+    // `Upgrade` (or `keep-alive`), which go anyway, so it is read again per header only when
+    // it names others.
+    let names_others = from.get_all("connection").any(|v| {
+        v.split(|b| *b == b',').any(|token| {
+            let token = token.trim_ascii();
+            !token.is_empty() && !is_never_forwarded(token)
+        })
+    });
+    from.iter().filter(move |(name, _)| {
+        !(is_never_forwarded(name) || names_others && named_in_connection(from, name))
+    })
 }
 
 /// Whether `from`'s `Connection` header names `name` (which makes it hop-by-hop). Read again
 /// for each header rather than collected: there are few of either, and this allocates nothing.
-fn named_in_connection(from: &HeaderMap, name: &HeaderName) -> bool {
-    from.get_all(header::CONNECTION)
-        .iter()
-        .any(|v| lists_token(v.as_bytes(), name.as_str().as_bytes()))
+fn named_in_connection(from: &HeaderFields, name: &[u8]) -> bool {
+    from.get_all("connection").any(|v| lists_token(v, name))
 }
 
-const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED_FOR: &str = "x-forwarded-for";
+const FORWARDED_PROTO: &str = "x-forwarded-proto";
+const FORWARDED_HOST: &str = "x-forwarded-host";
+const PROTOCOL: &str = "sec-websocket-protocol";
 
 /// What goes upstream besides the client's end-to-end headers.
 pub(crate) struct UpstreamRequest<'a> {
@@ -80,22 +86,24 @@ impl UpstreamRequest<'_> {
     /// than the client: `Some(None)` removes the header, `None` lets the client's values go
     /// as they are. The chosen subprotocol comes first, then the policy's last word on the
     /// name, then the forwarded headers.
-    fn decided<'a>(&'a self, name: &HeaderName, client: &'a HeaderMap) -> Option<Option<Own<'a>>> {
-        if *name == header::SEC_WEBSOCKET_PROTOCOL {
+    fn decided<'a>(&'a self, name: &[u8], client: &'a HeaderFields) -> Option<Option<Own<'a>>> {
+        let is = |own: &str| name.eq_ignore_ascii_case(own.as_bytes());
+        if is(PROTOCOL) {
             if let Some(chosen) = self.subprotocol {
                 return Some(Some(Own::Text(chosen)));
             }
         }
-        if let Some((_, value)) = self.changes.iter().rev().find(|(n, _)| n == name) {
+        let changed = self.changes.iter().rev().find(|(n, _)| is(n.as_str()));
+        if let Some((_, value)) = changed {
             return Some(value.as_ref().map(|v| Own::Bytes(v.as_bytes())));
         }
-        if *name == FORWARDED_FOR {
+        if is(FORWARDED_FOR) {
             Some(Some(Own::ForwardedFor))
-        } else if *name == FORWARDED_PROTO {
+        } else if is(FORWARDED_PROTO) {
             Some(Some(Own::Text(self.proto)))
-        } else if *name == FORWARDED_HOST {
+        } else if is(FORWARDED_HOST) {
             // The client's own Host value, or an absolute-form target's authority.
-            let host = client.get(header::HOST).map(|h| h.as_bytes()).or_else(|| {
+            let host = client.get("host").or_else(|| {
                 self.client_host
                     .filter(|h| crate::upstream::is_header_value(h))
                     .map(str::as_bytes)
@@ -121,38 +129,41 @@ enum Own<'a> {
 /// every value of their name. Written straight from the client's headers: no header map.
 /// Hop-by-hop and per-leg headers never appear (the policy cannot set them either), so the
 /// upstream handshake adds its own.
-pub(crate) fn upstream_request(out: &mut Vec<u8>, client: &HeaderMap, extra: &UpstreamRequest<'_>) {
-    let line = |out: &mut Vec<u8>, name: &HeaderName, value: &[u8]| {
-        out.extend_from_slice(name.as_str().as_bytes());
+pub(crate) fn upstream_request(
+    out: &mut Vec<u8>,
+    client: &HeaderFields,
+    extra: &UpstreamRequest<'_>,
+) {
+    let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     };
     for (name, value) in end_to_end_iter(client) {
         if extra.decided(name, client).is_none() {
-            line(out, name, value.as_bytes());
+            line(out, name, value);
         }
     }
-    let own = [
-        FORWARDED_FOR,
-        FORWARDED_PROTO,
-        FORWARDED_HOST,
-        header::SEC_WEBSOCKET_PROTOCOL,
-    ];
-    let names = || own.iter().chain(extra.changes.iter().map(|(name, _)| name));
+    let own = [FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST, PROTOCOL];
+    let names = || {
+        let changed = extra.changes.iter().map(|(name, _)| name.as_str());
+        own.into_iter().chain(changed)
+    };
     for (i, name) in names().enumerate() {
         // Each name once: a name the policy changed twice, or one the gateway also sets,
-        // is written where it first comes.
+        // is written where it first comes. (All of these names are lower case.)
         if names().take(i).any(|earlier| earlier == name) {
             continue;
         }
+        let name = name.as_bytes();
         match extra.decided(name, client) {
             Some(Some(Own::Text(v))) => line(out, name, v.as_bytes()),
             Some(Some(Own::Bytes(v))) => line(out, name, v),
             Some(Some(Own::ForwardedFor)) => {
                 out.extend_from_slice(b"x-forwarded-for: ");
-                for prior in client.get_all(&FORWARDED_FOR) {
-                    out.extend_from_slice(prior.as_bytes());
+                for prior in client.get_all(FORWARDED_FOR) {
+                    out.extend_from_slice(prior);
                     out.extend_from_slice(b", ");
                 }
                 write_ip(out, extra.client_ip);
@@ -189,15 +200,23 @@ fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
 
 /// The upstream's 101 headers that go back to the client (`Set-Cookie`, the chosen
 /// subprotocol…), read where they are: the 101 is written from them directly.
-pub(crate) fn client_response(
-    upstream: &HeaderMap,
-) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+pub(crate) fn client_response(upstream: &HeaderFields) -> impl Iterator<Item = (&[u8], &[u8])> {
     end_to_end_iter(upstream)
 }
 
 /// The upstream's headers on a refused handshake, relayed with its status and body.
-pub(crate) fn refusal(upstream: &HeaderMap) -> HeaderMap {
-    end_to_end(upstream)
+pub(crate) fn refusal(upstream: &HeaderFields) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(upstream.len());
+    for (name, value) in end_to_end_iter(upstream) {
+        // httparse has checked both; a field `http` would not take is left out.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(value),
+        ) {
+            out.append(name, value);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -206,7 +225,7 @@ mod tests {
 
     /// The upstream request's header lines for `client`, read back into a map.
     fn upstream(
-        client: &HeaderMap,
+        client: &HeaderFields,
         ip: &str,
         host: Option<&str>,
         changes: &[(HeaderName, Option<HeaderValue>)],
@@ -231,25 +250,18 @@ mod tests {
         out
     }
 
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (k, v) in pairs {
-            m.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        m
+    fn map(pairs: &[(&str, &str)]) -> HeaderFields {
+        HeaderFields::from_pairs(pairs.iter().copied())
     }
 
     #[test]
     fn strips_hop_by_hop_and_per_leg_headers() {
         let client = map(&[
-            ("host", "gw.example"),
-            ("connection", "Upgrade, X-Private"),
-            ("x-private", "secret"),
+            ("Host", "gw.example"),
+            ("Connection", "Upgrade, X-Private"),
+            ("X-PRIVATE", "secret"),
             ("upgrade", "websocket"),
-            ("sec-websocket-key", "abc"),
+            ("Sec-WebSocket-Key", "abc"),
             ("sec-websocket-version", "13"),
             ("sec-websocket-extensions", "permessage-deflate"),
             ("sec-websocket-protocol", "chat, superchat"),
@@ -278,6 +290,25 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_names_keep_the_case_they_were_sent_in() {
+        let client = map(&[("X-Custom-Thing", "1"), ("cookie", "a=1")]);
+        let extra = UpstreamRequest {
+            client_ip: "10.0.0.9".parse().unwrap(),
+            client_host: None,
+            proto: "http",
+            changes: &[],
+            subprotocol: None,
+        };
+        let mut lines = Vec::new();
+        upstream_request(&mut lines, &client, &extra);
+        let text = String::from_utf8(lines).unwrap();
+        assert!(
+            text.starts_with("X-Custom-Thing: 1\r\ncookie: a=1\r\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn appends_to_existing_forwarded_for() {
         let client = map(&[
             ("x-forwarded-for", "1.1.1.1"),
@@ -290,8 +321,8 @@ mod tests {
     #[test]
     fn the_policy_and_the_chosen_subprotocol_have_the_last_word_once_per_name() {
         let client = map(&[
-            ("authorization", "Bearer a"),
-            ("x-forwarded-proto", "https"),
+            ("Authorization", "Bearer a"),
+            ("X-Forwarded-Proto", "https"),
             ("sec-websocket-protocol", "chat, superchat"),
             ("cookie", "a=1"),
             ("cookie", "b=2"),

@@ -19,6 +19,7 @@ use super::relay::Relay;
 use super::{headers, Shared};
 use crate::client_http::{lists_token, Answer, RequestHead};
 use crate::config::Route;
+use crate::header_fields::HeaderFields;
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
@@ -151,17 +152,16 @@ pub(crate) async fn handle(
 }
 
 /// Whether a comma-separated `name` header lists `token` (any case).
-fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+fn has_token(headers: &HeaderFields, name: &str, token: &str) -> bool {
     headers
         .get_all(name)
-        .iter()
-        .any(|v| lists_token(v.as_bytes(), token.as_bytes()))
+        .any(|v| lists_token(v, token.as_bytes()))
 }
 
 /// Checks the RFC 6455 §4.2.1 requirements; returns the client's key.
-fn validate(request: &RequestHead) -> Result<&HeaderValue, Rejection> {
+fn validate(request: &RequestHead) -> Result<&[u8], Rejection> {
     let headers = &request.headers;
-    if !has_token(headers, header::UPGRADE, "websocket") {
+    if !has_token(headers, "upgrade", "websocket") {
         return Err(Rejection::NotWebSocket);
     }
     if request.method != Method::GET {
@@ -170,7 +170,7 @@ fn validate(request: &RequestHead) -> Result<&HeaderValue, Rejection> {
     if request.version != Version::HTTP_11 {
         return Err(Rejection::BadUpgrade("HTTP/1.1 is required"));
     }
-    if !has_token(headers, header::CONNECTION, "upgrade") {
+    if !has_token(headers, "connection", "upgrade") {
         return Err(Rejection::BadUpgrade(
             "Connection header must include \"Upgrade\"",
         ));
@@ -178,17 +178,13 @@ fn validate(request: &RequestHead) -> Result<&HeaderValue, Rejection> {
     if request.has_body {
         return Err(Rejection::BadUpgrade("an upgrade request has no body"));
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
+    if headers.get("sec-websocket-version") != Some(b"13") {
         return Err(Rejection::Version);
     }
     let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
+        .get("sec-websocket-key")
         .ok_or(Rejection::BadUpgrade("missing Sec-WebSocket-Key"))?;
-    if !is_websocket_key(key.as_bytes()) {
+    if !is_websocket_key(key) {
         return Err(Rejection::BadUpgrade(
             "Sec-WebSocket-Key must be 16 bytes in base64",
         ));
@@ -274,15 +270,15 @@ async fn upgrade(
     let size: usize = request
         .headers
         .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .map(|(n, v)| n.len() + v.len() + 4)
         .sum();
     let mut upstream_headers = Vec::with_capacity(size + 96);
     headers::upstream_request(&mut upstream_headers, &request.headers, &extra);
     let tls = shared.tls.get(route.index).and_then(Option::as_ref);
     // The client's key goes upstream too, so the upstream's accept value is the client's.
     // `validate` has checked the key: 24 base64 characters, valid UTF-8.
-    let key = std::str::from_utf8(client_key.as_bytes()).unwrap_or_default();
-    let accept = derive_accept_key(client_key.as_bytes());
+    let key = std::str::from_utf8(client_key).unwrap_or_default();
+    let accept = derive_accept_key(client_key);
     let key = upstream::Key {
         key,
         accept: &accept,
@@ -315,7 +311,9 @@ async fn upgrade(
     // The policy's choice replaces the upstream's (RFC 6455 allows one subprotocol).
     let chosen = changes.subprotocol.as_deref();
     let forwarded = headers::client_response(&connected.headers)
-        .filter(|(name, _)| chosen.is_none() || **name != header::SEC_WEBSOCKET_PROTOCOL);
+        .filter(|(name, _)| {
+            chosen.is_none() || !name.eq_ignore_ascii_case(b"sec-websocket-protocol")
+        });
     let lines = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),

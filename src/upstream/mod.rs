@@ -17,11 +17,11 @@ pub use tls::client_config;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName};
-use http::{HeaderMap, StatusCode, Uri};
+use http::{StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::header_fields::HeaderFields;
 use response::Answer;
 
 /// The socket under a WebSocket leg: reads and writes go straight to it, without a boxed I/O
@@ -152,7 +152,7 @@ pub struct Refusal {
     /// The upstream's status.
     pub status: StatusCode,
     /// The upstream's headers.
-    pub headers: HeaderMap,
+    pub headers: HeaderFields,
     /// The upstream's body, truncated to 64 KiB (and cut short if the upstream broke off).
     pub body: Bytes,
 }
@@ -162,7 +162,7 @@ pub struct Connected {
     /// The upstream's socket, ready for frames.
     pub socket: Socket,
     /// The upstream's 101 response headers.
-    pub headers: HeaderMap,
+    pub headers: HeaderFields,
 }
 
 /// The WebSocket key to send upstream, and the `Sec-WebSocket-Accept` the upstream must answer.
@@ -262,7 +262,7 @@ async fn handshake<IO>(
     request: &[u8],
     accept: &str,
     sent: &[u8],
-) -> Result<(HeaderMap, Bytes), UpstreamError>
+) -> Result<(HeaderFields, Bytes), UpstreamError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -280,38 +280,34 @@ where
     }
 }
 
-/// The values of header `name` among header `lines` as they were sent (`name: value\r\n` each).
-fn values_in_lines<'a>(
-    lines: &'a [u8],
-    name: &'a HeaderName,
-) -> impl Iterator<Item = &'a [u8]> + 'a {
+/// The values of header `name` (lower case) among header `lines` as they were sent
+/// (`name: value\r\n` each).
+fn values_in_lines<'a>(lines: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
     lines.split(|b| *b == b'\n').filter_map(move |line| {
         let line = line.strip_suffix(b"\r")?;
         let colon = line.iter().position(|b| *b == b':')?;
         let (n, v) = line.split_at(colon);
-        n.eq_ignore_ascii_case(name.as_str().as_bytes())
+        n.eq_ignore_ascii_case(name.as_bytes())
             .then(|| v[1..].trim_ascii())
     })
 }
 
 /// Checks a 101 against the accept value expected for the key sent and against the
 /// subprotocols offered (RFC 6455 §4.1).
-fn check_accept(headers: &HeaderMap, expected: &str, sent: &[u8]) -> Result<(), UpstreamError> {
-    let accept = headers.get(header::SEC_WEBSOCKET_ACCEPT);
-    if accept.map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
+fn check_accept(headers: &HeaderFields, expected: &str, sent: &[u8]) -> Result<(), UpstreamError> {
+    if headers.get("sec-websocket-accept") != Some(expected.as_bytes()) {
         return Err(UpstreamError::BadHandshake(
             "wrong or missing Sec-WebSocket-Accept".into(),
         ));
     }
-    if let Some(chosen) = headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
-        let chosen = chosen.to_str().unwrap_or("").trim();
-        let was_offered = values_in_lines(sent, &header::SEC_WEBSOCKET_PROTOCOL).any(|v| {
-            v.split(|b| *b == b',')
-                .any(|p| p.trim_ascii() == chosen.as_bytes())
-        });
+    if let Some(chosen) = headers.get("sec-websocket-protocol") {
+        let chosen = chosen.trim_ascii();
+        let was_offered = values_in_lines(sent, "sec-websocket-protocol")
+            .any(|v| v.split(|b| *b == b',').any(|p| p.trim_ascii() == chosen));
         if !was_offered {
             return Err(UpstreamError::BadHandshake(format!(
-                "upstream chose subprotocol {chosen:?}, which the client did not offer"
+                "upstream chose subprotocol {:?}, which the client did not offer",
+                String::from_utf8_lossy(chosen)
             )));
         }
     }
@@ -325,7 +321,7 @@ mod tests {
     #[test]
     fn values_are_found_in_header_lines_in_any_case() {
         let lines = b"x-a: 1\r\nsec-websocket-protocol:  chat \r\nSec-WebSocket-Protocol: b\r\n";
-        let found: Vec<_> = values_in_lines(lines, &header::SEC_WEBSOCKET_PROTOCOL).collect();
+        let found: Vec<_> = values_in_lines(lines, "sec-websocket-protocol").collect();
         assert_eq!(found, [&b"chat"[..], b"b"]);
     }
 }

@@ -7,12 +7,12 @@
 //! across reads is tested without sockets; [`read`] only feeds them what the socket gives.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{Refusal, UpstreamError};
 use crate::client_http::{has_empty_line, parse_length};
+use crate::header_fields::{self, HeaderFields, Span};
 
 /// Bodies of refused handshakes are relayed up to this size.
 pub(super) const MAX_REFUSAL_BODY: usize = 64 * 1024;
@@ -53,7 +53,7 @@ pub enum BadResponse {
 #[derive(Debug)]
 pub(super) enum Answer {
     /// 101: its headers, and the bytes read past its head (the start of the first frames).
-    Switching { headers: HeaderMap, rest: Bytes },
+    Switching { headers: HeaderFields, rest: Bytes },
     /// Any other final status, with its body up to [`MAX_REFUSAL_BODY`].
     Refused(Refusal),
 }
@@ -64,29 +64,29 @@ where
     IO: AsyncRead + Unpin,
 {
     let mut buf = BytesMut::with_capacity(READ_SIZE);
-    let head = loop {
-        let head = read_head(io, &mut buf).await?;
-        buf.advance(head.len);
+    let (status, headers) = loop {
+        let Head { status, spans, len } = read_head(io, &mut buf).await?;
         // An HTTP client ignores interim answers such as 100 Continue; the final one follows.
-        if !(head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS) {
-            break head;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            buf.advance(len);
+            continue;
         }
+        // The head's bytes, which its fields point into; the buffer keeps what came after.
+        let head = buf.split_to(len).freeze();
+        break (status, HeaderFields::from_spans(head, spans));
     };
-    if head.status == StatusCode::SWITCHING_PROTOCOLS {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
         let rest = if buf.is_empty() {
             Bytes::new()
         } else {
             buf.freeze()
         };
-        return Ok(Answer::Switching {
-            headers: head.headers,
-            rest,
-        });
+        return Ok(Answer::Switching { headers, rest });
     }
-    let body = read_body(io, buf, framing(head.status, &head.headers)?).await;
+    let body = read_body(io, buf, framing(status, &headers)?).await;
     Ok(Answer::Refused(Refusal {
-        status: head.status,
-        headers: head.headers,
+        status,
+        headers,
         body,
     }))
 }
@@ -95,7 +95,8 @@ where
 #[derive(Debug)]
 struct Head {
     status: StatusCode,
-    headers: HeaderMap,
+    /// Where its fields are at the start of the buffer.
+    spans: Vec<Span>,
     /// Bytes the head takes at the start of the buffer.
     len: usize,
 }
@@ -150,18 +151,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, BadResponse> {
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(BadResponse::Malformed(httparse::Error::Status))?;
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
-    for h in response.headers.iter() {
-        // httparse has checked both already; these conversions only re-state it for `http`.
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| BadResponse::Malformed(httparse::Error::HeaderName))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| BadResponse::Malformed(httparse::Error::HeaderValue))?;
-        headers.append(name, value);
-    }
     Ok(Some(Head {
         status,
-        headers,
+        spans: header_fields::spans(buf, response.headers),
         len,
     }))
 }
@@ -177,14 +169,13 @@ enum Framing {
     UntilEof,
 }
 
-fn framing(status: StatusCode, headers: &HeaderMap) -> Result<Framing, BadResponse> {
+fn framing(status: StatusCode, headers: &HeaderFields) -> Result<Framing, BadResponse> {
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
     }
     let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .get_all("transfer-encoding")
+        .flat_map(|v| v.split(|b| *b == b','))
         .peekable();
     if codings.peek().is_some() {
         // Only a final `chunked` delimits the body; any other coding runs to the end.
@@ -196,8 +187,8 @@ fn framing(status: StatusCode, headers: &HeaderMap) -> Result<Framing, BadRespon
         });
     }
     let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
+    for value in headers.get_all("content-length") {
+        for part in value.split(|b| *b == b',') {
             let n = parse_length(part.trim_ascii()).ok_or(BadResponse::ContentLength)?;
             if length.replace(n).is_some_and(|prior| prior != n) {
                 return Err(BadResponse::ContentLength);
@@ -422,8 +413,8 @@ mod tests {
         match answer(Reads::bytewise(&bytes)).await {
             Ok(Answer::Switching { headers, rest }) => {
                 assert_eq!(
-                    headers["sec-websocket-accept"],
-                    "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+                    headers.get_str("sec-websocket-accept"),
+                    Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
                 );
                 // One byte per read: the head ends the read, the frame is still on the socket.
                 assert!(rest.is_empty());
@@ -462,7 +453,7 @@ mod tests {
         ]))
         .await;
         assert_eq!(r.status, StatusCode::FORBIDDEN);
-        assert_eq!(r.headers["x-reason"], "no");
+        assert_eq!(r.headers.get_str("x-reason"), Some("no"));
         assert_eq!(&r.body[..], b"hello world");
     }
 

@@ -13,12 +13,13 @@
 
 use std::rc::Rc;
 
-use http::HeaderMap;
 use mlua::{AnyUserData, Function, Lua, Table, UserData, Value};
 
+use crate::header_fields::HeaderFields;
+
 /// A request's headers, names (lower case) and values in one buffer. Refilled for each
-/// call, it keeps its room; the values of one name are next to each other, in order, as
-/// [`HeaderMap`] iterates them.
+/// call, it keeps its room. Headers are in the order they came, so the values of a repeated
+/// name need not be next to each other.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct HeaderList {
     bytes: Vec<u8>,
@@ -29,13 +30,15 @@ pub(crate) struct HeaderList {
 
 impl HeaderList {
     /// Replaces the content with `headers`, reusing the room of the last fill.
-    pub(crate) fn fill(&mut self, headers: &HeaderMap) {
+    pub(crate) fn fill(&mut self, headers: &HeaderFields) {
         self.bytes.clear();
         self.spans.clear();
-        for (name, value) in headers {
-            self.bytes.extend_from_slice(name.as_str().as_bytes());
+        for (name, value) in headers.iter() {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(name);
+            self.bytes[start..].make_ascii_lowercase();
             let name_end = self.bytes.len() as u32;
-            self.bytes.extend_from_slice(value.as_bytes());
+            self.bytes.extend_from_slice(value);
             self.spans.push((name_end, self.bytes.len() as u32));
         }
     }
@@ -93,13 +96,11 @@ pub(crate) fn value_of(lua: &Lua, headers: &HeaderList, name: &Value) -> mlua::R
 /// Every header in a plain table (lower-case names, repeated ones joined), for `pairs`.
 pub(crate) fn materialise(lua: &Lua, headers: &HeaderList) -> mlua::Result<Table> {
     let table = lua.create_table_with_capacity(0, headers.spans.len())?;
-    let mut previous: Option<&[u8]> = None;
-    for (name, _) in headers.iter() {
-        // The values of one name are adjacent (see `HeaderList`): the first one joins them all.
-        if previous == Some(name) {
+    for (i, (name, _)) in headers.iter().enumerate() {
+        // The first field of a name joins all its values.
+        if headers.iter().take(i).any(|(earlier, _)| earlier == name) {
             continue;
         }
-        previous = Some(name);
         let key = Value::String(lua.create_string(name)?);
         table.raw_set(&key, value_of(lua, headers, &key)?)?;
     }
@@ -122,17 +123,17 @@ pub(crate) fn kept_view_functions(lua: &Lua) -> mlua::Result<(Function, Function
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn a_list_keeps_every_value_in_order_and_finds_names_in_any_case() {
-        let mut headers = HeaderMap::new();
-        headers.append("x-multi", HeaderValue::from_static("one"));
-        headers.append("host", HeaderValue::from_static("gw"));
-        headers.append("x-multi", HeaderValue::from_static("two"));
-        headers.append("x-empty", HeaderValue::from_static(""));
+        let headers = HeaderFields::from_pairs([
+            ("X-Multi", "one"),
+            ("Host", "gw"),
+            ("x-multi", "two"),
+            ("x-empty", ""),
+        ]);
         let mut list = HeaderList::default();
-        list.fill(&HeaderMap::new());
+        list.fill(&HeaderFields::default());
         list.fill(&headers);
         let values: Vec<_> = list.values(b"X-Multi").collect();
         assert_eq!(values, [&b"one"[..], b"two"]);
@@ -141,6 +142,6 @@ mod tests {
         let kept = list.clone();
         assert_eq!(kept.iter().count(), 4);
         let names: Vec<_> = kept.iter().map(|(n, _)| n).collect();
-        assert_eq!(names, [&b"x-multi"[..], b"x-multi", b"host", b"x-empty"]);
+        assert_eq!(names, [&b"x-multi"[..], b"host", b"x-multi", b"x-empty"]);
     }
 }

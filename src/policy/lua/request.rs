@@ -9,6 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::frame::LuaFrameHooks;
+use crate::header_fields::HeaderFields;
 use super::headers::{materialise, value_of, HeaderList, HeaderSource};
 use super::sandbox::ReadOnlyViews;
 use super::{misuse, LuaRoutePolicy};
@@ -521,12 +522,11 @@ pub(crate) fn call_header_functions(
 }
 
 /// The client's offered subprotocols, in order.
-fn offered_subprotocols(headers: &HeaderMap, offered: &mut Vec<String>) {
+fn offered_subprotocols(headers: &HeaderFields, offered: &mut Vec<String>) {
     offered.clear();
     let names = headers
-        .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .get_all("sec-websocket-protocol")
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|p| !p.is_empty());
