@@ -92,7 +92,9 @@ impl HeaderFields {
 
     fn part(&self, (start, end): (u32, u32)) -> &[u8] {
         // `from_spans` and `from_pairs` only keep spans that fit.
-        self.head.get(start as usize..end as usize).unwrap_or_default()
+        self.head
+            .get(start as usize..end as usize)
+            .unwrap_or_default()
     }
 
     /// How many fields there are (a repeated name counts each time).

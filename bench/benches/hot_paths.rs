@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use framegate::header_fields::HeaderFields;
 use framegate::policy::lua::{test_hooks, Engine};
 use framegate::policy::shared::SharedDict;
-use framegate::header_fields::HeaderFields;
 use framegate::policy::{Direction, Outbound, UpgradeRequest, UpgradeVerdict, Verdict};
 use framegate::Config;
 use tokio_tungstenite::tungstenite::Message;

@@ -85,9 +85,7 @@ impl RequestHead {
 
     /// The `Host` header, or the authority of an absolute-form target.
     pub(crate) fn host(&self) -> Option<&str> {
-        self.headers
-            .get_str("host")
-            .or(self.authority.as_deref())
+        self.headers.get_str("host").or(self.authority.as_deref())
     }
 
     /// Whether the connection may carry another request after this one is answered: an
@@ -152,7 +150,8 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
     };
     let (target, authority) = split_target(request.path.unwrap_or("/"))?;
     // httparse has checked every name and value; the fields are their spans in `read`.
-    let headers = HeaderFields::from_spans(read.clone(), header_fields::spans(&read, request.headers));
+    let headers =
+        HeaderFields::from_spans(read.clone(), header_fields::spans(&read, request.headers));
     let mut close = version == Version::HTTP_10;
     let mut length: Option<u64> = None;
     let mut chunked = false;

@@ -209,10 +209,9 @@ pub(crate) fn refusal(upstream: &HeaderFields) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(upstream.len());
     for (name, value) in end_to_end_iter(upstream) {
         // httparse has checked both; a field `http` would not take is left out.
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name),
-            HeaderValue::from_bytes(value),
-        ) {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
             out.append(name, value);
         }
     }

@@ -310,10 +310,9 @@ async fn upgrade(
 
     // The policy's choice replaces the upstream's (RFC 6455 allows one subprotocol).
     let chosen = changes.subprotocol.as_deref();
-    let forwarded = headers::client_response(&connected.headers)
-        .filter(|(name, _)| {
-            chosen.is_none() || !name.eq_ignore_ascii_case(b"sec-websocket-protocol")
-        });
+    let forwarded = headers::client_response(&connected.headers).filter(|(name, _)| {
+        chosen.is_none() || !name.eq_ignore_ascii_case(b"sec-websocket-protocol")
+    });
     let lines = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),

@@ -9,10 +9,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::frame::LuaFrameHooks;
-use crate::header_fields::HeaderFields;
 use super::headers::{materialise, value_of, HeaderList, HeaderSource};
 use super::sandbox::ReadOnlyViews;
 use super::{misuse, LuaRoutePolicy};
+use crate::header_fields::HeaderFields;
 use crate::policy::{
     FrameHooks, PassThrough, RoutePolicy, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
@@ -631,7 +631,9 @@ impl LuaRoutePolicy {
         ctx.set("request", fields)?;
         // A `req.headers` the script kept in `ctx` becomes a kept view of the same headers,
         // made by `keep` if the freeze meets it.
-        let swap = call_view.as_ref().map(|view| (view, &self.vm.keep_call_view));
+        let swap = call_view
+            .as_ref()
+            .map(|view| (view, &self.vm.keep_call_view));
         let frozen = views.freeze(ctx, "ctx", swap);
         req.borrow_mut::<Req>()?.kept = None;
         let frozen = frozen?;
