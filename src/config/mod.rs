@@ -108,9 +108,11 @@ pub struct Route {
 impl Route {
     /// A short name for logs: the path template, plus the host when there is one.
     pub fn name(&self) -> String {
+        // Made per connection (for its close line), so without `format!`.
+        let path = self.path.as_str();
         match &self.host {
-            Some(h) => format!("{h}{}", self.path),
-            None => self.path.to_string(),
+            Some(h) => [h.as_str(), path].concat(),
+            None => path.to_owned(),
         }
     }
 }

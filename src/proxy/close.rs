@@ -26,13 +26,6 @@ impl Side {
             Side::Upstream => Side::Client,
         }
     }
-
-    fn name(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Upstream => "upstream",
-        }
-    }
 }
 
 /// Who ended the connection.
@@ -176,7 +169,13 @@ impl Ending {
     pub(crate) fn code_and_reason(&self) -> (u16, String) {
         let described = match self {
             Ending::Closed(_, f) => f.clone(),
-            Ending::Gone(side) => return (1006, format!("{} connection dropped", side.name())),
+            Ending::Gone(side) => {
+                let reason = match side {
+                    Side::Client => "client connection dropped",
+                    Side::Upstream => "upstream connection dropped",
+                };
+                return (1006, reason.to_owned());
+            }
             Ending::Protocol(_, detail) => return (1002, detail.clone()),
             _ => self.gateway_frame(),
         };
