@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use mlua::{AnyUserData, Function, Lua, Table, UserData, Value};
 
+use super::unlimited;
 use crate::header_fields::HeaderFields;
 
 /// A request's headers, names (lower case) and values in one buffer. Refilled for each
@@ -71,38 +72,40 @@ pub(crate) struct HeaderSource(pub(crate) Rc<HeaderList>);
 impl UserData for HeaderSource {}
 
 /// The values of header `name` (any case) joined with `", "`, or `nil`.
-pub(crate) fn value_of(lua: &Lua, headers: &HeaderList, name: &Value) -> mlua::Result<Value> {
-    let Value::String(name) = name else {
-        return Ok(Value::Nil);
-    };
-    let name = name.as_bytes();
-    let mut values = headers.values(&name);
+pub(crate) fn value_of(lua: &Lua, headers: &HeaderList, name: &[u8]) -> mlua::Result<Value> {
+    let mut values = headers.values(name);
     let Some(first) = values.next() else {
         return Ok(Value::Nil);
     };
+    // A value is at most a request head long (64 KiB), so it is made outside the call's
+    // memory limit, where mlua makes strings without a protected call.
     match values.next() {
-        None => lua.create_string(first).map(Value::String),
+        None => unlimited(lua, || lua.create_string(first)).map(Value::String),
         Some(second) => {
             let mut joined = [first, b", ", second].concat();
             for v in values {
                 joined.extend_from_slice(b", ");
                 joined.extend_from_slice(v);
             }
-            lua.create_string(joined).map(Value::String)
+            unlimited(lua, || lua.create_string(joined)).map(Value::String)
         }
     }
 }
 
-/// Every header in a plain table (lower-case names, repeated ones joined), for `pairs`.
+/// Every header in a plain table (lower-case names, repeated ones joined), for `pairs`. Like
+/// a value, it is bounded by the head's size and made outside the call's memory limit.
 pub(crate) fn materialise(lua: &Lua, headers: &HeaderList) -> mlua::Result<Table> {
+    unlimited(lua, || all_in_table(lua, headers))
+}
+
+fn all_in_table(lua: &Lua, headers: &HeaderList) -> mlua::Result<Table> {
     let table = lua.create_table_with_capacity(0, headers.spans.len())?;
     for (i, (name, _)) in headers.iter().enumerate() {
         // The first field of a name joins all its values.
         if headers.iter().take(i).any(|(earlier, _)| earlier == name) {
             continue;
         }
-        let key = Value::String(lua.create_string(name)?);
-        table.raw_set(&key, value_of(lua, headers, &key)?)?;
+        table.raw_set(lua.create_string(name)?, value_of(lua, headers, name)?)?;
     }
     Ok(table)
 }
@@ -112,7 +115,10 @@ pub(crate) fn materialise(lua: &Lua, headers: &HeaderList) -> mlua::Result<Table
 pub(crate) fn kept_view_functions(lua: &Lua) -> mlua::Result<(Function, Function)> {
     Ok((
         lua.create_function(|lua, (source, name): (AnyUserData, Value)| {
-            value_of(lua, &source.borrow::<HeaderSource>()?.0, &name)
+            let Value::String(name) = name else {
+                return Ok(Value::Nil);
+            };
+            value_of(lua, &source.borrow::<HeaderSource>()?.0, &name.as_bytes())
         })?,
         lua.create_function(|lua, source: AnyUserData| {
             materialise(lua, &source.borrow::<HeaderSource>()?.0)

@@ -496,7 +496,10 @@ pub(crate) fn call_header_functions(
     let index = lua.create_function(move |lua, (view, name): (Value, Value)| {
         let req = of.borrow::<Req>()?;
         req.call_view(lua, &view)?;
-        value_of(lua, &req.request.headers, &name)
+        let Value::String(name) = name else {
+            return Ok(Value::Nil);
+        };
+        value_of(lua, &req.request.headers, &name.as_bytes())
     })?;
     let of = req.clone();
     let all = lua.create_function(move |lua, view: Value| {
@@ -598,7 +601,8 @@ impl LuaRoutePolicy {
             let (taken, rejection) = {
                 let mut r = req.borrow_mut::<Req>()?;
                 r.open = false;
-                r.fields.raw_set(&r.headers_key, Value::Nil)?;
+                // `fields` keeps this call's `req.headers` until the next call replaces it:
+                // read from a kept `req`, it is a view that refuses use.
                 call_view = std::mem::take(&mut r.made)[0].take();
                 r.all_headers = None;
                 (std::mem::take(&mut r.changes), r.rejection.take())
