@@ -258,7 +258,7 @@ impl<'a> Target<'a> {
             _ => return Err("not a ws:// or wss:// URL"),
         };
         let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-        if !path.bytes().all(|b| b.is_ascii_graphic()) || path.contains('#') {
+        if !path.bytes().all(|b| b.is_ascii_graphic() || b >= 0x80) || path.contains('#') {
             return Err("the path is not a valid request target");
         }
         let path_and_query = match path {
@@ -400,6 +400,7 @@ mod tests {
             "wss://[fe80::1]/",
             "ws://user:pw@host:1234/p",
             "ws://host:/p",
+            "ws://host/caf\u{e9}/%20x",
         ] {
             let uri: http::Uri = url.parse().unwrap();
             let target = Target::of(url).unwrap();
