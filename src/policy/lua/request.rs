@@ -154,6 +154,8 @@ impl Req {
             b"client_ip" => text(&r.client_ip.to_string()),
             b"scheme" => text(r.scheme),
             b"host" => r.host.as_deref().map_or(Ok(Value::Nil), text),
+            // Made before the call (and found in the field table, not here).
+            b"headers" => Ok(self.made[0].clone().map_or(Value::Nil, Value::Table)),
             name => {
                 let Some(slot) = TABLE_FIELDS.iter().position(|f| f.as_bytes() == name) else {
                     return Ok(Value::Nil);
