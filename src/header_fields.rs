@@ -25,6 +25,16 @@ fn offsets(base: &[u8], part: &[u8]) -> Option<(u32, u32)> {
     Some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
 }
 
+/// Whether the field name `name` (any case) is `lower`, given in lower case. Cheaper than
+/// `eq_ignore_ascii_case`, which folds both sides.
+pub(crate) fn is_name(name: &[u8], lower: &str) -> bool {
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower.as_bytes())
+            .all(|(a, b)| a.to_ascii_lowercase() == *b)
+}
+
 /// The spans of the fields httparse found in `base`, in order; `parsed` borrows from `base`.
 pub(crate) fn spans(base: &[u8], parsed: &[httparse::Header<'_>]) -> Vec<Span> {
     parsed
@@ -118,15 +128,13 @@ impl HeaderFields {
     /// order.
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .filter(move |(n, _)| is_name(n, name))
             .map(|(_, v)| v)
     }
 
     /// The value of the first field named `name` (any case).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v)
+        self.iter().find(|(n, _)| is_name(n, name)).map(|(_, v)| v)
     }
 
     /// The value of the first field named `name` as text, if it is visible ASCII (with spaces

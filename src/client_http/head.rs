@@ -8,7 +8,7 @@
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode, Version};
 
-use crate::header_fields::{self, HeaderFields};
+use crate::header_fields::{self, is_name, HeaderFields};
 
 /// A request head may be this long; a longer one is answered with 431.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -157,20 +157,20 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
     let mut chunked = false;
     let mut hosts = 0;
     for (name, value) in headers.iter() {
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if is_name(name, "content-length") {
             for part in value.split(|b| *b == b',') {
                 let n = parse_length(part.trim_ascii()).ok_or(BadRequest::ContentLength)?;
                 if length.replace(n).is_some_and(|prior| prior != n) {
                     return Err(BadRequest::ContentLength);
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if is_name(name, "transfer-encoding") {
             chunked = true;
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if is_name(name, "connection") {
             // HTTP/1.0 connections are closed after their answer whatever they ask for, so
             // only `close` matters here.
             close |= lists_token(value, b"close");
-        } else if name.eq_ignore_ascii_case(b"host") {
+        } else if is_name(name, "host") {
             hosts += 1;
         }
     }

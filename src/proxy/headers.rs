@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::client_http::lists_token;
-use crate::header_fields::HeaderFields;
+use crate::header_fields::{is_name, HeaderFields};
 
 /// Whether `name` (any case) describes one hop or one WebSocket leg, and is never copied
 /// across. (The upstream handshake writes its own per-leg headers, with the client's
@@ -33,9 +33,7 @@ fn is_never_forwarded(name: &[u8]) -> bool {
         24 => &["sec-websocket-extensions"],
         _ => return false,
     };
-    candidates
-        .iter()
-        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
+    candidates.iter().any(|c| is_name(name, c))
 }
 
 /// `from` without hop-by-hop, per-leg and `Host`/`Content-Length` headers: `(name, value)`,
@@ -87,7 +85,7 @@ impl UpstreamRequest<'_> {
     /// as they are. The chosen subprotocol comes first, then the policy's last word on the
     /// name, then the forwarded headers.
     fn decided<'a>(&'a self, name: &[u8], client: &'a HeaderFields) -> Option<Option<Own<'a>>> {
-        let is = |own: &str| name.eq_ignore_ascii_case(own.as_bytes());
+        let is = |own: &str| is_name(name, own);
         if is(PROTOCOL) {
             if let Some(chosen) = self.subprotocol {
                 return Some(Some(Own::Text(chosen)));

@@ -19,7 +19,7 @@ use super::relay::Relay;
 use super::{headers, Shared};
 use crate::client_http::{lists_token, Answer, RequestHead};
 use crate::config::Route;
-use crate::header_fields::HeaderFields;
+use crate::header_fields::{is_name, HeaderFields};
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
@@ -310,9 +310,8 @@ async fn upgrade(
 
     // The policy's choice replaces the upstream's (RFC 6455 allows one subprotocol).
     let chosen = changes.subprotocol.as_deref();
-    let forwarded = headers::client_response(&connected.headers).filter(|(name, _)| {
-        chosen.is_none() || !name.eq_ignore_ascii_case(b"sec-websocket-protocol")
-    });
+    let forwarded = headers::client_response(&connected.headers)
+        .filter(|(name, _)| chosen.is_none() || !is_name(name, "sec-websocket-protocol"));
     let lines = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),

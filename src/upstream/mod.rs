@@ -252,12 +252,19 @@ impl<'a> Target<'a> {
     /// `http::Uri`, which this split agrees with. (Parsing it again with `http::Uri` for each
     /// connection copied it and cost about 1,300 instructions.)
     fn of(url: &'a str) -> Result<Target<'a>, &'static str> {
-        let (secure, rest) = match url.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("wss") => (true, rest),
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("ws") => (false, rest),
+        // Byte searches only: `str`'s pattern searches cost several hundred instructions here.
+        let scheme = |prefix: &str| {
+            url.get(..prefix.len())
+                .filter(|s| s.eq_ignore_ascii_case(prefix))
+                .map(|_| &url[prefix.len()..])
+        };
+        let (secure, rest) = match (scheme("wss://"), scheme("ws://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
             _ => return Err("not a ws:// or wss:// URL"),
         };
-        let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        let end = rest.bytes().position(|b| b == b'/' || b == b'?');
+        let (authority, path) = rest.split_at(end.unwrap_or(rest.len()));
         if !path.bytes().all(|b| b.is_ascii_graphic() || b >= 0x80) || path.contains('#') {
             return Err("the path is not a valid request target");
         }
@@ -267,14 +274,15 @@ impl<'a> Target<'a> {
             path => path.into(),
         };
         // Credentials, if any, are not part of the host.
-        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let at = authority.bytes().rposition(|b| b == b'@');
+        let host_port = at.map_or(authority, |at| &authority[at + 1..]);
         let (host, port) = match host_port.strip_prefix('[') {
             Some(v6) => {
                 let (host, after) = v6.split_once(']').ok_or("unclosed '[' in the host")?;
                 (host, after.strip_prefix(':'))
             }
-            None => match host_port.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
+            None => match host_port.bytes().rposition(|b| b == b':') {
+                Some(colon) => (&host_port[..colon], Some(&host_port[colon + 1..])),
                 None => (host_port, None),
             },
         };
