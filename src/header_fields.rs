@@ -25,6 +25,14 @@ fn offsets(base: &[u8], part: &[u8]) -> Option<(u32, u32)> {
     Some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
 }
 
+/// Whether `value` can be sent as a header value as it is: visible ASCII, spaces and tabs
+/// (the rule of `http::HeaderValue::to_str`).
+pub(crate) fn is_text_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
 /// Whether the field name `name` (any case) is `lower`, given in lower case. Cheaper than
 /// `eq_ignore_ascii_case`, which folds both sides.
 pub(crate) fn is_name(name: &[u8], lower: &str) -> bool {
@@ -69,27 +77,32 @@ impl HeaderFields {
     /// Fields made of `(name, value)` pairs, in order, as they would be sent. Neither names nor
     /// values are checked: this is for tests, benchmarks and other callers of the policy API.
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> HeaderFields {
+        Self::of_bytes(pairs.into_iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+    }
+
+    /// Fields made of `(name, value)` pairs, each name and value next to each other in one
+    /// new buffer.
+    fn of_bytes<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> HeaderFields {
         let mut bytes = Vec::new();
         let mut spans = Vec::new();
         let at = |bytes: &Vec<u8>| u32::try_from(bytes.len()).unwrap_or(u32::MAX);
         for (name, value) in pairs {
             let name_start = at(&bytes);
-            bytes.extend_from_slice(name.as_bytes());
-            let name_end = at(&bytes);
-            bytes.extend_from_slice(b": ");
+            bytes.extend_from_slice(name);
             let value_start = at(&bytes);
-            bytes.extend_from_slice(value.as_bytes());
-            let value_end = at(&bytes);
-            bytes.extend_from_slice(b"\r\n");
+            bytes.extend_from_slice(value);
             spans.push(Span {
-                name: (name_start, name_end),
-                value: (value_start, value_end),
+                name: (name_start, value_start),
+                value: (value_start, at(&bytes)),
             });
         }
-        HeaderFields {
-            head: Bytes::from(bytes),
-            spans,
-        }
+        HeaderFields::from_spans(Bytes::from(bytes), spans)
+    }
+
+    /// A copy holding only the fields' own bytes, for keeping them longer than the head they
+    /// were read from (which holds the rest of the request, and what came after it).
+    pub(crate) fn compact(&self) -> HeaderFields {
+        Self::of_bytes(self.iter())
     }
 
     /// The fields at `spans` in `head` (see [`spans`]). A span that does not fit in `head` is
@@ -132,6 +145,13 @@ impl HeaderFields {
             .map(|(_, v)| v)
     }
 
+    /// The values of the fields named `name`, given in any case, in order.
+    pub fn values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
     /// The value of the first field named `name` (any case).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.iter().find(|(n, _)| is_name(n, name)).map(|(_, v)| v)
@@ -141,10 +161,7 @@ impl HeaderFields {
     /// and tabs), the rule of `http::HeaderValue::to_str`.
     pub fn get_str(&self, name: &str) -> Option<&str> {
         let value = self.get(name)?;
-        let visible = value
-            .iter()
-            .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b));
-        if visible {
+        if is_text_value(value) {
             std::str::from_utf8(value).ok()
         } else {
             None
@@ -195,6 +212,27 @@ mod tests {
             value: (6, 99),
         };
         assert!(HeaderFields::from_spans(Bytes::from(head), vec![bad]).is_empty());
+    }
+
+    #[test]
+    fn a_compact_copy_keeps_every_field_in_order_and_finds_names_in_any_case() {
+        let fields = HeaderFields::from_pairs([
+            ("X-Multi", "one"),
+            ("Host", "gw"),
+            ("x-multi", "two"),
+            ("x-empty", ""),
+        ]);
+        let kept = fields.compact();
+        assert_eq!(
+            kept.values(b"X-MULTI").collect::<Vec<_>>(),
+            [&b"one"[..], b"two"]
+        );
+        assert_eq!(kept.values(b"x-empty").collect::<Vec<_>>(), [&b""[..]]);
+        assert_eq!(kept.values(b"missing").count(), 0);
+        assert_eq!(kept.iter().count(), 4);
+        let names: Vec<_> = kept.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, [&b"X-Multi"[..], b"Host", b"x-multi", b"x-empty"]);
+        assert_eq!(kept.head.len(), "X-MultioneHostgwx-multitwox-empty".len());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 mod answer;
 mod head;
 
-pub(crate) use answer::{switching_protocols, Answer};
+pub(crate) use answer::{header_line, switching_protocols, Answer};
 pub(crate) use head::{
     has_empty_line, lists_token, parse_length, BadRequest, RequestHead, MAX_HEAD,
 };

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::client_http::lists_token;
+use crate::client_http::{header_line, lists_token};
 use crate::header_fields::{is_name, HeaderFields};
 
 /// Whether `name` (any case) describes one hop or one WebSocket leg, and is never copied
@@ -39,18 +39,8 @@ fn is_never_forwarded(name: &[u8]) -> bool {
 /// `from` without hop-by-hop, per-leg and `Host`/`Content-Length` headers: `(name, value)`,
 /// names as they were sent.
 fn end_to_end_iter(from: &HeaderFields) -> impl Iterator<Item = (&[u8], &[u8])> {
-    // `Connection` makes the headers it names hop-by-hop. It nearly always names only
-    // `Upgrade` (or `keep-alive`), which go anyway, so it is read again per header only when
-    // it names others.
-    let names_others = from.get_all("connection").any(|v| {
-        v.split(|b| *b == b',').any(|token| {
-            let token = token.trim_ascii();
-            !token.is_empty() && !is_never_forwarded(token)
-        })
-    });
-    from.iter().filter(move |(name, _)| {
-        !(is_never_forwarded(name) || names_others && named_in_connection(from, name))
-    })
+    from.iter()
+        .filter(|(name, _)| !(is_never_forwarded(name) || named_in_connection(from, name)))
 }
 
 /// Whether `from`'s `Connection` header names `name` (which makes it hop-by-hop). Read again
@@ -132,15 +122,9 @@ pub(crate) fn upstream_request(
     client: &HeaderFields,
     extra: &UpstreamRequest<'_>,
 ) {
-    let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    };
     for (name, value) in end_to_end_iter(client) {
         if extra.decided(name, client).is_none() {
-            line(out, name, value);
+            header_line(out, name, value);
         }
     }
     let own = [FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST, PROTOCOL];
@@ -156,8 +140,8 @@ pub(crate) fn upstream_request(
         }
         let name = name.as_bytes();
         match extra.decided(name, client) {
-            Some(Some(Own::Text(v))) => line(out, name, v.as_bytes()),
-            Some(Some(Own::Bytes(v))) => line(out, name, v),
+            Some(Some(Own::Text(v))) => header_line(out, name, v.as_bytes()),
+            Some(Some(Own::Bytes(v))) => header_line(out, name, v),
             Some(Some(Own::ForwardedFor)) => {
                 out.extend_from_slice(b"x-forwarded-for: ");
                 for prior in client.get_all(FORWARDED_FOR) {

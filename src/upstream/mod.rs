@@ -311,7 +311,7 @@ impl<'a> Target<'a> {
 
 /// Whether `s` can be sent as a header value as it is (visible ASCII, spaces and tabs).
 pub(crate) fn is_header_value(s: &str) -> bool {
-    s.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    crate::header_fields::is_text_value(s.as_bytes())
 }
 
 /// The upgrade request's head, whole, so that it goes out in one write: the request line,

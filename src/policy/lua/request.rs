@@ -9,7 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
 use super::frame::LuaFrameHooks;
-use super::headers::{materialise, value_of, HeaderList, HeaderSource};
+use super::headers::{materialise, value_of, HeaderSource};
 use super::sandbox::ReadOnlyViews;
 use super::{misuse, LuaRoutePolicy};
 use crate::header_fields::HeaderFields;
@@ -48,7 +48,8 @@ struct ReqFields(Table);
 struct RequestData {
     path: String,
     query: String,
-    headers: HeaderList,
+    /// The request's header fields (a clone shares the bytes read, so a call copies none).
+    headers: HeaderFields,
     params: Vec<(String, String)>,
     client_ip: std::net::IpAddr,
     scheme: &'static str,
@@ -77,7 +78,7 @@ struct Req {
     headers_key: mlua::LuaString,
     /// The call's headers as kept in `ctx.request.headers`, while the context is frozen: a
     /// `req.headers` kept in `ctx` becomes a view of them.
-    kept: Option<Rc<HeaderList>>,
+    kept: Option<Rc<HeaderFields>>,
     changes: UpgradeChanges,
     rejection: Option<(StatusCode, Bytes, HeaderMap)>,
 }
@@ -390,7 +391,7 @@ fn request_table(
     lua: &Lua,
     views: &ReadOnlyViews,
     r: &RequestData,
-    headers: &Rc<HeaderList>,
+    headers: &Rc<HeaderFields>,
     offered: &[String],
 ) -> mlua::Result<Table> {
     let t = lua.create_table_with_capacity(0, 10)?;
@@ -415,7 +416,7 @@ impl RequestData {
         RequestData {
             path: String::new(),
             query: String::new(),
-            headers: HeaderList::default(),
+            headers: HeaderFields::default(),
             params: Vec::new(),
             client_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
             scheme: "ws",
@@ -441,7 +442,7 @@ impl RequestData {
                 None => self.params.push((name.clone(), value.clone())),
             }
         }
-        self.headers.fill(request.headers);
+        self.headers = request.headers.clone();
         self.client_ip = request.client_ip;
         self.scheme = request.scheme;
     }
@@ -627,9 +628,9 @@ impl LuaRoutePolicy {
         }
         let fields = {
             let mut r = req.borrow_mut::<Req>()?;
-            // A clone holds no spare room (`Vec::clone` allocates the length, not the
-            // capacity): it may live as long as the connection.
-            let headers = Rc::new(r.request.headers.clone());
+            // Only the fields' own bytes: this may live as long as the connection, and the
+            // request's buffer also holds what the client sent after its head.
+            let headers = Rc::new(r.request.headers.compact());
             let fields = request_table(lua, views, &r.request, &headers, &r.offered)?;
             r.kept = Some(headers);
             fields
