@@ -20,6 +20,11 @@ pub(super) struct Server {
     pub header_read_timeout: Option<Spanned<String>>,
     pub close_timeout: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
+    pub watchdog_timeout: Option<Spanned<String>>,
+    pub max_pending_handshakes: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Spanned<String>>,
+    pub keepalive_timeout: Option<Spanned<String>>,
+    pub keepalive_requests: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
