@@ -149,7 +149,13 @@ async fn requests(
                     NoSlot::Shutdown => unavailable("server shutting down", false),
                 };
                 let bytes = answer.encode(true, request.method == Method::HEAD);
-                finish(stream, &bytes, request.has_body || !rest.is_empty(), timeout).await;
+                finish(
+                    stream,
+                    &bytes,
+                    request.has_body || !rest.is_empty(),
+                    timeout,
+                )
+                .await;
                 return None;
             }
         };

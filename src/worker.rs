@@ -217,7 +217,9 @@ impl Thread {
                 pool: pool.clone(),
             });
             if index == 0 {
-                shared.tracker.spawn_local(sweep_shared_dict(shared.clone()));
+                shared
+                    .tracker
+                    .spawn_local(sweep_shared_dict(shared.clone()));
             }
             for listener in listeners {
                 let listener = match listener
@@ -258,7 +260,12 @@ impl Thread {
 }
 
 /// Serves `stream` on this worker.
-fn adopt(ctx: &Rc<WorkerCtx>, shared: &Arc<Shared>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+fn adopt(
+    ctx: &Rc<WorkerCtx>,
+    shared: &Arc<Shared>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
     let active = ctx.pool.links[ctx.index].active.clone();
     active.fetch_add(1, Ordering::Relaxed);
     let slot = Slot { active };
@@ -321,7 +328,13 @@ pub(crate) fn place(
             adopt(ctx, shared, stream, peer);
         }
     } else {
-        tracing::trace!(from = ctx.index, to = index, mine, least, "connection handed over");
+        tracing::trace!(
+            from = ctx.index,
+            to = index,
+            mine,
+            least,
+            "connection handed over"
+        );
     }
 }
 

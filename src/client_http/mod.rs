@@ -138,10 +138,16 @@ mod tests {
             client
         });
         let mut buf = BytesMut::new();
-        let (head, rest) = read_request(&mut server, &mut buf, None, FIVE, shutdown().cancelled_owned())
-            .await
-            .unwrap()
-            .unwrap();
+        let (head, rest) = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(head.path(), "/a");
         // What came after the head in the same read is returned; later bytes stay unread.
         assert!(b"rest".starts_with(&rest), "{rest:?}");
@@ -154,7 +160,14 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, None, FIVE, shutdown().cancelled_owned()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(matches!(read, Err(ReadError::Timeout(_))), "{read:?}");
 
         let (_client, mut server) = tokio::io::duplex(64);
@@ -172,7 +185,14 @@ mod tests {
         let (_client, mut server) = tokio::io::duplex(64);
         let mut buf = BytesMut::new();
         let idle = Some(Duration::from_secs(1));
-        let read = read_request(&mut server, &mut buf, idle, FIVE, shutdown().cancelled_owned()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            idle,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(matches!(read, Ok(None)), "{read:?}");
 
         // A head that starts within `idle` gets the whole timeout from its first byte.
@@ -185,7 +205,14 @@ mod tests {
             client
         });
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, idle, FIVE, shutdown().cancelled_owned()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            idle,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(matches!(read, Ok(Some(_))), "{read:?}");
         drop(writer.await.unwrap());
 
@@ -208,7 +235,14 @@ mod tests {
         let (client, mut server) = tokio::io::duplex(64);
         drop(client);
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, None, FIVE, shutdown().cancelled_owned()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(matches!(read, Ok(None)), "{read:?}");
 
         let (mut client, mut server) = tokio::io::duplex(64);
@@ -216,7 +250,14 @@ mod tests {
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         drop(client);
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, None, FIVE, shutdown().cancelled_owned()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(matches!(read, Err(ReadError::Closed(16))), "{read:?}");
     }
 
@@ -226,7 +267,14 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         client.write_all(b"\x16\x03\x01\x00").await.unwrap();
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, None, FIVE, shutdown().cancelled_owned()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(
             matches!(read, Err(ReadError::Bad(BadRequest::Malformed(_)))),
             "{read:?}"
@@ -237,7 +285,14 @@ mod tests {
         huge.resize(MAX_HEAD + 100, b'a');
         client.write_all(&huge).await.unwrap();
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, None, FIVE, shutdown().cancelled_owned()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(
             matches!(read, Err(ReadError::Bad(BadRequest::TooLarge))),
             "{read:?}"

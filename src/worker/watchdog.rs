@@ -143,7 +143,10 @@ mod tests {
         while watchdog.is_stalled(1) {
             watchdog.beat(0);
             watchdog.beat(1);
-            assert!(started.elapsed() < Duration::from_secs(5), "never recovered");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "never recovered"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(watchdog.stalled().is_empty());
