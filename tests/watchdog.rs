@@ -124,3 +124,40 @@ async fn shutdown_ends_within_its_grace_while_a_worker_is_stuck() {
         "shutdown took {took:?} with a 500ms grace"
     );
 }
+
+#[test]
+fn check_warns_when_a_cpu_limit_is_near_the_watchdog_timeout() {
+    let dir = TempDir::new("watchdog-check");
+    let spin = dir.write("spin.lua", SPIN);
+    let config = dir.write(
+        "config.toml",
+        &format!(
+            "[server]\nwatchdog_timeout = \"300ms\"\n\n{}{}",
+            route_to(
+                "/spin",
+                "ws://127.0.0.1:9001/",
+                "policy_cpu_limit = \"5s\"",
+                &[(
+                    "on_client_frame",
+                    &format!("{:?}", spin.display().to_string())
+                )]
+            ),
+            route_to("/fine", "ws://127.0.0.1:9001/", "", &[]),
+        ),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_framegate"))
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .env("FRAMEGATE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.contains("policy_cpu_limit is at least half of server.watchdog_timeout"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("route=/spin"), "{stderr}");
+}
