@@ -103,6 +103,9 @@ pub struct Route {
     pub policy_memory_limit: usize,
     /// TLS settings for `wss://` upstreams.
     pub upstream_tls: UpstreamTls,
+    /// Placeholder values may hold `%2F`, `%5C` and `\` (passed on encoded); dot segments are
+    /// refused all the same.
+    pub allow_encoded_slash: bool,
 }
 
 impl Route {
@@ -399,7 +402,11 @@ impl Validator<'_> {
         })?;
         let upstream = self.upstream(&raw.upstream, &path)?;
         let host = match raw.host {
-            Some(h) if h.get_ref().trim().is_empty() || h.get_ref().contains(['/', ' ']) => {
+            Some(h)
+                if h.get_ref().trim().is_empty()
+                    || h.get_ref() == "."
+                    || h.get_ref().contains(['/', ' ']) =>
+            {
                 return Err(self.err(
                     &h,
                     format!("route.host {:?} is not a host name", h.get_ref()),
@@ -416,7 +423,8 @@ impl Validator<'_> {
                     "hosts are matched without their port: write the bare host",
                 ));
             }
-            Some(h) => Some(h.into_inner().to_ascii_lowercase()),
+            // `admin.example.com.` is the same name as `admin.example.com`.
+            Some(h) => Some(crate::route::name_key(h.get_ref())),
             None => None,
         };
         let mime_type = match raw.mime_type {
@@ -520,6 +528,7 @@ impl Validator<'_> {
             handshake_timeout,
             policies,
             upstream_tls,
+            allow_encoded_slash: raw.allow_encoded_slash.unwrap_or(false),
         })
     }
 
