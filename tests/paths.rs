@@ -12,7 +12,12 @@ use tokio::sync::mpsc::error::TryRecvError;
 async fn prefixed_routes(up: SocketAddr, extra: &str) -> framegate::Running {
     gateway(&format!(
         "{}{}",
-        route_to("/api/{*rest}", &format!("ws://{up}/v2/{{rest}}"), extra, &[]),
+        route_to(
+            "/api/{*rest}",
+            &format!("ws://{up}/v2/{{rest}}"),
+            extra,
+            &[]
+        ),
         route_to("/room/{id}", &format!("ws://{up}/rooms/{{id}}"), extra, &[]),
     ))
     .await
@@ -100,7 +105,11 @@ async fn placeholders_cannot_climb_out_of_the_upstream_prefix() {
             "bad request path: the request path climbs above the root with '..'",
         ),
     ] {
-        assert_eq!(ask(addr, target).await, (status, body.to_owned()), "{target}");
+        assert_eq!(
+            ask(addr, target).await,
+            (status, body.to_owned()),
+            "{target}"
+        );
         assert_upstream_untouched(&mut up, target);
     }
 }
@@ -121,12 +130,17 @@ async fn the_upstream_gets_the_normalised_path() {
     ] {
         let (status, body) = ask(addr, target).await;
         assert_eq!(status, 101, "{target}: {body}");
-        let seen = within("upstream request", up.requests.recv()).await.unwrap();
+        let seen = within("upstream request", up.requests.recv())
+            .await
+            .unwrap();
         assert_eq!(seen.uri, upstream_path, "{target}");
     }
     // Resolved to `/room/`, where `{id}` has nothing to take: no route, and no upstream.
     for target in ["/room/x/..", "/api/%2e%2e/room/%2E"] {
-        assert_eq!(ask(addr, target).await, (404, "no route for /room/".to_owned()));
+        assert_eq!(
+            ask(addr, target).await,
+            (404, "no route for /room/".to_owned())
+        );
         assert_upstream_untouched(&mut up, target);
     }
 }
@@ -137,9 +151,15 @@ async fn allow_encoded_slash_lets_encoded_slashes_through_but_never_dot_segments
     let gw = prefixed_routes(up.addr, "allow_encoded_slash = true").await;
     let addr = gw.local_addr();
     assert_eq!(ask(addr, "/api/a%2fb%5Cc").await.0, 101);
-    let seen = within("upstream request", up.requests.recv()).await.unwrap();
+    let seen = within("upstream request", up.requests.recv())
+        .await
+        .unwrap();
     assert_eq!(seen.uri, "/v2/a%2Fb%5Cc");
-    for target in ["/api/..%2F..%2Fadmin", "/api/x%2F..%2F..%2Fadmin", "/room/..%5Cx"] {
+    for target in [
+        "/api/..%2F..%2Fadmin",
+        "/api/x%2F..%2F..%2Fadmin",
+        "/room/..%5Cx",
+    ] {
         let (status, body) = ask(addr, target).await;
         assert_eq!(status, 400, "{target}");
         assert!(body.ends_with("holds a dot segment"), "{target}: {body}");
@@ -192,7 +212,9 @@ async fn host_routes(up: SocketAddr) -> framegate::Running {
 async fn routed_to(up: &mut Upstream, gw: SocketAddr, request: &str) -> support::SeenRequest {
     let (status, _, body) = raw_http(gw, request).await;
     assert_eq!(status, 101, "{request:?}: {body}");
-    within("upstream request", up.requests.recv()).await.unwrap()
+    within("upstream request", up.requests.recv())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

@@ -20,10 +20,10 @@ use super::{headers, Shared};
 use crate::client_http::{lists_token, Answer, RequestHead};
 use crate::config::Route;
 use crate::header_fields::{is_name, HeaderFields};
-use crate::route::RouteError;
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
+use crate::route::RouteError;
 use crate::upstream::{self, Io, Socket, UpstreamError};
 use crate::worker::WorkerCtx;
 

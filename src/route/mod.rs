@@ -142,7 +142,11 @@ impl Router {
     /// Finds the route for `host` (a Host header value, port allowed) and `path` (the raw
     /// request path, no query): normalises the path, matches it, and checks the placeholder
     /// values against the route's `allow_encoded_slash`.
-    pub fn find<'p>(&self, host: Option<&str>, path: &'p str) -> Result<RouteMatch<'p>, RouteError> {
+    pub fn find<'p>(
+        &self,
+        host: Option<&str>,
+        path: &'p str,
+    ) -> Result<RouteMatch<'p>, RouteError> {
         let path = normalize(path)?;
         let found = self
             .find_normal(host, &path)
@@ -365,7 +369,10 @@ mod tests {
             ("/room/a%5cb", PathError::EncodedSlash("id".into())),
             ("/api/x/../../../admin", PathError::AboveRoot),
             ("/api/%zz", PathError::BadPercent),
-            ("/files/..%2F..%2Fadmin", PathError::DotSegment("path".into())),
+            (
+                "/files/..%2F..%2Fadmin",
+                PathError::DotSegment("path".into()),
+            ),
             ("/files/..;/admin", PathError::DotSegment("path".into())),
         ] {
             match r.find(None, path) {
@@ -375,6 +382,9 @@ mod tests {
         }
         // allow_encoded_slash lets an encoded slash through, encoded (in upper case).
         let found = r.find(None, "/files/a%2fb/c").unwrap();
-        assert_eq!(found.route.upstream.render(&found.params), "ws://h/files/a%2Fb/c");
+        assert_eq!(
+            found.route.upstream.render(&found.params),
+            "ws://h/files/a%2Fb/c"
+        );
     }
 }

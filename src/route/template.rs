@@ -193,7 +193,9 @@ fn parse_segment(seg: &str) -> Result<Segment, String> {
         }
         // In the normal form requests are matched in: `%7e` is `~`, `%2f` is `%2F`.
         let normal = super::normalize::decode_unreserved(seg).map_err(|e| match e {
-            super::normalize::PathError::Nul => format!("segment {seg:?}: %00 is refused in requests, so this never matches"),
+            super::normalize::PathError::Nul => {
+                format!("segment {seg:?}: %00 is refused in requests, so this never matches")
+            }
             _ => format!("segment {seg:?}: '%' must be followed by two hex digits"),
         })?;
         if normal == "." || normal == ".." {
