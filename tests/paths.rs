@@ -187,6 +187,30 @@ async fn the_policy_sees_the_normalised_path_and_params() {
     );
 }
 
+/// A value in the upstream's query stays one parameter value: on main `/c/a&tenant=b` gave
+/// the upstream a second `tenant`, ahead of the route's own.
+#[tokio::test]
+async fn a_placeholder_in_the_query_cannot_add_parameters() {
+    let mut up = echo().await;
+    let gw = gateway(&route_to(
+        "/c/{room}",
+        &format!("ws://{}/chat?room={{room}}&tenant=a", up.addr),
+        "",
+        &[],
+    ))
+    .await;
+    assert_eq!(ask(gw.local_addr(), "/c/x&tenant=b?user=ann").await.0, 101);
+    let seen = within("upstream request", up.requests.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.uri, "/chat?room=x%26tenant%3Db&tenant=a&user=ann");
+    // A fragment is no part of a request target: 400, not a cut-short upstream URL.
+    let (status, body) = ask(gw.local_addr(), "/c/x#frag").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.starts_with("bad request target"), "{body}");
+    assert_upstream_untouched(&mut up, "fragment");
+}
+
 /// Routes for `/ws`: any host to `/any`, `admin.example.com` to `/admin`, and a route whose
 /// configured host is written with its trailing dot to `/dotted`.
 async fn host_routes(up: SocketAddr) -> framegate::Running {

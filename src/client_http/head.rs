@@ -199,10 +199,15 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
 
 /// The origin-form target of a request, and the authority if it came in absolute form.
 fn split_target(target: &str) -> Result<(String, Option<String>), BadRequest> {
+    let bad = || BadRequest::Target(target.chars().take(100).collect());
+    // A fragment is never part of a request target (RFC 9112 §3.2); placed into an upstream
+    // URL, it would cut it short.
+    if target.contains('#') {
+        return Err(bad());
+    }
     if target.starts_with('/') {
         return Ok((target.to_owned(), None));
     }
-    let bad = || BadRequest::Target(target.chars().take(100).collect());
     let uri: http::Uri = target.parse().map_err(|_| bad())?;
     match (uri.scheme(), uri.authority()) {
         // RFC 9110 §4.2.4: userinfo in an http(s) URI is an error; it would also be taken
@@ -278,6 +283,8 @@ mod tests {
             "GET * HTTP/1.1\r\n\r\n",
             "GET http://user@gw.example/ HTTP/1.1\r\nHost: gw.example\r\n\r\n",
             "GET http://user:pw@gw.example/ HTTP/1.1\r\n\r\n",
+            "GET /a#b HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /a?x=1#b HTTP/1.1\r\nHost: h\r\n\r\n",
         ] {
             assert!(
                 matches!(parse_str(bad), Err(BadRequest::Target(_))),
