@@ -98,7 +98,9 @@ pub enum TagError {
     #[error("tag key {0:?} must be 1 to {MAX_TAG_KEY} characters of A-Z a-z 0-9 _ . -")]
     BadKey(String),
     /// The value is too long or has a control character.
-    #[error("tag value for {0:?} must be at most {MAX_TAG_VALUE} bytes without control characters")]
+    #[error(
+        "tag value for {0:?} must be at most {MAX_TAG_VALUE} bytes without control characters"
+    )]
     BadValue(String),
     /// The connection already has [`MAX_TAGS`] tags.
     #[error("a connection carries at most {MAX_TAGS} tags")]
@@ -422,8 +424,7 @@ impl Entry {
         f.route.as_deref().is_none_or(|r| r == self.route)
             && f.client_ip.is_none_or(|ip| ip == self.client.ip())
             && f.snapshot.is_none_or(|s| s == self.snapshot)
-            && f
-                .tag
+            && f.tag
                 .as_ref()
                 .is_none_or(|(k, v)| self.tags.get(k) == Some(v.as_str()))
     }
@@ -679,9 +680,11 @@ impl Registry {
             summary: e.summary(),
             request: e.request.clone(),
             ctx: e.ctx.clone().unwrap_or(serde_json::Value::Null),
-            ctx_omitted: e.ctx.as_ref().err().map(|n| {
-                format!("ctx is {n} bytes of JSON, over the {MAX_CTX_JSON}-byte limit")
-            }),
+            ctx_omitted: e
+                .ctx
+                .as_ref()
+                .err()
+                .map(|n| format!("ctx is {n} bytes of JSON, over the {MAX_CTX_JSON}-byte limit")),
         })
     }
 
@@ -761,8 +764,14 @@ mod tests {
         let mut t = Tags::default();
         assert!(matches!(t.insert("", "x"), Err(TagError::BadKey(_))));
         assert!(matches!(t.insert("a:b", "x"), Err(TagError::BadKey(_))));
-        assert!(matches!(t.insert(&"k".repeat(65), "x"), Err(TagError::BadKey(_))));
-        assert!(matches!(t.insert("k", &"v".repeat(257)), Err(TagError::BadValue(_))));
+        assert!(matches!(
+            t.insert(&"k".repeat(65), "x"),
+            Err(TagError::BadKey(_))
+        ));
+        assert!(matches!(
+            t.insert("k", &"v".repeat(257)),
+            Err(TagError::BadValue(_))
+        ));
         assert!(matches!(t.insert("k", "a\nb"), Err(TagError::BadValue(_))));
         for i in 0..MAX_TAGS {
             t.insert(&format!("k{i}"), "v").unwrap();
@@ -798,15 +807,27 @@ mod tests {
         let r = UpgradeRequest::new("GET", "/", many);
         assert!(r.headers_truncated);
         assert!(r.headers.len() <= MAX_HEADERS);
-        assert!(r.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() <= MAX_HEADER_BYTES);
+        assert!(
+            r.headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+                <= MAX_HEADER_BYTES
+        );
     }
 
     #[test]
     fn filters_index_and_guard() {
         let reg = Registry::new();
-        let a = reg.register(conn(3, "/chat", "10.0.0.1:5000", &[("user", "ann")])).unwrap();
-        let b = reg.register(conn(1, "/chat", "10.0.0.2:5000", &[("user", "bob")])).unwrap();
-        let c = reg.register(conn(2, "/feed", "10.0.0.1:6000", &[("user", "ann")])).unwrap();
+        let a = reg
+            .register(conn(3, "/chat", "10.0.0.1:5000", &[("user", "ann")]))
+            .unwrap();
+        let b = reg
+            .register(conn(1, "/chat", "10.0.0.2:5000", &[("user", "bob")]))
+            .unwrap();
+        let c = reg
+            .register(conn(2, "/feed", "10.0.0.1:6000", &[("user", "ann")]))
+            .unwrap();
         assert_eq!(
             reg.register(conn(2, "/x", "10.0.0.9:1", &[])).unwrap_err(),
             RegisterError::DuplicateId(2)
@@ -843,7 +864,9 @@ mod tests {
     #[test]
     fn control_channel_is_bounded() {
         let reg = Registry::new();
-        let mut r = reg.register(conn(7, "/chat", "10.0.0.1:5000", &[])).unwrap();
+        let mut r = reg
+            .register(conn(7, "/chat", "10.0.0.1:5000", &[]))
+            .unwrap();
         let close = Control::Close {
             code: 4000,
             reason: "kicked".into(),
@@ -854,7 +877,10 @@ mod tests {
         assert_eq!(reg.control(7, close.clone()), Err(ControlError::Busy(7)));
         assert_eq!(r.control.try_recv().unwrap(), close);
         reg.control(7, close.clone()).unwrap();
-        assert_eq!(reg.control(8, close.clone()), Err(ControlError::NotFound(8)));
+        assert_eq!(
+            reg.control(8, close.clone()),
+            Err(ControlError::NotFound(8))
+        );
         drop(r.control);
         assert_eq!(reg.control(7, close), Err(ControlError::NotFound(7)));
     }

@@ -102,7 +102,10 @@ impl Reply {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
     fn error(&self) -> String {
-        self.json()["error"].as_str().expect("an error field").to_owned()
+        self.json()["error"]
+            .as_str()
+            .expect("an error field")
+            .to_owned()
     }
 }
 
@@ -242,7 +245,10 @@ async fn token_is_required_everywhere_else() {
         .await;
         assert_eq!(wrong.status, 401, "{method} {path} with a wrong token");
         let basic = request(a.addr, method, path, &[("authorization", TOKEN)], "").await;
-        assert_eq!(basic.status, 401, "{method} {path} without the Bearer scheme");
+        assert_eq!(
+            basic.status, 401,
+            "{method} {path} without the Bearer scheme"
+        );
     }
     assert_eq!(a.call("GET", "/admin/connections").await.status, 200);
     assert_eq!(a.call("GET", "/no/such/path").await.status, 404);
@@ -259,34 +265,75 @@ async fn listing_filters_and_detail() {
     let a = admin(Some(TOKEN)).await;
     let c1 = a.register(1, "/chat", "10.0.0.1:5000", &[("user", "ann")]);
     let _c2 = a.register(2, "/chat", "10.0.0.2:5000", &[("user", "bob")]);
-    let _c3 = a.register(3, "/feed", "10.0.0.1:6000", &[("user", "ann"), ("team", "red")]);
+    let _c3 = a.register(
+        3,
+        "/feed",
+        "10.0.0.1:6000",
+        &[("user", "ann"), ("team", "red")],
+    );
     c1.stats.message(Direction::ClientToUpstream, 11);
     c1.stats.message(Direction::UpstreamToClient, 5);
     c1.stats.message(Direction::UpstreamToClient, 6);
 
     assert_eq!(ids(&a.call("GET", "/admin/connections").await), [1, 2, 3]);
-    assert_eq!(ids(&a.call("GET", "/admin/connections?route=/chat").await), [1, 2]);
-    assert_eq!(ids(&a.call("GET", "/admin/connections?client_ip=10.0.0.1").await), [1, 3]);
-    assert_eq!(ids(&a.call("GET", "/admin/connections?tag=user:ann").await), [1, 3]);
-    assert_eq!(ids(&a.call("GET", "/admin/connections?tag=team:red&route=/feed").await), [3]);
-    assert_eq!(ids(&a.call("GET", "/admin/connections?snapshot=1&limit=2").await), [1, 2]);
-    assert_eq!(ids(&a.call("GET", "/admin/connections?snapshot=9").await), Vec::<u64>::new());
+    assert_eq!(
+        ids(&a.call("GET", "/admin/connections?route=/chat").await),
+        [1, 2]
+    );
+    assert_eq!(
+        ids(&a.call("GET", "/admin/connections?client_ip=10.0.0.1").await),
+        [1, 3]
+    );
+    assert_eq!(
+        ids(&a.call("GET", "/admin/connections?tag=user:ann").await),
+        [1, 3]
+    );
+    assert_eq!(
+        ids(&a
+            .call("GET", "/admin/connections?tag=team:red&route=/feed")
+            .await),
+        [3]
+    );
+    assert_eq!(
+        ids(&a.call("GET", "/admin/connections?snapshot=1&limit=2").await),
+        [1, 2]
+    );
+    assert_eq!(
+        ids(&a.call("GET", "/admin/connections?snapshot=9").await),
+        Vec::<u64>::new()
+    );
     let page = a.call("GET", "/admin/connections?limit=1").await;
     assert_eq!(page.json()["matched"], 3);
 
-    let list = a.call("GET", "/admin/connections?route=%2Fchat&limit=1").await.json();
+    let list = a
+        .call("GET", "/admin/connections?route=%2Fchat&limit=1")
+        .await
+        .json();
     let c = &list["connections"][0];
     assert_eq!(c["client"], "10.0.0.1:5000");
     assert_eq!(c["upstream"], "ws://10.1.1.1:9001/chat");
     assert_eq!(c["snapshot"], 1);
     assert_eq!(c["tags"], json!({"user": "ann"}));
-    assert_eq!(c["messages"], json!({"client_to_upstream": 1, "upstream_to_client": 2}));
-    assert_eq!(c["bytes"], json!({"client_to_upstream": 11, "upstream_to_client": 11}));
+    assert_eq!(
+        c["messages"],
+        json!({"client_to_upstream": 1, "upstream_to_client": 2})
+    );
+    assert_eq!(
+        c["bytes"],
+        json!({"client_to_upstream": 11, "upstream_to_client": 11})
+    );
     assert!(c["opened_at"].as_str().unwrap().ends_with('Z'));
     assert!(c["expires_at"].is_null());
     assert!(c.get("request").is_none(), "the listing stays small");
 
-    for bad in ["limit=0", "limit=x", "client_ip=ann", "tag=user", "snapshot=-1", "color=red"] {
+    for bad in [
+        "limit=0",
+        "limit=x",
+        "client_ip=ann",
+        "tag=user",
+        "snapshot=-1",
+        "color=red",
+    ] {
         let r = a.call("GET", &format!("/admin/connections?{bad}")).await;
         assert_eq!(r.status, 400, "{bad}");
         assert!(!r.error().is_empty());
@@ -299,15 +346,25 @@ async fn listing_filters_and_detail() {
     let d = d.json();
     assert_eq!(d["id"], 1);
     assert_eq!(d["ctx"]["claims"]["sub"], "ann");
-    assert_eq!(d["request"]["target"], "/chat?room=7&access_token=<redacted>");
-    assert_eq!(d["request"]["headers"][1], json!(["Authorization", "<redacted>"]));
+    assert_eq!(
+        d["request"]["target"],
+        "/chat?room=7&access_token=<redacted>"
+    );
+    assert_eq!(
+        d["request"]["headers"][1],
+        json!(["Authorization", "<redacted>"])
+    );
 
     assert_eq!(a.call("GET", "/admin/connections/99").await.status, 404);
     let r = a.call("GET", "/admin/connections/abc").await;
     assert_eq!(r.status, 400);
     assert!(r.error().contains("not a number"));
     drop(c1);
-    assert_eq!(a.call("GET", "/admin/connections/1").await.status, 404, "gone with its guard");
+    assert_eq!(
+        a.call("GET", "/admin/connections/1").await.status,
+        404,
+        "gone with its guard"
+    );
 }
 
 #[tokio::test]
@@ -317,34 +374,66 @@ async fn kick_one_and_by_tag() {
     let mut c2 = a.register(2, "/chat", "10.0.0.2:5000", &[("user", "bob")]);
     let mut c3 = a.register(3, "/feed", "10.0.0.3:5000", &[("user", "ann")]);
 
-    let r = a.call("DELETE", "/admin/connections/2?code=4000&reason=kicked").await;
+    let r = a
+        .call("DELETE", "/admin/connections/2?code=4000&reason=kicked")
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json(), json!({"id": 2, "code": 4000, "reason": "kicked"}));
     let got = within("the close", c2.control.recv()).await.unwrap();
-    assert_eq!(got, Control::Close { code: 4000, reason: "kicked".into() });
+    assert_eq!(
+        got,
+        Control::Close {
+            code: 4000,
+            reason: "kicked".into()
+        }
+    );
 
     let r = a.call("DELETE", "/admin/connections/2").await;
     assert_eq!(r.json()["code"], 1008, "default code");
     assert_eq!(
         c2.control.try_recv().unwrap(),
-        Control::Close { code: 1008, reason: "closed by admin".into() }
+        Control::Close {
+            code: 1008,
+            reason: "closed by admin".into()
+        }
     );
 
-    for bad in ["code=1006", "code=1005", "code=5000", "code=abc", "code=4000&x=1"] {
-        let r = a.call("DELETE", &format!("/admin/connections/2?{bad}")).await;
+    for bad in [
+        "code=1006",
+        "code=1005",
+        "code=5000",
+        "code=abc",
+        "code=4000&x=1",
+    ] {
+        let r = a
+            .call("DELETE", &format!("/admin/connections/2?{bad}"))
+            .await;
         assert_eq!(r.status, 400, "{bad}: {:?}", r.body);
     }
     let long = "r".repeat(124);
-    let r = a.call("DELETE", &format!("/admin/connections/2?reason={long}")).await;
+    let r = a
+        .call("DELETE", &format!("/admin/connections/2?reason={long}"))
+        .await;
     assert_eq!(r.status, 400);
     assert!(r.error().contains("123"), "{}", r.error());
-    assert!(c2.control.try_recv().is_err(), "nothing queued by refused requests");
+    assert!(
+        c2.control.try_recv().is_err(),
+        "nothing queued by refused requests"
+    );
     assert_eq!(a.call("DELETE", "/admin/connections/42").await.status, 404);
     assert_eq!(a.call("DELETE", "/admin/connections/x1").await.status, 400);
 
-    let r = a.call("DELETE", "/admin/connections?tag=user:ann&code=4001&reason=bye").await;
+    let r = a
+        .call(
+            "DELETE",
+            "/admin/connections?tag=user:ann&code=4001&reason=bye",
+        )
+        .await;
     assert_eq!(r.json(), json!({"matched": 2, "queued": 2, "skipped": 0}));
-    let bye = Control::Close { code: 4001, reason: "bye".into() };
+    let bye = Control::Close {
+        code: 4001,
+        reason: "bye".into(),
+    };
     assert_eq!(c1.control.try_recv().unwrap(), bye);
     assert_eq!(c3.control.try_recv().unwrap(), bye);
     assert!(c2.control.try_recv().is_err(), "bob is not tagged ann");
@@ -359,17 +448,25 @@ async fn send_to_one_connection() {
     let a = admin(Some(TOKEN)).await;
     let mut c = a.register(5, "/chat", "10.0.0.1:5000", &[]);
 
-    let r = a.call_with("POST", "/admin/connections/5/send?to=client", &[], "hello").await;
+    let r = a
+        .call_with("POST", "/admin/connections/5/send?to=client", &[], "hello")
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(
         within("the send", c.control.recv()).await.unwrap(),
-        Control::Send { to: Target::Client, message: Message::Text("hello".into()) }
+        Control::Send {
+            to: Target::Client,
+            message: Message::Text("hello".into())
+        }
     );
-    let bin = [
-        ("content-type", "application/octet-stream"),
-    ];
+    let bin = [("content-type", "application/octet-stream")];
     let r = a
-        .call_with("POST", "/admin/connections/5/send?to=upstream", &bin, vec![0u8, 159, 255])
+        .call_with(
+            "POST",
+            "/admin/connections/5/send?to=upstream",
+            &bin,
+            vec![0u8, 159, 255],
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -380,30 +477,76 @@ async fn send_to_one_connection() {
         }
     );
 
-    let r = a.call_with("POST", "/admin/connections/5/send?to=client", &[], vec![0xffu8, 0xfe]).await;
+    let r = a
+        .call_with(
+            "POST",
+            "/admin/connections/5/send?to=client",
+            &[],
+            vec![0xffu8, 0xfe],
+        )
+        .await;
     assert_eq!(r.status, 400, "text must be UTF-8");
-    assert_eq!(a.call("POST", "/admin/connections/5/send?to=both").await.status, 400);
-    assert_eq!(a.call("POST", "/admin/connections/5/send").await.status, 400);
-    assert_eq!(a.call("POST", "/admin/connections/6/send?to=client").await.status, 404);
-    assert_eq!(a.call("POST", "/admin/connections/z/send?to=client").await.status, 400);
+    assert_eq!(
+        a.call("POST", "/admin/connections/5/send?to=both")
+            .await
+            .status,
+        400
+    );
+    assert_eq!(
+        a.call("POST", "/admin/connections/5/send").await.status,
+        400
+    );
+    assert_eq!(
+        a.call("POST", "/admin/connections/6/send?to=client")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        a.call("POST", "/admin/connections/z/send?to=client")
+            .await
+            .status,
+        400
+    );
 
     let big = vec![b'a'; admin::MAX_BODY + 1];
-    let r = a.call_with("POST", "/admin/connections/5/send?to=client", &[], big).await;
+    let r = a
+        .call_with("POST", "/admin/connections/5/send?to=client", &[], big)
+        .await;
     assert_eq!(r.status, 413);
-    assert!(c.control.try_recv().is_err(), "refused bodies queue nothing");
+    assert!(
+        c.control.try_recv().is_err(),
+        "refused bodies queue nothing"
+    );
 
     // A full queue answers 503 and the queued messages stay intact.
     for i in 0..CONTROL_CAPACITY {
         let r = a
-            .call_with("POST", "/admin/connections/5/send?to=client", &[], format!("m{i}"))
+            .call_with(
+                "POST",
+                "/admin/connections/5/send?to=client",
+                &[],
+                format!("m{i}"),
+            )
             .await;
         assert_eq!(r.status, 200);
     }
-    let r = a.call_with("POST", "/admin/connections/5/send?to=client", &[], "one more").await;
+    let r = a
+        .call_with(
+            "POST",
+            "/admin/connections/5/send?to=client",
+            &[],
+            "one more",
+        )
+        .await;
     assert_eq!(r.status, 503);
     assert!(r.error().contains("queued"), "{}", r.error());
     for i in 0..CONTROL_CAPACITY {
-        let Control::Send { message: Message::Text(t), .. } = c.control.try_recv().unwrap() else {
+        let Control::Send {
+            message: Message::Text(t),
+            ..
+        } = c.control.try_recv().unwrap()
+        else {
             panic!("a text send");
         };
         assert_eq!(t, format!("m{i}"));
@@ -444,18 +587,39 @@ async fn broadcast_to_matching_clients() {
     let mut c2 = a.register(2, "/chat", "10.0.0.2:5000", &[("room", "8")]);
     let mut c3 = a.register(3, "/feed", "10.0.0.3:5000", &[("room", "7")]);
 
-    let r = a.call_with("POST", "/admin/broadcast?route=/chat&tag=room:7", &[], "news").await;
+    let r = a
+        .call_with(
+            "POST",
+            "/admin/broadcast?route=/chat&tag=room:7",
+            &[],
+            "news",
+        )
+        .await;
     assert_eq!(r.json(), json!({"matched": 1, "queued": 1, "skipped": 0}));
-    let news = Control::Send { to: Target::Client, message: Message::Text("news".into()) };
+    let news = Control::Send {
+        to: Target::Client,
+        message: Message::Text("news".into()),
+    };
     assert_eq!(c1.control.try_recv().unwrap(), news);
     assert!(c2.control.try_recv().is_err() && c3.control.try_recv().is_err());
 
     let r = a.call_with("POST", "/admin/broadcast", &[], "all").await;
     assert_eq!(r.json()["queued"], 3);
     for c in [&mut c1, &mut c2, &mut c3] {
-        assert!(matches!(c.control.try_recv(), Ok(Control::Send { to: Target::Client, .. })));
+        assert!(matches!(
+            c.control.try_recv(),
+            Ok(Control::Send {
+                to: Target::Client,
+                ..
+            })
+        ));
     }
-    assert_eq!(a.call_with("POST", "/admin/broadcast?tag=room", &[], "x").await.status, 400);
+    assert_eq!(
+        a.call_with("POST", "/admin/broadcast?tag=room", &[], "x")
+            .await
+            .status,
+        400
+    );
 }
 
 #[tokio::test]
@@ -467,14 +631,20 @@ async fn reload_config_and_wrong_methods() {
         Err("config.toml:7:12: route.expire: invalid duration \"soon\"".into());
     let r = a.call("POST", "/admin/reload").await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.error(), "config.toml:7:12: route.expire: invalid duration \"soon\"");
+    assert_eq!(
+        r.error(),
+        "config.toml:7:12: route.expire: invalid duration \"soon\""
+    );
 
     let r = a.call("GET", "/admin/config").await;
     assert_eq!((r.status, r.json()["snapshot"].clone()), (200, json!(1)));
     assert_eq!(r.headers["content-type"], "application/json");
 
     let r = a.call("GET", "/admin/reload").await;
-    assert_eq!((r.status, &r.headers["allow"]), (405, &"POST".parse::<http::HeaderValue>().unwrap()));
+    assert_eq!(
+        (r.status, &r.headers["allow"]),
+        (405, &"POST".parse::<http::HeaderValue>().unwrap())
+    );
     assert_eq!(a.call("PUT", "/admin/connections").await.status, 405);
     assert_eq!(a.call("POST", "/metrics").await.status, 405);
     assert_eq!(a.call("GET", "/admin/connections/1/send").await.status, 405);
@@ -503,13 +673,24 @@ async fn metrics_scrape_passes_promtool() {
 
     let r = a.call("GET", "/metrics").await;
     assert_eq!(r.status, 200);
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
     let text = String::from_utf8(r.body.to_vec()).unwrap();
-    assert!(text.contains("framegate_connections_total{route=\"/chat\"} 5\n"), "{text}");
-    assert!(text.contains("framegate_connections_open{route=\"/chat\"} 3\n"), "{text}");
+    assert!(
+        text.contains("framegate_connections_total{route=\"/chat\"} 5\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("framegate_connections_open{route=\"/chat\"} 3\n"),
+        "{text}"
+    );
     assert!(text.contains("framegate_config_snapshot 2\n"), "{text}");
     assert!(
-        text.contains("framegate_handshakes_total{route=\"example.com/rooms/{room}\",status=\"403\"} 2\n"),
+        text.contains(
+            "framegate_handshakes_total{route=\"example.com/rooms/{room}\",status=\"403\"} 2\n"
+        ),
         "{text}"
     );
     promtool_check(&text);
@@ -531,7 +712,12 @@ fn promtool_check(text: &str) {
              install the Debian package `prometheus` (apt-get install -y prometheus)"
         ),
     };
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
@@ -544,8 +730,14 @@ fn promtool_check(text: &str) {
 #[tokio::test]
 async fn shutdown_stops_the_listener() {
     let a = admin(None).await;
-    assert_eq!(request(a.addr, "GET", "/healthz", &[], "").await.status, 200);
+    assert_eq!(
+        request(a.addr, "GET", "/healthz", &[], "").await.status,
+        200
+    );
     a.shutdown.cancel();
     within("serve to return", a.served).await.unwrap();
-    assert!(tokio::net::TcpStream::connect(a.addr).await.is_err(), "listener closed");
+    assert!(
+        tokio::net::TcpStream::connect(a.addr).await.is_err(),
+        "listener closed"
+    );
 }

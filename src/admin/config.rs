@@ -91,8 +91,13 @@ impl RawAdmin {
             ));
         };
         let path = base.join(file.get_ref());
-        let token = read_token(&path)
-            .map_err(|e| at(file.span(), e, "put one random token of 16 or more characters in the file"))?;
+        let token = read_token(&path).map_err(|e| {
+            at(
+                file.span(),
+                e,
+                "put one random token of 16 or more characters in the file",
+            )
+        })?;
         Ok(AdminConfig {
             listen,
             token_file: Some(path),
@@ -158,7 +163,11 @@ mod tests {
     fn bad_values_are_located() {
         let e = check("[admin]\nlisten = \"localhost\"\n", Path::new(".")).unwrap_err();
         assert_eq!(e.line, 2, "{e}");
-        let e = check("[admin]\nlisten = \"127.0.0.1:1\"\nport = 3\n", Path::new(".")).unwrap_err();
+        let e = check(
+            "[admin]\nlisten = \"127.0.0.1:1\"\nport = 3\n",
+            Path::new("."),
+        )
+        .unwrap_err();
         assert!(e.message.contains("unknown field"), "{e}");
         let e = check(
             "[admin]\nlisten = \"0.0.0.0:1\"\ntoken_file = \"missing.token\"\n",
@@ -180,8 +189,14 @@ mod tests {
         let c = check(&src("good.token"), &dir).unwrap();
         assert_eq!(c.token.as_deref(), Some("0123456789abcdefXYZ"));
         assert_eq!(c.token_file, Some(dir.join("good.token")));
-        assert!(check(&src("short.token"), &dir).unwrap_err().message.contains("16 to"));
-        assert!(check(&src("spaces.token"), &dir).unwrap_err().message.contains("visible"));
+        assert!(check(&src("short.token"), &dir)
+            .unwrap_err()
+            .message
+            .contains("16 to"));
+        assert!(check(&src("spaces.token"), &dir)
+            .unwrap_err()
+            .message
+            .contains("visible"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -213,7 +213,9 @@ impl Handler {
         let query = req.uri().query().unwrap_or("").to_owned();
         let method = req.method().clone();
         match (&method, path.as_str()) {
-            (&Method::GET, "/healthz") => return Ok(json_answer(StatusCode::OK, &json!({"status": "ok"}))),
+            (&Method::GET, "/healthz") => {
+                return Ok(json_answer(StatusCode::OK, &json!({"status": "ok"})))
+            }
             (&Method::GET, "/readyz") => {
                 return Ok(if self.api.ready() {
                     json_answer(StatusCode::OK, &json!({"status": "ready"}))
@@ -299,7 +301,10 @@ impl Handler {
                 };
                 let message = message(req).await?;
                 api.registry().control(id, Control::Send { to, message })?;
-                Ok(json_answer(StatusCode::OK, &json!({"id": id, "queued": true})))
+                Ok(json_answer(
+                    StatusCode::OK,
+                    &json!({"id": id, "queued": true}),
+                ))
             }
             (["admin", "broadcast"], &Method::POST) => {
                 let f = filter(&query, &[])?;
@@ -330,7 +335,10 @@ impl Handler {
                 }
                 Ok(a)
             }
-            _ => Err(Refusal::new(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"))),
+            _ => Err(Refusal::new(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {path}"),
+            )),
         }
     }
 }

@@ -56,6 +56,18 @@ pub(super) struct RouteTotals {
 }
 
 impl RouteTotals {
+    /// True once the route has carried a connection. Routes that never did (e.g.
+    /// [`UNMATCHED_ROUTE`](super::UNMATCHED_ROUTE), or a route whose upgrades are all refused)
+    /// show only their handshakes, closes and policy calls, not pages of zeros.
+    fn active(&self) -> bool {
+        self.opened > 0 || self.upstream_connect.count() > 0
+    }
+
+    /// True once the policy of `phase` ran on this route.
+    fn phase_used(&self, phase: usize) -> bool {
+        self.policy_durations[phase].count() > 0 || self.policy_errors[phase].iter().any(|&n| n > 0)
+    }
+
     pub(super) fn add(&mut self, r: &RouteMetrics) {
         self.opened += r.opened.get();
         self.closed += r.closed.get();
@@ -136,7 +148,7 @@ impl Collector for Scrape {
             None,
             MetricType::Gauge,
         )?;
-        for (name, t) in routes {
+        for (name, t) in routes.iter().filter(|(_, t)| t.active()) {
             let open = t.opened.saturating_sub(t.closed) as i64;
             ConstGauge::new(open).encode(m.encode_family(&vec![("route", &**name)])?)?;
         }
@@ -147,7 +159,7 @@ impl Collector for Scrape {
             None,
             MetricType::Counter,
         )?;
-        for (name, t) in routes {
+        for (name, t) in routes.iter().filter(|(_, t)| t.active()) {
             ConstCounter::new(t.opened).encode(m.encode_family(&vec![("route", &**name)])?)?;
         }
 
@@ -171,7 +183,7 @@ impl Collector for Scrape {
             None,
             MetricType::Counter,
         )?;
-        for (name, t) in routes {
+        for (name, t) in routes.iter().filter(|(_, t)| t.active()) {
             for d in Direction::ALL {
                 for (i, ty) in ["text", "binary"].into_iter().enumerate() {
                     let labels: Labels =
@@ -188,7 +200,7 @@ impl Collector for Scrape {
             None,
             MetricType::Counter,
         )?;
-        for (name, t) in routes {
+        for (name, t) in routes.iter().filter(|(_, t)| t.active()) {
             for d in Direction::ALL {
                 let labels: Labels = vec![("route", &**name), ("direction", d.as_str())];
                 ConstCounter::new(t.bytes[d as usize]).encode(m.encode_family(&labels)?)?;
@@ -202,7 +214,7 @@ impl Collector for Scrape {
             MetricType::Histogram,
         )?;
         let size_bounds: Vec<f64> = SIZE_BUCKETS.iter().map(|&b| b as f64).collect();
-        for (name, t) in routes {
+        for (name, t) in routes.iter().filter(|(_, t)| t.active()) {
             for d in Direction::ALL {
                 let labels: Labels = vec![("route", &**name), ("direction", d.as_str())];
                 let h = &t.sizes[d as usize];
@@ -239,7 +251,7 @@ impl Collector for Scrape {
             MetricType::Histogram,
         )?;
         for (name, t) in routes {
-            for p in Phase::ALL {
+            for p in Phase::ALL.into_iter().filter(|&p| t.phase_used(p as usize)) {
                 let labels: Labels = vec![("route", &**name), ("phase", p.as_str())];
                 encode_seconds(&mut m, &labels, &t.policy_durations[p as usize])?;
             }
@@ -252,10 +264,13 @@ impl Collector for Scrape {
             MetricType::Counter,
         )?;
         for (name, t) in routes {
-            for p in Phase::ALL {
+            for p in Phase::ALL.into_iter().filter(|&p| t.phase_used(p as usize)) {
                 for k in PolicyErrorKind::ALL {
-                    let labels: Labels =
-                        vec![("route", &**name), ("phase", p.as_str()), ("kind", k.as_str())];
+                    let labels: Labels = vec![
+                        ("route", &**name),
+                        ("phase", p.as_str()),
+                        ("kind", k.as_str()),
+                    ];
                     ConstCounter::new(t.policy_errors[p as usize][k as usize])
                         .encode(m.encode_family(&labels)?)?;
                 }
@@ -268,7 +283,7 @@ impl Collector for Scrape {
             None,
             MetricType::Counter,
         )?;
-        for (name, t) in routes {
+        for (name, t) in routes.iter().filter(|(_, t)| t.active()) {
             for d in Direction::ALL {
                 let labels: Labels = vec![("route", &**name), ("direction", d.as_str())];
                 ConstCounter::new(t.policy_drops[d as usize]).encode(m.encode_family(&labels)?)?;
@@ -281,7 +296,7 @@ impl Collector for Scrape {
             None,
             MetricType::Histogram,
         )?;
-        for (name, t) in routes {
+        for (name, t) in routes.iter().filter(|(_, t)| t.active()) {
             let labels: Labels = vec![("route", &**name)];
             encode_seconds(&mut m, &labels, &t.upstream_connect)?;
         }
@@ -292,7 +307,7 @@ impl Collector for Scrape {
             None,
             MetricType::Counter,
         )?;
-        for (name, t) in routes {
+        for (name, t) in routes.iter().filter(|(_, t)| t.active()) {
             for r in LifetimeReason::ALL {
                 let labels: Labels = vec![("route", &**name), ("reason", r.as_str())];
                 ConstCounter::new(t.lifetime_closes[r as usize])

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 
 pub use route::{
-    ClosedBy, Direction, LifetimeReason, PolicyErrorKind, Phase, RouteMetrics, DURATION_BUCKETS,
+    ClosedBy, Direction, LifetimeReason, Phase, PolicyErrorKind, RouteMetrics, DURATION_BUCKETS,
     SIZE_BUCKETS,
 };
 
@@ -186,7 +186,10 @@ mod tests {
         let (w0, w1) = (metrics.worker(0), metrics.worker(1));
         let (a0, a1) = (w0.route("/chat"), w1.route("/chat"));
         let b1 = w1.route("example.com/feed");
-        assert!(Arc::ptr_eq(&a0, &w0.route("/chat")), "one set per route and worker");
+        assert!(
+            Arc::ptr_eq(&a0, &w0.route("/chat")),
+            "one set per route and worker"
+        );
         assert!(!Arc::ptr_eq(&a0, &a1), "workers do not share sets");
 
         for r in [&a0, &a1, &a1, &b1] {
@@ -216,18 +219,59 @@ mod tests {
         let v = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series}\n{text}"));
         assert_eq!(v(r#"framegate_connections_total{route="/chat"}"#), 3.0);
         assert_eq!(v(r#"framegate_connections_open{route="/chat"}"#), 0.0);
-        assert_eq!(v(r#"framegate_connections_open{route="example.com/feed"}"#), 1.0);
-        assert_eq!(v(r#"framegate_handshakes_total{route="/chat",status="101"}"#), 3.0);
-        assert_eq!(v(r#"framegate_handshakes_total{route="unmatched",status="404"}"#), 1.0);
+        assert_eq!(
+            v(r#"framegate_connections_open{route="example.com/feed"}"#),
+            1.0
+        );
+        assert_eq!(
+            v(r#"framegate_handshakes_total{route="/chat",status="101"}"#),
+            3.0
+        );
+        assert_eq!(
+            v(r#"framegate_handshakes_total{route="unmatched",status="404"}"#),
+            1.0
+        );
         let c2u = r#"route="/chat",direction="client_to_upstream""#;
-        assert_eq!(v(&format!("framegate_messages_total{{{c2u},type=\"text\"}}")), 2.0);
-        assert_eq!(v(&format!("framegate_messages_total{{{c2u},type=\"binary\"}}")), 1.0);
-        assert_eq!(v(&format!("framegate_message_bytes_total{{{c2u}}}")), 70_310.0);
-        assert_eq!(v(&format!("framegate_message_size_bytes_bucket{{{c2u},le=\"64\"}}")), 1.0);
-        assert_eq!(v(&format!("framegate_message_size_bytes_bucket{{{c2u},le=\"1024\"}}")), 2.0);
-        assert_eq!(v(&format!("framegate_message_size_bytes_bucket{{{c2u},le=\"+Inf\"}}")), 3.0);
-        assert_eq!(v(&format!("framegate_message_size_bytes_count{{{c2u}}}")), 3.0);
-        assert_eq!(v(&format!("framegate_message_size_bytes_sum{{{c2u}}}")), 70_310.0);
+        assert_eq!(
+            v(&format!("framegate_messages_total{{{c2u},type=\"text\"}}")),
+            2.0
+        );
+        assert_eq!(
+            v(&format!(
+                "framegate_messages_total{{{c2u},type=\"binary\"}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            v(&format!("framegate_message_bytes_total{{{c2u}}}")),
+            70_310.0
+        );
+        assert_eq!(
+            v(&format!(
+                "framegate_message_size_bytes_bucket{{{c2u},le=\"64\"}}"
+            )),
+            1.0
+        );
+        assert_eq!(
+            v(&format!(
+                "framegate_message_size_bytes_bucket{{{c2u},le=\"1024\"}}"
+            )),
+            2.0
+        );
+        assert_eq!(
+            v(&format!(
+                "framegate_message_size_bytes_bucket{{{c2u},le=\"+Inf\"}}"
+            )),
+            3.0
+        );
+        assert_eq!(
+            v(&format!("framegate_message_size_bytes_count{{{c2u}}}")),
+            3.0
+        );
+        assert_eq!(
+            v(&format!("framegate_message_size_bytes_sum{{{c2u}}}")),
+            70_310.0
+        );
         assert_eq!(
             v(r#"framegate_closes_total{route="/chat",code="1000",closed_by="client"}"#),
             2.0
@@ -236,22 +280,49 @@ mod tests {
             v(r#"framegate_closes_total{route="/chat",code="4000",closed_by="gateway"}"#),
             1.0
         );
-        assert_eq!(v(r#"framegate_lifetime_closes_total{route="/chat",reason="idle"}"#), 1.0);
-        let frame = r#"route="/chat",phase="on_client_frame""#;
-        assert_eq!(v(&format!("framegate_policy_duration_seconds_count{{{frame}}}")), 2.0);
-        assert_eq!(v(&format!("framegate_policy_duration_seconds_bucket{{{frame},le=\"0.0001\"}}")), 1.0);
-        assert!((v(&format!("framegate_policy_duration_seconds_sum{{{frame}}}")) - 0.00305).abs() < 1e-9);
         assert_eq!(
-            v(&format!("framegate_policy_errors_total{{{frame},kind=\"cpu_limit\"}}")),
+            v(r#"framegate_lifetime_closes_total{route="/chat",reason="idle"}"#),
+            1.0
+        );
+        let frame = r#"route="/chat",phase="on_client_frame""#;
+        assert_eq!(
+            v(&format!(
+                "framegate_policy_duration_seconds_count{{{frame}}}"
+            )),
+            2.0
+        );
+        assert_eq!(
+            v(&format!(
+                "framegate_policy_duration_seconds_bucket{{{frame},le=\"0.0001\"}}"
+            )),
+            1.0
+        );
+        assert!(
+            (v(&format!("framegate_policy_duration_seconds_sum{{{frame}}}")) - 0.00305).abs()
+                < 1e-9
+        );
+        assert_eq!(
+            v(&format!(
+                "framegate_policy_errors_total{{{frame},kind=\"cpu_limit\"}}"
+            )),
             1.0
         );
         assert_eq!(
             v(r#"framegate_policy_drops_total{route="/chat",direction="upstream_to_client"}"#),
             1.0
         );
-        assert_eq!(v(r#"framegate_upstream_connect_duration_seconds_count{route="/chat"}"#), 1.0);
-        assert_eq!(v(r#"framegate_config_reloads_total{result="success"}"#), 2.0);
-        assert_eq!(v(r#"framegate_config_reloads_total{result="failure"}"#), 1.0);
+        assert_eq!(
+            v(r#"framegate_upstream_connect_duration_seconds_count{route="/chat"}"#),
+            1.0
+        );
+        assert_eq!(
+            v(r#"framegate_config_reloads_total{result="success"}"#),
+            2.0
+        );
+        assert_eq!(
+            v(r#"framegate_config_reloads_total{result="failure"}"#),
+            1.0
+        );
         assert_eq!(v("framegate_config_snapshot"), 3.0);
         for name in [
             "framegate_connections_open gauge",
@@ -263,7 +334,19 @@ mod tests {
         ] {
             assert!(text.contains(&format!("# TYPE {name}\n")), "{name}\n{text}");
         }
-        assert!(!text.contains("# EOF"), "Prometheus text format, not OpenMetrics");
+        assert!(
+            !text.contains("# EOF"),
+            "Prometheus text format, not OpenMetrics"
+        );
+        // A route that never carried a connection shows its handshakes only, not pages of zeros.
+        assert!(
+            !text.contains(r#"framegate_messages_total{route="unmatched""#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"phase="on_upgrade""#),
+            "unused phases are left out\n{text}"
+        );
     }
 
     #[test]
@@ -289,7 +372,11 @@ mod tests {
         let n = 2_000_000u64;
         let start = std::time::Instant::now();
         for i in 0..n {
-            set.message(Direction::ClientToUpstream, i & 1 == 0, (i & 0xffff) as usize);
+            set.message(
+                Direction::ClientToUpstream,
+                i & 1 == 0,
+                (i & 0xffff) as usize,
+            );
         }
         let per_call = start.elapsed().as_nanos() as f64 / n as f64;
         eprintln!("RouteMetrics::message: {per_call:.1} ns/call");

@@ -348,8 +348,7 @@ impl RouteMetrics {
     /// received, when the client closed); 1006 when its socket just dropped.
     pub fn connection_closed(&self, code: u16, closed_by: ClosedBy) {
         self.closed.inc();
-        self.closes
-            .inc(u32::from(code) << 2 | closed_by as u32);
+        self.closes.inc(u32::from(code) << 2 | closed_by as u32);
     }
 
     /// An upgrade request on this route was answered with `status` (101 when it succeeded).
