@@ -81,7 +81,7 @@ pub(crate) fn size_bucket(bytes: u64) -> usize {
     }
     // bytes <= 2^bits; bucket i holds up to 2^(6 + 2i).
     let bits = 64 - (bytes - 1).leading_zeros() as usize;
-    ((bits - 6 + 1) / 2).min(SIZE_BUCKETS.len())
+    (bits - 6).div_ceil(2).min(SIZE_BUCKETS.len())
 }
 
 /// Index of the duration bucket holding `nanos`; `DURATION_BUCKETS.len()` is `+Inf`.
