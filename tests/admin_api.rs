@@ -741,3 +741,87 @@ async fn shutdown_stops_the_listener() {
         "listener closed"
     );
 }
+
+/// The Grafana dashboard in docs/ uses only names the gateway exports, in PromQL that parses.
+#[test]
+fn grafana_dashboard_matches_the_metrics() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() > 20, "{exprs:?}");
+
+    // Every family the gateway exports, as `# TYPE` names it.
+    let metrics = Metrics::new();
+    let set = metrics.worker(0).route("/x");
+    set.connection_opened();
+    set.policy_call(Phase::Upgrade, std::time::Duration::ZERO);
+    let text = metrics.encode();
+    let families: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    assert_eq!(families.len(), 14, "{families:?}");
+    for expr in &exprs {
+        for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !name.starts_with("framegate_") {
+                continue;
+            }
+            let known = families.iter().any(|(family, kind)| {
+                name == *family
+                    || (*kind == "histogram"
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| name.strip_suffix(s) == Some(family)))
+            });
+            assert!(known, "{name} in the dashboard is not exported: {expr}");
+        }
+    }
+
+    // PromQL syntax, through promtool's rule checker (Grafana variables substituted).
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        let expr = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$route", ".*");
+        rules.push_str(&format!(
+            "      - record: dashboard:expr{i}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
+    }
+    let file = std::env::temp_dir().join(format!("framegate-dashboard-{}.yml", std::process::id()));
+    std::fs::write(&file, rules).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool is needed for this test and could not be run ({e}): \
+                 install the Debian package `prometheus` (apt-get install -y prometheus)"
+            )
+        });
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", Value::String(e)) => out.push(e.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}

@@ -14,7 +14,7 @@
 //! - One request per connection (no keep-alive), headers within [`HEADER_READ_TIMEOUT`], bodies
 //!   up to [`MAX_BODY`], at most [`MAX_CONNECTIONS`] admin connections at once.
 //! - A close without `code` sends 1008 "closed by admin"; codes are checked by
-//!   [`check_close`](crate::registry::check_close).
+//!   [`check_close`].
 //! - `DELETE /admin/connections` needs at least one filter; `POST /admin/broadcast` without one
 //!   reaches every connection.
 
