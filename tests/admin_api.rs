@@ -825,3 +825,51 @@ fn collect_exprs(v: &Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// A client that opens a connection and sends nothing, or half a head, is cut off after the
+/// header timeout; one that drips its body gets 408 after the body timeout. Paused time: the
+/// runtime jumps over the waits.
+#[tokio::test(start_paused = true)]
+async fn slow_clients_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = admin(None).await;
+    let _c = a.register(5, "/chat", "10.0.0.1:5000", &[]);
+
+    let started = tokio::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    for s in [&mut silent, &mut half] {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(admin::HEADER_READ_TIMEOUT * 3, s.read_to_end(&mut buf));
+        read.await.expect("cut off after the head timeout").ok();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= admin::HEADER_READ_TIMEOUT && waited < admin::HEADER_READ_TIMEOUT * 2,
+        "{waited:?}"
+    );
+
+    let started = tokio::time::Instant::now();
+    let mut drip = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    drip.write_all(
+        b"POST /admin/connections/5/send?to=client HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nab",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(admin::BODY_READ_TIMEOUT * 2, drip.read_to_end(&mut buf));
+    read.await.expect("cut off after the body timeout").ok();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(started.elapsed() >= admin::BODY_READ_TIMEOUT);
+    assert_eq!(
+        request(a.addr, "GET", "/healthz", &[], "").await.status,
+        200,
+        "still serving"
+    );
+}

@@ -12,7 +12,8 @@
 //!   credentials and which reveal nothing (as Envoy's and Kong's status endpoints). The check
 //!   runs before routing, so an unauthenticated caller cannot probe which paths exist.
 //! - One request per connection (no keep-alive), headers within [`HEADER_READ_TIMEOUT`], bodies
-//!   up to [`MAX_BODY`], at most [`MAX_CONNECTIONS`] admin connections at once.
+//!   up to [`MAX_BODY`] within [`BODY_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] admin
+//!   connections at once.
 //! - A close without `code` sends 1008 "closed by admin"; codes are checked by
 //!   [`check_close`].
 //! - `DELETE /admin/connections` needs at least one filter; `POST /admin/broadcast` without one
@@ -47,6 +48,8 @@ pub const MAX_BODY: usize = 1 << 20;
 pub const MAX_CONNECTIONS: usize = 64;
 /// A request's head must arrive within this time.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's body must arrive within this time (a slow sender cannot hold a connection slot).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on finishing an in-flight admin request at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Close code and reason of a `DELETE` without `code`.
@@ -187,8 +190,9 @@ impl Handler {
             Ok(a) => a,
             Err(r) => r.into(),
         };
-        if answer.status().is_server_error() || answer.status() == StatusCode::UNAUTHORIZED {
-            tracing::info!(%method, %path, status = answer.status().as_u16(), "admin request refused");
+        if answer.status().is_client_error() || answer.status().is_server_error() {
+            // Debug: an unauthenticated caller must not be able to fill the log.
+            tracing::debug!(%method, %path, status = answer.status().as_u16(), "admin request refused");
         }
         answer
     }
@@ -416,9 +420,15 @@ async fn message(req: Request<Incoming>) -> Result<Message, Refusal> {
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(too_big());
     }
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = tokio::time::timeout(BODY_READ_TIMEOUT, body)
         .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"),
+            )
+        })?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_big()
