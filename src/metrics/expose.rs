@@ -60,7 +60,9 @@ impl RouteTotals {
     /// [`UNMATCHED_ROUTE`](super::UNMATCHED_ROUTE), or a route whose upgrades are all refused)
     /// show only their handshakes, closes and policy calls, not pages of zeros.
     fn active(&self) -> bool {
-        self.opened > 0 || self.upstream_connect.count() > 0
+        self.opened > 0
+            || self.upstream_connect.count() > 0
+            || self.messages.iter().flatten().any(|&n| n > 0)
     }
 
     /// True once the policy of `phase` ran on this route.

@@ -349,6 +349,40 @@ mod tests {
         );
     }
 
+    /// Two worker threads write their own sets while a third scrapes: scrapes never go backwards,
+    /// and once the writers are done the scrape is the exact sum.
+    #[test]
+    fn concurrent_workers_and_scrapes() {
+        let metrics = Metrics::new();
+        let n = 200_000u64;
+        let writers: Vec<_> = (0..2)
+            .map(|i| {
+                let worker = metrics.worker(i);
+                std::thread::spawn(move || {
+                    let set = worker.route("/chat");
+                    for _ in 0..n {
+                        set.message(Direction::UpstreamToClient, false, 3);
+                    }
+                })
+            })
+            .collect();
+        let series = r#"framegate_messages_total{route="/chat",direction="upstream_to_client",type="binary"}"#;
+        let mut last = 0.0;
+        while !writers.iter().all(|w| w.is_finished()) {
+            let now = sample(&metrics.encode(), series).unwrap_or(0.0);
+            assert!(now >= last, "{now} < {last}");
+            last = now;
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        let text = metrics.encode();
+        assert_eq!(sample(&text, series), Some(2.0 * n as f64));
+        let bytes =
+            r#"framegate_message_bytes_total{route="/chat",direction="upstream_to_client"}"#;
+        assert_eq!(sample(&text, bytes), Some(6.0 * n as f64));
+    }
+
     #[test]
     fn route_table_is_bounded() {
         let metrics = Metrics::new();
