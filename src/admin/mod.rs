@@ -264,7 +264,8 @@ impl Handler {
                         "give a filter (route, client_ip, tag or snapshot) to close many connections",
                     ));
                 }
-                let close = close_control(&query)?;
+                let (code, reason) = close_params(&query)?;
+                let close = Control::Close { code, reason };
                 Ok(json_answer(
                     StatusCode::OK,
                     &api.registry().control_matching(&f, &close),
@@ -280,11 +281,12 @@ impl Handler {
             (["admin", "connections", id], &Method::DELETE) => {
                 let id = conn_id(id)?;
                 no_other_params(&query, &["code", "reason"])?;
-                let close = close_control(&query)?;
-                api.registry().control(id, close.clone())?;
-                let Control::Close { code, reason } = close else {
-                    unreachable!("close_control builds a Close")
+                let (code, reason) = close_params(&query)?;
+                let close = Control::Close {
+                    code,
+                    reason: reason.clone(),
                 };
+                api.registry().control(id, close)?;
                 Ok(json_answer(
                     StatusCode::OK,
                     &json!({"id": id, "code": code, "reason": reason}),
@@ -385,7 +387,8 @@ fn conn_id(text: &str) -> Result<u64, Refusal> {
         .map_err(|_| bad_request(format!("connection id {text:?} is not a number")))
 }
 
-fn close_control(query: &str) -> Result<Control, Refusal> {
+/// `code` and `reason` of a close, defaults applied, checked.
+fn close_params(query: &str) -> Result<(u16, String), Refusal> {
     let code = match param(query, "code") {
         None => DEFAULT_CLOSE.0,
         Some(c) => c
@@ -394,7 +397,7 @@ fn close_control(query: &str) -> Result<Control, Refusal> {
     };
     let reason = param(query, "reason").unwrap_or_else(|| DEFAULT_CLOSE.1.to_owned());
     check_close(code, &reason).map_err(|e| bad_request(e.to_string()))?;
-    Ok(Control::Close { code, reason })
+    Ok((code, reason))
 }
 
 /// The request body as one message: binary with `Content-Type: application/octet-stream`,
