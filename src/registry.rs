@@ -422,7 +422,10 @@ impl Entry {
 
     fn matches(&self, f: &Filter) -> bool {
         f.route.as_deref().is_none_or(|r| r == self.route)
-            && f.client_ip.is_none_or(|ip| ip == self.client.ip())
+            // Canonical forms, so that 10.0.0.1 also finds ::ffff:10.0.0.1 on a dual-stack listener.
+            && f
+                .client_ip
+                .is_none_or(|ip| ip.to_canonical() == self.client.ip().to_canonical())
             && f.snapshot.is_none_or(|s| s == self.snapshot)
             && f.tag
                 .as_ref()
@@ -826,7 +829,7 @@ mod tests {
             .register(conn(1, "/chat", "10.0.0.2:5000", &[("user", "bob")]))
             .unwrap();
         let c = reg
-            .register(conn(2, "/feed", "10.0.0.1:6000", &[("user", "ann")]))
+            .register(conn(2, "/feed", "[::ffff:10.0.0.1]:6000", &[("user", "ann")]))
             .unwrap();
         assert_eq!(
             reg.register(conn(2, "/x", "10.0.0.9:1", &[])).unwrap_err(),
