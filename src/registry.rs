@@ -829,7 +829,12 @@ mod tests {
             .register(conn(1, "/chat", "10.0.0.2:5000", &[("user", "bob")]))
             .unwrap();
         let c = reg
-            .register(conn(2, "/feed", "[::ffff:10.0.0.1]:6000", &[("user", "ann")]))
+            .register(conn(
+                2,
+                "/feed",
+                "[::ffff:10.0.0.1]:6000",
+                &[("user", "ann")],
+            ))
             .unwrap();
         assert_eq!(
             reg.register(conn(2, "/x", "10.0.0.9:1", &[])).unwrap_err(),
