@@ -139,7 +139,7 @@ async fn requests(
             Err(why) => {
                 let answer = match why {
                     NoSlot::Full => {
-                        refused_at_cap(server.max_connections);
+                        worker.pool.refusals.count(server.max_connections);
                         unavailable("the gateway is at its connection limit; retry later", true)
                     }
                     NoSlot::Shed => {
@@ -238,21 +238,27 @@ fn unavailable(message: &str, retry: bool) -> Answer {
     answer
 }
 
-/// Counts a request refused at `max_connections` and logs a warning at most every 10 s
-/// (a line per refusal would flood the log when it matters most).
-fn refused_at_cap(max_connections: usize) {
-    static REFUSED: AtomicU64 = AtomicU64::new(0);
-    static LAST_WARNING: Mutex<Option<std::time::Instant>> = Mutex::new(None);
-    let total = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
-    let mut last = LAST_WARNING.lock().unwrap_or_else(|e| e.into_inner());
-    let now = std::time::Instant::now();
-    if last.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10)) {
-        *last = Some(now);
-        tracing::warn!(
-            max_connections,
-            refused_total = total,
-            "max_connections reached: answering 503 to requests that found no slot within server.queue_timeout"
-        );
+/// Requests refused at `max_connections`: counted, with a warning at most every
+/// [`pending::WARN_EVERY`] (a line per refusal would flood the log when it matters most).
+#[derive(Default)]
+pub(crate) struct Refusals {
+    total: AtomicU64,
+    last_warning: Mutex<Option<std::time::Instant>>,
+}
+
+impl Refusals {
+    fn count(&self, max_connections: usize) {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_none_or(|at| now.duration_since(at) >= pending::WARN_EVERY) {
+            *last = Some(now);
+            tracing::warn!(
+                max_connections,
+                refused_total = total,
+                "max_connections reached: answering 503 to requests that found no slot within server.queue_timeout"
+            );
+        }
     }
 }
 

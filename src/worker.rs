@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::StartError;
-use crate::listener::PendingSet;
+use crate::listener::{PendingSet, Refusals};
 use crate::policy::lua::Engine;
 use crate::policy::RoutePolicy;
 use crate::proxy::Shared;
@@ -51,6 +51,8 @@ pub(crate) struct Pool {
     pub(crate) permits: Arc<Semaphore>,
     /// `server.max_pending_handshakes`: connections without a permit yet.
     pub(crate) pending: Arc<PendingSet>,
+    /// Requests answered 503 at `max_connections`.
+    pub(crate) refusals: Refusals,
 }
 
 /// What a worker's connections share: its index, its compiled route policies, the pool.
@@ -118,6 +120,7 @@ pub(crate) fn start(
         watchdog: Watchdog::new(count, server.watchdog_timeout),
         permits: Arc::new(Semaphore::new(server.max_connections)),
         pending: PendingSet::new(server.max_pending_handshakes),
+        refusals: Refusals::default(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (exited_tx, exited) = mpsc::channel(1);

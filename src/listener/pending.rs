@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How often the "shedding" warning may repeat: once per burst, not once per connection.
-const WARN_EVERY: Duration = Duration::from_secs(10);
+pub(super) const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The pending connections of the whole gateway.
 pub(crate) struct PendingSet {
