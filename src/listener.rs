@@ -143,6 +143,7 @@ async fn requests(
                         unavailable("the gateway is at its connection limit; retry later", true)
                     }
                     NoSlot::Shed => {
+                        tracing::debug!(client = %peer, "pending connection shed: max_pending_handshakes reached");
                         shed(stream);
                         return None;
                     }
