@@ -93,6 +93,12 @@ impl Gateway {
         .await
     }
 
+    /// How many log lines so far contain `needle`.
+    fn count(&self, needle: &str) -> usize {
+        let lines = self.lines.lock().unwrap();
+        lines.iter().filter(|l| l.contains(needle)).count()
+    }
+
     fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
@@ -115,6 +121,8 @@ impl Gateway {
     }
 }
 
+const HUP_LINE: &str = "SIGHUP received: reloading the configuration is not supported yet";
+
 async fn echo_once(addr: SocketAddr, text: &str) {
     let mut ws = connect(addr, "/echo").await;
     ws.send(Message::text(text)).await.unwrap();
@@ -126,10 +134,15 @@ async fn sighup_is_logged_and_the_gateway_keeps_running() {
     let up = echo().await;
     let mut gw = Gateway::start("hup", "", &route("/echo", up.addr, "", &[])).await;
     let mut open = connect(gw.addr, "/echo").await;
-    for _ in 0..2 {
+    for sent in 1..=2 {
         gw.signal("HUP");
-        gw.line("SIGHUP received: reloading the configuration is not supported yet")
-            .await;
+        // Each is logged before the next is sent, so that the kernel cannot merge the two.
+        within("the SIGHUP line", async {
+            while gw.count(HUP_LINE) < sent {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
     }
     assert!(
         gw.child.try_wait().unwrap().is_none(),
@@ -139,14 +152,7 @@ async fn sighup_is_logged_and_the_gateway_keeps_running() {
     open.send(Message::text("still open")).await.unwrap();
     assert_eq!(next_text(&mut open).await, "still open");
     echo_once(gw.addr, "after SIGHUP").await;
-    let count = gw
-        .lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("SIGHUP"))
-        .count();
-    assert_eq!(count, 2, "one line per SIGHUP");
+    assert_eq!(gw.count("SIGHUP"), 2, "one line per SIGHUP");
 
     gw.signal("TERM");
     assert!(gw.exit().await.success());
