@@ -16,7 +16,6 @@
 //! strings in place; captures are ranges until they are returned.
 
 use std::cell::{Cell, RefCell};
-use std::ops::Not;
 use std::rc::Rc;
 use std::time::Instant;
 

@@ -454,6 +454,7 @@ fn random_patterns_match_lua() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut failures = Vec::new();
     let cases = 5000;
+    let (mut errors, mut matches) = (0, 0);
     for _ in 0..cases {
         let (subject, pattern, call) = random_case(&mut rng);
         for lua in [&plain, &ours] {
@@ -463,6 +464,12 @@ fn random_patterns_match_lua() {
             lua.globals()
                 .set("P", lua.create_string(&pattern).unwrap())
                 .unwrap();
+        }
+        let expected = run(&plain, &call);
+        if expected.starts_with("false") {
+            errors += 1;
+        } else if !expected.starts_with("true | 1 | nil") && !expected.ends_with("| int:0") {
+            matches += 1;
         }
         if let Some(diff) = compare(&plain, &ours, &call) {
             failures.push(format!(
@@ -478,6 +485,24 @@ fn random_patterns_match_lua() {
         failures.len(),
         failures[..failures.len().min(20)].join("\n")
     );
+    // The generator reaches both the matcher's errors and its successes.
+    assert!(
+        errors > cases / 20 && matches > cases / 5,
+        "{errors} errors and {matches} matches in {cases} cases"
+    );
+    println!("{errors} errors and {matches} matches in {cases} cases");
+}
+
+#[test]
+fn replacement_functions_that_recurse_without_end_fail_cleanly() {
+    // Lua's C gsub ends this with "C stack overflow"; the replacement runs outside any Rust
+    // frame here, so it ends at Lua's own stack limit instead, and the worker's stack is safe.
+    let lua = vm(true);
+    let result = run(
+        &lua,
+        r#"(function() local f; f = function(s) return (s:gsub(".", f)) end; return pcall(f, "ab") end)()"#,
+    );
+    assert!(result.contains("stack overflow"), "{result}");
 }
 
 /// A VM with this module and an armed budget, as a policy call has.
@@ -606,5 +631,44 @@ fn timings() {
             o / n as f64 * 1e9,
             o / c
         );
+    }
+}
+
+#[test]
+#[ignore = "scratch"]
+fn overhead_scratch() {
+    use mlua::{MultiValue, Value};
+    let lua = Lua::new();
+    let t = |lua: &Lua, f: mlua::Function, name: &str| {
+        lua.globals().set("F", f).unwrap();
+        let secs: f64 = lua
+            .load(r#"local F, s = F, string.rep("a", 1000) local t = os.clock() for i = 1, 100000 do local a, b = F(s, "x") end return os.clock() - t"#)
+            .eval()
+            .unwrap();
+        println!("{name:40} {:.0} ns", secs * 1e4 * 1e3 / 10.0 * 10.0 / 10.0);
+    };
+    t(&lua, lua.load("return function(s, p) return 1, 2 end").eval().unwrap(), "lua function");
+    t(&lua, lua.create_function(|_, (_a, _b, _c, _d): (Value, Value, Value, Value)| Ok((1, 2))).unwrap(), "rust 4 values -> tuple");
+    t(&lua, lua.create_function(|_, (_a, _b): (mlua::LuaString, mlua::LuaString)| Ok((1, 2))).unwrap(), "rust 2 strings -> tuple");
+    t(&lua, lua.create_function(|_, (a, _b, _c, _d): (Value, Value, Value, Value)| { let n = match a { Value::String(s) => s.as_bytes().len(), _ => 0 }; Ok((n, 2)) }).unwrap(), "rust 4 values + as_bytes -> tuple");
+    t(&lua, lua.create_function(|_, (_a, _b, _c, _d): (Value, Value, Value, Value)| { let mut m = MultiValue::with_capacity(2); m.push_back(Value::Integer(1)); m.push_back(Value::Integer(2)); Ok(m) }).unwrap(), "rust 4 values -> multivalue");
+    let raw = lua.create_function(|_, (_a, _b, _c, _d): (Value, Value, Value, Value)| Ok((1, 2))).unwrap();
+    let wrapped: mlua::Function = lua.load("local f = ... local function check(ok, ...) if ok == false then error((...), 0) end return ok, ... end return function(...) return check(f(...)) end").call(raw).unwrap();
+    t(&lua, wrapped, "wrapped rust tuple");
+}
+
+#[test]
+#[ignore = "scratch"]
+fn calibrate_scratch() {
+    let lua = Lua::new();
+    for src in [
+        r#"string.find(string.rep("a", 60), ".-.-.-.-b")"#,
+        r#"string.find(string.rep("a", 90), ".-.-.-.-b")"#,
+        r#"string.gsub(string.rep("a", 150), ".-.-.-b", "x")"#,
+        r#"string.gsub(string.rep("a", 250), ".-.-.-b", "x")"#,
+    ] {
+        let t = Instant::now();
+        lua.load(src).exec().unwrap();
+        println!("{src}: {:?}", t.elapsed());
     }
 }
