@@ -277,29 +277,34 @@ impl<'a> Matcher<'a> {
             return Ok(None);
         }
         let (b, e) = (self.pat[p], self.pat[p + 1]);
-        let mut cont = 1u32;
-        let mut found = None;
-        for (i, &c) in self.src.iter().enumerate().skip(s + 1) {
+        let mut cont = 1usize;
+        for i in s + 1..self.src.len() {
+            let c = self.src[i];
             if c == e {
                 cont -= 1;
                 if cont == 0 {
-                    found = Some(i + 1);
-                    break;
+                    self.charge((i - s) % CHECK_EVERY)?;
+                    return Ok(Some(i + 1));
                 }
             } else if c == b {
                 cont += 1;
             }
+            if (i - s) % CHECK_EVERY == 0 {
+                self.charge(CHECK_EVERY)?;
+            }
         }
-        self.charge(found.unwrap_or(self.src.len()) - s)?;
-        Ok(found)
+        Ok(None)
     }
 
     fn max_expand(&mut self, s: usize, p: usize, ep: usize) -> Result<Option<usize>, Fail> {
         let mut i = 0;
         while self.singlematch(s + i, p, ep) {
             i += 1;
+            if i % CHECK_EVERY == 0 {
+                self.charge(CHECK_EVERY)?;
+            }
         }
-        self.charge(i)?;
+        self.charge(i % CHECK_EVERY)?;
         loop {
             if let Some(res) = self.do_match(s + i, ep + 1)? {
                 return Ok(Some(res));
