@@ -334,10 +334,7 @@ impl<'a> Matcher<'a> {
         if level >= MAXCAPTURES {
             return Err(pattern_error("too many captures"));
         }
-        self.capture[level] = Capture {
-            init: s,
-            len: what,
-        };
+        self.capture[level] = Capture { init: s, len: what };
         self.level = level + 1;
         let res = self.do_match(s, p)?;
         if res.is_none() {
@@ -473,10 +470,12 @@ impl<'a> Matcher<'a> {
     }
 
     fn capture_value(&self, lua: &Lua, i: usize, s: usize, e: usize) -> Outcome<Value> {
-        Ok(match self.get_capture(i, s, e).map_err(|f| raise(lua, f))? {
-            Cap::Range(a, b) => Value::String(lua.create_string(&self.src[a..b])?),
-            Cap::Position(at) => Value::Integer(at as i64),
-        })
+        Ok(
+            match self.get_capture(i, s, e).map_err(|f| raise(lua, f))? {
+                Cap::Range(a, b) => Value::String(lua.create_string(&self.src[a..b])?),
+                Cap::Position(at) => Value::Integer(at as i64),
+            },
+        )
     }
 
     /// Appends the captures to `out`: the whole match `s..e` when there are none and `whole`.
@@ -952,14 +951,7 @@ impl Output {
 }
 
 /// `add_s`: a replacement string with `%0`-`%9` and `%%`.
-fn add_s(
-    lua: &Lua,
-    m: &Matcher,
-    out: &mut Output,
-    s: usize,
-    e: usize,
-    news: &[u8],
-) -> Outcome<()> {
+fn add_s(lua: &Lua, m: &Matcher, out: &mut Output, s: usize, e: usize, news: &[u8]) -> Outcome<()> {
     let mut rest = news;
     while let Some(k) = memchr(L_ESC, rest) {
         out.extend(lua, &rest[..k])?;

@@ -56,7 +56,8 @@ fn vm(ours: bool) -> Lua {
 
 fn run(lua: &Lua, source: &str) -> String {
     let run: mlua::Function = lua.globals().get("run").unwrap();
-    run.call::<String>(source).unwrap_or_else(|e| format!("harness error: {e}"))
+    run.call::<String>(source)
+        .unwrap_or_else(|e| format!("harness error: {e}"))
 }
 
 /// Hand-written cases for every feature and error of lstrlib.c's matcher.
@@ -371,8 +372,7 @@ const CASES: &[&str] = &[
 fn compare(plain: &Lua, ours: &Lua, case: &str) -> Option<String> {
     let expected = run(plain, case);
     let actual = run(ours, case);
-    (expected != actual)
-        .then(|| format!("{case}\n   lua:  {expected}\n   ours: {actual}"))
+    (expected != actual).then(|| format!("{case}\n   lua:  {expected}\n   ours: {actual}"))
 }
 
 #[test]
@@ -414,8 +414,8 @@ impl Rng {
 /// Pattern items over a small alphabet, with every special (some malformed on purpose).
 const ITEMS: &[&str] = &[
     "a", "b", "x", " ", ".", "%a", "%d", "%s", "%w", "%A", "%(", "%.", "%%", "[ab]", "[^a]",
-    "[a-c]", "[%a(]", "[]]", "(", ")", "()", "%1", "%2", "%0", "%b()", "%bab", "%f[a]",
-    "%f[^a]", "%f[%s]", "$", "^", "[", "%", "]", "-", "*", "+", "?",
+    "[a-c]", "[%a(]", "[]]", "(", ")", "()", "%1", "%2", "%0", "%b()", "%bab", "%f[a]", "%f[^a]",
+    "%f[%s]", "$", "^", "[", "%", "]", "-", "*", "+", "?",
 ];
 const SUFFIXES: &[&str] = &["", "", "", "*", "+", "-", "?"];
 const SUBJECT: &[&str] = &["a", "a", "b", "x", " ", "(", ")", "1", ".", "%", "ab"];
@@ -538,7 +538,10 @@ fn a_backtracking_pattern_stops_at_the_cpu_limit() {
             message.contains("policy.lua:1: CPU limit exceeded"),
             "{source}: {message}"
         );
-        assert!(elapsed < Duration::from_millis(300), "{source}: {elapsed:?}");
+        assert!(
+            elapsed < Duration::from_millis(300),
+            "{source}: {elapsed:?}"
+        );
     }
 }
 
