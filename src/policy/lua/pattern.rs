@@ -45,7 +45,8 @@ enum Fail {
 
 /// An error of one of the functions, sorted by how it reaches the script.
 enum Raise {
-    /// Raised by the wrapper as `error(message, 2)`, as `luaL_error` would.
+    /// Raised as a Lua string by the wrapper, located at the caller's line as `luaL_error`
+    /// would locate it.
     Message(String),
     /// Left to mlua (the CPU limit, memory).
     Lua(mlua::Error),
@@ -79,8 +80,10 @@ impl Clock {
 
     /// The hook's error, located at the line that called the function.
     fn error(lua: &Lua) -> mlua::Error {
-        let location = caller(lua).unwrap_or_else(|| "?:0".to_owned());
-        mlua::Error::runtime(format!("{location}: CPU limit exceeded"))
+        mlua::Error::runtime(match caller(lua) {
+            Some(location) => format!("{location}: CPU limit exceeded"),
+            None => "CPU limit exceeded".to_owned(),
+        })
     }
 }
 
@@ -845,6 +848,7 @@ impl Gsub {
         let src: &[u8] = &subject;
         let pat = &pattern[usize::from(self.anchor)..];
         let mut m = Matcher::new(src, pat, clock);
+        let text = self.text.as_ref().map(LuaString::as_bytes);
         let resumed = match self.pending.take() {
             Some((s, e)) => {
                 match value {
@@ -876,9 +880,9 @@ impl Gsub {
                         self.at = e;
                         self.copied = e;
                         self.last = Some(e);
-                        match &self.text {
+                        match &text {
                             Some(text) => {
-                                add_s(lua, &m, &mut self.out, at, e, &text.as_bytes())?;
+                                add_s(lua, &m, &mut self.out, at, e, text)?;
                                 self.changed = true;
                             }
                             None => {
