@@ -638,3 +638,20 @@ fn timings() {
         );
     }
 }
+
+#[test]
+fn a_replacement_function_may_yield() {
+    // Lua's C gsub refuses ("attempt to yield across a C-call boundary"); here the
+    // replacement runs as plain Lua, so a coroutine can yield from it and resume the gsub.
+    let lua = vm(true);
+    let result = run(
+        &lua,
+        r#"(function()
+          local co = coroutine.wrap(function()
+            return ("ab"):gsub(".", function(c) coroutine.yield(c) return c:upper() end)
+          end)
+          return co(), co(), co()
+        end)()"#,
+    );
+    assert_eq!(result, r#"true | 4 | s:"a" | s:"b" | s:"AB" | integer:2"#);
+}
