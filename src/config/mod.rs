@@ -33,6 +33,8 @@ pub mod defaults {
     pub const MIME_TYPE: &str = "application/json";
     /// `route.max_message_size`: 1 MiB.
     pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
+    /// `route.max_queued_bytes` at least: 4 MiB (or `max_message_size`, if larger).
+    pub const MAX_QUEUED_BYTES: usize = 4 << 20;
     /// `route.handshake_timeout`.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `route.policy_cpu_limit`: time one policy call may run.
@@ -89,6 +91,12 @@ pub struct Route {
     pub expire: Option<Duration>,
     /// Close after this long without a data message either way; `None` disables it.
     pub idle_timeout: Option<Duration>,
+    /// Ping a leg that has sent nothing for this long; `None` disables pings.
+    pub ping_interval: Option<Duration>,
+    /// A pinged leg that sends nothing back for this long is dropped as dead.
+    pub ping_timeout: Duration,
+    /// The most bytes a policy's sends may leave queued for one leg.
+    pub max_queued_bytes: usize,
     /// Largest message (after reassembly) accepted from either side.
     pub max_message_size: usize,
     /// Bound on connecting to the upstream and completing its handshake (504 after it).
@@ -505,7 +513,44 @@ impl Validator<'_> {
                 n as usize
             }
         };
+        let ping_interval = self.optional_duration(&raw.ping_interval, "route.ping_interval")?;
+        let ping_timeout = match (&raw.ping_timeout, ping_interval) {
+            (Some(v), None) => {
+                return Err(self.err(
+                    v,
+                    "route.ping_timeout needs route.ping_interval".into(),
+                    "set ping_interval too, e.g. ping_interval = \"30s\"",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                self.positive_duration(&raw.ping_timeout, "route.ping_timeout", Duration::ZERO)?
+            }
+            (None, interval) => interval.unwrap_or_default(),
+        };
+        let max_queued_bytes = match raw.max_queued_bytes {
+            None => defaults::MAX_QUEUED_BYTES.max(max_message_size),
+            Some(v) => {
+                let n = units::parse_size(v.get_ref()).map_err(|e| {
+                    self.err(
+                        &v,
+                        format!("route.max_queued_bytes: {e}"),
+                        "write a size like \"4MiB\"",
+                    )
+                })?;
+                if n < 64 * 1024 || n > (1 << 30) {
+                    return Err(self.err(
+                        &v,
+                        "route.max_queued_bytes must be between 64KiB and 1GiB".into(),
+                        "",
+                    ));
+                }
+                n as usize
+            }
+        };
         Ok(Route {
+            ping_interval,
+            ping_timeout,
+            max_queued_bytes,
             on_policy_error,
             policy_cpu_limit,
             policy_memory_limit,

@@ -21,6 +21,11 @@ use super::close::{Ending, Side, Traffic};
 use super::frame::{self, ClosePayload, FrameError, OpCode, Role};
 use crate::upstream::{Io, Socket};
 
+/// The most a lingering close ([`Leg::fail`]) reads and discards before it drops the socket
+/// anyway: more than a peer has in flight when it is cut off mid-message at the default
+/// limits, and little work to throw away.
+const LINGER_BYTES: usize = 16 << 20;
+
 /// The smallest buffer a partial frame is kept in.
 const MIN_PARTIAL: usize = 4 * 1024;
 
@@ -82,8 +87,9 @@ struct Streaming {
     left: usize,
 }
 
-/// A hook over whole data messages, given with the sender's own outbox (for replies).
-pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<(), Ending> + 'a;
+/// A hook over whole data messages, given with the sender's own outbox (for replies). It
+/// answers whether the read may go on (`false`: a queue is full, the rest of the read waits).
+pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<bool, Ending> + 'a;
 
 /// Where a leg's data messages go.
 pub(crate) enum Sink<'a> {
@@ -153,6 +159,11 @@ impl Outbox {
     fn push(&mut self, opcode: OpCode, payload: &[u8]) {
         let mask = self.mask();
         frame::encode(self.buf(), opcode, payload, mask);
+    }
+
+    /// Queues a ping with no payload (the gateway's own, to find a dead peer).
+    pub(crate) fn push_ping(&mut self) {
+        self.push(OpCode::Ping, &[]);
     }
 
     /// A streamed frame is half-way through: no other frame may be queued before it ends.
@@ -609,7 +620,9 @@ impl Leg {
                             // shared, not copied.
                             let frame = buf.split_to(header.frame_len()).freeze();
                             let message = self.message(text, frame.slice(header.header_len..))?;
-                            hook(message, &mut self.out)?;
+                            if !hook(message, &mut self.out)? {
+                                return Ok(true);
+                            }
                             continue;
                         }
                         if text && std::str::from_utf8(payload).is_err() {
@@ -637,7 +650,10 @@ impl Leg {
                         active = true;
                         if let Sink::Hooks(hook) = sink {
                             let message = self.message(text, Bytes::from(data))?;
-                            hook(message, &mut self.out)?;
+                            if !hook(message, &mut self.out)? {
+                                buf.advance(header.frame_len());
+                                return Ok(true);
+                            }
                         } else {
                             if text && std::str::from_utf8(&data).is_err() {
                                 return Err(Ending::BadUtf8(self.side));
@@ -681,18 +697,16 @@ impl Leg {
                     reason: reason.into(),
                 }),
             ),
-            // As tungstenite does: the close is answered, and passed on, as a protocol error.
-            Ok(ClosePayload::Forbidden(_)) => Ending::Closed(
+            // A code no peer may send is the sender's protocol error: it gets 1002, and the
+            // other leg is told its peer failed (not handed a 1002 it did not commit).
+            Ok(ClosePayload::Forbidden(code)) => Ending::Protocol(
                 self.side,
-                Some(CloseFrame {
-                    code: CloseCode::Protocol,
-                    reason: "Protocol violation".into(),
-                }),
+                format!("close frame with the forbidden code {code}"),
             ),
             Err(frame::CloseError::Truncated) => {
                 self.protocol("close frame with a one-byte payload")
             }
-            Err(frame::CloseError::BadUtf8) => Ending::BadUtf8(self.side),
+            Err(frame::CloseError::BadUtf8) => Ending::BadCloseReason(self.side),
         }
     }
 
@@ -728,6 +742,35 @@ impl Leg {
         if self.role() == Role::Client {
             self.wait_for_end().await;
         }
+    }
+
+    /// The peer broke the protocol: sends `frame` after what is queued, then closes the
+    /// writing half and discards what the peer still sends until it hangs up, at most
+    /// [`LINGER_BYTES`] (the caller bounds the time). Dropping a socket with unread input
+    /// makes the kernel send a reset, which can destroy the close frame before the peer reads
+    /// it: this is NGINX's lingering close. The peer's frames are not parsed any more (the
+    /// stream broke at an unknown point), so its own close frame cannot end the wait; the
+    /// closed writing half is what tells it to hang up.
+    pub(crate) async fn fail(&mut self, frame: Option<&CloseFrame>) {
+        if !self.send_close(frame).await {
+            return;
+        }
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
+        let mut discarded = self.partial.len();
+        self.partial = BytesMut::new();
+        let _ = std::future::poll_fn(|cx| loop {
+            if discarded >= LINGER_BYTES {
+                return Poll::Ready(());
+            }
+            let mut buf = take_scratch();
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf);
+            buffers::give_back_scratch(buf);
+            match ready!(read) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(n) => discarded += n,
+            }
+        })
+        .await;
     }
 
     /// The peer's close came first: answers it with `reply` and finishes.
