@@ -60,6 +60,29 @@ const STREAM_READ: usize = 32 * 1024;
 struct Fragments {
     text: bool,
     data: Vec<u8>,
+    /// `data[..checked]` is known to be UTF-8 (text only): each fragment is checked as it
+    /// comes, so that bad text fails fast instead of after its last fragment.
+    checked: usize,
+}
+
+impl Fragments {
+    /// Whether the text so far can still be UTF-8 (it may end inside a character).
+    fn still_utf8(&mut self) -> bool {
+        if !self.text {
+            return true;
+        }
+        match std::str::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => {
+                self.checked = self.data.len();
+                true
+            }
+            Err(e) if e.error_len().is_none() => {
+                self.checked += e.valid_up_to();
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// Frames at the start of a read buffer that are relayed byte for byte, by their length.
@@ -630,10 +653,15 @@ impl Leg {
                         }
                         pass_through(sink, text, payload);
                     } else {
-                        self.fragments = Some(Fragments {
+                        let mut fragments = Fragments {
                             text,
                             data: payload.to_vec(),
-                        });
+                            checked: 0,
+                        };
+                        if !fragments.still_utf8() {
+                            return Err(Ending::BadUtf8(self.side));
+                        }
+                        self.fragments = Some(fragments);
                     }
                 }
                 OpCode::Continuation => {
@@ -644,8 +672,11 @@ impl Leg {
                         return Err(Ending::TooBig(self.side));
                     }
                     fragments.data.extend_from_slice(payload);
+                    if !fragments.still_utf8() {
+                        return Err(Ending::BadUtf8(self.side));
+                    }
                     if header.fin {
-                        let Fragments { text, data } =
+                        let Fragments { text, data, .. } =
                             self.fragments.take().expect("fragments checked above");
                         active = true;
                         if let Sink::Hooks(hook) = sink {
@@ -731,13 +762,32 @@ impl Leg {
     /// connection to end). A server leg drops the connection once the peer's close is in; a
     /// client leg waits for the server to end it, as RFC 6455 §7.1.1 asks.
     pub(crate) async fn close(&mut self, frame: Option<&CloseFrame>) {
+        self.close_into(frame, None).await;
+    }
+
+    /// Like [`Leg::close`], but the data messages the peer still sends before its close go
+    /// on to `peer` (counted in `traffic`) instead of being discarded.
+    pub(crate) async fn close_into(
+        &mut self,
+        frame: Option<&CloseFrame>,
+        mut peer: Option<(&mut Leg, &mut Traffic)>,
+    ) {
         if !self.send_close(frame).await {
             return;
         }
-        // Until the peer's close (or the end): what it still sends is discarded.
-        while std::future::poll_fn(|cx| self.poll_receive(cx, Sink::Discard))
-            .await
-            .is_ok()
+        // Until the peer's close (or the end).
+        while std::future::poll_fn(|cx| {
+            let sink = match &mut peer {
+                Some((leg, traffic)) => Sink::Through {
+                    peer: &mut **leg,
+                    traffic: &mut **traffic,
+                },
+                None => Sink::Discard,
+            };
+            self.poll_receive(cx, sink)
+        })
+        .await
+        .is_ok()
         {}
         if self.role() == Role::Client {
             self.wait_for_end().await;

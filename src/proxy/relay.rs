@@ -107,17 +107,38 @@ impl Relay {
         close_timeout: Duration,
     ) -> (Ending, [Traffic; 2], Box<dyn FrameHooks>) {
         let Relay {
-            client,
-            upstream,
+            mut client,
+            mut upstream,
             traffic: [mut to_upstream, mut to_client],
             hooks,
+            inspects,
             ..
         } = *self;
         let (client_plan, upstream_plan) = ending.plan();
-        tokio::join!(
-            close_leg(client, client_plan, &mut to_client, close_timeout),
-            close_leg(upstream, upstream_plan, &mut to_upstream, close_timeout),
-        );
+        match (&client_plan, &upstream_plan) {
+            // The client broke the rules: the upstream is closed first, and what it still
+            // sends (answers to the client's earlier messages) reaches the client before
+            // its close frame, as it would through a plain TCP proxy. Not on a route whose
+            // policy looks at those messages: they could not pass through it any more.
+            (LegClose::Fail(_), LegClose::Send(frame))
+                if !inspects[1] && !client.out.is_mid_frame() && !upstream.out.is_mid_frame() =>
+            {
+                let _ = tokio::time::timeout(
+                    close_timeout,
+                    upstream.close_into(frame.as_ref(), Some((&mut client, &mut to_client))),
+                )
+                .await;
+                to_upstream.undelivered += upstream.undelivered();
+                drop(upstream);
+                close_leg(client, client_plan, &mut to_client, close_timeout).await;
+            }
+            _ => {
+                tokio::join!(
+                    close_leg(client, client_plan, &mut to_client, close_timeout),
+                    close_leg(upstream, upstream_plan, &mut to_upstream, close_timeout),
+                );
+            }
+        }
         (ending, [to_upstream, to_client], hooks)
     }
 
