@@ -4,8 +4,10 @@
 //! frame (and which), only finish a handshake the peer started, or just drop a dead socket.
 //!
 //! Blame goes where it belongs: a leg that broke the rules gets its own code (1002, 1007,
-//! 1009); the other leg is told its peer failed, with 1014 (Bad Gateway) towards a client
-//! whose upstream misbehaved, and 1001 towards an upstream whose client did.
+//! 1009); the other leg is told its peer failed, with 1011 and a reason naming the upstream
+//! towards a client whose upstream misbehaved, and 1001 towards an upstream whose client did.
+//! Not 1014 (Bad Gateway): widely used clients (gorilla/websocket, tungstenite 0.26) take a
+//! received 1014 for a protocol error of their peer, which is the wrong blame again.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -126,11 +128,11 @@ pub(crate) mod reasons {
     pub const PROTOCOL: &str = "protocol error";
     /// Sent to an upstream whose client failed (1001).
     pub const PEER_FAILED: &str = "peer connection failed";
-    /// Sent (1014) to a client whose upstream sent a message over `max_message_size`.
+    /// Sent (1011) to a client whose upstream sent a message over `max_message_size`.
     pub const UPSTREAM_TOO_BIG: &str = "upstream sent a message too big";
-    /// Sent (1014) to a client whose upstream sent text that is not UTF-8.
+    /// Sent (1011) to a client whose upstream sent text that is not UTF-8.
     pub const UPSTREAM_BAD_UTF8: &str = "upstream sent invalid UTF-8";
-    /// Sent (1014) to a client whose upstream broke the framing rules.
+    /// Sent (1011) to a client whose upstream broke the framing rules.
     pub const UPSTREAM_PROTOCOL: &str = "upstream protocol error";
     /// Sent to the upstream when the client did not answer a ping in time.
     pub const CLIENT_UNRESPONSIVE: &str = "client not responding";
@@ -154,15 +156,15 @@ impl Ending {
         }
     }
 
-    /// What a client is told when its upstream broke the rules: 1014, the IANA code for a
-    /// gateway that got an invalid response upstream (HTTP's 502).
+    /// What a client is told when its upstream broke the rules (see the module doc for why
+    /// 1011 and not 1014).
     fn upstream_fault(&self) -> Option<CloseFrame> {
         let reason = match self {
             Ending::TooBig(_) => reasons::UPSTREAM_TOO_BIG,
             Ending::BadUtf8(_) => reasons::UPSTREAM_BAD_UTF8,
             _ => reasons::UPSTREAM_PROTOCOL,
         };
-        frame(CloseCode::from(1014), reason)
+        frame(CloseCode::Error, reason)
     }
 
     /// What each leg is told: `(client, upstream)`.
@@ -193,12 +195,14 @@ impl Ending {
             | Ending::Protocol(Side::Upstream, _) => {
                 (Send(self.upstream_fault()), Fail(self.gateway_frame()))
             }
-            Ending::Unresponsive(Side::Client) => {
-                (Drop, Send(frame(CloseCode::Away, reasons::CLIENT_UNRESPONSIVE)))
-            }
-            Ending::Unresponsive(Side::Upstream) => {
-                (Send(frame(CloseCode::Away, reasons::UPSTREAM_UNRESPONSIVE)), Drop)
-            }
+            Ending::Unresponsive(Side::Client) => (
+                Drop,
+                Send(frame(CloseCode::Away, reasons::CLIENT_UNRESPONSIVE)),
+            ),
+            Ending::Unresponsive(Side::Upstream) => (
+                Send(frame(CloseCode::Away, reasons::UPSTREAM_UNRESPONSIVE)),
+                Drop,
+            ),
             Ending::Expired | Ending::Idle | Ending::Shutdown | Ending::Policy(_) => {
                 (Send(self.gateway_frame()), Send(self.gateway_frame()))
             }
@@ -363,15 +367,18 @@ mod tests {
     }
 
     #[test]
-    fn upstream_faults_give_the_client_1014_and_the_upstream_its_own_code() {
+    fn upstream_faults_give_the_client_1011_and_the_upstream_its_own_code() {
         for (ending, own) in [
             (Ending::TooBig(Side::Upstream), 1009),
             (Ending::BadUtf8(Side::Upstream), 1007),
             (Ending::BadCloseReason(Side::Upstream), 1007),
-            (Ending::Protocol(Side::Upstream, "masked frame".into()), 1002),
+            (
+                Ending::Protocol(Side::Upstream, "masked frame".into()),
+                1002,
+            ),
         ] {
             let (c, u) = ending.plan();
-            assert_eq!(sent(&c), Some(1014), "{ending:?}");
+            assert_eq!(sent(&c), Some(1011), "{ending:?}");
             assert!(
                 matches!(&u, LegClose::Fail(Some(f)) if u16::from(f.code) == own),
                 "{ending:?}: {u:?}"

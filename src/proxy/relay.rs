@@ -200,8 +200,7 @@ impl Relay {
                 Expiry::Unresponsive(side) => {
                     // Its answer may be waiting unread, held back because the other leg has
                     // not taken what it was given (that leg is pinged on its own).
-                    if !self.leg(side.other()).out.is_empty() || self.leg(side).out.is_mid_frame()
-                    {
+                    if !self.leg(side.other()).out.is_empty() || self.leg(side).out.is_mid_frame() {
                         self.lifetime.excuse(side);
                     } else {
                         return Poll::Ready(Ending::Unresponsive(side));
