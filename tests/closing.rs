@@ -139,54 +139,47 @@ fn gw_route(upstream: SocketAddr, extra: &str) -> String {
 async fn an_oversized_frame_sent_in_one_write_still_gets_its_1009() {
     let up = echo().await;
     let gw = gateway(&gw_route(up.addr, "")).await;
+    // 1 MiB + 1 (one over the default limit), then more than the sockets' buffers hold.
+    let mut bytes = masked(0x82, &vec![7u8; (1 << 20) + 1]);
+    bytes.extend(masked(0x82, &vec![8u8; 8 << 20]));
     for attempt in 0..5 {
-        let (raw, mut buf) = raw_client(gw.local_addr(), "/x").await;
-        let (mut rd, mut wr) = raw.into_split();
-        // 1 MiB + 1 (one over the default limit), then more, in one write.
-        let mut bytes = masked(0x82, &vec![7u8; (1 << 20) + 1]);
-        bytes.extend(masked(0x82, &vec![8u8; 256 * 1024]));
-        let writer = tokio::spawn(async move {
-            let _ = wr.write_all(&bytes).await;
-            wr
-        });
-        let read = within(
-            "the close frame",
-            read_close(&mut rd, &mut buf, &mut Vec::new()),
-        )
-        .await;
-        assert_eq!(
-            read,
-            Read::Close(1009, "message too big".into()),
-            "attempt {attempt}"
-        );
-        // The gateway read (and dropped) the rest, and then ended the connection.
-        let _wr = within("the client's write", writer).await.unwrap();
-        read_to_end_within(&mut rd, PROMPT).await;
+        write_then_expect_1009(gw.local_addr(), &bytes, attempt).await;
     }
+}
+
+/// Writes `bytes` in one write, and only then reads: the input the gateway leaves unread
+/// must not reset the connection under its 1009.
+async fn write_then_expect_1009(gw: SocketAddr, bytes: &[u8], attempt: usize) {
+    let (mut raw, mut buf) = raw_client(gw, "/x").await;
+    // A client library whose write fails reports the reset, never the close frame.
+    within("the client's write", raw.write_all(bytes))
+        .await
+        .unwrap_or_else(|e| panic!("attempt {attempt}: the write failed: {e}"));
+    let read = within(
+        "the close frame",
+        read_close(&mut raw, &mut buf, &mut Vec::new()),
+    )
+    .await;
+    assert_eq!(
+        read,
+        Read::Close(1009, "message too big".into()),
+        "attempt {attempt}"
+    );
+    // The gateway read (and dropped) the rest, and then ended the connection.
+    read_to_end_within(&mut raw, PROMPT).await;
 }
 
 #[tokio::test]
 async fn endless_continuations_still_get_their_1009() {
     let up = echo().await;
     let gw = gateway(&gw_route(up.addr, "max_message_size = \"64KiB\"\n")).await;
-    let (raw, mut buf) = raw_client(gw.local_addr(), "/x").await;
-    let (mut rd, mut wr) = raw.into_split();
     let mut bytes = masked(0x02, &[1u8; 1000]);
-    for _ in 0..1000 {
+    for _ in 0..8000 {
         bytes.extend(masked(0x00, &[2u8; 1000]));
     }
-    let writer = tokio::spawn(async move {
-        let _ = wr.write_all(&bytes).await;
-        wr
-    });
-    let read = within(
-        "the close frame",
-        read_close(&mut rd, &mut buf, &mut Vec::new()),
-    )
-    .await;
-    assert_eq!(read, Read::Close(1009, "message too big".into()));
-    let _wr = within("the client's write", writer).await.unwrap();
-    read_to_end_within(&mut rd, PROMPT).await;
+    for attempt in 0..5 {
+        write_then_expect_1009(gw.local_addr(), &bytes, attempt).await;
+    }
 }
 
 /// Autobahn 7.3.2: a close frame with a one-byte payload gets 1002, and the gateway ends the
