@@ -292,7 +292,11 @@ async fn a_client_that_never_answers_pings_is_dropped_and_the_upstream_told() {
     })
     .await;
     let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert_eq!(&seen[end..], &[0x89, 0x00], "one empty ping, no close frame");
+    assert_eq!(
+        &seen[end..],
+        &[0x89, 0x00],
+        "one empty ping, no close frame"
+    );
     finish_upstream(upstream).await;
 }
 
