@@ -762,21 +762,35 @@ impl Leg {
     /// connection to end). A server leg drops the connection once the peer's close is in; a
     /// client leg waits for the server to end it, as RFC 6455 §7.1.1 asks.
     pub(crate) async fn close(&mut self, frame: Option<&CloseFrame>) {
-        self.close_into(frame, None).await;
+        if self.close_into(frame, None).await && self.role() == Role::Client {
+            self.wait_for_end().await;
+        }
     }
 
-    /// Like [`Leg::close`], but the data messages the peer still sends before its close go
-    /// on to `peer` (counted in `traffic`) instead of being discarded.
+    /// The first half of [`Leg::close`]: sends `frame` and waits for the peer's close (or the
+    /// end), passing the data messages the peer still sends on to `peer` (counted in
+    /// `traffic`) instead of discarding them. False if the connection failed.
     pub(crate) async fn close_into(
         &mut self,
         frame: Option<&CloseFrame>,
         mut peer: Option<(&mut Leg, &mut Traffic)>,
-    ) {
+    ) -> bool {
         if !self.send_close(frame).await {
-            return;
+            return false;
         }
-        // Until the peer's close (or the end).
+        // Until the peer's close (or the end). As in the relay, this leg is read only once
+        // `peer` has written out what it was given: a peer that does not read holds this
+        // leg's last messages back (until the caller's time limit), it does not pile them up.
         while std::future::poll_fn(|cx| {
+            if let Some((leg, _)) = &mut peer {
+                if !leg.out.is_empty() {
+                    match leg.poll_flush(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(_)) => peer = None,
+                    }
+                }
+            }
             let sink = match &mut peer {
                 Some((leg, traffic)) => Sink::Through {
                     peer: &mut **leg,
@@ -789,9 +803,7 @@ impl Leg {
         .await
         .is_ok()
         {}
-        if self.role() == Role::Client {
-            self.wait_for_end().await;
-        }
+        true
     }
 
     /// The peer broke the protocol: sends `frame` after what is queued, then closes the
@@ -837,7 +849,7 @@ impl Leg {
     }
 
     /// Reads and discards until the peer ends the connection.
-    async fn wait_for_end(&mut self) {
+    pub(crate) async fn wait_for_end(&mut self) {
         let _ = std::future::poll_fn(|cx| loop {
             let mut buf = take_scratch();
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf);

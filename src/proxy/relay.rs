@@ -116,21 +116,30 @@ impl Relay {
         } = *self;
         let (client_plan, upstream_plan) = ending.plan();
         match (&client_plan, &upstream_plan) {
-            // The client broke the rules: the upstream is closed first, and what it still
-            // sends (answers to the client's earlier messages) reaches the client before
-            // its close frame, as it would through a plain TCP proxy. Not on a route whose
-            // policy looks at those messages: they could not pass through it any more.
+            // The client broke the rules: the upstream is told first, and what it still
+            // sends until its close reply (answers to the client's earlier messages) reaches
+            // the client before the client's close frame, as it would through a plain TCP
+            // proxy. Not on a route whose policy looks at those messages: they could not pass
+            // through it any more.
             (LegClose::Fail(_), LegClose::Send(frame))
                 if !inspects[1] && !client.out.is_mid_frame() && !upstream.out.is_mid_frame() =>
             {
-                let _ = tokio::time::timeout(
-                    close_timeout,
+                let deadline = tokio::time::Instant::now() + close_timeout;
+                let replied = tokio::time::timeout_at(
+                    deadline,
                     upstream.close_into(frame.as_ref(), Some((&mut client, &mut to_client))),
                 )
                 .await;
-                to_upstream.undelivered += upstream.undelivered();
-                drop(upstream);
-                close_leg(client, client_plan, &mut to_client, close_timeout).await;
+                let upstream_end = async {
+                    if let Ok(true) = replied {
+                        let _ = tokio::time::timeout_at(deadline, upstream.wait_for_end()).await;
+                    }
+                    to_upstream.undelivered += upstream.undelivered();
+                };
+                tokio::join!(
+                    upstream_end,
+                    close_leg(client, client_plan, &mut to_client, close_timeout),
+                );
             }
             _ => {
                 tokio::join!(
