@@ -671,6 +671,41 @@ mod tests {
     }
 
     #[test]
+    fn pings_and_the_queue_bound() {
+        let route = |extra: &str| {
+            format!("[[route]]\npath = \"/e\"\nupstream = \"ws://127.0.0.1:9001/\"\n{extra}")
+        };
+        let r = &load(&route("")).unwrap().routes[0];
+        assert_eq!(r.ping_interval, None);
+        assert_eq!(r.max_queued_bytes, 4 << 20);
+        let r = &load(&route(
+            "ping_interval = \"30s\"\nmax_message_size = \"8MiB\"\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!(r.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(
+            r.ping_timeout,
+            Duration::from_secs(30),
+            "defaults to the interval"
+        );
+        assert_eq!(r.max_queued_bytes, 8 << 20, "at least max_message_size");
+        let r = &load(&route(
+            "ping_interval = \"30s\"\nping_timeout = \"5s\"\nmax_queued_bytes = \"64KiB\"\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!(r.ping_timeout, Duration::from_secs(5));
+        assert_eq!(r.max_queued_bytes, 64 << 10);
+        assert!(error(&route("ping_timeout = \"5s\"\n")).contains("needs route.ping_interval"));
+        assert!(
+            error(&route("ping_interval = \"30s\"\nping_timeout = \"0s\"\n"))
+                .contains("route.ping_timeout must be greater than 0")
+        );
+        assert!(error(&route("max_queued_bytes = \"1KiB\"\n")).contains("between 64KiB and 1GiB"));
+    }
+
+    #[test]
     fn minimal_route_gets_defaults() {
         let c = load("[[route]]\npath = \"/echo\"\nupstream = \"ws://127.0.0.1:9001/\"\n").unwrap();
         let r = &c.routes[0];
