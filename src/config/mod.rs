@@ -537,7 +537,7 @@ impl Validator<'_> {
                         "write a size like \"4MiB\"",
                     )
                 })?;
-                if n < 64 * 1024 || n > (1 << 30) {
+                if !(64 * 1024..=(1 << 30)).contains(&n) {
                     return Err(self.err(
                         &v,
                         "route.max_queued_bytes must be between 64KiB and 1GiB".into(),

@@ -792,10 +792,7 @@ impl Leg {
                 }
             }
             let sink = match &mut peer {
-                Some((leg, traffic)) => Sink::Through {
-                    peer: &mut **leg,
-                    traffic: &mut **traffic,
-                },
+                Some((leg, traffic)) => Sink::Through { peer: leg, traffic },
                 None => Sink::Discard,
             };
             self.poll_receive(cx, sink)
