@@ -8,11 +8,10 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::StreamExt;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
 
 /// How long the gateway may take to end a connection after its close frame, in the tests
 /// whose `close_timeout` is far longer: it must not wait for it.
@@ -341,16 +340,22 @@ async fn a_clients_forbidden_close_code_is_not_passed_on() {
     raw.write_all(&masked(0x88, &1005u16.to_be_bytes()))
         .await
         .unwrap();
-    let read = within(
-        "the close frame",
-        read_close(&mut raw, &mut buf, &mut Vec::new()),
-    )
-    .await;
+    // The upstream answers the gateway's close (tungstenite sends its reply on the next
+    // poll); the client's close follows that reply.
+    let upstream_side = async {
+        let frame = expect_close(&mut upstream).await;
+        let _ = within("the upstream's close reply", upstream.next()).await;
+        frame
+    };
+    let mut data = Vec::new();
+    let (read, frame) = tokio::join!(
+        within("the close frame", read_close(&mut raw, &mut buf, &mut data)),
+        upstream_side
+    );
     assert_eq!(read, Read::Close(1002, "protocol error".into()));
-    let frame = expect_close(&mut upstream).await;
     assert_eq!(
         (u16::from(frame.code), frame.reason.as_str()),
         (1001, "peer connection failed")
     );
-    let _ = upstream.send(Message::Close(None)).await;
+    read_to_end_within(&mut raw, PROMPT).await;
 }
