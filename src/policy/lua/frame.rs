@@ -33,6 +33,8 @@ struct CallState {
     /// Payload bytes the call may still send towards the client, then the upstream (see
     /// [`Outbound`]).
     room: [usize; 2],
+    /// Whether a send of this connection has been refused for lack of room: logged once.
+    refused: bool,
 }
 
 /// `msg`: one data message. The object is reused for every message of a connection; after the
@@ -144,6 +146,14 @@ impl Conn {
         let message = to_message(lua, &format!("conn:{method}"), data, self.codec)?;
         let room = &mut call.room[usize::from(!to_client)];
         let Some(left) = room.checked_sub(message.len()) else {
+            if !call.refused {
+                call.refused = true;
+                tracing::warn!(
+                    conn = self.id,
+                    bytes = message.len(),
+                    "conn:{method} refused: queue full (route.max_queued_bytes); logged once per connection"
+                );
+            }
             return Ok((false, Some("queue full")));
         };
         *room = left;
