@@ -816,7 +816,9 @@ impl Leg {
         }
         let _ = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
         let mut discarded = self.partial.len();
+        // Nothing read from now on is kept.
         self.partial = BytesMut::new();
+        self.fragments = None;
         let _ = std::future::poll_fn(|cx| loop {
             if discarded >= LINGER_BYTES {
                 return Poll::Ready(());

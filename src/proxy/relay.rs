@@ -131,6 +131,8 @@ impl Relay {
                 )
                 .await;
                 let upstream_end = async {
+                    // Owned here, so that the socket goes as soon as its own close is done.
+                    let mut upstream = upstream;
                     if let Ok(true) = replied {
                         let _ = tokio::time::timeout_at(deadline, upstream.wait_for_end()).await;
                     }
