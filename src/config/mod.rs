@@ -43,6 +43,8 @@ pub mod defaults {
     pub const MIME_TYPE: &str = "application/json";
     /// `route.max_message_size`: 1 MiB.
     pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
+    /// `route.max_queued_bytes` at least: 4 MiB (or `max_message_size`, if larger).
+    pub const MAX_QUEUED_BYTES: usize = 4 << 20;
     /// `route.handshake_timeout`.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `route.policy_cpu_limit`: time one policy call may run.
@@ -111,6 +113,12 @@ pub struct Route {
     pub expire: Option<Duration>,
     /// Close after this long without a data message either way; `None` disables it.
     pub idle_timeout: Option<Duration>,
+    /// Ping a leg that has sent nothing for this long; `None` disables pings.
+    pub ping_interval: Option<Duration>,
+    /// A pinged leg that sends nothing back for this long is dropped as dead.
+    pub ping_timeout: Duration,
+    /// The most bytes a policy's sends may leave queued for one leg.
+    pub max_queued_bytes: usize,
     /// Largest message (after reassembly) accepted from either side.
     pub max_message_size: usize,
     /// Bound on connecting to the upstream and completing its handshake (504 after it).
@@ -590,7 +598,44 @@ impl Validator<'_> {
                 n as usize
             }
         };
+        let ping_interval = self.optional_duration(&raw.ping_interval, "route.ping_interval")?;
+        let ping_timeout = match (&raw.ping_timeout, ping_interval) {
+            (Some(v), None) => {
+                return Err(self.err(
+                    v,
+                    "route.ping_timeout needs route.ping_interval".into(),
+                    "set ping_interval too, e.g. ping_interval = \"30s\"",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                self.positive_duration(&raw.ping_timeout, "route.ping_timeout", Duration::ZERO)?
+            }
+            (None, interval) => interval.unwrap_or_default(),
+        };
+        let max_queued_bytes = match raw.max_queued_bytes {
+            None => defaults::MAX_QUEUED_BYTES.max(max_message_size),
+            Some(v) => {
+                let n = units::parse_size(v.get_ref()).map_err(|e| {
+                    self.err(
+                        &v,
+                        format!("route.max_queued_bytes: {e}"),
+                        "write a size like \"4MiB\"",
+                    )
+                })?;
+                if !(64 * 1024..=(1 << 30)).contains(&n) {
+                    return Err(self.err(
+                        &v,
+                        "route.max_queued_bytes must be between 64KiB and 1GiB".into(),
+                        "",
+                    ));
+                }
+                n as usize
+            }
+        };
         Ok(Route {
+            ping_interval,
+            ping_timeout,
+            max_queued_bytes,
             on_policy_error,
             policy_cpu_limit,
             policy_memory_limit,
@@ -709,6 +754,41 @@ mod tests {
 
     fn error(src: &str) -> String {
         load(src).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn pings_and_the_queue_bound() {
+        let route = |extra: &str| {
+            format!("[[route]]\npath = \"/e\"\nupstream = \"ws://127.0.0.1:9001/\"\n{extra}")
+        };
+        let r = &load(&route("")).unwrap().routes[0];
+        assert_eq!(r.ping_interval, None);
+        assert_eq!(r.max_queued_bytes, 4 << 20);
+        let r = &load(&route(
+            "ping_interval = \"30s\"\nmax_message_size = \"8MiB\"\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!(r.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(
+            r.ping_timeout,
+            Duration::from_secs(30),
+            "defaults to the interval"
+        );
+        assert_eq!(r.max_queued_bytes, 8 << 20, "at least max_message_size");
+        let r = &load(&route(
+            "ping_interval = \"30s\"\nping_timeout = \"5s\"\nmax_queued_bytes = \"64KiB\"\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!(r.ping_timeout, Duration::from_secs(5));
+        assert_eq!(r.max_queued_bytes, 64 << 10);
+        assert!(error(&route("ping_timeout = \"5s\"\n")).contains("needs route.ping_interval"));
+        assert!(
+            error(&route("ping_interval = \"30s\"\nping_timeout = \"0s\"\n"))
+                .contains("route.ping_timeout must be greater than 0")
+        );
+        assert!(error(&route("max_queued_bytes = \"1KiB\"\n")).contains("between 64KiB and 1GiB"));
     }
 
     #[test]
