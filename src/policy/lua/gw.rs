@@ -66,21 +66,38 @@ pub(super) fn print_function(lua: &Lua) -> mlua::Result<Function> {
     log_function(lua, tracing::Level::INFO)
 }
 
+/// The longest message a policy's log line carries; the rest is cut (NGINX cuts its error-log
+/// lines at 2 KiB): a policy cannot make the worker write megabytes of log per call.
+const MAX_LOG_MESSAGE: usize = 8 * 1024;
+
 fn log_function(lua: &Lua, level: tracing::Level) -> mlua::Result<Function> {
     lua.create_function(move |lua, args: Variadic<Value>| {
         let mut message = String::new();
         for (i, arg) in args.iter().enumerate() {
+            if message.len() > MAX_LOG_MESSAGE {
+                break;
+            }
             if i > 0 {
                 message.push(' ');
             }
             match arg {
-                Value::String(s) => message.push_str(&s.to_string_lossy()),
-                other => message.push_str(
-                    &other
-                        .to_string()
-                        .unwrap_or_else(|_| other.type_name().to_owned()),
-                ),
+                Value::String(s) => {
+                    let bytes = s.as_bytes();
+                    let room = (MAX_LOG_MESSAGE + 1 - message.len()).min(bytes.len());
+                    message.push_str(&String::from_utf8_lossy(&bytes[..room]));
+                }
+                // `tostring`'s text, through `__tostring`: its errors (the CPU limit's among
+                // them) end the call rather than being swallowed here.
+                other => message.push_str(&other.to_string()?),
             }
+        }
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("… (cut)");
         }
         let at = lua
             .inspect_stack(1, |d| {

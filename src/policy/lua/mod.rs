@@ -64,6 +64,9 @@ enum Budget {
     Armed(Duration),
     /// The running call must stop at this time.
     Running(Instant),
+    /// The running call is past its deadline: the hook now fires at every instruction and
+    /// fails each time, so that nothing of the call runs on (see [`cpu_hook`]).
+    Over,
 }
 
 /// The VM and what every call needs.
@@ -90,10 +93,67 @@ impl Vm {
             .lua
             .set_memory_limit(self.lua.used_memory() + limits.memory);
         let result = f();
+        if matches!(self.budget.get(), Budget::Over) {
+            // The hook was tightened to every instruction for the overrun: loosen it again.
+            if let Err(e) = set_cpu_hook(&self.lua, &self.budget, HOOK_EVERY) {
+                tracing::error!(error = %e, "cannot reset the policy CPU hook");
+            }
+        }
         self.budget.set(Budget::Idle);
         let _ = self.lua.set_memory_limit(0);
         result
     }
+}
+
+impl Budget {
+    /// Whether the running call is past its deadline.
+    fn is_over(self) -> bool {
+        match self {
+            Budget::Over => true,
+            Budget::Running(deadline) => Instant::now() >= deadline,
+            Budget::Idle | Budget::Armed(_) => false,
+        }
+    }
+}
+
+/// Installs the CPU-limit hook, firing every `every` instructions, for the thread running
+/// (the main thread outside a call). A global hook: coroutines created by policies inherit it.
+fn set_cpu_hook(lua: &Lua, budget: &Rc<Cell<Budget>>, every: u32) -> mlua::Result<()> {
+    let budget = budget.clone();
+    lua.set_global_hook(
+        HookTriggers::new().every_nth_instruction(every),
+        move |lua, debug| cpu_hook(lua, debug, &budget),
+    )
+}
+
+/// The CPU limit. The first hook of a call starts its clock; past the deadline the hook fails.
+///
+/// Once over, it fires at every instruction of the thread it runs in and fails each time, so
+/// that no policy code runs on: not code that catches the error (`pcall`, `coroutine.resume`),
+/// and not a loop behind a function that swallows errors.
+fn cpu_hook(
+    lua: &Lua,
+    debug: &mlua::debug::Debug,
+    budget: &Rc<Cell<Budget>>,
+) -> mlua::Result<VmState> {
+    match budget.get() {
+        Budget::Armed(limit) => {
+            budget.set(Budget::Running(Instant::now() + limit));
+            return Ok(VmState::Continue);
+        }
+        Budget::Running(deadline) if Instant::now() >= deadline => budget.set(Budget::Over),
+        // Another thread of the call (a coroutine's caller) meets the overrun: tighten it too.
+        Budget::Over => {}
+        Budget::Running(_) | Budget::Idle => return Ok(VmState::Continue),
+    }
+    set_cpu_hook(lua, budget, 1)?;
+    let src = debug
+        .source()
+        .short_src
+        .map(|s| s.into_owned())
+        .unwrap_or_default();
+    let line = debug.current_line().unwrap_or(0);
+    Err(mlua::Error::runtime(format!("{src}:{line}: CPU limit exceeded")))
 }
 
 /// Runs `f` with the running call's memory limit lifted, for a value the gateway makes for the
@@ -178,33 +238,9 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
         | StdLib::COROUTINE;
     let lua = Lua::new_with(libs, LuaOptions::default())?;
     let budget: Rc<Cell<Budget>> = Rc::new(Cell::new(Budget::Idle));
+    set_cpu_hook(&lua, &budget, HOOK_EVERY)?;
     let watched = budget.clone();
-    // A global hook: coroutines created by policies run under it too.
-    lua.set_global_hook(
-        HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-        move |_, debug| match watched.get() {
-            Budget::Armed(limit) => {
-                watched.set(Budget::Running(Instant::now() + limit));
-                Ok(VmState::Continue)
-            }
-            Budget::Running(d) if Instant::now() >= d => {
-                let src = debug
-                    .source()
-                    .short_src
-                    .map(|s| s.into_owned())
-                    .unwrap_or_default();
-                let line = debug.current_line().unwrap_or(0);
-                Err(mlua::Error::runtime(format!(
-                    "{src}:{line}: CPU limit exceeded"
-                )))
-            }
-            _ => Ok(VmState::Continue),
-        },
-    )?;
-    let watched = budget.clone();
-    let over_budget = lua.create_function(move |_, ()| {
-        Ok(matches!(watched.get(), Budget::Running(d) if Instant::now() >= d))
-    })?;
+    let over_budget = lua.create_function(move |_, ()| Ok(watched.get().is_over()))?;
     let req = request::reusable_req(&lua)?;
     let call_headers = request::call_header_functions(&lua, &req)?;
     let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget, &call_headers)?;

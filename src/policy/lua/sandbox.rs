@@ -17,7 +17,8 @@ use crate::policy::shared::SharedDict;
 
 const PRELUDE: &str = r#"
 local G_string, G_table, G_math, G_utf8, G_coroutine, G_os = string, table, math, utf8, coroutine, os
-local next, type, error, setmetatable, getmetatable, pairs = next, type, error, setmetatable, getmetatable, pairs
+local next, type, error, setmetatable, getmetatable, pairs, rawget, rawset =
+  next, type, error, setmetatable, getmetatable, pairs, rawget, rawset
 
 local function copy(t)
   local c = {}
@@ -108,15 +109,71 @@ local function header_views(lookup, materialise, call_index, call_all)
   end, call_meta
 end
 
+-- No policy code may outlive the CPU limit (docs/policies.md, Limits). Lua runs some code with
+-- its hooks off, where the CPU limit cannot stop it: the error handler called for an error the
+-- hook raised (xpcall's), finalizers (__gc), and __close handlers (mlua raises the hook's error
+-- by resetting the stack inside the hook, which closes the running function's to-be-closed
+-- variables there). The functions below keep policies out of those places.
+
 -- pcall and xpcall cannot swallow the CPU limit: an error caught after the call's deadline
--- is raised again, so the policy call ends.
+-- is raised again, so the policy call ends. xpcall's handler returns at once past the
+-- deadline: it may then be running inside the hook, where nothing would stop a loop.
 local function guarded_pcall(over_budget)
   local function check(ok, ...)
     if not ok and over_budget() then error((...), 0) end
     return ok, ...
   end
-  return function(f, ...) return check(pcall(f, ...)) end,
-         function(f, handler, ...) return check(xpcall(f, handler, ...)) end
+  local function safe_xpcall(f, handler, ...)
+    if type(handler) ~= "function" then return check(xpcall(f, handler, ...)) end
+    return check(xpcall(f, function(e)
+      if over_budget() then return e end
+      return handler(e)
+    end, ...))
+  end
+  return function(f, ...) return check(pcall(f, ...)) end, safe_xpcall
+end
+
+-- No table a policy can reach has a __gc or a __close metamethod. Lua marks a table for
+-- finalization only if its metatable has __gc when setmetatable is called, and a value is
+-- closable only if its metatable has __close when the variable is declared; so setmetatable
+-- refuses both, and seals the metatable against getting them later: a guard metatable on it
+-- refuses the two keys (there is no rawset in the sandbox). A sealed table cannot take another
+-- metatable, and a table that has one (not a seal) cannot become a metatable: the guard must be
+-- the metatable's own. Tables the gateway makes carry protected metatables of their own.
+local sealed = setmetatable({}, { __mode = "k" })
+local function unfinalizable(what, key)
+  return what .. ": " .. key .. " metamethods are not allowed in policies (they would run outside the CPU limit)"
+end
+local seal = {
+  __newindex = function(m, k, v)
+    if k == "__gc" or k == "__close" then error(unfinalizable("a metatable", k), 2) end
+    rawset(m, k, v)
+  end,
+  __metatable = false,
+}
+
+local function safe_setmetatable(t, mt)
+  if sealed[t] then
+    error("setmetatable: this table is a metatable; in policies a metatable cannot have a metatable of its own", 2)
+  end
+  if type(mt) == "table" and not sealed[mt] and not frozen[mt] then
+    if rawget(mt, "__gc") ~= nil then error(unfinalizable("setmetatable", "__gc"), 2) end
+    if rawget(mt, "__close") ~= nil then error(unfinalizable("setmetatable", "__close"), 2) end
+    if getmetatable(mt) ~= nil then
+      error("setmetatable: in policies a metatable cannot have a metatable of its own", 2)
+    end
+    setmetatable(mt, seal)
+    sealed[mt] = true
+  end
+  return setmetatable(t, mt)
+end
+
+-- What the gateway's own metatables are is none of a policy's business: only sealed ones are
+-- shown (the others are protected by a __metatable field and show that).
+local function safe_getmetatable(v)
+  local mt = getmetatable(v)
+  if type(mt) == "table" and not sealed[mt] then return nil end
+  return mt
 end
 
 local function environment(gw, print, over_budget)
@@ -124,8 +181,8 @@ local function environment(gw, print, over_budget)
   local env = {
         assert = assert, error = error, ipairs = ipairs, next = next, pairs = pairs, pcall = safe_pcall,
     select = select, tonumber = tonumber, tostring = tostring, type = type, xpcall = safe_xpcall,
-    rawequal = rawequal, rawget = rawget, rawlen = rawlen, setmetatable = setmetatable,
-    getmetatable = getmetatable, _VERSION = _VERSION,
+    rawequal = rawequal, rawget = rawget, rawlen = rawlen, setmetatable = safe_setmetatable,
+    getmetatable = safe_getmetatable, _VERSION = _VERSION,
     string = copy(G_string), table = copy(G_table), math = copy(G_math), utf8 = copy(G_utf8),
     coroutine = copy(G_coroutine),
     os = { time = G_os.time, clock = G_os.clock, date = G_os.date, difftime = G_os.difftime },
