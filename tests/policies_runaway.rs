@@ -266,3 +266,67 @@ async fn an_error_swallowed_by_a_gateway_function_does_not_extend_the_call() {
     )
     .await;
 }
+
+/// A route whose policy runs the Lua expression named by each message (see `C_CALLS`) and
+/// replies with what it returned.
+const C_CALLS: &str = r#"
+local lying = function() return setmetatable({}, { __len = function() return 1e15 end }) end
+local calls = {
+  ["rep empty"] = function() return #string.rep("", 1e12) end,
+  ["rep empty sep"] = function() return #("").rep("", 1e12, "") end,
+  ["rep"] = function() return #string.rep("ab", 100000, ",") end,
+  ["move nils"] = function() return table.move({}, 1, 1e12, 2) end,
+  ["insert lying"] = function() return table.insert(lying(), 1, "x") end,
+  ["remove lying"] = function() return table.remove(lying(), 1) end,
+  ["unpack"] = function() return select('#', table.unpack({}, 1, 20000)) end,
+  ["json dag"] = function()
+    local t = {}
+    for i = 1, 40 do t = { t, t } end
+    local text, err = gw.json.encode(t)
+    return tostring(text) .. " " .. tostring(err)
+  end,
+}
+return function(msg, ctx, conn)
+  local call = calls[msg.data]
+  if call then return tostring(call()) end
+end
+"#;
+
+/// Sends `name` to the C-call route and returns its reply, or `None` if the call failed
+/// (close 1011); either way, the worker must have been free for `ok` within [`STALL`].
+async fn c_call(gw: &framegate::Running, ok: &mut Client, name: &str) -> Option<String> {
+    let mut ws = connect(gw.local_addr(), "/spin").await;
+    assert_worker_free(&mut ws, name, ok, name).await;
+    match next_message(&mut ws).await {
+        Some(Ok(Message::Text(t))) => Some(t.to_string()),
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1011, "{name}");
+            None
+        }
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn long_c_calls_end_within_the_limit() {
+    // 1 MiB of memory per call: the C calls bounded by memory are bounded by this too.
+    let (gw, mut ok) = runaway_gateway(C_CALLS, "policy_memory_limit = \"1MiB\"").await;
+    assert_eq!(c_call(&gw, &mut ok, "rep empty").await.as_deref(), Some("0"));
+    assert_eq!(c_call(&gw, &mut ok, "rep empty sep").await.as_deref(), Some("0"));
+    assert_eq!(
+        c_call(&gw, &mut ok, "rep").await.as_deref(),
+        Some("299999"),
+        "a long string.rep still gives the same string"
+    );
+    for stopped in ["move nils", "insert lying", "remove lying"] {
+        assert_eq!(c_call(&gw, &mut ok, stopped).await, None, "{stopped}");
+    }
+    assert_eq!(c_call(&gw, &mut ok, "unpack").await.as_deref(), Some("20000"));
+    // Stopped by the memory limit's room or by the CPU limit, whichever comes first.
+    if let Some(dag) = c_call(&gw, &mut ok, "json dag").await {
+        assert!(
+            dag.starts_with("nil cannot encode as JSON: the text would exceed"),
+            "{dag}"
+        );
+    }
+}

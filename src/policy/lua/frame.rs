@@ -162,7 +162,7 @@ fn to_message(
                 )
             })?;
             let encoded = codec
-                .encode(&data)
+                .encode(lua, &data)
                 .map_err(|e| misuse(lua, format!("{what}: {e}")))?;
             Ok(if codec.is_text() {
                 bytes_message(Bytes::from(encoded))

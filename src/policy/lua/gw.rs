@@ -33,6 +33,9 @@ pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
             };
             Ok(match codec::JSON.decode(lua, &text.as_bytes()) {
                 Ok(value) => (value, Value::Nil),
+                Err(_) if super::over_budget(lua) => {
+                    return Err(misuse(lua, "CPU limit exceeded"))
+                }
                 Err(e) => (Value::Nil, Value::String(lua.create_string(e)?)),
             })
         })?,
@@ -40,8 +43,11 @@ pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
     json.set(
         "encode",
         lua.create_function(|lua, value: Value| {
-            Ok(match codec::JSON.encode(&value) {
+            Ok(match codec::JSON.encode(lua, &value) {
                 Ok(bytes) => (Value::String(lua.create_string(bytes)?), Value::Nil),
+                Err(_) if super::over_budget(lua) => {
+                    return Err(misuse(lua, "CPU limit exceeded"))
+                }
                 Err(e) => (Value::Nil, Value::String(lua.create_string(e)?)),
             })
         })?,

@@ -105,6 +105,21 @@ impl Vm {
     }
 }
 
+/// The running call's budget, as the VM's app data, for the gateway's own long functions.
+struct CallBudget(Rc<Cell<Budget>>);
+
+/// Whether the running call is past its CPU deadline: long gateway functions (the codecs)
+/// look every so often and stop, as the hook stops Lua code.
+/// A call that has not met its first hook yet starts its clock here.
+pub(crate) fn over_budget(lua: &Lua) -> bool {
+    lua.app_data_ref::<CallBudget>().is_some_and(|b| {
+        if let Budget::Armed(limit) = b.0.get() {
+            b.0.set(Budget::Running(Instant::now() + limit));
+        }
+        b.0.get().is_over()
+    })
+}
+
 impl Budget {
     /// Whether the running call is past its deadline.
     fn is_over(self) -> bool {
@@ -239,6 +254,7 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
     let lua = Lua::new_with(libs, LuaOptions::default())?;
     let budget: Rc<Cell<Budget>> = Rc::new(Cell::new(Budget::Idle));
     set_cpu_hook(&lua, &budget, HOOK_EVERY)?;
+    lua.set_app_data(CallBudget(budget.clone()));
     let watched = budget.clone();
     let over_budget = lua.create_function(move |_, ()| Ok(watched.get().is_over()))?;
     let req = request::reusable_req(&lua)?;

@@ -17,6 +17,7 @@ use crate::policy::shared::SharedDict;
 
 const PRELUDE: &str = r#"
 local G_string, G_table, G_math, G_utf8, G_coroutine, G_os = string, table, math, utf8, coroutine, os
+local select = select
 local next, type, error, setmetatable, getmetatable, pairs, rawget, rawset =
   next, type, error, setmetatable, getmetatable, pairs, rawget, rawset
 
@@ -189,9 +190,138 @@ local function environment(gw, print, over_budget)
     gw = gw, print = print,
   }
   env.string.dump = nil
-  env.unpack = G_table.unpack
+  env.unpack = env.table.unpack
   env._G = env
   return env
+end
+
+-- Long single C calls. The CPU limit is checked between Lua instructions, so one call into C
+-- holds the worker until it returns. Most C functions work in time bounded by the memory they
+-- may allocate (and so by the memory limit); these loop over a range that costs no memory
+-- (string.rep("", 1e12), table.move over nils, table.insert under a lying __len) or call
+-- back into functions the hook cannot reach (a userdata's __index, a C comparator). Above
+-- C_RANGE elements they run in Lua, under the hook; below it they stay in C, where each
+-- call is then bounded (docs/policies.md, "The bound for a single C call").
+local C_RANGE = 4096
+local tointeger, maxinteger = G_math.tointeger, G_math.maxinteger
+
+do
+  local c_rep = G_string.rep
+  -- Doubling: log2(n) concatenations, in time proportional to the bytes made.
+  local function rep_lua(s, n)
+    local result, piece = "", s
+    while true do
+      if n % 2 == 1 then result = result .. piece end
+      n = n // 2
+      if n == 0 then return result end
+      piece = piece .. piece
+    end
+  end
+  G_string.rep = function(s, n, sep)
+    local k = tointeger(n)
+    if k == nil or k <= C_RANGE then return c_rep(s, n, sep) end
+    c_rep(s, 0, sep) -- checks s and sep as string.rep does
+    s = s .. ""
+    if sep == nil or sep == "" then return rep_lua(s, k) end
+    return rep_lua(s .. sep, k - 1) .. s
+  end
+end
+
+do
+  local c_insert, c_remove, c_move, c_unpack, c_sort =
+    G_table.insert, G_table.remove, G_table.move, G_table.unpack, G_table.sort
+
+  G_table.insert = function(t, ...)
+    if select('#', ...) == 2 then
+      local pos, v = ...
+      local p = tointeger(pos)
+      if p and type(t) == "table" then
+        local e = #t + 1
+        if p >= 1 and p <= e and e - p > C_RANGE then
+          for i = e, p + 1, -1 do t[i] = t[i - 1] end
+          t[p] = v
+          return
+        end
+      end
+    end
+    return c_insert(t, ...)
+  end
+
+  G_table.remove = function(t, pos)
+    local p = tointeger(pos)
+    if p and type(t) == "table" then
+      local size = #t
+      if p >= 1 and size - p > C_RANGE then
+        local v = t[p]
+        for i = p, size - 1 do t[i] = t[i + 1] end
+        t[size] = nil
+        return v
+      end
+    end
+    return c_remove(t, pos)
+  end
+
+  G_table.move = function(a1, f, e, t, a2)
+    local fi, ei, ti = tointeger(f), tointeger(e), tointeger(t)
+    if fi and ei and ti and ei >= fi and (fi > 0 or ei < maxinteger + fi) then
+      local n = ei - fi + 1
+      if n > C_RANGE and ti <= maxinteger - n + 1 then
+        if a2 == nil then a2 = a1 end
+        if ti > ei or ti <= fi or a1 ~= a2 then
+          for i = 0, n - 1 do a2[ti + i] = a1[fi + i] end
+        else
+          for i = n - 1, 0, -1 do a2[ti + i] = a1[fi + i] end
+        end
+        return a2
+      end
+    end
+    return c_move(a1, f, e, t, a2)
+  end
+
+  -- The values are copied into a plain table in Lua first: unpacking that in C then reads
+  -- no metamethods.
+  G_table.unpack = function(t, i, j)
+    local first = i == nil and 1 or tointeger(i)
+    local last = (j == nil and type(t) == "table") and #t or tointeger(j)
+    if first and last and last >= first and last - first >= C_RANGE and last - first < 1000000 then
+      local plain = {}
+      for k = first, last do plain[k - first + 1] = t[k] end
+      return c_unpack(plain, 1, last - first + 1)
+    end
+    return c_unpack(t, i, j)
+  end
+
+  -- Heapsort in Lua for long arrays: in place, O(n log n), under the hook.
+  local function sort_lua(t, n, lt)
+    local function sift(root, last)
+      while true do
+        local child = 2 * root
+        if child > last then return end
+        if child < last and lt(t[child], t[child + 1]) then child = child + 1 end
+        if lt(t[root], t[child]) then
+          t[root], t[child] = t[child], t[root]
+          root = child
+        else
+          return
+        end
+      end
+    end
+    for root = n // 2, 1, -1 do sift(root, n) end
+    for last = n, 2, -1 do
+      t[1], t[last] = t[last], t[1]
+      sift(1, last - 1)
+    end
+  end
+  G_table.sort = function(t, comp)
+    if type(t) == "table" and (comp == nil or type(comp) == "function") then
+      local n = #t
+      if n > C_RANGE then
+        sort_lua(t, n, comp or function(a, b) return a < b end)
+        return
+      end
+    end
+    return c_sort(t, comp)
+  end
 end
 
 -- The string metatable's __index is the real string library, shared by every script:
