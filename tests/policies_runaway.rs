@@ -330,3 +330,56 @@ async fn long_c_calls_end_within_the_limit() {
         );
     }
 }
+
+/// Prints how long the longest single C calls that the sandbox leaves in C take (each at its
+/// bound: 4096 elements, 4 KiB of encoding, 16 KiB of decoding). By hand, for docs/policies.md:
+/// `cargo test --test policies_runaway measure_c_call_bounds -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn measure_c_call_bounds() {
+    let up = echo().await;
+    let bench = script(
+        "bench.lua",
+        r#"
+local N = 4096
+local function time(f)
+  local best = math.huge
+  for _ = 1, 3 do
+    local c = os.clock()
+    f()
+    best = math.min(best, os.clock() - c)
+  end
+  return string.format("%.3f ms", best * 1000)
+end
+return function(msg, ctx, conn)
+  local nums, strs = {}, {}
+  for i = 1, N do nums[i] = (i * 7919) % N; strs[i] = string.format("%032d", (i * 7919) % N) end
+  local out = {}
+  local function add(name, f) conn:reply(name .. ": " .. time(f)) end
+  add("table.sort 4096 numbers", function() local t = table.move(nums, 1, N, 1, {}); table.sort(t) end)
+  add("table.sort 4096 strings", function() local t = table.move(strs, 1, N, 1, {}); table.sort(t) end)
+  add("table.insert front of 4096", function() local t = table.move(nums, 1, N - 1, 1, {}); table.insert(t, 1, 0) end)
+  add("table.move 4096 through a header view", function() table.move(ctx.request.headers, 1, N, 1, {}) end)
+  add("table.unpack 4096 through a header view", function() table.unpack(ctx.request.headers, 1, N) end)
+  add("table.concat 4096 strings", function() table.concat(strs, ",") end)
+  add("string.rep 4096 x 1 byte", function() string.rep("x", N) end)
+  add("gw.json.encode 4 KiB of nested arrays", function()
+    local t = {} for i = 1, 10 do t = { t, t } end gw.json.encode(t) end)
+  add("gw.json.decode 16 KiB", function() gw.json.decode("[" .. string.rep("1,", 8000) .. "1]") end)
+  return false
+end
+"#,
+    );
+    let gw = gateway(&route(
+        "/b",
+        up.addr,
+        "policy_cpu_limit = \"10s\"\npolicy_memory_limit = \"256MiB\"",
+        &[("on_client_frame", &bench)],
+    ))
+    .await;
+    let mut ws = connect(gw.local_addr(), "/b").await;
+    ws.send(Message::text("go")).await.unwrap();
+    for _ in 0..9 {
+        println!("{}", next_text(&mut ws).await);
+    }
+}

@@ -33,13 +33,12 @@ impl Codec for Json {
     fn decode(&self, lua: &Lua, body: &[u8]) -> Result<Value, String> {
         // Short bodies, nearly all, are parsed straight from the slice; a long one through a
         // reader that stops at the call's CPU deadline.
-        if body.len() <= CHECK_EVERY {
+        if body.len() <= SLICE_MAX {
             json_decode(lua, serde_json::Deserializer::from_slice(body))
         } else {
-            json_decode(
-                lua,
-                serde_json::Deserializer::from_reader(Deadline { lua, body, read: 0 }),
-            )
+            let reader = Deadline { lua, body, read: 0 };
+            let reader = std::io::BufReader::with_capacity(CHECK_EVERY, reader);
+            json_decode(lua, serde_json::Deserializer::from_reader(reader))
         }
     }
 
@@ -62,7 +61,11 @@ impl Codec for Json {
 }
 
 /// How many bytes a codec handles between two looks at the CPU deadline.
-const CHECK_EVERY: usize = 16 * 1024;
+const CHECK_EVERY: usize = 4 * 1024;
+
+/// Bodies up to this size are decoded straight from memory, without looking at the deadline
+/// (the fastest way, and a bounded time); longer ones through [`Deadline`].
+const SLICE_MAX: usize = 16 * 1024;
 
 fn json_decode<'de, R: serde_json::de::Read<'de>>(
     lua: &Lua,
