@@ -222,11 +222,17 @@ fn shared_table(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
             let v = args(values);
             let key = key_arg(lua, "set", &arg(&v, 0))?;
             let ttl = ttl_arg(lua, "set", &arg(&v, 2))?;
-            match to_shared(lua, "set", &arg(&v, 1))? {
+            let stored = match to_shared(lua, "set", &arg(&v, 1))? {
                 Some(value) => d.set(&key, value, ttl),
-                None => d.delete(&key),
-            }
-            Ok(())
+                None => {
+                    d.delete(&key);
+                    Ok(())
+                }
+            };
+            Ok(match stored {
+                Ok(()) => (Value::Boolean(true), Value::Nil),
+                Err(full) => (Value::Nil, Value::String(lua.create_string(full.to_string())?)),
+            })
         })?,
     )?;
     let d = dict.clone();

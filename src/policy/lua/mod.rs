@@ -45,6 +45,24 @@ pub struct LoadError {
 pub(crate) struct Limits {
     pub(crate) cpu: Duration,
     pub(crate) memory: usize,
+    /// `route.policy_state_limit`: what `ctx` plus `conn.state` may hold per connection.
+    pub(crate) state: usize,
+}
+
+impl Limits {
+    /// The error of a connection whose `ctx` (and `conn.state`, if `with_state`) holds more
+    /// than [`Limits::state`].
+    pub(crate) fn state_exceeded(&self, with_state: bool) -> String {
+        let what = if with_state {
+            "ctx and conn.state hold"
+        } else {
+            "ctx holds"
+        };
+        format!(
+            "policy state limit exceeded: {what} more than {} (route.policy_state_limit)",
+            bytesize::ByteSize(self.state as u64)
+        )
+    }
 }
 
 /// One worker's Lua VM and the compiled scripts of every route.
@@ -88,11 +106,20 @@ impl Vm {
         limits: Limits,
         f: impl FnOnce() -> mlua::Result<R>,
     ) -> mlua::Result<R> {
+        self.guarded_growth(limits, f).0
+    }
+
+    /// [`Vm::guarded`], also telling how much the call grew the Lua heap (0 if it shrank).
+    pub(crate) fn guarded_growth<R>(
+        &self,
+        limits: Limits,
+        f: impl FnOnce() -> mlua::Result<R>,
+    ) -> (mlua::Result<R>, usize) {
         self.budget.set(Budget::Armed(limits.cpu));
-        let _ = self
-            .lua
-            .set_memory_limit(self.lua.used_memory() + limits.memory);
+        let before = self.lua.used_memory();
+        let _ = self.lua.set_memory_limit(before + limits.memory);
         let result = f();
+        let grown = self.lua.used_memory().saturating_sub(before);
         if matches!(self.budget.get(), Budget::Over) {
             // The hook was tightened to every instruction for the overrun: loosen it again.
             if let Err(e) = set_cpu_hook(&self.lua, &self.budget, HOOK_EVERY) {
@@ -101,7 +128,7 @@ impl Vm {
         }
         self.budget.set(Budget::Idle);
         let _ = self.lua.set_memory_limit(0);
-        result
+        (result, grown)
     }
 }
 
@@ -273,6 +300,7 @@ fn compile_route(vm: &Rc<Vm>, route: &Route) -> Result<LuaRoutePolicy, LoadError
     let limits = Limits {
         cpu: route.policy_cpu_limit,
         memory: route.policy_memory_limit,
+        state: route.policy_state_limit,
     };
     let load = |path: &Option<PathBuf>| {
         path.as_deref()

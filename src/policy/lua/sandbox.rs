@@ -29,6 +29,19 @@ end
 
 local frozen = setmetatable({}, { __mode = "k" })
 
+-- What a value costs against route.policy_state_limit, about what Lua 5.4 allocates for it on
+-- a 64-bit machine: a table 56 bytes, each of its entries 32, a string its length plus 25, a
+-- function 40 (what it captures is not seen). Numbers, booleans and the gateway's userdata
+-- live in the entries.
+local function cost(v)
+  local ty = type(v)
+  if ty == "string" then return #v + 25 end
+  if ty == "function" then return 40 end
+  return 0
+end
+
+-- `seen.limit`, when set, bounds the cost of what is frozen (`seen.size` so far): past it the
+-- freeze fails with `seen.over`.
 local function freeze(t, what, seen)
   local done = seen[t]
   if done then return done end
@@ -41,7 +54,14 @@ local function freeze(t, what, seen)
   if frozen[t] then return t end
   local view, proxy = {}, {}
   seen[t] = proxy
+  local limit = seen.limit
+  if limit then seen.size = seen.size + 56 end
   for k, v in next, t do
+    if limit then
+      local size = seen.size + 32 + cost(k) + cost(v)
+      if size > limit then error(seen.over, 0) end
+      seen.size = size
+    end
     if type(v) == "table" then v = freeze(v, what, seen) end
     view[k] = v
   end
@@ -54,6 +74,26 @@ local function freeze(t, what, seen)
     __pairs = function() return next, view, nil end,
     __metatable = what,
   })
+end
+
+-- The cost of `t` (its keys and values, at any depth; frozen views count nothing, the frozen
+-- ctx being counted when it was frozen), or nil as soon as it passes `limit`.
+local function measure(t, limit)
+  local seen, size = {}, 0
+  local function walk(t)
+    if seen[t] or frozen[t] then return true end
+    seen[t] = true
+    size = size + 56
+    for k, v in next, t do
+      size = size + 32 + cost(k) + cost(v)
+      if size > limit then return false end
+      if type(k) == "table" and not walk(k) then return false end
+      if type(v) == "table" and not walk(v) then return false end
+    end
+    return true
+  end
+  if walk(t) then return size end
+  return nil
 end
 
 -- Read-only views of req's table fields, made from Rust when a field is first read: one
@@ -332,12 +372,12 @@ getmetatable("").__metatable = false
 
 -- `from`, when given, is replaced by what `make()` returns wherever it occurs in `t`
 -- (`make` is called once, and only if `from` occurs).
-return function(t, what, from, make)
-    local seen = {}
+return function(t, what, from, make, limit, over)
+    local seen = { size = 0, limit = limit, over = over }
     if from then seen[from] = false seen.make = make end
-    return freeze(t, what, seen)
+    return freeze(t, what, seen), seen.size
   end, header_views, environment,
-  frozen, views, req_meta
+  frozen, views, req_meta, measure
 "#;
 
 /// Makes read-only views of tables, and header views with any-case look-ups. Registered as
@@ -354,6 +394,8 @@ pub(crate) struct ReadOnlyViews {
     /// View -> its table, for `req_meta` (weak keys).
     views: Table,
     req_meta: Table,
+    /// `(table, limit) -> cost or nil` (see `measure` in the prelude).
+    measure: Function,
 }
 
 impl ReadOnlyViews {
@@ -369,17 +411,26 @@ impl ReadOnlyViews {
 
     /// The read-only view of `table`; writes raise "`what` is read-only". Where `swap` is
     /// `(from, make)`, what `make()` returns stands for `from` wherever `from` occurs in
-    /// `table`; `make` is called once, and only if `from` occurs.
-    pub(crate) fn freeze(
+    /// `table`; `make` is called once, and only if `from` occurs. Fails with `over` once what it
+    /// freezes costs more than `limit` bytes (as `route.policy_state_limit` counts them); returns the view and the cost.
+    pub(crate) fn freeze_within(
         &self,
         table: Table,
         what: &str,
         swap: Option<(&Table, &Function)>,
-    ) -> mlua::Result<Table> {
-        match swap {
-            Some((from, make)) => self.freeze.call((table, what, from, make)),
-            None => self.freeze.call((table, what)),
-        }
+        limit: usize,
+        over: &str,
+    ) -> mlua::Result<(Table, usize)> {
+        let (from, make) = match swap {
+            Some((from, make)) => (Some(from), Some(make)),
+            None => (None, None),
+        };
+        self.freeze.call((table, what, from, make, limit, over))
+    }
+
+    /// The cost of `table` as `route.policy_state_limit` counts it, or `None` past `limit`.
+    pub(crate) fn measure(&self, table: &Table, limit: usize) -> mlua::Result<Option<usize>> {
+        self.measure.call((table, limit))
     }
 
     /// A kept read-only view of `source`'s headers (see [`super::headers`]); writes raise
@@ -413,13 +464,14 @@ impl Sandbox {
         over_budget: Function,
         call_headers: &CallHeaderFunctions,
     ) -> mlua::Result<Sandbox> {
-        let (freeze, header_views, environment, frozen, views, req_meta): (
+        let (freeze, header_views, environment, frozen, views, req_meta, measure): (
             Function,
             Function,
             Function,
             Table,
             Table,
             Table,
+            Function,
         ) = lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
         let (lookup, materialise) = super::headers::kept_view_functions(lua)?;
         let (header_view, call_headers_meta): (Function, Table) =
@@ -434,6 +486,7 @@ impl Sandbox {
             frozen,
             views,
             req_meta,
+            measure,
         };
         lua.set_app_data(views.clone());
         Ok(Sandbox {
@@ -449,10 +502,5 @@ impl Sandbox {
     pub(crate) fn environment(&self, _lua: &Lua) -> mlua::Result<Table> {
         self.environment
             .call((&self.gw, &self.print, &self.over_budget))
-    }
-
-    /// The read-only view of `table`; writes raise "`what` is read-only".
-    pub(crate) fn freeze(&self, table: Table, what: &str) -> mlua::Result<Table> {
-        self.views.freeze(table, what, None)
     }
 }
