@@ -189,12 +189,10 @@ fn cpu_hook(
         Budget::Running(_) | Budget::Idle => return Ok(VmState::Continue),
     }
     set_cpu_hook(lua, budget, 1)?;
-    let src = debug
-        .source()
-        .short_src
-        .map(|s| s.into_owned())
-        .unwrap_or_default();
-    let line = debug.current_line().unwrap_or(0);
+    let (src, line) = policy_line(lua).unwrap_or_else(|| {
+        let src = debug.source().short_src.map(|s| s.into_owned());
+        (src.unwrap_or_default(), debug.current_line().unwrap_or(0))
+    });
     Err(mlua::Error::runtime(format!("{src}:{line}: CPU limit exceeded")))
 }
 
@@ -353,6 +351,18 @@ pub(crate) fn compile(vm: &Vm, path: &Path, limits: Limits) -> Result<Script, Lo
             other.type_name()
         ))),
     }
+}
+
+/// The innermost line of a policy on the stack: the sandbox's own Lua functions (the prelude)
+/// and C functions are skipped, so that an error names the policy's line that led there.
+fn policy_line(lua: &Lua) -> Option<(String, usize)> {
+    (0..64).find_map(|level| {
+        lua.inspect_stack(level, |d| {
+            let src = d.source().short_src?.into_owned();
+            let line = d.current_line()?;
+            (src != sandbox::PRELUDE_NAME).then_some((src, line))
+        })?
+    })
 }
 
 /// Lua shortens chunk names to 60 bytes ("...tail.lua:3: msg"); put the whole path back.

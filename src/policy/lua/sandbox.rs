@@ -380,6 +380,9 @@ return function(t, what, from, make, limit, over)
   frozen, views, req_meta, measure
 "#;
 
+/// The prelude's chunk name, as Lua shows it in locations.
+pub(crate) const PRELUDE_NAME: &str = "framegate prelude";
+
 /// Makes read-only views of tables, and header views with any-case look-ups. Registered as
 /// the VM's app data, so that `req` can make its fields' views when they are first read.
 #[derive(Clone)]
@@ -472,7 +475,10 @@ impl Sandbox {
             Table,
             Table,
             Function,
-        ) = lua.load(PRELUDE).set_name("=framegate prelude").eval()?;
+        ) = lua
+            .load(PRELUDE)
+            .set_name(format!("={PRELUDE_NAME}"))
+            .eval()?;
         let (lookup, materialise) = super::headers::kept_view_functions(lua)?;
         let (header_view, call_headers_meta): (Function, Table) =
             header_views.call((lookup, materialise, &call_headers.index, &call_headers.all))?;
