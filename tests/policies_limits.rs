@@ -39,7 +39,11 @@ end
         "a 2 MiB ctx is over the 1 MiB limit"
     );
     let mut ws = connect(gw.local_addr(), "/p?kib=100").await;
-    assert_eq!(ask(&mut ws, "fine").await, "fine", "a 100 KiB ctx is within it");
+    assert_eq!(
+        ask(&mut ws, "fine").await,
+        "fine",
+        "a 100 KiB ctx is within it"
+    );
 }
 
 #[tokio::test]
@@ -71,7 +75,10 @@ end
             "grow" => break,
             n => kept = n.parse::<usize>().unwrap(),
         }
-        assert!(kept < 8, "conn.state kept {kept} x 200 KiB past a 1 MiB limit");
+        assert!(
+            kept < 8,
+            "conn.state kept {kept} x 200 KiB past a 1 MiB limit"
+        );
     }
     assert!(kept >= 4, "stopped too early, at {kept} x 200 KiB");
     assert_eq!(ask(&mut ws, "grow").await, "1", "conn.state was emptied");
@@ -154,7 +161,10 @@ fn shared_and_state_limit_keys_are_checked() {
             format!("{route}[shared]\nmax_bytes = \"lots\"\n"),
             "shared.max_bytes:",
         ),
-        (format!("{route}[shared]\nmax_keys = 5\n"), "unknown field `max_keys`"),
+        (
+            format!("{route}[shared]\nmax_keys = 5\n"),
+            "unknown field `max_keys`",
+        ),
     ] {
         let error = framegate::Config::from_toml(&toml, std::path::Path::new("t.toml"))
             .expect_err(&toml)

@@ -311,8 +311,14 @@ async fn c_call(gw: &framegate::Running, ok: &mut Client, name: &str) -> Option<
 async fn long_c_calls_end_within_the_limit() {
     // 1 MiB of memory per call: the C calls bounded by memory are bounded by this too.
     let (gw, mut ok) = runaway_gateway(C_CALLS, "policy_memory_limit = \"1MiB\"").await;
-    assert_eq!(c_call(&gw, &mut ok, "rep empty").await.as_deref(), Some("0"));
-    assert_eq!(c_call(&gw, &mut ok, "rep empty sep").await.as_deref(), Some("0"));
+    assert_eq!(
+        c_call(&gw, &mut ok, "rep empty").await.as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        c_call(&gw, &mut ok, "rep empty sep").await.as_deref(),
+        Some("0")
+    );
     assert_eq!(
         c_call(&gw, &mut ok, "rep").await.as_deref(),
         Some("299999"),
@@ -321,7 +327,10 @@ async fn long_c_calls_end_within_the_limit() {
     for stopped in ["move nils", "insert lying", "remove lying"] {
         assert_eq!(c_call(&gw, &mut ok, stopped).await, None, "{stopped}");
     }
-    assert_eq!(c_call(&gw, &mut ok, "unpack").await.as_deref(), Some("20000"));
+    assert_eq!(
+        c_call(&gw, &mut ok, "unpack").await.as_deref(),
+        Some("20000")
+    );
     // Stopped by the memory limit's room or by the CPU limit, whichever comes first.
     if let Some(dag) = c_call(&gw, &mut ok, "json dag").await {
         assert!(

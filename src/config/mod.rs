@@ -309,9 +309,8 @@ impl Validator<'_> {
         let Some(v) = value else {
             return Ok(default);
         };
-        let n = units::parse_size(v.get_ref()).map_err(|e| {
-            self.err(v, format!("{key}: {e}"), "write a size like \"16MiB\"")
-        })?;
+        let n = units::parse_size(v.get_ref())
+            .map_err(|e| self.err(v, format!("{key}: {e}"), "write a size like \"16MiB\""))?;
         if n < min {
             return Err(self.err(v, format!("{key} must be at least {min_text}"), ""));
         }

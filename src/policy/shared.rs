@@ -344,7 +344,8 @@ mod tests {
         dict.set("k", SharedValue::Bool(true), Some(Duration::ZERO))
             .unwrap();
         assert_eq!(dict.get("k"), None);
-        dict.set("k", SharedValue::Str(b"v".to_vec()), None).unwrap();
+        dict.set("k", SharedValue::Str(b"v".to_vec()), None)
+            .unwrap();
         assert_eq!(dict.get("k"), Some(SharedValue::Str(b"v".to_vec())));
         assert!(dict.incr("k", SharedValue::Int(1), None).is_err());
         dict.delete("k");
@@ -388,7 +389,8 @@ mod tests {
         let dict = bounded(n, usize::MAX);
         for i in 0..n {
             let ttl = (i % 2 == 0).then_some(Duration::ZERO);
-            dict.set(&format!("k{i}"), SharedValue::Int(1), ttl).unwrap();
+            dict.set(&format!("k{i}"), SharedValue::Int(1), ttl)
+                .unwrap();
         }
         let now = Instant::now();
         let (mut steps, mut removed, mut longest) = (0, 0, Duration::ZERO);

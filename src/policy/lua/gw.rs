@@ -33,9 +33,7 @@ pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
             };
             Ok(match codec::JSON.decode(lua, &text.as_bytes()) {
                 Ok(value) => (value, Value::Nil),
-                Err(_) if super::over_budget(lua) => {
-                    return Err(misuse(lua, "CPU limit exceeded"))
-                }
+                Err(_) if super::over_budget(lua) => return Err(misuse(lua, "CPU limit exceeded")),
                 Err(e) => (Value::Nil, Value::String(lua.create_string(e)?)),
             })
         })?,
@@ -45,9 +43,7 @@ pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
         lua.create_function(|lua, value: Value| {
             Ok(match codec::JSON.encode(lua, &value) {
                 Ok(bytes) => (Value::String(lua.create_string(bytes)?), Value::Nil),
-                Err(_) if super::over_budget(lua) => {
-                    return Err(misuse(lua, "CPU limit exceeded"))
-                }
+                Err(_) if super::over_budget(lua) => return Err(misuse(lua, "CPU limit exceeded")),
                 Err(e) => (Value::Nil, Value::String(lua.create_string(e)?)),
             })
         })?,
@@ -231,7 +227,10 @@ fn shared_table(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
             };
             Ok(match stored {
                 Ok(()) => (Value::Boolean(true), Value::Nil),
-                Err(full) => (Value::Nil, Value::String(lua.create_string(full.to_string())?)),
+                Err(full) => (
+                    Value::Nil,
+                    Value::String(lua.create_string(full.to_string())?),
+                ),
             })
         })?,
     )?;

@@ -193,7 +193,9 @@ fn cpu_hook(
         let src = debug.source().short_src.map(|s| s.into_owned());
         (src.unwrap_or_default(), debug.current_line().unwrap_or(0))
     });
-    Err(mlua::Error::runtime(format!("{src}:{line}: CPU limit exceeded")))
+    Err(mlua::Error::runtime(format!(
+        "{src}:{line}: CPU limit exceeded"
+    )))
 }
 
 /// Runs `f` with the running call's memory limit lifted, for a value the gateway makes for the
