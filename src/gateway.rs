@@ -119,6 +119,10 @@ impl Gateway {
     }
 }
 
+/// How long shutdown waits for the worker threads to end, at least, once their connections
+/// are gone (a stuck one is left behind at the end of the grace period, or after this).
+const STOP_WORKERS_WITHIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A started gateway. Dropping it without [`Running::shutdown`] stops it abruptly.
 pub struct Running {
     shared: Arc<Shared>,
@@ -146,10 +150,20 @@ impl Running {
         self.local_addrs[0]
     }
 
+    /// The workers the watchdog holds for stuck, by index (they get no new connections).
+    pub fn stuck_workers(&self) -> Vec<usize> {
+        self.workers.as_ref().map_or_else(Vec::new, |w| {
+            (0..w.heartbeats.len())
+                .filter(|&i| w.heartbeats[i].is_stuck())
+                .collect()
+        })
+    }
+
     /// Stops accepting, closes every connection with 1001 "server shutting down", waits for
     /// them up to `server.shutdown_grace`, then stops the workers.
     pub async fn shutdown(mut self) -> ShutdownOutcome {
         let grace = self.shared.config.server.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
         tracing::info!(grace = ?grace, "shutting down");
         self.shared.begin_shutdown();
         self.shared.tracker.close();
@@ -159,12 +173,22 @@ impl Running {
         };
         if let Some(workers) = self.workers.take() {
             workers.stop.cancel();
-            let _ = tokio::task::spawn_blocking(move || {
-                for thread in workers.threads {
-                    let _ = thread.join();
+            // A worker stuck in a call that never returns (see crate::watchdog) would hold
+            // the process for ever: it is left behind at the end of the grace period.
+            let until = deadline.max(tokio::time::Instant::now() + STOP_WORKERS_WITHIN);
+            for thread in workers.threads {
+                while !thread.is_finished() && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
-            })
-            .await;
+                if thread.is_finished() {
+                    let _ = thread.join();
+                } else {
+                    tracing::error!(
+                        worker = thread.thread().name().unwrap_or("?"),
+                        "a worker thread did not stop; shutting down without it"
+                    );
+                }
+            }
         }
         outcome
     }

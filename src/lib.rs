@@ -47,6 +47,7 @@ pub mod proxy;
 pub mod route;
 pub mod samples;
 pub mod upstream;
+mod watchdog;
 mod worker;
 
 pub use config::Config;

@@ -31,6 +31,8 @@ pub(crate) struct WorkerLink {
     sender: mpsc::UnboundedSender<Handoff>,
     /// Open connections on this worker.
     active: Arc<AtomicUsize>,
+    /// Whether the worker still makes progress (see [`crate::watchdog`]).
+    heartbeat: Arc<crate::watchdog::Heartbeat>,
 }
 
 /// What a worker's connections share: its index and its compiled route policies.
@@ -57,6 +59,8 @@ pub(crate) struct Workers {
     pub(crate) threads: Vec<JoinHandle<()>>,
     /// Cancelled to make every worker leave its runtime (after shutdown's grace).
     pub(crate) stop: CancellationToken,
+    /// Each worker's heartbeat, by index (see [`crate::watchdog`]).
+    pub(crate) heartbeats: Vec<Arc<crate::watchdog::Heartbeat>>,
 }
 
 /// Starts `shared.config.server.workers` workers; worker 0 also runs the accept loops.
@@ -74,10 +78,12 @@ pub(crate) fn start(
         links.push(WorkerLink {
             sender,
             active: Arc::new(AtomicUsize::new(0)),
+            heartbeat: crate::watchdog::Heartbeat::new(),
         });
         receivers.push(receiver);
     }
     let actives: Vec<_> = links.iter().map(|l| l.active.clone()).collect();
+    let heartbeats: Vec<_> = links.iter().map(|l| l.heartbeat.clone()).collect();
     let links = Arc::new(links);
     let permits = Arc::new(Semaphore::new(shared.config.server.max_connections));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -88,16 +94,20 @@ pub(crate) fn start(
         let stop = stop.clone();
         let ready = ready_tx.clone();
         let active = actives[index].clone();
+        let heartbeat = heartbeats[index].clone();
         let accept = listeners
             .take()
             .map(|l| (l, links.clone(), permits.clone()));
         let thread = std::thread::Builder::new()
             .name(format!("framegate-worker-{index}"))
-            .spawn(move || run(shared, receiver, active, accept, stop, ready))
+            .spawn(move || run(shared, receiver, active, heartbeat, accept, stop, ready))
             .map_err(|e| StartError::Worker(e.to_string()))?;
         threads.push(thread);
     }
     drop(ready_tx);
+    let stuck_after = crate::watchdog::stuck_after(&shared.config);
+    crate::watchdog::spawn(heartbeats.clone(), stuck_after, stop.clone())
+        .map_err(|e| StartError::Worker(e.to_string()))?;
     for _ in 0..count {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -112,7 +122,11 @@ pub(crate) fn start(
             }
         }
     }
-    Ok(Workers { threads, stop })
+    Ok(Workers {
+        threads,
+        stop,
+        heartbeats,
+    })
 }
 
 type AcceptDuty = (
@@ -125,6 +139,7 @@ fn run(
     shared: Arc<Shared>,
     mut receiver: mpsc::UnboundedReceiver<Handoff>,
     active: Arc<AtomicUsize>,
+    heartbeat: Arc<crate::watchdog::Heartbeat>,
     accept: Option<AcceptDuty>,
     stop: CancellationToken,
     ready: std::sync::mpsc::Sender<Result<(), StartError>>,
@@ -140,6 +155,7 @@ fn run(
         }
     };
     let local = tokio::task::LocalSet::new();
+    local.spawn_local(crate::watchdog::beat(heartbeat, stop.clone()));
     local.block_on(&runtime, async move {
         let engine = match Engine::new(&shared.config, shared.dict.clone()) {
             Ok(engine) => engine,
@@ -214,10 +230,11 @@ pub(crate) fn place(
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) -> Option<(tokio::net::TcpStream, Rc<Slot>)> {
+    // A stuck worker gets nothing new, unless every worker is stuck.
     let (index, link) = links
         .iter()
         .enumerate()
-        .min_by_key(|(_, l)| l.active.load(Ordering::Relaxed))
+        .min_by_key(|(_, l)| (l.heartbeat.is_stuck(), l.active.load(Ordering::Relaxed)))
         .expect("there is at least one worker");
     link.active.fetch_add(1, Ordering::Relaxed);
     if index == 0 {

@@ -392,3 +392,72 @@ end
         println!("{}", next_text(&mut ws).await);
     }
 }
+
+#[tokio::test]
+async fn a_stuck_worker_gets_no_new_connections_and_does_not_hold_shutdown() {
+    // A call the CPU limit cannot reach: a backtracking pattern (docs/policies.md, Known
+    // limits). If pattern matching becomes interruptible, the call fails instead, and there
+    // is no stuck worker to look for.
+    let up = echo().await;
+    let stick = script(
+        "stick.lua",
+        r#"
+return function(msg)
+  if msg.data == "stick" then
+    return tostring(string.find(string.rep("a", 40), string.rep("a*", 40) .. "b"))
+  end
+end
+"#,
+    );
+    let gw = gateway_with_server(
+        "workers = 2\nshutdown_grace = \"1s\"\n",
+        &route(
+            "/p",
+            up.addr,
+            &format!("policy_cpu_limit = \"{LIMIT}\""),
+            &[("on_client_frame", &stick)],
+        ),
+    )
+    .await;
+    // The first connection goes to worker 0 (which also accepts), the second to worker 1.
+    let mut first = connect(gw.local_addr(), "/p").await;
+    let mut second = connect(gw.local_addr(), "/p").await;
+    first.send(Message::text("on 0")).await.unwrap();
+    assert_eq!(next_text(&mut first).await, "on 0");
+    second.send(Message::text("stick")).await.unwrap();
+    let stuck = within("the watchdog or the CPU limit", async {
+        loop {
+            tokio::select! {
+                frame = expect_close(&mut second) => {
+                    assert_eq!(u16::from(frame.code), 1011);
+                    return false;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if gw.stuck_workers() == [1] {
+                        return true;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    if stuck {
+        for i in 0..3 {
+            let mut ws = connect(gw.local_addr(), "/p").await;
+            let text = format!("new {i}");
+            ws.send(Message::text(text.as_str())).await.unwrap();
+            assert_eq!(
+                next_text(&mut ws).await,
+                text,
+                "served by the worker that is not stuck"
+            );
+        }
+    }
+    let started = Instant::now();
+    within("shutdown", gw.shutdown()).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "shutdown took {:?} with a 1 s grace",
+        started.elapsed()
+    );
+}
