@@ -81,15 +81,14 @@ pub(crate) fn spawn(
         .spawn(move || {
             while !stop.is_cancelled() {
                 std::thread::sleep(BEAT);
-                look(&heartbeats, stuck_after);
+                look(&heartbeats, stuck_after, now_ms());
             }
         })
         .map(drop)
 }
 
-/// One look at every heartbeat: logs each change of a worker's state once.
-fn look(heartbeats: &[Arc<Heartbeat>], stuck_after: Duration) {
-    let now = now_ms();
+/// One look at every heartbeat at `now`: logs each change of a worker's state once.
+fn look(heartbeats: &[Arc<Heartbeat>], stuck_after: Duration, now: u64) {
     for (worker, heartbeat) in heartbeats.iter().enumerate() {
         let silent =
             Duration::from_millis(now.saturating_sub(heartbeat.last.load(Ordering::Relaxed)));
@@ -116,14 +115,13 @@ mod tests {
     #[test]
     fn a_silent_worker_is_stuck_until_it_beats_again() {
         let heartbeats = vec![Heartbeat::new(), Heartbeat::new()];
-        heartbeats[1]
-            .last
-            .store(now_ms().saturating_sub(5_000), Ordering::Relaxed);
-        look(&heartbeats, Duration::from_secs(2));
+        let now = now_ms() + 5_000;
+        heartbeats[0].last.store(now - 100, Ordering::Relaxed);
+        look(&heartbeats, Duration::from_secs(2), now);
         assert!(!heartbeats[0].is_stuck());
-        assert!(heartbeats[1].is_stuck());
-        heartbeats[1].last.store(now_ms(), Ordering::Relaxed);
-        look(&heartbeats, Duration::from_secs(2));
-        assert!(!heartbeats[1].is_stuck());
+        assert!(heartbeats[1].is_stuck(), "silent for 5 s");
+        heartbeats[1].last.store(now, Ordering::Relaxed);
+        look(&heartbeats, Duration::from_secs(2), now);
+        assert!(!heartbeats[1].is_stuck(), "beating again");
     }
 }

@@ -6,6 +6,11 @@
 //! A read-only view is an empty proxy whose metatable serves reads from a private copy, so every
 //! write, at any depth, reaches `__newindex` and raises "<what> is read-only". `pairs`, `ipairs`,
 //! `#` and the `table` functions see through it; `next` and `rawget` see an empty table.
+//!
+//! It also keeps every policy within reach of the CPU limit (docs/policies.md, Limits): no
+//! `__gc` or `__close` metamethods (sealed metatables), an `xpcall` handler that returns at
+//! once past the deadline, and `string.rep` and the `table` functions in Lua past
+//! 4096 elements. The ctx freeze and `measure` count what `route.policy_state_limit` bounds.
 
 use std::sync::Arc;
 
