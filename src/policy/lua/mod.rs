@@ -398,7 +398,8 @@ pub(crate) fn describe(error: &mlua::Error, limits: Limits) -> String {
             "memory limit exceeded ({} per call)",
             bytesize::ByteSize(limits.memory as u64)
         ),
-        E::SyntaxError { message, .. } | E::RuntimeError(message) => first_line(message),
+        E::SyntaxError { message, .. } => first_line(message),
+        E::RuntimeError(message) => located(message),
         E::BadArgument {
             to,
             pos,
@@ -415,6 +416,28 @@ pub(crate) fn describe(error: &mlua::Error, limits: Limits) -> String {
             )
         }
         other => first_line(&other.to_string()),
+    }
+}
+
+/// The first line of a Lua error, with the policy's `file:line` in front when the message has
+/// none (an error raised by `error()` in a helper, such as mlua's "attempt to get an unknown
+/// field"): taken from the traceback that comes with it, at the first frame of a script.
+fn located(message: &str) -> String {
+    let first = first_line(message);
+    let Some((_, trace)) = message.split_once("stack traceback:") else {
+        return first;
+    };
+    let at = trace.lines().map(str::trim).find_map(|frame| {
+        let (at, _) = frame.split_once(": in ")?;
+        let (src, line) = at.rsplit_once(':')?;
+        line.parse::<u32>().ok()?;
+        let ours =
+            src.starts_with('[') || src.starts_with("__mlua") || src == sandbox::PRELUDE_NAME;
+        (!ours).then_some((at, src))
+    });
+    match at {
+        Some((at, src)) if !first.starts_with(src) => format!("{at}: {first}"),
+        _ => first,
     }
 }
 
@@ -442,7 +465,22 @@ pub(crate) fn misuse(lua: &Lua, message: impl std::fmt::Display) -> mlua::Error 
 
 #[cfg(test)]
 mod tests {
-    use super::full_path;
+    use super::{full_path, located};
+
+    #[test]
+    fn an_error_without_a_location_gets_the_policys_line_from_its_traceback() {
+        let raised = "attempt to get an unknown field '1'\nstack traceback:\n\t[C]: in ?\n\t\
+                      [C]: in upvalue 'error'\n\t__mlua_index:33: in metamethod 'index'\n\t\
+                      framegate prelude:12: in function <framegate prelude:10>\n\t\
+                      /p/uf.lua:3: in function </p/uf.lua:1>";
+        assert_eq!(
+            located(raised),
+            "/p/uf.lua:3: attempt to get an unknown field '1'"
+        );
+        let already = "/p/uf.lua:7: boom\nstack traceback:\n\t/p/uf.lua:7: in function <x>";
+        assert_eq!(located(already), "/p/uf.lua:7: boom");
+        assert_eq!(located("no traceback"), "no traceback");
+    }
 
     #[test]
     fn truncated_chunk_names_get_their_whole_path_back() {
