@@ -30,8 +30,9 @@ pub const SWEEP_STEP: usize = 256;
 /// A value stored in the dictionary.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SharedValue {
-    /// A string (bytes, as Lua strings are).
-    Str(Vec<u8>),
+    /// A string (bytes, as Lua strings are). Shared, not copied, by `get`: a large value
+    /// costs no copy while its shard is locked.
+    Str(bytes::Bytes),
     /// An integer.
     Int(i64),
     /// A float.
@@ -344,9 +345,12 @@ mod tests {
         dict.set("k", SharedValue::Bool(true), Some(Duration::ZERO))
             .unwrap();
         assert_eq!(dict.get("k"), None);
-        dict.set("k", SharedValue::Str(b"v".to_vec()), None)
+        dict.set("k", SharedValue::Str(bytes::Bytes::from_static(b"v")), None)
             .unwrap();
-        assert_eq!(dict.get("k"), Some(SharedValue::Str(b"v".to_vec())));
+        assert_eq!(
+            dict.get("k"),
+            Some(SharedValue::Str(bytes::Bytes::from_static(b"v")))
+        );
         assert!(dict.incr("k", SharedValue::Int(1), None).is_err());
         dict.delete("k");
         assert_eq!(dict.get("k"), None);
@@ -370,12 +374,12 @@ mod tests {
         dict.set("c", SharedValue::Int(1), None).unwrap();
 
         let dict = bounded(100, 1024);
-        let big = SharedValue::Str(vec![b'x'; 1024 - ENTRY_OVERHEAD - 1]);
+        let big = SharedValue::Str(vec![b'x'; 1024 - ENTRY_OVERHEAD - 1].into());
         dict.set("k", big.clone(), None).unwrap();
         assert_eq!(dict.bytes(), 1024);
         assert_eq!(dict.set("other", SharedValue::Int(1), None), Err(Full));
         // A bigger value for the same key is refused too, and the old one stays.
-        let bigger = SharedValue::Str(vec![b'x'; 1024 - ENTRY_OVERHEAD]);
+        let bigger = SharedValue::Str(vec![b'x'; 1024 - ENTRY_OVERHEAD].into());
         assert_eq!(dict.set("k", bigger, None), Err(Full));
         assert_eq!(dict.get("k"), Some(big));
         dict.set("k", SharedValue::Int(1), None).unwrap();

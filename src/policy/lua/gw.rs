@@ -162,7 +162,7 @@ fn ttl_arg(lua: &Lua, method: &str, ttl: &Value) -> mlua::Result<Option<Duration
 fn to_shared(lua: &Lua, method: &str, value: &Value) -> mlua::Result<Option<SharedValue>> {
     Ok(Some(match value {
         Value::Nil => return Ok(None),
-        Value::String(s) => SharedValue::Str(s.as_bytes().to_vec()),
+        Value::String(s) => SharedValue::Str(bytes::Bytes::copy_from_slice(&s.as_bytes())),
         Value::Integer(i) => SharedValue::Int(*i),
         Value::Number(n) => SharedValue::Float(*n),
         Value::Boolean(b) => SharedValue::Bool(*b),
@@ -180,7 +180,7 @@ fn to_shared(lua: &Lua, method: &str, value: &Value) -> mlua::Result<Option<Shar
 
 fn from_shared(lua: &Lua, value: SharedValue) -> mlua::Result<Value> {
     Ok(match value {
-        SharedValue::Str(s) => Value::String(lua.create_string(s)?),
+        SharedValue::Str(s) => Value::String(lua.create_string(&s)?),
         SharedValue::Int(i) => Value::Integer(i),
         SharedValue::Float(f) => Value::Number(f),
         SharedValue::Bool(b) => Value::Boolean(b),
