@@ -1,30 +1,19 @@
-//! One WebSocket leg of a relayed connection: reading frames off its socket into whole
-//! messages, answering pings, and writing encoded frames out.
-//!
-//! Buffers are the point of this module. A leg holds no read buffer between frames: reads go
-//! into one scratch buffer per worker thread, and only the start of a frame that has not fully
-//! arrived is kept by the leg. Its write buffer is released once it is written out. An idle
-//! connection therefore holds two sockets, a little state, and no buffers at all.
+//! The read side of a leg: reading its socket into the thread's scratch buffer, parsing
+//! frames, answering pings, and handing each data message to its [`Sink`]: relayed byte for
+//! byte or as it arrives where no hook looks, reassembled and checked for the hooks otherwise.
 
-use std::io::IoSlice;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::AsyncWrite;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use super::buffers::{self, take_scratch};
-use super::close::{Ending, Side, Traffic};
-use super::frame::{self, ClosePayload, FrameError, OpCode, Role};
-use crate::upstream::{Io, Socket};
-
-/// The most a lingering close ([`Leg::fail`]) reads and discards before it drops the socket
-/// anyway: more than a peer has in flight when it is cut off mid-message at the default
-/// limits, and little work to throw away.
-const LINGER_BYTES: usize = 16 << 20;
+use super::super::buffers::{self, take_scratch};
+use super::super::close::{Ending, Traffic};
+use super::super::frame::{self, ClosePayload, FrameError, OpCode};
+use super::{Leg, Sink};
 
 /// The smallest buffer a partial frame is kept in.
 const MIN_PARTIAL: usize = 4 * 1024;
@@ -33,31 +22,11 @@ const MIN_PARTIAL: usize = 4 * 1024;
 /// no hook looks at, instead of being held until their last byte is in.
 const STREAM_MIN: usize = 16 * 1024;
 
-thread_local! {
-    /// Masking keys drawn from the thread's CSPRNG in blocks (RFC 6455 §10.3 asks for a
-    /// strong source), so that a frame costs four bytes of the block, not a call into it.
-    static MASKS: std::cell::RefCell<([u8; 256], usize)> = const { std::cell::RefCell::new(([0; 256], 256)) };
-}
-
-/// A fresh masking key.
-fn mask_key() -> [u8; 4] {
-    MASKS.with(|m| {
-        let (block, at) = &mut *m.borrow_mut();
-        if *at == block.len() {
-            rand::fill(&mut block[..]);
-            *at = 0;
-        }
-        let key = [block[*at], block[*at + 1], block[*at + 2], block[*at + 3]];
-        *at += 4;
-        key
-    })
-}
-
 /// The most one read takes in while a frame is being relayed as it arrives.
 const STREAM_READ: usize = 32 * 1024;
 
 /// A message being reassembled from fragments.
-struct Fragments {
+pub(super) struct Fragments {
     text: bool,
     data: Vec<u8>,
     /// `data[..checked]` is known to be UTF-8 (text only): each fragment is checked as it
@@ -105,228 +74,9 @@ impl Run {
 }
 
 /// A large binary frame being relayed as it arrives.
-struct Streaming {
+pub(super) struct Streaming {
     /// Payload bytes still to come.
     left: usize,
-}
-
-/// A hook over whole data messages, given with the sender's own outbox (for replies). It
-/// answers whether the read may go on (`false`: a queue is full, the rest of the read waits).
-pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<bool, Ending> + 'a;
-
-/// Where a leg's data messages go.
-pub(crate) enum Sink<'a> {
-    /// Straight to the other leg, counted in `traffic`; large binary frames are relayed as
-    /// they arrive.
-    Through {
-        /// The other leg.
-        peer: &'a mut Leg,
-        /// The counters of this direction.
-        traffic: &'a mut Traffic,
-    },
-    /// Each whole message to a hook, with this leg's own outbox for replies to the sender.
-    Hooks(&'a mut Hook<'a>),
-    /// Nowhere: the connection is closing.
-    Discard,
-}
-
-/// Encoded frames waiting to be written to one leg.
-pub(crate) struct Outbox {
-    buf: Vec<u8>,
-    /// `buf[written..]` is still to be written.
-    written: usize,
-    /// Client legs mask every frame they send.
-    masked: bool,
-    /// Payload bytes of a streamed frame still to come. Nothing else may be queued meanwhile:
-    /// a frame cannot be interrupted.
-    open: usize,
-    /// Bytes at the start of `buf` that belong to a streamed frame whose header was written
-    /// before; frames are aligned from here.
-    head_skip: usize,
-}
-
-impl Outbox {
-    fn new(role: Role) -> Self {
-        Outbox {
-            buf: Vec::new(),
-            written: 0,
-            masked: role == Role::Client,
-            open: 0,
-            head_skip: 0,
-        }
-    }
-
-    fn mask(&self) -> Option<[u8; 4]> {
-        self.masked.then(mask_key)
-    }
-
-    /// Nothing is waiting to be written.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.written == self.buf.len()
-    }
-
-    /// Bytes waiting to be written.
-    pub(crate) fn len(&self) -> usize {
-        self.buf.len() - self.written
-    }
-
-    /// The buffer to encode into, taken from the thread's pool when the leg holds none.
-    fn buf(&mut self) -> &mut Vec<u8> {
-        if self.buf.capacity() == 0 {
-            self.buf = buffers::take_write();
-        }
-        &mut self.buf
-    }
-
-    /// Queues one frame.
-    fn push(&mut self, opcode: OpCode, payload: &[u8]) {
-        let mask = self.mask();
-        frame::encode(self.buf(), opcode, payload, mask);
-    }
-
-    /// Queues a ping with no payload (the gateway's own, to find a dead peer).
-    pub(crate) fn push_ping(&mut self) {
-        self.push(OpCode::Ping, &[]);
-    }
-
-    /// A streamed frame is half-way through: no other frame may be queued before it ends.
-    pub(crate) fn is_mid_frame(&self) -> bool {
-        self.open > 0
-    }
-
-    /// Queues the header of a binary frame whose payload follows in [`Outbox::push_chunk`]
-    /// calls, with the masking key the sender used (`None` from a server), as in
-    /// [`Outbox::push_verbatim`]: the payload then goes out exactly as it came, with no XOR
-    /// pass.
-    fn open_binary(&mut self, payload_len: usize, sender_mask: Option<[u8; 4]>) {
-        frame::encode_header(self.buf(), OpCode::Binary, payload_len, sender_mask);
-        self.open = payload_len;
-    }
-
-    /// Sends the next payload bytes of the open frame, as they came (the frame keeps the
-    /// sender's masking key), straight from the read buffer (see [`Outbox::write_behind`]).
-    fn push_chunk(&mut self, io: &mut Io, cx: &mut Context<'_>, chunk: &[u8]) {
-        let open_before = self.open;
-        self.open -= chunk.len();
-        self.write_behind(io, cx, chunk, open_before);
-    }
-
-    /// Writes `frames` (whole frames, relayed as they came) straight from the read buffer (see
-    /// [`Outbox::write_behind`]). Nothing may be open: `frames` start a frame.
-    fn write_through(&mut self, io: &mut Io, cx: &mut Context<'_>, frames: &[u8]) {
-        debug_assert_eq!(self.open, 0, "a streamed frame is open");
-        self.write_behind(io, cx, frames, 0);
-    }
-
-    /// Writes `bytes` after whatever is queued, in one vectored write; only what the socket
-    /// does not take is copied into the queue. `open_from_bytes` counts the bytes, from the
-    /// start of `bytes` on, of a streamed frame still open before them (0 when `bytes` start a
-    /// frame): when the queue empties, what is left of that frame comes first in it.
-    fn write_behind(
-        &mut self,
-        io: &mut Io,
-        cx: &mut Context<'_>,
-        bytes: &[u8],
-        open_from_bytes: usize,
-    ) {
-        let queued = &self.buf[self.written..];
-        let slices = [IoSlice::new(queued), IoSlice::new(bytes)];
-        let mut sent = 0;
-        if let Poll::Ready(Ok(n)) = Pin::new(&mut *io).poll_write_vectored(cx, &slices) {
-            let from_queue = n.min(queued.len());
-            self.written += from_queue;
-            sent = n - from_queue;
-        }
-        if self.written == self.buf.len() {
-            self.buf.clear();
-            self.written = 0;
-            self.head_skip = open_from_bytes.saturating_sub(sent);
-        }
-        let rest = &bytes[sent..];
-        if !rest.is_empty() {
-            self.buf().extend_from_slice(rest);
-        }
-    }
-
-    /// Queues a whole frame as it came from the other leg: header, masking key and masked
-    /// payload alike. A client's frames thus reach the upstream with the client's own masking
-    /// key, as through a TCP proxy, and a server's unmasked frames reach the client unchanged.
-    fn push_verbatim(&mut self, frame: &[u8]) {
-        self.buf().extend_from_slice(frame);
-    }
-
-    /// Queues one data message.
-    pub(crate) fn push_data(&mut self, text: bool, payload: &[u8]) {
-        self.push(if text { OpCode::Text } else { OpCode::Binary }, payload);
-    }
-
-    /// Queues a message a policy produced.
-    pub(crate) fn push_message(&mut self, message: &Message) {
-        match message {
-            Message::Text(t) => self.push(OpCode::Text, t.as_bytes()),
-            Message::Binary(b) => self.push(OpCode::Binary, b),
-            Message::Ping(p) => self.push(OpCode::Ping, p),
-            Message::Pong(p) => self.push(OpCode::Pong, p),
-            Message::Close(f) => self.push_close(f.as_ref()),
-            Message::Frame(_) => {}
-        }
-    }
-
-    /// Queues a close frame.
-    pub(crate) fn push_close(&mut self, close: Option<&CloseFrame>) {
-        let mask = self.mask();
-        frame::encode_close(
-            self.buf(),
-            close.map(|f| (u16::from(f.code), f.reason.as_str())),
-            mask,
-        );
-    }
-
-    /// Writes what is queued; ready once all of it is written and flushed.
-    fn poll_write(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        while self.written < self.buf.len() {
-            let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.buf[self.written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
-        }
-        if !self.buf.is_empty() {
-            self.buf.clear();
-            self.written = 0;
-            // The rest of an open frame comes first in the emptied buffer.
-            self.head_skip = self.open;
-        }
-        // A no-op on TCP; TLS writes out its own buffer.
-        Pin::new(&mut *io).poll_flush(cx)
-    }
-
-    /// Data messages queued and not (fully) written, found by walking the frames this leg
-    /// encoded itself.
-    fn undelivered(&self) -> u64 {
-        // A streamed frame begun in an earlier buffer: not delivered while still open or not
-        // written to its end.
-        let mut count =
-            u64::from(self.head_skip > 0 && (self.open > 0 || self.head_skip > self.written));
-        let receiver = if self.masked {
-            Role::Server
-        } else {
-            Role::Client
-        };
-        let mut at = self.head_skip;
-        while at < self.buf.len() {
-            let Ok(Some(header)) = frame::parse_header(&self.buf[at..], receiver, usize::MAX)
-            else {
-                break;
-            };
-            let end = at + header.frame_len();
-            if end > self.written && matches!(header.opcode, OpCode::Text | OpCode::Binary) {
-                count += 1;
-            }
-            at = end;
-        }
-        count
-    }
 }
 
 /// Whether the payload of the whole `frame` is UTF-8. A masked payload is unmasked to be
@@ -352,66 +102,7 @@ fn pass_through(sink: &mut Sink<'_>, text: bool, payload: &[u8]) {
     }
 }
 
-/// framegate's end of a leg on `side`: it accepted the client leg and opened the upstream one.
-fn role_on(side: Side) -> Role {
-    match side {
-        Side::Client => Role::Server,
-        Side::Upstream => Role::Client,
-    }
-}
-
-/// One WebSocket leg.
-pub(crate) struct Leg {
-    io: Io,
-    side: Side,
-    max_message_size: usize,
-    /// The start of a frame that has not fully arrived; empty (unallocated) between frames.
-    partial: BytesMut,
-    fragments: Option<Fragments>,
-    stream: Option<Streaming>,
-    /// Frames waiting to be written to this leg.
-    pub(crate) out: Outbox,
-}
-
 impl Leg {
-    /// A leg on `socket`, after its handshake.
-    pub(crate) fn new(socket: Socket, side: Side, max_message_size: usize) -> Self {
-        Leg {
-            io: socket.io,
-            side,
-            max_message_size,
-            partial: BytesMut::from(&socket.pre_read[..]),
-            fragments: None,
-            stream: None,
-            out: Outbox::new(role_on(side)),
-        }
-    }
-
-    fn role(&self) -> Role {
-        role_on(self.side)
-    }
-
-    /// The header at the start of `buf`, as this leg receives it, under its size limit.
-    fn header(&self, buf: &[u8]) -> Result<Option<frame::Header>, FrameError> {
-        frame::parse_header(buf, self.role(), self.max_message_size)
-    }
-
-    /// Writes what is queued to this leg. An error ends the connection as this leg gone.
-    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Ending>> {
-        match ready!(self.out.poll_write(&mut self.io, cx)) {
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(_) => Poll::Ready(Err(Ending::Gone(self.side))),
-        }
-    }
-
-    /// Gives the write buffer back if nothing waits in it, so an idle leg holds none.
-    pub(crate) fn release_buffers(&mut self) {
-        if self.out.is_empty() && self.out.buf.capacity() > 0 {
-            buffers::give_back_write(std::mem::take(&mut self.out.buf));
-            self.out.written = 0;
-        }
-    }
-
     /// Reads what the socket has and passes each data message to `sink`. Pings are answered
     /// here and pongs dropped.
     ///
@@ -750,114 +441,5 @@ impl Leg {
 
     fn protocol(&self, what: &str) -> Ending {
         Ending::Protocol(self.side, what.to_owned())
-    }
-
-    /// Data messages queued for this leg that were never (fully) written: those still queued
-    /// when its close ended, including any whose write failed.
-    pub(crate) fn undelivered(&self) -> u64 {
-        self.out.undelivered()
-    }
-
-    /// Queues a close frame, writes everything, and waits for the peer's close (or for the
-    /// connection to end). A server leg drops the connection once the peer's close is in; a
-    /// client leg waits for the server to end it, as RFC 6455 §7.1.1 asks.
-    pub(crate) async fn close(&mut self, frame: Option<&CloseFrame>) {
-        if self.close_into(frame, None).await && self.role() == Role::Client {
-            self.wait_for_end().await;
-        }
-    }
-
-    /// The first half of [`Leg::close`]: sends `frame` and waits for the peer's close (or the
-    /// end), passing the data messages the peer still sends on to `peer` (counted in
-    /// `traffic`) instead of discarding them. False if the connection failed.
-    pub(crate) async fn close_into(
-        &mut self,
-        frame: Option<&CloseFrame>,
-        mut peer: Option<(&mut Leg, &mut Traffic)>,
-    ) -> bool {
-        if !self.send_close(frame).await {
-            return false;
-        }
-        // Until the peer's close (or the end). As in the relay, this leg is read only once
-        // `peer` has written out what it was given: a peer that does not read holds this
-        // leg's last messages back (until the caller's time limit), it does not pile them up.
-        while std::future::poll_fn(|cx| {
-            if let Some((leg, _)) = &mut peer {
-                if !leg.out.is_empty() {
-                    match leg.poll_flush(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Ok(())) => {}
-                        Poll::Ready(Err(_)) => peer = None,
-                    }
-                }
-            }
-            let sink = match &mut peer {
-                Some((leg, traffic)) => Sink::Through { peer: leg, traffic },
-                None => Sink::Discard,
-            };
-            self.poll_receive(cx, sink)
-        })
-        .await
-        .is_ok()
-        {}
-        true
-    }
-
-    /// The peer broke the protocol: sends `frame` after what is queued, then closes the
-    /// writing half and discards what the peer still sends until it hangs up, at most
-    /// [`LINGER_BYTES`] (the caller bounds the time). Dropping a socket with unread input
-    /// makes the kernel send a reset, which can destroy the close frame before the peer reads
-    /// it: this is NGINX's lingering close. The peer's frames are not parsed any more (the
-    /// stream broke at an unknown point), so its own close frame cannot end the wait; the
-    /// closed writing half is what tells it to hang up.
-    pub(crate) async fn fail(&mut self, frame: Option<&CloseFrame>) {
-        if !self.send_close(frame).await {
-            return;
-        }
-        let _ = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
-        let mut discarded = self.partial.len();
-        // Nothing read from now on is kept.
-        self.partial = BytesMut::new();
-        self.fragments = None;
-        let _ = std::future::poll_fn(|cx| loop {
-            if discarded >= LINGER_BYTES {
-                return Poll::Ready(());
-            }
-            let mut buf = take_scratch();
-            let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf);
-            buffers::give_back_scratch(buf);
-            match ready!(read) {
-                Ok(0) | Err(_) => return Poll::Ready(()),
-                Ok(n) => discarded += n,
-            }
-        })
-        .await;
-    }
-
-    /// The peer's close came first: answers it with `reply` and finishes.
-    pub(crate) async fn finish(&mut self, reply: Option<&CloseFrame>) {
-        if self.send_close(reply).await && self.role() == Role::Client {
-            self.wait_for_end().await;
-        }
-    }
-
-    /// Writes what is queued and then `frame`; false if the connection failed.
-    async fn send_close(&mut self, frame: Option<&CloseFrame>) -> bool {
-        self.out.push_close(frame);
-        std::future::poll_fn(|cx| self.poll_flush(cx)).await.is_ok()
-    }
-
-    /// Reads and discards until the peer ends the connection.
-    pub(crate) async fn wait_for_end(&mut self) {
-        let _ = std::future::poll_fn(|cx| loop {
-            let mut buf = take_scratch();
-            let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf);
-            buffers::give_back_scratch(buf);
-            match ready!(read) {
-                Ok(0) | Err(_) => return Poll::Ready(()),
-                Ok(_) => continue,
-            }
-        })
-        .await;
     }
 }
