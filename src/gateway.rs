@@ -101,6 +101,8 @@ impl Gateway {
                 next_id: AtomicU64::new(1),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 dict,
+                metrics: crate::metrics::Metrics::new(),
+                registry: crate::registry::Registry::new(),
             }),
         })
     }
@@ -152,6 +154,16 @@ impl Running {
     /// The bound addresses, in `server.listen` order (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// The gateway's metrics (what `GET /metrics` encodes).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The gateway's open connections (what the admin API lists and controls).
+    pub fn registry(&self) -> &Arc<crate::registry::Registry> {
+        &self.shared.registry
     }
 
     /// The first bound address.

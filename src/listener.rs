@@ -121,6 +121,7 @@ async fn requests(
             Err(ReadError::Bad(bad)) => {
                 tracing::info!(client = %peer, error = %bad, "request rejected");
                 let answer = Answer::text(bad.status(), bad.to_string());
+                worker.metrics.unmatched().handshake(answer.status.as_u16());
                 finish(stream, &answer.encode(true, false), true, timeout).await;
                 return None;
             }
@@ -149,6 +150,7 @@ async fn requests(
                     }
                     NoSlot::Shutdown => unavailable("server shutting down", false),
                 };
+                worker.metrics.unmatched().handshake(answer.status.as_u16());
                 let bytes = answer.encode(true, request.method == Method::HEAD);
                 finish(
                     stream,
@@ -168,6 +170,7 @@ async fn requests(
             handled = proxy::handle(&request, peer, shared, worker) => handled,
             _ = shared.shutdown.cancelled() => {
                 tracing::info!(client = %peer, path = request.path(), "request cut short by shutdown");
+                worker.metrics.unmatched().handshake(503);
                 Handled::Answered(unavailable("server shutting down", false))
             }
         };

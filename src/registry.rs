@@ -75,7 +75,23 @@ impl ConnStats {
         b.store(b.load(Relaxed).wrapping_add(bytes as u64), Relaxed);
     }
 
-    fn read(&self) -> Counts {
+    /// Payload bytes of a message still arriving (relayed as it arrives); its
+    /// [`message_done`](Self::message_done) follows when its last byte has gone through.
+    #[inline]
+    pub fn bytes(&self, direction: Direction, bytes: usize) {
+        let b = &self.bytes[direction as usize];
+        b.store(b.load(Relaxed).wrapping_add(bytes as u64), Relaxed);
+    }
+
+    /// A message whose bytes were counted by [`bytes`](Self::bytes) has been forwarded whole.
+    #[inline]
+    pub fn message_done(&self, direction: Direction) {
+        let m = &self.messages[direction as usize];
+        m.store(m.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+
+    /// The counts so far (the relay's close line reads its totals from here).
+    pub fn read(&self) -> Counts {
         let get = |a: &[AtomicU64; 2]| Both {
             client_to_upstream: a[0].load(Relaxed),
             upstream_to_client: a[1].load(Relaxed),
@@ -254,8 +270,8 @@ pub enum Target {
 /// One message the admin injects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// A text message.
-    Text(String),
+    /// A text message (shared, so that a broadcast does not copy it per connection).
+    Text(Arc<str>),
     /// A binary message.
     Binary(bytes::Bytes),
 }

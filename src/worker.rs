@@ -61,6 +61,8 @@ pub(crate) struct WorkerCtx {
     pub(crate) policies: Vec<Option<Rc<dyn RoutePolicy>>>,
     pub(crate) index: usize,
     pub(crate) pool: Arc<Pool>,
+    /// This worker's metric sets (single writer: only this worker's connections use them).
+    pub(crate) metrics: crate::metrics::WorkerMetrics,
 }
 
 /// Held by a connection for its whole life: this worker's open-connection count.
@@ -229,6 +231,7 @@ impl Thread {
                     .collect(),
                 index,
                 pool: pool.clone(),
+                metrics: shared.metrics.worker(index),
             });
             if index == 0 {
                 shared

@@ -149,6 +149,7 @@ end"#,
         ("authorization", "Bearer bench-token"),
     ]);
     let request = UpgradeRequest {
+        metrics: None,
         id: 1,
         method: "GET",
         path: "/b",

@@ -444,7 +444,7 @@ async fn message(req: Request<Incoming>) -> Result<Message, Refusal> {
         return Ok(Message::Binary(body));
     }
     String::from_utf8(body.to_vec())
-        .map(Message::Text)
+        .map(|text| Message::Text(text.into()))
         .map_err(|_| {
             bad_request("a text message must be UTF-8; send binary with Content-Type: application/octet-stream")
         })

@@ -83,6 +83,8 @@ struct WorkerShard {
 #[derive(Debug, Clone)]
 pub struct WorkerMetrics {
     shard: Arc<WorkerShard>,
+    /// The [`UNMATCHED_ROUTE`] set, looked up once: refusals before routing count here.
+    unmatched: Arc<RouteMetrics>,
 }
 
 impl Metrics {
@@ -98,9 +100,10 @@ impl Metrics {
         if workers.len() <= index {
             workers.resize_with(index + 1, Default::default);
         }
-        WorkerMetrics {
-            shard: workers[index].clone(),
-        }
+        let shard = workers[index].clone();
+        drop(workers);
+        let unmatched = route_in(&shard, UNMATCHED_ROUTE);
+        WorkerMetrics { shard, unmatched }
     }
 
     /// Counts one reload attempt.
@@ -150,21 +153,27 @@ impl WorkerMetrics {
     /// This worker's set for the route named `name`, created on first use. Call it once per
     /// connection (it takes a lock) and keep the `Arc` for the connection's life.
     pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
-        let mut routes = self
-            .shard
-            .routes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(set) = routes.get(name) {
-            return set.clone();
-        }
-        let name = if routes.len() >= MAX_ROUTES {
-            OVERFLOW_ROUTE
-        } else {
-            name
-        };
-        routes.entry(Arc::from(name)).or_default().clone()
+        route_in(&self.shard, name)
     }
+
+    /// This worker's set for answers given before a route was known (a bad request head, the
+    /// connection cap, shutdown) or when none matched: `route="unmatched"`. No lock.
+    pub fn unmatched(&self) -> &Arc<RouteMetrics> {
+        &self.unmatched
+    }
+}
+
+fn route_in(shard: &WorkerShard, name: &str) -> Arc<RouteMetrics> {
+    let mut routes = shard.routes.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(set) = routes.get(name) {
+        return set.clone();
+    }
+    let name = if routes.len() >= MAX_ROUTES {
+        OVERFLOW_ROUTE
+    } else {
+        name
+    };
+    routes.entry(Arc::from(name)).or_default().clone()
 }
 
 #[cfg(test)]

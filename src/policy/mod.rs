@@ -114,6 +114,9 @@ pub struct UpgradeRequest<'a> {
     pub scheme: &'static str,
     /// The Host header.
     pub host: Option<&'a str>,
+    /// The route's counters on this worker: the policy records its calls' durations and
+    /// failures there (`None`: not recorded, as in `framegate policy-test`).
+    pub metrics: Option<&'a std::sync::Arc<crate::metrics::RouteMetrics>>,
 }
 
 /// Changes an upgrade policy asked for.
@@ -127,6 +130,11 @@ pub struct UpgradeChanges {
     pub subprotocol: Option<String>,
     /// Close the connection at this time, if earlier than the route's `expire`.
     pub expire_at: Option<SystemTime>,
+    /// Tags set by `req:tag`, for the connection registry.
+    pub tags: crate::registry::Tags,
+    /// The context `on_upgrade` built, as JSON for the registry (without `ctx.request`, which
+    /// the registry keeps masked); `Null` when there is none.
+    pub ctx_json: serde_json::Value,
 }
 
 /// The outcome of the upgrade phase.

@@ -81,6 +81,8 @@ pub(crate) enum Ending {
     Shutdown,
     /// A policy closed the connection with this frame.
     Policy(CloseFrame),
+    /// The admin API closed the connection: the client gets this frame, the upstream 1001.
+    Admin(CloseFrame),
 }
 
 /// What to do with one leg when closing.
@@ -138,6 +140,8 @@ pub(crate) mod reasons {
     pub const CLIENT_UNRESPONSIVE: &str = "client not responding";
     /// Sent to the client when the upstream did not answer a ping in time.
     pub const UPSTREAM_UNRESPONSIVE: &str = "upstream not responding";
+    /// Sent (1001) to the upstream when the admin API closed the connection.
+    pub const ADMIN_CLOSED: &str = "closed by the gateway admin";
 }
 
 impl Ending {
@@ -151,7 +155,7 @@ impl Ending {
             Ending::Expired => frame(CloseCode::Away, reasons::EXPIRED),
             Ending::Idle => frame(CloseCode::Away, reasons::IDLE),
             Ending::Shutdown => frame(CloseCode::Away, reasons::SHUTDOWN),
-            Ending::Policy(f) => Some(f.clone()),
+            Ending::Policy(f) | Ending::Admin(f) => Some(f.clone()),
             Ending::Closed(..) | Ending::Gone(_) | Ending::Unresponsive(_) => None,
         }
     }
@@ -206,6 +210,10 @@ impl Ending {
             Ending::Expired | Ending::Idle | Ending::Shutdown | Ending::Policy(_) => {
                 (Send(self.gateway_frame()), Send(self.gateway_frame()))
             }
+            Ending::Admin(_) => (
+                Send(self.gateway_frame()),
+                Send(frame(CloseCode::Away, reasons::ADMIN_CLOSED)),
+            ),
         }
     }
 
@@ -255,7 +263,11 @@ impl Ending {
             | Ending::BadCloseReason(s)
             | Ending::Unresponsive(s)
             | Ending::Protocol(s, _) => Some(*s),
-            Ending::Expired | Ending::Idle | Ending::Shutdown | Ending::Policy(_) => None,
+            Ending::Expired
+            | Ending::Idle
+            | Ending::Shutdown
+            | Ending::Policy(_)
+            | Ending::Admin(_) => None,
         }
     }
 }

@@ -9,6 +9,7 @@ mod frame;
 mod headers;
 mod leg;
 mod lifetime;
+mod meter;
 mod relay;
 mod upgrade;
 
@@ -40,6 +41,10 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     /// `gw.shared`: the process-wide dictionary of the policies.
     pub(crate) dict: Arc<crate::policy::shared::SharedDict>,
+    /// Per-worker counters, summed when `/metrics` is scraped.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// The open connections, for the admin API.
+    pub(crate) registry: Arc<crate::registry::Registry>,
 }
 
 impl Shared {

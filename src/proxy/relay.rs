@@ -10,6 +10,11 @@
 //!
 //! Routes whose hooks do not look at a direction relay its messages straight from the read
 //! buffer into the other leg's write buffer: one copy, no allocation per message.
+//!
+//! The admin API reaches the relay only through the connection's bounded control channel
+//! (see [`crate::registry`]), polled once per wake-up, never per message: a close ends the
+//! relay like a policy's, and a message is queued like a policy's `conn:send_*`, within
+//! `route.max_queued_bytes` (one that does not fit waits, see [`Relay::poll_control`]).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -19,14 +24,20 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{Ending, LegClose, Side, Traffic};
 use super::leg::{Leg, Outbox, Sink};
 use super::lifetime::{Expiry, Lifetime};
+use super::meter::Meter;
 use super::Shared;
+use crate::metrics;
 use crate::policy::{Direction, FrameHooks, Outbound, Verdict};
+use crate::registry::{self, Control, Target, CONTROL_CAPACITY};
 
 /// A leg is not read while more than this many bytes of replies wait to be written to it.
 const MAX_QUEUED_REPLIES: usize = 64 * 1024;
@@ -56,6 +67,19 @@ pub(crate) struct Relay {
     shutdown_armed: bool,
     /// `route.max_queued_bytes`: the most a policy may leave queued for a leg.
     max_queued: usize,
+    /// This connection's counters (registry and metrics).
+    meter: Meter,
+    /// The admin's control messages; `None` once the registry dropped its sender.
+    control: Option<mpsc::Receiver<Control>>,
+    /// Admin messages taken off the channel that did not fit their leg's queue yet, in order;
+    /// at most [`CONTROL_CAPACITY`] (the channel is not read while this is full).
+    held: VecDeque<(Target, registry::Message)>,
+}
+
+/// What the upgrade hands the relay besides the legs: its counters and its control channel.
+pub(crate) struct Wiring {
+    pub(crate) meter: Meter,
+    pub(crate) control: Option<mpsc::Receiver<Control>>,
 }
 
 impl Relay {
@@ -66,6 +90,7 @@ impl Relay {
         shared: Arc<Shared>,
         hooks: Box<dyn FrameHooks>,
         max_queued: usize,
+        wiring: Wiring,
     ) -> Self {
         let inspects = [
             hooks.inspects(Direction::ClientToUpstream),
@@ -84,6 +109,9 @@ impl Relay {
             shared,
             shutdown_armed: false,
             max_queued,
+            meter: wiring.meter,
+            control: wiring.control,
+            held: VecDeque::new(),
         }
     }
 
@@ -112,6 +140,7 @@ impl Relay {
             traffic: [mut to_upstream, mut to_client],
             hooks,
             inspects,
+            meter,
             ..
         } = *self;
         let (client_plan, upstream_plan) = ending.plan();
@@ -127,7 +156,10 @@ impl Relay {
                 let deadline = tokio::time::Instant::now() + close_timeout;
                 let replied = tokio::time::timeout_at(
                     deadline,
-                    upstream.close_into(frame.as_ref(), Some((&mut client, &mut to_client))),
+                    upstream.close_into(
+                        frame.as_ref(),
+                        Some((&mut client, meter.tally(metrics::Direction::UpstreamToClient))),
+                    ),
                 )
                 .await;
                 let upstream_end = async {
@@ -150,11 +182,22 @@ impl Relay {
                 );
             }
         }
+        // The forwarded counts were kept once, in the registry's counters.
+        let counts = meter.conn.read();
+        to_upstream.messages = counts.messages.client_to_upstream;
+        to_upstream.bytes = counts.bytes.client_to_upstream;
+        to_client.messages = counts.messages.upstream_to_client;
+        to_client.bytes = counts.bytes.upstream_to_client;
         (ending, [to_upstream, to_client], hooks)
     }
 
     /// Moves messages both ways until the connection ends.
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Ending> {
+        if self.control.is_some() || !self.held.is_empty() {
+            if let Err(ending) = self.poll_control(cx) {
+                return Poll::Ready(ending);
+            }
+        }
         let mut busy = false;
         for _ in 0..ROUNDS {
             if let Err(ending) = self.flush(cx) {
@@ -219,7 +262,9 @@ impl Relay {
                 }
             }
         }
-        if busy {
+        // An admin message waiting for room it now has (the queue emptied in this poll).
+        let room = self.held.front().is_some_and(|(to, m)| self.fits(*to, m));
+        if busy || room {
             // Still data to read, but others get their turn first.
             cx.waker().wake_by_ref();
         } else {
@@ -227,6 +272,70 @@ impl Relay {
             self.upstream.release_buffers();
         }
         Poll::Pending
+    }
+
+    /// Carries out the admin's control messages. A close ends the relay at once (also behind
+    /// held messages). A message is queued on its leg like a policy's `conn:send_*`: only within
+    /// `max_queued_bytes` and not inside a frame being streamed; one that does not fit is held,
+    /// in order, until it does. While [`CONTROL_CAPACITY`] messages are held the channel is not
+    /// read, so it fills and the admin is answered 503: every queue stays bounded.
+    fn poll_control(&mut self, cx: &mut Context<'_>) -> Result<(), Ending> {
+        while let Some((to, message)) = self.held.front() {
+            if !self.fits(*to, message) {
+                break;
+            }
+            let (to, message) = self.held.pop_front().expect("front checked above");
+            self.push_admin(to, &message);
+        }
+        while self.held.len() < CONTROL_CAPACITY {
+            let Some(control) = &mut self.control else {
+                break;
+            };
+            match control.poll_recv(cx) {
+                Poll::Pending => break,
+                // The registry dropped the sender: nothing more can come.
+                Poll::Ready(None) => self.control = None,
+                Poll::Ready(Some(Control::Close { code, reason })) => {
+                    return Err(Ending::Admin(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.into(),
+                    }));
+                }
+                Poll::Ready(Some(Control::Send { to, message })) => {
+                    if self.held.is_empty() && self.fits(to, &message) {
+                        self.push_admin(to, &message);
+                    } else {
+                        self.held.push_back((to, message));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an admin message fits its leg's queue now. An empty queue takes any message
+    /// (the admin's body limit bounds it), so that a large one cannot wait forever.
+    fn fits(&self, to: Target, message: &registry::Message) -> bool {
+        let out = match to {
+            Target::Client => &self.client.out,
+            Target::Upstream => &self.upstream.out,
+        };
+        let len = match message {
+            registry::Message::Text(t) => t.len(),
+            registry::Message::Binary(b) => b.len(),
+        };
+        !out.is_mid_frame() && (out.is_empty() || out.len() + len <= self.max_queued)
+    }
+
+    fn push_admin(&mut self, to: Target, message: &registry::Message) {
+        let out = match to {
+            Target::Client => &mut self.client.out,
+            Target::Upstream => &mut self.upstream.out,
+        };
+        match message {
+            registry::Message::Text(t) => out.push_data(true, t.as_bytes()),
+            registry::Message::Binary(b) => out.push_data(false, b),
+        }
     }
 
     fn leg(&mut self, side: Side) -> &mut Leg {
@@ -261,23 +370,24 @@ impl Relay {
         {
             return Poll::Pending;
         }
-        let slot = match from {
-            Side::Client => 0,
-            Side::Upstream => 1,
+        let (slot, direction) = match from {
+            Side::Client => (0, metrics::Direction::ClientToUpstream),
+            Side::Upstream => (1, metrics::Direction::UpstreamToClient),
         };
-        let traffic = &mut self.traffic[slot];
+        let tally = self.meter.tally(direction);
         let received = if !self.inspects[slot] {
             reader.poll_receive(
                 cx,
                 Sink::Through {
                     peer: writer,
-                    traffic,
+                    tally,
                 },
             )
         } else {
             let hooks = &mut self.hooks;
             let replies = &mut self.replies;
             let max_queued = self.max_queued;
+            let traffic = &mut self.traffic[slot];
             let mut hook = |message: Message, own: &mut Outbox| {
                 let [to_client, to_upstream] = &mut *replies;
                 let own_room = max_queued.saturating_sub(own.len());
@@ -305,11 +415,13 @@ impl Relay {
                 drain_into(other_replies, &mut writer.out);
                 match verdict {
                     Verdict::Forward(message) => {
-                        traffic.messages += 1;
-                        traffic.bytes += message.len() as u64;
+                        tally.message(message.is_text(), message.len());
                         writer.out.push_message(&message);
                     }
-                    Verdict::Drop => traffic.dropped_by_policy += 1,
+                    Verdict::Drop => {
+                        traffic.dropped_by_policy += 1;
+                        tally.policy_drop();
+                    }
                     Verdict::Close(frame) => return Err(Ending::Policy(frame)),
                 }
                 // A full queue ends the read here: the rest waits until it is written out.

@@ -15,10 +15,12 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use super::close::{CloseSummary, ClosedBy, Side};
 use super::leg::Leg;
 use super::lifetime::Lifetime;
-use super::relay::Relay;
+use super::meter::Meter;
+use super::relay::{Relay, Wiring};
 use super::{headers, Shared};
 use crate::client_http::{lists_token, Answer, RequestHead};
 use crate::config::Route;
+use crate::metrics::RouteMetrics;
 use crate::header_fields::{is_name, HeaderFields};
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
@@ -147,11 +149,15 @@ pub(crate) async fn handle(
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
 ) -> Handled {
-    match upgrade(request, peer, shared, worker).await {
+    let mut metrics = None;
+    match upgrade(request, peer, shared, worker, &mut metrics).await {
         Ok(accepted) => Handled::Upgraded(Box::new(accepted)),
         Err(rejection) => {
             rejection.log(peer, request.path());
-            Handled::Answered(rejection.into_answer())
+            let answer = rejection.into_answer();
+            let metrics = metrics.as_ref().unwrap_or(worker.metrics.unmatched());
+            metrics.handshake(answer.status.as_u16());
+            Handled::Answered(answer)
         }
     }
 }
@@ -211,6 +217,7 @@ async fn upgrade(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
+    counted: &mut Option<Arc<RouteMetrics>>,
 ) -> Result<Accepted, Rejection> {
     let host = request.host();
     let found = shared
@@ -220,6 +227,8 @@ async fn upgrade(
             RouteError::NoRoute(path) => Rejection::NoRoute(path),
             RouteError::BadPath(e) => Rejection::BadPath(e),
         })?;
+    // Looked up once per connection; the relay keeps it.
+    let metrics = counted.insert(worker.metrics.route(&found.route.name())).clone();
     // Policies see the path the route was matched on.
     let path = &*found.path;
     let client_key = validate(request)?;
@@ -243,6 +252,7 @@ async fn upgrade(
                     client_ip: peer.ip(),
                     scheme: "ws",
                     host,
+                    metrics: Some(&metrics),
                 };
                 match policy.on_upgrade(&upgrade_request) {
                     UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
@@ -292,13 +302,17 @@ async fn upgrade(
         key,
         accept: &accept,
     };
+    let connecting = tokio::time::Instant::now();
     let connected = match tokio::time::timeout(
         route.handshake_timeout,
         upstream::connect(&url, upstream_headers, key, tls),
     )
     .await
     {
-        Ok(Ok(connected)) => connected,
+        Ok(Ok(connected)) => {
+            metrics.upstream_connect(connecting.elapsed());
+            connected
+        }
         failed => {
             let rejection = match failed {
                 Ok(Err(source)) => Rejection::Upstream { url, source },
@@ -339,7 +353,33 @@ async fn upgrade(
         route,
         policy_deadline: changes.expire_at,
         shared: shared.clone(),
+        metrics,
+        record: Box::new(Record {
+            tags: changes.tags,
+            request: registry_request(request),
+            ctx: changes.ctx_json,
+        }),
     })
+}
+
+/// What the registry shows of a connection besides its summary, kept until the 101.
+struct Record {
+    tags: crate::registry::Tags,
+    request: crate::registry::UpgradeRequest,
+    ctx: serde_json::Value,
+}
+
+/// The upgrade request as the registry keeps it (secrets masked there).
+fn registry_request(request: &RequestHead) -> crate::registry::UpgradeRequest {
+    let headers = request
+        .headers
+        .iter()
+        .map(|(n, v)| (std::str::from_utf8(n).unwrap_or("?"), v));
+    let target = match request.query() {
+        Some(query) => format!("{}?{query}", request.path()),
+        None => request.path().to_owned(),
+    };
+    crate::registry::UpgradeRequest::new(request.method.as_str(), &target, headers)
 }
 
 /// An upgrade the upstream has accepted, waiting for the client's 101.
@@ -354,6 +394,10 @@ pub(crate) struct Accepted {
     /// A close time `on_upgrade` asked for.
     policy_deadline: Option<std::time::SystemTime>,
     shared: Arc<Shared>,
+    /// The route's counters on this worker.
+    metrics: Arc<RouteMetrics>,
+    /// For the registry entry.
+    record: Box<Record>,
 }
 
 impl Accepted {
@@ -373,9 +417,12 @@ impl Accepted {
             route,
             policy_deadline,
             shared,
+            metrics,
+            record,
         } = unbox(self);
         let close_timeout = shared.config.server.close_timeout;
         let opened = tokio::time::Instant::now();
+        metrics.handshake(101);
         if let Err(e) = stream.write_all(&response).await {
             let reason = format!("client left during the upgrade: {e}");
             return Box::pin(abandon(
@@ -402,6 +449,8 @@ impl Accepted {
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let pings = route.ping_interval.map(|i| (i, route.ping_timeout));
         let lifetime = Lifetime::start(deadline, route.idle_timeout, pings);
+        metrics.connection_opened();
+        let (registration, wiring) = register(&shared, &summary, record, deadline, metrics.clone());
         let relay = Box::new(Relay::new(
             client,
             upstream,
@@ -409,16 +458,83 @@ impl Accepted {
             shared,
             hooks,
             route.max_queued_bytes,
+            wiring,
         ));
         let (ending, [client_to_upstream, upstream_to_client], mut hooks) =
             relay.run(close_timeout).await;
+        drop(registration);
         (summary.code, summary.reason) = ending.code_and_reason();
         summary.closed_by = ending.closed_by();
         summary.duration = opened.elapsed();
         summary.client_to_upstream = client_to_upstream;
         summary.upstream_to_client = upstream_to_client;
+        count_close(&metrics, &ending, &summary);
         hooks.on_close(&summary);
         summary.log();
+    }
+}
+
+/// Registers an established connection; its entry goes when the returned guard is dropped.
+fn register(
+    shared: &Shared,
+    summary: &CloseSummary,
+    record: Box<Record>,
+    deadline: Option<tokio::time::Instant>,
+    metrics: Arc<RouteMetrics>,
+) -> (Option<crate::registry::Registration>, Wiring) {
+    let Record { tags, request, ctx } = *record;
+    let now = std::time::SystemTime::now();
+    let expires_at = deadline.map(|d| now + d.saturating_duration_since(tokio::time::Instant::now()));
+    let entry = crate::registry::NewConnection {
+        id: summary.id,
+        route: summary.route.clone(),
+        client: summary.client,
+        upstream: summary.upstream.clone(),
+        opened_at: now,
+        expires_at,
+        // Until configuration snapshots exist, every connection runs on snapshot 0.
+        snapshot: 0,
+        tags,
+        request,
+        ctx,
+    };
+    match shared.registry.register(entry) {
+        Ok(r) => (
+            Some(r.guard),
+            Wiring {
+                meter: Meter {
+                    route: metrics,
+                    conn: r.stats,
+                },
+                control: Some(r.control),
+            },
+        ),
+        // Ids are unique per process, so this cannot happen; the connection still runs.
+        Err(e) => {
+            tracing::error!(conn = summary.id, error = %e, "connection not registered");
+            let meter = Meter {
+                route: metrics,
+                conn: Arc::default(),
+            };
+            (None, Wiring { meter, control: None })
+        }
+    }
+}
+
+/// The close metrics of an established connection.
+fn count_close(metrics: &RouteMetrics, ending: &super::close::Ending, summary: &CloseSummary) {
+    use crate::metrics::{ClosedBy as By, LifetimeReason};
+    use super::close::Ending;
+    let by = match summary.closed_by {
+        ClosedBy::Client => By::Client,
+        ClosedBy::Upstream => By::Upstream,
+        ClosedBy::Gateway => By::Gateway,
+    };
+    metrics.connection_closed(summary.code, by);
+    match ending {
+        Ending::Expired => metrics.lifetime_close(LifetimeReason::Expire),
+        Ending::Idle => metrics.lifetime_close(LifetimeReason::Idle),
+        _ => {}
     }
 }
 

@@ -9,7 +9,7 @@ use tokio::io::AsyncWrite;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::super::buffers::{self, take_scratch};
-use super::super::close::Traffic;
+use super::super::meter::Tally;
 use super::super::frame::Role;
 use super::{Leg, Sink};
 
@@ -30,11 +30,11 @@ impl Leg {
 
     /// The first half of [`Leg::close`]: sends `frame` and waits for the peer's close (or the
     /// end), passing the data messages the peer still sends on to `peer` (counted in
-    /// `traffic`) instead of discarding them. False if the connection failed.
+    /// `tally`) instead of discarding them. False if the connection failed.
     pub(crate) async fn close_into(
         &mut self,
         frame: Option<&CloseFrame>,
-        mut peer: Option<(&mut Leg, &mut Traffic)>,
+        mut peer: Option<(&mut Leg, Tally<'_>)>,
     ) -> bool {
         if !self.send_close(frame).await {
             return false;
@@ -53,7 +53,10 @@ impl Leg {
                 }
             }
             let sink = match &mut peer {
-                Some((leg, traffic)) => Sink::Through { peer: leg, traffic },
+                Some((leg, tally)) => Sink::Through {
+                    peer: leg,
+                    tally: *tally,
+                },
                 None => Sink::Discard,
             };
             self.poll_receive(cx, sink)

@@ -18,7 +18,8 @@ use bytes::BytesMut;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::buffers;
-use super::close::{Ending, Side, Traffic};
+use super::close::{Ending, Side};
+use super::meter::Tally;
 use super::frame::{self, FrameError, Role};
 use crate::upstream::{Io, Socket};
 
@@ -31,13 +32,13 @@ pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<bool, Endin
 
 /// Where a leg's data messages go.
 pub(crate) enum Sink<'a> {
-    /// Straight to the other leg, counted in `traffic`; large binary frames are relayed as
+    /// Straight to the other leg, counted in `tally`; large binary frames are relayed as
     /// they arrive.
     Through {
         /// The other leg.
         peer: &'a mut Leg,
         /// The counters of this direction.
-        traffic: &'a mut Traffic,
+        tally: Tally<'a>,
     },
     /// Each whole message to a hook, with this leg's own outbox for replies to the sender.
     Hooks(&'a mut Hook<'a>),

@@ -11,7 +11,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::super::buffers::{self, take_scratch};
-use super::super::close::{Ending, Traffic};
+use super::super::close::Ending;
+use super::super::meter::Tally;
 use super::super::frame::{self, ClosePayload, FrameError, OpCode};
 use super::{Leg, Sink};
 
@@ -77,6 +78,8 @@ impl Run {
 pub(super) struct Streaming {
     /// Payload bytes still to come.
     left: usize,
+    /// The frame's payload length, counted when its last byte has gone through.
+    total: usize,
 }
 
 /// Whether the payload of the whole `frame` is UTF-8. A masked payload is unmasked to be
@@ -95,9 +98,8 @@ fn is_utf8(frame: &mut [u8], header: &frame::Header) -> bool {
 /// Passes one whole data message on to the other leg (hooks get theirs from `Leg::message`;
 /// a closing leg drops it).
 fn pass_through(sink: &mut Sink<'_>, text: bool, payload: &[u8]) {
-    if let Sink::Through { peer, traffic } = sink {
-        traffic.messages += 1;
-        traffic.bytes += payload.len() as u64;
+    if let Sink::Through { peer, tally } = sink {
+        tally.message(text, payload.len());
         peer.out.push_data(text, payload);
     }
 }
@@ -162,9 +164,9 @@ impl Leg {
     }
 
     /// The frames at the start of `buf` that are relayed byte for byte (see
-    /// [`Leg::relays_verbatim`]), counted in `traffic`; `first` is the first one's header, a
+    /// [`Leg::relays_verbatim`]), counted in `tally`; `first` is the first one's header, a
     /// whole frame that is.
-    fn verbatim_run(&self, buf: &mut BytesMut, first: frame::Header, traffic: &mut Traffic) -> Run {
+    fn verbatim_run(&self, buf: &mut BytesMut, first: frame::Header, tally: Tally<'_>) -> Run {
         let mut len = 0;
         let mut header = first;
         loop {
@@ -172,8 +174,7 @@ impl Leg {
             if header.opcode == OpCode::Text && !is_utf8(frame, &header) {
                 return Run::BeforeBadUtf8(len);
             }
-            traffic.messages += 1;
-            traffic.bytes += header.payload_len as u64;
+            tally.message(header.opcode == OpCode::Text, header.payload_len);
             len += header.frame_len();
             header = match self.header(&buf[len..]) {
                 Ok(Some(h)) if self.relays_verbatim(&h) && buf.len() - len >= h.frame_len() => h,
@@ -261,12 +262,12 @@ impl Leg {
                 if n == 0 {
                     return Ok(active);
                 }
-                if let Sink::Through { peer, traffic } = sink {
+                if let Sink::Through { peer, tally } = sink {
                     let Leg { io, out, .. } = &mut **peer;
                     out.push_chunk(io, cx, &buf[..n]);
-                    traffic.bytes += n as u64;
+                    tally.chunk(n);
                     if n == stream.left {
-                        traffic.messages += 1;
+                        tally.streamed(stream.total);
                     }
                 }
                 stream.left -= n;
@@ -288,6 +289,7 @@ impl Leg {
                 peer.out.open_binary(header.payload_len, header.mask);
                 self.stream = Some(Streaming {
                     left: header.payload_len,
+                    total: header.payload_len,
                 });
                 buf.advance(header.header_len);
                 continue;
@@ -295,9 +297,9 @@ impl Leg {
             if buf.len() < header.frame_len() {
                 return Ok(active);
             }
-            if let Sink::Through { peer, traffic } = sink {
+            if let Sink::Through { peer, tally } = sink {
                 if self.relays_verbatim(&header) {
-                    let run = self.verbatim_run(buf, header, traffic);
+                    let run = self.verbatim_run(buf, header, *tally);
                     let Leg { io, out, .. } = &mut **peer;
                     match run {
                         // The run ends the read's whole frames: written out at once.
