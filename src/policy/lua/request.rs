@@ -2,17 +2,18 @@
 //! its changes or its rejection, then freeze the context for the frame phase.
 
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use mlua::{AnyUserData, Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 
-use super::frame::LuaFrameHooks;
+use super::frame::{error_kind, LuaFrameHooks};
 use super::headers::{materialise, value_of, HeaderSource};
 use super::sandbox::ReadOnlyViews;
 use super::{misuse, LuaRoutePolicy};
 use crate::header_fields::HeaderFields;
+use crate::metrics::Phase;
 use crate::policy::{
     FrameHooks, PassThrough, RoutePolicy, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
@@ -257,6 +258,15 @@ impl UserData for Req {
                 Ok(())
             },
         );
+        methods.add_method_mut("tag", |lua, this, (key, value): (Value, Value)| {
+            this.usable(lua)?;
+            let key = string_arg(lua, "tag", "the key", &key)?;
+            let value = string_arg(lua, "tag", "the value", &value)?;
+            this.changes
+                .tags
+                .insert(&key, &value)
+                .map_err(|e| misuse(lua, format!("req:tag: {e}")))
+        });
         methods.add_method_mut("set_upstream", |lua, this, url: Value| {
             this.usable(lua)?;
             let url = string_arg(lua, "set_upstream", "the URL", &url)?;
@@ -550,7 +560,17 @@ impl RoutePolicy for LuaRoutePolicy {
                 hooks: Box::new(PassThrough),
             };
         }
-        match self.run_upgrade(request, needs_frames) {
+        // One clock read each side of the call, only where a script runs (see docs/operations.md).
+        let timed = request.metrics.filter(|_| self.on_upgrade.is_some());
+        let started = timed.map(|_| Instant::now());
+        let result = self.run_upgrade(request, needs_frames);
+        if let (Some(metrics), Some(started)) = (timed, started) {
+            metrics.policy_call(Phase::Upgrade, started.elapsed());
+            if let Err(e) = &result {
+                metrics.policy_error(Phase::Upgrade, error_kind(e));
+            }
+        }
+        match result {
             Ok(verdict) => verdict,
             Err(error) => {
                 let error = match &self.on_upgrade {
@@ -619,6 +639,7 @@ impl LuaRoutePolicy {
                 });
             }
             changes = taken;
+            changes.ctx_json = ctx_json(&ctx);
         }
         if !needs_frames {
             return Ok(UpgradeVerdict::Continue {
@@ -651,8 +672,28 @@ impl LuaRoutePolicy {
         );
         req.borrow_mut::<Req>()?.kept = None;
         let (frozen, ctx_size) = frozen?;
-        let hooks: Box<dyn FrameHooks> =
-            Box::new(LuaFrameHooks::new(self, request.id, frozen, ctx_size)?);
+        let tags = lua.create_table()?;
+        for (k, v) in changes.tags.iter() {
+            tags.raw_set(k, v)?;
+        }
+        let (tags, _) = views.freeze_within(tags, "conn.tags", None, usize::MAX, "")?;
+        let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(
+            self,
+            request.id,
+            frozen,
+            ctx_size,
+            tags,
+            request.metrics.cloned(),
+        )?);
         Ok(UpgradeVerdict::Continue { changes, hooks })
     }
+}
+
+/// The context `on_upgrade` built, as JSON for the registry: `Null` when it is empty or holds
+/// what JSON cannot (a function, a cycle). `ctx.request` is added later and is not in it.
+fn ctx_json(ctx: &Table) -> serde_json::Value {
+    if ctx.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::to_value(ctx).unwrap_or(serde_json::Value::Null)
 }
