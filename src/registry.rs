@@ -601,7 +601,8 @@ impl Registry {
             id: conn.id,
             route: conn.route,
             client: conn.client,
-            upstream: conn.upstream,
+            // The route's URL carries the client's query, so its access_token too.
+            upstream: mask_query(&conn.upstream),
             opened_at: conn.opened_at,
             expires_at: conn.expires_at,
             snapshot: conn.snapshot,

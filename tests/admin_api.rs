@@ -549,7 +549,7 @@ async fn send_to_one_connection() {
         else {
             panic!("a text send");
         };
-        assert_eq!(t, format!("m{i}"));
+        assert_eq!(&*t, format!("m{i}"));
     }
 }
 

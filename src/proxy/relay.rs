@@ -158,7 +158,10 @@ impl Relay {
                     deadline,
                     upstream.close_into(
                         frame.as_ref(),
-                        Some((&mut client, meter.tally(metrics::Direction::UpstreamToClient))),
+                        Some((
+                            &mut client,
+                            meter.tally(metrics::Direction::UpstreamToClient),
+                        )),
                     ),
                 )
                 .await;

@@ -20,8 +20,8 @@ use super::relay::{Relay, Wiring};
 use super::{headers, Shared};
 use crate::client_http::{lists_token, Answer, RequestHead};
 use crate::config::Route;
-use crate::metrics::RouteMetrics;
 use crate::header_fields::{is_name, HeaderFields};
+use crate::metrics::RouteMetrics;
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
@@ -228,7 +228,9 @@ async fn upgrade(
             RouteError::BadPath(e) => Rejection::BadPath(e),
         })?;
     // Looked up once per connection; the relay keeps it.
-    let metrics = counted.insert(worker.metrics.route(&found.route.name())).clone();
+    let metrics = counted
+        .insert(worker.metrics.route(&found.route.name()))
+        .clone();
     // Policies see the path the route was matched on.
     let path = &*found.path;
     let client_key = validate(request)?;
@@ -484,7 +486,8 @@ fn register(
 ) -> (Option<crate::registry::Registration>, Wiring) {
     let Record { tags, request, ctx } = *record;
     let now = std::time::SystemTime::now();
-    let expires_at = deadline.map(|d| now + d.saturating_duration_since(tokio::time::Instant::now()));
+    let expires_at =
+        deadline.map(|d| now + d.saturating_duration_since(tokio::time::Instant::now()));
     let entry = crate::registry::NewConnection {
         id: summary.id,
         route: summary.route.clone(),
@@ -516,15 +519,21 @@ fn register(
                 route: metrics,
                 conn: Arc::default(),
             };
-            (None, Wiring { meter, control: None })
+            (
+                None,
+                Wiring {
+                    meter,
+                    control: None,
+                },
+            )
         }
     }
 }
 
 /// The close metrics of an established connection.
 fn count_close(metrics: &RouteMetrics, ending: &super::close::Ending, summary: &CloseSummary) {
-    use crate::metrics::{ClosedBy as By, LifetimeReason};
     use super::close::Ending;
+    use crate::metrics::{ClosedBy as By, LifetimeReason};
     let by = match summary.closed_by {
         ClosedBy::Client => By::Client,
         ClosedBy::Upstream => By::Upstream,

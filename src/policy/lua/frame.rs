@@ -448,7 +448,8 @@ impl LuaFrameHooks {
         returned: Value,
         message: Message,
     ) -> Verdict {
-        let failed = |error, message| self.failed(direction, PolicyErrorKind::Error, error, message);
+        let failed =
+            |error, message| self.failed(direction, PolicyErrorKind::Error, error, message);
         let lua = &self.vm.lua;
         match returned {
             Value::Nil | Value::Boolean(true) => Verdict::Forward(message),
@@ -654,11 +655,12 @@ pub fn test_hooks(
             &policy.limits.state_exceeded(false),
         )?;
         let tags = lua.create_table()?;
-        let (tags, _) = policy
-            .vm
-            .sandbox
-            .views
-            .freeze_within(tags, "conn.tags", None, usize::MAX, "")?;
+        let (tags, _) =
+            policy
+                .vm
+                .sandbox
+                .views
+                .freeze_within(tags, "conn.tags", None, usize::MAX, "")?;
         LuaFrameHooks::new(&policy, 0, frozen, size, tags, None)
     };
     Ok(Box::new(build().map_err(|e| e.to_string())?))

@@ -9,8 +9,8 @@ use tokio::io::AsyncWrite;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::super::buffers::{self, take_scratch};
-use super::super::meter::Tally;
 use super::super::frame::Role;
+use super::super::meter::Tally;
 use super::{Leg, Sink};
 
 /// The most a lingering close ([`Leg::fail`]) reads and discards before it drops the socket

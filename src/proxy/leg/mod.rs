@@ -19,8 +19,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::buffers;
 use super::close::{Ending, Side};
-use super::meter::Tally;
 use super::frame::{self, FrameError, Role};
+use super::meter::Tally;
 use crate::upstream::{Io, Socket};
 
 pub(crate) use outbox::Outbox;

@@ -12,8 +12,8 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::super::buffers::{self, take_scratch};
 use super::super::close::Ending;
-use super::super::meter::Tally;
 use super::super::frame::{self, ClosePayload, FrameError, OpCode};
+use super::super::meter::Tally;
 use super::{Leg, Sink};
 
 /// The smallest buffer a partial frame is kept in.
