@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 pub use route::{
     ClosedBy, Direction, LifetimeReason, Phase, PolicyErrorKind, RouteMetrics, DURATION_BUCKETS,
-    SIZE_BUCKETS,
+    POLICY_SAMPLE, SIZE_BUCKETS,
 };
 
 /// The `route` label of handshakes that matched no route (answered 404). Route names always
