@@ -83,6 +83,13 @@ function FramegateRequest:expire_in(seconds) end
 ---@param unix_seconds number Unix time in seconds, e.g. `gw.now() + 600`.
 function FramegateRequest:expire_at(unix_seconds) end
 
+---Labels the connection for the admin API (`GET /admin/connections?tag=key:value`, kicks and
+---broadcasts by tag) and for `conn.tags` in the frame policies and on_close. At most 16 tags;
+---setting a key again replaces its value.
+---@param key string 1 to 64 characters of A-Z a-z 0-9 _ . - (no ':').
+---@param value string|number At most 256 bytes, no control characters.
+function FramegateRequest:tag(key, value) end
+
 ---Every value of one header, in order, not split on commas; empty when the header is absent.
 ---@param name string Case-insensitive.
 ---@return string[]
@@ -122,6 +129,7 @@ function FramegateRequest:header_values(name) end
 ---@class FramegateConnection
 ---@field id integer The connection id, as in the `conn=` field of log lines.
 ---@field state table<any, any> Per-connection table for the frame policies and on_close; its contents are writable.
+---@field tags table<string, string> The tags on_upgrade set with `req:tag`; read-only.
 local FramegateConnection = {}
 
 ---Sends `data` back to the sender of the message being handled (the client in
