@@ -6,7 +6,7 @@
 //! through [`AdminApi`]; connections are reached only through the [`Registry`]'s bounded control
 //! channels, so nothing here can block a relay.
 //!
-//! Choices (documented in docs/admin-api.md):
+//! Choices (documented in docs/operations.md, "Admin API"):
 //! - With a token, every request needs `Authorization: Bearer <token>` (compared in constant
 //!   time) except `GET /healthz` and `GET /readyz`, which orchestrator probes call without
 //!   credentials and which reveal nothing (as Envoy's and Kong's status endpoints). The check
