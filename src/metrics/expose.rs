@@ -84,7 +84,8 @@ impl RouteTotals {
             for t in 0..2 {
                 self.messages[d][t] += r.messages[d][t].get();
             }
-            self.bytes[d] += r.bytes[d].get();
+            // The size histogram's sum is the byte count: kept once.
+            self.bytes[d] += r.sizes[d].sum.get();
             add_size(&mut self.sizes[d], &r.sizes[d]);
             self.policy_drops[d] += r.policy_drops[d].get();
             self.lifetime_closes[d] += r.lifetime_closes[d].get();

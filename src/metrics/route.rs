@@ -338,7 +338,7 @@ pub struct RouteMetrics {
     pub(crate) handshakes: KeyedCounts<STATUS_SLOTS>,
     /// `[direction][text = 0, binary = 1]`.
     pub(crate) messages: [[Counter; 2]; 2],
-    pub(crate) bytes: [Counter; 2],
+    /// Also `framegate_message_bytes_total` (their sum), so bytes are counted once.
     pub(crate) sizes: [SizeHistogram; 2],
     /// Keyed by `code << 2 | closed_by`.
     pub(crate) closes: KeyedCounts<CLOSE_SLOTS>,
@@ -371,14 +371,14 @@ impl RouteMetrics {
         self.handshakes.inc(u32::from(status));
     }
 
-    /// A data message of `bytes` payload bytes was forwarded. The per-message call: four
-    /// single-writer counter updates, no lock, no allocation.
+    /// A data message of `bytes` payload bytes was forwarded. The per-message call: three
+    /// single-writer counter updates (type, size bucket, size sum, which is also the byte
+    /// count), no lock, no allocation.
     #[inline]
     pub fn message(&self, direction: Direction, is_text: bool, bytes: usize) {
         let d = direction as usize;
         let bytes = bytes as u64;
         self.messages[d][usize::from(!is_text)].inc();
-        self.bytes[d].add(bytes);
         self.sizes[d].observe(bytes);
     }
 
