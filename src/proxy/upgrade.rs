@@ -452,7 +452,8 @@ impl Accepted {
         let pings = route.ping_interval.map(|i| (i, route.ping_timeout));
         let lifetime = Lifetime::start(deadline, route.idle_timeout, pings);
         metrics.connection_opened();
-        let (registration, wiring) = register(&shared, &summary, record, deadline, metrics.clone());
+        let (registration, wiring) =
+            register(&shared, &summary, *record, deadline, metrics.clone());
         let relay = Box::new(Relay::new(
             client,
             upstream,
@@ -480,11 +481,11 @@ impl Accepted {
 fn register(
     shared: &Shared,
     summary: &CloseSummary,
-    record: Box<Record>,
+    record: Record,
     deadline: Option<tokio::time::Instant>,
     metrics: Arc<RouteMetrics>,
 ) -> (Option<crate::registry::Registration>, Wiring) {
-    let Record { tags, request, ctx } = *record;
+    let Record { tags, request, ctx } = record;
     let now = std::time::SystemTime::now();
     let expires_at =
         deadline.map(|d| now + d.saturating_duration_since(tokio::time::Instant::now()));
