@@ -77,6 +77,8 @@ fn call(hooks: &mut dyn framegate::policy::FrameHooks, message: &Message) -> Ver
         Outbound {
             to_client: &mut to_client,
             to_upstream: &mut to_upstream,
+            room_to_client: usize::MAX,
+            room_to_upstream: usize::MAX,
         },
     )
 }
