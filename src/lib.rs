@@ -38,6 +38,8 @@
 
 mod client_http;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod header_fields;
 mod listener;
