@@ -822,9 +822,11 @@ async fn fuzz_relay_from_upstream() {
     );
     let gw = gateway_with_server("close_timeout = \"1s\"\nworkers = 2", &routes).await;
     let addr = gw.local_addr();
+    // The client never answers a close frame, so each input waits out the close timeout:
+    // many at once keep the run fast.
     fuzz_gateway(
         "frames_client",
-        4,
+        16,
         addr,
         "/control",
         |rng, seeds| relay_input(rng, seeds, false),
@@ -1006,6 +1008,10 @@ return function(req, ctx)
 end
 "#;
 
+/// How the Lua plans ended ("done", "closed", 299, 500), to show what the run reached.
+static OUTCOMES: Mutex<std::collections::BTreeMap<String, u64>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuzz_lua_api() {
     let up = echo().await;
@@ -1052,7 +1058,10 @@ async fn fuzz_lua_api() {
                 })
                 .await;
                 match end {
-                    Ok(_) => Ok(()),
+                    Ok(how) => {
+                        OUTCOMES.lock().unwrap().entry(how.to_owned()).and_modify(|n| *n += 1).or_insert(1);
+                        Ok(())
+                    }
                     Err(_) => Err(format!("no answer to a frame plan within {bound:?}")),
                 }
             } else {
@@ -1062,7 +1071,10 @@ async fn fuzz_lua_api() {
                 s.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
                 match tokio::time::timeout(bound, read_response(&mut s)).await {
                     // 299: the plan ran; 500: the policy failed (a clean, logged error).
-                    Ok((299 | 500, _, _)) => Ok(()),
+                    Ok((status @ (299 | 500), _, _)) => {
+                        OUTCOMES.lock().unwrap().entry(status.to_string()).and_modify(|n| *n += 1).or_insert(1);
+                        Ok(())
+                    }
                     Ok((status, head, _)) => Err(format!("upgrade plan answered {status}: {head}")),
                     Err(_) => Err(format!("no answer to an upgrade plan within {bound:?}")),
                 }
@@ -1070,5 +1082,6 @@ async fn fuzz_lua_api() {
         },
     )
     .await;
+    eprintln!("fuzz lua: outcomes {:?}", OUTCOMES.lock().unwrap());
     gw.shutdown().await;
 }
