@@ -16,8 +16,7 @@ use crate::proxy::frame::{self, ClosePayload, OpCode, Role};
 pub async fn read_request<IO: AsyncRead + Unpin>(io: &mut IO) -> String {
     let mut buf = BytesMut::new();
     let timeout = std::time::Duration::from_secs(10);
-    match crate::client_http::read_request(io, &mut buf, timeout, &CancellationToken::new()).await
-    {
+    match crate::client_http::read_request(io, &mut buf, timeout, &CancellationToken::new()).await {
         Ok(Some((head, rest))) => format!(
             "{} {:?} path={:?} query={:?} host={:?} keep_alive={} body={} fields={} rest={}",
             head.method,

@@ -174,16 +174,86 @@ fn corpus(target: &str) -> Vec<Vec<u8>> {
 
 /// Bytes that matter to some parser: delimiters, digits, limits and names.
 const TOKENS: &[&[u8]] = &[
-    b"\r\n", b"\n", b"\r\n\r\n", b": ", b":", b" ", b"\t", b",", b";", b"=", b"/", b"//", b"/../",
-    b"%2F", b"%2e%2e", b"%00", b"%", b"?", b"#", b"{", b"}", b"{*", b"\\", b"\"", b"'", b"[", b"]",
-    b"[[route]]\n", b"[server]\n", b"[route.policies]\n", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2",
-    b"GET ", b" 101 ", b" 200 ", b" 100 ", b"Host", b"Content-Length", b"Transfer-Encoding",
-    b"chunked", b"Connection", b"close", b"Upgrade", b"websocket", b"Sec-WebSocket-Key",
-    b"Sec-WebSocket-Accept", b"Sec-WebSocket-Protocol", b"0", b"-1", b"18446744073709551616",
-    b"9223372036854775807", b"4294967296", b"65535", b"65536", b"1e999", b"0x10", b"\xff", b"\x00",
-    b"\xc3\xa9", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"ms", b"s", b"m", b"h", b"MiB", b"KiB",
-    b"GiB", b"ws://", b"wss://", b"http://", b"127.0.0.1", b"[::1]", b":0", b":65536", b"@",
-    b"\x7e\xff\xff", b"\x7f\xff\xff\xff\xff\xff\xff\xff\xff", b"\x7f\x00\x00\x00\x00\x01\x00\x00\x00",
+    b"\r\n",
+    b"\n",
+    b"\r\n\r\n",
+    b": ",
+    b":",
+    b" ",
+    b"\t",
+    b",",
+    b";",
+    b"=",
+    b"/",
+    b"//",
+    b"/../",
+    b"%2F",
+    b"%2e%2e",
+    b"%00",
+    b"%",
+    b"?",
+    b"#",
+    b"{",
+    b"}",
+    b"{*",
+    b"\\",
+    b"\"",
+    b"'",
+    b"[",
+    b"]",
+    b"[[route]]\n",
+    b"[server]\n",
+    b"[route.policies]\n",
+    b"HTTP/1.1",
+    b"HTTP/1.0",
+    b"HTTP/2",
+    b"GET ",
+    b" 101 ",
+    b" 200 ",
+    b" 100 ",
+    b"Host",
+    b"Content-Length",
+    b"Transfer-Encoding",
+    b"chunked",
+    b"Connection",
+    b"close",
+    b"Upgrade",
+    b"websocket",
+    b"Sec-WebSocket-Key",
+    b"Sec-WebSocket-Accept",
+    b"Sec-WebSocket-Protocol",
+    b"0",
+    b"-1",
+    b"18446744073709551616",
+    b"9223372036854775807",
+    b"4294967296",
+    b"65535",
+    b"65536",
+    b"1e999",
+    b"0x10",
+    b"\xff",
+    b"\x00",
+    b"\xc3\xa9",
+    b"\xed\xa0\x80",
+    b"\xf4\x90\x80\x80",
+    b"ms",
+    b"s",
+    b"m",
+    b"h",
+    b"MiB",
+    b"KiB",
+    b"GiB",
+    b"ws://",
+    b"wss://",
+    b"http://",
+    b"127.0.0.1",
+    b"[::1]",
+    b":0",
+    b":65536",
+    b"@",
+    b"\x7e\xff\xff",
+    b"\x7f\xff\xff\xff\xff\xff\xff\xff\xff",
+    b"\x7f\x00\x00\x00\x00\x01\x00\x00\x00",
 ];
 
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], max_len: usize) -> Vec<u8> {
@@ -201,9 +271,11 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], max_len: usize) -> Vec<u8> {
             }
             2 if len > 0 => {
                 let at = rng.below(len);
-                data[at] = *[0u8, 0xff, 0x7f, 0x80, b'\r', b'\n', b' ', b':', b'{', b'}', b'/']
-                    .get(rng.below(11))
-                    .unwrap();
+                data[at] = *[
+                    0u8, 0xff, 0x7f, 0x80, b'\r', b'\n', b' ', b':', b'{', b'}', b'/',
+                ]
+                .get(rng.below(11))
+                .unwrap();
             }
             3 => {
                 let at = rng.below(len + 1);
@@ -220,7 +292,11 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], max_len: usize) -> Vec<u8> {
                 let at = rng.below(len);
                 let n = 1 + rng.below((len - at).min(256));
                 let chunk = data[at..at + n].to_vec();
-                let times = if rng.chance(8) { 1 + rng.below(2000) } else { 1 };
+                let times = if rng.chance(8) {
+                    1 + rng.below(2000)
+                } else {
+                    1
+                };
                 for _ in 0..times {
                     if data.len() + chunk.len() > max_len {
                         break;
@@ -258,13 +334,17 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], max_len: usize) -> Vec<u8> {
 fn save_failure(target: &str, what: &str, input: &[u8]) -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fuzz-failures");
     let _ = std::fs::create_dir_all(&dir);
-    let hash = input
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3));
+    let hash = input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
     let path = dir.join(format!("{target}-{what}-{hash:016x}"));
     let _ = std::fs::write(&path, input);
     let shown: String = String::from_utf8_lossy(&input[..input.len().min(300)]).into();
-    format!("{what} on {} ({} bytes): {shown:?}", path.display(), input.len())
+    format!(
+        "{what} on {} ({} bytes): {shown:?}",
+        path.display(),
+        input.len()
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,7 +402,10 @@ fn fuzz_in_process(
                 };
                 if let Some(failure) = failure {
                     done.store(true, Ordering::SeqCst);
-                    return Err(format!("{failure}: {}", save_failure(target, "fail", &input)));
+                    return Err(format!(
+                        "{failure}: {}",
+                        save_failure(target, "fail", &input)
+                    ));
                 }
                 runs.fetch_add(1, Ordering::Relaxed);
             }
@@ -335,10 +418,16 @@ fn fuzz_in_process(
         std::thread::sleep(Duration::from_millis(50));
         let (input, since) = current.lock().unwrap().clone();
         if since.elapsed() > bounds.time * 4 && !done.load(Ordering::SeqCst) {
-            panic!("fuzz {target}: hang: {}", save_failure(target, "hang", &input));
+            panic!(
+                "fuzz {target}: hang: {}",
+                save_failure(target, "hang", &input)
+            );
         }
     }
-    if let Err(e) = worker.join().expect("the fuzz thread reports, never panics") {
+    if let Err(e) = worker
+        .join()
+        .expect("the fuzz thread reports, never panics")
+    {
         panic!("fuzz {target}: {e}");
     }
     eprintln!(
@@ -412,11 +501,7 @@ fn fuzz_request_head() {
             alloc: 1 << 20,
             per_byte: 8,
         },
-        |input| {
-            read_both_ways(input, |io| {
-                Box::pin(framegate::fuzzing::read_request(io))
-            })
-        },
+        |input| read_both_ways(input, |io| Box::pin(framegate::fuzzing::read_request(io))),
     );
 }
 
@@ -460,9 +545,14 @@ fn fuzz_frame_parser() {
         alloc: 1 << 20,
         per_byte: 4,
     };
-    let server =
-        std::thread::spawn(move || fuzz_in_process("frames_server", 256 * 1024, bounds(), move |i| check(i, true)));
-    fuzz_in_process("frames_client", 256 * 1024, bounds(), move |i| check(i, false));
+    let server = std::thread::spawn(move || {
+        fuzz_in_process("frames_server", 256 * 1024, bounds(), move |i| {
+            check(i, true)
+        })
+    });
+    fuzz_in_process("frames_client", 256 * 1024, bounds(), move |i| {
+        check(i, false)
+    });
     server.join().unwrap();
 }
 
@@ -490,7 +580,11 @@ fn fuzz_config_loader() {
 fn route_every_way(config: &framegate::Config, paths: &[&str]) -> usize {
     let router = framegate::route::Router::new(&config.routes);
     let mut rendered = 0;
-    for host in [None, Some("admin.example.com"), Some("ADMIN.example.com.:80")] {
+    for host in [
+        None,
+        Some("admin.example.com"),
+        Some("ADMIN.example.com.:80"),
+    ] {
         for path in paths {
             if let Some(m) = router.find(host, path) {
                 rendered += m.route.upstream.render(&m.params).len();
@@ -653,7 +747,11 @@ fn policies_ref<'a>(p: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a s
 async fn control_echo(addr: SocketAddr, path: &str) {
     let mut ws = connect(addr, path).await;
     ws.send(Message::text("still here")).await.unwrap();
-    assert_eq!(next_text(&mut ws).await, "still here", "control echo on {path}");
+    assert_eq!(
+        next_text(&mut ws).await,
+        "still here",
+        "control echo on {path}"
+    );
     ws.close(None).await.unwrap();
 }
 
@@ -705,8 +803,14 @@ async fn fuzz_gateway<F, Fut>(
         for (input, task) in batch {
             match task.await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => panic!("fuzz {target}: {e}: {}", save_failure(target, "fail", &input)),
-                Err(e) => panic!("fuzz {target}: {e}: {}", save_failure(target, "panic", &input)),
+                Ok(Err(e)) => panic!(
+                    "fuzz {target}: {e}: {}",
+                    save_failure(target, "fail", &input)
+                ),
+                Err(e) => panic!(
+                    "fuzz {target}: {e}: {}",
+                    save_failure(target, "panic", &input)
+                ),
             }
         }
         if i % 32 < parallel as u64 {
@@ -719,7 +823,10 @@ async fn fuzz_gateway<F, Fut>(
         peak < GATEWAY_ALLOC,
         "fuzz {target}: the process grew by {peak} bytes at its peak"
     );
-    eprintln!("fuzz {target}: {i} inputs, no failure, peak growth {} KiB", peak / 1024);
+    eprintln!(
+        "fuzz {target}: {i} inputs, no failure, peak growth {} KiB",
+        peak / 1024
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -755,7 +862,9 @@ async fn fuzz_relay_from_client() {
             if drain(&mut s, END_BOUND).await {
                 Ok(())
             } else {
-                Err(format!("{path}: connection still open {END_BOUND:?} after the client's FIN"))
+                Err(format!(
+                    "{path}: connection still open {END_BOUND:?} after the client's FIN"
+                ))
             }
         },
     )
@@ -765,7 +874,9 @@ async fn fuzz_relay_from_client() {
 
 /// A raw upstream: answers each upgrade with a 101, then writes the input named by the
 /// request's path (`/<id>`), shuts its side, and reads until the gateway ends.
-async fn raw_fuzz_upstream(inputs: Arc<Mutex<std::collections::HashMap<u64, Vec<u8>>>>) -> SocketAddr {
+async fn raw_fuzz_upstream(
+    inputs: Arc<Mutex<std::collections::HashMap<u64, Vec<u8>>>>,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -790,12 +901,12 @@ async fn raw_fuzz_upstream(inputs: Arc<Mutex<std::collections::HashMap<u64, Vec<
                     .lines()
                     .find_map(|l| {
                         let (n, v) = l.split_once(':')?;
-                        n.eq_ignore_ascii_case("sec-websocket-key").then(|| v.trim().to_owned())
+                        n.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_owned())
                     })
                     .unwrap_or_default();
-                let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
-                    key.as_bytes(),
-                );
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
                 let input = inputs.lock().unwrap().remove(&id).unwrap_or_default();
                 let _ = s.write_all(switching_head(&accept).as_bytes()).await;
                 let _ = s.write_all(&input).await;
@@ -848,7 +959,9 @@ async fn fuzz_relay_from_upstream() {
                 if drain(&mut s, END_BOUND).await {
                     Ok(())
                 } else {
-                    Err(format!("/{path}: the client leg still open {END_BOUND:?} after the upstream's FIN"))
+                    Err(format!(
+                        "/{path}: the client leg still open {END_BOUND:?} after the upstream's FIN"
+                    ))
                 }
             }
         },
@@ -1023,7 +1136,10 @@ async fn fuzz_lua_api() {
             "/frame",
             up.addr,
             "mime_type = \"application/json\"",
-            &[("on_client_frame", frame.as_str()), ("on_server_frame", frame.as_str())],
+            &[
+                ("on_client_frame", frame.as_str()),
+                ("on_server_frame", frame.as_str())
+            ],
         ),
         route("/upgrade", up.addr, "", &[("on_upgrade", upgrade.as_str())]),
     );
@@ -1046,7 +1162,9 @@ async fn fuzz_lua_api() {
         move |i, plan| async move {
             if i % 2 == 0 {
                 let mut ws = connect(addr, "/frame").await;
-                ws.send(Message::binary(plan)).await.map_err(|e| e.to_string())?;
+                ws.send(Message::binary(plan))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let end = tokio::time::timeout(bound, async {
                     loop {
                         match ws.next().await {
@@ -1059,20 +1177,35 @@ async fn fuzz_lua_api() {
                 .await;
                 match end {
                     Ok(how) => {
-                        OUTCOMES.lock().unwrap().entry(how.to_owned()).and_modify(|n| *n += 1).or_insert(1);
+                        OUTCOMES
+                            .lock()
+                            .unwrap()
+                            .entry(how.to_owned())
+                            .and_modify(|n| *n += 1)
+                            .or_insert(1);
                         Ok(())
                     }
                     Err(_) => Err(format!("no answer to a frame plan within {bound:?}")),
                 }
             } else {
                 let hex: String = plan.iter().map(|b| format!("{b:02x}")).collect();
-                let request = upgrade_request(&format!("/upgrade?plan={hex}"), "Sec-WebSocket-Protocol: a, b\r\nX-Multi: 1\r\nX-Multi: 2\r\n");
+                let request = upgrade_request(
+                    &format!("/upgrade?plan={hex}"),
+                    "Sec-WebSocket-Protocol: a, b\r\nX-Multi: 1\r\nX-Multi: 2\r\n",
+                );
                 let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-                s.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+                s.write_all(request.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 match tokio::time::timeout(bound, read_response(&mut s)).await {
                     // 299: the plan ran; 500: the policy failed (a clean, logged error).
                     Ok((status @ (299 | 500), _, _)) => {
-                        OUTCOMES.lock().unwrap().entry(status.to_string()).and_modify(|n| *n += 1).or_insert(1);
+                        OUTCOMES
+                            .lock()
+                            .unwrap()
+                            .entry(status.to_string())
+                            .and_modify(|n| *n += 1)
+                            .or_insert(1);
                         Ok(())
                     }
                     Ok((status, head, _)) => Err(format!("upgrade plan answered {status}: {head}")),
