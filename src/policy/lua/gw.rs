@@ -73,13 +73,20 @@ fn log_function(lua: &Lua, level: tracing::Level) -> mlua::Result<Function> {
             if i > 0 {
                 message.push(' ');
             }
-            match arg {
-                Value::String(s) => message.push_str(&s.to_string_lossy()),
-                other => message.push_str(
-                    &other
-                        .to_string()
-                        .unwrap_or_else(|_| other.type_name().to_owned()),
-                ),
+            let text = match arg {
+                Value::String(s) => s.to_string_lossy(),
+                other => other
+                    .to_string()
+                    .unwrap_or_else(|_| other.type_name().to_owned()),
+            };
+            // A policy often logs what a client sent: a line break or a terminal escape in it
+            // must not start a forged log line or rewrite the operator's terminal.
+            for c in text.chars() {
+                if c.is_control() {
+                    message.extend(c.escape_default());
+                } else {
+                    message.push(c);
+                }
             }
         }
         let at = lua
