@@ -1088,9 +1088,26 @@ local FRAME = with_common({
 return function(msg, ctx, conn)
   if msg.direction == "server" or msg.type == "text" then return nil end
   local plan = msg.data
+  conn.state.plan = plan
   local out = run(plan, FRAME, msg, ctx, conn, msg)
   pcall(conn.reply, conn, "done " .. #out)
   return false
+end
+"#;
+
+/// The close policy: runs the connection's last frame plan again, with `info` for `msg`.
+const LUA_CLOSE: &str = r#"
+local CLOSE = with_common({
+  function(a, n, info, ctx, conn) return conn:reply(U(a, 1, n)) end,
+  function(a, n, info, ctx, conn) return conn:close(U(a, 1, n)) end,
+  function(a, n, info, ctx, conn) return conn:send_server(U(a, 1, n)) end,
+  function(a, n, info, ctx, conn) conn.state[a[1]] = a[2] end,
+  function(a, n, info) return info[a[1]] end,
+  function(a, n, info) info[a[1]] = a[2] end,
+  function(a, n, info) return info.code, info.reason, info.by, info.duration, info.undelivered end,
+})
+return function(ctx, conn, info)
+  run(conn.state.plan or "", CLOSE, info, ctx, conn, info)
 end
 "#;
 
@@ -1130,6 +1147,7 @@ async fn fuzz_lua_api() {
     let up = echo().await;
     let frame = script("fuzz_frame.lua", &format!("{LUA_VALUES}{LUA_FRAME}"));
     let upgrade = script("fuzz_upgrade.lua", &format!("{LUA_VALUES}{LUA_UPGRADE}"));
+    let close = script("fuzz_close.lua", &format!("{LUA_VALUES}{LUA_CLOSE}"));
     let routes = format!(
         "{}{}",
         route(
@@ -1138,7 +1156,8 @@ async fn fuzz_lua_api() {
             "mime_type = \"application/json\"",
             &[
                 ("on_client_frame", frame.as_str()),
-                ("on_server_frame", frame.as_str())
+                ("on_server_frame", frame.as_str()),
+                ("on_close", close.as_str()),
             ],
         ),
         route("/upgrade", up.addr, "", &[("on_upgrade", upgrade.as_str())]),
