@@ -10,6 +10,9 @@ and ends only the processes it started.
 
     python3 bench/run.py                 # the full run (about 15 minutes)
     python3 bench/run.py --quick         # one repetition, short runs (about 3 minutes)
+    python3 bench/run.py --baseline OLD  # also runs the framegate binary OLD (say, the previous
+                                         # main's release build) as "base" and "base+lua", so a
+                                         # change is measured against it in the same run
 """
 import argparse, collections, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
@@ -25,6 +28,10 @@ TARGETS = {  # name -> port
     "fg+json": 19005,     # JSON decode-modify-encode on_client_frame
     "fg+auth": 19006,     # on_upgrade token check
     "fg+expiry": 19007,   # on_upgrade sets each connection's lifetime from ?ttl=
+}
+BASELINE_TARGETS = {  # with --baseline: the same two set-ups on the older binary
+    "base": 19008,
+    "base+lua": 19009,
 }
 TOKEN = "bench-token"
 started = []
@@ -173,7 +180,7 @@ end
     return trivial, json, auth, expiry
 
 
-def start_all():
+def start_all(baseline=None):
     ulimit = ["prlimit", "--nofile=20000:20000", "--"]
     start(ulimit + [os.path.join(BIN, "fg-echo"), "--listen", f"127.0.0.1:{ECHO_PORT}", "--threads", "1"], "echo")
     os.makedirs(os.path.join(WORK, "nginx-body"), exist_ok=True)
@@ -191,6 +198,13 @@ def start_all():
         ("fg+expiry", f'expire = "1h"\n[route.policies]\non_upgrade = "{expiry}"'),
     ):
         procs[name] = start(ulimit + [fg, "--config", framegate_conf(name, TARGETS[name], pol)], name, env=env)
+    if baseline:
+        TARGETS.update(BASELINE_TARGETS)
+        for name, pol in (
+            ("base", ""),
+            ("base+lua", f'[route.policies]\non_client_frame = "{trivial}"\non_server_frame = "{trivial}"'),
+        ):
+            procs[name] = start(ulimit + [baseline, "--config", framegate_conf(name, TARGETS[name], pol)], name, env=env)
     for port in TARGETS.values():
         wait_port(port)
     return procs
@@ -347,6 +361,7 @@ def main():
     ap.add_argument("--idle", type=int, default=9000, help="idle connections per memory run")
     ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--baseline", metavar="BIN", help="an older framegate binary to run beside this one")
     ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry",
                     help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry")
     args = ap.parse_args()
@@ -356,8 +371,10 @@ def main():
     ensure_packages()
     if not args.skip_build:
         build()
-    procs = start_all()
-    proxies = ["direct", "nginx", "haproxy", "framegate", "fg+lua"]
+    if args.baseline and not os.access(args.baseline, os.X_OK):
+        raise SystemExit(f"--baseline {args.baseline}: not an executable file")
+    procs = start_all(args.baseline and os.path.abspath(args.baseline))
+    proxies = ["direct", "nginx", "haproxy", "framegate", "fg+lua"] + (list(BASELINE_TARGETS) if args.baseline else [])
     results = {}  # (metric, target) -> [values]
     pooled = {}  # target -> Counter of round-trip microseconds (latency histograms, merged)
     rot = 0
@@ -384,7 +401,7 @@ def main():
     for t, counts in pooled.items():
         for q, name in ((0.5, "p50"), (0.99, "p99"), (0.999, "p999")):
             results.setdefault((f"rtt {name} us @2k/s, pooled", t), []).append(quantile(counts, q))
-    peers = ["nginx", "haproxy", "framegate", "fg+auth"]
+    peers = ["nginx", "haproxy", "framegate", "fg+auth"] + (["base"] if args.baseline else [])
     for rep in range(args.reps if "handshakes" in args.only else 0):
         for t in peers[rep % len(peers):] + peers[:rep % len(peers)]:
             hs, cpu = handshake_run(t, procs[t], 3000 if not args.quick else 1000)
@@ -418,14 +435,23 @@ def report(results, args):
             med, lo, hi = summary(results.get((m, t), []))
             cells.append("" if med is None else f"{fmt(med)} [{fmt(lo)}-{fmt(hi)}]")
         print(f"| {m} | " + " | ".join(cells) + " |")
-    print("\nratios of medians (framegate / peer; for latency, RSS and CPU lower is better)\n")
-    print("| metric | fg/direct | fg/nginx | fg/haproxy | fg+lua/fg | fg+json/fg | fg+auth/fg | fg+auth/haproxy |")
-    print("|---|---|---|---|---|---|---|---|")
-    for m in metrics:
-        med = {t: summary(results.get((m, t), []))[0] for t in targets}
-        def ratio(a, b):
-            return f"{med[a] / med[b]:.2f}x" if med.get(a) and med.get(b) else ""
-        print(f"| {m} | {ratio('framegate', 'direct')} | {ratio('framegate', 'nginx')} | {ratio('framegate', 'haproxy')} | {ratio('fg+lua', 'framegate')} | {ratio('fg+json', 'framegate')} | {ratio('fg+auth', 'framegate')} | {ratio('fg+auth', 'haproxy')} |")
+    medians = {m: {t: summary(results.get((m, t), []))[0] for t in targets} for m in metrics}
+
+    def table(title, columns):
+        print(title + "\n")
+        print("| metric | " + " | ".join(f"{a}/{b}" for a, b in columns) + " |")
+        print("|" + "---|" * (len(columns) + 1))
+        for m in metrics:
+            med = medians[m]
+            cells = (f"{med[a] / med[b]:.2f}x" if med.get(a) and med.get(b) else "" for a, b in columns)
+            print(f"| {m} | " + " | ".join(cells) + " |")
+
+    table("\nratios of medians (framegate / peer; for latency, RSS and CPU lower is better)",
+          [("framegate", "direct"), ("framegate", "nginx"), ("framegate", "haproxy"), ("fg+lua", "framegate"),
+           ("fg+json", "framegate"), ("fg+auth", "framegate"), ("fg+auth", "haproxy")])
+    if "base" in TARGETS:
+        table("\nagainst the baseline binary (--baseline), same run: this / baseline",
+              [("framegate", "base"), ("fg+lua", "base+lua")])
 
 
 def stop_all():

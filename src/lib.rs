@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 mod client_http;
 pub mod config;
 #[doc(hidden)]
@@ -43,9 +44,11 @@ pub mod fuzzing;
 pub mod gateway;
 pub mod header_fields;
 mod listener;
+pub mod metrics;
 pub mod policy;
 pub mod policy_test;
 pub mod proxy;
+pub mod registry;
 pub mod route;
 pub mod samples;
 pub mod upstream;

@@ -62,7 +62,8 @@ pub(crate) struct RequestHead {
     pub(crate) version: Version,
     /// Path and query, as sent (the path and query of an absolute-form target).
     target: String,
-    /// The authority of an absolute-form target (`GET http://host/path`).
+    /// The authority of an absolute-form target (`GET http://host/path`): the request's host,
+    /// whatever `Host` says.
     authority: Option<String>,
     /// The request headers.
     pub(crate) headers: HeaderFields,
@@ -83,9 +84,12 @@ impl RequestHead {
         self.target.split_once('?').map(|(_, q)| q)
     }
 
-    /// The `Host` header, or the authority of an absolute-form target.
+    /// The host the request is for: the authority of an absolute-form target, which wins
+    /// over any `Host` header (RFC 9112 §3.2.2), or else the `Host` header.
     pub(crate) fn host(&self) -> Option<&str> {
-        self.headers.get_str("host").or(self.authority.as_deref())
+        self.authority
+            .as_deref()
+            .or_else(|| self.headers.get_str("host"))
     }
 
     /// Whether the connection may carry another request after this one is answered: an
@@ -195,12 +199,21 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
 
 /// The origin-form target of a request, and the authority if it came in absolute form.
 fn split_target(target: &str) -> Result<(String, Option<String>), BadRequest> {
+    let bad = || BadRequest::Target(target.chars().take(100).collect());
+    // A fragment is never part of a request target (RFC 9112 §3.2); placed into an upstream
+    // URL, it would cut it short.
+    if target.contains('#') {
+        return Err(bad());
+    }
     if target.starts_with('/') {
         return Ok((target.to_owned(), None));
     }
-    let bad = || BadRequest::Target(target.chars().take(100).collect());
     let uri: http::Uri = target.parse().map_err(|_| bad())?;
     match (uri.scheme(), uri.authority()) {
+        // RFC 9110 §4.2.4: userinfo in an http(s) URI is an error; it would also be taken
+        // for part of the host.
+        (Some(_), Some(authority)) if authority.as_str().contains('@') => Err(bad()),
+        (Some(_), Some(authority)) if authority.host().is_empty() => Err(bad()),
         (Some(_), Some(authority)) => {
             let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
             let path = if path.is_empty() { "/" } else { path };
@@ -262,13 +275,22 @@ mod tests {
         assert_eq!(head.path(), "/a/b");
         assert_eq!(head.query(), Some("q"));
         assert_eq!(head.host(), Some("gw.example:8080"));
-        // The Host header wins over the target's authority.
+        // The target's authority wins over the Host header (RFC 9112 §3.2.2).
         let head = head_with_host();
-        assert_eq!(head.host(), Some("other"));
-        assert!(matches!(
-            parse_str("GET * HTTP/1.1\r\n\r\n"),
-            Err(BadRequest::Target(_))
-        ));
+        assert_eq!(head.host(), Some("gw.example"));
+        assert_eq!(head.headers.get_str("host"), Some("other"));
+        for bad in [
+            "GET * HTTP/1.1\r\n\r\n",
+            "GET http://user@gw.example/ HTTP/1.1\r\nHost: gw.example\r\n\r\n",
+            "GET http://user:pw@gw.example/ HTTP/1.1\r\n\r\n",
+            "GET /a#b HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /a?x=1#b HTTP/1.1\r\nHost: h\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_str(bad), Err(BadRequest::Target(_))),
+                "{bad}"
+            );
+        }
     }
 
     fn head_with_host() -> RequestHead {

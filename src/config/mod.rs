@@ -103,6 +103,9 @@ pub struct Route {
     pub policy_memory_limit: usize,
     /// TLS settings for `wss://` upstreams.
     pub upstream_tls: UpstreamTls,
+    /// Placeholder values may hold `%2F`, `%5C` and `\` (passed on encoded); dot segments are
+    /// refused all the same.
+    pub allow_encoded_slash: bool,
 }
 
 impl Route {
@@ -170,7 +173,11 @@ impl UpstreamUrl {
         &self.source
     }
 
-    /// Substitutes path placeholders. Validation guarantees every placeholder has a value.
+    /// Substitutes path placeholders. Validation guarantees every placeholder has a value, and
+    /// the router has checked the values (no dot segments, no encoded slashes unless allowed).
+    /// In the query part, the characters that would split or end a parameter are
+    /// percent-encoded, so a value stays one parameter value: `/chat/a&admin=1` on
+    /// `?room={room}` gives `?room=a%26admin%3D1`, not a second parameter.
     pub fn render(&self, params: &[(String, String)]) -> String {
         if !self.source.contains('{') {
             return self.source.clone();
@@ -184,7 +191,11 @@ impl UpstreamUrl {
             let name = &rest[open + 1..close];
             let name = name.strip_prefix('*').unwrap_or(name);
             if let Some((_, value)) = params.iter().find(|(n, _)| n == name) {
-                out.push_str(value);
+                if out.contains('?') {
+                    push_query_value(&mut out, value);
+                } else {
+                    out.push_str(value);
+                }
             }
             rest = &rest[close + 1..];
         }
@@ -206,6 +217,21 @@ impl UpstreamUrl {
             rest = &rest[open + len + 1..];
         }
         Ok(names)
+    }
+}
+
+/// Appends `value` to a URL's query, with `&`, `;`, `=`, `+` and `#` percent-encoded (each
+/// means the same once decoded, and none can split the parameter).
+fn push_query_value(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '&' => out.push_str("%26"),
+            ';' => out.push_str("%3B"),
+            '=' => out.push_str("%3D"),
+            '+' => out.push_str("%2B"),
+            '#' => out.push_str("%23"),
+            c => out.push(c),
+        }
     }
 }
 
@@ -399,7 +425,11 @@ impl Validator<'_> {
         })?;
         let upstream = self.upstream(&raw.upstream, &path)?;
         let host = match raw.host {
-            Some(h) if h.get_ref().trim().is_empty() || h.get_ref().contains(['/', ' ']) => {
+            Some(h)
+                if h.get_ref().trim().is_empty()
+                    || h.get_ref() == "."
+                    || h.get_ref().contains(['/', ' ']) =>
+            {
                 return Err(self.err(
                     &h,
                     format!("route.host {:?} is not a host name", h.get_ref()),
@@ -416,7 +446,8 @@ impl Validator<'_> {
                     "hosts are matched without their port: write the bare host",
                 ));
             }
-            Some(h) => Some(h.into_inner().to_ascii_lowercase()),
+            // `admin.example.com.` is the same name as `admin.example.com`.
+            Some(h) => Some(crate::route::name_key(h.get_ref())),
             None => None,
         };
         let mime_type = match raw.mime_type {
@@ -520,6 +551,7 @@ impl Validator<'_> {
             handshake_timeout,
             policies,
             upstream_tls,
+            allow_encoded_slash: raw.allow_encoded_slash.unwrap_or(false),
         })
     }
 
@@ -671,6 +703,26 @@ max_message_size = "64KiB"
         let params = [("rest".to_owned(), "a/b".to_owned())];
         assert_eq!(c.routes[0].upstream.render(&params), "ws://h/x/a/b");
         assert_eq!(c.routes[1].upstream.render(&params), "ws://h/y/a/b");
+    }
+
+    #[test]
+    fn a_value_in_the_query_stays_one_parameter() {
+        let c = load("[[route]]\npath = \"/c/{room}\"\nupstream = \"ws://h/x/{room}?room={room}&tenant=a\"\n").unwrap();
+        let params = [("room".to_owned(), "a&tenant=b;c+d#e".to_owned())];
+        assert_eq!(
+            c.routes[0].upstream.render(&params),
+            "ws://h/x/a&tenant=b;c+d#e?room=a%26tenant%3Db%3Bc%2Bd%23e&tenant=a"
+        );
+    }
+
+    #[test]
+    fn allow_encoded_slash_and_dotted_hosts() {
+        let c = load("[[route]]\npath = \"/a/{x}\"\nhost = \"Admin.Example.com.\"\nupstream = \"ws://h/{x}\"\nallow_encoded_slash = true\n[[route]]\npath = \"/b\"\nupstream = \"ws://h/\"\n").unwrap();
+        assert!(c.routes[0].allow_encoded_slash);
+        assert_eq!(c.routes[0].host.as_deref(), Some("admin.example.com"));
+        assert!(!c.routes[1].allow_encoded_slash);
+        let e = error("[[route]]\npath = \"/a\"\nhost = \".\"\nupstream = \"ws://h/\"\n");
+        assert!(e.contains("is not a host name"), "{e}");
     }
 
     #[test]

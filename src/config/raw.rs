@@ -38,6 +38,7 @@ pub(super) struct Route {
     pub policy_cpu_limit: Option<Spanned<String>>,
     pub policy_memory_limit: Option<Spanned<String>>,
     pub upstream_tls: Option<UpstreamTls>,
+    pub allow_encoded_slash: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

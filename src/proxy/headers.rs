@@ -58,8 +58,8 @@ const PROTOCOL: &str = "sec-websocket-protocol";
 pub(crate) struct UpstreamRequest<'a> {
     /// The client's address, appended to `X-Forwarded-For`.
     pub(crate) client_ip: IpAddr,
-    /// The authority of an absolute-form target, for `X-Forwarded-Host` when the client sent
-    /// no `Host`.
+    /// The request's host (an absolute-form target's authority, or else `Host`), for
+    /// `X-Forwarded-Host`.
     pub(crate) client_host: Option<&'a str>,
     /// `X-Forwarded-Proto`.
     pub(crate) proto: &'static str,
@@ -90,12 +90,13 @@ impl UpstreamRequest<'_> {
         } else if is(FORWARDED_PROTO) {
             Some(Some(Own::Text(self.proto)))
         } else if is(FORWARDED_HOST) {
-            // The client's own Host value, or an absolute-form target's authority.
-            let host = client.get("host").or_else(|| {
-                self.client_host
-                    .filter(|h| crate::upstream::is_header_value(h))
-                    .map(str::as_bytes)
-            });
+            // The host the request was routed by: an absolute-form target's authority, which
+            // wins over `Host` (RFC 9112 §3.2.2), or else the client's own Host value.
+            let host = self
+                .client_host
+                .filter(|h| crate::upstream::is_header_value(h))
+                .map(str::as_bytes)
+                .or_else(|| client.get("host"));
             Some(host.map(Own::Bytes))
         } else {
             None

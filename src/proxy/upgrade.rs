@@ -23,6 +23,7 @@ use crate::header_fields::{is_name, HeaderFields};
 use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
+use crate::route::RouteError;
 use crate::upstream::{self, Io, Socket, UpstreamError};
 use crate::worker::WorkerCtx;
 
@@ -31,6 +32,8 @@ use crate::worker::WorkerCtx;
 pub(crate) enum Rejection {
     #[error("no route for {0}")]
     NoRoute(String),
+    #[error("bad request path: {0}")]
+    BadPath(crate::route::PathError),
     #[error("not a WebSocket upgrade request")]
     NotWebSocket,
     #[error("WebSocket upgrade must use GET, not {0}")]
@@ -74,7 +77,9 @@ impl Rejection {
                     .insert(header::ALLOW, HeaderValue::from_static("GET"));
                 r
             }
-            Rejection::BadUpgrade(_) => Answer::text(StatusCode::BAD_REQUEST, message),
+            Rejection::BadUpgrade(_) | Rejection::BadPath(_) => {
+                Answer::text(StatusCode::BAD_REQUEST, message)
+            }
             Rejection::Version => {
                 let mut r = Answer::text(StatusCode::UPGRADE_REQUIRED, message);
                 r.headers.insert(
@@ -207,12 +212,16 @@ async fn upgrade(
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
 ) -> Result<Accepted, Rejection> {
-    let path = request.path();
     let host = request.host();
     let found = shared
         .router
-        .find(host, path)
-        .ok_or_else(|| Rejection::NoRoute(path.to_owned()))?;
+        .find(host, request.path())
+        .map_err(|e| match e {
+            RouteError::NoRoute(path) => Rejection::NoRoute(path),
+            RouteError::BadPath(e) => Rejection::BadPath(e),
+        })?;
+    // Policies see the path the route was matched on.
+    let path = &*found.path;
     let client_key = validate(request)?;
     let route = found.route;
     let id = shared

@@ -2,12 +2,17 @@
 //!
 //! Precedence, documented in docs/configuration.md: routes whose `host` equals the request's host
 //! are tried before routes without `host`; within each group an exact literal path beats a
-//! template, a template beats a catch-all, and ties go to file order.
+//! template, a template beats a catch-all, and ties go to file order. Paths are matched in
+//! their normal form, and placeholder values are checked before anything uses them (see
+//! [`normalize`](normalize::normalize)).
 
+mod normalize;
 mod template;
 
+pub use normalize::{check_param, normalize, PathError};
 pub use template::{Params, PathTemplate, Specificity};
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -15,11 +20,30 @@ use crate::config::Route;
 
 /// The chosen route and the placeholder values captured from the path.
 #[derive(Debug, Clone)]
-pub struct RouteMatch {
+pub struct RouteMatch<'p> {
     /// The matched route.
     pub route: Arc<Route>,
-    /// Path placeholders, in template order.
+    /// Path placeholders, in template order, from the normalised path.
     pub params: Params,
+    /// The normalised request path the route was matched on.
+    pub path: Cow<'p, str>,
+}
+
+/// Why no route serves a request.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The path, or a placeholder value, is refused (400).
+    #[error(transparent)]
+    BadPath(#[from] PathError),
+    /// No route matches the host and the (normalised) path (404).
+    #[error("no route for {0}")]
+    NoRoute(String),
+}
+
+/// A route and its placeholders, before the path is attached.
+struct Found {
+    route: Arc<Route>,
+    params: Params,
 }
 
 /// Matches requests to routes; built once per configuration snapshot.
@@ -51,9 +75,11 @@ fn rank(route: &Route) -> (Specificity, usize) {
 impl Group {
     fn insert(&mut self, route: Arc<Route>) {
         if route.path.specificity() == Specificity::Exact {
-            self.exact
-                .entry(route.path.as_str().to_owned())
-                .or_insert(route);
+            let key = route
+                .path
+                .exact_path()
+                .unwrap_or_else(|| route.path.as_str().to_owned());
+            self.exact.entry(key).or_insert(route);
             return;
         }
         let list = match route.path.first_literal() {
@@ -64,9 +90,9 @@ impl Group {
         list.sort_by_key(|r| rank(r));
     }
 
-    fn find(&self, path: &str) -> Option<RouteMatch> {
+    fn find(&self, path: &str) -> Option<Found> {
         if let Some(route) = self.exact.get(path) {
-            return Some(RouteMatch {
+            return Some(Found {
                 route: route.clone(),
                 params: Params::new(),
             });
@@ -74,7 +100,7 @@ impl Group {
         let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
         let first_match = |list: &[Arc<Route>]| {
             list.iter().find_map(|route| {
-                route.path.matches(path).map(|params| RouteMatch {
+                route.path.matches(path).map(|params| Found {
                     route: route.clone(),
                     params,
                 })
@@ -104,7 +130,7 @@ impl Router {
             match &route.host {
                 Some(host) => router
                     .by_host
-                    .entry(host.to_ascii_lowercase())
+                    .entry(name_key(host))
                     .or_default()
                     .insert(route.clone()),
                 None => router.any_host.insert(route.clone()),
@@ -113,8 +139,29 @@ impl Router {
         router
     }
 
-    /// Finds the route for `host` (a Host header value, port allowed) and `path` (no query).
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<RouteMatch> {
+    /// Finds the route for `host` (a Host header value, port allowed) and `path` (the raw
+    /// request path, no query): normalises the path, matches it, and checks the placeholder
+    /// values against the route's `allow_encoded_slash`.
+    pub fn find<'p>(
+        &self,
+        host: Option<&str>,
+        path: &'p str,
+    ) -> Result<RouteMatch<'p>, RouteError> {
+        let path = normalize(path)?;
+        let found = self
+            .find_normal(host, &path)
+            .ok_or_else(|| RouteError::NoRoute(path.clone().into_owned()))?;
+        for (name, value) in &found.params {
+            check_param(name, value, found.route.allow_encoded_slash)?;
+        }
+        Ok(RouteMatch {
+            route: found.route,
+            params: found.params,
+            path,
+        })
+    }
+
+    fn find_normal(&self, host: Option<&str>, path: &str) -> Option<Found> {
         if !self.by_host.is_empty() {
             if let Some(group) = host.and_then(|h| self.by_host.get(&host_key(h))) {
                 if let Some(found) = group.find(path) {
@@ -126,7 +173,8 @@ impl Router {
     }
 }
 
-/// Lower-cases a Host header value and strips its port (`[::1]:80` keeps its brackets).
+/// Lower-cases a Host header value and strips its port (`[::1]:80` keeps its brackets) and a
+/// trailing dot: `Example.com.:80` is `example.com`, the same name written fully qualified.
 fn host_key(host: &str) -> String {
     let host = host.trim();
     let without_port = if host.starts_with('[') {
@@ -134,7 +182,12 @@ fn host_key(host: &str) -> String {
     } else {
         host.rsplit_once(':').map_or(host, |(h, _)| h)
     };
-    without_port.to_ascii_lowercase()
+    name_key(without_port)
+}
+
+/// A host name without its port, in lower case and without a trailing dot.
+pub(crate) fn name_key(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -149,6 +202,7 @@ mod tests {
 
     fn upstream_of(r: &Router, host: Option<&str>, path: &str) -> Option<String> {
         r.find(host, path)
+            .ok()
             .map(|m| m.route.upstream.as_str().to_owned())
     }
 
@@ -241,9 +295,96 @@ mod tests {
     }
 
     #[test]
-    fn host_key_strips_ports() {
+    fn host_key_strips_ports_and_a_trailing_dot() {
         assert_eq!(host_key("Example.COM:80"), "example.com");
         assert_eq!(host_key("[::1]:8080"), "[::1]");
         assert_eq!(host_key("example.com"), "example.com");
+        assert_eq!(host_key("Example.com."), "example.com");
+        assert_eq!(host_key("example.com.:8080"), "example.com");
+        // Only one dot: `example.com..` is not a name.
+        assert_eq!(host_key("example.com.."), "example.com.");
+    }
+
+    #[test]
+    fn a_trailing_dot_names_the_same_host_in_requests_and_config() {
+        let r = router(
+            r#"
+            [[route]]
+            path = "/ws"
+            upstream = "ws://h/any"
+            [[route]]
+            path = "/ws"
+            host = "admin.example.com"
+            upstream = "ws://h/admin"
+            [[route]]
+            path = "/ws"
+            host = "Dotted.Example.com."
+            upstream = "ws://h/dotted"
+            "#,
+        );
+        for (host, want) in [
+            ("admin.example.com.", "ws://h/admin"),
+            ("ADMIN.example.com.:443", "ws://h/admin"),
+            ("dotted.example.com", "ws://h/dotted"),
+            ("dotted.example.com.", "ws://h/dotted"),
+            ("admin.example.com..", "ws://h/any"),
+        ] {
+            assert_eq!(upstream_of(&r, Some(host), "/ws").unwrap(), want, "{host}");
+        }
+    }
+
+    #[test]
+    fn routes_match_the_normalised_path_and_placeholders_are_checked() {
+        let r = router(
+            r#"
+            [[route]]
+            path = "/api/{*rest}"
+            upstream = "ws://h/v2/{rest}"
+            [[route]]
+            path = "/room/{id}"
+            upstream = "ws://h/rooms/{id}"
+            [[route]]
+            path = "/files/{*path}"
+            upstream = "ws://h/files/{path}"
+            allow_encoded_slash = true
+            [[route]]
+            path = "/%7Euser"
+            upstream = "ws://h/tilde"
+            "#,
+        );
+        let found = r.find(None, "/api/x/./y/../z").unwrap();
+        assert_eq!(found.path, "/api/x/z");
+        assert_eq!(found.params, [("rest".to_owned(), "x/z".to_owned())]);
+        assert_eq!(found.route.upstream.render(&found.params), "ws://h/v2/x/z");
+        // Dots resolved before matching: this path is /, which no route serves.
+        assert!(matches!(
+            r.find(None, "/room/%2e%2e"),
+            Err(RouteError::NoRoute(p)) if p == "/"
+        ));
+        assert_eq!(upstream_of(&r, None, "/~user").unwrap(), "ws://h/tilde");
+        assert_eq!(upstream_of(&r, None, "/%7euser").unwrap(), "ws://h/tilde");
+        for (path, want) in [
+            ("/api/..%2F..%2Fadmin", PathError::DotSegment("rest".into())),
+            ("/api/a%2Fb", PathError::EncodedSlash("rest".into())),
+            ("/room/a%5cb", PathError::EncodedSlash("id".into())),
+            ("/api/x/../../../admin", PathError::AboveRoot),
+            ("/api/%zz", PathError::BadPercent),
+            (
+                "/files/..%2F..%2Fadmin",
+                PathError::DotSegment("path".into()),
+            ),
+            ("/files/..;/admin", PathError::DotSegment("path".into())),
+        ] {
+            match r.find(None, path) {
+                Err(RouteError::BadPath(e)) => assert_eq!(e, want, "{path}"),
+                other => panic!("{path}: {:?}", other.map(|m| m.path)),
+            }
+        }
+        // allow_encoded_slash lets an encoded slash through, encoded (in upper case).
+        let found = r.find(None, "/files/a%2fb/c").unwrap();
+        assert_eq!(
+            found.route.upstream.render(&found.params),
+            "ws://h/files/a%2Fb/c"
+        );
     }
 }

@@ -54,6 +54,14 @@ impl PathTemplate {
         let mut segments = Vec::with_capacity(raw.len());
         for (i, seg) in raw.iter().enumerate() {
             let parsed = parse_segment(seg).map_err(|e| format!("path template {text:?}: {e}"))?;
+            if let Segment::Literal(lit) = &parsed {
+                // Requests are matched in their normal form, where these never appear.
+                if lit.is_empty() && i + 1 != raw.len() {
+                    return Err(format!(
+                        "path template {text:?}: empty segment ('//' in a request is merged into '/', so this never matches)"
+                    ));
+                }
+            }
             if let Segment::CatchAll(name) = &parsed {
                 if i + 1 != raw.len() {
                     return Err(format!(
@@ -104,6 +112,22 @@ impl PathTemplate {
             Some(Segment::Literal(s)) => Some(s),
             _ => None,
         }
+    }
+
+    /// The path an exact template (no placeholders) matches, in normal form.
+    pub(crate) fn exact_path(&self) -> Option<String> {
+        let mut out = String::with_capacity(self.source.len());
+        for seg in &self.segments {
+            let Segment::Literal(lit) = seg else {
+                return None;
+            };
+            out.push('/');
+            out.push_str(lit);
+        }
+        if out.is_empty() {
+            out.push('/');
+        }
+        Some(out)
     }
 
     /// The template as written in the configuration.
@@ -167,7 +191,19 @@ fn parse_segment(seg: &str) -> Result<Segment, String> {
                 "segment {seg:?}: a placeholder must be a whole segment, like {{name}}"
             ));
         }
-        return Ok(Segment::Literal(seg.to_owned()));
+        // In the normal form requests are matched in: `%7e` is `~`, `%2f` is `%2F`.
+        let normal = super::normalize::decode_unreserved(seg).map_err(|e| match e {
+            super::normalize::PathError::Nul => {
+                format!("segment {seg:?}: %00 is refused in requests, so this never matches")
+            }
+            _ => format!("segment {seg:?}: '%' must be followed by two hex digits"),
+        })?;
+        if normal == "." || normal == ".." {
+            return Err(format!(
+                "segment {seg:?}: dot segment (requests are matched after '.' and '..' are resolved, so this never matches)"
+            ));
+        }
+        return Ok(Segment::Literal(normal));
     };
     let Some(inner) = inner.strip_suffix('}') else {
         if inner.contains('}') {
@@ -255,12 +291,28 @@ mod tests {
             "/{a}/{a}",
             "/{1a}",
             "/x?y",
+            "/a//b",
+            "/a/./b",
+            "/a/../b",
+            "/a/%2e%2E/b",
+            "/a%zz",
+            "/a%2",
+            "/a%00",
         ] {
             assert!(
                 PathTemplate::parse(bad).is_err(),
                 "{bad} should be rejected"
             );
         }
+    }
+
+    #[test]
+    fn literals_are_kept_in_normal_form() {
+        // Requests arrive normalised (see `normalize`); the template's literals are too.
+        assert_eq!(m("/%7Euser/%c3%a9", "/~user/%C3%A9"), kv(&[]));
+        assert_eq!(m("/a%2fb", "/a%2Fb"), kv(&[]));
+        assert_eq!(m("/echo/", "/echo/"), kv(&[]));
+        assert_eq!(m("/.well-known/{x}", "/.well-known/y"), kv(&[("x", "y")]));
     }
 
     #[test]

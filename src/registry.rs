@@ -1,0 +1,917 @@
+//! The connection registry (issue 13 §3): every open WebSocket connection, what the admin API
+//! lists, filters and inspects, and the bounded control channel through which the admin closes a
+//! connection or sends it a message.
+//!
+//! Ownership:
+//! - [`Registry`] (one per gateway, shared) maps connection ids to entries and indexes their
+//!   tags. It takes locks (dashmap shards) only when a connection opens or closes and when the
+//!   admin queries: never per message.
+//! - A connection owns its [`Registration`] guard: dropping it removes the entry, so an entry
+//!   cannot outlive its connection, whatever way the relay ends.
+//! - Live counts are an `Arc<`[`ConnStats`]`>` of relaxed atomics with one writer (the relay);
+//!   the admin reads them without a lock.
+//! - Control messages travel through a per-connection tokio mpsc of [`CONTROL_CAPACITY`]; the
+//!   relay polls the receiver in its `select!`. A full queue is reported as
+//!   [`ControlError::Busy`] (the admin answers 503), never waited on.
+//!
+//! Everything a connection brings is bounded here: tags ([`Tags`]), the recorded request
+//! headers, and the frozen ctx's JSON size. Secrets in the upgrade request (`Authorization`,
+//! `Proxy-Authorization`, `Cookie`, an `access_token` query parameter) are masked when the entry is
+//! made, so they never reach the admin API.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::metrics::Direction;
+
+/// Control messages one connection may have queued before the admin gets 503.
+pub const CONTROL_CAPACITY: usize = 16;
+/// Tags one connection may carry.
+pub const MAX_TAGS: usize = 16;
+/// Longest tag key, in bytes.
+pub const MAX_TAG_KEY: usize = 64;
+/// Longest tag value, in bytes.
+pub const MAX_TAG_VALUE: usize = 256;
+/// Largest frozen ctx kept, as JSON bytes; a larger one is shown as omitted.
+pub const MAX_CTX_JSON: usize = 64 << 10;
+/// Request headers kept per connection (the gateway already bounds the request head).
+pub const MAX_HEADERS: usize = 100;
+/// Header bytes (names and values) kept per connection.
+pub const MAX_HEADER_BYTES: usize = 16 << 10;
+/// Default and largest `limit` of a listing.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Largest `limit` a listing accepts.
+pub const MAX_LIMIT: usize = 10_000;
+/// Longest close reason: a close frame's payload is at most 125 bytes, 2 of them the code.
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// What replaces a masked secret.
+const MASK: &str = "<redacted>";
+
+/// Per-connection counters, written by the relay (single writer: relaxed load + store) and read
+/// live by the admin.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    messages: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+}
+
+impl ConnStats {
+    /// A data message of `bytes` payload bytes was forwarded `direction`. Call it from the
+    /// connection's relay only.
+    #[inline]
+    pub fn message(&self, direction: Direction, bytes: usize) {
+        let d = direction as usize;
+        let m = &self.messages[d];
+        m.store(m.load(Relaxed).wrapping_add(1), Relaxed);
+        let b = &self.bytes[d];
+        b.store(b.load(Relaxed).wrapping_add(bytes as u64), Relaxed);
+    }
+
+    fn read(&self) -> Counts {
+        let get = |a: &[AtomicU64; 2]| Both {
+            client_to_upstream: a[0].load(Relaxed),
+            upstream_to_client: a[1].load(Relaxed),
+        };
+        Counts {
+            messages: get(&self.messages),
+            bytes: get(&self.bytes),
+        }
+    }
+}
+
+/// A connection's tags, set by `req:tag(key, value)`: bounded in number and size, keys unique.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tags(Vec<(Box<str>, Box<str>)>);
+
+/// Why a tag was refused (the Lua API raises it as an error at the caller's line).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TagError {
+    /// The key is empty, too long, or has a character outside `[A-Za-z0-9_.-]`.
+    #[error("tag key {0:?} must be 1 to {MAX_TAG_KEY} characters of A-Z a-z 0-9 _ . -")]
+    BadKey(String),
+    /// The value is too long or has a control character.
+    #[error(
+        "tag value for {0:?} must be at most {MAX_TAG_VALUE} bytes without control characters"
+    )]
+    BadValue(String),
+    /// The connection already has [`MAX_TAGS`] tags.
+    #[error("a connection carries at most {MAX_TAGS} tags")]
+    TooMany,
+}
+
+impl Tags {
+    /// Sets `key` to `value` (replacing an earlier value of the same key).
+    pub fn insert(&mut self, key: &str, value: &str) -> Result<(), TagError> {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_TAG_KEY
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !key_ok {
+            return Err(TagError::BadKey(key.chars().take(MAX_TAG_KEY).collect()));
+        }
+        if value.len() > MAX_TAG_VALUE || value.chars().any(char::is_control) {
+            return Err(TagError::BadValue(key.to_owned()));
+        }
+        if let Some(slot) = self.0.iter_mut().find(|(k, _)| &**k == key) {
+            slot.1 = value.into();
+            return Ok(());
+        }
+        if self.0.len() == MAX_TAGS {
+            return Err(TagError::TooMany);
+        }
+        self.0.push((key.into(), value.into()));
+        Ok(())
+    }
+
+    /// The value of `key`, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
+    }
+
+    /// `(key, value)` pairs in the order they were first set.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+}
+
+/// The upgrade request as the admin sees it: secrets masked, size bounded.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpgradeRequest {
+    /// The request method (always GET for a WebSocket upgrade).
+    pub method: String,
+    /// The request target with any `access_token` query parameter masked.
+    pub target: String,
+    /// `[name, value]` pairs in arrival order, secrets masked, at most [`MAX_HEADERS`].
+    pub headers: Vec<(String, String)>,
+    /// True when headers past the bounds were left out.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub headers_truncated: bool,
+}
+
+impl UpgradeRequest {
+    /// Records `method`, `target` and `headers` (raw values; non-UTF-8 bytes are shown as U+FFFD),
+    /// masking `Authorization`, `Proxy-Authorization`, `Cookie` and the `access_token` parameter.
+    pub fn new<'a>(
+        method: &str,
+        target: &str,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> UpgradeRequest {
+        let mut kept = Vec::new();
+        let mut bytes = 0;
+        let mut truncated = false;
+        for (name, value) in headers {
+            let secret = ["authorization", "proxy-authorization", "cookie"]
+                .iter()
+                .any(|s| name.eq_ignore_ascii_case(s));
+            let value = if secret {
+                MASK.to_owned()
+            } else {
+                String::from_utf8_lossy(value).into_owned()
+            };
+            bytes += name.len() + value.len();
+            if kept.len() == MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+                truncated = true;
+                break;
+            }
+            kept.push((name.to_owned(), value));
+        }
+        UpgradeRequest {
+            method: method.to_owned(),
+            target: mask_query(target),
+            headers: kept,
+            headers_truncated: truncated,
+        }
+    }
+}
+
+/// `target` with the value of every `access_token` query parameter replaced by the mask.
+fn mask_query(target: &str) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_owned();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            let key: String = form_urlencoded::parse(raw_key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            if key.eq_ignore_ascii_case("access_token") {
+                format!("{raw_key}={MASK}")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect();
+    format!("{path}?{}", pairs.join("&"))
+}
+
+/// What the gateway knows about a connection when its WebSocket is established.
+#[derive(Debug)]
+pub struct NewConnection {
+    /// Process-unique connection id (the one in its log lines).
+    pub id: u64,
+    /// The route's name (host and path template).
+    pub route: String,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The upstream URL after substitution.
+    pub upstream: String,
+    /// When the connection was accepted.
+    pub opened_at: SystemTime,
+    /// When its lifetime ends (`expire`), if it has one.
+    pub expires_at: Option<SystemTime>,
+    /// The configuration snapshot it runs on.
+    pub snapshot: u64,
+    /// Tags set by `on_upgrade`.
+    pub tags: Tags,
+    /// Its upgrade request (already masked).
+    pub request: UpgradeRequest,
+    /// Its frozen ctx as JSON (`Null` when there is none).
+    pub ctx: serde_json::Value,
+}
+
+/// Where an admin message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// To the client, as if the upstream sent it.
+    Client,
+    /// To the upstream, as if the client sent it.
+    Upstream,
+}
+
+/// One message the admin injects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text message.
+    Text(String),
+    /// A binary message.
+    Binary(bytes::Bytes),
+}
+
+/// An instruction for a connection's relay, received on its control channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Close: the client gets `code` and `reason`, the upstream gets 1001 (going away).
+    Close {
+        /// A code accepted by [`check_close`].
+        code: u16,
+        /// At most [`MAX_CLOSE_REASON`] bytes.
+        reason: String,
+    },
+    /// Queue `message` towards `to`, like a policy's `conn:send_*`.
+    Send {
+        /// Which leg gets it.
+        to: Target,
+        /// What it gets.
+        message: Message,
+    },
+}
+
+/// Why a control message was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// No open connection has that id (or it is closing and no longer reads its channel).
+    #[error("no open connection {0}")]
+    NotFound(u64),
+    /// The connection's control queue is full.
+    #[error("connection {0} has {CONTROL_CAPACITY} control messages queued already; try again")]
+    Busy(u64),
+}
+
+/// Why a close code or reason is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseError {
+    /// Not a code an operator may send.
+    #[error("close code {0} is not allowed: use 1000, 1001, 1008, 1011, 1012, 1013 or 3000-4999")]
+    Code(u16),
+    /// Longer than a close frame can carry.
+    #[error("close reason is {0} bytes; at most {MAX_CLOSE_REASON} fit in a close frame")]
+    Reason(usize),
+}
+
+/// Checks a close code and reason the admin asked for. Allowed: 1000 (normal), 1001 (going
+/// away), 1008 (policy violation), 1011 (internal error), 1012 (service restart), 1013 (try
+/// again later), and 3000-4999 (registered and private use). Refused: codes that must never be
+/// sent (1005, 1006, 1015), codes that describe a protocol fault of the peer (1002, 1003, 1007,
+/// 1009, 1010), and anything unassigned.
+pub fn check_close(code: u16, reason: &str) -> Result<(), CloseError> {
+    if !matches!(code, 1000 | 1001 | 1008 | 1011 | 1012 | 1013 | 3000..=4999) {
+        return Err(CloseError::Code(code));
+    }
+    if reason.len() > MAX_CLOSE_REASON {
+        return Err(CloseError::Reason(reason.len()));
+    }
+    Ok(())
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// An entry with that id exists already (ids must be unique).
+    #[error("connection {0} is registered already")]
+    DuplicateId(u64),
+}
+
+/// One registered connection.
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    route: String,
+    client: SocketAddr,
+    upstream: String,
+    opened_at: SystemTime,
+    expires_at: Option<SystemTime>,
+    snapshot: u64,
+    tags: Tags,
+    request: UpgradeRequest,
+    ctx: Result<serde_json::Value, usize>,
+    stats: Arc<ConnStats>,
+    control: mpsc::Sender<Control>,
+}
+
+/// Messages and bytes both ways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Both {
+    /// From the client to the upstream.
+    pub client_to_upstream: u64,
+    /// From the upstream to the client.
+    pub upstream_to_client: u64,
+}
+
+/// A connection's live counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Data messages forwarded.
+    pub messages: Both,
+    /// Payload bytes forwarded.
+    pub bytes: Both,
+}
+
+/// A connection as listed by `GET /admin/connections`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnSummary {
+    /// Connection id.
+    pub id: u64,
+    /// Route name.
+    pub route: String,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Upstream URL.
+    pub upstream: String,
+    /// RFC 3339, UTC.
+    pub opened_at: String,
+    /// RFC 3339, UTC; absent when the route has no `expire`.
+    pub expires_at: Option<String>,
+    /// Configuration snapshot number.
+    pub snapshot: u64,
+    /// Messages forwarded each way.
+    pub messages: Both,
+    /// Payload bytes forwarded each way.
+    pub bytes: Both,
+    /// Tags, by key.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A connection as shown by `GET /admin/connections/{id}`: the summary plus its request and ctx.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnDetail {
+    /// Everything the listing shows.
+    #[serde(flatten)]
+    pub summary: ConnSummary,
+    /// The upgrade request, secrets masked.
+    pub request: UpgradeRequest,
+    /// The frozen ctx (`null` when omitted).
+    pub ctx: serde_json::Value,
+    /// Why `ctx` is `null` although the connection has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctx_omitted: Option<String>,
+}
+
+impl Entry {
+    fn summary(&self) -> ConnSummary {
+        let counts = self.stats.read();
+        ConnSummary {
+            id: self.id,
+            route: self.route.clone(),
+            client: self.client,
+            upstream: self.upstream.clone(),
+            opened_at: rfc3339(self.opened_at),
+            expires_at: self.expires_at.map(rfc3339),
+            snapshot: self.snapshot,
+            messages: counts.messages,
+            bytes: counts.bytes,
+            tags: self
+                .tags
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        }
+    }
+
+    fn matches(&self, f: &Filter) -> bool {
+        f.route.as_deref().is_none_or(|r| r == self.route)
+            // Canonical forms, so that 10.0.0.1 also finds ::ffff:10.0.0.1 on a dual-stack listener.
+            && f
+                .client_ip
+                .is_none_or(|ip| ip.to_canonical() == self.client.ip().to_canonical())
+            && f.snapshot.is_none_or(|s| s == self.snapshot)
+            && f.tag
+                .as_ref()
+                .is_none_or(|(k, v)| self.tags.get(k) == Some(v.as_str()))
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Which connections a query or a bulk action applies to. All given conditions must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    /// Route name, exactly.
+    pub route: Option<String>,
+    /// Client IP address (any port).
+    pub client_ip: Option<IpAddr>,
+    /// Tag `(key, value)`.
+    pub tag: Option<(String, String)>,
+    /// Snapshot number.
+    pub snapshot: Option<u64>,
+    /// At most this many connections listed (bulk actions ignore it).
+    pub limit: usize,
+}
+
+impl Default for Filter {
+    fn default() -> Self {
+        Filter {
+            route: None,
+            client_ip: None,
+            tag: None,
+            snapshot: None,
+            limit: DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// A query string the filter cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FilterError(pub String);
+
+impl Filter {
+    /// Parses `route=`, `client_ip=`, `tag=key:value`, `snapshot=`, `limit=` (1 to
+    /// [`MAX_LIMIT`]) from a query string; `allow` lists the other keys the caller handles.
+    pub fn from_query(query: &str, allow: &[&str]) -> Result<Filter, FilterError> {
+        let mut f = Filter::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let bad = |what: &str| FilterError(format!("{key}={value:?}: {what}"));
+            match &*key {
+                "route" => f.route = Some(value.into_owned()),
+                "client_ip" => {
+                    f.client_ip = Some(value.parse().map_err(|_| bad("not an IP address"))?)
+                }
+                "tag" => {
+                    let (k, v) = value
+                        .split_once(':')
+                        .ok_or_else(|| bad("write tag=key:value"))?;
+                    f.tag = Some((k.to_owned(), v.to_owned()));
+                }
+                "snapshot" => {
+                    f.snapshot = Some(value.parse().map_err(|_| bad("not a snapshot number"))?)
+                }
+                "limit" => {
+                    f.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| bad(&format!("must be 1 to {MAX_LIMIT}")))?
+                }
+                k if allow.contains(&k) => {}
+                _ => return Err(FilterError(format!("unknown parameter {key:?}"))),
+            }
+        }
+        Ok(f)
+    }
+
+    /// True when no condition is set (a bulk action would hit every connection).
+    pub fn is_everything(&self) -> bool {
+        self.route.is_none()
+            && self.client_ip.is_none()
+            && self.tag.is_none()
+            && self.snapshot.is_none()
+    }
+}
+
+/// A listing: the first `limit` matches by id (oldest first), and how many matched in all.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    /// Matches, by ascending id.
+    pub connections: Vec<ConnSummary>,
+    /// Number of matches before the limit.
+    pub matched: usize,
+}
+
+/// The result of a bulk action.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    /// Connections that matched the filter.
+    pub matched: usize,
+    /// Of those, connections whose control message was queued.
+    pub queued: usize,
+    /// Of those, connections whose queue was full (or that were closing).
+    pub skipped: usize,
+}
+
+type TagKey = (Box<str>, Box<str>);
+
+/// The open connections of a gateway.
+#[derive(Debug, Default)]
+pub struct Registry {
+    conns: DashMap<u64, Arc<Entry>>,
+    /// `(key, value)` -> ids carrying that tag.
+    by_tag: DashMap<TagKey, HashSet<u64>>,
+}
+
+/// What a connection gets when it registers.
+#[derive(Debug)]
+pub struct Registered {
+    /// Removes the entry when dropped: keep it for the connection's life.
+    pub guard: Registration,
+    /// Control messages for this connection; poll it in the relay's `select!`.
+    pub control: mpsc::Receiver<Control>,
+    /// The counters the relay updates per forwarded message.
+    pub stats: Arc<ConnStats>,
+}
+
+/// Keeps a connection's entry; dropping it unregisters the connection.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
+    /// Adds a connection (call it once its WebSocket is established).
+    pub fn register(self: &Arc<Self>, conn: NewConnection) -> Result<Registered, RegisterError> {
+        let (sender, control) = mpsc::channel(CONTROL_CAPACITY);
+        let stats = Arc::new(ConnStats::default());
+        let ctx = match json_len(&conn.ctx) {
+            n if n <= MAX_CTX_JSON => Ok(conn.ctx),
+            n => Err(n),
+        };
+        let entry = Arc::new(Entry {
+            id: conn.id,
+            route: conn.route,
+            client: conn.client,
+            upstream: conn.upstream,
+            opened_at: conn.opened_at,
+            expires_at: conn.expires_at,
+            snapshot: conn.snapshot,
+            tags: conn.tags,
+            request: conn.request,
+            ctx,
+            stats: stats.clone(),
+            control: sender,
+        });
+        match self.conns.entry(conn.id) {
+            dashmap::Entry::Occupied(_) => return Err(RegisterError::DuplicateId(conn.id)),
+            dashmap::Entry::Vacant(v) => {
+                v.insert(entry.clone());
+            }
+        }
+        for (k, v) in entry.tags.iter() {
+            self.by_tag
+                .entry((k.into(), v.into()))
+                .or_default()
+                .insert(conn.id);
+        }
+        Ok(Registered {
+            guard: Registration {
+                registry: self.clone(),
+                id: conn.id,
+            },
+            control,
+            stats,
+        })
+    }
+
+    fn remove(&self, id: u64) {
+        let Some((_, entry)) = self.conns.remove(&id) else {
+            return;
+        };
+        for (k, v) in entry.tags.iter() {
+            let key: TagKey = (k.into(), v.into());
+            if let dashmap::Entry::Occupied(mut ids) = self.by_tag.entry(key) {
+                ids.get_mut().remove(&id);
+                if ids.get().is_empty() {
+                    ids.remove();
+                }
+            }
+        }
+    }
+
+    /// Number of registered connections.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// True when no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Every entry matching `f`, by ascending id. Uses the tag index when `f` has a tag.
+    fn matching(&self, f: &Filter) -> Vec<Arc<Entry>> {
+        let mut found: Vec<Arc<Entry>> = match &f.tag {
+            Some((k, v)) => {
+                let ids: Vec<u64> = self
+                    .by_tag
+                    .get(&(Box::from(k.as_str()), Box::from(v.as_str())))
+                    .map(|ids| ids.iter().copied().collect())
+                    .unwrap_or_default();
+                ids.into_iter()
+                    .filter_map(|id| self.conns.get(&id).map(|e| e.clone()))
+                    .filter(|e| e.matches(f))
+                    .collect()
+            }
+            None => self
+                .conns
+                .iter()
+                .filter(|e| e.matches(f))
+                .map(|e| e.clone())
+                .collect(),
+        };
+        found.sort_unstable_by_key(|e| e.id);
+        found
+    }
+
+    /// Lists connections matching `f`, at most `f.limit` of them.
+    pub fn list(&self, f: &Filter) -> Listing {
+        let found = self.matching(f);
+        Listing {
+            matched: found.len(),
+            connections: found.iter().take(f.limit).map(|e| e.summary()).collect(),
+        }
+    }
+
+    /// One connection with its request and ctx.
+    pub fn get(&self, id: u64) -> Option<ConnDetail> {
+        let e = self.conns.get(&id)?.clone();
+        Some(ConnDetail {
+            summary: e.summary(),
+            request: e.request.clone(),
+            ctx: e.ctx.clone().unwrap_or(serde_json::Value::Null),
+            ctx_omitted: e
+                .ctx
+                .as_ref()
+                .err()
+                .map(|n| format!("ctx is {n} bytes of JSON, over the {MAX_CTX_JSON}-byte limit")),
+        })
+    }
+
+    /// Queues `control` for connection `id` without waiting.
+    pub fn control(&self, id: u64, control: Control) -> Result<(), ControlError> {
+        let sender = self
+            .conns
+            .get(&id)
+            .map(|e| e.control.clone())
+            .ok_or(ControlError::NotFound(id))?;
+        sender.try_send(control).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ControlError::Busy(id),
+            mpsc::error::TrySendError::Closed(_) => ControlError::NotFound(id),
+        })
+    }
+
+    /// Queues `control` for every connection matching `f` (ignoring `f.limit`).
+    pub fn control_matching(&self, f: &Filter, control: &Control) -> Outcome {
+        let found = self.matching(f);
+        let mut outcome = Outcome {
+            matched: found.len(),
+            ..Outcome::default()
+        };
+        for e in found {
+            match e.control.try_send(control.clone()) {
+                Ok(()) => outcome.queued += 1,
+                Err(_) => outcome.skipped += 1,
+            }
+        }
+        outcome
+    }
+}
+
+/// Length of `v` as compact JSON, without building the string.
+fn json_len(v: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serialising a Value into a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, v);
+    count.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u64, route: &str, client: &str, tags: &[(&str, &str)]) -> NewConnection {
+        let mut t = Tags::default();
+        for (k, v) in tags {
+            t.insert(k, v).unwrap();
+        }
+        NewConnection {
+            id,
+            route: route.into(),
+            client: client.parse().unwrap(),
+            upstream: "ws://127.0.0.1:9001/".into(),
+            opened_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
+            snapshot: 1,
+            tags: t,
+            request: UpgradeRequest::new("GET", "/chat", []),
+            ctx: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn tags_are_bounded_and_checked() {
+        let mut t = Tags::default();
+        assert!(matches!(t.insert("", "x"), Err(TagError::BadKey(_))));
+        assert!(matches!(t.insert("a:b", "x"), Err(TagError::BadKey(_))));
+        assert!(matches!(
+            t.insert(&"k".repeat(65), "x"),
+            Err(TagError::BadKey(_))
+        ));
+        assert!(matches!(
+            t.insert("k", &"v".repeat(257)),
+            Err(TagError::BadValue(_))
+        ));
+        assert!(matches!(t.insert("k", "a\nb"), Err(TagError::BadValue(_))));
+        for i in 0..MAX_TAGS {
+            t.insert(&format!("k{i}"), "v").unwrap();
+        }
+        t.insert("k0", "replaced").unwrap();
+        assert_eq!(t.get("k0"), Some("replaced"));
+        assert_eq!(t.insert("one-more", "v"), Err(TagError::TooMany));
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let r = UpgradeRequest::new(
+            "GET",
+            "/chat?room=1&access_token=s3cret&x=2",
+            [
+                ("Host", &b"example.com"[..]),
+                ("Authorization", b"Bearer s3cret"),
+                ("cookie", b"sid=s3cret"),
+                ("Proxy-Authorization", b"Basic s3cret"),
+            ],
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("s3cret"), "{json}");
+        assert_eq!(r.target, "/chat?room=1&access_token=<redacted>&x=2");
+        assert_eq!(r.headers[0], ("Host".into(), "example.com".into()));
+        assert_eq!(r.headers[1].1, MASK);
+    }
+
+    #[test]
+    fn headers_are_bounded() {
+        let big = vec![b'x'; 1000];
+        let many: Vec<(&str, &[u8])> = (0..200).map(|_| ("X-Big", &big[..])).collect();
+        let r = UpgradeRequest::new("GET", "/", many);
+        assert!(r.headers_truncated);
+        assert!(r.headers.len() <= MAX_HEADERS);
+        assert!(
+            r.headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+                <= MAX_HEADER_BYTES
+        );
+    }
+
+    #[test]
+    fn filters_index_and_guard() {
+        let reg = Registry::new();
+        let a = reg
+            .register(conn(3, "/chat", "10.0.0.1:5000", &[("user", "ann")]))
+            .unwrap();
+        let b = reg
+            .register(conn(1, "/chat", "10.0.0.2:5000", &[("user", "bob")]))
+            .unwrap();
+        let c = reg
+            .register(conn(
+                2,
+                "/feed",
+                "[::ffff:10.0.0.1]:6000",
+                &[("user", "ann")],
+            ))
+            .unwrap();
+        assert_eq!(
+            reg.register(conn(2, "/x", "10.0.0.9:1", &[])).unwrap_err(),
+            RegisterError::DuplicateId(2)
+        );
+        let ids = |q: &str| -> Vec<u64> {
+            let f = Filter::from_query(q, &[]).unwrap();
+            reg.list(&f).connections.iter().map(|c| c.id).collect()
+        };
+        assert_eq!(ids(""), vec![1, 2, 3]);
+        assert_eq!(ids("route=/chat"), vec![1, 3]);
+        assert_eq!(ids("client_ip=10.0.0.1"), vec![2, 3]);
+        assert_eq!(ids("tag=user:ann"), vec![2, 3]);
+        assert_eq!(ids("tag=user:ann&route=/feed"), vec![2]);
+        assert_eq!(ids("snapshot=2"), Vec::<u64>::new());
+        assert_eq!(ids("limit=1"), vec![1]);
+        assert!(Filter::from_query("limit=0", &[]).is_err());
+        assert!(Filter::from_query("tag=nocolon", &[]).is_err());
+        assert!(Filter::from_query("client_ip=nope", &[]).is_err());
+        assert!(Filter::from_query("colour=red", &[]).is_err());
+
+        a.stats.message(Direction::ClientToUpstream, 5);
+        a.stats.message(Direction::ClientToUpstream, 7);
+        let d = reg.get(3).unwrap();
+        assert_eq!(d.summary.messages.client_to_upstream, 2);
+        assert_eq!(d.summary.bytes.client_to_upstream, 12);
+
+        drop(c);
+        assert_eq!(ids("tag=user:ann"), vec![3]);
+        drop((a, b));
+        assert!(reg.is_empty());
+        assert!(reg.by_tag.is_empty(), "index emptied with the entries");
+    }
+
+    #[test]
+    fn control_channel_is_bounded() {
+        let reg = Registry::new();
+        let mut r = reg
+            .register(conn(7, "/chat", "10.0.0.1:5000", &[]))
+            .unwrap();
+        let close = Control::Close {
+            code: 4000,
+            reason: "kicked".into(),
+        };
+        for _ in 0..CONTROL_CAPACITY {
+            reg.control(7, close.clone()).unwrap();
+        }
+        assert_eq!(reg.control(7, close.clone()), Err(ControlError::Busy(7)));
+        assert_eq!(r.control.try_recv().unwrap(), close);
+        reg.control(7, close.clone()).unwrap();
+        assert_eq!(
+            reg.control(8, close.clone()),
+            Err(ControlError::NotFound(8))
+        );
+        drop(r.control);
+        assert_eq!(reg.control(7, close), Err(ControlError::NotFound(7)));
+    }
+
+    #[test]
+    fn oversized_ctx_is_omitted() {
+        let reg = Registry::new();
+        let mut c = conn(1, "/chat", "10.0.0.1:5000", &[]);
+        c.ctx = serde_json::json!({ "blob": "x".repeat(MAX_CTX_JSON) });
+        let _r = reg.register(c).unwrap();
+        let d = reg.get(1).unwrap();
+        assert!(d.ctx.is_null());
+        assert!(d.ctx_omitted.unwrap().contains("over the"));
+    }
+
+    #[test]
+    fn close_codes() {
+        for ok in [1000, 1001, 1008, 1011, 1012, 1013, 3000, 4000, 4999] {
+            assert_eq!(check_close(ok, "bye"), Ok(()), "{ok}");
+        }
+        for bad in [0, 999, 1002, 1005, 1006, 1015, 2000, 2999, 5000] {
+            assert_eq!(check_close(bad, ""), Err(CloseError::Code(bad)), "{bad}");
+        }
+        assert!(check_close(4000, &"r".repeat(124)).is_err());
+    }
+}
