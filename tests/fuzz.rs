@@ -188,6 +188,12 @@ const TOKENS: &[&[u8]] = &[
     b"//",
     b"/../",
     b"%2F",
+    b"%2f",
+    b"%5C",
+    b"%2E",
+    b"..",
+    b"/./",
+    b"..;",
     b"%2e%2e",
     b"%00",
     b"%",
@@ -586,12 +592,53 @@ fn route_every_way(config: &framegate::Config, paths: &[&str]) -> usize {
         Some("ADMIN.example.com.:80"),
     ] {
         for path in paths {
-            if let Some(m) = router.find(host, path) {
+            if let Ok(m) = router.find(host, path) {
                 rendered += m.route.upstream.render(&m.params).len();
             }
         }
     }
     rendered
+}
+
+/// What routing promises about a match (configuration.md, "Request path normalisation" and
+/// "What a placeholder may carry"): the matched path has no empty, `.` or `..` segment, and no
+/// placeholder value carries a dot segment (whatever separates it), nor an encoded slash or
+/// backslash unless the route allows them.
+fn check_normal(
+    path: &str,
+    params: &[(String, String)],
+    allow_encoded_slash: bool,
+) -> Result<(), String> {
+    let inner = path
+        .strip_prefix('/')
+        .ok_or(format!("matched path {path:?} is not absolute"))?;
+    let segments: Vec<&str> = inner.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        if *seg == "." || *seg == ".." || (seg.is_empty() && i != last) {
+            return Err(format!("matched path {path:?} is not in normal form"));
+        }
+    }
+    for (name, value) in params {
+        let lower = value.to_ascii_lowercase();
+        if !allow_encoded_slash
+            && (lower.contains("%2f") || lower.contains("%5c") || value.contains('\\'))
+        {
+            return Err(format!("{{{name}}} = {value:?} carries an encoded slash"));
+        }
+        let unified = lower
+            .replace("%2f", "/")
+            .replace("%5c", "/")
+            .replace('\\', "/")
+            .replace("%2e", ".");
+        if unified
+            .split('/')
+            .any(|seg| seg.split(';').next() == Some(".") || seg.split(';').next() == Some(".."))
+        {
+            return Err(format!("{{{name}}} = {value:?} carries a dot segment"));
+        }
+    }
+    Ok(())
 }
 
 /// A TOML basic string holding `s` exactly.
@@ -620,18 +667,21 @@ fn fuzz_path_templates() {
             per_byte: 64,
         },
         |input| {
-            // Lines: template, request path, host, upstream template.
+            // Lines: template, request path, host, upstream template, and anything on a fifth
+            // line sets `allow_encoded_slash`.
             let text = String::from_utf8_lossy(input);
             let mut lines = text.split('\n');
             let template = lines.next().unwrap_or("");
             let path = lines.next().unwrap_or("/");
             let host = lines.next().unwrap_or("");
             let upstream = lines.next().unwrap_or("ws://127.0.0.1:1/");
+            let allow = lines.next().is_some_and(|l| !l.is_empty());
             if let Ok(t) = framegate::route::PathTemplate::parse(template) {
                 let _ = (t.specificity(), t.param_names().count(), t.matches(path));
             }
             let toml = format!(
-                "[server]\nlisten = [\"127.0.0.1:0\"]\n[[route]]\npath = {}\nupstream = {}\n{}",
+                "[server]\nlisten = [\"127.0.0.1:0\"]\n[[route]]\npath = {}\nupstream = {}\n\
+                 allow_encoded_slash = {allow}\n{}",
                 toml_string(template),
                 toml_string(upstream),
                 if host.is_empty() {
@@ -643,7 +693,9 @@ fn fuzz_path_templates() {
             if let Ok(config) = framegate::Config::from_toml(&toml, Path::new("fuzz.toml")) {
                 route_every_way(&config, &[path, "/", template]);
                 let router = framegate::route::Router::new(&config.routes);
-                let _ = router.find((!host.is_empty()).then_some(host), path);
+                if let Ok(m) = router.find((!host.is_empty()).then_some(host), path) {
+                    check_normal(&m.path, &m.params, m.route.allow_encoded_slash)?;
+                }
             }
             Ok(())
         },
