@@ -1,5 +1,5 @@
-//! Policy log lines through the real binary: what a client sends and a policy logs cannot
-//! forge a log line.
+//! Logging through the real binary: `FRAMEGATE_LOG` that does not parse is an error, and what
+//! a client sends and a policy logs cannot forge a log line.
 
 mod support;
 
@@ -93,5 +93,32 @@ async fn a_line_break_a_client_sent_does_not_start_a_log_line() {
             ),
             "not escaped: {line}"
         );
+    }
+}
+
+#[test]
+fn an_unparsable_framegate_log_stops_the_binary_with_an_error() {
+    let dir = TempDir::new("bad-log");
+    let config = dir.write(
+        "framegate.toml",
+        "[[route]]\npath = \"/echo\"\nupstream = \"ws://127.0.0.1:9/\"\n",
+    );
+    for (value, ok) in [("info,=", false), ("framegate=loud", false), ("warn", true)] {
+        let out = Command::new(env!("CARGO_BIN_EXE_framegate"))
+            .arg("--config")
+            .arg(&config)
+            .arg("check")
+            .env("FRAMEGATE_LOG", value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), ok, "FRAMEGATE_LOG={value}: {stderr}");
+        if !ok {
+            assert_eq!(out.status.code(), Some(1), "FRAMEGATE_LOG={value}");
+            assert!(
+                stderr.starts_with(&format!("error: invalid FRAMEGATE_LOG {value:?}")),
+                "{stderr}"
+            );
+        }
     }
 }
