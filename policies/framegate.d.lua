@@ -127,16 +127,23 @@ local FramegateConnection = {}
 ---Sends `data` back to the sender of the message being handled (the client in
 ---on_client_frame, the upstream in on_server_frame). A string is sent as text when it is
 ---UTF-8, else as binary; a table is encoded per the route's mime_type. Queued before the
----forwarded message; at most 64 sends per call; not allowed in on_close.
+---forwarded message; at most 64 sends per call; not allowed in on_close. Returns true, or
+---nil and "queue full" when the leg's queue has no room for it (route.max_queued_bytes).
 ---@param data string|table
+---@return true|nil ok
+---@return string|nil err
 function FramegateConnection:reply(data) end
 
 ---Sends `data` to the client. Same rules as `reply`.
 ---@param data string|table
+---@return true|nil ok
+---@return string|nil err
 function FramegateConnection:send_client(data) end
 
 ---Sends `data` to the upstream. Same rules as `reply`.
 ---@param data string|table
+---@return true|nil ok
+---@return string|nil err
 function FramegateConnection:send_server(data) end
 
 ---Closes both legs with this close frame once the call returns; the message being handled is

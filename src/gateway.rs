@@ -71,6 +71,19 @@ impl Gateway {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let watchdog = config.server.watchdog_timeout;
+        for route in config
+            .routes
+            .iter()
+            .filter(|r| r.policy_cpu_limit * 2 >= watchdog)
+        {
+            tracing::warn!(
+                route = %route.name(),
+                policy_cpu_limit = ?route.policy_cpu_limit,
+                watchdog_timeout = ?watchdog,
+                "policy_cpu_limit is at least half of server.watchdog_timeout: a policy call that uses its limit will be reported as a stalled worker"
+            );
+        }
         for route in config
             .routes
             .iter()
@@ -146,29 +159,60 @@ impl Running {
         self.local_addrs[0]
     }
 
-    /// Stops accepting, closes every connection with 1001 "server shutting down", waits for
-    /// them up to `server.shutdown_grace`, then stops the workers.
+    /// The workers the watchdog reports stalled now (no progress for
+    /// `server.watchdog_timeout`), by index; they get no new connections until they recover.
+    pub fn stalled_workers(&self) -> Vec<usize> {
+        self.workers
+            .as_ref()
+            .map_or_else(Vec::new, |w| w.pool.watchdog.stalled())
+    }
+
+    /// Connections that hold no `max_connections` slot yet: sending a request head, idle
+    /// between kept-alive requests, or queued for a slot.
+    pub fn pending_connections(&self) -> usize {
+        self.workers.as_ref().map_or(0, |w| w.pool.pending.len())
+    }
+
+    /// Stops accepting, cuts connections that have not been upgraded (a request head still
+    /// arriving, an upgrade waiting for its upstream: 503), closes every relayed connection
+    /// with 1001 "server shutting down", and waits for them up to `server.shutdown_grace`.
+    /// It then stops the workers; a worker that is stuck (in a policy that never returns) is
+    /// abandoned after [`WORKER_EXIT`] rather than waited for, so this always returns.
     pub async fn shutdown(mut self) -> ShutdownOutcome {
         let grace = self.shared.config.server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down");
+        let deadline = tokio::time::Instant::now() + grace;
         self.shared.begin_shutdown();
         self.shared.tracker.close();
-        let outcome = match tokio::time::timeout(grace, self.shared.tracker.wait()).await {
+        let outcome = match tokio::time::timeout_at(deadline, self.shared.tracker.wait()).await {
             Ok(()) => ShutdownOutcome::Drained,
             Err(_) => ShutdownOutcome::GraceExpired,
         };
-        if let Some(workers) = self.workers.take() {
+        if let Some(mut workers) = self.workers.take() {
+            // Workers stop beating now: that is not a stall.
+            drop(workers.watchdog.take());
             workers.stop.cancel();
-            let _ = tokio::task::spawn_blocking(move || {
-                for thread in workers.threads {
-                    let _ = thread.join();
+            let until = deadline.max(tokio::time::Instant::now() + WORKER_EXIT);
+            // `None` once every worker thread has returned. No blocking join: a stuck thread
+            // would hold this (and the process's exit) for as long as it is stuck.
+            let _ = tokio::time::timeout_at(until, workers.exited.recv()).await;
+            for (index, thread) in workers.threads.iter().enumerate() {
+                if !thread.is_finished() {
+                    tracing::error!(
+                        worker = index,
+                        "worker still busy at the end of shutdown; abandoned"
+                    );
                 }
-            })
-            .await;
+            }
         }
         outcome
     }
 }
+
+/// How long shutdown waits for the worker threads to return once their connections are done
+/// (or the grace has run out): leaving a runtime takes microseconds, unless the thread is
+/// stuck.
+pub const WORKER_EXIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Drop for Running {
     fn drop(&mut self) {

@@ -1,41 +1,54 @@
-//! Accepting and serving client connections: the accept loop (connection cap, hand-off to a
-//! worker) and, per client on its worker, the HTTP/1.1 requests up to the upgrade.
+//! Accepting and serving client connections: each worker's accept loop, the admission limits,
+//! and, per client on its worker, the HTTP/1.1 requests up to the upgrade.
+//!
+//! A connection's life, as far as the limits go:
+//! 1. Accepted at once (accepting never pauses), it is *pending* ([`PendingSet`]): sending
+//!    its head, idle between kept-alive requests, or queued for a slot. Pending connections
+//!    are bounded by `server.max_pending_handshakes`, oldest shed first, and hold no slot.
+//! 2. With a complete head it takes one of `server.max_connections` slots, waiting at most
+//!    `server.queue_timeout` (then 503 with `Retry-After`), and keeps it while the request is
+//!    served and, once upgraded, for the whole relay.
+//! 3. A refused request on a kept-alive connection gives its slot back and is pending again,
+//!    for at most `server.keepalive_timeout` and `server.keepalive_requests`.
+//!
+//! Shutdown cuts every pending connection and every upgrade still waiting for its upstream
+//! (503); only relays get the graceful close.
+
+mod pending;
+
+pub(crate) use pending::PendingSet;
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::Method;
+use http::header::{self, HeaderValue};
+use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::client_http::{self, Answer, ReadError};
 use crate::proxy::{self, Accepted, Handled, Shared};
-use crate::worker::{self, Slot, WorkerCtx, WorkerLink};
+use crate::worker::{self, Slot, WorkerCtx};
 
-/// Accepts connections until shutdown. Each connection holds a permit of `permits` for its
-/// whole life, relay included; at the cap, accepting pauses (clients wait in the backlog).
-pub(crate) async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    here: Rc<WorkerCtx>,
-    links: Arc<Vec<WorkerLink>>,
-    permits: Arc<Semaphore>,
-) {
+/// `Retry-After` of a 503 at the connection cap: a WebSocket slot frees when a long-lived
+/// connection ends, so an immediate retry would mostly be refused again.
+const RETRY_AFTER_SECS: &str = "5";
+
+/// Accepts connections until shutdown and places each on a worker. Accepting never pauses for
+/// the connection cap: the limits apply once a connection is in (see the module doc).
+pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, here: Rc<WorkerCtx>) {
     let shutdown = shared.shutdown.clone();
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("the connection semaphore is never closed"),
-            _ = shutdown.cancelled() => return,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Typically EMFILE: back off instead of spinning; the permit is released.
+                    // Typically EMFILE: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -44,10 +57,7 @@ pub(crate) async fn accept_loop(
             _ = shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        if let Some((stream, slot)) = worker::place(&links, stream, peer, permit) {
-            let task = serve(stream, peer, shared.clone(), here.clone(), slot);
-            shared.tracker.spawn_local(task);
-        }
+        worker::place(&here, &shared, stream, peer);
     }
 }
 
@@ -58,7 +68,7 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     shared: Arc<Shared>,
     worker: Rc<WorkerCtx>,
-    slot: Rc<Slot>,
+    slot: Slot,
 ) {
     // Held until the connection is gone, relay included.
     let _slot = slot;
@@ -66,24 +76,45 @@ pub(crate) async fn serve(
     // large and short-lived. Inline, they would size the task of every relayed connection for
     // its whole life; boxed, they are freed when the relay starts.
     let upgraded = Box::pin(requests(&mut stream, peer, &shared, &worker)).await;
-    if let Some((accepted, rest)) = upgraded {
+    if let Some((accepted, rest, _permit)) = upgraded {
         Accepted::run(accepted, stream, rest).await;
     }
 }
 
+/// Why a request got no `max_connections` slot.
+enum NoSlot {
+    /// `queue_timeout` passed.
+    Full,
+    /// Shed, to admit a newer connection.
+    Shed,
+    /// Shutdown began.
+    Shutdown,
+}
+
 /// Reads and answers requests until one is upgraded: returns it, with the bytes the client
-/// sent after its head, or `None` once the connection is to be closed. Refused requests are
-/// answered and, where HTTP/1.1 keep-alive allows, the next request is read.
+/// sent after its head and the connection's slot, or `None` once the connection is to be
+/// closed. Refused requests are answered and, where HTTP/1.1 keep-alive and the keep-alive
+/// limits allow, the next request is read.
 async fn requests(
     stream: &mut TcpStream,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
-) -> Option<(Box<Accepted>, Bytes)> {
-    let timeout = shared.config.server.header_read_timeout;
+) -> Option<(Box<Accepted>, Bytes, OwnedSemaphorePermit)> {
+    let server = &shared.config.server;
+    let timeout = server.header_read_timeout;
     let mut buf = BytesMut::new();
+    let mut served = 0usize;
     loop {
-        let read = client_http::read_request(stream, &mut buf, timeout, &shared.shutdown).await;
+        let pending = worker.pool.pending.enter();
+        let idle = (served > 0).then_some(server.keepalive_timeout).flatten();
+        let cut = async {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => {}
+                _ = pending.shed.cancelled() => {}
+            }
+        };
+        let read = client_http::read_request(stream, &mut buf, idle, timeout, cut).await;
         let (request, rest) = match read {
             Ok(Some(read)) => read,
             Ok(None) => return None,
@@ -93,16 +124,61 @@ async fn requests(
                 finish(stream, &answer.encode(true, false), true, timeout).await;
                 return None;
             }
+            Err(ReadError::Cut(_)) if pending.shed.is_cancelled() => {
+                tracing::debug!(client = %peer, "pending connection shed: max_pending_handshakes reached");
+                shed(stream);
+                return None;
+            }
             Err(e) => {
                 tracing::debug!(client = %peer, error = %e, "HTTP connection ended with an error");
                 return None;
             }
         };
-        let answer = match proxy::handle(&request, peer, shared, worker).await {
-            Handled::Upgraded(accepted) => return Some((accepted, rest)),
+        let permit = match slot(shared, worker, &pending).await {
+            Ok(permit) => permit,
+            Err(why) => {
+                let answer = match why {
+                    NoSlot::Full => {
+                        worker.pool.refusals.count(server.max_connections);
+                        unavailable("the gateway is at its connection limit; retry later", true)
+                    }
+                    NoSlot::Shed => {
+                        tracing::debug!(client = %peer, "pending connection shed: max_pending_handshakes reached");
+                        shed(stream);
+                        return None;
+                    }
+                    NoSlot::Shutdown => unavailable("server shutting down", false),
+                };
+                let bytes = answer.encode(true, request.method == Method::HEAD);
+                finish(
+                    stream,
+                    &bytes,
+                    request.has_body || !rest.is_empty(),
+                    timeout,
+                )
+                .await;
+                return None;
+            }
+        };
+        drop(pending);
+        served += 1;
+        // An upgrade waiting for its upstream does not hold shutdown up: it is answered 503.
+        let handled = tokio::select! {
+            biased;
+            handled = proxy::handle(&request, peer, shared, worker) => handled,
+            _ = shared.shutdown.cancelled() => {
+                tracing::info!(client = %peer, path = request.path(), "request cut short by shutdown");
+                Handled::Answered(unavailable("server shutting down", false))
+            }
+        };
+        let answer = match handled {
+            Handled::Upgraded(accepted) => return Some((accepted, rest, permit)),
             Handled::Answered(answer) => answer,
         };
-        let keep_alive = request.keep_alive() && !shared.shutdown.is_cancelled();
+        let keep_alive = request.keep_alive()
+            && !shared.shutdown.is_cancelled()
+            && server.keepalive_timeout.is_some()
+            && served < server.keepalive_requests;
         let bytes = answer.encode(!keep_alive, request.method == Method::HEAD);
         if !keep_alive {
             finish(
@@ -115,7 +191,7 @@ async fn requests(
             return None;
         }
         // A client that does not read its answers must not hold its connection (and its
-        // permit) forever: writing an answer has the header read timeout too.
+        // slot) forever: writing an answer has the header read timeout too.
         if !matches!(
             tokio::time::timeout(timeout, stream.write_all(&bytes)).await,
             Ok(Ok(()))
@@ -123,9 +199,75 @@ async fn requests(
             tracing::debug!(client = %peer, "HTTP connection ended: the answer could not be written in time");
             return None;
         }
+        drop(permit);
         // Bytes of a pipelined next request.
         buf.extend_from_slice(&rest);
     }
+}
+
+/// Takes a `max_connections` slot for a request whose head has arrived, waiting up to
+/// `queue_timeout` in arrival order. While it waits the connection is still pending: it can
+/// be shed, and shutdown ends the wait.
+async fn slot(
+    shared: &Shared,
+    worker: &WorkerCtx,
+    pending: &pending::Pending,
+) -> Result<OwnedSemaphorePermit, NoSlot> {
+    let permits = &worker.pool.permits;
+    if let Ok(permit) = permits.clone().try_acquire_owned() {
+        return Ok(permit);
+    }
+    tokio::select! {
+        permit = tokio::time::timeout(shared.config.server.queue_timeout, permits.clone().acquire_owned()) => match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(NoSlot::Full),
+        },
+        _ = pending.shed.cancelled() => Err(NoSlot::Shed),
+        _ = shared.shutdown.cancelled() => Err(NoSlot::Shutdown),
+    }
+}
+
+/// A 503 that closes the connection; at the cap it says when to retry.
+fn unavailable(message: &str, retry: bool) -> Answer {
+    let mut answer = Answer::text(StatusCode::SERVICE_UNAVAILABLE, message.into());
+    if retry {
+        answer.headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+    }
+    answer
+}
+
+/// Requests refused at `max_connections`: counted, with a warning at most every
+/// [`pending::WARN_EVERY`] (a line per refusal would flood the log when it matters most).
+#[derive(Default)]
+pub(crate) struct Refusals {
+    total: AtomicU64,
+    last_warning: Mutex<Option<std::time::Instant>>,
+}
+
+impl Refusals {
+    fn count(&self, max_connections: usize) {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_none_or(|at| now.duration_since(at) >= pending::WARN_EVERY) {
+            *last = Some(now);
+            tracing::warn!(
+                max_connections,
+                refused_total = total,
+                "max_connections reached: answering 503 to requests that found no slot within server.queue_timeout"
+            );
+        }
+    }
+}
+
+/// Ends a shed connection without waiting on it: the 503 is offered once, without blocking
+/// and without lingering, since shedding happens when slow clients are too many already.
+fn shed(stream: &mut TcpStream) {
+    let answer = unavailable("too many pending connections; retry later", true);
+    let _ = stream.try_write(&answer.encode(true, false));
 }
 
 /// How long a closing connection's unread input is drained (see [`finish`]).

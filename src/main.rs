@@ -133,7 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         for addr in running.local_addrs() {
             tracing::info!(%addr, "listening");
         }
-        signals.next().await;
+        signals.stop().await;
         let shutdown = running.shutdown();
         tokio::pin!(shutdown);
         tokio::select! {
@@ -141,21 +141,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ShutdownOutcome::Drained => tracing::info!("all connections closed; bye"),
                 ShutdownOutcome::GraceExpired => tracing::warn!("shutdown grace expired with connections still open"),
             },
-            _ = signals.next() => {
+            _ = signals.stop() => {
                 tracing::warn!("second signal: exiting now");
-                return Ok(ExitCode::FAILURE);
+                // At once: nothing may wait on a worker, not even the runtime's teardown.
+                std::process::exit(1);
             }
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// SIGINT and SIGTERM.
+/// SIGINT and SIGTERM stop the gateway; SIGHUP is caught so that it never ends the process
+/// (its default action), and logged: reloading is not supported yet.
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -166,17 +170,25 @@ impl Signals {
             Ok(Signals {
                 term: signal(SignalKind::terminate())?,
                 int: signal(SignalKind::interrupt())?,
+                hup: signal(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
         Ok(Signals {})
     }
 
-    async fn next(&mut self) {
+    /// Waits for SIGINT or SIGTERM, answering each SIGHUP on the way with a log line.
+    async fn stop(&mut self) {
         #[cfg(unix)]
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => tracing::warn!(
+                    "SIGHUP received: reloading the configuration is not supported yet; \
+                     still running with the configuration loaded at start"
+                ),
+            }
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;

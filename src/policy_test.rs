@@ -104,6 +104,8 @@ fn decide(engine: &Engine, case: &Case) -> Result<Decision, String> {
         Outbound {
             to_client: &mut to_client,
             to_upstream: &mut to_upstream,
+            room_to_client: usize::MAX,
+            room_to_upstream: usize::MAX,
         },
     );
     let mut decision = Decision {

@@ -249,3 +249,103 @@ async fn many_connections_each_expire_on_their_own_timer() {
     }
     assert_eq!(closed, CONNECTIONS);
 }
+
+/// Issue 12: a peer that vanished without a FIN is found by `ping_interval` and
+/// `ping_timeout`. The silent client gets no close frame (it is dropped, as dead), and the
+/// upstream is told with 1001.
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_dropped_and_the_upstream_told() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, mut accepted) = captured().await;
+    let gw = gateway(&route(
+        "/cap",
+        up.addr,
+        "ping_interval = \"200ms\"\nping_timeout = \"300ms\"\n",
+    ))
+    .await;
+    // A raw client: it upgrades, then neither reads nor writes (a vanished host).
+    let mut raw = tokio::net::TcpStream::connect(gw.local_addr())
+        .await
+        .unwrap();
+    raw.write_all(upgrade_request("/cap", "").as_bytes())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut upstream = within("upstream connection", accepted.recv())
+        .await
+        .expect("upstream accepted");
+    // The upstream reads, so it answers the gateway's pings and stays alive.
+    let close = expect_close(&mut upstream).await;
+    let elapsed = started.elapsed();
+    assert_away(&close, "client not responding", "upstream");
+    assert!(
+        elapsed >= Duration::from_millis(500),
+        "closed after {elapsed:?}, before ping_interval + ping_timeout"
+    );
+    // What the client was sent: the 101, a ping, and no close frame.
+    let mut seen = Vec::new();
+    within("the client leg to end", async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = raw.read(&mut chunk).await {
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(
+        &seen[end..],
+        &[0x89, 0x00],
+        "one empty ping, no close frame"
+    );
+    finish_upstream(upstream).await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_pings_is_dropped_and_the_client_told() {
+    // It answers the 101 and then reads without ever answering.
+    let up = raw_upstream(|accept| switching_head(accept).into_bytes()).await;
+    let gw = gateway(&route(
+        "/dead",
+        up,
+        "ping_interval = \"200ms\"\nping_timeout = \"200ms\"\n",
+    ))
+    .await;
+    let mut client = connect(gw.local_addr(), "/dead").await;
+    let close = expect_close(&mut client).await;
+    assert_away(&close, "upstream not responding", "client");
+    expect_end(&mut client, "client").await;
+}
+
+/// Peers that answer pings stay connected through many intervals; the pings and pongs are
+/// no activity for `idle_timeout`, which still closes the connection on time.
+#[tokio::test]
+async fn peers_that_answer_pings_stay_and_pings_do_not_count_as_activity() {
+    let up = echo().await;
+    let gw = gateway(&route(
+        "/echo",
+        up.addr,
+        "ping_interval = \"100ms\"\nping_timeout = \"100ms\"\nidle_timeout = \"1s\"\n",
+    ))
+    .await;
+    let mut client = connect(gw.local_addr(), "/echo").await;
+    round_trip(&mut client, "hello").await.expect("echo");
+    let last_message = Instant::now();
+    let mut pings = 0;
+    let close = within("the idle close", async {
+        loop {
+            match client.next().await {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                Some(Ok(Message::Close(Some(frame)))) => return frame,
+                other => panic!("expected pings, then the idle close: {other:?}"),
+            }
+        }
+    })
+    .await;
+    let quiet = last_message.elapsed();
+    assert_away(&close, IDLE, "client");
+    assert!(
+        quiet >= Duration::from_millis(1000),
+        "closed after {quiet:?}"
+    );
+    assert!(pings >= 4, "{pings} pings in {quiet:?}");
+}

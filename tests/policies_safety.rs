@@ -290,7 +290,6 @@ end
 }
 
 #[tokio::test]
-#[ignore = "known limit (docs/policies.md, Known limits): the CPU limit is not checked inside C functions; a failure leaves a worker thread spinning"]
 async fn a_catastrophic_string_pattern_is_stopped_by_the_cpu_limit() {
     // Backtracking over 25 `a*` items: far longer than any CPU limit, all inside string.find.
     let (gw, ok) = spin_gateway(

@@ -20,6 +20,16 @@ async fn pair(extra: &str) -> (framegate::Running, Client, UpstreamWs) {
     (gw, client, upstream)
 }
 
+/// The gateway's close frame on an upstream leg; the upstream then answers it (tungstenite
+/// sends its reply on the next poll) and the stream ends.
+async fn upstream_close(
+    upstream: &mut UpstreamWs,
+) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+    let frame = expect_close(upstream).await;
+    let _ = within("the upstream's close reply", upstream.next()).await;
+    frame
+}
+
 fn payloads() -> Vec<Message> {
     let mut out = Vec::new();
     for i in 0..200u32 {
@@ -115,10 +125,11 @@ async fn oversized_message_gets_1009_and_closes_the_other_leg() {
         "exactly the limit passes"
     );
     client.send(Message::binary(vec![7u8; 1025])).await.unwrap();
-    let to_client = expect_close(&mut client).await;
+    // Both at once: the client's close follows the upstream's close reply.
+    let (to_client, to_upstream) =
+        tokio::join!(expect_close(&mut client), upstream_close(&mut upstream));
     assert_eq!(u16::from(to_client.code), 1009);
     assert_eq!(to_client.reason.as_str(), "message too big");
-    let to_upstream = expect_close(&mut upstream).await;
     assert_eq!(u16::from(to_upstream.code), 1001);
 }
 
@@ -137,7 +148,12 @@ async fn oversized_fragmented_message_from_upstream_gets_1009() {
             .unwrap();
     }
     assert_eq!(u16::from(expect_close(&mut upstream).await.code), 1009);
-    assert_eq!(u16::from(expect_close(&mut client).await.code), 1001);
+    // The upstream's fault, and the client is told so.
+    let to_client = expect_close(&mut client).await;
+    assert_eq!(
+        (u16::from(to_client.code), to_client.reason.as_str()),
+        (1011, "upstream sent a message too big")
+    );
 }
 
 #[tokio::test]
@@ -253,12 +269,14 @@ async fn invalid_utf8_text_gets_1007() {
         next_message(&mut upstream).await.unwrap().unwrap(),
         Message::text("before")
     );
-    let frame = expect_close(&mut client).await;
+    // Both at once: the client's close follows the upstream's close reply.
+    let (frame, to_upstream) =
+        tokio::join!(expect_close(&mut client), upstream_close(&mut upstream));
     assert_eq!(
         (u16::from(frame.code), frame.reason.as_str()),
         (1007, "invalid UTF-8 in text message")
     );
-    assert_eq!(u16::from(expect_close(&mut upstream).await.code), 1001);
+    assert_eq!(u16::from(to_upstream.code), 1001);
 }
 
 #[tokio::test]
@@ -272,7 +290,9 @@ async fn a_failing_connection_does_not_disturb_others() {
     let mut good = connect(gw.local_addr(), "/x").await;
     let mut good_up = within("upstream", conns.recv()).await.unwrap();
     let mut bad = connect(gw.local_addr(), "/x").await;
-    let _bad_up = within("upstream", conns.recv()).await.unwrap();
+    let mut bad_up = within("upstream", conns.recv()).await.unwrap();
+    // The bad connection's upstream answers the gateway's close, as a server does.
+    tokio::spawn(async move { while bad_up.next().await.is_some() {} });
     bad.send(Message::binary(vec![0u8; 101])).await.unwrap();
     assert_eq!(u16::from(expect_close(&mut bad).await.code), 1009);
     good.send(Message::text("unaffected")).await.unwrap();

@@ -217,6 +217,81 @@ async fn shutdown_gives_up_after_the_grace_period() {
     assert_not_accepting(addr).await;
 }
 
+/// A request head that stops halfway does not hold shutdown up for `header_read_timeout`:
+/// pending connections are cut at once.
+#[tokio::test]
+async fn shutdown_cuts_a_half_sent_request_head() {
+    let up = echo().await;
+    let running = gateway_with_server(
+        "shutdown_grace = \"5s\"\nheader_read_timeout = \"10s\"\n",
+        &route("/echo", up.addr, "", &[]),
+    )
+    .await;
+    let mut half = TcpStream::connect(running.local_addr()).await.unwrap();
+    half.write_all(b"GET /echo HTTP/1.1\r\nHost: gateway.test\r\nUpgr")
+        .await
+        .unwrap();
+    within("the head to be pending", async {
+        while running.pending_connections() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let outcome = within("shutdown to return", running.shutdown()).await;
+    let took = started.elapsed();
+    assert_eq!(outcome, ShutdownOutcome::Drained);
+    assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+    let mut rest = Vec::new();
+    let _ = within(
+        "the half head's connection to close",
+        half.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        !String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 101"),
+        "{rest:?}"
+    );
+}
+
+/// An upgrade waiting for an upstream that never answers is answered 503 at shutdown,
+/// instead of holding it up for `handshake_timeout`.
+#[tokio::test]
+async fn shutdown_answers_503_to_an_upgrade_waiting_for_its_upstream() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = silent.accept().await {
+            // Held open, never answered.
+            let _ = accepted_tx.send(stream);
+        }
+    });
+    let running = gateway_with_server(
+        "shutdown_grace = \"5s\"\n",
+        &route("/slow", silent_addr, "handshake_timeout = \"10s\"", &[]),
+    )
+    .await;
+    let mut client = TcpStream::connect(running.local_addr()).await.unwrap();
+    client
+        .write_all(upgrade_request("/slow", "").as_bytes())
+        .await
+        .unwrap();
+    let _upstream = within("the gateway to connect upstream", accepted.recv())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let shutdown = tokio::spawn(running.shutdown());
+    let (status, head, body) = read_response(&mut client).await;
+    assert_eq!(status, 503, "{head}{body}");
+    assert_eq!(body, "server shutting down\n");
+    assert!(head.contains("connection: close\r\n"), "{head}");
+    let outcome = within("shutdown to return", shutdown).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(outcome, ShutdownOutcome::Drained);
+    assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+}
+
 /// Kills the child process (by its PID) and removes the temp file when the test ends, however
 /// it ends.
 struct Spawned {

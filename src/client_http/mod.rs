@@ -14,11 +14,11 @@ pub(crate) use head::{
     has_empty_line, lists_token, parse_length, BadRequest, RequestHead, MAX_HEAD,
 };
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio_util::sync::CancellationToken;
 
 /// What the socket is asked for at a time. Like NGINX's `client_header_buffer_size` (1k),
 /// enough for most upgrade requests; a longer head grows the buffer. Just under 1 KiB: glibc
@@ -38,26 +38,38 @@ pub(crate) enum ReadError {
     /// The client closed its side in the middle of a head.
     #[error("connection closed after {0} bytes of a request head")]
     Closed(usize),
+    /// Shutdown began, or the connection was shed, in the middle of a head.
+    #[error("cut after {0} bytes of a request head")]
+    Cut(usize),
     /// Reading failed (connection reset, …).
     #[error("reading the request failed: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Reads the next request head from `io`, starting with the bytes already in `buf`, within
-/// `timeout`. Returns the head and the bytes read past it; `Ok(None)` when the client closed
-/// the connection between requests, or `shutdown` began before a request started.
+/// Reads the next request head from `io`, starting with the bytes already in `buf`. Returns
+/// the head and the bytes read past it; `Ok(None)` when the client closed the connection
+/// between requests, or when it sent nothing for `idle` (a kept-alive connection), or when
+/// `cut` fires before a request started.
+///
+/// The whole head must arrive within `timeout`: from now, or with `idle`, from its first byte
+/// (so a kept-alive connection waits `idle` for the next request, then `timeout` for its
+/// head, as NGINX's `keepalive_timeout` and `client_header_timeout` do). `cut` (shutdown, or
+/// the connection being shed) ends the read at once, even in the middle of a head.
 pub(crate) async fn read_request<IO>(
     io: &mut IO,
     buf: &mut BytesMut,
+    idle: Option<Duration>,
     timeout: Duration,
-    shutdown: &CancellationToken,
+    cut: impl Future<Output = ()>,
 ) -> Result<Option<(RequestHead, Bytes)>, ReadError>
 where
     IO: AsyncRead + Unpin,
 {
+    let mut idle = idle.filter(|_| buf.is_empty());
     // Created now, registered with the timer only if a read has to wait.
-    let deadline = tokio::time::sleep(timeout);
+    let deadline = tokio::time::sleep(idle.unwrap_or(timeout));
     tokio::pin!(deadline);
+    tokio::pin!(cut);
     // Parsed once an empty line has come (parsing again on every read would be quadratic in a
     // head that trickles in), and checked on the first bytes so that garbage fails at once.
     let mut checked: usize = 0;
@@ -72,6 +84,13 @@ where
         if buf.len() > MAX_HEAD {
             return Err(BadRequest::TooLarge.into());
         }
+        if idle.is_some() && !buf.is_empty() {
+            // The next request has started: its head gets the whole timeout.
+            idle = None;
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + timeout);
+        }
         checked = buf.len();
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
             buf.reserve(READ_SIZE);
@@ -83,8 +102,14 @@ where
                 0 => return Err(ReadError::Closed(buf.len())),
                 _ => {}
             },
-            () = &mut deadline => return Err(ReadError::Timeout(timeout)),
-            () = shutdown.cancelled(), if buf.is_empty() => return Ok(None),
+            () = &mut deadline => return match idle {
+                Some(_) => Ok(None),
+                None => Err(ReadError::Timeout(timeout)),
+            },
+            () = &mut cut => return match buf.len() {
+                0 => Ok(None),
+                n => Err(ReadError::Cut(n)),
+            },
         }
     }
 }
@@ -92,6 +117,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio_util::sync::CancellationToken;
+
+    const FIVE: Duration = Duration::from_secs(5);
 
     fn shutdown() -> CancellationToken {
         CancellationToken::new()
@@ -109,10 +138,16 @@ mod tests {
             client
         });
         let mut buf = BytesMut::new();
-        let (head, rest) = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown())
-            .await
-            .unwrap()
-            .unwrap();
+        let (head, rest) = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(head.path(), "/a");
         // What came after the head in the same read is returned; later bytes stay unread.
         assert!(b"rest".starts_with(&rest), "{rest:?}");
@@ -125,15 +160,74 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(matches!(read, Err(ReadError::Timeout(_))), "{read:?}");
 
         let (_client, mut server) = tokio::io::duplex(64);
         let token = shutdown();
         token.cancel();
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &token).await;
+        let read = read_request(&mut server, &mut buf, None, FIVE, token.cancelled_owned()).await;
         assert!(matches!(read, Ok(None)), "{read:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_waits_idle_then_the_whole_timeout_and_shutdown_cuts_a_head() {
+        use tokio::io::AsyncWriteExt;
+        // Nothing within `idle`: a quiet end.
+        let (_client, mut server) = tokio::io::duplex(64);
+        let mut buf = BytesMut::new();
+        let idle = Some(Duration::from_secs(1));
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            idle,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
+        assert!(matches!(read, Ok(None)), "{read:?}");
+
+        // A head that starts within `idle` gets the whole timeout from its first byte.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            client.write_all(b"Host: x\r\n\r\n").await.unwrap();
+            client
+        });
+        let mut buf = BytesMut::new();
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            idle,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
+        assert!(matches!(read, Ok(Some(_))), "{read:?}");
+        drop(writer.await.unwrap());
+
+        // A cut in the middle of a head ends it at once.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        let token = shutdown();
+        let cut = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            cut.cancel();
+        });
+        let mut buf = BytesMut::new();
+        let read = read_request(&mut server, &mut buf, None, FIVE, token.cancelled_owned()).await;
+        assert!(matches!(read, Err(ReadError::Cut(18))), "{read:?}");
     }
 
     #[tokio::test]
@@ -141,7 +235,14 @@ mod tests {
         let (client, mut server) = tokio::io::duplex(64);
         drop(client);
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(matches!(read, Ok(None)), "{read:?}");
 
         let (mut client, mut server) = tokio::io::duplex(64);
@@ -149,7 +250,14 @@ mod tests {
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         drop(client);
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(matches!(read, Err(ReadError::Closed(16))), "{read:?}");
     }
 
@@ -159,7 +267,14 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         client.write_all(b"\x16\x03\x01\x00").await.unwrap();
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(
             matches!(read, Err(ReadError::Bad(BadRequest::Malformed(_)))),
             "{read:?}"
@@ -170,7 +285,14 @@ mod tests {
         huge.resize(MAX_HEAD + 100, b'a');
         client.write_all(&huge).await.unwrap();
         let mut buf = BytesMut::new();
-        let read = read_request(&mut server, &mut buf, Duration::from_secs(5), &shutdown()).await;
+        let read = read_request(
+            &mut server,
+            &mut buf,
+            None,
+            FIVE,
+            shutdown().cancelled_owned(),
+        )
+        .await;
         assert!(
             matches!(read, Err(ReadError::Bad(BadRequest::TooLarge))),
             "{read:?}"

@@ -29,10 +29,22 @@ pub mod defaults {
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// `server.close_timeout`.
     pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `server.watchdog_timeout`: a worker without progress this long is reported stalled.
+    pub const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(2);
+    /// `server.max_pending_handshakes`: connections still sending their request head.
+    pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+    /// `server.queue_timeout`: how long a request waits for a connection slot at the cap.
+    pub const QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+    /// `server.keepalive_timeout`: idle wait for the next request on a kept-alive connection.
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(15);
+    /// `server.keepalive_requests`: requests served on one connection.
+    pub const KEEPALIVE_REQUESTS: usize = 100;
     /// `route.mime_type`.
     pub const MIME_TYPE: &str = "application/json";
     /// `route.max_message_size`: 1 MiB.
     pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
+    /// `route.max_queued_bytes` at least: 4 MiB (or `max_message_size`, if larger).
+    pub const MAX_QUEUED_BYTES: usize = 4 << 20;
     /// `route.handshake_timeout`.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `route.policy_cpu_limit`: time one policy call may run.
@@ -62,8 +74,20 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// How long shutdown waits for connections to close before exiting anyway.
     pub shutdown_grace: Duration,
-    /// At most this many client connections at once; further ones wait in the accept backlog.
+    /// At most this many client connections past their request head at once (requests being
+    /// served, upgrades, relays); a request beyond waits up to `queue_timeout`, then gets 503.
     pub max_connections: usize,
+    /// At most this many connections still sending a request head (or idle between kept-alive
+    /// requests, or queued for a slot); past it the oldest is shed to admit a new one.
+    pub max_pending_handshakes: usize,
+    /// How long a request waits for a `max_connections` slot before it is answered 503.
+    pub queue_timeout: Duration,
+    /// Idle wait for the next request on a kept-alive connection; `None`: no keep-alive.
+    pub keepalive_timeout: Option<Duration>,
+    /// Requests served on one connection; the last answer closes it.
+    pub keepalive_requests: usize,
+    /// A worker that makes no progress for this long is logged and taken out of the balancer.
+    pub watchdog_timeout: Duration,
     /// A client must send its complete upgrade request within this time.
     pub header_read_timeout: Duration,
     /// Bound on each leg's closing handshake; after it the TCP connection is dropped.
@@ -89,6 +113,12 @@ pub struct Route {
     pub expire: Option<Duration>,
     /// Close after this long without a data message either way; `None` disables it.
     pub idle_timeout: Option<Duration>,
+    /// Ping a leg that has sent nothing for this long; `None` disables pings.
+    pub ping_interval: Option<Duration>,
+    /// A pinged leg that sends nothing back for this long is dropped as dead.
+    pub ping_timeout: Duration,
+    /// The most bytes a policy's sends may leave queued for one leg.
+    pub max_queued_bytes: usize,
     /// Largest message (after reassembly) accepted from either side.
     pub max_message_size: usize,
     /// Bound on connecting to the upstream and completing its handshake (504 after it).
@@ -393,8 +423,40 @@ impl Validator<'_> {
                 ))
             }
         };
+        let count = |value: Option<Spanned<i64>>, key: &str, default: usize| match value {
+            None => Ok(default),
+            Some(n) if *n.get_ref() >= 1 => Ok(*n.get_ref() as usize),
+            Some(n) => Err(self.err(&n, format!("server.{key} must be at least 1"), "")),
+        };
+        let max_pending_handshakes = count(
+            raw.max_pending_handshakes,
+            "max_pending_handshakes",
+            defaults::MAX_PENDING_HANDSHAKES,
+        )?;
+        let keepalive_requests = count(
+            raw.keepalive_requests,
+            "keepalive_requests",
+            defaults::KEEPALIVE_REQUESTS,
+        )?;
+        let keepalive_timeout = match &raw.keepalive_timeout {
+            None => Some(defaults::KEEPALIVE_TIMEOUT),
+            some => self.optional_duration(some, "server.keepalive_timeout")?,
+        };
         Ok(ServerConfig {
             workers,
+            max_pending_handshakes,
+            keepalive_requests,
+            keepalive_timeout,
+            queue_timeout: raw
+                .queue_timeout
+                .map(|v| self.duration(&v, "server.queue_timeout"))
+                .transpose()?
+                .unwrap_or(defaults::QUEUE_TIMEOUT),
+            watchdog_timeout: self.positive_duration(
+                &raw.watchdog_timeout,
+                "server.watchdog_timeout",
+                defaults::WATCHDOG_TIMEOUT,
+            )?,
             listen,
             shutdown_grace: raw
                 .shutdown_grace
@@ -536,7 +598,44 @@ impl Validator<'_> {
                 n as usize
             }
         };
+        let ping_interval = self.optional_duration(&raw.ping_interval, "route.ping_interval")?;
+        let ping_timeout = match (&raw.ping_timeout, ping_interval) {
+            (Some(v), None) => {
+                return Err(self.err(
+                    v,
+                    "route.ping_timeout needs route.ping_interval".into(),
+                    "set ping_interval too, e.g. ping_interval = \"30s\"",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                self.positive_duration(&raw.ping_timeout, "route.ping_timeout", Duration::ZERO)?
+            }
+            (None, interval) => interval.unwrap_or_default(),
+        };
+        let max_queued_bytes = match raw.max_queued_bytes {
+            None => defaults::MAX_QUEUED_BYTES.max(max_message_size),
+            Some(v) => {
+                let n = units::parse_size(v.get_ref()).map_err(|e| {
+                    self.err(
+                        &v,
+                        format!("route.max_queued_bytes: {e}"),
+                        "write a size like \"4MiB\"",
+                    )
+                })?;
+                if !(64 * 1024..=(1 << 30)).contains(&n) {
+                    return Err(self.err(
+                        &v,
+                        "route.max_queued_bytes must be between 64KiB and 1GiB".into(),
+                        "",
+                    ));
+                }
+                n as usize
+            }
+        };
         Ok(Route {
+            ping_interval,
+            ping_timeout,
+            max_queued_bytes,
             on_policy_error,
             policy_cpu_limit,
             policy_memory_limit,
@@ -658,6 +757,41 @@ mod tests {
     }
 
     #[test]
+    fn pings_and_the_queue_bound() {
+        let route = |extra: &str| {
+            format!("[[route]]\npath = \"/e\"\nupstream = \"ws://127.0.0.1:9001/\"\n{extra}")
+        };
+        let r = &load(&route("")).unwrap().routes[0];
+        assert_eq!(r.ping_interval, None);
+        assert_eq!(r.max_queued_bytes, 4 << 20);
+        let r = &load(&route(
+            "ping_interval = \"30s\"\nmax_message_size = \"8MiB\"\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!(r.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(
+            r.ping_timeout,
+            Duration::from_secs(30),
+            "defaults to the interval"
+        );
+        assert_eq!(r.max_queued_bytes, 8 << 20, "at least max_message_size");
+        let r = &load(&route(
+            "ping_interval = \"30s\"\nping_timeout = \"5s\"\nmax_queued_bytes = \"64KiB\"\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!(r.ping_timeout, Duration::from_secs(5));
+        assert_eq!(r.max_queued_bytes, 64 << 10);
+        assert!(error(&route("ping_timeout = \"5s\"\n")).contains("needs route.ping_interval"));
+        assert!(
+            error(&route("ping_interval = \"30s\"\nping_timeout = \"0s\"\n"))
+                .contains("route.ping_timeout must be greater than 0")
+        );
+        assert!(error(&route("max_queued_bytes = \"1KiB\"\n")).contains("between 64KiB and 1GiB"));
+    }
+
+    #[test]
     fn minimal_route_gets_defaults() {
         let c = load("[[route]]\npath = \"/echo\"\nupstream = \"ws://127.0.0.1:9001/\"\n").unwrap();
         let r = &c.routes[0];
@@ -666,6 +800,14 @@ mod tests {
         assert_eq!(r.expire, None);
         assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.server.watchdog_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.max_pending_handshakes, 1024);
+        assert_eq!(c.server.queue_timeout, Duration::from_secs(1));
+        assert_eq!(c.server.keepalive_timeout, Some(Duration::from_secs(15)));
+        assert_eq!(c.server.keepalive_requests, 100);
+        let off = load("[server]\nkeepalive_timeout = \"0s\"\nqueue_timeout = \"0s\"\n").unwrap();
+        assert_eq!(off.server.keepalive_timeout, None);
+        assert_eq!(off.server.queue_timeout, Duration::ZERO);
     }
 
     #[test]
@@ -761,6 +903,10 @@ max_message_size = "64KiB"
             ("[[route]]\npath = \"/{h}\"\nupstream = \"ws://{h}:80/\"\n", "not allowed in the upstream's host"),
             ("[[route]]\npath = \"/a\"\nhost = \"x.com:80\"\nupstream = \"ws://h/\"\n", "has a port"),
             ("[server]\nclose_timeout = \"0s\"\n", "server.close_timeout must be greater than 0"),
+            ("[server]\nwatchdog_timeout = \"0s\"\n", "server.watchdog_timeout must be greater than 0"),
+            ("[server]\nmax_pending_handshakes = 0\n", "server.max_pending_handshakes must be at least 1"),
+            ("[server]\nkeepalive_requests = -1\n", "server.keepalive_requests must be at least 1"),
+            ("[server]\nqueue_timeout = \"soon\"\n", "server.queue_timeout: invalid duration"),
             ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\non_policy_error = \"explode\"\n", "not one of close, pass, drop"),
             ("[[route]\n", "test.toml:1:"),
         ];

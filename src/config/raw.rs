@@ -20,6 +20,11 @@ pub(super) struct Server {
     pub header_read_timeout: Option<Spanned<String>>,
     pub close_timeout: Option<Spanned<String>>,
     pub workers: Option<Spanned<i64>>,
+    pub watchdog_timeout: Option<Spanned<String>>,
+    pub max_pending_handshakes: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Spanned<String>>,
+    pub keepalive_timeout: Option<Spanned<String>>,
+    pub keepalive_requests: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -31,6 +36,9 @@ pub(super) struct Route {
     pub mime_type: Option<Spanned<String>>,
     pub expire: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub ping_interval: Option<Spanned<String>>,
+    pub ping_timeout: Option<Spanned<String>>,
+    pub max_queued_bytes: Option<Spanned<String>>,
     pub max_message_size: Option<Spanned<String>>,
     pub handshake_timeout: Option<Spanned<String>>,
     pub policies: Option<Policies>,

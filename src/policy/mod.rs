@@ -44,11 +44,19 @@ pub enum Verdict {
 
 /// Messages a hook sends besides its verdict (`conn:reply`, `conn:send_client`, …). They are
 /// queued before the verdict's message.
+///
+/// The rooms bound what a hook may add: a connection holds at most `route.max_queued_bytes`
+/// for each leg, and what is already waiting to be written counts. A hook that would go
+/// over a room must not push the message (the Lua API answers `nil, "queue full"`).
 pub struct Outbound<'a> {
     /// Queue towards the client.
     pub to_client: &'a mut std::collections::VecDeque<Message>,
     /// Queue towards the upstream.
     pub to_upstream: &'a mut std::collections::VecDeque<Message>,
+    /// Payload bytes that may still be queued towards the client.
+    pub room_to_client: usize,
+    /// Payload bytes that may still be queued towards the upstream.
+    pub room_to_upstream: usize,
 }
 
 /// Per-connection message hooks. Every method has a default that leaves traffic untouched.

@@ -2,6 +2,12 @@
 //!
 //! Every end of a relay is an [`Ending`]; [`Ending::plan`] decides per leg whether to send a close
 //! frame (and which), only finish a handshake the peer started, or just drop a dead socket.
+//!
+//! Blame goes where it belongs: a leg that broke the rules gets its own code (1002, 1007,
+//! 1009); the other leg is told its peer failed, with 1011 and a reason naming the upstream
+//! towards a client whose upstream misbehaved, and 1001 towards an upstream whose client did.
+//! Not 1014 (Bad Gateway): widely used clients (gorilla/websocket, tungstenite 0.26) take a
+//! received 1014 for a protocol error of their peer, which is the wrong blame again.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -61,8 +67,12 @@ pub(crate) enum Ending {
     TooBig(Side),
     /// A leg sent a text message that is not UTF-8.
     BadUtf8(Side),
+    /// A leg sent a close frame whose reason is not UTF-8.
+    BadCloseReason(Side),
     /// A leg broke RFC 6455 framing.
     Protocol(Side, String),
+    /// A leg sent nothing back within `ping_timeout` of a ping: taken for dead.
+    Unresponsive(Side),
     /// The route's `expire` (or a policy's shorter one) passed.
     Expired,
     /// No data message either way for `idle_timeout`.
@@ -81,6 +91,10 @@ pub(crate) enum LegClose {
     /// The peer sent its close already: deliver what is queued, answer with this frame (its
     /// own, echoed) and finish.
     Finish(Option<CloseFrame>),
+    /// The peer broke the protocol: deliver what is queued, send this close frame, then stop
+    /// writing and discard what the peer still sends until it hangs up (a lingering close),
+    /// so that the close frame is not lost to a reset.
+    Fail(Option<CloseFrame>),
     /// The socket is dead: drop it.
     Drop,
 }
@@ -108,10 +122,22 @@ pub(crate) mod reasons {
     pub const TOO_BIG: &str = "message too big";
     /// Sent to the sender of a text message that is not UTF-8.
     pub const BAD_UTF8: &str = "invalid UTF-8 in text message";
+    /// Sent to the sender of a close frame whose reason is not UTF-8.
+    pub const BAD_CLOSE_REASON: &str = "invalid UTF-8 in close reason";
     /// Sent to a peer that broke the framing rules.
     pub const PROTOCOL: &str = "protocol error";
-    /// Sent to the other leg when one leg failed.
+    /// Sent to an upstream whose client failed (1001).
     pub const PEER_FAILED: &str = "peer connection failed";
+    /// Sent (1011) to a client whose upstream sent a message over `max_message_size`.
+    pub const UPSTREAM_TOO_BIG: &str = "upstream sent a message too big";
+    /// Sent (1011) to a client whose upstream sent text that is not UTF-8.
+    pub const UPSTREAM_BAD_UTF8: &str = "upstream sent invalid UTF-8";
+    /// Sent (1011) to a client whose upstream broke the framing rules.
+    pub const UPSTREAM_PROTOCOL: &str = "upstream protocol error";
+    /// Sent to the upstream when the client did not answer a ping in time.
+    pub const CLIENT_UNRESPONSIVE: &str = "client not responding";
+    /// Sent to the client when the upstream did not answer a ping in time.
+    pub const UPSTREAM_UNRESPONSIVE: &str = "upstream not responding";
 }
 
 impl Ending {
@@ -120,18 +146,30 @@ impl Ending {
         match self {
             Ending::TooBig(_) => frame(CloseCode::Size, reasons::TOO_BIG),
             Ending::BadUtf8(_) => frame(CloseCode::Invalid, reasons::BAD_UTF8),
+            Ending::BadCloseReason(_) => frame(CloseCode::Invalid, reasons::BAD_CLOSE_REASON),
             Ending::Protocol(..) => frame(CloseCode::Protocol, reasons::PROTOCOL),
             Ending::Expired => frame(CloseCode::Away, reasons::EXPIRED),
             Ending::Idle => frame(CloseCode::Away, reasons::IDLE),
             Ending::Shutdown => frame(CloseCode::Away, reasons::SHUTDOWN),
             Ending::Policy(f) => Some(f.clone()),
-            Ending::Closed(..) | Ending::Gone(_) => None,
+            Ending::Closed(..) | Ending::Gone(_) | Ending::Unresponsive(_) => None,
         }
+    }
+
+    /// What a client is told when its upstream broke the rules (see the module doc for why
+    /// 1011 and not 1014).
+    fn upstream_fault(&self) -> Option<CloseFrame> {
+        let reason = match self {
+            Ending::TooBig(_) => reasons::UPSTREAM_TOO_BIG,
+            Ending::BadUtf8(_) => reasons::UPSTREAM_BAD_UTF8,
+            _ => reasons::UPSTREAM_PROTOCOL,
+        };
+        frame(CloseCode::Error, reason)
     }
 
     /// What each leg is told: `(client, upstream)`.
     pub(crate) fn plan(&self) -> (LegClose, LegClose) {
-        use LegClose::{Drop, Finish, Send};
+        use LegClose::{Drop, Fail, Finish, Send};
         let on = |side: Side, this: LegClose, other: LegClose| match side {
             Side::Client => (this, other),
             Side::Upstream => (other, this),
@@ -144,10 +182,26 @@ impl Ending {
             Ending::Gone(Side::Upstream) => {
                 (Send(frame(CloseCode::Error, reasons::UPSTREAM_LOST)), Drop)
             }
-            Ending::TooBig(side) | Ending::BadUtf8(side) | Ending::Protocol(side, _) => on(
-                *side,
-                Send(self.gateway_frame()),
+            Ending::TooBig(Side::Client)
+            | Ending::BadUtf8(Side::Client)
+            | Ending::BadCloseReason(Side::Client)
+            | Ending::Protocol(Side::Client, _) => (
+                Fail(self.gateway_frame()),
                 Send(frame(CloseCode::Away, reasons::PEER_FAILED)),
+            ),
+            Ending::TooBig(Side::Upstream)
+            | Ending::BadUtf8(Side::Upstream)
+            | Ending::BadCloseReason(Side::Upstream)
+            | Ending::Protocol(Side::Upstream, _) => {
+                (Send(self.upstream_fault()), Fail(self.gateway_frame()))
+            }
+            Ending::Unresponsive(Side::Client) => (
+                Drop,
+                Send(frame(CloseCode::Away, reasons::CLIENT_UNRESPONSIVE)),
+            ),
+            Ending::Unresponsive(Side::Upstream) => (
+                Send(frame(CloseCode::Away, reasons::UPSTREAM_UNRESPONSIVE)),
+                Drop,
             ),
             Ending::Expired | Ending::Idle | Ending::Shutdown | Ending::Policy(_) => {
                 (Send(self.gateway_frame()), Send(self.gateway_frame()))
@@ -176,6 +230,13 @@ impl Ending {
                 };
                 return (1006, reason.to_owned());
             }
+            Ending::Unresponsive(side) => {
+                let reason = match side {
+                    Side::Client => "client did not answer a ping within ping_timeout",
+                    Side::Upstream => "upstream did not answer a ping within ping_timeout",
+                };
+                return (1006, reason.to_owned());
+            }
             Ending::Protocol(_, detail) => return (1002, detail.clone()),
             _ => self.gateway_frame(),
         };
@@ -191,6 +252,8 @@ impl Ending {
             | Ending::Gone(s)
             | Ending::TooBig(s)
             | Ending::BadUtf8(s)
+            | Ending::BadCloseReason(s)
+            | Ending::Unresponsive(s)
             | Ending::Protocol(s, _) => Some(*s),
             Ending::Expired | Ending::Idle | Ending::Shutdown | Ending::Policy(_) => None,
         }
@@ -290,7 +353,7 @@ mod tests {
     #[test]
     fn oversized_message_closes_sender_with_1009() {
         let (c, u) = Ending::TooBig(Side::Client).plan();
-        assert_eq!(sent(&c), Some(1009));
+        assert!(matches!(&c, LegClose::Fail(Some(f)) if u16::from(f.code) == 1009));
         assert_eq!(sent(&u), Some(1001));
         assert_eq!(Ending::TooBig(Side::Client).code_and_reason().0, 1009);
     }
@@ -301,6 +364,49 @@ mod tests {
         assert_eq!(sent(&c), Some(1011));
         assert!(matches!(u, LegClose::Drop));
         assert_eq!(Ending::Gone(Side::Upstream).closed_by(), ClosedBy::Upstream);
+    }
+
+    #[test]
+    fn upstream_faults_give_the_client_1011_and_the_upstream_its_own_code() {
+        for (ending, own) in [
+            (Ending::TooBig(Side::Upstream), 1009),
+            (Ending::BadUtf8(Side::Upstream), 1007),
+            (Ending::BadCloseReason(Side::Upstream), 1007),
+            (
+                Ending::Protocol(Side::Upstream, "masked frame".into()),
+                1002,
+            ),
+        ] {
+            let (c, u) = ending.plan();
+            assert_eq!(sent(&c), Some(1011), "{ending:?}");
+            assert!(
+                matches!(&u, LegClose::Fail(Some(f)) if u16::from(f.code) == own),
+                "{ending:?}: {u:?}"
+            );
+            assert_eq!(ending.closed_by(), ClosedBy::Upstream);
+        }
+    }
+
+    #[test]
+    fn a_client_fault_lingers_on_the_client_and_gives_the_upstream_1001() {
+        let (c, u) = Ending::Protocol(Side::Client, "x".into()).plan();
+        assert!(matches!(&c, LegClose::Fail(Some(f)) if u16::from(f.code) == 1002));
+        assert_eq!(sent(&u), Some(1001));
+        let (c, _) = Ending::BadCloseReason(Side::Client).plan();
+        assert!(
+            matches!(&c, LegClose::Fail(Some(f)) if f.reason.as_str() == reasons::BAD_CLOSE_REASON)
+        );
+    }
+
+    #[test]
+    fn an_unresponsive_leg_is_dropped_and_the_other_told_1001() {
+        let (c, u) = Ending::Unresponsive(Side::Client).plan();
+        assert!(matches!(c, LegClose::Drop));
+        assert_eq!(sent(&u), Some(1001));
+        assert_eq!(Ending::Unresponsive(Side::Client).code_and_reason().0, 1006);
+        let (c, u) = Ending::Unresponsive(Side::Upstream).plan();
+        assert_eq!(sent(&c), Some(1001));
+        assert!(matches!(u, LegClose::Drop));
     }
 
     #[test]

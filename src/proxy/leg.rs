@@ -21,6 +21,11 @@ use super::close::{Ending, Side, Traffic};
 use super::frame::{self, ClosePayload, FrameError, OpCode, Role};
 use crate::upstream::{Io, Socket};
 
+/// The most a lingering close ([`Leg::fail`]) reads and discards before it drops the socket
+/// anyway: more than a peer has in flight when it is cut off mid-message at the default
+/// limits, and little work to throw away.
+const LINGER_BYTES: usize = 16 << 20;
+
 /// The smallest buffer a partial frame is kept in.
 const MIN_PARTIAL: usize = 4 * 1024;
 
@@ -55,6 +60,29 @@ const STREAM_READ: usize = 32 * 1024;
 struct Fragments {
     text: bool,
     data: Vec<u8>,
+    /// `data[..checked]` is known to be UTF-8 (text only): each fragment is checked as it
+    /// comes, so that bad text fails fast instead of after its last fragment.
+    checked: usize,
+}
+
+impl Fragments {
+    /// Whether the text so far can still be UTF-8 (it may end inside a character).
+    fn still_utf8(&mut self) -> bool {
+        if !self.text {
+            return true;
+        }
+        match std::str::from_utf8(&self.data[self.checked..]) {
+            Ok(_) => {
+                self.checked = self.data.len();
+                true
+            }
+            Err(e) if e.error_len().is_none() => {
+                self.checked += e.valid_up_to();
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// Frames at the start of a read buffer that are relayed byte for byte, by their length.
@@ -82,8 +110,9 @@ struct Streaming {
     left: usize,
 }
 
-/// A hook over whole data messages, given with the sender's own outbox (for replies).
-pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<(), Ending> + 'a;
+/// A hook over whole data messages, given with the sender's own outbox (for replies). It
+/// answers whether the read may go on (`false`: a queue is full, the rest of the read waits).
+pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<bool, Ending> + 'a;
 
 /// Where a leg's data messages go.
 pub(crate) enum Sink<'a> {
@@ -153,6 +182,11 @@ impl Outbox {
     fn push(&mut self, opcode: OpCode, payload: &[u8]) {
         let mask = self.mask();
         frame::encode(self.buf(), opcode, payload, mask);
+    }
+
+    /// Queues a ping with no payload (the gateway's own, to find a dead peer).
+    pub(crate) fn push_ping(&mut self) {
+        self.push(OpCode::Ping, &[]);
     }
 
     /// A streamed frame is half-way through: no other frame may be queued before it ends.
@@ -609,7 +643,9 @@ impl Leg {
                             // shared, not copied.
                             let frame = buf.split_to(header.frame_len()).freeze();
                             let message = self.message(text, frame.slice(header.header_len..))?;
-                            hook(message, &mut self.out)?;
+                            if !hook(message, &mut self.out)? {
+                                return Ok(true);
+                            }
                             continue;
                         }
                         if text && std::str::from_utf8(payload).is_err() {
@@ -617,10 +653,15 @@ impl Leg {
                         }
                         pass_through(sink, text, payload);
                     } else {
-                        self.fragments = Some(Fragments {
+                        let mut fragments = Fragments {
                             text,
                             data: payload.to_vec(),
-                        });
+                            checked: 0,
+                        };
+                        if !fragments.still_utf8() {
+                            return Err(Ending::BadUtf8(self.side));
+                        }
+                        self.fragments = Some(fragments);
                     }
                 }
                 OpCode::Continuation => {
@@ -631,13 +672,19 @@ impl Leg {
                         return Err(Ending::TooBig(self.side));
                     }
                     fragments.data.extend_from_slice(payload);
+                    if !fragments.still_utf8() {
+                        return Err(Ending::BadUtf8(self.side));
+                    }
                     if header.fin {
-                        let Fragments { text, data } =
+                        let Fragments { text, data, .. } =
                             self.fragments.take().expect("fragments checked above");
                         active = true;
                         if let Sink::Hooks(hook) = sink {
                             let message = self.message(text, Bytes::from(data))?;
-                            hook(message, &mut self.out)?;
+                            if !hook(message, &mut self.out)? {
+                                buf.advance(header.frame_len());
+                                return Ok(true);
+                            }
                         } else {
                             if text && std::str::from_utf8(&data).is_err() {
                                 return Err(Ending::BadUtf8(self.side));
@@ -681,18 +728,16 @@ impl Leg {
                     reason: reason.into(),
                 }),
             ),
-            // As tungstenite does: the close is answered, and passed on, as a protocol error.
-            Ok(ClosePayload::Forbidden(_)) => Ending::Closed(
+            // A code no peer may send is the sender's protocol error: it gets 1002, and the
+            // other leg is told its peer failed (not handed a 1002 it did not commit).
+            Ok(ClosePayload::Forbidden(code)) => Ending::Protocol(
                 self.side,
-                Some(CloseFrame {
-                    code: CloseCode::Protocol,
-                    reason: "Protocol violation".into(),
-                }),
+                format!("close frame with the forbidden code {code}"),
             ),
             Err(frame::CloseError::Truncated) => {
                 self.protocol("close frame with a one-byte payload")
             }
-            Err(frame::CloseError::BadUtf8) => Ending::BadUtf8(self.side),
+            Err(frame::CloseError::BadUtf8) => Ending::BadCloseReason(self.side),
         }
     }
 
@@ -717,17 +762,76 @@ impl Leg {
     /// connection to end). A server leg drops the connection once the peer's close is in; a
     /// client leg waits for the server to end it, as RFC 6455 §7.1.1 asks.
     pub(crate) async fn close(&mut self, frame: Option<&CloseFrame>) {
+        if self.close_into(frame, None).await && self.role() == Role::Client {
+            self.wait_for_end().await;
+        }
+    }
+
+    /// The first half of [`Leg::close`]: sends `frame` and waits for the peer's close (or the
+    /// end), passing the data messages the peer still sends on to `peer` (counted in
+    /// `traffic`) instead of discarding them. False if the connection failed.
+    pub(crate) async fn close_into(
+        &mut self,
+        frame: Option<&CloseFrame>,
+        mut peer: Option<(&mut Leg, &mut Traffic)>,
+    ) -> bool {
+        if !self.send_close(frame).await {
+            return false;
+        }
+        // Until the peer's close (or the end). As in the relay, this leg is read only once
+        // `peer` has written out what it was given: a peer that does not read holds this
+        // leg's last messages back (until the caller's time limit), it does not pile them up.
+        while std::future::poll_fn(|cx| {
+            if let Some((leg, _)) = &mut peer {
+                if !leg.out.is_empty() {
+                    match leg.poll_flush(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(_)) => peer = None,
+                    }
+                }
+            }
+            let sink = match &mut peer {
+                Some((leg, traffic)) => Sink::Through { peer: leg, traffic },
+                None => Sink::Discard,
+            };
+            self.poll_receive(cx, sink)
+        })
+        .await
+        .is_ok()
+        {}
+        true
+    }
+
+    /// The peer broke the protocol: sends `frame` after what is queued, then closes the
+    /// writing half and discards what the peer still sends until it hangs up, at most
+    /// [`LINGER_BYTES`] (the caller bounds the time). Dropping a socket with unread input
+    /// makes the kernel send a reset, which can destroy the close frame before the peer reads
+    /// it: this is NGINX's lingering close. The peer's frames are not parsed any more (the
+    /// stream broke at an unknown point), so its own close frame cannot end the wait; the
+    /// closed writing half is what tells it to hang up.
+    pub(crate) async fn fail(&mut self, frame: Option<&CloseFrame>) {
         if !self.send_close(frame).await {
             return;
         }
-        // Until the peer's close (or the end): what it still sends is discarded.
-        while std::future::poll_fn(|cx| self.poll_receive(cx, Sink::Discard))
-            .await
-            .is_ok()
-        {}
-        if self.role() == Role::Client {
-            self.wait_for_end().await;
-        }
+        let _ = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await;
+        let mut discarded = self.partial.len();
+        // Nothing read from now on is kept.
+        self.partial = BytesMut::new();
+        self.fragments = None;
+        let _ = std::future::poll_fn(|cx| loop {
+            if discarded >= LINGER_BYTES {
+                return Poll::Ready(());
+            }
+            let mut buf = take_scratch();
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf);
+            buffers::give_back_scratch(buf);
+            match ready!(read) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(n) => discarded += n,
+            }
+        })
+        .await;
     }
 
     /// The peer's close came first: answers it with `reply` and finishes.
@@ -744,7 +848,7 @@ impl Leg {
     }
 
     /// Reads and discards until the peer ends the connection.
-    async fn wait_for_end(&mut self) {
+    pub(crate) async fn wait_for_end(&mut self) {
         let _ = std::future::poll_fn(|cx| loop {
             let mut buf = take_scratch();
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut buf);

@@ -4,7 +4,9 @@
 //!
 //! Backpressure: a leg is read only while the other leg has nothing left to write (and its own
 //! queue of replies is short), so each direction holds at most one read's worth of frames; a
-//! peer that stops reading slows the other side down to its pace.
+//! peer that stops reading slows the other side down to its pace. Policies add to a leg's
+//! queue only within `route.max_queued_bytes` (they are told the room left, and a read stops
+//! after the message that fills it), so no policy can make a connection hold more.
 //!
 //! Routes whose hooks do not look at a direction relay its messages straight from the read
 //! buffer into the other leg's write buffer: one copy, no allocation per message.
@@ -52,6 +54,8 @@ pub(crate) struct Relay {
     shared: Arc<Shared>,
     /// Whether the shutdown future has been polled once, so that it wakes this task.
     shutdown_armed: bool,
+    /// `route.max_queued_bytes`: the most a policy may leave queued for a leg.
+    max_queued: usize,
 }
 
 impl Relay {
@@ -61,6 +65,7 @@ impl Relay {
         lifetime: Lifetime,
         shared: Arc<Shared>,
         hooks: Box<dyn FrameHooks>,
+        max_queued: usize,
     ) -> Self {
         let inspects = [
             hooks.inspects(Direction::ClientToUpstream),
@@ -78,6 +83,7 @@ impl Relay {
             client_first: true,
             shared,
             shutdown_armed: false,
+            max_queued,
         }
     }
 
@@ -101,17 +107,49 @@ impl Relay {
         close_timeout: Duration,
     ) -> (Ending, [Traffic; 2], Box<dyn FrameHooks>) {
         let Relay {
-            client,
-            upstream,
+            mut client,
+            mut upstream,
             traffic: [mut to_upstream, mut to_client],
             hooks,
+            inspects,
             ..
         } = *self;
         let (client_plan, upstream_plan) = ending.plan();
-        tokio::join!(
-            close_leg(client, client_plan, &mut to_client, close_timeout),
-            close_leg(upstream, upstream_plan, &mut to_upstream, close_timeout),
-        );
+        match (&client_plan, &upstream_plan) {
+            // The client broke the rules: the upstream is told first, and what it still
+            // sends until its close reply (answers to the client's earlier messages) reaches
+            // the client before the client's close frame, as it would through a plain TCP
+            // proxy. Not on a route whose policy looks at those messages: they could not pass
+            // through it any more.
+            (LegClose::Fail(_), LegClose::Send(frame))
+                if !inspects[1] && !client.out.is_mid_frame() && !upstream.out.is_mid_frame() =>
+            {
+                let deadline = tokio::time::Instant::now() + close_timeout;
+                let replied = tokio::time::timeout_at(
+                    deadline,
+                    upstream.close_into(frame.as_ref(), Some((&mut client, &mut to_client))),
+                )
+                .await;
+                let upstream_end = async {
+                    // Owned here, so that the socket goes as soon as its own close is done.
+                    let mut upstream = upstream;
+                    if let Ok(true) = replied {
+                        let _ = tokio::time::timeout_at(deadline, upstream.wait_for_end()).await;
+                    }
+                    to_upstream.undelivered += upstream.undelivered();
+                };
+                tokio::join!(
+                    upstream_end,
+                    close_leg(client, client_plan, &mut to_client, close_timeout),
+                );
+            }
+            _ => {
+                tokio::join!(
+                    close_leg(client, client_plan, &mut to_client, close_timeout),
+                    close_leg(upstream, upstream_plan, &mut to_upstream, close_timeout),
+                );
+            }
+        }
         (ending, [to_upstream, to_client], hooks)
     }
 
@@ -154,11 +192,32 @@ impl Relay {
         if self.shared.stopping.load(Ordering::Acquire) {
             return Poll::Ready(Ending::Shutdown);
         }
-        if let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
-            return Poll::Ready(match expiry {
-                Expiry::Lifetime => Ending::Expired,
-                Expiry::Idle => Ending::Idle,
-            });
+        while let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
+            match expiry {
+                Expiry::Lifetime => return Poll::Ready(Ending::Expired),
+                Expiry::Idle => return Poll::Ready(Ending::Idle),
+                Expiry::Ping(side) => {
+                    let leg = self.leg(side);
+                    // A ping cannot interrupt a frame being streamed into the leg.
+                    if leg.out.is_mid_frame() {
+                        self.lifetime.excuse(side);
+                    } else {
+                        leg.out.push_ping();
+                        if let Poll::Ready(Err(ending)) = leg.poll_flush(cx) {
+                            return Poll::Ready(ending);
+                        }
+                    }
+                }
+                Expiry::Unresponsive(side) => {
+                    // Its answer may be waiting unread, held back because the other leg has
+                    // not taken what it was given (that leg is pinged on its own).
+                    if !self.leg(side.other()).out.is_empty() || self.leg(side).out.is_mid_frame() {
+                        self.lifetime.excuse(side);
+                    } else {
+                        return Poll::Ready(Ending::Unresponsive(side));
+                    }
+                }
+            }
         }
         if busy {
             // Still data to read, but others get their turn first.
@@ -168,6 +227,13 @@ impl Relay {
             self.upstream.release_buffers();
         }
         Poll::Pending
+    }
+
+    fn leg(&mut self, side: Side) -> &mut Leg {
+        match side {
+            Side::Client => &mut self.client,
+            Side::Upstream => &mut self.upstream,
+        }
     }
 
     /// Writes what is queued on both legs, as far as the sockets take it.
@@ -211,11 +277,14 @@ impl Relay {
         } else {
             let hooks = &mut self.hooks;
             let replies = &mut self.replies;
+            let max_queued = self.max_queued;
             let mut hook = |message: Message, own: &mut Outbox| {
                 let [to_client, to_upstream] = &mut *replies;
-                let direction = match from {
-                    Side::Client => Direction::ClientToUpstream,
-                    Side::Upstream => Direction::UpstreamToClient,
+                let own_room = max_queued.saturating_sub(own.len());
+                let other_room = max_queued.saturating_sub(writer.out.len());
+                let (direction, room_to_client, room_to_upstream) = match from {
+                    Side::Client => (Direction::ClientToUpstream, own_room, other_room),
+                    Side::Upstream => (Direction::UpstreamToClient, other_room, own_room),
                 };
                 let verdict = hooks.on_message(
                     direction,
@@ -223,6 +292,8 @@ impl Relay {
                     Outbound {
                         to_client: &mut *to_client,
                         to_upstream: &mut *to_upstream,
+                        room_to_client,
+                        room_to_upstream,
                     },
                 );
                 // Replies go out before the verdict's message.
@@ -237,23 +308,19 @@ impl Relay {
                         traffic.messages += 1;
                         traffic.bytes += message.len() as u64;
                         writer.out.push_message(&message);
-                        Ok(())
                     }
-                    Verdict::Drop => {
-                        traffic.dropped_by_policy += 1;
-                        Ok(())
-                    }
-                    Verdict::Close(frame) => Err(Ending::Policy(frame)),
+                    Verdict::Drop => traffic.dropped_by_policy += 1,
+                    Verdict::Close(frame) => return Err(Ending::Policy(frame)),
                 }
+                // A full queue ends the read here: the rest waits until it is written out.
+                Ok(writer.out.len() < max_queued && own.len() < max_queued)
             };
             reader.poll_receive(cx, Sink::Hooks(&mut hook))
         };
         match received {
             Poll::Ready(Ok(active)) => {
-                if active {
-                    // Once per batch: the idle timer needs no finer time than that.
-                    self.lifetime.touch();
-                }
+                // Once per batch: the timers need no finer time than that.
+                self.lifetime.heard(from, active);
                 Poll::Ready(Ok(()))
             }
             other => other.map_ok(|_| ()),
@@ -287,6 +354,7 @@ async fn close_leg(mut leg: Leg, plan: LegClose, traffic: &mut Traffic, timeout:
             LegClose::Drop => {}
             LegClose::Finish(reply) => leg.finish(reply.as_ref()).await,
             LegClose::Send(frame) => leg.close(frame.as_ref()).await,
+            LegClose::Fail(frame) => leg.fail(frame.as_ref()).await,
         }
     };
     let _ = tokio::time::timeout(timeout, handshake).await;

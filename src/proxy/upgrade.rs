@@ -400,8 +400,16 @@ impl Accepted {
         );
         tracing::info!(conn = summary.id, route = %summary.route, client = %summary.client, upstream = %summary.upstream, "connection opened");
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
-        let lifetime = Lifetime::start(deadline, route.idle_timeout);
-        let relay = Box::new(Relay::new(client, upstream, lifetime, shared, hooks));
+        let pings = route.ping_interval.map(|i| (i, route.ping_timeout));
+        let lifetime = Lifetime::start(deadline, route.idle_timeout, pings);
+        let relay = Box::new(Relay::new(
+            client,
+            upstream,
+            lifetime,
+            shared,
+            hooks,
+            route.max_queued_bytes,
+        ));
         let (ending, [client_to_upstream, upstream_to_client], mut hooks) =
             relay.run(close_timeout).await;
         (summary.code, summary.reason) = ending.code_and_reason();

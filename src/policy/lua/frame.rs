@@ -30,6 +30,11 @@ struct CallState {
     sends: Vec<(bool, Message)>,
     /// Set by `conn:close`.
     close: Option<CloseFrame>,
+    /// Payload bytes the call may still send towards the client, then the upstream (see
+    /// [`Outbound`]).
+    room: [usize; 2],
+    /// Whether a send of this connection has been refused for lack of room: logged once.
+    refused: bool,
 }
 
 /// `msg`: one data message. The object is reused for every message of a connection; after the
@@ -108,13 +113,15 @@ struct Conn {
 }
 
 impl Conn {
+    /// Queues `data`: `true`, or `nil, "queue full"` when the leg has no room for it (a
+    /// runtime condition the policy may handle, as Kong's PDK reports them).
     fn send(
         &self,
         lua: &Lua,
         method: &str,
         to_client: Option<bool>,
         data: Value,
-    ) -> mlua::Result<()> {
+    ) -> mlua::Result<(bool, Option<&'static str>)> {
         let mut call = self.call.borrow_mut();
         if call.closing {
             return Err(misuse(
@@ -137,8 +144,21 @@ impl Conn {
         // `reply` goes back to whoever sent the message being handled.
         let to_client = to_client.unwrap_or(direction == Direction::ClientToUpstream);
         let message = to_message(lua, &format!("conn:{method}"), data, self.codec)?;
+        let room = &mut call.room[usize::from(!to_client)];
+        let Some(left) = room.checked_sub(message.len()) else {
+            if !call.refused {
+                call.refused = true;
+                tracing::warn!(
+                    conn = self.id,
+                    bytes = message.len(),
+                    "conn:{method} refused: queue full (route.max_queued_bytes); logged once per connection"
+                );
+            }
+            return Ok((false, Some("queue full")));
+        };
+        *room = left;
         call.sends.push((to_client, message));
-        Ok(())
+        Ok((true, None))
     }
 }
 
@@ -195,14 +215,16 @@ impl UserData for Conn {
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("reply", |lua, c, data: Value| {
-            c.send(lua, "reply", None, data)
+        // `true`, or `nil, "queue full"`.
+        let sent = |(ok, err): (bool, Option<&'static str>)| (ok.then_some(true), err);
+        methods.add_method("reply", move |lua, c, data: Value| {
+            c.send(lua, "reply", None, data).map(sent)
         });
-        methods.add_method("send_client", |lua, c, data: Value| {
-            c.send(lua, "send_client", Some(true), data)
+        methods.add_method("send_client", move |lua, c, data: Value| {
+            c.send(lua, "send_client", Some(true), data).map(sent)
         });
-        methods.add_method("send_server", |lua, c, data: Value| {
-            c.send(lua, "send_server", Some(false), data)
+        methods.add_method("send_server", move |lua, c, data: Value| {
+            c.send(lua, "send_server", Some(false), data).map(sent)
         });
         methods.add_method("close", |lua, c, (code, reason): (Value, Value)| {
             let mut call = c.call.borrow_mut();
@@ -400,7 +422,11 @@ impl FrameHooks for LuaFrameHooks {
             msg.direction = direction;
             msg.decoded = OnceCell::new();
         }
-        self.call.borrow_mut().direction = Some(direction);
+        {
+            let mut call = self.call.borrow_mut();
+            call.direction = Some(direction);
+            call.room = [out.room_to_client, out.room_to_upstream];
+        }
         let result = self.vm.guarded(self.limits, || {
             script
                 .function

@@ -10,6 +10,7 @@ pub mod codec;
 mod frame;
 mod gw;
 mod headers;
+mod pattern;
 mod request;
 pub mod sandbox;
 
@@ -201,6 +202,7 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
             _ => Ok(VmState::Continue),
         },
     )?;
+    pattern::install(&lua, budget.clone())?;
     let watched = budget.clone();
     let over_budget = lua.create_function(move |_, ()| {
         Ok(matches!(watched.get(), Budget::Running(d) if Instant::now() >= d))
