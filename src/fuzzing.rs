@@ -7,7 +7,6 @@
 
 use bytes::BytesMut;
 use tokio::io::AsyncRead;
-use tokio_util::sync::CancellationToken;
 
 use crate::proxy::frame::{self, ClosePayload, OpCode, Role};
 
@@ -16,7 +15,9 @@ use crate::proxy::frame::{self, ClosePayload, OpCode, Role};
 pub async fn read_request<IO: AsyncRead + Unpin>(io: &mut IO) -> String {
     let mut buf = BytesMut::new();
     let timeout = std::time::Duration::from_secs(10);
-    match crate::client_http::read_request(io, &mut buf, timeout, &CancellationToken::new()).await {
+    let read =
+        crate::client_http::read_request(io, &mut buf, None, timeout, std::future::pending::<()>());
+    match read.await {
         Ok(Some((head, rest))) => format!(
             "{} {:?} path={:?} query={:?} host={:?} keep_alive={} body={} fields={} rest={}",
             head.method,
