@@ -222,6 +222,8 @@ function FramegateShared:get(key) end
 ---@param key string
 ---@param value string|number|boolean|nil
 ---@param ttl? number Seconds, >= 0.
+---@return true? ok nil when gw.shared is full ([shared] max_entries, max_bytes).
+---@return string? err "gw.shared is full".
 function FramegateShared:set(key, value, ttl) end
 
 ---Adds `by` (default 1) atomically and returns the new value. A missing or expired key starts
@@ -229,7 +231,7 @@ function FramegateShared:set(key, value, ttl) end
 ---@param key string
 ---@param by? number
 ---@param ttl? number Seconds, >= 0.
----@return number? value The new value, or nil when the stored value is not a number.
+---@return number? value The new value, or nil when the stored value is not a number or a new key finds gw.shared full.
 ---@return string? err Why it failed.
 function FramegateShared:incr(key, by, ttl) end
 

@@ -51,7 +51,7 @@ impl Gateway {
     /// Prepares everything that can fail before listening: routing, TLS settings, and the
     /// compilation of every policy script.
     pub fn new(config: Config) -> Result<Gateway, StartError> {
-        let dict = Arc::new(SharedDict::default());
+        let dict = Arc::new(SharedDict::new(&config.shared));
         // Compile every script once here, so that a broken one fails `check` and start-up
         // with its path and line; the workers compile their own copies.
         Engine::new(&config, dict.clone())?;

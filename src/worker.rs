@@ -292,7 +292,7 @@ async fn sweep_shared_dict(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = every.tick() => {
-                shared.dict.sweep();
+                shared.dict.sweep().await;
             }
             _ = shared.shutdown.cancelled() => return,
         }

@@ -51,6 +51,12 @@ pub mod defaults {
     pub const POLICY_CPU_LIMIT: Duration = Duration::from_millis(10);
     /// `route.policy_memory_limit`: how much one policy call may grow its worker's Lua heap.
     pub const POLICY_MEMORY_LIMIT: usize = 16 << 20;
+    /// `route.policy_state_limit`: how much `ctx` plus `conn.state` may hold per connection.
+    pub const POLICY_STATE_LIMIT: usize = 1 << 20;
+    /// `shared.max_entries`: how many keys `gw.shared` may hold.
+    pub const SHARED_MAX_ENTRIES: usize = 100_000;
+    /// `shared.max_bytes`: how many bytes of keys and values `gw.shared` may hold.
+    pub const SHARED_MAX_BYTES: usize = 64 << 20;
 
     /// `server.workers`: one per CPU.
     pub fn workers() -> usize {
@@ -65,6 +71,26 @@ pub struct Config {
     pub server: ServerConfig,
     /// The `[[route]]` tables, in file order.
     pub routes: Vec<Arc<Route>>,
+    /// The `[shared]` table: the bounds of `gw.shared`.
+    pub shared: SharedConfig,
+}
+
+/// The `[shared]` table.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedConfig {
+    /// At most this many keys.
+    pub max_entries: usize,
+    /// At most this many bytes of keys and values (as counted by `gw.shared`).
+    pub max_bytes: usize,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            max_entries: defaults::SHARED_MAX_ENTRIES,
+            max_bytes: defaults::SHARED_MAX_BYTES,
+        }
+    }
 }
 
 /// The `[server]` table.
@@ -131,6 +157,8 @@ pub struct Route {
     pub policy_cpu_limit: Duration,
     /// How much one policy call may grow its worker's Lua heap.
     pub policy_memory_limit: usize,
+    /// How much `ctx` plus `conn.state` may hold, per connection.
+    pub policy_state_limit: usize,
     /// TLS settings for `wss://` upstreams.
     pub upstream_tls: UpstreamTls,
     /// Placeholder values may hold `%2F`, `%5C` and `\` (passed on encoded); dot segments are
@@ -302,7 +330,12 @@ impl Config {
             .enumerate()
             .map(|(i, r)| v.route(i, r).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Config { server, routes })
+        let shared = v.shared(raw.shared.unwrap_or_default())?;
+        Ok(Config {
+            server,
+            routes,
+            shared,
+        })
     }
 
     /// Builds the router for this configuration.
@@ -321,6 +354,46 @@ struct Validator<'a> {
 type Spanned<T> = toml::Spanned<T>;
 
 impl Validator<'_> {
+    /// A size of at least `min` (`min_text` in the error), or `default` when absent.
+    fn size_at_least(
+        &self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: usize,
+        (min, min_text): (u64, &str),
+    ) -> Result<usize, ConfigError> {
+        let Some(v) = value else {
+            return Ok(default);
+        };
+        let n = units::parse_size(v.get_ref())
+            .map_err(|e| self.err(v, format!("{key}: {e}"), "write a size like \"16MiB\""))?;
+        if n < min {
+            return Err(self.err(v, format!("{key} must be at least {min_text}"), ""));
+        }
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// The `[shared]` table.
+    fn shared(&self, raw: raw::Shared) -> Result<SharedConfig, ConfigError> {
+        let max_entries = match raw.max_entries {
+            None => defaults::SHARED_MAX_ENTRIES,
+            Some(n) if *n.get_ref() >= 1 => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            Some(n) => {
+                return Err(self.err(&n, "shared.max_entries must be at least 1".into(), ""))
+            }
+        };
+        let max_bytes = self.size_at_least(
+            &raw.max_bytes,
+            "shared.max_bytes",
+            defaults::SHARED_MAX_BYTES,
+            (1024, "1KiB"),
+        )?;
+        Ok(SharedConfig {
+            max_entries,
+            max_bytes,
+        })
+    }
+
     fn err<T>(&self, at: &Spanned<T>, message: String, hint: &str) -> ConfigError {
         ConfigError::at(
             self.origin,
@@ -578,26 +651,18 @@ impl Validator<'_> {
             "route.policy_cpu_limit",
             defaults::POLICY_CPU_LIMIT,
         )?;
-        let policy_memory_limit = match raw.policy_memory_limit {
-            None => defaults::POLICY_MEMORY_LIMIT,
-            Some(v) => {
-                let n = units::parse_size(v.get_ref()).map_err(|e| {
-                    self.err(
-                        &v,
-                        format!("route.policy_memory_limit: {e}"),
-                        "write a size like \"16MiB\"",
-                    )
-                })?;
-                if n < 64 * 1024 {
-                    return Err(self.err(
-                        &v,
-                        "route.policy_memory_limit must be at least 64KiB".into(),
-                        "",
-                    ));
-                }
-                n as usize
-            }
-        };
+        let policy_memory_limit = self.size_at_least(
+            &raw.policy_memory_limit,
+            "route.policy_memory_limit",
+            defaults::POLICY_MEMORY_LIMIT,
+            (64 * 1024, "64KiB"),
+        )?;
+        let policy_state_limit = self.size_at_least(
+            &raw.policy_state_limit,
+            "route.policy_state_limit",
+            defaults::POLICY_STATE_LIMIT,
+            (64 * 1024, "64KiB"),
+        )?;
         let ping_interval = self.optional_duration(&raw.ping_interval, "route.ping_interval")?;
         let ping_timeout = match (&raw.ping_timeout, ping_interval) {
             (Some(v), None) => {
@@ -639,6 +704,7 @@ impl Validator<'_> {
             on_policy_error,
             policy_cpu_limit,
             policy_memory_limit,
+            policy_state_limit,
             index,
             path,
             host,

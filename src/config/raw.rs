@@ -9,6 +9,14 @@ pub(super) struct File {
     pub server: Option<Server>,
     #[serde(default)]
     pub route: Vec<Route>,
+    pub shared: Option<Shared>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Shared {
+    pub max_entries: Option<Spanned<i64>>,
+    pub max_bytes: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +53,7 @@ pub(super) struct Route {
     pub on_policy_error: Option<Spanned<String>>,
     pub policy_cpu_limit: Option<Spanned<String>>,
     pub policy_memory_limit: Option<Spanned<String>>,
+    pub policy_state_limit: Option<Spanned<String>>,
     pub upstream_tls: Option<UpstreamTls>,
     pub allow_encoded_slash: Option<bool>,
 }

@@ -1,22 +1,53 @@
 //! `gw.shared`: a process-wide dictionary that policies on every worker share, for state across
 //! connections (counters, flags). Values are strings, numbers or booleans, each with an
 //! optional time to live. `incr` is atomic. No Lua here: the Lua binding is in `lua::gw`.
+//!
+//! The dictionary is bounded (`[shared] max_entries` and `max_bytes`): a write that would pass
+//! either bound is refused with [`Full`], and nothing is evicted to make room. It is split in
+//! [`SHARDS`] shards, each an insertion-ordered map behind its own lock, so that the sweep of
+//! expired entries can walk it in small steps (at most [`SWEEP_STEP`] entries each) from a
+//! cursor, and never holds a worker long.
 
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
+use indexmap::IndexMap;
+
+use crate::config::SharedConfig;
+
+/// Shards of the dictionary (a power of two).
+pub const SHARDS: usize = 16;
+
+/// What an entry costs besides its key and value bytes (the map's slot, the key's and the
+/// value's headers, the expiry), as counted against `max_bytes`.
+pub const ENTRY_OVERHEAD: usize = 64;
+
+/// At most this many entries are looked at in one step of the sweep.
+pub const SWEEP_STEP: usize = 256;
 
 /// A value stored in the dictionary.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SharedValue {
-    /// A string (bytes, as Lua strings are).
-    Str(Vec<u8>),
+    /// A string (bytes, as Lua strings are). Shared, not copied, by `get`: a large value
+    /// costs no copy while its shard is locked.
+    Str(bytes::Bytes),
     /// An integer.
     Int(i64),
     /// A float.
     Float(f64),
     /// A boolean.
     Bool(bool),
+}
+
+impl SharedValue {
+    fn size(&self) -> usize {
+        match self {
+            SharedValue::Str(s) => s.len(),
+            _ => 8,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -31,39 +62,149 @@ impl Entry {
     }
 }
 
-/// The dictionary. Expired entries are removed when touched, and by [`SharedDict::sweep`].
-#[derive(Debug, Default)]
-pub struct SharedDict {
-    map: DashMap<String, Entry>,
+fn cost(key: &str, value: &SharedValue) -> usize {
+    key.len() + value.size() + ENTRY_OVERHEAD
 }
+
+type Shard = IndexMap<String, Entry>;
+
+/// The dictionary. Expired entries are removed when touched, and by [`SharedDict::sweep`].
+#[derive(Debug)]
+pub struct SharedDict {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+    max_entries: usize,
+    max_bytes: usize,
+    /// Where the sweep goes on: (shard, index in it).
+    cursor: Mutex<(usize, usize)>,
+}
+
+impl Default for SharedDict {
+    fn default() -> Self {
+        SharedDict::new(&SharedConfig::default())
+    }
+}
+
+/// Why a write was refused: it would take the dictionary past `max_entries` or `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("gw.shared is full")]
+pub struct Full;
 
 /// Why `incr` refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("gw.shared: value at {0:?} is not a number")]
-pub struct NotANumber(pub String);
+pub enum IncrError {
+    /// The value at the key is not a number.
+    #[error("gw.shared: value at {0:?} is not a number")]
+    NotANumber(String),
+    /// A new key would take the dictionary past its bounds.
+    #[error(transparent)]
+    Full(#[from] Full),
+}
+
+/// What one step of the sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepStep {
+    /// Entries looked at (at most [`SWEEP_STEP`]).
+    pub visited: usize,
+    /// Entries removed because they had expired.
+    pub removed: usize,
+    /// Whether this step reached the end of the dictionary (the next starts over).
+    pub finished: bool,
+}
 
 impl SharedDict {
+    /// An empty dictionary with the bounds of `[shared]`.
+    pub fn new(config: &SharedConfig) -> SharedDict {
+        SharedDict {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: RandomState::new(),
+            entries: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_entries: config.max_entries,
+            max_bytes: config.max_bytes,
+            cursor: Mutex::new((0, 0)),
+        }
+    }
+
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
+        let index = self.hasher.hash_one(key) as usize & (SHARDS - 1);
+        // A panic while a shard is held leaves consistent data (every change is one call).
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes room for a new entry (`new_entry`) and `bytes` more bytes, or refuses.
+    fn reserve(&self, new_entry: bool, bytes: usize) -> Result<(), Full> {
+        if new_entry && self.entries.fetch_add(1, Ordering::Relaxed) >= self.max_entries {
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full);
+        }
+        if self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            if new_entry {
+                self.entries.fetch_sub(1, Ordering::Relaxed);
+            }
+            return Err(Full);
+        }
+        Ok(())
+    }
+
+    /// Gives back what [`SharedDict::reserve`] took.
+    fn release(&self, entry: bool, bytes: usize) {
+        if entry {
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Replaces the value of an entry that stays, counting the change in size.
+    fn replace(&self, key: &str, entry: &mut Entry, with: Entry) -> Result<(), Full> {
+        let (old, new) = (cost(key, &entry.value), cost(key, &with.value));
+        if new > old {
+            self.reserve(false, new - old)?;
+        } else {
+            self.release(false, old - new);
+        }
+        *entry = with;
+        Ok(())
+    }
+
     /// The live value at `key`.
     pub fn get(&self, key: &str) -> Option<SharedValue> {
         let now = Instant::now();
-        let entry = self.map.get(key)?;
+        let mut shard = self.shard(key);
+        let entry = shard.get(key)?;
         if entry.live(now) {
             return Some(entry.value.clone());
         }
-        drop(entry);
-        self.map.remove_if(key, |_, e| !e.live(now));
+        if let Some(entry) = shard.swap_remove(key) {
+            self.release(true, cost(key, &entry.value));
+        }
         None
     }
 
-    /// Stores `value` at `key`, expiring after `ttl` if given.
-    pub fn set(&self, key: &str, value: SharedValue, ttl: Option<Duration>) {
+    /// Stores `value` at `key`, expiring after `ttl` if given; refused when the dictionary
+    /// would pass its bounds.
+    pub fn set(&self, key: &str, value: SharedValue, ttl: Option<Duration>) -> Result<(), Full> {
         let expires = ttl.and_then(|t| Instant::now().checked_add(t));
-        self.map.insert(key.to_owned(), Entry { value, expires });
+        let with = Entry { value, expires };
+        let mut shard = self.shard(key);
+        if let Some(entry) = shard.get_mut(key) {
+            return self.replace(key, entry, with);
+        }
+        self.reserve(true, cost(key, &with.value))?;
+        shard.insert(key.to_owned(), with);
+        Ok(())
     }
 
     /// Removes `key`.
     pub fn delete(&self, key: &str) {
-        self.map.remove(key);
+        if let Some(entry) = self.shard(key).swap_remove(key) {
+            self.release(true, cost(key, &entry.value));
+        }
     }
 
     /// Adds `by` to the number at `key` atomically and returns the new value. A missing or
@@ -73,18 +214,25 @@ impl SharedDict {
         key: &str,
         by: SharedValue,
         ttl: Option<Duration>,
-    ) -> Result<SharedValue, NotANumber> {
+    ) -> Result<SharedValue, IncrError> {
         let now = Instant::now();
-        let mut entry = self.map.entry(key.to_owned()).or_insert_with(|| Entry {
+        let fresh = || Entry {
             value: SharedValue::Int(0),
             expires: ttl.and_then(|t| now.checked_add(t)),
-        });
-        if !entry.live(now) {
-            *entry = Entry {
-                value: SharedValue::Int(0),
-                expires: ttl.and_then(|t| now.checked_add(t)),
-            };
-        }
+        };
+        let mut shard = self.shard(key);
+        let entry = match shard.get_mut(key) {
+            Some(entry) => {
+                if !entry.live(now) {
+                    self.replace(key, entry, fresh())?;
+                }
+                entry
+            }
+            None => {
+                self.reserve(true, cost(key, &SharedValue::Int(0)))?;
+                shard.entry(key.to_owned()).or_insert_with(fresh)
+            }
+        };
         let sum = match (&entry.value, &by) {
             (SharedValue::Int(a), SharedValue::Int(b)) => match a.checked_add(*b) {
                 Some(s) => SharedValue::Int(s),
@@ -93,23 +241,84 @@ impl SharedDict {
             (SharedValue::Int(a), SharedValue::Float(b)) => SharedValue::Float(*a as f64 + b),
             (SharedValue::Float(a), SharedValue::Int(b)) => SharedValue::Float(a + *b as f64),
             (SharedValue::Float(a), SharedValue::Float(b)) => SharedValue::Float(a + b),
-            _ => return Err(NotANumber(key.to_owned())),
+            _ => return Err(IncrError::NotANumber(key.to_owned())),
         };
+        // Numbers all count 8 bytes: the size does not change.
         entry.value = sum.clone();
         Ok(sum)
     }
 
-    /// Removes every expired entry; returns how many are left.
-    pub fn sweep(&self) -> usize {
-        let now = Instant::now();
-        self.map.retain(|_, e| e.live(now));
-        self.map.len()
+    /// How many entries the dictionary holds, expired ones not yet removed included.
+    pub fn len(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// Whether the dictionary holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many bytes the entries count against `max_bytes`.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// One step of the sweep: looks at up to [`SWEEP_STEP`] entries from where the last step
+    /// stopped and removes the expired ones. A step holds one shard's lock at a time, for at
+    /// most that many entries.
+    pub fn sweep_step(&self, now: Instant) -> SweepStep {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let mut step = SweepStep {
+            visited: 0,
+            removed: 0,
+            finished: false,
+        };
+        while step.visited < SWEEP_STEP {
+            let (s, mut i) = *cursor;
+            let Some(shard) = self.shards.get(s) else {
+                *cursor = (0, 0);
+                step.finished = true;
+                return step;
+            };
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            while i < shard.len() && step.visited < SWEEP_STEP {
+                step.visited += 1;
+                let live = shard.get_index(i).is_some_and(|(_, e)| e.live(now));
+                if live {
+                    i += 1;
+                } else if let Some((key, entry)) = shard.swap_remove_index(i) {
+                    // The last entry moved to `i`: look at `i` again.
+                    self.release(true, cost(&key, &entry.value));
+                    step.removed += 1;
+                }
+            }
+            *cursor = if i >= shard.len() { (s + 1, 0) } else { (s, i) };
+        }
+        step
+    }
+
+    /// Removes every expired entry, one [`SharedDict::sweep_step`] at a time, yielding to the
+    /// worker's other tasks between steps.
+    pub async fn sweep(&self) {
+        loop {
+            if self.sweep_step(Instant::now()).finished {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bounded(max_entries: usize, max_bytes: usize) -> SharedDict {
+        SharedDict::new(&SharedConfig {
+            max_entries,
+            max_bytes,
+        })
+    }
 
     #[test]
     fn incr_is_atomic_across_threads() {
@@ -133,12 +342,82 @@ mod tests {
     #[test]
     fn ttl_expires_entries() {
         let dict = SharedDict::default();
-        dict.set("k", SharedValue::Bool(true), Some(Duration::ZERO));
+        dict.set("k", SharedValue::Bool(true), Some(Duration::ZERO))
+            .unwrap();
         assert_eq!(dict.get("k"), None);
-        dict.set("k", SharedValue::Str(b"v".to_vec()), None);
-        assert_eq!(dict.get("k"), Some(SharedValue::Str(b"v".to_vec())));
+        dict.set("k", SharedValue::Str(bytes::Bytes::from_static(b"v")), None)
+            .unwrap();
+        assert_eq!(
+            dict.get("k"),
+            Some(SharedValue::Str(bytes::Bytes::from_static(b"v")))
+        );
         assert!(dict.incr("k", SharedValue::Int(1), None).is_err());
         dict.delete("k");
         assert_eq!(dict.get("k"), None);
+        assert_eq!((dict.len(), dict.bytes()), (0, 0), "everything given back");
+    }
+
+    #[test]
+    fn writes_past_the_bounds_are_refused_and_room_comes_back() {
+        let dict = bounded(2, 1024);
+        dict.set("a", SharedValue::Int(1), None).unwrap();
+        dict.incr("b", SharedValue::Int(1), None).unwrap();
+        assert_eq!(dict.set("c", SharedValue::Int(1), None), Err(Full));
+        assert_eq!(
+            dict.incr("c", SharedValue::Int(1), None),
+            Err(IncrError::Full(Full))
+        );
+        // Existing keys can still change.
+        dict.set("a", SharedValue::Int(2), None).unwrap();
+        dict.incr("b", SharedValue::Int(1), None).unwrap();
+        dict.delete("a");
+        dict.set("c", SharedValue::Int(1), None).unwrap();
+
+        let dict = bounded(100, 1024);
+        let big = SharedValue::Str(vec![b'x'; 1024 - ENTRY_OVERHEAD - 1].into());
+        dict.set("k", big.clone(), None).unwrap();
+        assert_eq!(dict.bytes(), 1024);
+        assert_eq!(dict.set("other", SharedValue::Int(1), None), Err(Full));
+        // A bigger value for the same key is refused too, and the old one stays.
+        let bigger = SharedValue::Str(vec![b'x'; 1024 - ENTRY_OVERHEAD].into());
+        assert_eq!(dict.set("k", bigger, None), Err(Full));
+        assert_eq!(dict.get("k"), Some(big));
+        dict.set("k", SharedValue::Int(1), None).unwrap();
+        assert_eq!(dict.bytes(), 1 + 8 + ENTRY_OVERHEAD);
+    }
+
+    #[test]
+    fn each_sweep_step_looks_at_a_bounded_number_of_entries() {
+        // 1.3 million keys, as in the issue, of which every other one has expired.
+        let n = 1_300_000;
+        let dict = bounded(n, usize::MAX);
+        for i in 0..n {
+            let ttl = (i % 2 == 0).then_some(Duration::ZERO);
+            dict.set(&format!("k{i}"), SharedValue::Int(1), ttl)
+                .unwrap();
+        }
+        let now = Instant::now();
+        let (mut steps, mut removed, mut longest) = (0, 0, Duration::ZERO);
+        let all = Instant::now();
+        loop {
+            let started = Instant::now();
+            let step = dict.sweep_step(now);
+            longest = longest.max(started.elapsed());
+            assert!(step.visited <= SWEEP_STEP, "{step:?}");
+            steps += 1;
+            removed += step.removed;
+            if step.finished {
+                break;
+            }
+        }
+        assert_eq!(removed, n / 2);
+        assert_eq!(dict.len(), n / 2);
+        assert!(steps >= n / SWEEP_STEP, "{steps} steps");
+        // For the record (docs/policies.md): the longest step, in this build.
+        println!(
+            "{steps} sweep steps, {:?} on average, the longest {longest:?}",
+            all.elapsed() / steps as u32
+        );
+        assert!(dict.get("k1").is_some() && dict.get("k0").is_none());
     }
 }

@@ -182,7 +182,7 @@ fn to_message(
                 )
             })?;
             let encoded = codec
-                .encode(&data)
+                .encode(lua, &data)
                 .map_err(|e| misuse(lua, format!("{what}: {e}")))?;
             Ok(if codec.is_text() {
                 bytes_message(Bytes::from(encoded))
@@ -291,6 +291,13 @@ pub(crate) struct LuaFrameHooks {
     id: u64,
     /// The frozen context, built once per connection.
     ctx: Table,
+    /// What `ctx` costs against the state limit (measured when it was frozen).
+    ctx_size: usize,
+    /// `conn.state`, measured against what the state limit leaves after `ctx`.
+    state: Table,
+    /// How much the Lua heap grew in this connection's calls since `conn.state` was last
+    /// measured (see [`LuaFrameHooks::check_state`]).
+    grown: usize,
     conn: AnyUserData,
     /// The `msg` object, reused for every message of this connection, and its state.
     msg: AnyUserData,
@@ -299,11 +306,17 @@ pub(crate) struct LuaFrameHooks {
 }
 
 impl LuaFrameHooks {
-    pub(crate) fn new(policy: &LuaRoutePolicy, id: u64, ctx: Table) -> mlua::Result<Self> {
+    pub(crate) fn new(
+        policy: &LuaRoutePolicy,
+        id: u64,
+        ctx: Table,
+        ctx_size: usize,
+    ) -> mlua::Result<Self> {
         let call = Rc::new(RefCell::new(CallState::default()));
+        let state = policy.vm.lua.create_table()?;
         let conn = policy.vm.lua.create_userdata(Conn {
             id,
-            state: policy.vm.lua.create_table()?,
+            state: state.clone(),
             call: call.clone(),
             codec: policy.codec,
         })?;
@@ -328,9 +341,45 @@ impl LuaFrameHooks {
             codec: policy.codec,
             id,
             ctx,
+            ctx_size,
+            state,
+            grown: 0,
             conn,
             call,
         })
+    }
+
+    /// Keeps `ctx` plus `conn.state` within `route.policy_state_limit`, after a call that
+    /// grew the Lua heap by `grown` bytes.
+    ///
+    /// Walking `conn.state` after every call would cost every message; so it is walked only
+    /// once the calls of this connection have grown the heap, all together, by a quarter of
+    /// the limit since the last walk. Only a call that allocates can grow `conn.state`, so
+    /// `conn.state` passes the limit by at most that quarter before it is caught, and the
+    /// walks cost at most about one byte looked at per byte allocated. Past the limit the
+    /// call fails (like the memory limit) and `conn.state` is emptied, so the connection
+    /// holds no more than the limit.
+    fn check_state(&mut self, grown: usize) -> mlua::Result<()> {
+        self.grown += grown;
+        if self.grown < self.limits.state / 4 {
+            return Ok(());
+        }
+        self.grown = 0;
+        let room = self.limits.state.saturating_sub(self.ctx_size);
+        // A table nested beyond Lua's stack fails the walk: that is past any limit too.
+        let size = self
+            .vm
+            .sandbox
+            .views
+            .measure(&self.state, room)
+            .unwrap_or(None);
+        if size.is_some() {
+            return Ok(());
+        }
+        let lua = &self.vm.lua;
+        self.state = lua.create_table()?;
+        self.conn.borrow_mut::<Conn>()?.state = self.state.clone();
+        Err(mlua::Error::runtime(self.limits.state_exceeded(true)))
     }
 
     fn failed(&self, error: PolicyError, message: Message) -> Verdict {
@@ -427,11 +476,15 @@ impl FrameHooks for LuaFrameHooks {
             call.direction = Some(direction);
             call.room = [out.room_to_client, out.room_to_upstream];
         }
-        let result = self.vm.guarded(self.limits, || {
+        let (result, grown) = self.vm.guarded_growth(self.limits, || {
             script
                 .function
                 .call::<Value>((&self.msg, &self.ctx, &self.conn))
         });
+        let result = match self.check_state(grown) {
+            Ok(()) => result,
+            Err(e) => Err(e),
+        };
         // Release the payload (and anything decoded from it) now, not when Lua collects.
         {
             let mut msg = self.msg_state.borrow_mut();
@@ -525,8 +578,14 @@ pub fn test_hooks(
         if !table.contains_key("request")? {
             table.set("request", lua.create_table()?)?;
         }
-        let frozen = policy.vm.sandbox.freeze(table, "ctx")?;
-        LuaFrameHooks::new(&policy, 0, frozen)
+        let (frozen, size) = policy.vm.sandbox.views.freeze_within(
+            table,
+            "ctx",
+            None,
+            policy.limits.state,
+            &policy.limits.state_exceeded(false),
+        )?;
+        LuaFrameHooks::new(&policy, 0, frozen, size)
     };
     Ok(Box::new(build().map_err(|e| e.to_string())?))
 }

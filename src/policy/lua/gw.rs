@@ -33,6 +33,7 @@ pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
             };
             Ok(match codec::JSON.decode(lua, &text.as_bytes()) {
                 Ok(value) => (value, Value::Nil),
+                Err(_) if super::over_budget(lua) => return Err(misuse(lua, "CPU limit exceeded")),
                 Err(e) => (Value::Nil, Value::String(lua.create_string(e)?)),
             })
         })?,
@@ -40,8 +41,9 @@ pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
     json.set(
         "encode",
         lua.create_function(|lua, value: Value| {
-            Ok(match codec::JSON.encode(&value) {
+            Ok(match codec::JSON.encode(lua, &value) {
                 Ok(bytes) => (Value::String(lua.create_string(bytes)?), Value::Nil),
+                Err(_) if super::over_budget(lua) => return Err(misuse(lua, "CPU limit exceeded")),
                 Err(e) => (Value::Nil, Value::String(lua.create_string(e)?)),
             })
         })?,
@@ -66,28 +68,50 @@ pub(super) fn print_function(lua: &Lua) -> mlua::Result<Function> {
     log_function(lua, tracing::Level::INFO)
 }
 
+/// The longest message a policy's log line carries; the rest is cut (NGINX cuts its error-log
+/// lines at 2 KiB): a policy cannot make the worker write megabytes of log per call.
+const MAX_LOG_MESSAGE: usize = 8 * 1024;
+
 fn log_function(lua: &Lua, level: tracing::Level) -> mlua::Result<Function> {
     lua.create_function(move |lua, args: Variadic<Value>| {
         let mut message = String::new();
         for (i, arg) in args.iter().enumerate() {
+            if message.len() > MAX_LOG_MESSAGE {
+                break;
+            }
             if i > 0 {
                 message.push(' ');
             }
             let text = match arg {
-                Value::String(s) => s.to_string_lossy(),
-                other => other
-                    .to_string()
-                    .unwrap_or_else(|_| other.type_name().to_owned()),
+                Value::String(s) => {
+                    let bytes = s.as_bytes();
+                    let room = (MAX_LOG_MESSAGE + 1 - message.len()).min(bytes.len());
+                    String::from_utf8_lossy(&bytes[..room]).into_owned()
+                }
+                // `tostring`'s text, through `__tostring`: its errors (the CPU limit's among
+                // them) end the call rather than being swallowed here.
+                other => other.to_string()?,
             };
             // A policy often logs what a client sent: a line break or a terminal escape in it
             // must not start a forged log line or rewrite the operator's terminal.
             for c in text.chars() {
+                if message.len() > MAX_LOG_MESSAGE {
+                    break;
+                }
                 if c.is_control() {
                     message.extend(c.escape_default());
                 } else {
                     message.push(c);
                 }
             }
+        }
+        if message.len() > MAX_LOG_MESSAGE {
+            let mut cut = MAX_LOG_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("… (cut)");
         }
         let at = lua
             .inspect_stack(1, |d| {
@@ -150,7 +174,7 @@ fn ttl_arg(lua: &Lua, method: &str, ttl: &Value) -> mlua::Result<Option<Duration
 fn to_shared(lua: &Lua, method: &str, value: &Value) -> mlua::Result<Option<SharedValue>> {
     Ok(Some(match value {
         Value::Nil => return Ok(None),
-        Value::String(s) => SharedValue::Str(s.as_bytes().to_vec()),
+        Value::String(s) => SharedValue::Str(bytes::Bytes::copy_from_slice(&s.as_bytes())),
         Value::Integer(i) => SharedValue::Int(*i),
         Value::Number(n) => SharedValue::Float(*n),
         Value::Boolean(b) => SharedValue::Bool(*b),
@@ -168,7 +192,7 @@ fn to_shared(lua: &Lua, method: &str, value: &Value) -> mlua::Result<Option<Shar
 
 fn from_shared(lua: &Lua, value: SharedValue) -> mlua::Result<Value> {
     Ok(match value {
-        SharedValue::Str(s) => Value::String(lua.create_string(s)?),
+        SharedValue::Str(s) => Value::String(lua.create_string(&s)?),
         SharedValue::Int(i) => Value::Integer(i),
         SharedValue::Float(f) => Value::Number(f),
         SharedValue::Bool(b) => Value::Boolean(b),
@@ -206,11 +230,20 @@ fn shared_table(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
             let v = args(values);
             let key = key_arg(lua, "set", &arg(&v, 0))?;
             let ttl = ttl_arg(lua, "set", &arg(&v, 2))?;
-            match to_shared(lua, "set", &arg(&v, 1))? {
+            let stored = match to_shared(lua, "set", &arg(&v, 1))? {
                 Some(value) => d.set(&key, value, ttl),
-                None => d.delete(&key),
-            }
-            Ok(())
+                None => {
+                    d.delete(&key);
+                    Ok(())
+                }
+            };
+            Ok(match stored {
+                Ok(()) => (Value::Boolean(true), Value::Nil),
+                Err(full) => (
+                    Value::Nil,
+                    Value::String(lua.create_string(full.to_string())?),
+                ),
+            })
         })?,
     )?;
     let d = dict.clone();

@@ -46,6 +46,24 @@ pub struct LoadError {
 pub(crate) struct Limits {
     pub(crate) cpu: Duration,
     pub(crate) memory: usize,
+    /// `route.policy_state_limit`: what `ctx` plus `conn.state` may hold per connection.
+    pub(crate) state: usize,
+}
+
+impl Limits {
+    /// The error of a connection whose `ctx` (and `conn.state`, if `with_state`) holds more
+    /// than [`Limits::state`].
+    pub(crate) fn state_exceeded(&self, with_state: bool) -> String {
+        let what = if with_state {
+            "ctx and conn.state hold"
+        } else {
+            "ctx holds"
+        };
+        format!(
+            "policy state limit exceeded: {what} more than {} (route.policy_state_limit)",
+            bytesize::ByteSize(self.state as u64)
+        )
+    }
 }
 
 /// One worker's Lua VM and the compiled scripts of every route.
@@ -65,6 +83,9 @@ enum Budget {
     Armed(Duration),
     /// The running call must stop at this time.
     Running(Instant),
+    /// The running call is past its deadline: the hook now fires at every instruction and
+    /// fails each time, so that nothing of the call runs on (see [`cpu_hook`]).
+    Over,
 }
 
 /// The VM and what every call needs.
@@ -86,15 +107,96 @@ impl Vm {
         limits: Limits,
         f: impl FnOnce() -> mlua::Result<R>,
     ) -> mlua::Result<R> {
+        self.guarded_growth(limits, f).0
+    }
+
+    /// [`Vm::guarded`], also telling how much the call grew the Lua heap (0 if it shrank).
+    pub(crate) fn guarded_growth<R>(
+        &self,
+        limits: Limits,
+        f: impl FnOnce() -> mlua::Result<R>,
+    ) -> (mlua::Result<R>, usize) {
         self.budget.set(Budget::Armed(limits.cpu));
-        let _ = self
-            .lua
-            .set_memory_limit(self.lua.used_memory() + limits.memory);
+        let before = self.lua.used_memory();
+        let _ = self.lua.set_memory_limit(before + limits.memory);
         let result = f();
+        let grown = self.lua.used_memory().saturating_sub(before);
+        if matches!(self.budget.get(), Budget::Over) {
+            // The hook was tightened to every instruction for the overrun: loosen it again.
+            if let Err(e) = set_cpu_hook(&self.lua, &self.budget, HOOK_EVERY) {
+                tracing::error!(error = %e, "cannot reset the policy CPU hook");
+            }
+        }
         self.budget.set(Budget::Idle);
         let _ = self.lua.set_memory_limit(0);
-        result
+        (result, grown)
     }
+}
+
+/// The running call's budget, as the VM's app data, for the gateway's own long functions.
+struct CallBudget(Rc<Cell<Budget>>);
+
+/// Whether the running call is past its CPU deadline: long gateway functions (the codecs)
+/// look every so often and stop, as the hook stops Lua code.
+/// A call that has not met its first hook yet starts its clock here.
+pub(crate) fn over_budget(lua: &Lua) -> bool {
+    lua.app_data_ref::<CallBudget>().is_some_and(|b| {
+        if let Budget::Armed(limit) = b.0.get() {
+            b.0.set(Budget::Running(Instant::now() + limit));
+        }
+        b.0.get().is_over()
+    })
+}
+
+impl Budget {
+    /// Whether the running call is past its deadline.
+    fn is_over(self) -> bool {
+        match self {
+            Budget::Over => true,
+            Budget::Running(deadline) => Instant::now() >= deadline,
+            Budget::Idle | Budget::Armed(_) => false,
+        }
+    }
+}
+
+/// Installs the CPU-limit hook, firing every `every` instructions, for the thread running
+/// (the main thread outside a call). A global hook: coroutines created by policies inherit it.
+fn set_cpu_hook(lua: &Lua, budget: &Rc<Cell<Budget>>, every: u32) -> mlua::Result<()> {
+    let budget = budget.clone();
+    lua.set_global_hook(
+        HookTriggers::new().every_nth_instruction(every),
+        move |lua, debug| cpu_hook(lua, debug, &budget),
+    )
+}
+
+/// The CPU limit. The first hook of a call starts its clock; past the deadline the hook fails.
+///
+/// Once over, it fires at every instruction of the thread it runs in and fails each time, so
+/// that no policy code runs on: not code that catches the error (`pcall`, `coroutine.resume`),
+/// and not a loop behind a function that swallows errors.
+fn cpu_hook(
+    lua: &Lua,
+    debug: &mlua::debug::Debug,
+    budget: &Rc<Cell<Budget>>,
+) -> mlua::Result<VmState> {
+    match budget.get() {
+        Budget::Armed(limit) => {
+            budget.set(Budget::Running(Instant::now() + limit));
+            return Ok(VmState::Continue);
+        }
+        Budget::Running(deadline) if Instant::now() >= deadline => budget.set(Budget::Over),
+        // Another thread of the call (a coroutine's caller) meets the overrun: tighten it too.
+        Budget::Over => {}
+        Budget::Running(_) | Budget::Idle => return Ok(VmState::Continue),
+    }
+    set_cpu_hook(lua, budget, 1)?;
+    let (src, line) = policy_line(lua).unwrap_or_else(|| {
+        let src = debug.source().short_src.map(|s| s.into_owned());
+        (src.unwrap_or_default(), debug.current_line().unwrap_or(0))
+    });
+    Err(mlua::Error::runtime(format!(
+        "{src}:{line}: CPU limit exceeded"
+    )))
 }
 
 /// Runs `f` with the running call's memory limit lifted, for a value the gateway makes for the
@@ -179,34 +281,11 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
         | StdLib::COROUTINE;
     let lua = Lua::new_with(libs, LuaOptions::default())?;
     let budget: Rc<Cell<Budget>> = Rc::new(Cell::new(Budget::Idle));
+    set_cpu_hook(&lua, &budget, HOOK_EVERY)?;
+    lua.set_app_data(CallBudget(budget.clone()));
     let watched = budget.clone();
-    // A global hook: coroutines created by policies run under it too.
-    lua.set_global_hook(
-        HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-        move |_, debug| match watched.get() {
-            Budget::Armed(limit) => {
-                watched.set(Budget::Running(Instant::now() + limit));
-                Ok(VmState::Continue)
-            }
-            Budget::Running(d) if Instant::now() >= d => {
-                let src = debug
-                    .source()
-                    .short_src
-                    .map(|s| s.into_owned())
-                    .unwrap_or_default();
-                let line = debug.current_line().unwrap_or(0);
-                Err(mlua::Error::runtime(format!(
-                    "{src}:{line}: CPU limit exceeded"
-                )))
-            }
-            _ => Ok(VmState::Continue),
-        },
-    )?;
     pattern::install(&lua, budget.clone())?;
-    let watched = budget.clone();
-    let over_budget = lua.create_function(move |_, ()| {
-        Ok(matches!(watched.get(), Budget::Running(d) if Instant::now() >= d))
-    })?;
+    let over_budget = lua.create_function(move |_, ()| Ok(watched.get().is_over()))?;
     let req = request::reusable_req(&lua)?;
     let call_headers = request::call_header_functions(&lua, &req)?;
     let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget, &call_headers)?;
@@ -223,6 +302,7 @@ fn compile_route(vm: &Rc<Vm>, route: &Route) -> Result<LuaRoutePolicy, LoadError
     let limits = Limits {
         cpu: route.policy_cpu_limit,
         memory: route.policy_memory_limit,
+        state: route.policy_state_limit,
     };
     let load = |path: &Option<PathBuf>| {
         path.as_deref()
@@ -277,6 +357,18 @@ pub(crate) fn compile(vm: &Vm, path: &Path, limits: Limits) -> Result<Script, Lo
     }
 }
 
+/// The innermost line of a policy on the stack: the sandbox's own Lua functions (the prelude)
+/// and C functions are skipped, so that an error names the policy's line that led there.
+fn policy_line(lua: &Lua) -> Option<(String, usize)> {
+    (0..64).find_map(|level| {
+        lua.inspect_stack(level, |d| {
+            let src = d.source().short_src?.into_owned();
+            let line = d.current_line()?;
+            (src != sandbox::PRELUDE_NAME).then_some((src, line))
+        })?
+    })
+}
+
 /// Lua shortens chunk names to 60 bytes ("...tail.lua:3: msg"); put the whole path back.
 pub(crate) fn full_path(message: String, path: &str) -> String {
     if let Some(rest) = message.strip_prefix("...") {
@@ -308,7 +400,8 @@ pub(crate) fn describe(error: &mlua::Error, limits: Limits) -> String {
             "memory limit exceeded ({} per call)",
             bytesize::ByteSize(limits.memory as u64)
         ),
-        E::SyntaxError { message, .. } | E::RuntimeError(message) => first_line(message),
+        E::SyntaxError { message, .. } => first_line(message),
+        E::RuntimeError(message) => located(message),
         E::BadArgument {
             to,
             pos,
@@ -325,6 +418,28 @@ pub(crate) fn describe(error: &mlua::Error, limits: Limits) -> String {
             )
         }
         other => first_line(&other.to_string()),
+    }
+}
+
+/// The first line of a Lua error, with the policy's `file:line` in front when the message has
+/// none (an error raised by `error()` in a helper, such as mlua's "attempt to get an unknown
+/// field"): taken from the traceback that comes with it, at the first frame of a script.
+fn located(message: &str) -> String {
+    let first = first_line(message);
+    let Some((_, trace)) = message.split_once("stack traceback:") else {
+        return first;
+    };
+    let at = trace.lines().map(str::trim).find_map(|frame| {
+        let (at, _) = frame.split_once(": in ")?;
+        let (src, line) = at.rsplit_once(':')?;
+        line.parse::<u32>().ok()?;
+        let ours =
+            src.starts_with('[') || src.starts_with("__mlua") || src == sandbox::PRELUDE_NAME;
+        (!ours).then_some((at, src))
+    });
+    match at {
+        Some((at, src)) if !first.starts_with(src) => format!("{at}: {first}"),
+        _ => first,
     }
 }
 
@@ -352,7 +467,22 @@ pub(crate) fn misuse(lua: &Lua, message: impl std::fmt::Display) -> mlua::Error 
 
 #[cfg(test)]
 mod tests {
-    use super::full_path;
+    use super::{full_path, located};
+
+    #[test]
+    fn an_error_without_a_location_gets_the_policys_line_from_its_traceback() {
+        let raised = "attempt to get an unknown field '1'\nstack traceback:\n\t[C]: in ?\n\t\
+                      [C]: in upvalue 'error'\n\t__mlua_index:33: in metamethod 'index'\n\t\
+                      framegate prelude:12: in function <framegate prelude:10>\n\t\
+                      /p/uf.lua:3: in function </p/uf.lua:1>";
+        assert_eq!(
+            located(raised),
+            "/p/uf.lua:3: attempt to get an unknown field '1'"
+        );
+        let already = "/p/uf.lua:7: boom\nstack traceback:\n\t/p/uf.lua:7: in function <x>";
+        assert_eq!(located(already), "/p/uf.lua:7: boom");
+        assert_eq!(located("no traceback"), "no traceback");
+    }
 
     #[test]
     fn truncated_chunk_names_get_their_whole_path_back() {

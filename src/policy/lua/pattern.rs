@@ -69,12 +69,11 @@ struct Clock {
 impl Clock {
     fn past_deadline(&self) -> bool {
         match self.budget.get() {
-            Budget::Idle => false,
             Budget::Armed(limit) => {
                 self.budget.set(Budget::Running(Instant::now() + limit));
                 false
             }
-            Budget::Running(deadline) => Instant::now() >= deadline,
+            running => running.is_over(),
         }
     }
 

@@ -641,10 +641,18 @@ impl LuaRoutePolicy {
         let swap = call_view
             .as_ref()
             .map(|view| (view, &self.vm.keep_call_view));
-        let frozen = views.freeze(ctx, "ctx", swap);
+        // The freeze walks ctx anyway: it measures it against the state limit on the way.
+        let frozen = views.freeze_within(
+            ctx,
+            "ctx",
+            swap,
+            self.limits.state,
+            &self.limits.state_exceeded(false),
+        );
         req.borrow_mut::<Req>()?.kept = None;
-        let frozen = frozen?;
-        let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(self, request.id, frozen)?);
+        let (frozen, ctx_size) = frozen?;
+        let hooks: Box<dyn FrameHooks> =
+            Box::new(LuaFrameHooks::new(self, request.id, frozen, ctx_size)?);
         Ok(UpgradeVerdict::Continue { changes, hooks })
     }
 }
