@@ -39,6 +39,8 @@
 pub mod admin;
 mod client_http;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod header_fields;
 mod listener;

@@ -5,7 +5,7 @@
 
 mod buffers;
 mod close;
-mod frame;
+pub(crate) mod frame;
 mod headers;
 mod leg;
 mod lifetime;

@@ -8,7 +8,7 @@
 //! [`connect`] takes the headers to send and returns either an open WebSocket with the
 //! upstream's 101 headers, or a typed error the proxy sorts into a status.
 
-mod response;
+pub(crate) mod response;
 mod tls;
 
 pub use response::BadResponse;

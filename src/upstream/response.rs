@@ -51,7 +51,7 @@ pub enum BadResponse {
 
 /// The upstream's final answer to the upgrade request.
 #[derive(Debug)]
-pub(super) enum Answer {
+pub(crate) enum Answer {
     /// 101: its headers, and the bytes read past its head (the start of the first frames).
     Switching { headers: HeaderFields, rest: Bytes },
     /// Any other final status, with its body up to [`MAX_REFUSAL_BODY`].
@@ -59,7 +59,7 @@ pub(super) enum Answer {
 }
 
 /// Reads the answer to the upgrade request from `io`.
-pub(super) async fn read<IO>(io: &mut IO) -> Result<Answer, UpstreamError>
+pub(crate) async fn read<IO>(io: &mut IO) -> Result<Answer, UpstreamError>
 where
     IO: AsyncRead + Unpin,
 {

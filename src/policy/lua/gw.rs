@@ -82,15 +82,27 @@ fn log_function(lua: &Lua, level: tracing::Level) -> mlua::Result<Function> {
             if i > 0 {
                 message.push(' ');
             }
-            match arg {
+            let text = match arg {
                 Value::String(s) => {
                     let bytes = s.as_bytes();
                     let room = (MAX_LOG_MESSAGE + 1 - message.len()).min(bytes.len());
-                    message.push_str(&String::from_utf8_lossy(&bytes[..room]));
+                    String::from_utf8_lossy(&bytes[..room]).into_owned()
                 }
                 // `tostring`'s text, through `__tostring`: its errors (the CPU limit's among
                 // them) end the call rather than being swallowed here.
-                other => message.push_str(&other.to_string()?),
+                other => other.to_string()?,
+            };
+            // A policy often logs what a client sent: a line break or a terminal escape in it
+            // must not start a forged log line or rewrite the operator's terminal.
+            for c in text.chars() {
+                if message.len() > MAX_LOG_MESSAGE {
+                    break;
+                }
+                if c.is_control() {
+                    message.extend(c.escape_default());
+                } else {
+                    message.push(c);
+                }
             }
         }
         if message.len() > MAX_LOG_MESSAGE {
