@@ -787,3 +787,25 @@ async fn promtool_accepts_a_scrape_taken_during_traffic() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A ctx past the registry's bound is not copied into it: the detail says so.
+#[tokio::test]
+async fn a_large_ctx_is_omitted_from_the_registry() {
+    let up = echo().await;
+    let big = script(
+        "big.lua",
+        "return function(req, ctx)\n  ctx.blob = string.rep(\"x\", 100000)\nend",
+    );
+    let gw = gateway(&route("/chat", up.addr, "", &[("on_upgrade", &big)])).await;
+    let (admin, _stop) = admin_for(&gw).await;
+    let mut ws = connect(gw.local_addrs()[0], "/chat").await;
+    ws.send(Message::text("x")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "x");
+    registered(&gw, 1).await;
+    let id = get(admin, "/admin/connections").await.json()["connections"][0]["id"]
+        .as_u64()
+        .unwrap();
+    let detail = get(admin, &format!("/admin/connections/{id}")).await.json();
+    let ctx = detail["ctx"].as_str().unwrap_or_else(|| panic!("{detail}"));
+    assert!(ctx.starts_with("ctx omitted: over 65536 bytes"), "{ctx}");
+}

@@ -690,10 +690,34 @@ impl LuaRoutePolicy {
 }
 
 /// The context `on_upgrade` built, as JSON for the registry: `Null` when it is empty or holds
-/// what JSON cannot (a function, a cycle). `ctx.request` is added later and is not in it.
+/// what JSON cannot (a function, a cycle), a note when it is over the registry's bound (the
+/// encoding stops there, so a large ctx costs no more than that). `ctx.request` is added later
+/// and is not in it.
 fn ctx_json(ctx: &Table) -> serde_json::Value {
+    use crate::registry::MAX_CTX_JSON;
+    /// Fails the encoding once it passes the bound.
+    struct Bounded(Vec<u8>);
+    impl std::io::Write for Bounded {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0.len() + buf.len() > MAX_CTX_JSON {
+                return Err(std::io::ErrorKind::FileTooLarge.into());
+            }
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
     if ctx.is_empty() {
         return serde_json::Value::Null;
     }
-    serde_json::to_value(ctx).unwrap_or(serde_json::Value::Null)
+    let mut out = Bounded(Vec::new());
+    match serde_json::to_writer(&mut out, ctx) {
+        Ok(()) => serde_json::from_slice(&out.0).unwrap_or(serde_json::Value::Null),
+        Err(e) if e.is_io() => {
+            serde_json::Value::String(format!("ctx omitted: over {MAX_CTX_JSON} bytes of JSON"))
+        }
+        Err(_) => serde_json::Value::Null,
+    }
 }
