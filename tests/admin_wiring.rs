@@ -564,7 +564,7 @@ async fn metrics_count_real_traffic() {
 end"#,
     );
     let gw = gateway(&format!(
-        "{}{}{}",
+        "{}{}{}{}",
         route("/echo", up.addr, "", &[]),
         route(
             "/policy",
@@ -573,6 +573,7 @@ end"#,
             &[("on_client_frame", &drop_odd)],
         ),
         route("/idle", up.addr, "idle_timeout = \"200ms\"", &[]),
+        route("/expire", up.addr, "expire = \"200ms\"", &[]),
     ))
     .await;
     let addr = gw.local_addrs()[0];
@@ -598,8 +599,18 @@ end"#,
     let mut idle = connect(addr, "/idle").await;
     assert_eq!(u16::from(expect_close(&mut idle).await.code), 1001);
 
+    let mut expiring = connect(addr, "/expire").await;
+    assert_eq!(u16::from(expect_close(&mut expiring).await.code), 1001);
+
     let (status, _, _) = raw_http(addr, &upgrade_request("/nowhere", "")).await;
     assert_eq!(status, 404);
+    // A head the gateway cannot parse is answered before any route is known.
+    let (status, _, _) =
+        raw_http(addr, "GET /echo HTTP/1.1\r\nHost: a\r\nbad header\r\n\r\n").await;
+    assert_eq!(status, 400);
+    // Routed, but not a WebSocket upgrade.
+    let (status, _, _) = raw_http(addr, "GET /echo HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(status, 426);
 
     let e = r#"route="/echo""#;
     metric_reaches(
@@ -611,6 +622,12 @@ end"#,
     metric_reaches(
         &gw,
         r#"framegate_lifetime_closes_total{route="/idle",reason="idle"}"#,
+        1.0,
+    )
+    .await;
+    metric_reaches(
+        &gw,
+        r#"framegate_lifetime_closes_total{route="/expire",reason="expire"}"#,
         1.0,
     )
     .await;
@@ -670,6 +687,14 @@ end"#,
     );
     assert_eq!(
         v(r#"framegate_handshakes_total{route="unmatched",status="404"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"framegate_handshakes_total{route="unmatched",status="400"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(&format!("framegate_handshakes_total{{{e},status=\"426\"}}")),
         1.0
     );
     assert_eq!(v(r#"framegate_connections_open{route="/policy"}"#), 1.0);
