@@ -47,8 +47,10 @@ pub mod policy;
 pub mod policy_test;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod route;
 pub mod samples;
+pub mod snapshot;
 pub mod upstream;
 mod worker;
 

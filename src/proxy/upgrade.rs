@@ -24,6 +24,7 @@ use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
 use crate::route::RouteError;
+use crate::snapshot::Snapshot;
 use crate::upstream::{self, Io, Socket, UpstreamError};
 use crate::worker::WorkerCtx;
 
@@ -119,15 +120,16 @@ impl Rejection {
         }
     }
 
-    fn log(&self, peer: SocketAddr, path: &str) {
+    /// Logs the refusal, inside the connection's span (which names the client).
+    fn log(&self, path: &str) {
         match self {
             Rejection::PolicyFailed(e) => {
-                tracing::warn!(client = %peer, path, script = %e.script, error = %e.message, "policy error in on_upgrade")
+                tracing::warn!(path, script = %e.script, error = %e.message, "policy error in on_upgrade")
             }
             Rejection::Upstream { .. } | Rejection::UpstreamTimeout { .. } => {
-                tracing::warn!(client = %peer, path, error = %self, "upgrade failed")
+                tracing::warn!(path, error = %self, "upgrade failed")
             }
-            _ => tracing::info!(client = %peer, path, error = %self, "request rejected"),
+            _ => tracing::info!(path, error = %self, "request rejected"),
         }
     }
 }
@@ -150,7 +152,7 @@ pub(crate) async fn handle(
     match upgrade(request, peer, shared, worker).await {
         Ok(accepted) => Handled::Upgraded(Box::new(accepted)),
         Err(rejection) => {
-            rejection.log(peer, request.path());
+            rejection.log(request.path());
             Handled::Answered(rejection.into_answer())
         }
     }
@@ -213,8 +215,10 @@ async fn upgrade(
     worker: &WorkerCtx,
 ) -> Result<Accepted, Rejection> {
     let host = request.host();
-    let found = shared
-        .router
+    // The connection's snapshot, taken once: its route, upstream, policies and limits.
+    let snapshot = shared.snapshot();
+    let found = snapshot
+        .router()
         .find(host, request.path())
         .map_err(|e| match e {
             RouteError::NoRoute(path) => Rejection::NoRoute(path),
@@ -223,14 +227,19 @@ async fn upgrade(
     // Policies see the path the route was matched on.
     let path = &*found.path;
     let client_key = validate(request)?;
-    let route = found.route;
+    let runtime = found.route;
+    let route = runtime.route.clone();
     let id = shared
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span = tracing::Span::current();
+    span.record("conn", id);
+    span.record("route", tracing::field::display(route.name()));
+    span.record("snapshot", snapshot.number);
 
     // Phase: on_upgrade. It may reject, or change the upstream, headers, subprotocol, lifetime.
     let (changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) =
-        match worker.policies.get(route.index).and_then(Option::as_ref) {
+        match worker.policy(&snapshot, &route).map_err(Rejection::PolicyFailed)? {
             None => (UpgradeChanges::default(), Box::new(PassThrough)),
             Some(policy) => {
                 let upgrade_request = UpgradeRequest {
@@ -283,7 +292,7 @@ async fn upgrade(
         .sum();
     let mut upstream_headers = Vec::with_capacity(size + 96);
     headers::upstream_request(&mut upstream_headers, &request.headers, &extra);
-    let tls = shared.tls.get(route.index).and_then(Option::as_ref);
+    let tls = runtime.tls.as_ref();
     // The client's key goes upstream too, so the upstream's accept value is the client's.
     // `validate` has checked the key: 24 base64 characters, valid UTF-8.
     let key = std::str::from_utf8(client_key).unwrap_or_default();
@@ -339,6 +348,7 @@ async fn upgrade(
         route,
         policy_deadline: changes.expire_at,
         shared: shared.clone(),
+        snapshot,
     })
 }
 
@@ -354,6 +364,8 @@ pub(crate) struct Accepted {
     /// A close time `on_upgrade` asked for.
     policy_deadline: Option<std::time::SystemTime>,
     shared: Arc<Shared>,
+    /// The snapshot the connection was routed with, kept to its end.
+    snapshot: Arc<Snapshot>,
 }
 
 impl Accepted {
@@ -373,8 +385,9 @@ impl Accepted {
             route,
             policy_deadline,
             shared,
+            snapshot,
         } = unbox(self);
-        let close_timeout = shared.config.server.close_timeout;
+        let close_timeout = snapshot.config.server.close_timeout;
         let opened = tokio::time::Instant::now();
         if let Err(e) = stream.write_all(&response).await {
             let reason = format!("client left during the upgrade: {e}");
@@ -398,7 +411,7 @@ impl Accepted {
             Side::Client,
             route.max_message_size,
         );
-        tracing::info!(conn = summary.id, route = %summary.route, client = %summary.client, upstream = %summary.upstream, "connection opened");
+        tracing::info!(upstream = %summary.upstream, "connection opened");
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let pings = route.ping_interval.map(|i| (i, route.ping_timeout));
         let lifetime = Lifetime::start(deadline, route.idle_timeout, pings);
@@ -419,6 +432,9 @@ impl Accepted {
         summary.upstream_to_client = upstream_to_client;
         hooks.on_close(&summary);
         summary.log();
+        // The snapshot (and, through the hooks just dropped, this worker's VM state for it)
+        // is released here, with the connection.
+        drop(snapshot);
     }
 }
 
