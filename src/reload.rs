@@ -50,6 +50,14 @@ pub enum ReloadError {
     ShuttingDown,
 }
 
+impl ReloadError {
+    /// The error on one line (a configuration error's hint follows `; hint: `): what is
+    /// logged and what `POST /admin/reload` answers.
+    pub fn one_line(&self) -> String {
+        self.to_string().replace("\n  hint: ", "; hint: ")
+    }
+}
+
 impl From<LoadError> for ReloadError {
     fn from(e: LoadError) -> Self {
         ReloadError::Snapshot(SnapshotError::Policy(e))
@@ -148,7 +156,8 @@ impl Reloader {
                 self.shared.metrics.config_reload(ReloadResult::Failure);
                 tracing::error!(
                     snapshot = self.shared.snapshot().number,
-                    "reload failed, nothing changed: {e}"
+                    "reload failed, nothing changed: {}",
+                    e.one_line()
                 );
             }
         }

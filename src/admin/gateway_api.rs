@@ -39,7 +39,7 @@ impl AdminApi for GatewayApi {
 
     fn reload(&self) -> BoxFuture<Result<u64, String>> {
         let reloader = self.reloader.clone();
-        Box::pin(async move { reloader.reload().await.map_err(|e| e.to_string()) })
+        Box::pin(async move { reloader.reload().await.map_err(|e| e.one_line()) })
     }
 
     fn config(&self) -> Value {
