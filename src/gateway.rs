@@ -63,7 +63,7 @@ impl Gateway {
         // Compile every script once here, so that a broken one fails `check` and start-up
         // with its path and line; the workers compile their own copies.
         Engine::with_sources(&snapshot.config, &snapshot.sources, dict.clone())?;
-        warn_about(&snapshot.config);
+        crate::snapshot::warn_about(&snapshot.config);
         let metrics = Metrics::new();
         metrics.set_snapshot(snapshot.number);
         Ok(Gateway {
@@ -156,30 +156,6 @@ impl Gateway {
             background,
             workers: Some(workers),
         })
-    }
-}
-
-/// Start-up (and reload) warnings about settings that are allowed but risky.
-pub(crate) fn warn_about(config: &Config) {
-    let watchdog = config.server.watchdog_timeout;
-    for route in config
-        .routes
-        .iter()
-        .filter(|r| r.policy_cpu_limit * 2 >= watchdog)
-    {
-        tracing::warn!(
-            route = %route.name(),
-            policy_cpu_limit = ?route.policy_cpu_limit,
-            watchdog_timeout = ?watchdog,
-            "policy_cpu_limit is at least half of server.watchdog_timeout: a policy call that uses its limit will be reported as a stalled worker"
-        );
-    }
-    for route in config
-        .routes
-        .iter()
-        .filter(|r| r.upstream_tls.insecure_skip_verify)
-    {
-        tracing::warn!(route = %route.name(), "upstream_tls.insecure_skip_verify is on: upstream certificates are not checked");
     }
 }
 

@@ -187,7 +187,7 @@ impl Reloader {
         self.shared.current.store(snapshot.clone());
         self.settle(number);
         let (started, stopped) = self.apply_listen(&snapshot.config.server.listen, added);
-        crate::gateway::warn_about(&snapshot.config);
+        crate::snapshot::warn_about(&snapshot.config);
         let changes = snapshot.changes_since(&old);
         let restart = self.needs_restart(&snapshot.config);
         tracing::info!(

@@ -331,7 +331,12 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
     let over_budget = lua.create_function(move |_, ()| Ok(watched.get().is_over()))?;
     let req = request::reusable_req(&lua)?;
     let call_headers = request::call_header_functions(&lua, &req)?;
-    let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget, &call_headers)?;
+    let sandbox = sandbox::Sandbox::new(
+        &lua,
+        dict,
+        over_budget,
+        (&call_headers.index, &call_headers.all),
+    )?;
     Ok(Vm {
         lua,
         budget,
