@@ -392,3 +392,69 @@ async fn drain_old_closes_old_connections_with_1012_spread_over_time() {
     assert_eq!(roundtrip(&mut new, "still").await, "v2:still");
     gw.shutdown().await;
 }
+
+/// A worker stuck in a policy does not hold a reload up: the reload skips it (the watchdog has
+/// reported it) and the other worker serves the new snapshot; once the stuck worker is back, it
+/// compiles the new snapshot too and serves it.
+#[tokio::test]
+async fn a_stuck_worker_does_not_hang_a_reload() {
+    let up = echo().await;
+    let dir = TempDir::new("reload-stuck");
+    let v1 = dir.write("v1.lua", &stamp("v1"));
+    let v2 = dir.write("v2.lua", &stamp("v2"));
+    let spin = dir.write(
+        "spin.lua",
+        "return function(msg) if msg.text == \"spin\" then while true do end end end\n",
+    );
+    let policy = |p: &PathBuf| format!("{:?}", p.display().to_string());
+    let head = "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 2\nwatchdog_timeout = \"300ms\"\n";
+    let spin_route = route(
+        "/spin",
+        up.addr,
+        "policy_cpu_limit = \"2s\"",
+        &[("on_client_frame", &policy(&spin))],
+    );
+    let config = |v: &PathBuf| {
+        format!(
+            "{head}{spin_route}{}",
+            route("/echo", up.addr, "", &[("on_server_frame", &policy(v))])
+        )
+    };
+    let gw = start_from(&dir, &config(&v1)).await;
+    let addr = gw.local_addr();
+    let mut spinning = connect(addr, "/spin").await;
+    spinning.send(Message::text("spin")).await.unwrap();
+    within("the watchdog to report the stall", async {
+        while gw.stalled_workers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    rewrite(&dir, &config(&v2));
+    let started = tokio::time::Instant::now();
+    assert_eq!(gw.reload().await.expect("reload while a worker is stuck"), 2);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the reload waited for the stuck worker: {:?}",
+        started.elapsed()
+    );
+    let mut fresh = connect(addr, "/echo").await;
+    assert_eq!(roundtrip(&mut fresh, "1").await, "v2:1");
+
+    // Back from its 2 s spin, the worker serves snapshot 2 as well.
+    within("the stuck worker to recover", async {
+        while !gw.stalled_workers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let mut after = Vec::new();
+    for i in 0..6 {
+        let mut ws = connect(addr, "/echo").await;
+        assert_eq!(roundtrip(&mut ws, &format!("{i}")).await, format!("v2:{i}"));
+        after.push(ws);
+    }
+    drop(spinning);
+    gw.shutdown().await;
+}
