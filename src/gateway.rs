@@ -103,12 +103,13 @@ impl Gateway {
         let admin = match &snapshot.config.admin {
             None => None,
             Some(admin) => {
-                let listener = tokio::net::TcpListener::bind(admin.listen)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: admin.listen,
-                        source,
-                    })?;
+                let listener =
+                    tokio::net::TcpListener::bind(admin.listen)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: admin.listen,
+                            source,
+                        })?;
                 Some((listener, admin.token.clone()))
             }
         };

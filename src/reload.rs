@@ -2,7 +2,7 @@
 //! does, compile its policies on every worker, and only then swap the new [`Snapshot`] in.
 //! Listen addresses follow; connections on older snapshots stay (or, with `server.drain_old`,
 //! are closed with 1012 later, spread out). Triggers: SIGHUP (`main.rs`), `POST /admin/reload`,
-//! and `server.watch` ([`watch`]). docs/operations.md documents the semantics.
+//! and `server.watch` (`reload/watch.rs`). docs/operations.md documents the semantics.
 
 pub(crate) mod drain;
 pub(crate) mod watch;

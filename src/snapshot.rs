@@ -156,10 +156,15 @@ fn same_route(a: &Route, b: &Route) -> bool {
 
 fn scripts_same(old: &Sources, new: &Sources, route: &Route) -> bool {
     let p = &route.policies;
-    [&p.on_upgrade, &p.on_client_frame, &p.on_server_frame, &p.on_close]
-        .into_iter()
-        .flatten()
-        .all(|path| old.text(path) == new.text(path))
+    [
+        &p.on_upgrade,
+        &p.on_client_frame,
+        &p.on_server_frame,
+        &p.on_close,
+    ]
+    .into_iter()
+    .flatten()
+    .all(|path| old.text(path) == new.text(path))
 }
 
 /// Start-up (and reload) warnings about settings that are allowed but risky.

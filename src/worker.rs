@@ -177,10 +177,13 @@ impl WorkerCtx {
             Command::Settle { current } => self.engines.borrow_mut().0.retain(|n, _| *n == current),
             Command::Listen { listener, stop } => match accept::listener(listener) {
                 Ok(listener) => {
-                    let task = accept::accept_loop(listener, shared.clone(), self.clone(), stop, serve);
+                    let task =
+                        accept::accept_loop(listener, shared.clone(), self.clone(), stop, serve);
                     shared.tracker.spawn_local(task);
                 }
-                Err(e) => tracing::error!(worker = self.index, error = %e, "cannot accept on an added address"),
+                Err(e) => {
+                    tracing::error!(worker = self.index, error = %e, "cannot accept on an added address")
+                }
             },
         }
     }
@@ -470,7 +473,14 @@ fn place(
         // That worker has stopped (shutdown): serve it here after all.
         drop(handoff.slot);
         if let Ok(stream) = tokio::net::TcpStream::from_std(handoff.stream) {
-            run(ctx, shared, stream, peer, Slot::take(pool, ctx.index), serve);
+            run(
+                ctx,
+                shared,
+                stream,
+                peer,
+                Slot::take(pool, ctx.index),
+                serve,
+            );
         }
     } else {
         tracing::trace!(

@@ -224,7 +224,8 @@ async fn repository_config_passes_check() {
 #[tokio::test]
 async fn check_refuses_a_reachable_admin_listener_without_a_token() {
     let dir = TempDir::new("admin-no-token");
-    let src = "[admin]\nlisten = \"0.0.0.0:9901\"\n\n[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\n";
+    let src =
+        "[admin]\nlisten = \"0.0.0.0:9901\"\n\n[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\n";
     let path = dir.write("bad.toml", src);
     let out = check(&path).await;
     let at = position(src, "\"0.0.0.0");

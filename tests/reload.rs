@@ -43,8 +43,9 @@ fn rewrite(dir: &TempDir, toml: &str) -> PathBuf {
 
 /// `POST /admin/reload` (or any admin request): status and body.
 async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let request =
-        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     let (status, _, body) = raw_http(addr, &request).await;
     (status, body)
 }
@@ -101,11 +102,16 @@ async fn admin_reload_swaps_policies_routes_and_keeps_old_connections_on_theirs(
     assert_eq!(roundtrip(&mut old_gone, "5").await, "5");
 
     // A broken file changes nothing: 400 with file:line:column, snapshot 2 keeps serving.
-    let broken = format!("{second}[[route]]\npath = \"/x\"\nupstream = \"ws://h/\"\nexpire = \"soon\"\n");
+    let broken =
+        format!("{second}[[route]]\npath = \"/x\"\nupstream = \"ws://h/\"\nexpire = \"soon\"\n");
     rewrite(&dir, &broken);
     let (status, body) = admin(api, "POST", "/admin/reload").await;
     assert_eq!(status, 400, "{body}");
-    let line = broken.lines().position(|l| l.starts_with("expire")).unwrap() + 1;
+    let line = broken
+        .lines()
+        .position(|l| l.starts_with("expire"))
+        .unwrap()
+        + 1;
     assert!(
         body.contains(&format!("config.toml:{line}:10: route.expire")),
         "{body}"
@@ -206,7 +212,10 @@ async fn server_watch_reloads_when_a_policy_script_changes() {
             "/echo",
             up.addr,
             "",
-            &[("on_server_frame", &format!("{:?}", script.display().to_string()))]
+            &[(
+                "on_server_frame",
+                &format!("{:?}", script.display().to_string())
+            )]
         )
     );
     let gw = start_from(&dir, &toml).await;
@@ -284,7 +293,9 @@ async fn reload_under_load_loses_nothing_and_keeps_each_connection_on_its_snapsh
             let mut sent = 0usize;
             let mut received = 0usize;
             loop {
-                while sent < received + 4 && !(done.load(Ordering::Relaxed) && sent >= LOAD_MIN_MESSAGES) {
+                while sent < received + 4
+                    && !(done.load(Ordering::Relaxed) && sent >= LOAD_MIN_MESSAGES)
+                {
                     ws.send(Message::text(format!("{c}.{sent}"))).await.unwrap();
                     sent += 1;
                 }
@@ -325,7 +336,10 @@ async fn reload_under_load_loses_nothing_and_keeps_each_connection_on_its_snapsh
         let mut fresh = connect(addr, "/echo").await;
         let want = if to_b { "v2:x" } else { "v1:x" };
         assert_eq!(roundtrip(&mut fresh, "x").await, want);
-        assert_eq!(status_of(addr, "/added").await, if to_b { 101 } else { 404 });
+        assert_eq!(
+            status_of(addr, "/added").await,
+            if to_b { 101 } else { 404 }
+        );
         if n == LOAD_RELOADS / 2 {
             // A broken configuration in the middle changes nothing.
             rewrite(&dir, &format!("{b}[server]\n"));
@@ -364,7 +378,10 @@ async fn drain_old_closes_old_connections_with_1012_spread_over_time() {
     let head = "[server]\nlisten = [\"127.0.0.1:0\"]\ndrain_old = \"1s\"\n";
     let gw = start_from(
         &dir,
-        &format!("{head}{}", route("/echo", up.addr, "", &[("on_server_frame", &policy(&v1))])),
+        &format!(
+            "{head}{}",
+            route("/echo", up.addr, "", &[("on_server_frame", &policy(&v1))])
+        ),
     )
     .await;
     let addr = gw.local_addr();
@@ -374,7 +391,10 @@ async fn drain_old_closes_old_connections_with_1012_spread_over_time() {
     }
     rewrite(
         &dir,
-        &format!("{head}{}", route("/echo", up.addr, "", &[("on_server_frame", &policy(&v2))])),
+        &format!(
+            "{head}{}",
+            route("/echo", up.addr, "", &[("on_server_frame", &policy(&v2))])
+        ),
     );
     gw.reload().await.unwrap();
     let reloaded = tokio::time::Instant::now();
@@ -387,7 +407,10 @@ async fn drain_old_closes_old_connections_with_1012_spread_over_time() {
         at.push(reloaded.elapsed());
     }
     assert!(at[0] >= Duration::from_secs(1), "{at:?}");
-    assert!(at[2] >= at[0] + Duration::from_millis(500), "spread out: {at:?}");
+    assert!(
+        at[2] >= at[0] + Duration::from_millis(500),
+        "spread out: {at:?}"
+    );
     assert!(at[2] < Duration::from_secs(3), "{at:?}");
     assert_eq!(roundtrip(&mut new, "still").await, "v2:still");
     gw.shutdown().await;
@@ -433,7 +456,10 @@ async fn a_stuck_worker_does_not_hang_a_reload() {
 
     rewrite(&dir, &config(&v2));
     let started = tokio::time::Instant::now();
-    assert_eq!(gw.reload().await.expect("reload while a worker is stuck"), 2);
+    assert_eq!(
+        gw.reload().await.expect("reload while a worker is stuck"),
+        2
+    );
     assert!(
         started.elapsed() < Duration::from_millis(1500),
         "the reload waited for the stuck worker: {:?}",

@@ -149,7 +149,11 @@ async fn sighup_reloads_and_a_broken_config_changes_nothing() {
     echo_once_at(gw.addr, "/added", "on the added route").await;
 
     // A broken file: logged once with its position; snapshot 2 keeps serving.
-    std::fs::write(&config, format!("{two}\n[[route]]\npath = \"/x\"\nupstream = 5\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("{two}\n[[route]]\npath = \"/x\"\nupstream = 5\n"),
+    )
+    .unwrap();
     gw.signal("HUP");
     let line = gw.line("reload failed").await;
     assert!(line.contains("config.toml:"), "{line}");

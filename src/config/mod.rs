@@ -375,9 +375,14 @@ impl Config {
         let mut seen = Vec::new();
         for route in &self.routes {
             let p = &route.policies;
-            for path in [&p.on_upgrade, &p.on_client_frame, &p.on_server_frame, &p.on_close]
-                .into_iter()
-                .flatten()
+            for path in [
+                &p.on_upgrade,
+                &p.on_client_frame,
+                &p.on_server_frame,
+                &p.on_close,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if !seen.contains(&path.as_path()) {
                     seen.push(path.as_path());

@@ -238,32 +238,34 @@ async fn upgrade(
     span.record("snapshot", snapshot.number);
 
     // Phase: on_upgrade. It may reject, or change the upstream, headers, subprotocol, lifetime.
-    let (changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) =
-        match worker.policy(&snapshot, &route).map_err(Rejection::PolicyFailed)? {
-            None => (UpgradeChanges::default(), Box::new(PassThrough)),
-            Some(policy) => {
-                let upgrade_request = UpgradeRequest {
-                    id,
-                    method: request.method.as_str(),
-                    path,
-                    query: request.query().unwrap_or(""),
-                    headers: &request.headers,
-                    params: &found.params,
-                    client_ip: peer.ip(),
-                    scheme: "ws",
-                    host,
-                };
-                match policy.on_upgrade(&upgrade_request) {
-                    UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
-                    UpgradeVerdict::Reject {
-                        status,
-                        body,
-                        headers,
-                    } => return Err(Rejection::Policy(Box::new((status, body, headers)))),
-                    UpgradeVerdict::Failed(error) => return Err(Rejection::PolicyFailed(error)),
-                }
+    let (changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) = match worker
+        .policy(&snapshot, &route)
+        .map_err(Rejection::PolicyFailed)?
+    {
+        None => (UpgradeChanges::default(), Box::new(PassThrough)),
+        Some(policy) => {
+            let upgrade_request = UpgradeRequest {
+                id,
+                method: request.method.as_str(),
+                path,
+                query: request.query().unwrap_or(""),
+                headers: &request.headers,
+                params: &found.params,
+                client_ip: peer.ip(),
+                scheme: "ws",
+                host,
+            };
+            match policy.on_upgrade(&upgrade_request) {
+                UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
+                UpgradeVerdict::Reject {
+                    status,
+                    body,
+                    headers,
+                } => return Err(Rejection::Policy(Box::new((status, body, headers)))),
+                UpgradeVerdict::Failed(error) => return Err(Rejection::PolicyFailed(error)),
             }
-        };
+        }
+    };
 
     // A URL set by a policy is used as given; the route's own URL gets the client's query.
     let url = match changes.upstream {

@@ -117,10 +117,7 @@ fn normal(path: &Path) -> PathBuf {
     };
     // Symlinked folders (such as /tmp on some systems) are reported resolved.
     match (absolute.parent(), absolute.file_name()) {
-        (Some(dir), Some(name)) => dir
-            .canonicalize()
-            .map(|d| d.join(name))
-            .unwrap_or(absolute),
+        (Some(dir), Some(name)) => dir.canonicalize().map(|d| d.join(name)).unwrap_or(absolute),
         _ => absolute,
     }
 }
