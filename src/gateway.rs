@@ -145,10 +145,7 @@ impl Gateway {
             }
         };
         if snapshot.config.server.watch {
-            tokio::spawn(crate::reload::watch::run(
-                reloader.clone(),
-                background.clone(),
-            ));
+            crate::reload::watch::start(reloader.clone(), background.clone());
         }
         Ok(Running {
             shared: self.shared,

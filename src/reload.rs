@@ -85,6 +85,8 @@ pub(crate) struct Reloader {
     /// The admin settings the gateway started with (they need a restart too).
     started_admin: Option<crate::config::admin::AdminConfig>,
     started_shared: crate::config::SharedConfig,
+    /// Woken after each successful reload (the file watcher follows the new file list).
+    pub(crate) reloaded: tokio::sync::Notify,
 }
 
 /// How long a reload waits for each worker's compile before going on without it: a worker the
@@ -119,6 +121,7 @@ impl Reloader {
                     .collect(),
             ),
             running: tokio::sync::Mutex::new(()),
+            reloaded: tokio::sync::Notify::new(),
         }
     }
 
@@ -151,6 +154,7 @@ impl Reloader {
             Ok(number) => {
                 self.shared.metrics.config_reload(ReloadResult::Success);
                 self.shared.metrics.set_snapshot(*number);
+                self.reloaded.notify_waiters();
             }
             Err(e) => {
                 self.shared.metrics.config_reload(ReloadResult::Failure);

@@ -207,7 +207,7 @@ async fn server_watch_reloads_when_a_policy_script_changes() {
     let dir = TempDir::new("watch");
     let script = dir.write("stamp.lua", &stamp("v1"));
     let toml = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nwatch = true\n{}",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nwatch = true\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
         route(
             "/echo",
             up.addr,
@@ -221,8 +221,6 @@ async fn server_watch_reloads_when_a_policy_script_changes() {
     let gw = start_from(&dir, &toml).await;
     let mut old = connect(gw.local_addr(), "/echo").await;
     assert_eq!(roundtrip(&mut old, "1").await, "v1:1");
-    // Let the watcher set itself up before the change.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(&script, stamp("v2")).unwrap();
     within("the watcher to reload", async {
         while gw.snapshot_number() < 2 {
@@ -235,8 +233,20 @@ async fn server_watch_reloads_when_a_policy_script_changes() {
     assert_eq!(roundtrip(&mut old, "3").await, "v1:3");
     // A broken save is logged and changes nothing; the next good one is picked up.
     std::fs::write(&script, "return function(\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let api = gw.admin_addr().unwrap();
+    within("the broken save's reload to fail", async {
+        loop {
+            let (_, metrics) = admin(api, "GET", "/metrics").await;
+            if metrics.contains("framegate_config_reloads_total{result=\"failure\"} 1") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert_eq!(gw.snapshot_number(), 2);
+    let mut still = connect(gw.local_addr(), "/echo").await;
+    assert_eq!(roundtrip(&mut still, "3").await, "v2:3");
     std::fs::write(&script, stamp("v3")).unwrap();
     within("the watcher to reload again", async {
         while gw.snapshot_number() < 3 {
@@ -246,6 +256,7 @@ async fn server_watch_reloads_when_a_policy_script_changes() {
     .await;
     let mut newest = connect(gw.local_addr(), "/echo").await;
     assert_eq!(roundtrip(&mut newest, "4").await, "v3:4");
+    assert_eq!(roundtrip(&mut old, "5").await, "v1:5");
     gw.shutdown().await;
 }
 

@@ -22,10 +22,11 @@ pub(crate) const DEBOUNCE: Duration = Duration::from_millis(200);
 /// events are dropped (one queued event is enough to trigger a reload).
 const EVENT_QUEUE: usize = 64;
 
-/// Watches the files of the current snapshot while it has `server.watch` on, reloading on a
-/// change, until `stop`. Runs as a task on the main runtime.
-pub(crate) async fn run(reloader: Arc<Reloader>, stop: CancellationToken) {
-    let (tx, mut rx) = mpsc::channel::<PathBuf>(EVENT_QUEUE);
+/// Starts watching the files of the current snapshot (set up before this returns, so that a
+/// change right after start-up is seen), then reloads on each change until `stop`, or until a
+/// reload turns `server.watch` off. The loop runs as a task on the current runtime.
+pub(crate) fn start(reloader: Arc<Reloader>, stop: CancellationToken) {
+    let (tx, rx) = mpsc::channel::<PathBuf>(EVENT_QUEUE);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
             if event.kind.is_access() {
@@ -43,47 +44,77 @@ pub(crate) async fn run(reloader: Arc<Reloader>, stop: CancellationToken) {
             return;
         }
     };
-    let mut watched_dirs: HashSet<PathBuf> = HashSet::new();
-    loop {
-        let snapshot = reloader.shared.snapshot();
-        if !snapshot.config.server.watch {
-            // Turned off by a reload: it takes a restart (or SIGHUP) to turn it on again.
-            tracing::info!("server.watch is off: no longer watching the configuration files");
-            return;
-        }
-        let files = watched_files(&snapshot.config);
-        let dirs: HashSet<PathBuf> = files.iter().filter_map(|f| folder(f)).collect();
-        for gone in watched_dirs.difference(&dirs) {
+    let mut watching = Watching {
+        dirs: HashSet::new(),
+        files: HashSet::new(),
+    };
+    watching.follow(&mut watcher, &reloader.shared.snapshot().config);
+    tokio::spawn(run(reloader, stop, watcher, watching, rx));
+}
+
+/// The folders watched and the files whose changes count.
+struct Watching {
+    dirs: HashSet<PathBuf>,
+    files: HashSet<PathBuf>,
+}
+
+impl Watching {
+    /// Watches what `config` names (and stops watching what it no longer names).
+    fn follow(&mut self, watcher: &mut notify::RecommendedWatcher, config: &crate::config::Config) {
+        self.files = watched_files(config);
+        let dirs: HashSet<PathBuf> = self.files.iter().filter_map(|f| folder(f)).collect();
+        for gone in self.dirs.difference(&dirs) {
             let _ = watcher.unwatch(gone);
         }
-        for dir in dirs.difference(&watched_dirs) {
+        for dir in dirs.difference(&self.dirs) {
             if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
                 tracing::warn!(dir = %dir.display(), error = %e, "server.watch: cannot watch this folder");
             }
         }
-        watched_dirs = dirs;
-        // Wait for a change to one of the files.
-        loop {
+        self.dirs = dirs;
+    }
+}
+
+async fn run(
+    reloader: Arc<Reloader>,
+    stop: CancellationToken,
+    mut watcher: notify::RecommendedWatcher,
+    mut watching: Watching,
+    mut rx: mpsc::Receiver<PathBuf>,
+) {
+    loop {
+        // Wait for a change to one of the files, or for a reload by another trigger (which
+        // may name other files).
+        let changed = loop {
             let path = tokio::select! {
                 path = rx.recv() => match path { Some(p) => p, None => return },
+                _ = reloader.reloaded.notified() => break false,
                 _ = stop.cancelled() => return,
             };
-            if files.contains(&normal(&path)) {
-                break;
+            if watching.files.contains(&normal(&path)) {
+                break true;
             }
-        }
-        // Debounce: wait until the files have been quiet for DEBOUNCE.
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(DEBOUNCE) => break,
-                more = rx.recv() => if more.is_none() { return },
-                _ = stop.cancelled() => return,
+        };
+        if changed {
+            // Debounce: wait until the files have been quiet for DEBOUNCE.
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(DEBOUNCE) => break,
+                    more = rx.recv() => if more.is_none() { return },
+                    _ = stop.cancelled() => return,
+                }
             }
+            tracing::info!("server.watch: a configuration file changed; reloading");
+            // A failure is logged by the reload; the old snapshot keeps serving, and the next
+            // change tries again.
+            let _ = reloader.reload().await;
         }
-        tracing::info!("server.watch: a configuration file changed; reloading");
-        // A failure is logged by the reload; the old snapshot keeps serving, and the next
-        // change tries again.
-        let _ = reloader.reload().await;
+        let snapshot = reloader.shared.snapshot();
+        if !snapshot.config.server.watch {
+            tracing::info!("server.watch is off: no longer watching the configuration files");
+            return;
+        }
+        watching.follow(&mut watcher, &snapshot.config);
     }
 }
 
