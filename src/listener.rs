@@ -137,7 +137,7 @@ async fn requests(
             Err(why) => {
                 let answer = match why {
                     NoSlot::Full => {
-                        worker.pool.refusals.count(server.max_connections);
+                        worker.pool.refusals.count(worker.pool.max_connections);
                         unavailable("the gateway is at its connection limit; retry later", true)
                     }
                     NoSlot::Shed => {

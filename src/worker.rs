@@ -108,6 +108,8 @@ pub(crate) struct Pool {
     pub(crate) watchdog: Arc<Watchdog>,
     /// `server.max_connections`: held by a connection from its request head to its end.
     pub(crate) permits: Arc<Semaphore>,
+    /// Its size (as started: a reload does not change it).
+    pub(crate) max_connections: usize,
     /// `server.max_pending_handshakes`: connections without a permit yet.
     pub(crate) pending: Arc<PendingSet>,
     /// Requests answered 503 at `max_connections`.
@@ -254,6 +256,7 @@ pub(crate) fn start(
         links,
         watchdog: Watchdog::new(count, server.watchdog_timeout),
         permits: Arc::new(Semaphore::new(server.max_connections)),
+        max_connections: server.max_connections,
         pending: PendingSet::new(server.max_pending_handshakes),
         refusals: Refusals::default(),
     });
