@@ -37,9 +37,10 @@ use tracing::Instrument;
 /// connection ends, so an immediate retry would mostly be refused again.
 const RETRY_AFTER_SECS: &str = "5";
 
-/// [`serve`] as the workers take it ([`crate::worker::ServeFn`]), inside the connection's
-/// tracing span: every line logged for the connection (here, in the proxy, in its policies)
-/// carries its client and, once routed, its id, route and snapshot.
+/// [`serve`] as the workers take it ([`crate::worker::ServeFn`]), with the connection's
+/// tracing span: the lines logged for the connection carry its client and, once routed, its
+/// id, route and snapshot. The HTTP phase runs inside the span; the relay is not polled inside
+/// it (see `proxy::Accepted`), and enters it where it logs.
 pub(crate) fn serve_boxed(
     stream: TcpStream,
     peer: SocketAddr,
@@ -54,7 +55,7 @@ pub(crate) fn serve_boxed(
         route = tracing::field::Empty,
         snapshot = tracing::field::Empty,
     );
-    Box::pin(serve(stream, peer, shared, worker, slot).instrument(span))
+    Box::pin(serve(stream, peer, shared, worker, slot, span))
 }
 
 /// Serves one client connection on the current worker: its HTTP requests until one is
@@ -65,13 +66,14 @@ async fn serve(
     shared: Arc<Shared>,
     worker: Rc<WorkerCtx>,
     slot: Slot,
+    span: tracing::Span,
 ) {
     // Held until the connection is gone, relay included.
     let _slot = slot;
     // Boxed: the HTTP phase's futures (reading, `on_upgrade`, the TCP and TLS connects) are
     // large and short-lived. Inline, they would size the task of every relayed connection for
     // its whole life; boxed, they are freed when the relay starts.
-    let upgraded = Box::pin(requests(&mut stream, peer, &shared, &worker)).await;
+    let upgraded = Box::pin(requests(&mut stream, peer, &shared, &worker).instrument(span)).await;
     if let Some((accepted, rest, _permit)) = upgraded {
         Accepted::run(accepted, stream, rest).await;
     }

@@ -232,6 +232,7 @@ async fn upgrade(
     let id = shared
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The connection's span (opened by the listener): named here, kept by `Accepted`.
     let span = tracing::Span::current();
     span.record("conn", id);
     span.record("route", tracing::field::display(route.name()));
@@ -351,6 +352,7 @@ async fn upgrade(
         policy_deadline: changes.expire_at,
         shared: shared.clone(),
         snapshot,
+        span,
     })
 }
 
@@ -368,6 +370,10 @@ pub(crate) struct Accepted {
     shared: Arc<Shared>,
     /// The snapshot the connection was routed with, kept to its end.
     snapshot: Arc<Snapshot>,
+    /// The connection's tracing span. The relay is not polled inside it (entering a span
+    /// takes the log filter's lock, and would cost that on every message): it is entered
+    /// where the connection logs.
+    span: tracing::Span,
 }
 
 impl Accepted {
@@ -388,6 +394,7 @@ impl Accepted {
             policy_deadline,
             shared,
             snapshot,
+            span,
         } = unbox(self);
         let close_timeout = snapshot.config.server.close_timeout;
         let opened = tokio::time::Instant::now();
@@ -398,9 +405,9 @@ impl Accepted {
                 hooks,
                 summary,
                 opened,
-                reason,
-                ClosedBy::Client,
+                (reason, ClosedBy::Client),
                 close_timeout,
+                span,
             ))
             .await;
         }
@@ -413,7 +420,7 @@ impl Accepted {
             Side::Client,
             route.max_message_size,
         );
-        tracing::info!(upstream = %summary.upstream, "connection opened");
+        span.in_scope(|| tracing::info!(upstream = %summary.upstream, "connection opened"));
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let pings = route.ping_interval.map(|i| (i, route.ping_timeout));
         let lifetime = Lifetime::start(deadline, route.idle_timeout, pings);
@@ -432,8 +439,10 @@ impl Accepted {
         summary.duration = opened.elapsed();
         summary.client_to_upstream = client_to_upstream;
         summary.upstream_to_client = upstream_to_client;
-        hooks.on_close(&summary);
-        summary.log();
+        span.in_scope(|| {
+            hooks.on_close(&summary);
+            summary.log();
+        });
         // The snapshot (and, through the hooks just dropped, this worker's VM state for it)
         // is released here, with the connection.
         drop(snapshot);
@@ -447,9 +456,9 @@ async fn abandon(
     mut hooks: Box<dyn FrameHooks>,
     mut summary: CloseSummary,
     opened: tokio::time::Instant,
-    reason: String,
-    closed_by: ClosedBy,
+    (reason, closed_by): (String, ClosedBy),
     close_timeout: std::time::Duration,
+    span: tracing::Span,
 ) {
     let _ = tokio::time::timeout(
         close_timeout,
@@ -459,8 +468,10 @@ async fn abandon(
     summary.reason = reason;
     summary.closed_by = closed_by;
     summary.duration = opened.elapsed();
-    hooks.on_close(&summary);
-    summary.log();
+    span.in_scope(|| {
+        hooks.on_close(&summary);
+        summary.log();
+    });
 }
 
 fn frame_for_lost_client() -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
