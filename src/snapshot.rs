@@ -190,3 +190,38 @@ pub(crate) fn warn_about(config: &Config) {
         tracing::warn!(route = %route.name(), "upstream_tls.insecure_skip_verify is on: upstream certificates are not checked");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(toml: &str, number: u64) -> Snapshot {
+        let config = Config::from_toml(toml, std::path::Path::new("<test>")).unwrap();
+        Snapshot::build(config, number).unwrap()
+    }
+
+    #[test]
+    fn changes_name_added_removed_and_changed_routes() {
+        let old = snapshot(
+            "[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\n\
+             [[route]]\npath = \"/b\"\nupstream = \"ws://h/\"\n\
+             [[route]]\npath = \"/c\"\nupstream = \"ws://h/\"\n",
+            1,
+        );
+        // /a moves (same settings), /b changes, /c goes, /d comes.
+        let new = snapshot(
+            "[[route]]\npath = \"/d\"\nupstream = \"ws://h/\"\n\
+             [[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\n\
+             [[route]]\npath = \"/b\"\nupstream = \"ws://other/\"\n",
+            2,
+        );
+        let changes = new.changes_since(&old);
+        assert_eq!(changes.added, ["/d"]);
+        assert_eq!(changes.removed, ["/c"]);
+        assert_eq!(changes.changed, ["/b"]);
+        // The router yields the runtime entry of this snapshot.
+        let found = new.router().find(None, "/b").unwrap();
+        assert_eq!(found.route.route.upstream.as_str(), "ws://other/");
+        assert!(found.route.tls.is_none());
+    }
+}
