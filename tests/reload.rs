@@ -495,3 +495,31 @@ async fn a_stuck_worker_does_not_hang_a_reload() {
     drop(spinning);
     gw.shutdown().await;
 }
+
+/// `gw.shared` survives a reload: the old and the new policy count in the same dictionary.
+#[tokio::test]
+async fn gw_shared_survives_a_reload() {
+    let up = echo().await;
+    let dir = TempDir::new("reload-shared");
+    let counting = |v: &str| {
+        format!("return function(msg) return \"{v}:\" .. gw.shared:incr(\"seen\") end\n")
+    };
+    let v1 = dir.write("v1.lua", &counting("v1"));
+    let v2 = dir.write("v2.lua", &counting("v2"));
+    let policy = |p: &PathBuf| format!("{:?}", p.display().to_string());
+    let config = |p: &PathBuf| {
+        format!(
+            "{HEAD}{}",
+            route("/echo", up.addr, "", &[("on_server_frame", &policy(p))])
+        )
+    };
+    let gw = start_from(&dir, &config(&v1)).await;
+    let mut old = connect(gw.local_addr(), "/echo").await;
+    assert_eq!(roundtrip(&mut old, "x").await, "v1:1");
+    rewrite(&dir, &config(&v2));
+    gw.reload().await.unwrap();
+    let mut new = connect(gw.local_addr(), "/echo").await;
+    assert_eq!(roundtrip(&mut new, "x").await, "v2:2");
+    assert_eq!(roundtrip(&mut old, "x").await, "v1:3");
+    gw.shutdown().await;
+}
