@@ -250,7 +250,19 @@ impl Running {
             let until = deadline.max(tokio::time::Instant::now() + WORKER_EXIT);
             // `None` once every worker thread has returned. No blocking join: a stuck thread
             // would hold this (and the process's exit) for as long as it is stuck.
-            let _ = tokio::time::timeout_at(until, workers.exited.recv()).await;
+            if tokio::time::timeout_at(until, workers.exited.recv())
+                .await
+                .is_ok()
+            {
+                // Every worker has dropped its runtime; its OS thread ends a moment later.
+                let threads = &workers.threads;
+                let _ = tokio::time::timeout_at(until, async {
+                    while threads.iter().any(|t| !t.is_finished()) {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                })
+                .await;
+            }
             for (index, thread) in workers.threads.iter().enumerate() {
                 if !thread.is_finished() {
                     tracing::error!(

@@ -501,9 +501,8 @@ async fn a_stuck_worker_does_not_hang_a_reload() {
 async fn gw_shared_survives_a_reload() {
     let up = echo().await;
     let dir = TempDir::new("reload-shared");
-    let counting = |v: &str| {
-        format!("return function(msg) return \"{v}:\" .. gw.shared:incr(\"seen\") end\n")
-    };
+    let counting =
+        |v: &str| format!("return function(msg) return \"{v}:\" .. gw.shared:incr(\"seen\") end\n");
     let v1 = dir.write("v1.lua", &counting("v1"));
     let v2 = dir.write("v2.lua", &counting("v2"));
     let policy = |p: &PathBuf| format!("{:?}", p.display().to_string());
