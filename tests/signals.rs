@@ -136,8 +136,9 @@ async fn sighup_reloads_and_a_broken_config_changes_nothing() {
     let head = format!("[server]\nlisten = [\"{}\"]\n", gw.addr);
 
     // A route added on disk serves after SIGHUP.
+    // `workers` changes too: that needs a restart, which the reload says.
     let two = format!(
-        "{head}{}{}",
+        "{head}workers = 7\n{}{}",
         route("/echo", up.addr, "", &[]),
         route("/added", up.addr, "", &[])
     );
@@ -146,6 +147,8 @@ async fn sighup_reloads_and_a_broken_config_changes_nothing() {
     let line = gw.line("configuration reloaded").await;
     assert!(line.contains("snapshot=2"), "{line}");
     assert!(line.contains("/added"), "{line}");
+    let line = gw.line("only take effect after a restart").await;
+    assert!(line.contains("server.workers"), "{line}");
     echo_once_at(gw.addr, "/added", "on the added route").await;
 
     // A broken file: logged once with its position; snapshot 2 keeps serving.
