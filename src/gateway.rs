@@ -8,12 +8,18 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use arc_swap::ArcSwap;
+
+use crate::admin::{self, GatewayApi};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::policy::lua::{Engine, LoadError};
 use crate::policy::shared::SharedDict;
 use crate::proxy::Shared;
-use crate::upstream;
-use crate::worker::{self, Workers};
+use crate::registry::Registry;
+use crate::reload::{ReloadError, Reloader};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::worker::{self, WorkerError, Workers};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,95 +55,124 @@ pub struct Gateway {
 
 impl Gateway {
     /// Prepares everything that can fail before listening: routing, TLS settings, and the
-    /// compilation of every policy script.
+    /// compilation of every policy script. This is what `framegate check` runs, and what a
+    /// reload runs before it swaps anything.
     pub fn new(config: Config) -> Result<Gateway, StartError> {
         let dict = Arc::new(SharedDict::new(&config.shared));
+        let snapshot = Snapshot::build(config, 1).map_err(StartError::from_snapshot)?;
         // Compile every script once here, so that a broken one fails `check` and start-up
         // with its path and line; the workers compile their own copies.
-        Engine::new(&config, dict.clone())?;
-        let tls = config
-            .routes
-            .iter()
-            .map(|route| {
-                // A route's on_upgrade policy may pick a wss:// upstream too.
-                let needs_tls = route.upstream.as_str().starts_with("wss://")
-                    || route.policies.on_upgrade.is_some();
-                needs_tls
-                    .then(|| upstream::client_config(&route.upstream_tls))
-                    .transpose()
-                    .map_err(|message| StartError::Tls {
-                        route: route.name(),
-                        message,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let watchdog = config.server.watchdog_timeout;
-        for route in config
-            .routes
-            .iter()
-            .filter(|r| r.policy_cpu_limit * 2 >= watchdog)
-        {
-            tracing::warn!(
-                route = %route.name(),
-                policy_cpu_limit = ?route.policy_cpu_limit,
-                watchdog_timeout = ?watchdog,
-                "policy_cpu_limit is at least half of server.watchdog_timeout: a policy call that uses its limit will be reported as a stalled worker"
-            );
-        }
-        for route in config
-            .routes
-            .iter()
-            .filter(|r| r.upstream_tls.insecure_skip_verify)
-        {
-            tracing::warn!(route = %route.name(), "upstream_tls.insecure_skip_verify is on: upstream certificates are not checked");
-        }
+        Engine::with_sources(&snapshot.config, &snapshot.sources, dict.clone())?;
+        crate::snapshot::warn_about(&snapshot.config);
+        let metrics = Metrics::new();
+        metrics.set_snapshot(snapshot.number);
         Ok(Gateway {
             shared: Arc::new(Shared {
-                router: config.router(),
-                config,
-                tls,
+                current: ArcSwap::from_pointee(snapshot),
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 next_id: AtomicU64::new(1),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 dict,
-                metrics: crate::metrics::Metrics::new(),
-                registry: crate::registry::Registry::new(),
+                metrics,
+                registry: Registry::new(),
             }),
         })
     }
 
-    /// Binds every `server.listen` address, starts the workers and starts accepting.
+    /// Binds every `server.listen` address (and the admin listener, if configured), starts
+    /// the workers and starts accepting. Must run inside a tokio runtime, which serves the
+    /// admin API and the reloads.
     pub async fn start(self) -> Result<Running, StartError> {
+        let snapshot = self.shared.snapshot();
+        let mut listening = Vec::new();
         let mut listeners = Vec::new();
-        for addr in &self.shared.config.server.listen {
-            let listener = bind(*addr).map_err(|source| StartError::Bind {
+        for addr in &snapshot.config.server.listen {
+            let listener = worker::bind(*addr).map_err(|source| StartError::Bind {
                 addr: *addr,
                 source,
             })?;
-            listeners.push(listener);
+            let local = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            let stop = CancellationToken::new();
+            listeners.push((listener, stop.clone()));
+            listening.push((*addr, local, stop));
         }
-        let local_addrs = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("a bound listener has an address"))
-            .collect();
+        let admin = match &snapshot.config.admin {
+            None => None,
+            Some(admin) => {
+                let listener =
+                    tokio::net::TcpListener::bind(admin.listen)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: admin.listen,
+                            source,
+                        })?;
+                Some((listener, admin.token.clone()))
+            }
+        };
         let shared = self.shared.clone();
         // Worker start-up blocks on thread creation and script compilation.
-        let workers = tokio::task::spawn_blocking(move || worker::start(shared, listeners))
-            .await
-            .map_err(|e| StartError::Worker(e.to_string()))??;
+        let workers = tokio::task::spawn_blocking(move || {
+            worker::start(shared, listeners, crate::listener::serve_boxed)
+        })
+        .await
+        .map_err(|e| StartError::Worker(e.to_string()))?
+        .map_err(|e| match e {
+            WorkerError::Policy(e) => StartError::Policy(e),
+            WorkerError::Start(e) => StartError::Worker(e),
+        })?;
+        let reloader = Arc::new(Reloader::new(
+            self.shared.clone(),
+            workers.pool.clone(),
+            listening,
+        ));
+        // The admin listener and the file watcher stop at the end of shutdown, so that
+        // `/readyz` answers 503 while connections drain.
+        let background = CancellationToken::new();
+        let admin_addr = match admin {
+            None => None,
+            Some((listener, token)) => {
+                let addr = listener.local_addr().ok();
+                let api = Arc::new(GatewayApi::new(self.shared.clone(), reloader.clone()));
+                tokio::spawn(admin::serve(listener, background.clone(), token, api));
+                if let Some(addr) = addr {
+                    tracing::info!(%addr, "admin API listening");
+                }
+                addr
+            }
+        };
+        if snapshot.config.server.watch {
+            crate::reload::watch::start(reloader.clone(), background.clone());
+        }
         Ok(Running {
             shared: self.shared,
-            local_addrs,
+            reloader,
+            admin_addr,
+            background,
             workers: Some(workers),
         })
+    }
+}
+
+impl StartError {
+    fn from_snapshot(e: SnapshotError) -> StartError {
+        match e {
+            SnapshotError::Tls { route, message } => StartError::Tls { route, message },
+            SnapshotError::Policy(e) => StartError::Policy(e),
+        }
     }
 }
 
 /// A started gateway. Dropping it without [`Running::shutdown`] stops it abruptly.
 pub struct Running {
     shared: Arc<Shared>,
-    local_addrs: Vec<SocketAddr>,
+    reloader: Arc<Reloader>,
+    admin_addr: Option<SocketAddr>,
+    /// Stops the admin listener and the file watcher.
+    background: CancellationToken,
     workers: Option<Workers>,
 }
 
@@ -151,9 +186,10 @@ pub enum ShutdownOutcome {
 }
 
 impl Running {
-    /// The bound addresses, in `server.listen` order (useful with port 0).
-    pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.local_addrs
+    /// The bound addresses, in `server.listen` order (useful with port 0). A reload may
+    /// change them.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.reloader.local_addrs()
     }
 
     /// The gateway's metrics (what `GET /metrics` encodes).
@@ -168,7 +204,23 @@ impl Running {
 
     /// The first bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addrs[0]
+        self.local_addrs()[0]
+    }
+
+    /// The admin listener's bound address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Reloads the configuration file (as SIGHUP does): validates and compiles everything,
+    /// then swaps the new snapshot in. Returns its number; on error nothing changed.
+    pub async fn reload(&self) -> Result<u64, ReloadError> {
+        self.reloader.reload().await
+    }
+
+    /// The number of the snapshot new connections get.
+    pub fn snapshot_number(&self) -> u64 {
+        self.shared.snapshot().number
     }
 
     /// The workers the watchdog reports stalled now (no progress for
@@ -191,10 +243,11 @@ impl Running {
     /// It then stops the workers; a worker that is stuck (in a policy that never returns) is
     /// abandoned after [`WORKER_EXIT`] rather than waited for, so this always returns.
     pub async fn shutdown(mut self) -> ShutdownOutcome {
-        let grace = self.shared.config.server.shutdown_grace;
+        let grace = self.shared.snapshot().config.server.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down");
         let deadline = tokio::time::Instant::now() + grace;
         self.shared.begin_shutdown();
+        self.reloader.stop_listening();
         self.shared.tracker.close();
         let outcome = match tokio::time::timeout_at(deadline, self.shared.tracker.wait()).await {
             Ok(()) => ShutdownOutcome::Drained,
@@ -207,7 +260,19 @@ impl Running {
             let until = deadline.max(tokio::time::Instant::now() + WORKER_EXIT);
             // `None` once every worker thread has returned. No blocking join: a stuck thread
             // would hold this (and the process's exit) for as long as it is stuck.
-            let _ = tokio::time::timeout_at(until, workers.exited.recv()).await;
+            if tokio::time::timeout_at(until, workers.exited.recv())
+                .await
+                .is_ok()
+            {
+                // Every worker has dropped its runtime; its OS thread ends a moment later.
+                let threads = &workers.threads;
+                let _ = tokio::time::timeout_at(until, async {
+                    while threads.iter().any(|t| !t.is_finished()) {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                })
+                .await;
+            }
             for (index, thread) in workers.threads.iter().enumerate() {
                 if !thread.is_finished() {
                     tracing::error!(
@@ -217,6 +282,7 @@ impl Running {
                 }
             }
         }
+        self.background.cancel();
         outcome
     }
 }
@@ -228,24 +294,10 @@ pub const WORKER_EXIT: std::time::Duration = std::time::Duration::from_millis(10
 
 impl Drop for Running {
     fn drop(&mut self) {
+        self.background.cancel();
         if let Some(workers) = self.workers.take() {
             self.shared.begin_shutdown();
             workers.stop.cancel();
         }
     }
-}
-
-/// Listen backlog: room for connection bursts while the accept loop catches up (the kernel caps
-/// it at net.core.somaxconn).
-const BACKLOG: u32 = 1024;
-
-fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)?.into_std()
 }

@@ -2,14 +2,21 @@
 //!
 //! Map of the crate:
 //! - [`config`]: `config.toml` as validated types, with `file:line:column` errors.
-//! - [`route`]: path resolvers, `(host, path) -> route`.
+//! - [`route`]: path resolvers, `(host, path) -> route`, over any [`route::Routable`].
+//! - [`snapshot`] (`src/snapshot.rs`): everything derived from one configuration (routes,
+//!   router, TLS settings, script text), immutable and numbered; connections keep theirs.
+//! - [`reload`] (`src/reload.rs`; `reload/watch.rs` for `server.watch`, `reload/drain.rs` for
+//!   `server.drain_old`): validate, compile on every worker, swap the snapshot.
 //! - [`policy`]: the hook trait the proxy calls at each phase, and its verdicts; no sockets.
+//!   The Lua engine is `src/policy/lua/mod.rs` (one VM per worker and snapshot).
 //! - [`proxy`]: the upgrade (both handshakes), the relay loop, lifetimes and closing.
 //! - [`upstream`]: connecting to upstreams over TCP or TLS.
 //! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
-//! - `listener`: the accept loop, the connection cap, serving one client connection.
-//! - `worker`: worker threads, each a current-thread runtime with its own Lua VM.
-//! - [`gateway`]: build, start and shut down a gateway.
+//! - `listener`: the connection cap, serving one client connection (in its tracing span).
+//! - `worker`: worker threads, each a current-thread runtime with its compiled policies per
+//!   live snapshot; `worker/accept.rs` the accept loops, `worker/admission.rs` the pending set.
+//! - [`admin`]: the admin HTTP listener; `admin/gateway_api.rs` is the gateway's side of it.
+//! - [`gateway`]: build, start, reload and shut down a gateway.
 //! - [`policy_test`]: `framegate policy-test`, running a policy on a message without sockets.
 //! - [`samples`]: built-in sample upstreams (echo, broadcast chat) for demos and tests.
 //!
@@ -49,8 +56,10 @@ pub mod policy;
 pub mod policy_test;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod route;
 pub mod samples;
+pub mod snapshot;
 pub mod upstream;
 mod worker;
 

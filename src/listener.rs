@@ -1,5 +1,5 @@
-//! Accepting and serving client connections: each worker's accept loop, the admission limits,
-//! and, per client on its worker, the HTTP/1.1 requests up to the upgrade.
+//! Serving client connections: the admission limits and, per client on its worker, the
+//! HTTP/1.1 requests up to the upgrade. Accepting is the worker's (`worker/accept.rs`).
 //!
 //! A connection's life, as far as the limits go:
 //! 1. Accepted at once (accepting never pauses), it is *pending* ([`PendingSet`]): sending
@@ -14,68 +14,66 @@
 //! Shutdown cuts every pending connection and every upgrade still waiting for its upstream
 //! (503); only relays get the graceful close.
 
-mod pending;
-
-pub(crate) use pending::PendingSet;
-
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::client_http::{self, Answer, ReadError};
 use crate::proxy::{self, Accepted, Handled, Shared};
-use crate::worker::{self, Slot, WorkerCtx};
+use crate::worker::{Pending, Slot, WorkerCtx};
+use tracing::Instrument;
 
 /// `Retry-After` of a 503 at the connection cap: a WebSocket slot frees when a long-lived
 /// connection ends, so an immediate retry would mostly be refused again.
 const RETRY_AFTER_SECS: &str = "5";
 
-/// Accepts connections until shutdown and places each on a worker. Accepting never pauses for
-/// the connection cap: the limits apply once a connection is in (see the module doc).
-pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, here: Rc<WorkerCtx>) {
-    let shutdown = shared.shutdown.clone();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Typically EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        worker::place(&here, &shared, stream, peer);
-    }
+/// [`serve`] as the workers take it ([`crate::worker::ServeFn`]), with the connection's
+/// tracing span: the lines logged for the connection carry its client and, once routed, its
+/// id, route and snapshot. The HTTP phase runs inside the span; the relay is not polled inside
+/// it (see `proxy::Accepted`), and enters it where it logs.
+pub(crate) fn serve_boxed(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    worker: Rc<WorkerCtx>,
+    slot: Slot,
+) -> Pin<Box<dyn Future<Output = ()>>> {
+    let span = tracing::info_span!(
+        "conn",
+        conn = tracing::field::Empty,
+        client = %peer,
+        route = tracing::field::Empty,
+        snapshot = tracing::field::Empty,
+    );
+    Box::pin(serve(stream, peer, shared, worker, slot, span))
 }
 
 /// Serves one client connection on the current worker: its HTTP requests until one is
 /// upgraded, then the relay.
-pub(crate) async fn serve(
+async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     worker: Rc<WorkerCtx>,
     slot: Slot,
+    span: tracing::Span,
 ) {
     // Held until the connection is gone, relay included.
     let _slot = slot;
     // Boxed: the HTTP phase's futures (reading, `on_upgrade`, the TCP and TLS connects) are
     // large and short-lived. Inline, they would size the task of every relayed connection for
     // its whole life; boxed, they are freed when the relay starts.
-    let upgraded = Box::pin(requests(&mut stream, peer, &shared, &worker)).await;
+    let upgraded = Box::pin(requests(&mut stream, peer, &shared, &worker).instrument(span)).await;
     if let Some((accepted, rest, _permit)) = upgraded {
         Accepted::run(accepted, stream, rest).await;
     }
@@ -101,11 +99,13 @@ async fn requests(
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
 ) -> Option<(Box<Accepted>, Bytes, OwnedSemaphorePermit)> {
-    let server = &shared.config.server;
-    let timeout = server.header_read_timeout;
     let mut buf = BytesMut::new();
     let mut served = 0usize;
     loop {
+        // The HTTP phase's settings come from the current snapshot at each request.
+        let snapshot = shared.snapshot();
+        let server = &snapshot.config.server;
+        let timeout = server.header_read_timeout;
         let pending = worker.pool.pending.enter();
         let idle = (served > 0).then_some(server.keepalive_timeout).flatten();
         let cut = async {
@@ -119,32 +119,32 @@ async fn requests(
             Ok(Some(read)) => read,
             Ok(None) => return None,
             Err(ReadError::Bad(bad)) => {
-                tracing::info!(client = %peer, error = %bad, "request rejected");
+                tracing::info!(error = %bad, "request rejected");
                 let answer = Answer::text(bad.status(), bad.to_string());
                 worker.metrics.unmatched().handshake(answer.status.as_u16());
                 finish(stream, &answer.encode(true, false), true, timeout).await;
                 return None;
             }
             Err(ReadError::Cut(_)) if pending.shed.is_cancelled() => {
-                tracing::debug!(client = %peer, "pending connection shed: max_pending_handshakes reached");
+                tracing::debug!("pending connection shed: max_pending_handshakes reached");
                 shed(stream);
                 return None;
             }
             Err(e) => {
-                tracing::debug!(client = %peer, error = %e, "HTTP connection ended with an error");
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
                 return None;
             }
         };
-        let permit = match slot(shared, worker, &pending).await {
+        let permit = match slot(shared, server.queue_timeout, worker, &pending).await {
             Ok(permit) => permit,
             Err(why) => {
                 let answer = match why {
                     NoSlot::Full => {
-                        worker.pool.refusals.count(server.max_connections);
+                        worker.pool.refusals.count(worker.pool.max_connections);
                         unavailable("the gateway is at its connection limit; retry later", true)
                     }
                     NoSlot::Shed => {
-                        tracing::debug!(client = %peer, "pending connection shed: max_pending_handshakes reached");
+                        tracing::debug!("pending connection shed: max_pending_handshakes reached");
                         shed(stream);
                         return None;
                     }
@@ -169,7 +169,7 @@ async fn requests(
             biased;
             handled = proxy::handle(&request, peer, shared, worker) => handled,
             _ = shared.shutdown.cancelled() => {
-                tracing::info!(client = %peer, path = request.path(), "request cut short by shutdown");
+                tracing::info!(path = request.path(), "request cut short by shutdown");
                 worker.metrics.unmatched().handshake(503);
                 Handled::Answered(unavailable("server shutting down", false))
             }
@@ -199,7 +199,7 @@ async fn requests(
             tokio::time::timeout(timeout, stream.write_all(&bytes)).await,
             Ok(Ok(()))
         ) {
-            tracing::debug!(client = %peer, "HTTP connection ended: the answer could not be written in time");
+            tracing::debug!("HTTP connection ended: the answer could not be written in time");
             return None;
         }
         drop(permit);
@@ -213,15 +213,16 @@ async fn requests(
 /// be shed, and shutdown ends the wait.
 async fn slot(
     shared: &Shared,
+    queue_timeout: Duration,
     worker: &WorkerCtx,
-    pending: &pending::Pending,
+    pending: &Pending,
 ) -> Result<OwnedSemaphorePermit, NoSlot> {
     let permits = &worker.pool.permits;
     if let Ok(permit) = permits.clone().try_acquire_owned() {
         return Ok(permit);
     }
     tokio::select! {
-        permit = tokio::time::timeout(shared.config.server.queue_timeout, permits.clone().acquire_owned()) => match permit {
+        permit = tokio::time::timeout(queue_timeout, permits.clone().acquire_owned()) => match permit {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(NoSlot::Full),
         },
@@ -240,30 +241,6 @@ fn unavailable(message: &str, retry: bool) -> Answer {
         );
     }
     answer
-}
-
-/// Requests refused at `max_connections`: counted, with a warning at most every
-/// [`pending::WARN_EVERY`] (a line per refusal would flood the log when it matters most).
-#[derive(Default)]
-pub(crate) struct Refusals {
-    total: AtomicU64,
-    last_warning: Mutex<Option<std::time::Instant>>,
-}
-
-impl Refusals {
-    fn count(&self, max_connections: usize) {
-        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        if last.is_none_or(|at| now.duration_since(at) >= pending::WARN_EVERY) {
-            *last = Some(now);
-            tracing::warn!(
-                max_connections,
-                refused_total = total,
-                "max_connections reached: answering 503 to requests that found no slot within server.queue_timeout"
-            );
-        }
-    }
 }
 
 /// Ends a shed connection without waiting on it: the 503 is offered once, without blocking

@@ -133,7 +133,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         for addr in running.local_addrs() {
             tracing::info!(%addr, "listening");
         }
-        signals.stop().await;
+        // Runs until SIGINT or SIGTERM; each SIGHUP reloads on the way (a failed reload is
+        // logged by the gateway and changes nothing).
+        while let Signal::Hup = signals.next().await {
+            tracing::info!("SIGHUP received: reloading the configuration");
+            let _ = running.reload().await;
+        }
         let shutdown = running.shutdown();
         tokio::pin!(shutdown);
         tokio::select! {
@@ -141,7 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ShutdownOutcome::Drained => tracing::info!("all connections closed; bye"),
                 ShutdownOutcome::GraceExpired => tracing::warn!("shutdown grace expired with connections still open"),
             },
-            _ = signals.stop() => {
+            _ = signals.stop_signal() => {
                 tracing::warn!("second signal: exiting now");
                 // At once: nothing may wait on a worker, not even the runtime's teardown.
                 std::process::exit(1);
@@ -151,8 +156,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// SIGINT and SIGTERM stop the gateway; SIGHUP is caught so that it never ends the process
-/// (its default action), and logged: reloading is not supported yet.
+/// SIGINT and SIGTERM stop the gateway; SIGHUP reloads its configuration (and never ends the
+/// process, its default action).
 struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
@@ -177,22 +182,33 @@ impl Signals {
         Ok(Signals {})
     }
 
-    /// Waits for SIGINT or SIGTERM, answering each SIGHUP on the way with a log line.
-    async fn stop(&mut self) {
+    /// Waits for the next signal.
+    async fn next(&mut self) -> Signal {
         #[cfg(unix)]
-        loop {
-            tokio::select! {
-                _ = self.term.recv() => return,
-                _ = self.int.recv() => return,
-                _ = self.hup.recv() => tracing::warn!(
-                    "SIGHUP received: reloading the configuration is not supported yet; \
-                     still running with the configuration loaded at start"
-                ),
-            }
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Hup,
         }
         #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop
+        }
     }
+
+    /// Waits for SIGINT or SIGTERM; a SIGHUP now (during shutdown) is ignored.
+    async fn stop_signal(&mut self) {
+        while let Signal::Hup = self.next().await {
+            tracing::info!("SIGHUP received during shutdown: ignored");
+        }
+    }
+}
+
+/// What a signal asks for.
+enum Signal {
+    Stop,
+    Hup,
 }
 
 async fn start_samples() -> anyhow::Result<()> {

@@ -9,24 +9,81 @@
 //! WebSockets stay balanced; otherwise a connection is served where it was accepted, at no
 //! extra cost. The [`watchdog`] marks stalled workers so that nothing is handed to them.
 
+//!
+//! Each worker also keeps the compiled policies of every snapshot that still has connections
+//! on it ([`Engines`]), and answers the reloader's [`Command`]s: compile the next snapshot
+//! before it is swapped in, forget the ones no connection uses, accept on an added address.
+//!
+//! Layering: `gateway` starts the workers and `listener` serves connections on them; this
+//! module knows neither (the connection handler is given to [`start`] as a [`ServeFn`]).
+
+mod accept;
+mod admission;
 mod watchdog;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::StartError;
-use crate::listener::{PendingSet, Refusals};
-use crate::policy::lua::Engine;
-use crate::policy::RoutePolicy;
+use crate::config::Route;
+use crate::policy::lua::{Engine, LoadError};
+use crate::policy::shared::SharedDict;
+use crate::policy::{PolicyError, RoutePolicy};
 use crate::proxy::Shared;
+use crate::snapshot::Snapshot;
 
+pub(crate) use accept::bind;
+pub(crate) use admission::{Pending, PendingSet, Refusals};
 pub(crate) use watchdog::Watchdog;
+
+/// Why the workers could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WorkerError {
+    /// A policy script failed to compile on a worker.
+    #[error(transparent)]
+    Policy(#[from] LoadError),
+    /// A thread, runtime or socket could not be set up.
+    #[error("cannot start a worker thread: {0}")]
+    Start(String),
+}
+
+/// Serves one client connection on the worker that runs it (the listener's `serve`).
+pub(crate) type ServeFn = fn(
+    tokio::net::TcpStream,
+    SocketAddr,
+    Arc<Shared>,
+    Rc<WorkerCtx>,
+    Slot,
+) -> Pin<Box<dyn Future<Output = ()>>>;
+
+/// What the reloader asks of a worker.
+pub(crate) enum Command {
+    /// Compile this snapshot's policies now, before it is swapped in, and answer.
+    Prepare {
+        snapshot: Arc<Snapshot>,
+        done: oneshot::Sender<Result<(), LoadError>>,
+    },
+    /// `current` is the snapshot new connections get: forget the compiled policies of every
+    /// other one (connections still on them keep theirs alive).
+    Settle { current: u64 },
+    /// Start accepting on this socket (an address added by a reload) until `stop`.
+    Listen {
+        listener: std::net::TcpListener,
+        stop: CancellationToken,
+    },
+}
+
+/// Commands queued per worker: a reload sends at most three, and reloads run one at a time.
+const COMMAND_QUEUE: usize = 16;
 
 /// A connection handed to another worker.
 pub(crate) struct Handoff {
@@ -39,30 +96,106 @@ pub(crate) struct Handoff {
 /// Another worker's view of a worker.
 pub(crate) struct WorkerLink {
     sender: mpsc::UnboundedSender<Handoff>,
+    /// The reloader's commands.
+    pub(crate) commands: mpsc::Sender<Command>,
     /// Open connections on this worker.
     active: Arc<AtomicUsize>,
 }
 
 /// What all workers share: the balancer's view of each, the watchdog and the admission limits.
 pub(crate) struct Pool {
-    links: Vec<WorkerLink>,
+    pub(crate) links: Vec<WorkerLink>,
     pub(crate) watchdog: Arc<Watchdog>,
     /// `server.max_connections`: held by a connection from its request head to its end.
     pub(crate) permits: Arc<Semaphore>,
+    /// Its size (as started: a reload does not change it).
+    pub(crate) max_connections: usize,
     /// `server.max_pending_handshakes`: connections without a permit yet.
     pub(crate) pending: Arc<PendingSet>,
     /// Requests answered 503 at `max_connections`.
     pub(crate) refusals: Refusals,
 }
 
-/// What a worker's connections share: its index, its compiled route policies, the pool.
+/// What a worker's connections share: its index, its compiled policies, the pool.
 pub(crate) struct WorkerCtx {
-    /// Route policies by route index; `None` for routes without scripts.
-    pub(crate) policies: Vec<Option<Rc<dyn RoutePolicy>>>,
+    /// The compiled policies of each live snapshot.
+    engines: RefCell<Engines>,
+    /// `gw.shared`, for compiling.
+    dict: Arc<SharedDict>,
     pub(crate) index: usize,
     pub(crate) pool: Arc<Pool>,
     /// This worker's metric sets (single writer: only this worker's connections use them).
     pub(crate) metrics: crate::metrics::WorkerMetrics,
+}
+
+/// One worker's compiled policies, by snapshot number. Holds the current snapshot's (and one
+/// being prepared); a connection holds its own through its hooks, so an older snapshot's VM
+/// state goes when its last connection on this worker ends.
+#[derive(Default)]
+struct Engines(HashMap<u64, Rc<Engine>>);
+
+impl WorkerCtx {
+    /// The compiled policies of `route` in `snapshot` on this worker; `Ok(None)` for a route
+    /// without scripts. Called once per connection, right after it took `snapshot`: that is
+    /// the current one, so older entries are forgotten here.
+    pub(crate) fn policy(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        route: &Route,
+    ) -> Result<Option<Rc<dyn RoutePolicy>>, PolicyError> {
+        if route.policies.is_empty() {
+            return Ok(None);
+        }
+        let engine = self.engine(snapshot).map_err(|e| PolicyError {
+            script: e.script.display().to_string(),
+            message: e.message,
+        })?;
+        Ok(engine.route_policy(route))
+    }
+
+    /// This worker's engine for `snapshot`, compiled now if it was not prepared (a worker that
+    /// was stalled during the reload).
+    fn engine(&self, snapshot: &Arc<Snapshot>) -> Result<Rc<Engine>, LoadError> {
+        let mut engines = self.engines.borrow_mut();
+        engines.0.retain(|n, _| *n >= snapshot.number);
+        if let Some(engine) = engines.0.get(&snapshot.number) {
+            return Ok(engine.clone());
+        }
+        let engine = Rc::new(compile(snapshot, &self.dict)?);
+        engines.0.insert(snapshot.number, engine.clone());
+        Ok(engine)
+    }
+
+    /// Answers one reloader command.
+    fn command(self: &Rc<Self>, command: Command, shared: &Arc<Shared>, serve: ServeFn) {
+        match command {
+            Command::Prepare { snapshot, done } => {
+                let compiled = compile(&snapshot, &self.dict).map(|engine| {
+                    self.engines
+                        .borrow_mut()
+                        .0
+                        .insert(snapshot.number, Rc::new(engine));
+                });
+                let _ = done.send(compiled);
+            }
+            Command::Settle { current } => self.engines.borrow_mut().0.retain(|n, _| *n == current),
+            Command::Listen { listener, stop } => match accept::listener(listener) {
+                Ok(listener) => {
+                    let task =
+                        accept::accept_loop(listener, shared.clone(), self.clone(), stop, serve);
+                    shared.tracker.spawn_local(task);
+                }
+                Err(e) => {
+                    tracing::error!(worker = self.index, error = %e, "cannot accept on an added address")
+                }
+            },
+        }
+    }
+}
+
+/// Compiles `snapshot`'s policies in a new VM of this thread.
+fn compile(snapshot: &Snapshot, dict: &Arc<SharedDict>) -> Result<Engine, LoadError> {
+    Engine::with_sources(&snapshot.config, &snapshot.sources, dict.clone())
 }
 
 /// Held by a connection for its whole life: this worker's open-connection count.
@@ -97,56 +230,63 @@ pub(crate) struct Workers {
     pub(crate) watchdog: Option<watchdog::Stop>,
 }
 
-/// Starts `shared.config.server.workers` workers, each accepting on its own copy of every
-/// listener, then the watchdog. Returns once every worker has compiled its policies, or with
-/// the first error.
+/// Starts `server.workers` workers, each accepting on its own copy of every listener (each
+/// until its token is cancelled), then the watchdog. Returns once every worker has compiled
+/// the current snapshot's policies, or with the first error.
 pub(crate) fn start(
     shared: Arc<Shared>,
-    listeners: Vec<std::net::TcpListener>,
-) -> Result<Workers, StartError> {
-    let server = &shared.config.server;
+    listeners: Vec<(std::net::TcpListener, CancellationToken)>,
+    serve: ServeFn,
+) -> Result<Workers, WorkerError> {
+    let snapshot = shared.snapshot();
+    let server = &snapshot.config.server;
     let count = server.workers;
     let stop = CancellationToken::new();
     let mut receivers = Vec::with_capacity(count);
     let mut links = Vec::with_capacity(count);
     for _ in 0..count {
         let (sender, receiver) = mpsc::unbounded_channel();
+        let (commands, command_receiver) = mpsc::channel(COMMAND_QUEUE);
         links.push(WorkerLink {
             sender,
+            commands,
             active: Arc::new(AtomicUsize::new(0)),
         });
-        receivers.push(receiver);
+        receivers.push((receiver, command_receiver));
     }
     let pool = Arc::new(Pool {
         links,
         watchdog: Watchdog::new(count, server.watchdog_timeout),
         permits: Arc::new(Semaphore::new(server.max_connections)),
+        max_connections: server.max_connections,
         pending: PendingSet::new(server.max_pending_handshakes),
         refusals: Refusals::default(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (exited_tx, exited) = mpsc::channel(1);
     let mut threads = Vec::with_capacity(count);
-    for (index, receiver) in receivers.into_iter().enumerate() {
+    for (index, (receiver, commands)) in receivers.into_iter().enumerate() {
         let own = listeners
             .iter()
-            .map(std::net::TcpListener::try_clone)
+            .map(|(l, stop)| l.try_clone().map(|l| (l, stop.clone())))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StartError::Worker(e.to_string()))?;
+            .map_err(|e| WorkerError::Start(e.to_string()))?;
         let thread = Thread {
             shared: shared.clone(),
             pool: pool.clone(),
             index,
             receiver,
+            commands,
             listeners: own,
             stop: stop.clone(),
             ready: ready_tx.clone(),
             exited: exited_tx.clone(),
+            serve,
         };
         let thread = std::thread::Builder::new()
             .name(format!("framegate-worker-{index}"))
             .spawn(move || thread.run())
-            .map_err(|e| StartError::Worker(e.to_string()))?;
+            .map_err(|e| WorkerError::Start(e.to_string()))?;
         threads.push(thread);
     }
     drop((ready_tx, exited_tx, listeners));
@@ -158,7 +298,7 @@ pub(crate) fn start(
                 return Err(e);
             }
             Err(_) => {
-                return Err(StartError::Worker(
+                return Err(WorkerError::Start(
                     "a worker thread died while starting".into(),
                 ))
             }
@@ -166,7 +306,7 @@ pub(crate) fn start(
     }
     let watchdog = pool.watchdog.spawn().map_err(|e| {
         stop.cancel();
-        StartError::Worker(e.to_string())
+        WorkerError::Start(e.to_string())
     })?;
     Ok(Workers {
         threads,
@@ -183,11 +323,13 @@ struct Thread {
     pool: Arc<Pool>,
     index: usize,
     receiver: mpsc::UnboundedReceiver<Handoff>,
-    listeners: Vec<std::net::TcpListener>,
+    commands: mpsc::Receiver<Command>,
+    listeners: Vec<(std::net::TcpListener, CancellationToken)>,
     stop: CancellationToken,
-    ready: std::sync::mpsc::Sender<Result<(), StartError>>,
+    ready: std::sync::mpsc::Sender<Result<(), WorkerError>>,
     /// Dropped when the thread returns, after its runtime: shutdown waits for that.
     exited: mpsc::Sender<()>,
+    serve: ServeFn,
 }
 
 impl Thread {
@@ -197,10 +339,12 @@ impl Thread {
             pool,
             index,
             mut receiver,
+            mut commands,
             listeners,
             stop,
             ready,
             exited,
+            serve,
         } = self;
         let _exited = exited;
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -209,47 +353,37 @@ impl Thread {
         {
             Ok(runtime) => runtime,
             Err(e) => {
-                let _ = ready.send(Err(StartError::Worker(e.to_string())));
+                let _ = ready.send(Err(WorkerError::Start(e.to_string())));
                 return;
             }
         };
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {
-            let engine = match Engine::new(&shared.config, shared.dict.clone()) {
-                Ok(engine) => engine,
-                Err(e) => {
-                    let _ = ready.send(Err(StartError::Policy(e)));
-                    return;
-                }
-            };
             let ctx = Rc::new(WorkerCtx {
-                policies: shared
-                    .config
-                    .routes
-                    .iter()
-                    .map(|r| engine.route_policy(r))
-                    .collect(),
+                engines: RefCell::default(),
+                dict: shared.dict.clone(),
                 index,
                 pool: pool.clone(),
                 metrics: shared.metrics.worker(index),
             });
+            if let Err(e) = ctx.engine(&shared.snapshot()) {
+                let _ = ready.send(Err(WorkerError::Policy(e)));
+                return;
+            }
             if index == 0 {
                 shared
                     .tracker
                     .spawn_local(sweep_shared_dict(shared.clone()));
             }
-            for listener in listeners {
-                let listener = match listener
-                    .set_nonblocking(true)
-                    .and_then(|()| tokio::net::TcpListener::from_std(listener))
-                {
+            for (listener, until) in listeners {
+                let listener = match accept::listener(listener) {
                     Ok(l) => l,
                     Err(e) => {
-                        let _ = ready.send(Err(StartError::Worker(e.to_string())));
+                        let _ = ready.send(Err(WorkerError::Start(e.to_string())));
                         return;
                     }
                 };
-                let task = crate::listener::accept_loop(listener, shared.clone(), ctx.clone());
+                let task = accept::accept_loop(listener, shared.clone(), ctx.clone(), until, serve);
                 shared.tracker.spawn_local(task);
             }
             let _ = ready.send(Ok(()));
@@ -263,28 +397,28 @@ impl Thread {
                         let Some(Handoff { stream, peer, slot }) = handoff else { break };
                         // `into_std` on the accepting worker left the socket non-blocking.
                         let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { continue };
-                        serve(&ctx, &shared, stream, peer, slot);
+                        run(&ctx, &shared, stream, peer, slot, serve);
                     }
+                    Some(command) = commands.recv() => ctx.command(command, &shared, serve),
                     _ = heartbeat.tick() => pool.watchdog.beat(index),
                     _ = stop.cancelled() => break,
                 }
             }
-            // Keep the engine alive until every connection on this worker is gone.
             drop(ctx);
-            drop(engine);
         });
     }
 }
 
 /// Serves `stream` on this worker.
-fn serve(
+fn run(
     ctx: &Rc<WorkerCtx>,
     shared: &Arc<Shared>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     slot: Slot,
+    serve: ServeFn,
 ) {
-    let task = crate::listener::serve(stream, peer, shared.clone(), ctx.clone(), slot);
+    let task = serve(stream, peer, shared.clone(), ctx.clone(), slot);
     shared.tracker.spawn_local(task);
 }
 
@@ -312,11 +446,12 @@ fn overloaded(mine: usize, least: usize) -> bool {
 
 /// Places a stream this worker has just accepted: served here, unless this worker is
 /// busier than the least loaded healthy one, which then gets it.
-pub(crate) fn place(
+fn place(
     ctx: &Rc<WorkerCtx>,
     shared: &Arc<Shared>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
+    serve: ServeFn,
 ) {
     let pool = &ctx.pool;
     let mine = pool.links[ctx.index].active.load(Ordering::Relaxed);
@@ -329,7 +464,7 @@ pub(crate) fn place(
         .min_by_key(|(_, active)| *active);
     let Some((index, least)) = target.filter(|(_, least)| overloaded(mine, *least)) else {
         let slot = Slot::take(pool, ctx.index);
-        return serve(ctx, shared, stream, peer, slot);
+        return run(ctx, shared, stream, peer, slot, serve);
     };
     let stream = match stream.into_std() {
         Ok(stream) => stream,
@@ -344,7 +479,14 @@ pub(crate) fn place(
         // That worker has stopped (shutdown): serve it here after all.
         drop(handoff.slot);
         if let Ok(stream) = tokio::net::TcpStream::from_std(handoff.stream) {
-            serve(ctx, shared, stream, peer, Slot::take(pool, ctx.index));
+            run(
+                ctx,
+                shared,
+                stream,
+                peer,
+                Slot::take(pool, ctx.index),
+                serve,
+            );
         }
     } else {
         tracing::trace!(

@@ -327,7 +327,10 @@ async fn broadcast_and_filters_pick_by_route_tag_and_client() {
         ids(&get(admin, "/admin/connections?client_ip=10.9.9.9").await),
         0
     );
-    assert_eq!(ids(&get(admin, "/admin/connections?snapshot=0").await), 3);
+    let snapshot = gw.snapshot_number();
+    let on = |n: u64| format!("/admin/connections?snapshot={n}");
+    assert_eq!(ids(&get(admin, &on(snapshot)).await), 3);
+    assert_eq!(ids(&get(admin, &on(snapshot + 1)).await), 0);
     let limited = get(admin, "/admin/connections?limit=1").await.json();
     assert_eq!(limited["matched"], 3);
     assert_eq!(limited["connections"].as_array().unwrap().len(), 1);
@@ -340,7 +343,7 @@ async fn broadcast_and_filters_pick_by_route_tag_and_client() {
     assert_eq!(detail["tags"], json!({"user": "ann"}));
     assert_eq!(detail["ctx"], json!({"user": "ann"}));
     assert_eq!(detail["route"], "/b");
-    assert_eq!(detail["snapshot"], 0);
+    assert_eq!(detail["snapshot"], snapshot);
     assert_eq!(detail["request"]["target"], "/b?user=ann");
 
     let r = call(admin, "POST", "/admin/broadcast?route=/a", None, "to /a").await;

@@ -220,3 +220,44 @@ async fn repository_config_passes_check() {
     );
     assert_eq!(out.stdout.trim_end(), "config.toml: OK");
 }
+
+#[tokio::test]
+async fn check_refuses_a_reachable_admin_listener_without_a_token() {
+    let dir = TempDir::new("admin-no-token");
+    let src =
+        "[admin]\nlisten = \"0.0.0.0:9901\"\n\n[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\n";
+    let path = dir.write("bad.toml", src);
+    let out = check(&path).await;
+    let at = position(src, "\"0.0.0.0");
+    assert_rejected(
+        &out,
+        &[format!(
+            "{}:{at}: admin.listen 0.0.0.0:9901 is reachable from other hosts, so admin.token_file is required",
+            path.display()
+        )],
+    );
+    // With a token file it passes; a loopback address needs none.
+    dir.write("admin.token", "0123456789abcdef0123\n");
+    let good = dir.write(
+        "good.toml",
+        &src.replace("9901\"\n", "9901\"\ntoken_file = \"admin.token\"\n"),
+    );
+    assert!(check(&good).await.status.success());
+    let local = dir.write("local.toml", &src.replace("0.0.0.0", "127.0.0.1"));
+    assert!(check(&local).await.status.success());
+}
+
+#[tokio::test]
+async fn check_validates_the_reload_keys() {
+    let dir = TempDir::new("reload-keys");
+    let src = "[server]\nwatch = true\ndrain_old = \"soon\"\n";
+    let path = dir.write("bad.toml", src);
+    let out = check(&path).await;
+    let at = position(src, "\"soon\"");
+    assert_rejected(
+        &out,
+        &[format!("{}:{at}: server.drain_old", path.display())],
+    );
+    let good = dir.write("good.toml", &src.replace("soon", "10m"));
+    assert!(check(&good).await.status.success());
+}

@@ -33,7 +33,7 @@ fn routes_config() -> Config {
 }
 
 fn route_matching(c: &mut Criterion) {
-    let router = routes_config().router();
+    let router = framegate::route::Router::new(&routes_config().routes);
     let mut group = c.benchmark_group("route_match_1000_routes");
     group.bench_function("exact", |b| {
         b.iter(|| router.find(None, black_box("/api/v500/items")))

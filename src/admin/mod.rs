@@ -19,7 +19,10 @@
 //! - `DELETE /admin/connections` needs at least one filter; `POST /admin/broadcast` without one
 //!   reaches every connection.
 
-pub mod config;
+pub use crate::config::admin as config;
+mod gateway_api;
+
+pub(crate) use gateway_api::GatewayApi;
 
 use std::convert::Infallible;
 use std::future::Future;

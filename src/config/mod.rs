@@ -2,6 +2,7 @@
 //! invalid values, and `file:line:column` errors. Takes `&str` so tests need no files.
 //! Defaults live in [`defaults`]; docs/configuration.md documents every key.
 
+pub mod admin;
 mod error;
 mod raw;
 mod units;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::route::{PathTemplate, Router};
+use crate::route::{PathTemplate, Routable};
 
 /// Default values, in one place.
 pub mod defaults {
@@ -67,6 +68,11 @@ pub mod defaults {
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (or the label given to [`Config::from_toml`]): what a reload
+    /// reads again.
+    pub origin: PathBuf,
+    /// The `[admin]` table; `None`: no admin listener.
+    pub admin: Option<admin::AdminConfig>,
     /// The `[server]` table.
     pub server: ServerConfig,
     /// The `[[route]]` tables, in file order.
@@ -120,6 +126,11 @@ pub struct ServerConfig {
     pub close_timeout: Duration,
     /// Worker threads, each with its own runtime and Lua VM.
     pub workers: usize,
+    /// Reload when the configuration file or a policy script it names changes.
+    pub watch: bool,
+    /// Connections still on an older snapshot this long after a reload are closed with 1012,
+    /// spread over a further `drain_old`; `None`: they stay until they end.
+    pub drain_old: Option<Duration>,
 }
 
 /// One `[[route]]`: a path resolver.
@@ -164,6 +175,21 @@ pub struct Route {
     /// Placeholder values may hold `%2F`, `%5C` and `\` (passed on encoded); dot segments are
     /// refused all the same.
     pub allow_encoded_slash: bool,
+}
+
+impl Routable for Route {
+    fn path(&self) -> &PathTemplate {
+        &self.path
+    }
+    fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+    fn index(&self) -> usize {
+        self.index
+    }
+    fn allow_encoded_slash(&self) -> bool {
+        self.allow_encoded_slash
+    }
 }
 
 impl Route {
@@ -331,16 +357,39 @@ impl Config {
             .map(|(i, r)| v.route(i, r).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let shared = v.shared(raw.shared.unwrap_or_default())?;
+        let admin = raw
+            .admin
+            .map(|a| a.check(origin, source, base))
+            .transpose()?;
         Ok(Config {
+            origin: origin.to_path_buf(),
+            admin,
             server,
             routes,
             shared,
         })
     }
 
-    /// Builds the router for this configuration.
-    pub fn router(&self) -> Router {
-        Router::new(&self.routes)
+    /// Every policy script the configuration names, each once, in file order.
+    pub fn scripts(&self) -> Vec<&Path> {
+        let mut seen = Vec::new();
+        for route in &self.routes {
+            let p = &route.policies;
+            for path in [
+                &p.on_upgrade,
+                &p.on_client_frame,
+                &p.on_server_frame,
+                &p.on_close,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if !seen.contains(&path.as_path()) {
+                    seen.push(path.as_path());
+                }
+            }
+        }
+        seen
     }
 }
 
@@ -515,7 +564,10 @@ impl Validator<'_> {
             None => Some(defaults::KEEPALIVE_TIMEOUT),
             some => self.optional_duration(some, "server.keepalive_timeout")?,
         };
+        let drain_old = self.optional_duration(&raw.drain_old, "server.drain_old")?;
         Ok(ServerConfig {
+            watch: raw.watch.unwrap_or(false),
+            drain_old,
             workers,
             max_pending_handshakes,
             keepalive_requests,

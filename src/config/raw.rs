@@ -10,6 +10,7 @@ pub(super) struct File {
     #[serde(default)]
     pub route: Vec<Route>,
     pub shared: Option<Shared>,
+    pub admin: Option<super::admin::RawAdmin>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -33,6 +34,8 @@ pub(super) struct Server {
     pub queue_timeout: Option<Spanned<String>>,
     pub keepalive_timeout: Option<Spanned<String>>,
     pub keepalive_requests: Option<Spanned<i64>>,
+    pub watch: Option<bool>,
+    pub drain_old: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

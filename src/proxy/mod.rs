@@ -23,15 +23,18 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::route::Router;
+use arc_swap::ArcSwap;
 
-/// State shared by every connection of one running gateway.
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::snapshot::Snapshot;
+
+/// State shared by every connection of one running gateway. What the configuration decides is
+/// in the current [`Snapshot`], which a reload replaces; the rest survives reloads.
 pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) router: Router,
-    /// TLS client settings per route index (`None` for routes without `wss://` upstreams).
-    pub(crate) tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    /// The snapshot new connections get. A connection loads it once, when its request head is
+    /// routed, and keeps that `Arc` to its end.
+    pub(crate) current: ArcSwap<Snapshot>,
     /// Cancelled once, when shutdown starts.
     pub(crate) shutdown: CancellationToken,
     /// Set just before `shutdown` is cancelled: a check that takes no lock, for the relay.
@@ -41,13 +44,18 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     /// `gw.shared`: the process-wide dictionary of the policies.
     pub(crate) dict: Arc<crate::policy::shared::SharedDict>,
-    /// Per-worker counters, summed when `/metrics` is scraped.
-    pub(crate) metrics: Arc<crate::metrics::Metrics>,
-    /// The open connections, for the admin API.
-    pub(crate) registry: Arc<crate::registry::Registry>,
+    /// The Prometheus metrics, summed over the workers at scrape time.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Every open connection, for the admin API and `server.drain_old`.
+    pub(crate) registry: Arc<Registry>,
 }
 
 impl Shared {
+    /// The current snapshot (an `Arc` to keep).
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
     /// Starts graceful shutdown: the flag first, so that every task the token wakes sees it.
     pub(crate) fn begin_shutdown(&self) {
         self.stopping

@@ -26,6 +26,7 @@ use crate::policy::{
     FrameHooks, PassThrough, PolicyError, UpgradeChanges, UpgradeRequest, UpgradeVerdict,
 };
 use crate::route::RouteError;
+use crate::snapshot::Snapshot;
 use crate::upstream::{self, Io, Socket, UpstreamError};
 use crate::worker::WorkerCtx;
 
@@ -121,15 +122,16 @@ impl Rejection {
         }
     }
 
-    fn log(&self, peer: SocketAddr, path: &str) {
+    /// Logs the refusal, inside the connection's span (which names the client).
+    fn log(&self, path: &str) {
         match self {
             Rejection::PolicyFailed(e) => {
-                tracing::warn!(client = %peer, path, script = %e.script, error = %e.message, "policy error in on_upgrade")
+                tracing::warn!(path, script = %e.script, error = %e.message, "policy error in on_upgrade")
             }
             Rejection::Upstream { .. } | Rejection::UpstreamTimeout { .. } => {
-                tracing::warn!(client = %peer, path, error = %self, "upgrade failed")
+                tracing::warn!(path, error = %self, "upgrade failed")
             }
-            _ => tracing::info!(client = %peer, path, error = %self, "request rejected"),
+            _ => tracing::info!(path, error = %self, "request rejected"),
         }
     }
 }
@@ -153,7 +155,7 @@ pub(crate) async fn handle(
     match upgrade(request, peer, shared, worker, &mut metrics).await {
         Ok(accepted) => Handled::Upgraded(Box::new(accepted)),
         Err(rejection) => {
-            rejection.log(peer, request.path());
+            rejection.log(request.path());
             let answer = rejection.into_answer();
             let metrics = metrics.as_ref().unwrap_or(worker.metrics.unmatched());
             metrics.handshake(answer.status.as_u16());
@@ -220,8 +222,10 @@ async fn upgrade(
     counted: &mut Option<Arc<RouteMetrics>>,
 ) -> Result<Accepted, Rejection> {
     let host = request.host();
-    let found = shared
-        .router
+    // The connection's snapshot, taken once: its route, upstream, policies and limits.
+    let snapshot = shared.snapshot();
+    let found = snapshot
+        .router()
         .find(host, request.path())
         .map_err(|e| match e {
             RouteError::NoRoute(path) => Rejection::NoRoute(path),
@@ -229,44 +233,52 @@ async fn upgrade(
         })?;
     // Looked up once per connection; the relay keeps it.
     let metrics = counted
-        .insert(worker.metrics.route(&found.route.name()))
+        .insert(worker.metrics.route(&found.route.route.name()))
         .clone();
     // Policies see the path the route was matched on.
     let path = &*found.path;
     let client_key = validate(request)?;
-    let route = found.route;
+    let runtime = found.route;
+    let route = runtime.route.clone();
     let id = shared
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The connection's span (opened by the listener): named here, kept by `Accepted`.
+    let span = tracing::Span::current();
+    span.record("conn", id);
+    span.record("route", tracing::field::display(route.name()));
+    span.record("snapshot", snapshot.number);
 
     // Phase: on_upgrade. It may reject, or change the upstream, headers, subprotocol, lifetime.
-    let (changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) =
-        match worker.policies.get(route.index).and_then(Option::as_ref) {
-            None => (UpgradeChanges::default(), Box::new(PassThrough)),
-            Some(policy) => {
-                let upgrade_request = UpgradeRequest {
-                    id,
-                    method: request.method.as_str(),
-                    path,
-                    query: request.query().unwrap_or(""),
-                    headers: &request.headers,
-                    params: &found.params,
-                    client_ip: peer.ip(),
-                    scheme: "ws",
-                    host,
-                    metrics: Some(&metrics),
-                };
-                match policy.on_upgrade(&upgrade_request) {
-                    UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
-                    UpgradeVerdict::Reject {
-                        status,
-                        body,
-                        headers,
-                    } => return Err(Rejection::Policy(Box::new((status, body, headers)))),
-                    UpgradeVerdict::Failed(error) => return Err(Rejection::PolicyFailed(error)),
-                }
+    let (changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) = match worker
+        .policy(&snapshot, &route)
+        .map_err(Rejection::PolicyFailed)?
+    {
+        None => (UpgradeChanges::default(), Box::new(PassThrough)),
+        Some(policy) => {
+            let upgrade_request = UpgradeRequest {
+                id,
+                method: request.method.as_str(),
+                path,
+                query: request.query().unwrap_or(""),
+                headers: &request.headers,
+                params: &found.params,
+                client_ip: peer.ip(),
+                scheme: "ws",
+                host,
+                metrics: Some(&metrics),
+            };
+            match policy.on_upgrade(&upgrade_request) {
+                UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
+                UpgradeVerdict::Reject {
+                    status,
+                    body,
+                    headers,
+                } => return Err(Rejection::Policy(Box::new((status, body, headers)))),
+                UpgradeVerdict::Failed(error) => return Err(Rejection::PolicyFailed(error)),
             }
-        };
+        }
+    };
 
     // A URL set by a policy is used as given; the route's own URL gets the client's query.
     let url = match changes.upstream {
@@ -295,7 +307,7 @@ async fn upgrade(
         .sum();
     let mut upstream_headers = Vec::with_capacity(size + 96);
     headers::upstream_request(&mut upstream_headers, &request.headers, &extra);
-    let tls = shared.tls.get(route.index).and_then(Option::as_ref);
+    let tls = runtime.tls.as_ref();
     // The client's key goes upstream too, so the upstream's accept value is the client's.
     // `validate` has checked the key: 24 base64 characters, valid UTF-8.
     let key = std::str::from_utf8(client_key).unwrap_or_default();
@@ -361,6 +373,8 @@ async fn upgrade(
             request: registry_request(request),
             ctx: changes.ctx_json,
         }),
+        snapshot,
+        span,
     })
 }
 
@@ -400,6 +414,12 @@ pub(crate) struct Accepted {
     metrics: Arc<RouteMetrics>,
     /// For the registry entry.
     record: Box<Record>,
+    /// The snapshot the connection was routed with, kept to its end.
+    snapshot: Arc<Snapshot>,
+    /// The connection's tracing span. The relay is not polled inside it (entering a span
+    /// takes the log filter's lock, and would cost that on every message): it is entered
+    /// where the connection logs.
+    span: tracing::Span,
 }
 
 impl Accepted {
@@ -421,8 +441,10 @@ impl Accepted {
             shared,
             metrics,
             record,
+            snapshot,
+            span,
         } = unbox(self);
-        let close_timeout = shared.config.server.close_timeout;
+        let close_timeout = snapshot.config.server.close_timeout;
         let opened = tokio::time::Instant::now();
         metrics.handshake(101);
         if let Err(e) = stream.write_all(&response).await {
@@ -432,9 +454,9 @@ impl Accepted {
                 hooks,
                 summary,
                 opened,
-                reason,
-                ClosedBy::Client,
+                (reason, ClosedBy::Client),
                 close_timeout,
+                span,
             ))
             .await;
         }
@@ -447,13 +469,19 @@ impl Accepted {
             Side::Client,
             route.max_message_size,
         );
-        tracing::info!(conn = summary.id, route = %summary.route, client = %summary.client, upstream = %summary.upstream, "connection opened");
+        span.in_scope(|| tracing::info!(upstream = %summary.upstream, "connection opened"));
         let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
         let pings = route.ping_interval.map(|i| (i, route.ping_timeout));
         let lifetime = Lifetime::start(deadline, route.idle_timeout, pings);
         metrics.connection_opened();
-        let (registration, wiring) =
-            register(&shared, &summary, *record, deadline, metrics.clone());
+        let (registration, wiring) = register(
+            &shared,
+            &summary,
+            *record,
+            deadline,
+            snapshot.number,
+            metrics.clone(),
+        );
         let relay = Box::new(Relay::new(
             client,
             upstream,
@@ -472,8 +500,13 @@ impl Accepted {
         summary.client_to_upstream = client_to_upstream;
         summary.upstream_to_client = upstream_to_client;
         count_close(&metrics, &ending, &summary);
-        hooks.on_close(&summary);
-        summary.log();
+        span.in_scope(|| {
+            hooks.on_close(&summary);
+            summary.log();
+        });
+        // The snapshot (and, through the hooks just dropped, this worker's VM state for it)
+        // is released here, with the connection.
+        drop(snapshot);
     }
 }
 
@@ -483,6 +516,7 @@ fn register(
     summary: &CloseSummary,
     record: Record,
     deadline: Option<tokio::time::Instant>,
+    snapshot: u64,
     metrics: Arc<RouteMetrics>,
 ) -> (Option<crate::registry::Registration>, Wiring) {
     let Record { tags, request, ctx } = record;
@@ -496,8 +530,7 @@ fn register(
         upstream: summary.upstream.clone(),
         opened_at: now,
         expires_at,
-        // Until configuration snapshots exist, every connection runs on snapshot 0.
-        snapshot: 0,
+        snapshot,
         tags,
         request,
         ctx,
@@ -555,9 +588,9 @@ async fn abandon(
     mut hooks: Box<dyn FrameHooks>,
     mut summary: CloseSummary,
     opened: tokio::time::Instant,
-    reason: String,
-    closed_by: ClosedBy,
+    (reason, closed_by): (String, ClosedBy),
     close_timeout: std::time::Duration,
+    span: tracing::Span,
 ) {
     let _ = tokio::time::timeout(
         close_timeout,
@@ -567,8 +600,10 @@ async fn abandon(
     summary.reason = reason;
     summary.closed_by = closed_by;
     summary.duration = opened.elapsed();
-    hooks.on_close(&summary);
-    summary.log();
+    span.in_scope(|| {
+        hooks.on_close(&summary);
+        summary.log();
+    });
 }
 
 fn frame_for_lost_client() -> tokio_tungstenite::tungstenite::protocol::CloseFrame {

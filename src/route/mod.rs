@@ -16,13 +16,24 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::Route;
+/// What the router needs to know of a route. Implemented by the configuration's route and by
+/// the runtime entry of a snapshot, so that routing does not depend on either.
+pub trait Routable {
+    /// The path template requests must match.
+    fn path(&self) -> &PathTemplate;
+    /// The host the route is restricted to, if any.
+    fn host(&self) -> Option<&str>;
+    /// Position in the file: the tie-breaker among equally specific routes.
+    fn index(&self) -> usize;
+    /// Whether placeholder values may hold encoded slashes.
+    fn allow_encoded_slash(&self) -> bool;
+}
 
 /// The chosen route and the placeholder values captured from the path.
-#[derive(Debug, Clone)]
-pub struct RouteMatch<'p> {
+#[derive(Debug)]
+pub struct RouteMatch<'p, R> {
     /// The matched route.
-    pub route: Arc<Route>,
+    pub route: Arc<R>,
     /// Path placeholders, in template order, from the normalised path.
     pub params: Params,
     /// The normalised request path the route was matched on.
@@ -41,56 +52,66 @@ pub enum RouteError {
 }
 
 /// A route and its placeholders, before the path is attached.
-struct Found {
-    route: Arc<Route>,
+struct Found<R> {
+    route: Arc<R>,
     params: Params,
 }
 
 /// Matches requests to routes; built once per configuration snapshot.
-#[derive(Debug, Default)]
-pub struct Router {
+#[derive(Debug)]
+pub struct Router<R> {
     /// Routes with a `host`, keyed by lower-case host.
-    by_host: HashMap<String, Group>,
+    by_host: HashMap<String, Group<R>>,
     /// Routes without a `host`.
-    any_host: Group,
+    any_host: Group<R>,
 }
 
 /// Routes sharing one host key, pre-sorted by precedence.
-#[derive(Debug, Default)]
-struct Group {
+#[derive(Debug)]
+struct Group<R> {
     /// Exact literal paths: one hash look-up. The first route in file order wins a duplicate.
-    exact: HashMap<String, Arc<Route>>,
+    exact: HashMap<String, Arc<R>>,
     /// Templates and catch-alls whose first segment is literal, by that segment; each list is
     /// sorted by precedence (templates, then catch-alls, each in file order).
-    by_first_segment: HashMap<String, Vec<Arc<Route>>>,
+    by_first_segment: HashMap<String, Vec<Arc<R>>>,
     /// Templates and catch-alls that start with a placeholder, sorted the same way.
-    open_first_segment: Vec<Arc<Route>>,
+    open_first_segment: Vec<Arc<R>>,
+}
+
+impl<R> Default for Group<R> {
+    fn default() -> Self {
+        Group {
+            exact: HashMap::new(),
+            by_first_segment: HashMap::new(),
+            open_first_segment: Vec::new(),
+        }
+    }
 }
 
 /// The precedence of a route among matching ones: lower wins.
-fn rank(route: &Route) -> (Specificity, usize) {
-    (route.path.specificity(), route.index)
+fn rank<R: Routable>(route: &R) -> (Specificity, usize) {
+    (route.path().specificity(), route.index())
 }
 
-impl Group {
-    fn insert(&mut self, route: Arc<Route>) {
-        if route.path.specificity() == Specificity::Exact {
+impl<R: Routable> Group<R> {
+    fn insert(&mut self, route: Arc<R>) {
+        if route.path().specificity() == Specificity::Exact {
             let key = route
-                .path
+                .path()
                 .exact_path()
-                .unwrap_or_else(|| route.path.as_str().to_owned());
+                .unwrap_or_else(|| route.path().as_str().to_owned());
             self.exact.entry(key).or_insert(route);
             return;
         }
-        let list = match route.path.first_literal() {
+        let list = match route.path().first_literal() {
             Some(first) => self.by_first_segment.entry(first.to_owned()).or_default(),
             None => &mut self.open_first_segment,
         };
         list.push(route);
-        list.sort_by_key(|r| rank(r));
+        list.sort_by_key(|r| rank(&**r));
     }
 
-    fn find(&self, path: &str) -> Option<Found> {
+    fn find(&self, path: &str) -> Option<Found<R>> {
         if let Some(route) = self.exact.get(path) {
             return Some(Found {
                 route: route.clone(),
@@ -98,9 +119,9 @@ impl Group {
             });
         }
         let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-        let first_match = |list: &[Arc<Route>]| {
+        let first_match = |list: &[Arc<R>]| {
             list.iter().find_map(|route| {
-                route.path.matches(path).map(|params| Found {
+                route.path().matches(path).map(|params| Found {
                     route: route.clone(),
                     params,
                 })
@@ -112,7 +133,7 @@ impl Group {
             .and_then(|l| first_match(l));
         let open = first_match(&self.open_first_segment);
         match (keyed, open) {
-            (Some(a), Some(b)) => Some(if rank(&a.route) <= rank(&b.route) {
+            (Some(a), Some(b)) => Some(if rank(&*a.route) <= rank(&*b.route) {
                 a
             } else {
                 b
@@ -122,12 +143,15 @@ impl Group {
     }
 }
 
-impl Router {
+impl<R: Routable> Router<R> {
     /// Builds a router over `routes`, given in file order.
-    pub fn new(routes: &[Arc<Route>]) -> Self {
-        let mut router = Router::default();
+    pub fn new(routes: &[Arc<R>]) -> Self {
+        let mut router = Router {
+            by_host: HashMap::new(),
+            any_host: Group::default(),
+        };
         for route in routes {
-            match &route.host {
+            match route.host() {
                 Some(host) => router
                     .by_host
                     .entry(name_key(host))
@@ -146,13 +170,13 @@ impl Router {
         &self,
         host: Option<&str>,
         path: &'p str,
-    ) -> Result<RouteMatch<'p>, RouteError> {
+    ) -> Result<RouteMatch<'p, R>, RouteError> {
         let path = normalize(path)?;
         let found = self
             .find_normal(host, &path)
             .ok_or_else(|| RouteError::NoRoute(path.clone().into_owned()))?;
         for (name, value) in &found.params {
-            check_param(name, value, found.route.allow_encoded_slash)?;
+            check_param(name, value, found.route.allow_encoded_slash())?;
         }
         Ok(RouteMatch {
             route: found.route,
@@ -161,7 +185,7 @@ impl Router {
         })
     }
 
-    fn find_normal(&self, host: Option<&str>, path: &str) -> Option<Found> {
+    fn find_normal(&self, host: Option<&str>, path: &str) -> Option<Found<R>> {
         if !self.by_host.is_empty() {
             if let Some(group) = host.and_then(|h| self.by_host.get(&host_key(h))) {
                 if let Some(found) = group.find(path) {
@@ -193,14 +217,14 @@ pub(crate) fn name_key(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, Route};
 
-    fn router(toml: &str) -> Router {
+    fn router(toml: &str) -> Router<Route> {
         let config = Config::from_toml(toml, std::path::Path::new("<test>")).unwrap();
         Router::new(&config.routes)
     }
 
-    fn upstream_of(r: &Router, host: Option<&str>, path: &str) -> Option<String> {
+    fn upstream_of(r: &Router<Route>, host: Option<&str>, path: &str) -> Option<String> {
         r.find(host, path)
             .ok()
             .map(|m| m.route.upstream.as_str().to_owned())

@@ -15,6 +15,7 @@ mod request;
 pub mod sandbox;
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -66,7 +67,39 @@ impl Limits {
     }
 }
 
-/// One worker's Lua VM and the compiled scripts of every route.
+/// The text of every policy script of a configuration, read once: every worker compiles the
+/// same text, the one that was validated, whatever happens to the files afterwards.
+#[derive(Debug, Clone, Default)]
+pub struct Sources(HashMap<PathBuf, Arc<[u8]>>);
+
+impl Sources {
+    /// Reads every script `config` names.
+    pub fn read(config: &Config) -> Result<Sources, LoadError> {
+        let mut sources = HashMap::new();
+        for path in config.scripts() {
+            let text = std::fs::read(path).map_err(|e| LoadError {
+                script: path.to_path_buf(),
+                message: format!("{}: cannot read: {e}", path.display()),
+            })?;
+            sources.insert(path.to_path_buf(), Arc::from(text));
+        }
+        Ok(Sources(sources))
+    }
+
+    /// The text of `path`, if it was read.
+    pub(crate) fn text(&self, path: &Path) -> Option<&[u8]> {
+        self.0.get(path).map(|s| &s[..])
+    }
+
+    fn get(&self, path: &Path) -> Result<&[u8], LoadError> {
+        self.0.get(path).map(|s| &s[..]).ok_or_else(|| LoadError {
+            script: path.to_path_buf(),
+            message: format!("{}: not read with the configuration", path.display()),
+        })
+    }
+}
+
+/// One worker's Lua VM and the compiled scripts of every route of one configuration.
 pub struct Engine {
     /// Each route's scripts hold the VM, which lives as long as any of them.
     routes: Vec<Option<Rc<LuaRoutePolicy>>>,
@@ -241,8 +274,17 @@ impl Script {
 }
 
 impl Engine {
-    /// Creates a VM and compiles every route's scripts in it.
+    /// Creates a VM and compiles every route's scripts in it, reading them from their files.
     pub fn new(config: &Config, dict: Arc<SharedDict>) -> Result<Engine, LoadError> {
+        Engine::with_sources(config, &Sources::read(config)?, dict)
+    }
+
+    /// Creates a VM and compiles every route's scripts in it from `sources`.
+    pub fn with_sources(
+        config: &Config,
+        sources: &Sources,
+        dict: Arc<SharedDict>,
+    ) -> Result<Engine, LoadError> {
         let vm = Rc::new(new_vm(dict).map_err(|e| LoadError {
             script: PathBuf::from("<engine>"),
             message: format!("cannot set up the Lua VM: {e}"),
@@ -252,13 +294,14 @@ impl Engine {
             routes.push(if route.policies.is_empty() {
                 None
             } else {
-                Some(Rc::new(compile_route(&vm, route)?))
+                Some(Rc::new(compile_route(&vm, route, sources)?))
             });
         }
         Ok(Engine { routes })
     }
 
-    /// The policies of `route` in this VM, if it has any scripts.
+    /// The policies of `route` in this VM, if it has any scripts. `route` must come from the
+    /// configuration the engine was compiled from (the worker keeps one engine per snapshot).
     pub fn route_policy(&self, route: &Route) -> Option<Rc<dyn RoutePolicy>> {
         self.routes
             .get(route.index)
@@ -288,7 +331,12 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
     let over_budget = lua.create_function(move |_, ()| Ok(watched.get().is_over()))?;
     let req = request::reusable_req(&lua)?;
     let call_headers = request::call_header_functions(&lua, &req)?;
-    let sandbox = sandbox::Sandbox::new(&lua, dict, over_budget, &call_headers)?;
+    let sandbox = sandbox::Sandbox::new(
+        &lua,
+        dict,
+        over_budget,
+        (&call_headers.index, &call_headers.all),
+    )?;
     Ok(Vm {
         lua,
         budget,
@@ -298,7 +346,11 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
     })
 }
 
-fn compile_route(vm: &Rc<Vm>, route: &Route) -> Result<LuaRoutePolicy, LoadError> {
+fn compile_route(
+    vm: &Rc<Vm>,
+    route: &Route,
+    sources: &Sources,
+) -> Result<LuaRoutePolicy, LoadError> {
     let limits = Limits {
         cpu: route.policy_cpu_limit,
         memory: route.policy_memory_limit,
@@ -306,7 +358,7 @@ fn compile_route(vm: &Rc<Vm>, route: &Route) -> Result<LuaRoutePolicy, LoadError
     };
     let load = |path: &Option<PathBuf>| {
         path.as_deref()
-            .map(|p| compile(vm, p, limits).map(Rc::new))
+            .map(|p| compile(vm, p, sources.get(p)?, limits).map(Rc::new))
             .transpose()
     };
     Ok(LuaRoutePolicy {
@@ -322,21 +374,26 @@ fn compile_route(vm: &Rc<Vm>, route: &Route) -> Result<LuaRoutePolicy, LoadError
     })
 }
 
-/// Loads the script at `path` in its own sandboxed environment; it must return a function.
-pub(crate) fn compile(vm: &Vm, path: &Path, limits: Limits) -> Result<Script, LoadError> {
+/// Loads the script at `path` (its text: `source`) in its own sandboxed environment; it must
+/// return a function.
+pub(crate) fn compile(
+    vm: &Vm,
+    path: &Path,
+    source: &[u8],
+    limits: Limits,
+) -> Result<Script, LoadError> {
     let shown = path.display().to_string();
     let fail = |message: String| LoadError {
         script: path.to_path_buf(),
         message,
     };
-    let source = std::fs::read(path).map_err(|e| fail(format!("{shown}: cannot read: {e}")))?;
     let env = vm
         .sandbox
         .environment(&vm.lua)
         .map_err(|e| fail(format!("{shown}: {e}")))?;
     let chunk = vm
         .lua
-        .load(&source[..])
+        .load(source)
         .set_name(format!("@{shown}"))
         .set_environment(env);
     let function = chunk

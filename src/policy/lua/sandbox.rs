@@ -17,7 +17,6 @@ use std::sync::Arc;
 use mlua::{Function, Lua, Table};
 
 use super::headers::HeaderSource;
-use super::request::CallHeaderFunctions;
 use crate::policy::shared::SharedDict;
 
 const PRELUDE: &str = r#"
@@ -464,13 +463,13 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Sets up the prelude and the `gw` table in `lua`.
-    /// `call_headers` are the `__index` and `pairs` functions of the call's header views
-    /// (see [`super::headers`]).
+    /// `call_index` and `call_all` are the `__index` and `pairs` functions of the call's
+    /// header views (see [`super::headers`]); `request` makes them, and is above this module.
     pub(crate) fn new(
         lua: &Lua,
         dict: Arc<SharedDict>,
         over_budget: Function,
-        call_headers: &CallHeaderFunctions,
+        (call_index, call_all): (&Function, &Function),
     ) -> mlua::Result<Sandbox> {
         let (freeze, header_views, environment, frozen, views, req_meta, measure): (
             Function,
@@ -486,7 +485,7 @@ impl Sandbox {
             .eval()?;
         let (lookup, materialise) = super::headers::kept_view_functions(lua)?;
         let (header_view, call_headers_meta): (Function, Table) =
-            header_views.call((lookup, materialise, &call_headers.index, &call_headers.all))?;
+            header_views.call((lookup, materialise, call_index, call_all))?;
         let gw = super::gw::build(lua, dict)?;
         let gw: Table = freeze.call((gw, "gw"))?;
         let print = super::gw::print_function(lua)?;

@@ -1,3 +1,6 @@
+//! Admission across workers: the pending connections (below) and the requests refused at
+//! `server.max_connections` ([`Refusals`]).
+//!
 //! Connections that have not earned a `max_connections` slot yet: still sending a request
 //! head, idle between kept-alive requests, or queued for a slot at the cap. They are counted
 //! here, across workers, up to `server.max_pending_handshakes`; when that is full, the oldest
@@ -15,7 +18,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How often the "shedding" warning may repeat: once per burst, not once per connection.
-pub(super) const WARN_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The pending connections of the whole gateway.
 pub(crate) struct PendingSet {
@@ -106,6 +109,30 @@ impl PendingSet {
 impl Drop for Pending {
     fn drop(&mut self) {
         self.set.lock().entries.remove(&self.id);
+    }
+}
+
+/// Requests refused at `max_connections`: counted, with a warning at most every
+/// [`WARN_EVERY`] (a line per refusal would flood the log when it matters most).
+#[derive(Default)]
+pub(crate) struct Refusals {
+    total: AtomicU64,
+    last_warning: Mutex<Option<std::time::Instant>>,
+}
+
+impl Refusals {
+    pub(crate) fn count(&self, max_connections: usize) {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
+            *last = Some(now);
+            tracing::warn!(
+                max_connections,
+                refused_total = total,
+                "max_connections reached: answering 503 to requests that found no slot within server.queue_timeout"
+            );
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::ConfigError;
+use super::ConfigError;
 
 /// Longest token accepted from `token_file`, in bytes.
 pub const MAX_TOKEN: usize = 4096;

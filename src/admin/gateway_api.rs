@@ -1,0 +1,162 @@
+//! The gateway's side of the admin API: [`AdminApi`] over a running gateway's shared state,
+//! its reloader and its current snapshot.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::{AdminApi, BoxFuture};
+use crate::config::{Config, OnPolicyError, Route};
+use crate::proxy::Shared;
+use crate::registry::Registry;
+use crate::reload::Reloader;
+
+/// [`AdminApi`] for one running gateway.
+pub(crate) struct GatewayApi {
+    shared: Arc<Shared>,
+    reloader: Arc<Reloader>,
+}
+
+impl GatewayApi {
+    pub(crate) fn new(shared: Arc<Shared>, reloader: Arc<Reloader>) -> GatewayApi {
+        GatewayApi { shared, reloader }
+    }
+}
+
+impl AdminApi for GatewayApi {
+    fn ready(&self) -> bool {
+        !self.shared.stopping.load(Ordering::Acquire)
+    }
+
+    fn metrics(&self) -> String {
+        self.shared.metrics.encode()
+    }
+
+    fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    fn reload(&self) -> BoxFuture<Result<u64, String>> {
+        let reloader = self.reloader.clone();
+        Box::pin(async move { reloader.reload().await.map_err(|e| e.one_line()) })
+    }
+
+    fn config(&self) -> Value {
+        let snapshot = self.shared.snapshot();
+        let mut value = effective(&snapshot.config);
+        value["snapshot"] = json!(snapshot.number);
+        value
+    }
+}
+
+/// The effective configuration as JSON, defaults filled in. Secrets are left out: the admin
+/// token itself (only its file is named) and any password in an upstream URL.
+fn effective(config: &Config) -> Value {
+    let s = &config.server;
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let od = |d: Option<std::time::Duration>| d.map(|d| humantime::format_duration(d).to_string());
+    json!({
+        "file": config.origin.display().to_string(),
+        "server": {
+            "listen": s.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "workers": s.workers,
+            "max_connections": s.max_connections,
+            "max_pending_handshakes": s.max_pending_handshakes,
+            "queue_timeout": d(s.queue_timeout),
+            "keepalive_timeout": od(s.keepalive_timeout),
+            "keepalive_requests": s.keepalive_requests,
+            "header_read_timeout": d(s.header_read_timeout),
+            "close_timeout": d(s.close_timeout),
+            "shutdown_grace": d(s.shutdown_grace),
+            "watchdog_timeout": d(s.watchdog_timeout),
+            "watch": s.watch,
+            "drain_old": od(s.drain_old),
+        },
+        "shared": {
+            "max_entries": config.shared.max_entries,
+            "max_bytes": config.shared.max_bytes,
+        },
+        "admin": config.admin.as_ref().map(|a| json!({
+            "listen": a.listen.to_string(),
+            "token_file": a.token_file.as_ref().map(|p| p.display().to_string()),
+            "token": a.token.as_ref().map(|_| "<redacted>"),
+        })),
+        "routes": config.routes.iter().map(|r| route(r)).collect::<Vec<_>>(),
+    })
+}
+
+fn route(r: &Route) -> Value {
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let od = |d: Option<std::time::Duration>| d.map(|d| humantime::format_duration(d).to_string());
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    json!({
+        "name": r.name(),
+        "path": r.path.as_str(),
+        "host": r.host,
+        "upstream": redact_url(r.upstream.as_str()),
+        "mime_type": r.mime_type,
+        "expire": od(r.expire),
+        "idle_timeout": od(r.idle_timeout),
+        "ping_interval": od(r.ping_interval),
+        "ping_timeout": d(r.ping_timeout),
+        "max_queued_bytes": r.max_queued_bytes,
+        "max_message_size": r.max_message_size,
+        "handshake_timeout": d(r.handshake_timeout),
+        "policies": {
+            "on_upgrade": path(&r.policies.on_upgrade),
+            "on_client_frame": path(&r.policies.on_client_frame),
+            "on_server_frame": path(&r.policies.on_server_frame),
+            "on_close": path(&r.policies.on_close),
+        },
+        "on_policy_error": match r.on_policy_error {
+            OnPolicyError::Close => "close",
+            OnPolicyError::Pass => "pass",
+            OnPolicyError::Drop => "drop",
+        },
+        "policy_cpu_limit": d(r.policy_cpu_limit),
+        "policy_memory_limit": r.policy_memory_limit,
+        "policy_state_limit": r.policy_state_limit,
+        "upstream_tls": {
+            "ca_file": path(&r.upstream_tls.ca_file),
+            "insecure_skip_verify": r.upstream_tls.insecure_skip_verify,
+        },
+        "allow_encoded_slash": r.allow_encoded_slash,
+    })
+}
+
+/// `ws://user:secret@host/` shows as `ws://user:<redacted>@host/`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let hidden = if userinfo.contains(':') {
+                ":<redacted>"
+            } else {
+                ""
+            };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_upstream_urls_are_redacted() {
+        assert_eq!(
+            redact_url("ws://ann:s3cret@h:1/p?x=1"),
+            "ws://ann:<redacted>@h:1/p?x=1"
+        );
+        assert_eq!(redact_url("ws://h:1/p@x"), "ws://h:1/p@x");
+        assert_eq!(redact_url("ws://ann@h/"), "ws://ann@h/");
+    }
+}
