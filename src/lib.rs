@@ -9,7 +9,14 @@
 //!   `server.drain_old`): validate, compile on every worker, swap the snapshot.
 //! - [`policy`]: the hook trait the proxy calls at each phase, and its verdicts; no sockets.
 //!   The Lua engine is `src/policy/lua/mod.rs` (one VM per worker and snapshot).
-//! - [`proxy`]: the upgrade (both handshakes), the relay loop, lifetimes and closing.
+//! - [`proxy`]: the upgrade (`proxy/upgrade.rs`, both handshakes), the relay loop
+//!   (`proxy/relay.rs`), each leg's reading, writing and closing (`proxy/leg/`), the lifetime
+//!   timers (`proxy/lifetime.rs`), what is counted per message (`proxy/meter.rs`) and closing
+//!   (`proxy/close.rs`).
+//! - [`metrics`] (`src/metrics/`): per-worker counters, summed and encoded for Prometheus on
+//!   each scrape.
+//! - [`registry`] (`src/registry.rs`): the open connections, their tags, live counts and
+//!   bounded control channels, for the admin API.
 //! - [`upstream`]: connecting to upstreams over TCP or TLS.
 //! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
 //! - `listener`: the connection cap, serving one client connection (in its tracing span).
