@@ -21,6 +21,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+pub mod node;
+
 /// A client-side WebSocket over plain TCP.
 pub type Client = WebSocketStream<TcpStream>;
 /// An upstream-side WebSocket over plain TCP.
