@@ -465,7 +465,16 @@ def stop_all():
             p.kill()
 
 
+def interrupted(signum, _frame):
+    # Raised in the main thread, so the `finally` below ends every process started.
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    # SIGTERM ends Python without running `finally`, and a run started in the background by a
+    # non-interactive shell ignores SIGINT: handle both, so no proxy outlives the run.
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     WORK = tempfile.mkdtemp(prefix="framegate-bench-")
     try:
         main()
