@@ -10,9 +10,9 @@
 //!   cannot outlive its connection, whatever way the relay ends.
 //! - Live counts are an `Arc<`[`ConnStats`]`>` of relaxed atomics with one writer (the relay);
 //!   the admin reads them without a lock.
-//! - Control messages travel through a per-connection tokio mpsc of [`CONTROL_CAPACITY`]; the
-//!   relay polls the receiver in its `select!`. A full queue is reported as
-//!   [`ControlError::Busy`] (the admin answers 503), never waited on.
+//! - Control messages wait in a mailbox of at most [`CONTROL_CAPACITY`] inside the entry
+//!   (`registry/mailbox.rs`); the relay polls its [`ControlReceiver`] on each wake-up. A full
+//!   mailbox is reported as [`ControlError::Busy`] (the admin answers 503), never waited on.
 //!
 //! Everything a connection brings is bounded here: tags ([`Tags`]), the recorded request
 //! headers, and the frozen ctx's JSON size. Secrets in the upgrade request (`Authorization`,
@@ -27,7 +27,10 @@ use std::time::SystemTime;
 
 use dashmap::DashMap;
 use serde::Serialize;
-use tokio::sync::mpsc;
+
+mod mailbox;
+pub use mailbox::ControlReceiver;
+use mailbox::{Mailbox, Refused};
 
 use crate::metrics::Direction;
 
@@ -160,16 +163,19 @@ impl Tags {
 }
 
 /// The upgrade request as the admin sees it: secrets masked, size bounded.
-#[derive(Debug, Clone, Serialize)]
+///
+/// Every open connection keeps one, so it is compact: the headers are one string of
+/// `name: value` lines (a header field can hold neither CR nor LF), split when the admin asks
+/// for them, instead of two strings per field.
+#[derive(Debug, Clone)]
 pub struct UpgradeRequest {
     /// The request method (always GET for a WebSocket upgrade).
-    pub method: String,
+    pub method: Box<str>,
     /// The request target with any `access_token` query parameter masked.
-    pub target: String,
-    /// `[name, value]` pairs in arrival order, secrets masked, at most [`MAX_HEADERS`].
-    pub headers: Vec<(String, String)>,
+    pub target: Box<str>,
+    /// `name: value\n` per field, in arrival order, secrets masked, at most [`MAX_HEADERS`].
+    lines: Box<str>,
     /// True when headers past the bounds were left out.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub headers_truncated: bool,
 }
 
@@ -181,31 +187,67 @@ impl UpgradeRequest {
         target: &str,
         headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> UpgradeRequest {
-        let mut kept = Vec::new();
-        let mut bytes = 0;
+        let mut lines = String::new();
         let mut truncated = false;
-        for (name, value) in headers {
+        for (kept, (name, value)) in headers.into_iter().enumerate() {
             let secret = ["authorization", "proxy-authorization", "cookie"]
                 .iter()
                 .any(|s| name.eq_ignore_ascii_case(s));
             let value = if secret {
-                MASK.to_owned()
+                MASK.into()
             } else {
-                String::from_utf8_lossy(value).into_owned()
+                String::from_utf8_lossy(value)
             };
-            bytes += name.len() + value.len();
-            if kept.len() == MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+            // Bounded by name and value, as before: the separators are not counted.
+            let bytes = lines.len() - 3 * kept + name.len() + value.len();
+            if kept == MAX_HEADERS || bytes > MAX_HEADER_BYTES || has_line_break(name, &value) {
                 truncated = true;
                 break;
             }
-            kept.push((name.to_owned(), value));
+            lines.push_str(name);
+            lines.push_str(": ");
+            lines.push_str(&value);
+            lines.push('\n');
         }
         UpgradeRequest {
-            method: method.to_owned(),
-            target: mask_query(target),
-            headers: kept,
+            method: method.into(),
+            target: mask_query(target).into(),
+            lines: lines.into_boxed_str(),
             headers_truncated: truncated,
         }
+    }
+
+    /// `(name, value)` pairs in arrival order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.lines
+            .lines()
+            .map(|line| line.split_once(": ").unwrap_or((line, "")))
+    }
+}
+
+/// Whether a field would break the line format (the request parser refuses such fields).
+fn has_line_break(name: &str, value: &str) -> bool {
+    name.contains(['\r', '\n']) || value.contains(['\r', '\n'])
+}
+
+impl Serialize for UpgradeRequest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Headers<'a>(&'a UpgradeRequest);
+        impl Serialize for Headers<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.headers())
+            }
+        }
+        let fields = if self.headers_truncated { 4 } else { 3 };
+        let mut out = serializer.serialize_struct("UpgradeRequest", fields)?;
+        out.serialize_field("method", &self.method)?;
+        out.serialize_field("target", &self.target)?;
+        out.serialize_field("headers", &Headers(self))?;
+        if self.headers_truncated {
+            out.serialize_field("headers_truncated", &true)?;
+        }
+        out.end()
     }
 }
 
@@ -354,7 +396,7 @@ struct Entry {
     request: UpgradeRequest,
     ctx: Result<serde_json::Value, usize>,
     stats: Arc<ConnStats>,
-    control: mpsc::Sender<Control>,
+    mailbox: Mailbox,
 }
 
 /// Messages and bytes both ways.
@@ -564,8 +606,8 @@ pub struct Registry {
 pub struct Registered {
     /// Removes the entry when dropped: keep it for the connection's life.
     pub guard: Registration,
-    /// Control messages for this connection; poll it in the relay's `select!`.
-    pub control: mpsc::Receiver<Control>,
+    /// Control messages for this connection; the relay polls it on each wake-up.
+    pub control: ControlReceiver,
     /// The counters the relay updates per forwarded message.
     pub stats: Arc<ConnStats>,
 }
@@ -591,7 +633,6 @@ impl Registry {
 
     /// Adds a connection (call it once its WebSocket is established).
     pub fn register(self: &Arc<Self>, conn: NewConnection) -> Result<Registered, RegisterError> {
-        let (sender, control) = mpsc::channel(CONTROL_CAPACITY);
         let stats = Arc::new(ConnStats::default());
         let ctx = match json_len(&conn.ctx) {
             n if n <= MAX_CTX_JSON => Ok(conn.ctx),
@@ -610,7 +651,7 @@ impl Registry {
             request: conn.request,
             ctx,
             stats: stats.clone(),
-            control: sender,
+            mailbox: Mailbox::default(),
         });
         match self.conns.entry(conn.id) {
             dashmap::Entry::Occupied(_) => return Err(RegisterError::DuplicateId(conn.id)),
@@ -629,7 +670,7 @@ impl Registry {
                 registry: self.clone(),
                 id: conn.id,
             },
-            control,
+            control: ControlReceiver::new(entry),
             stats,
         })
     }
@@ -710,14 +751,14 @@ impl Registry {
 
     /// Queues `control` for connection `id` without waiting.
     pub fn control(&self, id: u64, control: Control) -> Result<(), ControlError> {
-        let sender = self
+        let entry = self
             .conns
             .get(&id)
-            .map(|e| e.control.clone())
+            .map(|e| e.value().clone())
             .ok_or(ControlError::NotFound(id))?;
-        sender.try_send(control).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => ControlError::Busy(id),
-            mpsc::error::TrySendError::Closed(_) => ControlError::NotFound(id),
+        entry.mailbox.push(control).map_err(|e| match e {
+            Refused::Full => ControlError::Busy(id),
+            Refused::Closed => ControlError::NotFound(id),
         })
     }
 
@@ -729,7 +770,7 @@ impl Registry {
             ..Outcome::default()
         };
         for e in found {
-            match e.control.try_send(control.clone()) {
+            match e.mailbox.push(control.clone()) {
                 Ok(()) => outcome.queued += 1,
                 Err(_) => outcome.skipped += 1,
             }
@@ -815,9 +856,10 @@ mod tests {
         );
         let json = serde_json::to_string(&r).unwrap();
         assert!(!json.contains("s3cret"), "{json}");
-        assert_eq!(r.target, "/chat?room=1&access_token=<redacted>&x=2");
-        assert_eq!(r.headers[0], ("Host".into(), "example.com".into()));
-        assert_eq!(r.headers[1].1, MASK);
+        assert_eq!(&*r.target, "/chat?room=1&access_token=<redacted>&x=2");
+        let headers: Vec<_> = r.headers().collect();
+        assert_eq!(headers[0], ("Host", "example.com"));
+        assert_eq!(headers[1].1, MASK);
     }
 
     #[test]
@@ -826,14 +868,8 @@ mod tests {
         let many: Vec<(&str, &[u8])> = (0..200).map(|_| ("X-Big", &big[..])).collect();
         let r = UpgradeRequest::new("GET", "/", many);
         assert!(r.headers_truncated);
-        assert!(r.headers.len() <= MAX_HEADERS);
-        assert!(
-            r.headers
-                .iter()
-                .map(|(n, v)| n.len() + v.len())
-                .sum::<usize>()
-                <= MAX_HEADER_BYTES
-        );
+        assert!(r.headers().count() <= MAX_HEADERS);
+        assert!(r.headers().map(|(n, v)| n.len() + v.len()).sum::<usize>() <= MAX_HEADER_BYTES);
     }
 
     #[test]

@@ -557,6 +557,8 @@ async fn bad_tags_fail_the_upgrade_at_the_scripts_line() {
 /// Real traffic, then every metric it should have moved.
 #[tokio::test]
 async fn metrics_count_real_traffic() {
+    // The CPU limit is generous so that "eat" meets the memory limit first even on a loaded
+    // machine (the limit is wall-clock time; 20 ms made "eat" a CPU-limit error at times).
     let up = echo().await;
     let drop_odd = script(
         "drop.lua",
@@ -572,7 +574,7 @@ end"#,
         route(
             "/policy",
             up.addr,
-            "on_policy_error = \"drop\"\npolicy_cpu_limit = \"20ms\"\npolicy_memory_limit = \"1MiB\"",
+            "on_policy_error = \"drop\"\npolicy_cpu_limit = \"200ms\"\npolicy_memory_limit = \"1MiB\"",
             &[("on_client_frame", &drop_odd)],
         ),
         route("/idle", up.addr, "idle_timeout = \"200ms\"", &[]),

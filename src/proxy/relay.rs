@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -70,7 +69,7 @@ pub(crate) struct Relay {
     /// This connection's counters (registry and metrics).
     meter: Meter,
     /// The admin's control messages; `None` once the registry dropped its sender.
-    control: Option<mpsc::Receiver<Control>>,
+    control: Option<registry::ControlReceiver>,
     /// Admin messages taken off the channel that did not fit their leg's queue yet, in order;
     /// at most [`CONTROL_CAPACITY`] (the channel is not read while this is full).
     held: VecDeque<(Target, registry::Message)>,
@@ -79,7 +78,7 @@ pub(crate) struct Relay {
 /// What the upgrade hands the relay besides the legs: its counters and its control channel.
 pub(crate) struct Wiring {
     pub(crate) meter: Meter,
-    pub(crate) control: Option<mpsc::Receiver<Control>>,
+    pub(crate) control: Option<registry::ControlReceiver>,
 }
 
 impl Relay {
