@@ -19,7 +19,7 @@ use crate::proxy::Shared;
 use crate::registry::Registry;
 use crate::reload::{ReloadError, Reloader};
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::worker::{self, WorkerError, Workers};
+use crate::worker::{self, ListenKind, WorkerError, Workers};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,20 @@ pub enum StartError {
         /// What went wrong.
         message: String,
     },
+    /// A TLS listener's certificate or key could not be loaded (`file:line:column` of its key).
+    #[error(transparent)]
+    Certificate(crate::config::ConfigError),
 }
+
+/// A bound listener as the reloader keeps it: configured address, whether it is TLS, bound
+/// address, the token that stops accepting on it, and the socket.
+pub(crate) type Bound = (
+    SocketAddr,
+    bool,
+    SocketAddr,
+    CancellationToken,
+    std::net::TcpListener,
+);
 
 /// A validated gateway, ready to start.
 pub struct Gateway {
@@ -87,18 +100,18 @@ impl Gateway {
         let snapshot = self.shared.snapshot();
         let mut listening = Vec::new();
         let mut listeners = Vec::new();
-        for addr in &snapshot.config.server.listen {
-            let listener = worker::bind(*addr).map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
-            let local = listener.local_addr().map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
+        let server = &snapshot.config.server;
+        let wanted = server.listen.iter().map(|a| (*a, None));
+        let wanted = wanted.chain(server.tls.iter().map(|t| (t.listen, Some(t.listen))));
+        for (addr, tls) in wanted {
+            let bind_error = |source| StartError::Bind { addr, source };
+            let listener = worker::bind(addr).map_err(bind_error)?;
+            let local = listener.local_addr().map_err(bind_error)?;
+            let own = listener.try_clone().map_err(bind_error)?;
+            let kind = tls.map_or(ListenKind::Plain, ListenKind::Tls);
             let stop = CancellationToken::new();
-            listeners.push((listener, stop.clone()));
-            listening.push((*addr, local, stop));
+            listeners.push((own, kind, stop.clone()));
+            listening.push((addr, tls.is_some(), local, stop, listener));
         }
         let admin = match &snapshot.config.admin {
             None => None,
@@ -162,6 +175,7 @@ impl StartError {
         match e {
             SnapshotError::Tls { route, message } => StartError::Tls { route, message },
             SnapshotError::Policy(e) => StartError::Policy(e),
+            SnapshotError::Certificate(e) => StartError::Certificate(e),
         }
     }
 }
@@ -186,10 +200,15 @@ pub enum ShutdownOutcome {
 }
 
 impl Running {
-    /// The bound addresses, in `server.listen` order (useful with port 0). A reload may
-    /// change them.
+    /// The bound addresses (useful with port 0): `server.listen` in order, then the
+    /// `[[server.tls]]` listeners in file order. A reload may change them.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.reloader.local_addrs()
+    }
+
+    /// The bound addresses of the `[[server.tls]]` (`wss://`) listeners, in file order.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.reloader.tls_addrs()
     }
 
     /// The gateway's metrics (what `GET /metrics` encodes).
@@ -202,7 +221,8 @@ impl Running {
         &self.shared.registry
     }
 
-    /// The first bound address.
+    /// The first bound address (the first of `server.listen`, or with none, the first TLS
+    /// listener's).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addrs()[0]
     }

@@ -19,7 +19,7 @@ use crate::metrics::ReloadResult;
 use crate::policy::lua::{Engine, LoadError};
 use crate::proxy::Shared;
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::worker::{self, Command, Pool};
+use crate::worker::{self, Command, ListenKind, Pool};
 
 /// Why a reload changed nothing. Its text is what `POST /admin/reload` answers and what is
 /// logged: `file:line:column: message` for configuration errors, `script:line: message` for
@@ -68,9 +68,33 @@ impl From<LoadError> for ReloadError {
 struct Listening {
     /// As configured (port 0 stays 0, so that the same text is the same address).
     configured: SocketAddr,
+    /// Plain or TLS: with the configured address, what identifies a listener across reloads.
+    tls: bool,
     /// As bound.
     local: SocketAddr,
     stop: CancellationToken,
+    /// The socket itself (the workers accept on copies): an address that turns from plain to
+    /// TLS, or back, keeps it.
+    socket: std::net::TcpListener,
+}
+
+impl Listening {
+    fn kind(&self) -> ListenKind {
+        if self.tls {
+            ListenKind::Tls(self.configured)
+        } else {
+            ListenKind::Plain
+        }
+    }
+}
+
+/// A listener a reload adds: its configured address, whether it is TLS, and its socket.
+type Added = (SocketAddr, bool, std::net::TcpListener);
+
+/// Every listener of `server`: configured address, and whether it is TLS.
+fn wanted(server: &ServerConfig) -> Vec<(SocketAddr, bool)> {
+    let plain = server.listen.iter().map(|a| (*a, false));
+    plain.chain(server.tls.iter().map(|t| (t.listen, true))).collect()
 }
 
 /// Reloads one running gateway; one reload at a time.
@@ -97,11 +121,11 @@ fn prepare_timeout(server: &ServerConfig) -> Duration {
 
 impl Reloader {
     /// A reloader for `shared`, whose workers are `pool`, listening on `listening`
-    /// (configured address, bound address, stop token).
+    /// (configured address, whether TLS, bound address, stop token, socket).
     pub(crate) fn new(
         shared: Arc<Shared>,
         pool: Arc<Pool>,
-        listening: Vec<(SocketAddr, SocketAddr, CancellationToken)>,
+        listening: Vec<crate::gateway::Bound>,
     ) -> Reloader {
         let snapshot = shared.snapshot();
         Reloader {
@@ -113,10 +137,12 @@ impl Reloader {
             listening: Mutex::new(
                 listening
                     .into_iter()
-                    .map(|(configured, local, stop)| Listening {
+                    .map(|(configured, tls, local, stop, socket)| Listening {
                         configured,
+                        tls,
                         local,
                         stop,
+                        socket,
                     })
                     .collect(),
             ),
@@ -125,9 +151,15 @@ impl Reloader {
         }
     }
 
-    /// The bound listen addresses, in `server.listen` order.
+    /// The bound listen addresses: `server.listen` in order, then the `[[server.tls]]` ones.
     pub(crate) fn local_addrs(&self) -> Vec<SocketAddr> {
         self.lock_listening().iter().map(|l| l.local).collect()
+    }
+
+    /// The bound addresses of the `[[server.tls]]` listeners, in file order.
+    pub(crate) fn tls_addrs(&self) -> Vec<SocketAddr> {
+        let listening = self.lock_listening();
+        listening.iter().filter(|l| l.tls).map(|l| l.local).collect()
     }
 
     fn lock_listening(&self) -> std::sync::MutexGuard<'_, Vec<Listening>> {
@@ -190,7 +222,7 @@ impl Reloader {
         }
         self.shared.current.store(snapshot.clone());
         self.settle(number);
-        let (started, stopped) = self.apply_listen(&snapshot.config.server.listen, added);
+        let (started, stopped) = self.apply_listen(&snapshot.config.server, added);
         crate::snapshot::warn_about(&snapshot.config);
         let changes = snapshot.changes_since(&old);
         let restart = self.needs_restart(&snapshot.config);
@@ -217,25 +249,33 @@ impl Reloader {
     }
 
     /// Binds the addresses the new configuration adds, before anything changes: one that
-    /// cannot be bound fails the reload.
-    fn bind_added(
-        &self,
-        snapshot: &Snapshot,
-    ) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, ReloadError> {
+    /// cannot be bound fails the reload. An address that only changes between plain and TLS
+    /// keeps its socket.
+    fn bind_added(&self, snapshot: &Snapshot) -> Result<Vec<Added>, ReloadError> {
         let listening = self.lock_listening();
-        let mut added = Vec::new();
-        for addr in &snapshot.config.server.listen {
-            if listening.iter().any(|l| l.configured == *addr)
-                || added.iter().any(|(a, _)| a == addr)
-            {
+        let wanted = wanted(&snapshot.config.server);
+        let mut added: Vec<Added> = Vec::new();
+        for &(addr, tls) in &wanted {
+            let same = |l: &Listening| l.configured == addr && l.tls == tls;
+            if listening.iter().any(same) || added.iter().any(|(a, t, _)| (*a, *t) == (addr, tls)) {
                 continue;
             }
-            let listener = worker::bind(*addr).map_err(|source| ReloadError::Bind {
+            // The same address of the other kind, going away: its socket serves on.
+            let switched = listening.iter().find(|l| {
+                l.configured == addr
+                    && l.configured.port() != 0
+                    && !wanted.contains(&(l.configured, l.tls))
+            });
+            let socket = match switched.map(|l| l.socket.try_clone()) {
+                Some(Ok(socket)) => Ok(socket),
+                _ => worker::bind(addr),
+            };
+            let listener = socket.map_err(|source| ReloadError::Bind {
                 origin: snapshot.config.origin.display().to_string(),
-                addr: *addr,
+                addr,
                 source,
             })?;
-            added.push((*addr, listener));
+            added.push((addr, tls, listener));
         }
         Ok(added)
     }
@@ -289,17 +329,18 @@ impl Reloader {
         }
     }
 
-    /// Starts accepting on `added` (on every worker) and stops accepting on the addresses the
-    /// new `listen` no longer has. Returns the bound addresses started and stopped.
+    /// Starts accepting on `added` (on every worker) and stops accepting on the listeners the
+    /// new `server` no longer has. Returns the bound addresses started and stopped.
     fn apply_listen(
         &self,
-        listen: &[SocketAddr],
-        added: Vec<(SocketAddr, std::net::TcpListener)>,
+        server: &ServerConfig,
+        added: Vec<Added>,
     ) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let wanted = wanted(server);
         let mut listening = self.lock_listening();
         let mut stopped = Vec::new();
         listening.retain(|l| {
-            let keep = listen.contains(&l.configured);
+            let keep = wanted.contains(&(l.configured, l.tls));
             if !keep {
                 l.stop.cancel();
                 stopped.push(l.local);
@@ -307,34 +348,37 @@ impl Reloader {
             keep
         });
         let mut started = Vec::new();
-        for (configured, listener) in added {
+        for (configured, tls, listener) in added {
             let Ok(local) = listener.local_addr() else {
                 continue;
             };
-            let stop = CancellationToken::new();
+            let entry = Listening {
+                configured,
+                tls,
+                local,
+                stop: CancellationToken::new(),
+                socket: listener,
+            };
             for (index, link) in self.pool.links.iter().enumerate() {
-                let Ok(own) = listener.try_clone() else {
+                let Ok(own) = entry.socket.try_clone() else {
                     tracing::error!(worker = index, addr = %local, "cannot share the new listening socket");
                     continue;
                 };
                 let command = Command::Listen {
                     listener: own,
-                    stop: stop.clone(),
+                    kind: entry.kind(),
+                    stop: entry.stop.clone(),
                 };
                 if link.commands.try_send(command).is_err() {
                     tracing::warn!(worker = index, addr = %local, "worker not taking commands: it does not accept on the added address");
                 }
             }
-            tracing::info!(addr = %local, "listening");
+            tracing::info!(addr = %local, tls, "listening");
             started.push(local);
-            listening.push(Listening {
-                configured,
-                local,
-                stop,
-            });
+            listening.push(entry);
         }
-        // Keep `server.listen` order.
-        listening.sort_by_key(|l| listen.iter().position(|a| *a == l.configured));
+        // Keep the configuration's order: server.listen, then [[server.tls]].
+        listening.sort_by_key(|l| wanted.iter().position(|w| *w == (l.configured, l.tls)));
         (started, stopped)
     }
 

@@ -56,10 +56,21 @@ pub(crate) enum WorkerError {
     Start(String),
 }
 
+/// What a listening socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListenKind {
+    /// Plain HTTP/1.1 (`ws://`): `server.listen`.
+    Plain,
+    /// TLS (`wss://`): the `[[server.tls]]` listener configured with this address, whose
+    /// certificates each connection takes from the snapshot current when it comes in.
+    Tls(SocketAddr),
+}
+
 /// Serves one client connection on the worker that runs it (the listener's `serve`).
 pub(crate) type ServeFn = fn(
     tokio::net::TcpStream,
     SocketAddr,
+    ListenKind,
     Arc<Shared>,
     Rc<WorkerCtx>,
     Slot,
@@ -78,6 +89,7 @@ pub(crate) enum Command {
     /// Start accepting on this socket (an address added by a reload) until `stop`.
     Listen {
         listener: std::net::TcpListener,
+        kind: ListenKind,
         stop: CancellationToken,
     },
 }
@@ -89,6 +101,7 @@ const COMMAND_QUEUE: usize = 16;
 pub(crate) struct Handoff {
     pub(crate) stream: std::net::TcpStream,
     pub(crate) peer: SocketAddr,
+    pub(crate) kind: ListenKind,
     /// Taken by the sender, so that the count is right for the very next placement.
     pub(crate) slot: Slot,
 }
@@ -179,10 +192,20 @@ impl WorkerCtx {
                 let _ = done.send(compiled);
             }
             Command::Settle { current } => self.engines.borrow_mut().0.retain(|n, _| *n == current),
-            Command::Listen { listener, stop } => match accept::listener(listener) {
+            Command::Listen {
+                listener,
+                kind,
+                stop,
+            } => match accept::listener(listener) {
                 Ok(listener) => {
-                    let task =
-                        accept::accept_loop(listener, shared.clone(), self.clone(), stop, serve);
+                    let task = accept::accept_loop(
+                        listener,
+                        kind,
+                        shared.clone(),
+                        self.clone(),
+                        stop,
+                        serve,
+                    );
                     shared.tracker.spawn_local(task);
                 }
                 Err(e) => {
@@ -230,12 +253,15 @@ pub(crate) struct Workers {
     pub(crate) watchdog: Option<watchdog::Stop>,
 }
 
+/// A listening socket, what it serves, and the token that stops accepting on it.
+pub(crate) type Listener = (std::net::TcpListener, ListenKind, CancellationToken);
+
 /// Starts `server.workers` workers, each accepting on its own copy of every listener (each
 /// until its token is cancelled), then the watchdog. Returns once every worker has compiled
 /// the current snapshot's policies, or with the first error.
 pub(crate) fn start(
     shared: Arc<Shared>,
-    listeners: Vec<(std::net::TcpListener, CancellationToken)>,
+    listeners: Vec<Listener>,
     serve: ServeFn,
 ) -> Result<Workers, WorkerError> {
     let snapshot = shared.snapshot();
@@ -268,7 +294,7 @@ pub(crate) fn start(
     for (index, (receiver, commands)) in receivers.into_iter().enumerate() {
         let own = listeners
             .iter()
-            .map(|(l, stop)| l.try_clone().map(|l| (l, stop.clone())))
+            .map(|(l, kind, stop)| l.try_clone().map(|l| (l, *kind, stop.clone())))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| WorkerError::Start(e.to_string()))?;
         let thread = Thread {
@@ -324,7 +350,7 @@ struct Thread {
     index: usize,
     receiver: mpsc::UnboundedReceiver<Handoff>,
     commands: mpsc::Receiver<Command>,
-    listeners: Vec<(std::net::TcpListener, CancellationToken)>,
+    listeners: Vec<Listener>,
     stop: CancellationToken,
     ready: std::sync::mpsc::Sender<Result<(), WorkerError>>,
     /// Dropped when the thread returns, after its runtime: shutdown waits for that.
@@ -375,7 +401,7 @@ impl Thread {
                     .tracker
                     .spawn_local(sweep_shared_dict(shared.clone()));
             }
-            for (listener, until) in listeners {
+            for (listener, kind, until) in listeners {
                 let listener = match accept::listener(listener) {
                     Ok(l) => l,
                     Err(e) => {
@@ -383,7 +409,8 @@ impl Thread {
                         return;
                     }
                 };
-                let task = accept::accept_loop(listener, shared.clone(), ctx.clone(), until, serve);
+                let task =
+                    accept::accept_loop(listener, kind, shared.clone(), ctx.clone(), until, serve);
                 shared.tracker.spawn_local(task);
             }
             let _ = ready.send(Ok(()));
@@ -394,10 +421,10 @@ impl Thread {
             loop {
                 tokio::select! {
                     handoff = receiver.recv() => {
-                        let Some(Handoff { stream, peer, slot }) = handoff else { break };
+                        let Some(Handoff { stream, peer, kind, slot }) = handoff else { break };
                         // `into_std` on the accepting worker left the socket non-blocking.
                         let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { continue };
-                        run(&ctx, &shared, stream, peer, slot, serve);
+                        run(&ctx, &shared, (stream, peer, kind), slot, serve);
                     }
                     Some(command) = commands.recv() => ctx.command(command, &shared, serve),
                     _ = heartbeat.tick() => pool.watchdog.beat(index),
@@ -409,16 +436,18 @@ impl Thread {
     }
 }
 
+/// An accepted connection: its socket, its client's address, and what its listener serves.
+pub(crate) type Incoming = (tokio::net::TcpStream, SocketAddr, ListenKind);
+
 /// Serves `stream` on this worker.
 fn run(
     ctx: &Rc<WorkerCtx>,
     shared: &Arc<Shared>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
+    (stream, peer, kind): Incoming,
     slot: Slot,
     serve: ServeFn,
 ) {
-    let task = serve(stream, peer, shared.clone(), ctx.clone(), slot);
+    let task = serve(stream, peer, kind, shared.clone(), ctx.clone(), slot);
     shared.tracker.spawn_local(task);
 }
 
@@ -446,13 +475,8 @@ fn overloaded(mine: usize, least: usize) -> bool {
 
 /// Places a stream this worker has just accepted: served here, unless this worker is
 /// busier than the least loaded healthy one, which then gets it.
-fn place(
-    ctx: &Rc<WorkerCtx>,
-    shared: &Arc<Shared>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    serve: ServeFn,
-) {
+fn place(ctx: &Rc<WorkerCtx>, shared: &Arc<Shared>, incoming: Incoming, serve: ServeFn) {
+    let (stream, peer, kind) = incoming;
     let pool = &ctx.pool;
     let mine = pool.links[ctx.index].active.load(Ordering::Relaxed);
     let target = pool
@@ -464,7 +488,7 @@ fn place(
         .min_by_key(|(_, active)| *active);
     let Some((index, least)) = target.filter(|(_, least)| overloaded(mine, *least)) else {
         let slot = Slot::take(pool, ctx.index);
-        return run(ctx, shared, stream, peer, slot, serve);
+        return run(ctx, shared, (stream, peer, kind), slot, serve);
     };
     let stream = match stream.into_std() {
         Ok(stream) => stream,
@@ -474,7 +498,12 @@ fn place(
         }
     };
     let slot = Slot::take(pool, index);
-    let handoff = Handoff { stream, peer, slot };
+    let handoff = Handoff {
+        stream,
+        peer,
+        kind,
+        slot,
+    };
     if let Err(mpsc::error::SendError(handoff)) = pool.links[index].sender.send(handoff) {
         // That worker has stopped (shutdown): serve it here after all.
         drop(handoff.slot);
@@ -482,8 +511,7 @@ fn place(
             run(
                 ctx,
                 shared,
-                stream,
-                peer,
+                (stream, peer, kind),
                 Slot::take(pool, ctx.index),
                 serve,
             );
