@@ -19,7 +19,7 @@ use crate::proxy::Shared;
 use crate::registry::Registry;
 use crate::reload::{ReloadError, Reloader};
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::worker::{self, ListenKind, WorkerError, Workers};
+use crate::worker::{self, Serves, WorkerError, Workers};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,15 +51,9 @@ pub enum StartError {
     Certificate(crate::config::ConfigError),
 }
 
-/// A bound listener as the reloader keeps it: configured address, whether it is TLS, bound
-/// address, the token that stops accepting on it, and the socket.
-pub(crate) type Bound = (
-    SocketAddr,
-    bool,
-    SocketAddr,
-    CancellationToken,
-    std::net::TcpListener,
-);
+/// A bound listener as the reloader keeps it: bound address, what it serves (with its
+/// configured address), and the token that stops accepting on it.
+pub(crate) type Bound = (SocketAddr, Serves, CancellationToken);
 
 /// A validated gateway, ready to start.
 pub struct Gateway {
@@ -101,17 +95,16 @@ impl Gateway {
         let mut listening = Vec::new();
         let mut listeners = Vec::new();
         let server = &snapshot.config.server;
-        let wanted = server.listen.iter().map(|a| (*a, None));
-        let wanted = wanted.chain(server.tls.iter().map(|t| (t.listen, Some(t.listen))));
+        let wanted = server.listen.iter().map(|a| (*a, false));
+        let wanted = wanted.chain(server.tls.iter().map(|t| (t.listen, true)));
         for (addr, tls) in wanted {
             let bind_error = |source| StartError::Bind { addr, source };
             let listener = worker::bind(addr).map_err(bind_error)?;
             let local = listener.local_addr().map_err(bind_error)?;
-            let own = listener.try_clone().map_err(bind_error)?;
-            let kind = tls.map_or(ListenKind::Plain, ListenKind::Tls);
+            let serves = Serves::new(addr, tls);
             let stop = CancellationToken::new();
-            listeners.push((own, kind, stop.clone()));
-            listening.push((addr, tls.is_some(), local, stop, listener));
+            listeners.push((listener, serves.clone(), stop.clone()));
+            listening.push((local, serves, stop));
         }
         let admin = match &snapshot.config.admin {
             None => None,

@@ -19,7 +19,7 @@ use crate::metrics::ReloadResult;
 use crate::policy::lua::{Engine, LoadError};
 use crate::proxy::Shared;
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::worker::{self, Command, ListenKind, Pool};
+use crate::worker::{self, Command, Pool, Serves};
 
 /// Why a reload changed nothing. Its text is what `POST /admin/reload` answers and what is
 /// logged: `file:line:column: message` for configuration errors, `script:line: message` for
@@ -66,30 +66,27 @@ impl From<LoadError> for ReloadError {
 
 /// A listen address and the token that stops every worker's accept loop on it.
 struct Listening {
-    /// As configured (port 0 stays 0, so that the same text is the same address).
-    configured: SocketAddr,
-    /// Plain or TLS: with the configured address, what identifies a listener across reloads.
-    tls: bool,
+    /// As configured (port 0 stays 0, so that the same text is the same address), and
+    /// whether it is TLS: together, what identifies a listener across reloads.
+    serves: Serves,
     /// As bound.
     local: SocketAddr,
     stop: CancellationToken,
-    /// The socket itself (the workers accept on copies): an address that turns from plain to
-    /// TLS, or back, keeps it.
-    socket: std::net::TcpListener,
 }
 
 impl Listening {
-    fn kind(&self) -> ListenKind {
-        if self.tls {
-            ListenKind::Tls(self.configured)
-        } else {
-            ListenKind::Plain
-        }
+    fn key(&self) -> (SocketAddr, bool) {
+        (self.serves.configured(), self.serves.is_tls())
     }
 }
 
-/// A listener a reload adds: its configured address, whether it is TLS, and its socket.
-type Added = (SocketAddr, bool, std::net::TcpListener);
+/// How a reload changes the listeners, prepared before anything changes.
+struct ListenPlan {
+    /// New listeners: configured address, whether TLS, and the socket bound for them.
+    added: Vec<(SocketAddr, bool, std::net::TcpListener)>,
+    /// Fixed addresses that turn from plain to TLS or back: they keep their socket.
+    switched: Vec<SocketAddr>,
+}
 
 /// Every listener of `server`: configured address, and whether it is TLS.
 fn wanted(server: &ServerConfig) -> Vec<(SocketAddr, bool)> {
@@ -121,7 +118,7 @@ fn prepare_timeout(server: &ServerConfig) -> Duration {
 
 impl Reloader {
     /// A reloader for `shared`, whose workers are `pool`, listening on `listening`
-    /// (configured address, whether TLS, bound address, stop token, socket).
+    /// (bound address, what it serves, stop token).
     pub(crate) fn new(
         shared: Arc<Shared>,
         pool: Arc<Pool>,
@@ -137,12 +134,10 @@ impl Reloader {
             listening: Mutex::new(
                 listening
                     .into_iter()
-                    .map(|(configured, tls, local, stop, socket)| Listening {
-                        configured,
-                        tls,
+                    .map(|(local, serves, stop)| Listening {
+                        serves,
                         local,
                         stop,
-                        socket,
                     })
                     .collect(),
             ),
@@ -159,7 +154,8 @@ impl Reloader {
     /// The bound addresses of the `[[server.tls]]` listeners, in file order.
     pub(crate) fn tls_addrs(&self) -> Vec<SocketAddr> {
         let listening = self.lock_listening();
-        listening.iter().filter(|l| l.tls).map(|l| l.local).collect()
+        let tls = listening.iter().filter(|l| l.serves.is_tls());
+        tls.map(|l| l.local).collect()
     }
 
     fn lock_listening(&self) -> std::sync::MutexGuard<'_, Vec<Listening>> {
@@ -215,14 +211,14 @@ impl Reloader {
         .await
         .map_err(|e| ReloadError::Worker(format!("the reload task failed: {e}")))??;
         let snapshot = Arc::new(built);
-        let added = self.bind_added(&snapshot)?;
+        let plan = self.bind_added(&snapshot)?;
         if let Err(e) = self.prepare(&snapshot).await {
             self.settle(old.number);
             return Err(e);
         }
         self.shared.current.store(snapshot.clone());
         self.settle(number);
-        let (started, stopped) = self.apply_listen(&snapshot.config.server, added);
+        let (started, stopped) = self.apply_listen(&snapshot.config.server, plan);
         crate::snapshot::warn_about(&snapshot.config);
         let changes = snapshot.changes_since(&old);
         let restart = self.needs_restart(&snapshot.config);
@@ -249,35 +245,36 @@ impl Reloader {
     }
 
     /// Binds the addresses the new configuration adds, before anything changes: one that
-    /// cannot be bound fails the reload. An address that only changes between plain and TLS
-    /// keeps its socket.
-    fn bind_added(&self, snapshot: &Snapshot) -> Result<Vec<Added>, ReloadError> {
+    /// cannot be bound fails the reload. A fixed address that only changes between plain and
+    /// TLS keeps its socket (and its accept loops).
+    fn bind_added(&self, snapshot: &Snapshot) -> Result<ListenPlan, ReloadError> {
         let listening = self.lock_listening();
         let wanted = wanted(&snapshot.config.server);
-        let mut added: Vec<Added> = Vec::new();
+        let mut plan = ListenPlan {
+            added: Vec::new(),
+            switched: Vec::new(),
+        };
         for &(addr, tls) in &wanted {
-            let same = |l: &Listening| l.configured == addr && l.tls == tls;
-            if listening.iter().any(same) || added.iter().any(|(a, t, _)| (*a, *t) == (addr, tls)) {
+            if listening.iter().any(|l| l.key() == (addr, tls))
+                || plan.added.iter().any(|(a, t, _)| (*a, *t) == (addr, tls))
+            {
                 continue;
             }
-            // The same address of the other kind, going away: its socket serves on.
-            let switched = listening.iter().find(|l| {
-                l.configured == addr
-                    && l.configured.port() != 0
-                    && !wanted.contains(&(l.configured, l.tls))
-            });
-            let socket = match switched.map(|l| l.socket.try_clone()) {
-                Some(Ok(socket)) => Ok(socket),
-                _ => worker::bind(addr),
-            };
-            let listener = socket.map_err(|source| ReloadError::Bind {
+            let other_kind_goes = addr.port() != 0
+                && listening.iter().any(|l| l.key() == (addr, !tls))
+                && !wanted.contains(&(addr, !tls));
+            if other_kind_goes {
+                plan.switched.push(addr);
+                continue;
+            }
+            let listener = worker::bind(addr).map_err(|source| ReloadError::Bind {
                 origin: snapshot.config.origin.display().to_string(),
                 addr,
                 source,
             })?;
-            added.push((addr, tls, listener));
+            plan.added.push((addr, tls, listener));
         }
-        Ok(added)
+        Ok(plan)
     }
 
     /// Has every worker compile `snapshot`. A worker the watchdog reports stalled, or that
@@ -329,18 +326,26 @@ impl Reloader {
         }
     }
 
-    /// Starts accepting on `added` (on every worker) and stops accepting on the listeners the
-    /// new `server` no longer has. Returns the bound addresses started and stopped.
+    /// Switches the listeners of `plan` between plain and TLS, starts accepting on the added
+    /// ones (on every worker) and stops accepting on the ones the new `server` no longer has.
+    /// Returns the bound addresses started and stopped.
     fn apply_listen(
         &self,
         server: &ServerConfig,
-        added: Vec<Added>,
+        plan: ListenPlan,
     ) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
         let wanted = wanted(server);
         let mut listening = self.lock_listening();
+        for l in listening.iter() {
+            if plan.switched.contains(&l.serves.configured()) {
+                let tls = !l.serves.is_tls();
+                l.serves.set_tls(tls);
+                tracing::info!(addr = %l.local, tls, "listener switched");
+            }
+        }
         let mut stopped = Vec::new();
         listening.retain(|l| {
-            let keep = wanted.contains(&(l.configured, l.tls));
+            let keep = wanted.contains(&l.key());
             if !keep {
                 l.stop.cancel();
                 stopped.push(l.local);
@@ -348,26 +353,21 @@ impl Reloader {
             keep
         });
         let mut started = Vec::new();
-        for (configured, tls, listener) in added {
+        for (configured, tls, listener) in plan.added {
             let Ok(local) = listener.local_addr() else {
                 continue;
             };
-            let entry = Listening {
-                configured,
-                tls,
-                local,
-                stop: CancellationToken::new(),
-                socket: listener,
-            };
+            let serves = Serves::new(configured, tls);
+            let stop = CancellationToken::new();
             for (index, link) in self.pool.links.iter().enumerate() {
-                let Ok(own) = entry.socket.try_clone() else {
+                let Ok(own) = listener.try_clone() else {
                     tracing::error!(worker = index, addr = %local, "cannot share the new listening socket");
                     continue;
                 };
                 let command = Command::Listen {
                     listener: own,
-                    kind: entry.kind(),
-                    stop: entry.stop.clone(),
+                    serves: serves.clone(),
+                    stop: stop.clone(),
                 };
                 if link.commands.try_send(command).is_err() {
                     tracing::warn!(worker = index, addr = %local, "worker not taking commands: it does not accept on the added address");
@@ -375,10 +375,14 @@ impl Reloader {
             }
             tracing::info!(addr = %local, tls, "listening");
             started.push(local);
-            listening.push(entry);
+            listening.push(Listening {
+                serves,
+                local,
+                stop,
+            });
         }
         // Keep the configuration's order: server.listen, then [[server.tls]].
-        listening.sort_by_key(|l| wanted.iter().position(|w| *w == (l.configured, l.tls)));
+        listening.sort_by_key(|l| wanted.iter().position(|w| *w == l.key()));
         (started, stopped)
     }
 

@@ -66,6 +66,49 @@ pub(crate) enum ListenKind {
     Tls(SocketAddr),
 }
 
+/// What a listening socket serves, shared by every worker's accept loop on it and read at
+/// each accept: a reload that turns a fixed address from plain to TLS (or back) flips it, and
+/// the socket stays, so that no connection is refused or served the old way in between.
+#[derive(Debug, Clone)]
+pub(crate) struct Serves {
+    configured: SocketAddr,
+    tls: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Serves {
+    /// A socket configured as `configured`, plain or TLS.
+    pub(crate) fn new(configured: SocketAddr, tls: bool) -> Serves {
+        Serves {
+            configured,
+            tls: Arc::new(std::sync::atomic::AtomicBool::new(tls)),
+        }
+    }
+
+    /// What the next connection accepted gets.
+    pub(crate) fn kind(&self) -> ListenKind {
+        if self.is_tls() {
+            ListenKind::Tls(self.configured)
+        } else {
+            ListenKind::Plain
+        }
+    }
+
+    /// The address as configured.
+    pub(crate) fn configured(&self) -> SocketAddr {
+        self.configured
+    }
+
+    /// Whether it serves TLS now.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.load(Ordering::Relaxed)
+    }
+
+    /// Switches what the socket serves (a reload, once the new snapshot is in).
+    pub(crate) fn set_tls(&self, tls: bool) {
+        self.tls.store(tls, Ordering::Relaxed);
+    }
+}
+
 /// Serves one client connection on the worker that runs it (the listener's `serve`).
 pub(crate) type ServeFn = fn(
     tokio::net::TcpStream,
@@ -89,7 +132,7 @@ pub(crate) enum Command {
     /// Start accepting on this socket (an address added by a reload) until `stop`.
     Listen {
         listener: std::net::TcpListener,
-        kind: ListenKind,
+        serves: Serves,
         stop: CancellationToken,
     },
 }
@@ -194,13 +237,13 @@ impl WorkerCtx {
             Command::Settle { current } => self.engines.borrow_mut().0.retain(|n, _| *n == current),
             Command::Listen {
                 listener,
-                kind,
+                serves,
                 stop,
             } => match accept::listener(listener) {
                 Ok(listener) => {
                     let task = accept::accept_loop(
                         listener,
-                        kind,
+                        serves,
                         shared.clone(),
                         self.clone(),
                         stop,
@@ -254,7 +297,7 @@ pub(crate) struct Workers {
 }
 
 /// A listening socket, what it serves, and the token that stops accepting on it.
-pub(crate) type Listener = (std::net::TcpListener, ListenKind, CancellationToken);
+pub(crate) type Listener = (std::net::TcpListener, Serves, CancellationToken);
 
 /// Starts `server.workers` workers, each accepting on its own copy of every listener (each
 /// until its token is cancelled), then the watchdog. Returns once every worker has compiled
@@ -294,7 +337,7 @@ pub(crate) fn start(
     for (index, (receiver, commands)) in receivers.into_iter().enumerate() {
         let own = listeners
             .iter()
-            .map(|(l, kind, stop)| l.try_clone().map(|l| (l, *kind, stop.clone())))
+            .map(|(l, serves, stop)| l.try_clone().map(|l| (l, serves.clone(), stop.clone())))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| WorkerError::Start(e.to_string()))?;
         let thread = Thread {
@@ -401,7 +444,7 @@ impl Thread {
                     .tracker
                     .spawn_local(sweep_shared_dict(shared.clone()));
             }
-            for (listener, kind, until) in listeners {
+            for (listener, serves, until) in listeners {
                 let listener = match accept::listener(listener) {
                     Ok(l) => l,
                     Err(e) => {
@@ -410,7 +453,7 @@ impl Thread {
                     }
                 };
                 let task =
-                    accept::accept_loop(listener, kind, shared.clone(), ctx.clone(), until, serve);
+                    accept::accept_loop(listener, serves, shared.clone(), ctx.clone(), until, serve);
                 shared.tracker.spawn_local(task);
             }
             let _ = ready.send(Ok(()));

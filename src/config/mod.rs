@@ -524,7 +524,7 @@ impl Validator<'_> {
                     return Err(self.err(
                         &list,
                         "server.listen is empty".into(),
-                        "give at least one address, like [\"0.0.0.0:8080\"]",
+                        "give at least one address, like [\"0.0.0.0:8080\"], or a [[server.tls]] listener",
                     ));
                 }
                 list.get_ref()
@@ -1091,6 +1091,14 @@ max_message_size = "64KiB"
             ("[server]\nqueue_timeout = \"soon\"\n", "server.queue_timeout: invalid duration"),
             ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\non_policy_error = \"explode\"\n", "not one of close, pass, drop"),
             ("[[route]\n", "test.toml:1:"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\norigins = [\"https://a.com\", \"a.com\"]\n", "test.toml:4:29: route.origins: \"a.com\" is not an origin: it has no scheme"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\norigins = [\"https://*.a.*.com\"]\n", "whole first label"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\norigins = []\n", "test.toml:4:11: route.origins is empty"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\nallow_missing_origin = true\n", "test.toml:4:24: route.allow_missing_origin needs route.origins"),
+            ("[server]\nlisten = [\"127.0.0.1:8443\"]\n[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert_file = \"a\"\nkey_file = \"b\"\n", "test.toml:4:10: server.tls.listen: 127.0.0.1:8443 is already a listen address"),
+            ("[[server.tls]]\nlisten = \"h:1\"\ncert_file = \"a\"\nkey_file = \"b\"\n", "test.toml:2:10: server.tls.listen: \"h:1\" is not an IP address and port"),
+            ("[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert_file = \"nope.pem\"\nkey_file = \"b\"\n", "test.toml:3:13: certificate file \"nope.pem\" not found"),
+            ("[[server.tls]]\nlisten = \"127.0.0.1:0\"\nkey_file = \"b\"\n", "missing field `cert_file`"),
         ];
         for (src, want) in cases {
             let e = error(src);

@@ -117,7 +117,7 @@ fn is_name(s: &str) -> bool {
 fn split(text: &str) -> Result<(&str, &str, Option<&str>), &'static str> {
     let (scheme, rest) = text
         .split_once("://")
-        .ok_or("it has no scheme (write it like \"https://app.example.com\")")?;
+        .ok_or("it has no scheme")?;
     if !is_scheme(scheme) {
         return Err("its scheme is not valid");
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{place, ListenKind, ServeFn, WorkerCtx};
+use super::{place, ServeFn, Serves, WorkerCtx};
 use crate::proxy::Shared;
 
 /// A listening socket made ready for this worker's runtime.
@@ -22,7 +22,7 @@ pub(super) fn listener(listener: std::net::TcpListener) -> std::io::Result<TcpLi
 /// address: connections already accepted stay), and places each on a worker.
 pub(super) async fn accept_loop(
     listener: TcpListener,
-    kind: ListenKind,
+    serves: Serves,
     shared: Arc<Shared>,
     here: Rc<WorkerCtx>,
     until: CancellationToken,
@@ -45,7 +45,7 @@ pub(super) async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         // A TLS handshake is the connection's own task's (see `listener`), never this loop's.
-        place(&here, &shared, (stream, peer, kind), serve);
+        place(&here, &shared, (stream, peer, serves.kind()), serve);
     }
 }
 
