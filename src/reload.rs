@@ -91,7 +91,9 @@ struct ListenPlan {
 /// Every listener of `server`: configured address, and whether it is TLS.
 fn wanted(server: &ServerConfig) -> Vec<(SocketAddr, bool)> {
     let plain = server.listen.iter().map(|a| (*a, false));
-    plain.chain(server.tls.iter().map(|t| (t.listen, true))).collect()
+    plain
+        .chain(server.tls.iter().map(|t| (t.listen, true)))
+        .collect()
 }
 
 /// Reloads one running gateway; one reload at a time.

@@ -87,9 +87,7 @@ impl Snapshot {
             .server
             .tls
             .iter()
-            .map(|l| {
-                crate::listener::tls_server_config(l, &config.origin).map(|c| (l.listen, c))
-            })
+            .map(|l| crate::listener::tls_server_config(l, &config.origin).map(|c| (l.listen, c)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(SnapshotError::Certificate)?;
         let routes = config

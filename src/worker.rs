@@ -452,8 +452,14 @@ impl Thread {
                         return;
                     }
                 };
-                let task =
-                    accept::accept_loop(listener, serves, shared.clone(), ctx.clone(), until, serve);
+                let task = accept::accept_loop(
+                    listener,
+                    serves,
+                    shared.clone(),
+                    ctx.clone(),
+                    until,
+                    serve,
+                );
                 shared.tracker.spawn_local(task);
             }
             let _ = ready.send(Ok(()));

@@ -68,7 +68,10 @@ async fn only_listed_origins_get_through_and_refusals_run_no_policy() {
     ] {
         let (code, body) = status(addr, "/app", &format!("Origin: {foreign}\r\n")).await;
         assert_eq!(code, 403, "{foreign}: {body}");
-        assert!(!body.contains(foreign), "the refusal does not echo the origin");
+        assert!(
+            !body.contains(foreign),
+            "the refusal does not echo the origin"
+        );
     }
     // No Origin at all: refused too (allow_missing_origin is off).
     assert_eq!(status(addr, "/app", "").await.0, 403);

@@ -318,11 +318,19 @@ async fn sni_picks_the_certificate_and_the_first_pair_is_the_default() {
         peer_cert(&stream)
     };
     assert_eq!(served("api.test").await, api.der);
-    assert_eq!(served("api2.test").await, api.der, "SAN names match in any case");
+    assert_eq!(
+        served("api2.test").await,
+        api.der,
+        "SAN names match in any case"
+    );
     assert_eq!(served("a.wild.test").await, wild.der);
     assert_eq!(served("default.test").await, default.der);
     assert_eq!(served("unknown.test").await, default.der);
-    assert_eq!(served("a.b.wild.test").await, default.der, "a wildcard is one label");
+    assert_eq!(
+        served("a.b.wild.test").await,
+        default.der,
+        "a wildcard is one label"
+    );
     // An IP address sends no SNI at all.
     assert_eq!(served("127.0.0.1").await, default.der);
     // A verifying client gets through on a name of an SNI certificate.
@@ -581,7 +589,10 @@ async fn slow_tls_clients_are_cut_at_header_read_timeout_while_others_upgrade() 
             "{which}: expected the connection closed, got {read:?}"
         );
         let after = started.elapsed();
-        assert!(after >= Duration::from_millis(900), "{which} cut after {after:?}");
+        assert!(
+            after >= Duration::from_millis(900),
+            "{which} cut after {after:?}"
+        );
     }
     within("the pending set to empty", async {
         while gw.pending_connections() > 0 {

@@ -76,7 +76,10 @@ fn load(
         pair.cert_at.error(
             origin,
             message,
-            Some("cert_file is a PEM file: the server's certificate first, then its intermediates".into()),
+            Some(
+                "cert_file is a PEM file: the server's certificate first, then its intermediates"
+                    .into(),
+            ),
         )
     };
     let at_key = |message: String| {
@@ -255,10 +258,11 @@ mod tests {
 
     fn loaded(names: &[&str]) -> Loaded {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let cert =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
         let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
         let provider = rustls::crypto::ring::default_provider();
         let key = CertifiedKey::from_der(vec![cert.der().clone()], der, &provider).unwrap();
@@ -277,7 +281,11 @@ mod tests {
         ]);
         let which = |name: Option<&str>| {
             let picked = certs.pick(name);
-            certs.0.iter().position(|c| Arc::ptr_eq(&c.key, picked)).unwrap()
+            certs
+                .0
+                .iter()
+                .position(|c| Arc::ptr_eq(&c.key, picked))
+                .unwrap()
         };
         assert_eq!(which(None), 0);
         assert_eq!(which(Some("unknown.test")), 0);

@@ -115,9 +115,7 @@ fn is_name(s: &str) -> bool {
 
 /// Splits `scheme://host[:port]` into its parts; `Err` says what is wrong.
 fn split(text: &str) -> Result<(&str, &str, Option<&str>), &'static str> {
-    let (scheme, rest) = text
-        .split_once("://")
-        .ok_or("it has no scheme")?;
+    let (scheme, rest) = text.split_once("://").ok_or("it has no scheme")?;
     if !is_scheme(scheme) {
         return Err("its scheme is not valid");
     }
@@ -205,9 +203,12 @@ impl OriginPattern {
             ));
         }
         let host = parse_host(host).map_err(bad)?;
-        if wildcard && !matches!(host, Host::Name(ref n) if n.parse::<std::net::Ipv4Addr>().is_err())
+        if wildcard
+            && !matches!(host, Host::Name(ref n) if n.parse::<std::net::Ipv4Addr>().is_err())
         {
-            return Err(bad("'*.' stands for labels of a host name, not of an IP address"));
+            return Err(bad(
+                "'*.' stands for labels of a host name, not of an IP address",
+            ));
         }
         Ok(OriginPattern {
             text: text.to_owned(),
@@ -276,7 +277,11 @@ mod tests {
         }
         // A pattern with the default port written out is the same origin.
         assert!(allows(&["https://a.com:443"], false, Some("https://a.com")));
-        assert!(allows(&["http://[::1]:8080"], false, Some("http://[0:0::1]:8080")));
+        assert!(allows(
+            &["http://[::1]:8080"],
+            false,
+            Some("http://[0:0::1]:8080")
+        ));
     }
 
     #[test]

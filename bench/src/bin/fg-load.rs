@@ -218,8 +218,8 @@ async fn open(url: &str, headers: &[String]) -> anyhow::Result<Ws> {
     tcp.set_nodelay(true)?;
     let stream = if secure {
         let name = request.uri().host().context("URL has no host")?;
-        let name = rustls::pki_types::ServerName::try_from(name.trim_matches(['[', ']']))?
-            .to_owned();
+        let name =
+            rustls::pki_types::ServerName::try_from(name.trim_matches(['[', ']']))?.to_owned();
         let connector = tokio_rustls::TlsConnector::from(tls_config());
         Stream::Tls(Box::new(connector.connect(name, tcp).await?))
     } else {
