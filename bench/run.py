@@ -13,6 +13,13 @@ and ends only the processes it started.
     python3 bench/run.py --baseline OLD  # also runs the framegate binary OLD (say, the previous
                                          # main's release build) as "base" and "base+lua", so a
                                          # change is measured against it in the same run
+    python3 bench/run.py --only tls      # just the wss:// part: framegate, NGINX and HAProxy
+                                         # terminating TLS 1.3 with the same certificates
+
+The tls part makes a throwaway ECDSA P-256 and RSA 2048 certificate with openssl, starts one more
+NGINX, HAProxy and framegate, each terminating TLS 1.3 for both (one port per certificate) in
+front of the same echo upstream, and measures full wss:// handshakes per second (no session
+resumption) and messages per second at 64 B and 1 KiB. It gets its own table.
 """
 import argparse, collections, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
@@ -33,6 +40,13 @@ BASELINE_TARGETS = {  # with --baseline: the same two set-ups on the older binar
     "base": 19008,
     "base+lua": 19009,
 }
+TLS_TARGETS = {  # name -> (port with the ECDSA P-256 certificate, port with the RSA 2048 one)
+    "nginx": (19010, 19011),
+    "haproxy": (19012, 19013),
+    "framegate": (19014, 19015),
+}
+TLS_KINDS = (("ecdsa", "ECDSA P-256", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+             ("rsa", "RSA 2048", ["-newkey", "rsa:2048"]))
 TOKEN = "bench-token"
 started = []
 
@@ -219,8 +233,8 @@ def fg_load_cmd(target):
     return cmd
 
 
-def load(target, *args, timeout=120):
-    out = subprocess.run(fg_load_cmd(target) + list(args), capture_output=True, text=True, timeout=timeout)
+def load(target, *args, timeout=120, cmd=None):
+    out = subprocess.run((cmd or fg_load_cmd(target)) + list(args), capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         log(f"  {target}: {out.stderr.strip()}")
         return None
@@ -267,11 +281,12 @@ def process_tree_cpu_seconds(pid):
     return sum(cpu_seconds(p) for p in process_tree(pid))
 
 
-def with_open_connections(target, count, while_open, settle):
-    """Opens `count` connections through `target` (64 at a time), calls `while_open()` once the
-    last one is answered, then closes them and waits `settle` seconds for the proxy to let go.
-    Returns (handshakes/s or None, what `while_open` returned)."""
-    p = subprocess.Popen(fg_load_cmd(target) + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s"],
+def with_open_connections(target, count, while_open, settle, cmd=None):
+    """Opens `count` connections through `target` (64 at a time; `cmd`: another load command,
+    such as a wss:// one), calls `while_open()` once the last one is answered, then closes them
+    and waits `settle` seconds for the proxy to let go. Returns (handshakes/s or None, what
+    `while_open` returned)."""
+    p = subprocess.Popen((cmd or fg_load_cmd(target)) + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     started.append(p)
     result, deadline = {}, time.time() + 90
@@ -298,12 +313,12 @@ def idle_run(target, proc, count):
     return hs, (after - before) * 1024 / count / 1000 if hs is not None else None
 
 
-def handshake_run(target, proc, count):
-    """Opens `count` connections through `target`, then closes them. Returns the handshakes per
-    second and the proxy's CPU time per handshake in µs, counted from the first connection to
-    the last one answered (closing is not counted)."""
+def handshake_run(target, proc, count, cmd=None):
+    """Opens `count` connections through `target` (or with the load command `cmd`), then closes
+    them. Returns the handshakes per second and the proxy's CPU time per handshake in µs, counted
+    from the first connection to the last one answered (closing is not counted)."""
     before = process_tree_cpu_seconds(proc.pid)
-    hs, after = with_open_connections(target, count, lambda: process_tree_cpu_seconds(proc.pid), settle=0.5)
+    hs, after = with_open_connections(target, count, lambda: process_tree_cpu_seconds(proc.pid), settle=0.5, cmd=cmd)
     return hs, (after - before) * 1e6 / count if hs is not None else None
 
 
@@ -324,6 +339,162 @@ def expiry_run(proc, count):
     if cpu_start is not None:
         result["cpu_pct_while_waiting"] = 100 * (cpu_seconds(proc.pid) - cpu_start) / (time.time() - wall_start)
     return result
+
+
+def tls_certificates():
+    """A throwaway certificate of each kind in TLS_KINDS: kind -> (cert file, key file, both in
+    one file for HAProxy)."""
+    certs = {}
+    for kind, _, newkey in TLS_KINDS:
+        cert, key = os.path.join(WORK, kind + ".pem"), os.path.join(WORK, kind + ".key")
+        sh(["openssl", "req", "-x509", *newkey, "-nodes", "-days", "2", "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
+           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        with open(cert) as c, open(key) as k:
+            both = write(kind + ".both.pem", c.read() + k.read())
+        certs[kind] = (cert, key, both)
+    return certs
+
+
+def nginx_tls_conf(certs):
+    servers = "".join(f"""
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=4096;
+    ssl_certificate {certs[kind][0]};
+    ssl_certificate_key {certs[kind][1]};
+    ssl_protocols TLSv1.3;
+    ssl_session_tickets off;
+    location / {{
+      proxy_pass http://echo;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_read_timeout 1h;
+      proxy_send_timeout 1h;
+    }}
+  }}""" for (kind, _, _), port in zip(TLS_KINDS, TLS_TARGETS["nginx"]))
+    return write("nginx-tls.conf", f"""
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid {WORK}/nginx-tls.pid;
+error_log {WORK}/nginx-tls-error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {WORK}/nginx-tls-body;
+  proxy_temp_path {WORK}/nginx-tls-proxy;
+  upstream echo {{ server 127.0.0.1:{ECHO_PORT}; keepalive 16; }}
+{servers}
+}}
+""")
+
+
+def haproxy_tls_conf(certs):
+    frontends = "".join(f"""
+frontend wss_{kind}
+  bind 127.0.0.1:{port} ssl crt {certs[kind][2]} alpn http/1.1 ssl-min-ver TLSv1.3 no-tls-tickets
+  default_backend echo
+""" for (kind, _, _), port in zip(TLS_KINDS, TLS_TARGETS["haproxy"]))
+    return write("haproxy-tls.cfg", f"""
+global
+  maxconn 9900
+  nbthread 2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+{frontends}
+backend echo
+  server s1 127.0.0.1:{ECHO_PORT}
+""")
+
+
+def framegate_tls_conf(certs):
+    listeners = "".join(f"""
+[[server.tls]]
+listen = "127.0.0.1:{port}"
+cert_file = "{certs[kind][0]}"
+key_file = "{certs[kind][1]}"
+min_version = "1.3"
+""" for (kind, _, _), port in zip(TLS_KINDS, TLS_TARGETS["framegate"]))
+    return write("framegate-tls.toml", f"""
+[server]
+listen = []
+max_connections = 20000
+{listeners}
+[[route]]
+path = "/{{*rest}}"
+upstream = "ws://127.0.0.1:{ECHO_PORT}/"
+max_message_size = "16MiB"
+""")
+
+
+def start_tls():
+    """NGINX, HAProxy and framegate terminating TLS 1.3 in front of the echo upstream (which
+    start_all started); returns name -> process."""
+    certs = tls_certificates()
+    os.makedirs(os.path.join(WORK, "nginx-tls-body"), exist_ok=True)
+    ulimit = ["prlimit", "--nofile=20000:20000", "--"]
+    env = dict(os.environ, FRAMEGATE_LOG="warn")
+    procs = {
+        "nginx": start(ulimit + ["nginx", "-c", nginx_tls_conf(certs), "-g", "daemon off;"], "nginx-tls"),
+        "haproxy": start(ulimit + ["haproxy", "-f", haproxy_tls_conf(certs), "-db"], "haproxy-tls"),
+        "framegate": start(ulimit + [os.path.join(BIN, "framegate"), "--config", framegate_tls_conf(certs)],
+                           "framegate-tls", env=env),
+    }
+    for ports in TLS_TARGETS.values():
+        for port in ports:
+            wait_port(port)
+    return procs
+
+
+def tls_load_cmd(port):
+    return ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", f"wss://127.0.0.1:{port}/"]
+
+
+def tls_part(args):
+    """The wss:// part: (metric, proxy) -> [values]. Skipped, with a log line, if a proxy cannot
+    terminate TLS here (say, an NGINX built without its SSL module)."""
+    results = {}
+    try:
+        procs = start_tls()
+    except (subprocess.SubprocessError, OSError, SystemExit) as e:
+        log(f"tls part skipped: {e}")
+        return results
+    names = list(TLS_TARGETS)
+    count = 3000 if not args.quick else 1000
+    for rep in range(args.reps):
+        log(f"tls repetition {rep + 1}/{args.reps}")
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for i, (_, title, _) in enumerate(TLS_KINDS):
+            for t in order:
+                hs, cpu = handshake_run(t, procs[t], count, cmd=tls_load_cmd(TLS_TARGETS[t][i]))
+                results.setdefault((f"wss handshakes/s, TLS 1.3 {title}", t), []).append(hs)
+                results.setdefault((f"proxy CPU us/wss handshake, {title}", t), []).append(cpu)
+        for size in (64, 1024):
+            for t in order:
+                r = load(t, "throughput", "--size", str(size), "--duration", args.duration, "--connections", "4",
+                         "--inflight", "32", cmd=tls_load_cmd(TLS_TARGETS[t][0]))
+                results.setdefault((f"wss msg/s {size}B", t), []).append(float(r["msgs_per_sec"]) if r else None)
+    return results
+
+
+def report_tls(results, args):
+    metrics = list(dict.fromkeys(m for m, _ in results))
+    targets = list(TLS_TARGETS)
+    print(f"\nwss:// (each proxy terminating TLS 1.3, same certificates, full handshakes): medians of {args.reps}, spread min-max\n")
+    print("| metric | " + " | ".join(targets) + " | framegate/nginx | framegate/haproxy |")
+    print("|" + "---|" * (len(targets) + 3))
+    for m in metrics:
+        cells, med = [], {}
+        for t in targets:
+            med[t], lo, hi = summary(results.get((m, t), []))
+            cells.append("" if med[t] is None else f"{fmt(med[t])} [{fmt(lo)}-{fmt(hi)}]")
+        for peer in ("nginx", "haproxy"):
+            cells.append(f"{med['framegate'] / med[peer]:.2f}x" if med.get("framegate") and med.get(peer) else "")
+        print(f"| {m} | " + " | ".join(cells) + " |")
 
 
 def quantile(counts, q):
@@ -362,8 +533,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--baseline", metavar="BIN", help="an older framegate binary to run beside this one")
-    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry",
-                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry")
+    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls",
+                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls")
     args = ap.parse_args()
     args.only = set(args.only.split(","))
     if args.quick:
@@ -415,8 +586,12 @@ def main():
             results.setdefault((f"handshakes/s ({args.idle}, fresh process)", t), []).append(hs)
             results.setdefault((f"RSS KB/idle conn ({args.idle})", t), []).append(rss)
     expiry = expiry_run(procs["fg+expiry"], args.idle) if "expiry" in args.only else {}
+    tls = tls_part(args) if "tls" in args.only else {}
     stop_all()
-    report(results, args)
+    if results:
+        report(results, args)
+    if tls:
+        report_tls(tls, args)
     if expiry:
         print(f"\nexpiry: {args.idle} connections, lifetimes spread over 5-15 s (on_upgrade req:expire_in):")
         print("  " + " ".join(f"{k}={float(v):.1f}" if k != "missing" and k != "closed" else f"{k}={v}" for k, v in expiry.items()))

@@ -39,7 +39,7 @@
 ---@field headers table<string, string> Request headers: lower-case keys, any-case lookup, repeated values joined with ", ".
 ---@field params table<string, string> The route's path placeholders, raw (`{*rest}` appears as `rest`).
 ---@field client_ip string IP address of the direct peer (not X-Forwarded-For).
----@field scheme "ws"|"wss" How the client connected; "ws" (the listener is plain HTTP).
+---@field scheme "ws"|"wss" How the client connected: "wss" on a [[server.tls]] listener, "ws" on a plain one.
 ---@field host? string The Host header as sent, port included; nil when the request has none.
 ---@field subprotocols string[] Subprotocols the client offered, in order.
 

@@ -19,7 +19,7 @@ use crate::proxy::Shared;
 use crate::registry::Registry;
 use crate::reload::{ReloadError, Reloader};
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::worker::{self, WorkerError, Workers};
+use crate::worker::{self, Serves, WorkerError, Workers};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,14 @@ pub enum StartError {
         /// What went wrong.
         message: String,
     },
+    /// A TLS listener's certificate or key could not be loaded (`file:line:column` of its key).
+    #[error(transparent)]
+    Certificate(crate::config::ConfigError),
 }
+
+/// A bound listener as the reloader keeps it: bound address, what it serves (with its
+/// configured address), and the token that stops accepting on it.
+pub(crate) type Bound = (SocketAddr, Serves, CancellationToken);
 
 /// A validated gateway, ready to start.
 pub struct Gateway {
@@ -87,18 +94,17 @@ impl Gateway {
         let snapshot = self.shared.snapshot();
         let mut listening = Vec::new();
         let mut listeners = Vec::new();
-        for addr in &snapshot.config.server.listen {
-            let listener = worker::bind(*addr).map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
-            let local = listener.local_addr().map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
+        let server = &snapshot.config.server;
+        let wanted = server.listen.iter().map(|a| (*a, false));
+        let wanted = wanted.chain(server.tls.iter().map(|t| (t.listen, true)));
+        for (addr, tls) in wanted {
+            let bind_error = |source| StartError::Bind { addr, source };
+            let listener = worker::bind(addr).map_err(bind_error)?;
+            let local = listener.local_addr().map_err(bind_error)?;
+            let serves = Serves::new(addr, tls);
             let stop = CancellationToken::new();
-            listeners.push((listener, stop.clone()));
-            listening.push((*addr, local, stop));
+            listeners.push((listener, serves.clone(), stop.clone()));
+            listening.push((local, serves, stop));
         }
         let admin = match &snapshot.config.admin {
             None => None,
@@ -162,6 +168,7 @@ impl StartError {
         match e {
             SnapshotError::Tls { route, message } => StartError::Tls { route, message },
             SnapshotError::Policy(e) => StartError::Policy(e),
+            SnapshotError::Certificate(e) => StartError::Certificate(e),
         }
     }
 }
@@ -186,10 +193,15 @@ pub enum ShutdownOutcome {
 }
 
 impl Running {
-    /// The bound addresses, in `server.listen` order (useful with port 0). A reload may
-    /// change them.
+    /// The bound addresses (useful with port 0): `server.listen` in order, then the
+    /// `[[server.tls]]` listeners in file order. A reload may change them.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.reloader.local_addrs()
+    }
+
+    /// The bound addresses of the `[[server.tls]]` (`wss://`) listeners, in file order.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.reloader.tls_addrs()
     }
 
     /// The gateway's metrics (what `GET /metrics` encodes).
@@ -202,7 +214,8 @@ impl Running {
         &self.shared.registry
     }
 
-    /// The first bound address.
+    /// The first bound address (the first of `server.listen`, or with none, the first TLS
+    /// listener's).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addrs()[0]
     }

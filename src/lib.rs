@@ -2,7 +2,8 @@
 //!
 //! Map of the crate:
 //! - [`config`]: `config.toml` as validated types, with `file:line:column` errors.
-//! - [`route`]: path resolvers, `(host, path) -> route`, over any [`route::Routable`].
+//! - [`route`]: path resolvers, `(host, path) -> route`, over any [`route::Routable`];
+//!   [`route::origin`] a route's `Origin` allow-list ([`config::Route::allows_origin`]).
 //! - [`snapshot`] (`src/snapshot.rs`): everything derived from one configuration (routes,
 //!   router, TLS settings, script text), immutable and numbered; connections keep theirs.
 //! - [`reload`] (`src/reload.rs`; `reload/watch.rs` for `server.watch`, `reload/drain.rs` for
@@ -19,7 +20,8 @@
 //!   bounded control channels, for the admin API.
 //! - [`upstream`]: connecting to upstreams over TCP or TLS.
 //! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
-//! - `listener`: the connection cap, serving one client connection (in its tracing span).
+//! - `listener`: the connection cap, serving one client connection (in its tracing span);
+//!   `listener/tls.rs` the `[[server.tls]]` listeners' certificates (SNI) and TLS handshake.
 //! - `worker`: worker threads, each a current-thread runtime with its compiled policies per
 //!   live snapshot; `worker/accept.rs` the accept loops, `worker/admission.rs` the pending set.
 //! - [`admin`]: the admin HTTP listener; `admin/gateway_api.rs` is the gateway's side of it.

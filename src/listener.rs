@@ -13,6 +13,15 @@
 //!
 //! Shutdown cuts every pending connection and every upgrade still waiting for its upstream
 //! (503); only relays get the graceful close.
+//!
+//! On a `[[server.tls]]` listener the TLS handshake comes first, in the connection's own task
+//! (`listener/tls.rs`): it is pending from accept on, and `server.header_read_timeout` bounds
+//! the handshake and the first request head together. A shed TLS connection is dropped during
+//! its handshake, and offered its 503 inside TLS after it.
+
+mod tls;
+
+pub(crate) use tls::server_config as tls_server_config;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +39,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::client_http::{self, Answer, ReadError};
 use crate::proxy::{self, Accepted, Handled, Shared};
-use crate::worker::{Pending, Slot, WorkerCtx};
+use crate::upstream::Io;
+use crate::worker::{ListenKind, Pending, Slot, WorkerCtx};
 use tracing::Instrument;
 
 /// `Retry-After` of a 503 at the connection cap: a WebSocket slot frees when a long-lived
@@ -44,6 +54,7 @@ const RETRY_AFTER_SECS: &str = "5";
 pub(crate) fn serve_boxed(
     stream: TcpStream,
     peer: SocketAddr,
+    kind: ListenKind,
     shared: Arc<Shared>,
     worker: Rc<WorkerCtx>,
     slot: Slot,
@@ -55,14 +66,15 @@ pub(crate) fn serve_boxed(
         route = tracing::field::Empty,
         snapshot = tracing::field::Empty,
     );
-    Box::pin(serve(stream, peer, shared, worker, slot, span))
+    Box::pin(serve(stream, peer, kind, shared, worker, slot, span))
 }
 
-/// Serves one client connection on the current worker: its HTTP requests until one is
-/// upgraded, then the relay.
+/// Serves one client connection on the current worker: on a TLS listener its handshake, then
+/// its HTTP requests until one is upgraded, then the relay.
 async fn serve(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
+    kind: ListenKind,
     shared: Arc<Shared>,
     worker: Rc<WorkerCtx>,
     slot: Slot,
@@ -70,12 +82,24 @@ async fn serve(
 ) {
     // Held until the connection is gone, relay included.
     let _slot = slot;
+    let (mut io, first) = match kind {
+        ListenKind::Plain => (Io::Tcp(stream), None),
+        ListenKind::Tls(configured) => {
+            // Boxed for the same reason as the requests below.
+            let handshake = tls::handshake(stream, configured, &shared, &worker);
+            match Box::pin(handshake.instrument(span.clone())).await {
+                Some(opened) => (opened.io, Some((opened.pending, opened.deadline))),
+                None => return,
+            }
+        }
+    };
     // Boxed: the HTTP phase's futures (reading, `on_upgrade`, the TCP and TLS connects) are
     // large and short-lived. Inline, they would size the task of every relayed connection for
     // its whole life; boxed, they are freed when the relay starts.
-    let upgraded = Box::pin(requests(&mut stream, peer, &shared, &worker).instrument(span)).await;
+    let upgraded =
+        Box::pin(requests(&mut io, peer, first, &shared, &worker).instrument(span)).await;
     if let Some((accepted, rest, _permit)) = upgraded {
-        Accepted::run(accepted, stream, rest).await;
+        Accepted::run(accepted, io, rest).await;
     }
 }
 
@@ -92,13 +116,16 @@ enum NoSlot {
 /// Reads and answers requests until one is upgraded: returns it, with the bytes the client
 /// sent after its head and the connection's slot, or `None` once the connection is to be
 /// closed. Refused requests are answered and, where HTTP/1.1 keep-alive and the keep-alive
-/// limits allow, the next request is read.
+/// limits allow, the next request is read. `first`: the connection is pending already (a TLS
+/// handshake), and its first head must be complete by this deadline.
 async fn requests(
-    stream: &mut TcpStream,
+    stream: &mut Io,
     peer: SocketAddr,
+    mut first: Option<(Pending, tokio::time::Instant)>,
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
 ) -> Option<(Box<Accepted>, Bytes, OwnedSemaphorePermit)> {
+    let tls = matches!(stream, Io::TlsServer(_));
     let mut buf = BytesMut::new();
     let mut served = 0usize;
     loop {
@@ -106,7 +133,13 @@ async fn requests(
         let snapshot = shared.snapshot();
         let server = &snapshot.config.server;
         let timeout = server.header_read_timeout;
-        let pending = worker.pool.pending.enter();
+        let (pending, head_timeout) = match first.take() {
+            Some((pending, deadline)) => (
+                pending,
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
+            ),
+            None => (worker.pool.pending.enter(), timeout),
+        };
         let idle = (served > 0).then_some(server.keepalive_timeout).flatten();
         let cut = async {
             tokio::select! {
@@ -114,7 +147,7 @@ async fn requests(
                 _ = pending.shed.cancelled() => {}
             }
         };
-        let read = client_http::read_request(stream, &mut buf, idle, timeout, cut).await;
+        let read = client_http::read_request(stream, &mut buf, idle, head_timeout, cut).await;
         let (request, rest) = match read {
             Ok(Some(read)) => read,
             Ok(None) => return None,
@@ -167,7 +200,7 @@ async fn requests(
         // An upgrade waiting for its upstream does not hold shutdown up: it is answered 503.
         let handled = tokio::select! {
             biased;
-            handled = proxy::handle(&request, peer, shared, worker) => handled,
+            handled = proxy::handle(&request, peer, tls, shared, worker) => handled,
             _ = shared.shutdown.cancelled() => {
                 tracing::info!(path = request.path(), "request cut short by shutdown");
                 worker.metrics.unmatched().handshake(503);
@@ -195,10 +228,12 @@ async fn requests(
         }
         // A client that does not read its answers must not hold its connection (and its
         // slot) forever: writing an answer has the header read timeout too.
-        if !matches!(
-            tokio::time::timeout(timeout, stream.write_all(&bytes)).await,
-            Ok(Ok(()))
-        ) {
+        let written = tokio::time::timeout(timeout, async {
+            stream.write_all(&bytes).await?;
+            // A no-op on TCP; TLS may hold its last record until flushed.
+            stream.flush().await
+        });
+        if !matches!(written.await, Ok(Ok(()))) {
             tracing::debug!("HTTP connection ended: the answer could not be written in time");
             return None;
         }
@@ -245,9 +280,16 @@ fn unavailable(message: &str, retry: bool) -> Answer {
 
 /// Ends a shed connection without waiting on it: the 503 is offered once, without blocking
 /// and without lingering, since shedding happens when slow clients are too many already.
-fn shed(stream: &mut TcpStream) {
+fn shed(stream: &mut Io) {
     let answer = unavailable("too many pending connections; retry later", true);
-    let _ = stream.try_write(&answer.encode(true, false));
+    let bytes = answer.encode(true, false);
+    match stream {
+        Io::Tcp(tcp) => {
+            let _ = tcp.try_write(&bytes);
+        }
+        Io::TlsServer(tls) => tls::offer(tls, &bytes),
+        Io::Tls(_) => {}
+    }
 }
 
 /// How long a closing connection's unread input is drained (see [`finish`]).
@@ -256,7 +298,7 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Writes a last answer (within `timeout`) and closes. If the client may still be sending (a
 /// body, pipelined requests), its input is read and dropped for up to [`LINGER`] first: closing
 /// a socket with unread input resets the connection, and the client could lose the answer.
-async fn finish(stream: &mut TcpStream, answer: &[u8], linger: bool, timeout: Duration) {
+async fn finish(stream: &mut Io, answer: &[u8], linger: bool, timeout: Duration) {
     let written = tokio::time::timeout(timeout, async {
         stream.write_all(answer).await?;
         stream.shutdown().await

@@ -130,8 +130,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             start_samples().await?;
         }
         let running = gateway.start().await?;
+        let tls = running.tls_addrs();
         for addr in running.local_addrs() {
-            tracing::info!(%addr, "listening");
+            if tls.contains(&addr) {
+                tracing::info!(%addr, "listening (TLS)");
+            } else {
+                tracing::info!(%addr, "listening");
+            }
         }
         // Runs until SIGINT or SIGTERM; each SIGHUP reloads on the way (a failed reload is
         // logged by the gateway and changes nothing).

@@ -19,7 +19,7 @@ use crate::metrics::ReloadResult;
 use crate::policy::lua::{Engine, LoadError};
 use crate::proxy::Shared;
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::worker::{self, Command, Pool};
+use crate::worker::{self, Command, Pool, Serves};
 
 /// Why a reload changed nothing. Its text is what `POST /admin/reload` answers and what is
 /// logged: `file:line:column: message` for configuration errors, `script:line: message` for
@@ -66,11 +66,34 @@ impl From<LoadError> for ReloadError {
 
 /// A listen address and the token that stops every worker's accept loop on it.
 struct Listening {
-    /// As configured (port 0 stays 0, so that the same text is the same address).
-    configured: SocketAddr,
+    /// As configured (port 0 stays 0, so that the same text is the same address), and
+    /// whether it is TLS: together, what identifies a listener across reloads.
+    serves: Serves,
     /// As bound.
     local: SocketAddr,
     stop: CancellationToken,
+}
+
+impl Listening {
+    fn key(&self) -> (SocketAddr, bool) {
+        (self.serves.configured(), self.serves.is_tls())
+    }
+}
+
+/// How a reload changes the listeners, prepared before anything changes.
+struct ListenPlan {
+    /// New listeners: configured address, whether TLS, and the socket bound for them.
+    added: Vec<(SocketAddr, bool, std::net::TcpListener)>,
+    /// Fixed addresses that turn from plain to TLS or back: they keep their socket.
+    switched: Vec<SocketAddr>,
+}
+
+/// Every listener of `server`: configured address, and whether it is TLS.
+fn wanted(server: &ServerConfig) -> Vec<(SocketAddr, bool)> {
+    let plain = server.listen.iter().map(|a| (*a, false));
+    plain
+        .chain(server.tls.iter().map(|t| (t.listen, true)))
+        .collect()
 }
 
 /// Reloads one running gateway; one reload at a time.
@@ -97,11 +120,11 @@ fn prepare_timeout(server: &ServerConfig) -> Duration {
 
 impl Reloader {
     /// A reloader for `shared`, whose workers are `pool`, listening on `listening`
-    /// (configured address, bound address, stop token).
+    /// (bound address, what it serves, stop token).
     pub(crate) fn new(
         shared: Arc<Shared>,
         pool: Arc<Pool>,
-        listening: Vec<(SocketAddr, SocketAddr, CancellationToken)>,
+        listening: Vec<crate::gateway::Bound>,
     ) -> Reloader {
         let snapshot = shared.snapshot();
         Reloader {
@@ -113,8 +136,8 @@ impl Reloader {
             listening: Mutex::new(
                 listening
                     .into_iter()
-                    .map(|(configured, local, stop)| Listening {
-                        configured,
+                    .map(|(local, serves, stop)| Listening {
+                        serves,
                         local,
                         stop,
                     })
@@ -125,9 +148,16 @@ impl Reloader {
         }
     }
 
-    /// The bound listen addresses, in `server.listen` order.
+    /// The bound listen addresses: `server.listen` in order, then the `[[server.tls]]` ones.
     pub(crate) fn local_addrs(&self) -> Vec<SocketAddr> {
         self.lock_listening().iter().map(|l| l.local).collect()
+    }
+
+    /// The bound addresses of the `[[server.tls]]` listeners, in file order.
+    pub(crate) fn tls_addrs(&self) -> Vec<SocketAddr> {
+        let listening = self.lock_listening();
+        let tls = listening.iter().filter(|l| l.serves.is_tls());
+        tls.map(|l| l.local).collect()
     }
 
     fn lock_listening(&self) -> std::sync::MutexGuard<'_, Vec<Listening>> {
@@ -183,14 +213,14 @@ impl Reloader {
         .await
         .map_err(|e| ReloadError::Worker(format!("the reload task failed: {e}")))??;
         let snapshot = Arc::new(built);
-        let added = self.bind_added(&snapshot)?;
+        let plan = self.bind_added(&snapshot)?;
         if let Err(e) = self.prepare(&snapshot).await {
             self.settle(old.number);
             return Err(e);
         }
         self.shared.current.store(snapshot.clone());
         self.settle(number);
-        let (started, stopped) = self.apply_listen(&snapshot.config.server.listen, added);
+        let (started, stopped) = self.apply_listen(&snapshot.config.server, plan);
         crate::snapshot::warn_about(&snapshot.config);
         let changes = snapshot.changes_since(&old);
         let restart = self.needs_restart(&snapshot.config);
@@ -217,27 +247,36 @@ impl Reloader {
     }
 
     /// Binds the addresses the new configuration adds, before anything changes: one that
-    /// cannot be bound fails the reload.
-    fn bind_added(
-        &self,
-        snapshot: &Snapshot,
-    ) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, ReloadError> {
+    /// cannot be bound fails the reload. A fixed address that only changes between plain and
+    /// TLS keeps its socket (and its accept loops).
+    fn bind_added(&self, snapshot: &Snapshot) -> Result<ListenPlan, ReloadError> {
         let listening = self.lock_listening();
-        let mut added = Vec::new();
-        for addr in &snapshot.config.server.listen {
-            if listening.iter().any(|l| l.configured == *addr)
-                || added.iter().any(|(a, _)| a == addr)
+        let wanted = wanted(&snapshot.config.server);
+        let mut plan = ListenPlan {
+            added: Vec::new(),
+            switched: Vec::new(),
+        };
+        for &(addr, tls) in &wanted {
+            if listening.iter().any(|l| l.key() == (addr, tls))
+                || plan.added.iter().any(|(a, t, _)| (*a, *t) == (addr, tls))
             {
                 continue;
             }
-            let listener = worker::bind(*addr).map_err(|source| ReloadError::Bind {
+            let other_kind_goes = addr.port() != 0
+                && listening.iter().any(|l| l.key() == (addr, !tls))
+                && !wanted.contains(&(addr, !tls));
+            if other_kind_goes {
+                plan.switched.push(addr);
+                continue;
+            }
+            let listener = worker::bind(addr).map_err(|source| ReloadError::Bind {
                 origin: snapshot.config.origin.display().to_string(),
-                addr: *addr,
+                addr,
                 source,
             })?;
-            added.push((*addr, listener));
+            plan.added.push((addr, tls, listener));
         }
-        Ok(added)
+        Ok(plan)
     }
 
     /// Has every worker compile `snapshot`. A worker the watchdog reports stalled, or that
@@ -289,17 +328,26 @@ impl Reloader {
         }
     }
 
-    /// Starts accepting on `added` (on every worker) and stops accepting on the addresses the
-    /// new `listen` no longer has. Returns the bound addresses started and stopped.
+    /// Switches the listeners of `plan` between plain and TLS, starts accepting on the added
+    /// ones (on every worker) and stops accepting on the ones the new `server` no longer has.
+    /// Returns the bound addresses started and stopped.
     fn apply_listen(
         &self,
-        listen: &[SocketAddr],
-        added: Vec<(SocketAddr, std::net::TcpListener)>,
+        server: &ServerConfig,
+        plan: ListenPlan,
     ) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let wanted = wanted(server);
         let mut listening = self.lock_listening();
+        for l in listening.iter() {
+            if plan.switched.contains(&l.serves.configured()) {
+                let tls = !l.serves.is_tls();
+                l.serves.set_tls(tls);
+                tracing::info!(addr = %l.local, tls, "listener switched");
+            }
+        }
         let mut stopped = Vec::new();
         listening.retain(|l| {
-            let keep = listen.contains(&l.configured);
+            let keep = wanted.contains(&l.key());
             if !keep {
                 l.stop.cancel();
                 stopped.push(l.local);
@@ -307,10 +355,11 @@ impl Reloader {
             keep
         });
         let mut started = Vec::new();
-        for (configured, listener) in added {
+        for (configured, tls, listener) in plan.added {
             let Ok(local) = listener.local_addr() else {
                 continue;
             };
+            let serves = Serves::new(configured, tls);
             let stop = CancellationToken::new();
             for (index, link) in self.pool.links.iter().enumerate() {
                 let Ok(own) = listener.try_clone() else {
@@ -319,22 +368,23 @@ impl Reloader {
                 };
                 let command = Command::Listen {
                     listener: own,
+                    serves: serves.clone(),
                     stop: stop.clone(),
                 };
                 if link.commands.try_send(command).is_err() {
                     tracing::warn!(worker = index, addr = %local, "worker not taking commands: it does not accept on the added address");
                 }
             }
-            tracing::info!(addr = %local, "listening");
+            tracing::info!(addr = %local, tls, "listening");
             started.push(local);
             listening.push(Listening {
-                configured,
+                serves,
                 local,
                 stop,
             });
         }
-        // Keep `server.listen` order.
-        listening.sort_by_key(|l| listen.iter().position(|a| *a == l.configured));
+        // Keep the configuration's order: server.listen, then [[server.tls]].
+        listening.sort_by_key(|l| wanted.iter().position(|w| *w == l.key()));
         (started, stopped)
     }
 

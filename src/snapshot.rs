@@ -1,5 +1,6 @@
 //! The versioned runtime snapshot: everything derived from one configuration (its routes and
-//! router, each route's TLS client settings and limits, the text of its policy scripts), built
+//! router, each route's TLS client settings and limits, the text of its policy scripts, the
+//! certificates of its `wss://` listeners), built
 //! and validated before it is used, then never changed. A reload builds the next one and swaps
 //! it in atomically (see [`crate::reload`]); each connection takes the current one once, when
 //! its request head is routed, and keeps it to its end.
@@ -26,6 +27,10 @@ pub struct Snapshot {
     router: Router<RouteRuntime>,
     /// Every policy script's text, as validated.
     pub(crate) sources: Sources,
+    /// The rustls configuration of each `[[server.tls]]` listener, by its configured address:
+    /// its certificates as read when this snapshot was built. A TLS connection takes the one
+    /// current when it is accepted and keeps it.
+    tls_listeners: Vec<(std::net::SocketAddr, Arc<rustls::ServerConfig>)>,
 }
 
 /// A route as connections use it: its configuration and what was built from it.
@@ -66,14 +71,25 @@ pub enum SnapshotError {
     /// A policy script could not be read (or compiled, when the caller compiles it).
     #[error(transparent)]
     Policy(#[from] LoadError),
+    /// A TLS listener's certificate or key could not be loaded: located at its key in the
+    /// configuration file.
+    #[error(transparent)]
+    Certificate(crate::config::ConfigError),
 }
 
 impl Snapshot {
     /// Builds snapshot `number` from `config`: reads every policy script and loads every TLS
-    /// setting. It does not compile the scripts: that is done on each worker (and once by the
-    /// caller, to validate).
+    /// setting, the listeners' certificates included. It does not compile the scripts: that is
+    /// done on each worker (and once by the caller, to validate).
     pub fn build(config: Config, number: u64) -> Result<Snapshot, SnapshotError> {
         let sources = Sources::read(&config)?;
+        let tls_listeners = config
+            .server
+            .tls
+            .iter()
+            .map(|l| crate::listener::tls_server_config(l, &config.origin).map(|c| (l.listen, c)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(SnapshotError::Certificate)?;
         let routes = config
             .routes
             .iter()
@@ -100,7 +116,19 @@ impl Snapshot {
             routes,
             config,
             sources,
+            tls_listeners,
         })
+    }
+
+    /// The rustls configuration of the TLS listener configured as `listen`.
+    pub(crate) fn tls_config(
+        &self,
+        listen: std::net::SocketAddr,
+    ) -> Option<&Arc<rustls::ServerConfig>> {
+        self.tls_listeners
+            .iter()
+            .find(|(a, _)| *a == listen)
+            .map(|(_, c)| c)
     }
 
     /// The router over this snapshot's routes.

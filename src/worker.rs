@@ -56,10 +56,64 @@ pub(crate) enum WorkerError {
     Start(String),
 }
 
+/// What a listening socket serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListenKind {
+    /// Plain HTTP/1.1 (`ws://`): `server.listen`.
+    Plain,
+    /// TLS (`wss://`): the `[[server.tls]]` listener configured with this address, whose
+    /// certificates each connection takes from the snapshot current when it comes in.
+    Tls(SocketAddr),
+}
+
+/// What a listening socket serves, shared by every worker's accept loop on it and read at
+/// each accept: a reload that turns a fixed address from plain to TLS (or back) flips it, and
+/// the socket stays, so that no connection is refused or served the old way in between.
+#[derive(Debug, Clone)]
+pub(crate) struct Serves {
+    configured: SocketAddr,
+    tls: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Serves {
+    /// A socket configured as `configured`, plain or TLS.
+    pub(crate) fn new(configured: SocketAddr, tls: bool) -> Serves {
+        Serves {
+            configured,
+            tls: Arc::new(std::sync::atomic::AtomicBool::new(tls)),
+        }
+    }
+
+    /// What the next connection accepted gets.
+    pub(crate) fn kind(&self) -> ListenKind {
+        if self.is_tls() {
+            ListenKind::Tls(self.configured)
+        } else {
+            ListenKind::Plain
+        }
+    }
+
+    /// The address as configured.
+    pub(crate) fn configured(&self) -> SocketAddr {
+        self.configured
+    }
+
+    /// Whether it serves TLS now.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls.load(Ordering::Relaxed)
+    }
+
+    /// Switches what the socket serves (a reload, once the new snapshot is in).
+    pub(crate) fn set_tls(&self, tls: bool) {
+        self.tls.store(tls, Ordering::Relaxed);
+    }
+}
+
 /// Serves one client connection on the worker that runs it (the listener's `serve`).
 pub(crate) type ServeFn = fn(
     tokio::net::TcpStream,
     SocketAddr,
+    ListenKind,
     Arc<Shared>,
     Rc<WorkerCtx>,
     Slot,
@@ -78,6 +132,7 @@ pub(crate) enum Command {
     /// Start accepting on this socket (an address added by a reload) until `stop`.
     Listen {
         listener: std::net::TcpListener,
+        serves: Serves,
         stop: CancellationToken,
     },
 }
@@ -89,6 +144,7 @@ const COMMAND_QUEUE: usize = 16;
 pub(crate) struct Handoff {
     pub(crate) stream: std::net::TcpStream,
     pub(crate) peer: SocketAddr,
+    pub(crate) kind: ListenKind,
     /// Taken by the sender, so that the count is right for the very next placement.
     pub(crate) slot: Slot,
 }
@@ -179,10 +235,20 @@ impl WorkerCtx {
                 let _ = done.send(compiled);
             }
             Command::Settle { current } => self.engines.borrow_mut().0.retain(|n, _| *n == current),
-            Command::Listen { listener, stop } => match accept::listener(listener) {
+            Command::Listen {
+                listener,
+                serves,
+                stop,
+            } => match accept::listener(listener) {
                 Ok(listener) => {
-                    let task =
-                        accept::accept_loop(listener, shared.clone(), self.clone(), stop, serve);
+                    let task = accept::accept_loop(
+                        listener,
+                        serves,
+                        shared.clone(),
+                        self.clone(),
+                        stop,
+                        serve,
+                    );
                     shared.tracker.spawn_local(task);
                 }
                 Err(e) => {
@@ -230,12 +296,15 @@ pub(crate) struct Workers {
     pub(crate) watchdog: Option<watchdog::Stop>,
 }
 
+/// A listening socket, what it serves, and the token that stops accepting on it.
+pub(crate) type Listener = (std::net::TcpListener, Serves, CancellationToken);
+
 /// Starts `server.workers` workers, each accepting on its own copy of every listener (each
 /// until its token is cancelled), then the watchdog. Returns once every worker has compiled
 /// the current snapshot's policies, or with the first error.
 pub(crate) fn start(
     shared: Arc<Shared>,
-    listeners: Vec<(std::net::TcpListener, CancellationToken)>,
+    listeners: Vec<Listener>,
     serve: ServeFn,
 ) -> Result<Workers, WorkerError> {
     let snapshot = shared.snapshot();
@@ -268,7 +337,7 @@ pub(crate) fn start(
     for (index, (receiver, commands)) in receivers.into_iter().enumerate() {
         let own = listeners
             .iter()
-            .map(|(l, stop)| l.try_clone().map(|l| (l, stop.clone())))
+            .map(|(l, serves, stop)| l.try_clone().map(|l| (l, serves.clone(), stop.clone())))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| WorkerError::Start(e.to_string()))?;
         let thread = Thread {
@@ -324,7 +393,7 @@ struct Thread {
     index: usize,
     receiver: mpsc::UnboundedReceiver<Handoff>,
     commands: mpsc::Receiver<Command>,
-    listeners: Vec<(std::net::TcpListener, CancellationToken)>,
+    listeners: Vec<Listener>,
     stop: CancellationToken,
     ready: std::sync::mpsc::Sender<Result<(), WorkerError>>,
     /// Dropped when the thread returns, after its runtime: shutdown waits for that.
@@ -375,7 +444,7 @@ impl Thread {
                     .tracker
                     .spawn_local(sweep_shared_dict(shared.clone()));
             }
-            for (listener, until) in listeners {
+            for (listener, serves, until) in listeners {
                 let listener = match accept::listener(listener) {
                     Ok(l) => l,
                     Err(e) => {
@@ -383,7 +452,14 @@ impl Thread {
                         return;
                     }
                 };
-                let task = accept::accept_loop(listener, shared.clone(), ctx.clone(), until, serve);
+                let task = accept::accept_loop(
+                    listener,
+                    serves,
+                    shared.clone(),
+                    ctx.clone(),
+                    until,
+                    serve,
+                );
                 shared.tracker.spawn_local(task);
             }
             let _ = ready.send(Ok(()));
@@ -399,12 +475,12 @@ impl Thread {
                 loop {
                     tokio::select! {
                         handoff = receiver.recv() => {
-                            let Some(Handoff { stream, peer, slot }) = handoff else { break };
+                            let Some(Handoff { stream, peer, kind, slot }) = handoff else { break };
                             // `into_std` on the accepting worker left the socket non-blocking.
                             let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                                 continue;
                             };
-                            run(&ctx, &shared, stream, peer, slot, serve);
+                            run(&ctx, &shared, (stream, peer, kind), slot, serve);
                         }
                         Some(command) = commands.recv() => ctx.command(command, &shared, serve),
                         _ = heartbeat.tick() => pool.watchdog.beat(index),
@@ -418,16 +494,18 @@ impl Thread {
     }
 }
 
+/// An accepted connection: its socket, its client's address, and what its listener serves.
+pub(crate) type Incoming = (tokio::net::TcpStream, SocketAddr, ListenKind);
+
 /// Serves `stream` on this worker.
 fn run(
     ctx: &Rc<WorkerCtx>,
     shared: &Arc<Shared>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
+    (stream, peer, kind): Incoming,
     slot: Slot,
     serve: ServeFn,
 ) {
-    let task = serve(stream, peer, shared.clone(), ctx.clone(), slot);
+    let task = serve(stream, peer, kind, shared.clone(), ctx.clone(), slot);
     shared.tracker.spawn_local(task);
 }
 
@@ -455,13 +533,8 @@ fn overloaded(mine: usize, least: usize) -> bool {
 
 /// Places a stream this worker has just accepted: served here, unless this worker is
 /// busier than the least loaded healthy one, which then gets it.
-fn place(
-    ctx: &Rc<WorkerCtx>,
-    shared: &Arc<Shared>,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-    serve: ServeFn,
-) {
+fn place(ctx: &Rc<WorkerCtx>, shared: &Arc<Shared>, incoming: Incoming, serve: ServeFn) {
+    let (stream, peer, kind) = incoming;
     let pool = &ctx.pool;
     let mine = pool.links[ctx.index].active.load(Ordering::Relaxed);
     let target = pool
@@ -473,7 +546,7 @@ fn place(
         .min_by_key(|(_, active)| *active);
     let Some((index, least)) = target.filter(|(_, least)| overloaded(mine, *least)) else {
         let slot = Slot::take(pool, ctx.index);
-        return run(ctx, shared, stream, peer, slot, serve);
+        return run(ctx, shared, (stream, peer, kind), slot, serve);
     };
     let stream = match stream.into_std() {
         Ok(stream) => stream,
@@ -483,7 +556,12 @@ fn place(
         }
     };
     let slot = Slot::take(pool, index);
-    let handoff = Handoff { stream, peer, slot };
+    let handoff = Handoff {
+        stream,
+        peer,
+        kind,
+        slot,
+    };
     if let Err(mpsc::error::SendError(handoff)) = pool.links[index].sender.send(handoff) {
         // That worker has stopped (shutdown): serve it here after all.
         drop(handoff.slot);
@@ -491,8 +569,7 @@ fn place(
             run(
                 ctx,
                 shared,
-                stream,
-                peer,
+                (stream, peer, kind),
                 Slot::take(pool, ctx.index),
                 serve,
             );

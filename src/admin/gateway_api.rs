@@ -60,6 +60,14 @@ fn effective(config: &Config) -> Value {
         "file": config.origin.display().to_string(),
         "server": {
             "listen": s.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "tls": s.tls.iter().map(|t| json!({
+                "listen": t.listen.to_string(),
+                "certificates": t.certificates.iter().map(|c| json!({
+                    "cert_file": c.cert_file.display().to_string(),
+                    "key_file": c.key_file.display().to_string(),
+                })).collect::<Vec<_>>(),
+                "min_version": t.min_version.as_str(),
+            })).collect::<Vec<_>>(),
             "workers": s.workers,
             "max_connections": s.max_connections,
             "max_pending_handshakes": s.max_pending_handshakes,
@@ -122,6 +130,8 @@ fn route(r: &Route) -> Value {
             "insecure_skip_verify": r.upstream_tls.insecure_skip_verify,
         },
         "allow_encoded_slash": r.allow_encoded_slash,
+        "origins": r.origins.as_ref().map(|o| o.patterns.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        "allow_missing_origin": r.origins.as_ref().is_some_and(|o| o.allow_missing),
     })
 }
 

@@ -5,15 +5,18 @@
 pub mod admin;
 mod error;
 mod raw;
+mod tls;
 mod units;
 
 pub use error::ConfigError;
+pub use tls::{CertificatePair, Place, TlsListener, TlsVersion};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::route::origin::{OriginPattern, Origins};
 use crate::route::{PathTemplate, Routable};
 
 /// Default values, in one place.
@@ -102,8 +105,10 @@ impl Default for SharedConfig {
 /// The `[server]` table.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Addresses to accept connections on.
+    /// Addresses to accept plain (`ws://`) connections on.
     pub listen: Vec<SocketAddr>,
+    /// The `[[server.tls]]` listeners (`wss://`), in file order.
+    pub tls: Vec<TlsListener>,
     /// How long shutdown waits for connections to close before exiting anyway.
     pub shutdown_grace: Duration,
     /// At most this many client connections past their request head at once (requests being
@@ -175,6 +180,8 @@ pub struct Route {
     /// Placeholder values may hold `%2F`, `%5C` and `\` (passed on encoded); dot segments are
     /// refused all the same.
     pub allow_encoded_slash: bool,
+    /// The `Origin` allow-list (`origins`, `allow_missing_origin`); `None`: any origin.
+    pub origins: Option<Origins>,
 }
 
 impl Routable for Route {
@@ -193,6 +200,13 @@ impl Routable for Route {
 }
 
 impl Route {
+    /// Whether this route lets in a request whose `Origin` header values are `values` (all of
+    /// them, in order): always without `origins`; with it, one origin that a pattern matches,
+    /// or none at all with `allow_missing_origin`. See [`crate::route::origin`].
+    pub fn allows_origin<'a>(&self, values: impl Iterator<Item = &'a [u8]>) -> bool {
+        crate::route::origin::origin_allowed(self.origins.as_ref(), values)
+    }
+
     /// A short name for logs: the path template, plus the host when there is one.
     pub fn name(&self) -> String {
         // Made per connection (for its close line), so without `format!`.
@@ -498,16 +512,19 @@ impl Validator<'_> {
     }
 
     fn server(&self, raw: raw::Server) -> Result<ServerConfig, ConfigError> {
+        let tls_tables = raw.tls.unwrap_or_default();
         let listen = match raw.listen {
+            // With TLS listeners only, no plain one.
+            None if !tls_tables.is_empty() => Vec::new(),
             None => vec![defaults::LISTEN
                 .parse()
                 .expect("default listen address parses")],
             Some(list) => {
-                if list.get_ref().is_empty() {
+                if list.get_ref().is_empty() && tls_tables.is_empty() {
                     return Err(self.err(
                         &list,
                         "server.listen is empty".into(),
-                        "give at least one address, like [\"0.0.0.0:8080\"]",
+                        "give at least one address, like [\"0.0.0.0:8080\"], or a [[server.tls]] listener",
                     ));
                 }
                 list.get_ref()
@@ -565,7 +582,9 @@ impl Validator<'_> {
             some => self.optional_duration(some, "server.keepalive_timeout")?,
         };
         let drain_old = self.optional_duration(&raw.drain_old, "server.drain_old")?;
+        let tls = self.tls_listeners(tls_tables, &listen)?;
         Ok(ServerConfig {
+            tls,
             watch: raw.watch.unwrap_or(false),
             drain_old,
             workers,
@@ -749,7 +768,9 @@ impl Validator<'_> {
                 n as usize
             }
         };
+        let origins = self.origins(raw.origins, raw.allow_missing_origin)?;
         Ok(Route {
+            origins,
             ping_interval,
             ping_timeout,
             max_queued_bytes,
@@ -770,6 +791,49 @@ impl Validator<'_> {
             upstream_tls,
             allow_encoded_slash: raw.allow_encoded_slash.unwrap_or(false),
         })
+    }
+
+    /// `origins` and `allow_missing_origin`.
+    fn origins(
+        &self,
+        list: Option<Spanned<Vec<Spanned<String>>>>,
+        allow_missing: Option<Spanned<bool>>,
+    ) -> Result<Option<Origins>, ConfigError> {
+        let Some(list) = list else {
+            if let Some(v) = allow_missing {
+                return Err(self.err(
+                    &v,
+                    "route.allow_missing_origin needs route.origins".into(),
+                    "without origins every request is allowed, with or without an Origin header",
+                ));
+            }
+            return Ok(None);
+        };
+        let allow_missing = allow_missing.is_some_and(|v| *v.get_ref());
+        if list.get_ref().is_empty() && !allow_missing {
+            return Err(self.err(
+                &list,
+                "route.origins is empty: every request would be refused".into(),
+                "list the origins to let in, like [\"https://app.example.com\"], or leave origins out to allow any",
+            ));
+        }
+        let patterns = list
+            .get_ref()
+            .iter()
+            .map(|p| {
+                OriginPattern::parse(p.get_ref()).map_err(|e| {
+                    self.err(
+                        p,
+                        format!("route.origins: {e}"),
+                        "write scheme://host[:port], like \"https://app.example.com\" or \"https://*.example.com\"",
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Origins {
+            patterns,
+            allow_missing,
+        }))
     }
 
     fn upstream(
@@ -1027,6 +1091,14 @@ max_message_size = "64KiB"
             ("[server]\nqueue_timeout = \"soon\"\n", "server.queue_timeout: invalid duration"),
             ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\non_policy_error = \"explode\"\n", "not one of close, pass, drop"),
             ("[[route]\n", "test.toml:1:"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\norigins = [\"https://a.com\", \"a.com\"]\n", "test.toml:4:29: route.origins: \"a.com\" is not an origin: it has no scheme"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\norigins = [\"https://*.a.*.com\"]\n", "whole first label"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\norigins = []\n", "test.toml:4:11: route.origins is empty"),
+            ("[[route]]\npath = \"/a\"\nupstream = \"ws://h/\"\nallow_missing_origin = true\n", "test.toml:4:24: route.allow_missing_origin needs route.origins"),
+            ("[server]\nlisten = [\"127.0.0.1:8443\"]\n[[server.tls]]\nlisten = \"127.0.0.1:8443\"\ncert_file = \"a\"\nkey_file = \"b\"\n", "test.toml:4:10: server.tls.listen: 127.0.0.1:8443 is already a listen address"),
+            ("[[server.tls]]\nlisten = \"h:1\"\ncert_file = \"a\"\nkey_file = \"b\"\n", "test.toml:2:10: server.tls.listen: \"h:1\" is not an IP address and port"),
+            ("[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert_file = \"nope.pem\"\nkey_file = \"b\"\n", "test.toml:3:13: certificate file \"nope.pem\" not found"),
+            ("[[server.tls]]\nlisten = \"127.0.0.1:0\"\nkey_file = \"b\"\n", "missing field `cert_file`"),
         ];
         for (src, want) in cases {
             let e = error(src);

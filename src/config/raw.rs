@@ -36,6 +36,27 @@ pub(super) struct Server {
     pub keepalive_requests: Option<Spanned<i64>>,
     pub watch: Option<bool>,
     pub drain_old: Option<Spanned<String>>,
+    pub tls: Option<Vec<TlsListener>>,
+}
+
+/// One `[[server.tls]]` table: a `wss://` listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TlsListener {
+    pub listen: Spanned<String>,
+    pub cert_file: Spanned<String>,
+    pub key_file: Spanned<String>,
+    #[serde(default)]
+    pub sni: Vec<CertificatePair>,
+    pub min_version: Option<Spanned<String>>,
+}
+
+/// An entry of `sni`: one more certificate and its key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CertificatePair {
+    pub cert_file: Spanned<String>,
+    pub key_file: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +80,8 @@ pub(super) struct Route {
     pub policy_state_limit: Option<Spanned<String>>,
     pub upstream_tls: Option<UpstreamTls>,
     pub allow_encoded_slash: Option<bool>,
+    pub origins: Option<Spanned<Vec<Spanned<String>>>>,
+    pub allow_missing_origin: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Version};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::close::{CloseSummary, ClosedBy, Side};
@@ -51,6 +50,8 @@ pub(crate) enum Rejection {
     Policy(Box<(StatusCode, Bytes, HeaderMap)>),
     #[error("policy failed: {0}")]
     PolicyFailed(PolicyError),
+    #[error("origin not allowed: {0}")]
+    Origin(String),
     #[error("upstream {url} did not complete its handshake within {timeout:?}")]
     UpstreamTimeout {
         url: String,
@@ -63,6 +64,11 @@ impl Rejection {
         let message = self.to_string();
         match self {
             Rejection::NoRoute(_) => Answer::text(StatusCode::NOT_FOUND, message),
+            // The page's origin is not said back: the refusal is the same for every origin.
+            Rejection::Origin(_) => Answer::text(
+                StatusCode::FORBIDDEN,
+                "this origin may not open WebSocket connections here".into(),
+            ),
             Rejection::NotWebSocket => {
                 let mut r = Answer::text(
                     StatusCode::UPGRADE_REQUIRED,
@@ -144,15 +150,17 @@ pub(crate) enum Handled {
     Upgraded(Box<Accepted>),
 }
 
-/// Serves one HTTP request on a client connection: a refusal is logged here, once.
+/// Serves one HTTP request on a client connection (`tls`: on a `[[server.tls]]` listener): a
+/// refusal is logged here, once.
 pub(crate) async fn handle(
     request: &RequestHead,
     peer: SocketAddr,
+    tls: bool,
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
 ) -> Handled {
     let mut metrics = None;
-    match upgrade(request, peer, shared, worker, &mut metrics).await {
+    match upgrade(request, peer, tls, shared, worker, &mut metrics).await {
         Ok(accepted) => Handled::Upgraded(Box::new(accepted)),
         Err(rejection) => {
             rejection.log(request.path());
@@ -217,6 +225,7 @@ fn is_websocket_key(key: &[u8]) -> bool {
 async fn upgrade(
     request: &RequestHead,
     peer: SocketAddr,
+    tls: bool,
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
     counted: &mut Option<Arc<RouteMetrics>>,
@@ -240,6 +249,15 @@ async fn upgrade(
     let client_key = validate(request)?;
     let runtime = found.route;
     let route = runtime.route.clone();
+    // Cross-site WebSocket hijacking: a foreign page's upgrade is refused before any policy
+    // sees it.
+    if !route.allows_origin(request.headers.get_all("origin")) {
+        let origin = request.headers.get_all("origin").next().map_or_else(
+            || "no Origin header".to_owned(),
+            |o| String::from_utf8_lossy(o).into_owned(),
+        );
+        return Err(Rejection::Origin(origin));
+    }
     let id = shared
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -264,7 +282,7 @@ async fn upgrade(
                 headers: &request.headers,
                 params: &found.params,
                 client_ip: peer.ip(),
-                scheme: "ws",
+                scheme: if tls { "wss" } else { "ws" },
                 host,
                 metrics: Some(&metrics),
             };
@@ -296,7 +314,7 @@ async fn upgrade(
     let extra = headers::UpstreamRequest {
         client_ip: peer.ip(),
         client_host: host,
-        proto: "http",
+        proto: if tls { "https" } else { "http" },
         changes: &changes.headers,
         subprotocol: changes.subprotocol.as_deref(),
     };
@@ -423,9 +441,10 @@ pub(crate) struct Accepted {
 }
 
 impl Accepted {
-    /// Answers the client with 101 on `stream` and relays until the connection ends;
-    /// `pre_read` holds the bytes the client sent after its request head.
-    pub(crate) async fn run(self: Box<Self>, mut stream: TcpStream, pre_read: Bytes) {
+    /// Answers the client with 101 on `stream` (TCP, or TLS from a `[[server.tls]]` listener)
+    /// and relays until the connection ends; `pre_read` holds the bytes the client sent after
+    /// its request head.
+    pub(crate) async fn run(self: Box<Self>, mut stream: Io, pre_read: Bytes) {
         // Out of the box at once: a box moved out of in an async fn is freed only when the
         // future ends, and this one lasts as long as the connection.
         fn unbox(accepted: Box<Accepted>) -> Accepted {
@@ -447,7 +466,12 @@ impl Accepted {
         let close_timeout = snapshot.config.server.close_timeout;
         let opened = tokio::time::Instant::now();
         metrics.handshake(101);
-        if let Err(e) = stream.write_all(&response).await {
+        // A no-op flush on TCP; TLS may hold the last record until flushed.
+        let written = match stream.write_all(&response).await {
+            Ok(()) => stream.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             let reason = format!("client left during the upgrade: {e}");
             return Box::pin(abandon(
                 upstream,
@@ -463,7 +487,7 @@ impl Accepted {
         drop(response);
         let client = Leg::new(
             Socket {
-                io: Io::Tcp(stream),
+                io: stream,
                 pre_read,
             },
             Side::Client,

@@ -1,5 +1,5 @@
-//! `server.watch = true`: a change to the configuration file or to a policy script it names
-//! triggers a reload, debounced by [`DEBOUNCE`] (an editor's save is often several events:
+//! `server.watch = true`: a change to the configuration file, to a policy script it names, or
+//! to a TLS listener's certificate or key file triggers a reload, debounced by [`DEBOUNCE`] (an editor's save is often several events:
 //! truncate, write, rename). The folders holding those files are watched, not the files, so a
 //! file replaced by a rename (as most editors save) is still seen; events on other files in
 //! those folders are ignored.
@@ -118,10 +118,18 @@ async fn run(
     }
 }
 
-/// The configuration file and every policy script it names.
+/// The configuration file, every policy script it names, and the certificate and key files
+/// of its TLS listeners.
 fn watched_files(config: &crate::config::Config) -> HashSet<PathBuf> {
+    let certificates = config
+        .server
+        .tls
+        .iter()
+        .flat_map(|t| &t.certificates)
+        .flat_map(|pair| [pair.cert_file.as_path(), pair.key_file.as_path()]);
     std::iter::once(config.origin.as_path())
         .chain(config.scripts())
+        .chain(certificates)
         .map(normal)
         .collect()
 }

@@ -7,6 +7,7 @@
 //! [`normalize`](normalize::normalize)).
 
 mod normalize;
+pub mod origin;
 mod template;
 
 pub use normalize::{check_param, normalize, PathError};

@@ -24,13 +24,16 @@ use tokio::net::TcpStream;
 use crate::header_fields::HeaderFields;
 use response::Answer;
 
-/// The socket under a WebSocket leg: reads and writes go straight to it, without a boxed I/O
-/// object in between.
+/// The socket under a WebSocket leg, either leg: reads and writes go straight to it, without a
+/// boxed I/O object in between. Plain connections are `Tcp` on both legs, so the match costs
+/// them nothing beyond the branch they always took.
 pub enum Io {
-    /// Plain TCP.
+    /// Plain TCP, either leg.
     Tcp(TcpStream),
     /// TLS to a `wss://` upstream.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// TLS from a client on a `[[server.tls]]` listener.
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 impl tokio::io::AsyncRead for Io {
@@ -42,6 +45,7 @@ impl tokio::io::AsyncRead for Io {
         match self.get_mut() {
             Io::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::TlsServer(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -55,6 +59,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::TlsServer(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -66,6 +71,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
             Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Io::TlsServer(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -73,6 +79,7 @@ impl tokio::io::AsyncWrite for Io {
         match self {
             Io::Tcp(s) => s.is_write_vectored(),
             Io::Tls(s) => s.is_write_vectored(),
+            Io::TlsServer(s) => s.is_write_vectored(),
         }
     }
 
@@ -83,6 +90,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
             Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            Io::TlsServer(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -93,6 +101,7 @@ impl tokio::io::AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::TlsServer(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

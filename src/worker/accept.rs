@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{place, ServeFn, WorkerCtx};
+use super::{place, ServeFn, Serves, WorkerCtx};
 use crate::proxy::Shared;
 
 /// A listening socket made ready for this worker's runtime.
@@ -22,6 +22,7 @@ pub(super) fn listener(listener: std::net::TcpListener) -> std::io::Result<TcpLi
 /// address: connections already accepted stay), and places each on a worker.
 pub(super) async fn accept_loop(
     listener: TcpListener,
+    serves: Serves,
     shared: Arc<Shared>,
     here: Rc<WorkerCtx>,
     until: CancellationToken,
@@ -43,7 +44,8 @@ pub(super) async fn accept_loop(
             _ = until.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        place(&here, &shared, stream, peer, serve);
+        // A TLS handshake is the connection's own task's (see `listener`), never this loop's.
+        place(&here, &shared, (stream, peer, serves.kind()), serve);
     }
 }
 

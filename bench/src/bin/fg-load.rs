@@ -6,9 +6,15 @@
 //!   time, so a stalled proxy cannot hide queueing (no coordinated omission); HDR percentiles.
 //! - `connections`: opens N idle connections, reports handshakes per second, prints READY and
 //!   holds them until stdin closes or the hold time ends.
+//!
+//! A `wss://` URL is loaded over TLS (rustls, ALPN `http/1.1`): every connection makes a full
+//! handshake (no session resumption), and neither the server's certificate nor its signature is
+//! checked, so that the load generator spends as little as it can on its side of the handshake.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -26,7 +32,7 @@ use tokio_tungstenite::WebSocketStream;
 
 #[derive(Parser)]
 struct Args {
-    /// ws:// URL to load.
+    /// ws:// or wss:// URL to load.
     #[arg(long)]
     url: String,
     /// Runtime threads.
@@ -90,7 +96,108 @@ enum Mode {
     },
 }
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Stream>;
+
+/// A connection to the proxy: plain, or TLS for `wss://`.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The TLS client configuration for `wss://` URLs: full handshakes, any certificate.
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default versions")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            config.resumption = rustls::client::Resumption::disabled();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+/// Trusts any certificate and signature: the proxies under test use a throwaway certificate, and
+/// the load generator's own checks would only slow it down (the proxy's side of the handshake,
+/// what is measured, is the same).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
 
 async fn open(url: &str, headers: &[String]) -> anyhow::Result<Ws> {
     let mut request = url.into_client_request()?;
@@ -106,8 +213,18 @@ async fn open(url: &str, headers: &[String]) -> anyhow::Result<Ws> {
         .context("URL has no host")?
         .as_str()
         .to_owned();
-    let stream = TcpStream::connect(&host).await?;
-    stream.set_nodelay(true)?;
+    let secure = request.uri().scheme_str() == Some("wss");
+    let tcp = TcpStream::connect(&host).await?;
+    tcp.set_nodelay(true)?;
+    let stream = if secure {
+        let name = request.uri().host().context("URL has no host")?;
+        let name =
+            rustls::pki_types::ServerName::try_from(name.trim_matches(['[', ']']))?.to_owned();
+        let connector = tokio_rustls::TlsConnector::from(tls_config());
+        Stream::Tls(Box::new(connector.connect(name, tcp).await?))
+    } else {
+        Stream::Plain(tcp)
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .max_message_size(Some(64 << 20));
