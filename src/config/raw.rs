@@ -59,6 +59,8 @@ pub(super) struct Route {
     pub policy_state_limit: Option<Spanned<String>>,
     pub upstream_tls: Option<UpstreamTls>,
     pub allow_encoded_slash: Option<bool>,
+    pub http: Option<Spanned<String>>,
+    pub max_body_size: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

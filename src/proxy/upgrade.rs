@@ -51,6 +51,8 @@ pub(crate) enum Rejection {
     Policy(Box<(StatusCode, Bytes, HeaderMap)>),
     #[error("policy failed: {0}")]
     PolicyFailed(PolicyError),
+    #[error("request body over max_body_size ({0} bytes)")]
+    BodyTooLarge(u64),
     #[error("upstream {url} did not complete its handshake within {timeout:?}")]
     UpstreamTimeout {
         url: String,
@@ -59,7 +61,7 @@ pub(crate) enum Rejection {
 }
 
 impl Rejection {
-    fn into_answer(self) -> Answer {
+    pub(crate) fn into_answer(self) -> Answer {
         let message = self.to_string();
         match self {
             Rejection::NoRoute(_) => Answer::text(StatusCode::NOT_FOUND, message),
@@ -80,6 +82,7 @@ impl Rejection {
                     .insert(header::ALLOW, HeaderValue::from_static("GET"));
                 r
             }
+            Rejection::BodyTooLarge(_) => Answer::text(StatusCode::PAYLOAD_TOO_LARGE, message),
             Rejection::BadUpgrade(_) | Rejection::BadPath(_) => {
                 Answer::text(StatusCode::BAD_REQUEST, message)
             }
@@ -123,7 +126,7 @@ impl Rejection {
     }
 
     /// Logs the refusal, inside the connection's span (which names the client).
-    fn log(&self, path: &str) {
+    pub(crate) fn log(&self, path: &str) {
         match self {
             Rejection::PolicyFailed(e) => {
                 tracing::warn!(path, script = %e.script, error = %e.message, "policy error in on_upgrade")
@@ -259,6 +262,7 @@ async fn upgrade(
             let upgrade_request = UpgradeRequest {
                 id,
                 method: request.method.as_str(),
+                upgrade: true,
                 path,
                 query: request.query().unwrap_or(""),
                 headers: &request.headers,
@@ -423,6 +427,12 @@ pub(crate) struct Accepted {
 }
 
 impl Accepted {
+    /// Takes the encoded 101 out, for a connection where another HTTP stack writes it (the
+    /// HTTP proxy's hyper server); [`Accepted::run`] then writes nothing before relaying.
+    pub(crate) fn take_response(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.response)
+    }
+
     /// Answers the client with 101 on `stream` and relays until the connection ends;
     /// `pre_read` holds the bytes the client sent after its request head.
     pub(crate) async fn run(self: Box<Self>, mut stream: TcpStream, pre_read: Bytes) {

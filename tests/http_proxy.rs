@@ -1,0 +1,569 @@
+//! HTTP on WebSocket routes (`route.http = "proxy"`): plain HTTP requests proxied to the
+//! route's upstream with hyper on both sides. A real gateway, a real hyper upstream (which also
+//! takes WebSocket upgrades, for the connection that upgrades after HTTP) and raw TCP or hyper
+//! clients.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn text(body: impl Into<String>) -> Response<Body> {
+    Response::new(Full::new(Bytes::from(body.into())).boxed())
+}
+
+/// What the test upstream was asked, for the tests to look at.
+struct Seen {
+    method: String,
+    uri: String,
+    headers: http::HeaderMap,
+}
+
+/// The test upstream: a hyper HTTP/1.1 server.
+/// - `/count`: reads the body and answers its length (`progress` gets each frame's size);
+/// - `/stream?n=N`: N bytes in 64 KiB frames, sent through a channel of one frame, so that
+///   `sent` counts what hyper has taken;
+/// - `/events`: server-sent events, one per message on `events`, until it closes;
+/// - WebSocket upgrades: an echo;
+/// - anything else: `method path` as text.
+struct HttpUpstream {
+    addr: SocketAddr,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    connections: Arc<AtomicUsize>,
+    progress: mpsc::UnboundedReceiver<usize>,
+    sent: Arc<AtomicUsize>,
+    events: mpsc::UnboundedSender<String>,
+}
+
+async fn http_upstream() -> HttpUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, seen) = mpsc::unbounded_channel();
+    let (progress_tx, progress) = mpsc::unbounded_channel();
+    let (events, events_rx) = mpsc::unbounded_channel::<String>();
+    let events_rx = Arc::new(tokio::sync::Mutex::new(events_rx));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (c, s) = (connections.clone(), sent.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let (seen_tx, progress_tx, sent, events_rx) = (
+                seen_tx.clone(),
+                progress_tx.clone(),
+                s.clone(),
+                events_rx.clone(),
+            );
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (seen_tx, progress_tx, sent, events_rx) = (
+                    seen_tx.clone(),
+                    progress_tx.clone(),
+                    sent.clone(),
+                    events_rx.clone(),
+                );
+                async move {
+                    let _ = seen_tx.send(Seen {
+                        method: req.method().to_string(),
+                        uri: req.uri().to_string(),
+                        headers: req.headers().clone(),
+                    });
+                    Ok::<_, Infallible>(answer(req, progress_tx, sent, events_rx).await)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    HttpUpstream {
+        addr,
+        seen,
+        connections,
+        progress,
+        sent,
+        events,
+    }
+}
+
+async fn answer(
+    mut req: Request<Incoming>,
+    progress: mpsc::UnboundedSender<usize>,
+    sent: Arc<AtomicUsize>,
+    events: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>,
+) -> Response<Body> {
+    if let Some(key) = req.headers().get("sec-websocket-key") {
+        let accept = derive_accept_key(key.as_bytes());
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let io = TokioIo::new(upgrade.await.unwrap());
+            let mut ws =
+                tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_text() || msg.is_binary() {
+                    let _ = ws.send(msg).await;
+                }
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-accept", accept)
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap();
+    }
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/count" => {
+            let mut body = req.into_body();
+            let mut total = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    total += data.len();
+                    let _ = progress.send(data.len());
+                }
+            }
+            text(total.to_string())
+        }
+        "/stream" => {
+            let n: usize = req.uri().query().unwrap()[2..].parse().unwrap();
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let mut left = n;
+                while left > 0 {
+                    let part = chunk.slice(..left.min(chunk.len()));
+                    left -= part.len();
+                    let len = part.len();
+                    if tx.send(Ok(Frame::data(part))).await.is_err() {
+                        return;
+                    }
+                    sent.fetch_add(len, Ordering::SeqCst);
+                }
+            });
+            let stream = tokio_stream_of(rx);
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+        "/events" => {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+            tokio::spawn(async move {
+                let mut events = events.lock().await;
+                while let Some(event) = events.recv().await {
+                    let frame = Frame::data(Bytes::from(format!("data: {event}\n\n")));
+                    if tx.send(Ok(frame)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("connection", "keep-alive, x-hop")
+                .header("x-hop", "secret")
+                .body(BodyExt::boxed(StreamBody::new(tokio_stream_of(rx))))
+                .unwrap()
+        }
+        _ => text(format!("{} {}", req.method(), req.uri())),
+    }
+}
+
+/// A stream of an mpsc receiver's items.
+fn tokio_stream_of<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) })
+}
+
+/// A route with `http = "proxy"` to the same path on `upstream` (`/` for a template).
+fn proxy_route(path: &str, upstream: SocketAddr, extra: &str) -> String {
+    let upstream_path = if path.contains('{') { "/" } else { path };
+    route_to(
+        path,
+        &format!("ws://{upstream}{upstream_path}"),
+        &format!("http = \"proxy\"\n{extra}"),
+        &[],
+    )
+}
+
+/// A hyper HTTP/1.1 client connection to the gateway.
+async fn client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<BoxBody<Bytes, Infallible>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn get(path: &str) -> Request<BoxBody<Bytes, Infallible>> {
+    Request::get(path)
+        .header("host", "gateway.test")
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap()
+}
+
+async fn body_text(response: Response<Incoming>) -> String {
+    let bytes = within("a response body", response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn requests_keep_alive_and_carry_forwarded_headers_without_hop_by_hop_ones() {
+    let mut up = http_upstream().await;
+    let gw = gateway(&proxy_route("/api/{*rest}", up.addr, "")).await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let request = "GET /api/a?x=1 HTTP/1.1\r\nHost: gateway.test\r\nConnection: keep-alive, X-Private\r\n\
+                   X-Private: 1\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 10.0.0.1\r\nAuthorization: Bearer t\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let (status, _, body) = read_response(&mut stream).await;
+    assert_eq!((status, body.as_str()), (200, "GET /?x=1"));
+    let seen = within("the upstream request", up.seen.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.method, "GET");
+    let h = &seen.headers;
+    assert_eq!(h["host"], up.addr.to_string());
+    assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "gateway.test");
+    assert_eq!(h["authorization"], "Bearer t");
+    for gone in ["x-private", "keep-alive", "upgrade"] {
+        assert!(h.get(gone).is_none(), "{gone} went upstream");
+    }
+    // The same client connection, and the same upstream connection.
+    stream
+        .write_all(b"GET /api/b HTTP/1.1\r\nHost: gateway.test\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, body) = read_response(&mut stream).await;
+    assert_eq!((status, body.as_str()), (200, "GET /"));
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    let seen = within("the upstream request", up.seen.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.uri, "/");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = http_upstream().await;
+    let upstream_path = format!("ws://{}/n/{{n}}", up.addr);
+    let gw = gateway(&route_to("/p/{n}", &upstream_path, "http = \"proxy\"", &[])).await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let mut all = String::new();
+    for n in 1..=5 {
+        all.push_str(&format!("GET /p/{n} HTTP/1.1\r\nHost: g\r\n\r\n"));
+    }
+    stream.write_all(all.as_bytes()).await.unwrap();
+    for n in 1..=5 {
+        let (status, _, body) = read_response(&mut stream).await;
+        assert_eq!((status, body), (200, format!("GET /n/{n}")));
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_bodies_stream_with_content_length_and_chunked() {
+    let mut up = http_upstream().await;
+    let gw = gateway(&proxy_route("/count", up.addr, "")).await;
+    let mut sender = client(gw.local_addr()).await;
+
+    // Content-Length: sent as it is.
+    let body = Full::new(Bytes::from(vec![7u8; 300_000])).boxed();
+    let request = Request::post("/count")
+        .header("host", "g")
+        .body(body)
+        .unwrap();
+    let response = within("a response", sender.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(body_text(response).await, "300000");
+    let seen = within("the upstream request", up.seen.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.headers["content-length"], "300000");
+    while up.progress.try_recv().is_ok() {}
+
+    // Chunked, streamed: the upstream has each part before the client sends the next.
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let request = Request::post("/count")
+        .header("host", "g")
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream_of(rx))))
+        .unwrap();
+    let response = tokio::spawn(sender.send_request(request));
+    for _ in 0..4 {
+        tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 100_000]))))
+            .await
+            .unwrap();
+        let mut got = 0;
+        while got < 100_000 {
+            got += within("the part upstream", up.progress.recv())
+                .await
+                .unwrap();
+        }
+    }
+    drop(tx);
+    let response = within("a response", response).await.unwrap().unwrap();
+    assert_eq!(body_text(response).await, "400000");
+    let seen = within("the upstream request", up.seen.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.headers["transfer-encoding"], "chunked");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_large_response_streams_with_backpressure() {
+    let up = http_upstream().await;
+    let gw = gateway(&proxy_route("/stream", up.addr, "")).await;
+    let total = 256 << 20;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(format!("GET /stream?n={total} HTTP/1.1\r\nHost: g\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // The client reads nothing: the upstream's body stops moving once the sockets' buffers
+    // and hyper's are full, far short of the whole body.
+    let mut last = usize::MAX;
+    loop {
+        let before = up.sent.load(Ordering::SeqCst);
+        let moved = async {
+            while up.sent.load(Ordering::SeqCst) == before {
+                tokio::task::yield_now().await;
+            }
+        };
+        if tokio::time::timeout(std::time::Duration::from_millis(300), moved)
+            .await
+            .is_err()
+            && before == last
+        {
+            break;
+        }
+        last = up.sent.load(Ordering::SeqCst);
+    }
+    assert!(
+        last < 64 << 20,
+        "{last} bytes left the upstream though the client read nothing"
+    );
+    // Then all of it arrives.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while got < total {
+        let n = tokio::time::timeout_at(deadline, stream.read(&mut buf))
+            .await
+            .expect("the whole body within a minute")
+            .unwrap();
+        assert!(n > 0, "closed after {got} bytes");
+        got += n;
+    }
+    assert!(got >= total);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_over_max_body_size_get_413() {
+    let mut up = http_upstream().await;
+    let gw = gateway(&proxy_route("/count", up.addr, "max_body_size = \"64KiB\"")).await;
+    // By Content-Length: at once, before any body byte.
+    let (status, _, body) = raw_http(
+        gw.local_addr(),
+        "POST /count HTTP/1.1\r\nHost: g\r\nContent-Length: 1000000\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("max_body_size"), "{body}");
+
+    // Chunked: while streaming, once past the limit.
+    let mut sender = client(gw.local_addr()).await;
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let request = Request::post("/count")
+        .header("host", "g")
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream_of(rx))))
+        .unwrap();
+    let response = tokio::spawn(sender.send_request(request));
+    for _ in 0..3 {
+        if tx
+            .send(Ok(Frame::data(Bytes::from(vec![1u8; 40_000]))))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let response = within("a response", response).await.unwrap().unwrap();
+    assert_eq!(response.status(), 413);
+    drop(tx);
+    // Under the limit, it passes.
+    let mut sender = client(gw.local_addr()).await;
+    let request = Request::post("/count")
+        .header("host", "g")
+        .body(Full::new(Bytes::from(vec![0u8; 60_000])).boxed())
+        .unwrap();
+    let response = within("a response", sender.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(body_text(response).await, "60000");
+    while up.seen.try_recv().is_ok() {}
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_one_by_one() {
+    let up = http_upstream().await;
+    let gw = gateway(&proxy_route("/events", up.addr, "")).await;
+    let mut sender = client(gw.local_addr()).await;
+    let response = within("the response head", sender.send_request(get("/events")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert!(response.headers().get("x-hop").is_none());
+    let mut body = response.into_body();
+    for n in 0..3 {
+        up.events.send(format!("event {n}")).unwrap();
+        let frame = within("an event", body.frame()).await.unwrap().unwrap();
+        let data = frame.into_data().unwrap();
+        assert_eq!(&data[..], format!("data: event {n}\n\n").as_bytes());
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_gets_502() {
+    let port = closed_port().await;
+    let gw = gateway(&proxy_route("/api", port, "")).await;
+    let (status, _, body) = raw_http(
+        gw.local_addr(),
+        "GET /api HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn on_upgrade_guards_http_requests_with_req_upgrade_false() {
+    let mut up = http_upstream().await;
+    let policy = script(
+        "http_guard.lua",
+        r#"
+return function(req, ctx)
+  if req.headers["authorization"] ~= "Bearer ok" then
+    return req:reject(401, "token required", { ["WWW-Authenticate"] = "Bearer" })
+  end
+  req:set_header("x-upgrade", tostring(req.upgrade))
+  req:set_header("x-method", req.method)
+  req:set_header("authorization", nil)
+end
+"#,
+    );
+    let gw = gateway(&route(
+        "/api",
+        up.addr,
+        "http = \"proxy\"",
+        &[("on_upgrade", &policy)],
+    ))
+    .await;
+    let (status, head, body) = raw_http(
+        gw.local_addr(),
+        "POST /api HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\n\r\nhi",
+    )
+    .await;
+    assert_eq!(status, 401, "{head}{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{head}"
+    );
+    assert_eq!(body, "token required");
+    let (status, _, body) = raw_http(
+        gw.local_addr(),
+        "POST /api HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer ok\r\nContent-Length: 2\r\n\r\nhi",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "POST /"));
+    let seen = within("the upstream request", up.seen.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.headers["x-upgrade"], "false");
+    assert_eq!(seen.headers["x-method"], "POST");
+    assert!(seen.headers.get("authorization").is_none());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_route_without_http_still_answers_426() {
+    let up = http_upstream().await;
+    let gw = gateway(&route("/ws", up.addr, "", &[])).await;
+    let (status, head, _) = raw_http(gw.local_addr(), "GET /ws HTTP/1.1\r\nHost: g\r\n\r\n").await;
+    assert_eq!(status, 426, "{head}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_in_http_mode_can_upgrade_and_relay() {
+    let up = http_upstream().await;
+    let gw = gateway(&proxy_route("/both", up.addr, "")).await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(b"GET /both?poll=1 HTTP/1.1\r\nHost: g\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, body) = read_response(&mut stream).await;
+    assert_eq!((status, body.as_str()), (200, "GET /both?poll=1"));
+    // The next request on the same connection asks for the WebSocket.
+    let (mut ws, response) = within(
+        "the upgrade",
+        tokio_tungstenite::client_async("ws://g/both", stream),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "hello");
+    ws.close(None).await.unwrap();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_requests_are_counted_by_route_and_status() {
+    let up = http_upstream().await;
+    let gw = gateway(&proxy_route("/m", up.addr, "")).await;
+    let (status, _, _) = raw_http(gw.local_addr(), "GET /m HTTP/1.1\r\nHost: g\r\n\r\n").await;
+    assert_eq!(status, 200);
+    let metrics = gw.metrics().encode();
+    assert!(
+        metrics.contains(r#"framegate_http_requests_total{route="/m",status="200"} 1"#),
+        "{metrics}"
+    );
+    gw.shutdown().await;
+}
