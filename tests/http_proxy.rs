@@ -567,3 +567,166 @@ async fn http_requests_are_counted_by_route_and_status() {
     );
     gw.shutdown().await;
 }
+
+/// Reads until the gateway closes `stream`, within the tests' event timeout.
+async fn closed(stream: &mut TcpStream) {
+    let mut buf = [0u8; 1024];
+    within("the gateway closing the connection", async {
+        while !matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {}
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keepalive_timeout_closes_an_idle_connection_but_not_one_with_a_response_going() {
+    let up = http_upstream().await;
+    let gw = gateway_with_server(
+        "keepalive_timeout = \"300ms\"\n",
+        &[
+            proxy_route("/events", up.addr, ""),
+            proxy_route("/a", up.addr, ""),
+        ]
+        .concat(),
+    )
+    .await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200);
+    let idle_from = tokio::time::Instant::now();
+    closed(&mut stream).await;
+    assert!(idle_from.elapsed() >= std::time::Duration::from_millis(250));
+
+    // An event stream quieter than keepalive_timeout stays open.
+    let mut sender = client(gw.local_addr()).await;
+    let response = within("the response head", sender.send_request(get("/events")))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(700), body.frame()).await;
+    assert!(quiet.is_err(), "the event stream ended: {quiet:?}");
+    up.events.send("late".into()).unwrap();
+    let frame = within("an event", body.frame()).await.unwrap().unwrap();
+    assert_eq!(&frame.into_data().unwrap()[..], b"data: late\n\n");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn keepalive_requests_bounds_the_requests_on_one_connection() {
+    let up = http_upstream().await;
+    let gw = gateway_with_server("keepalive_requests = 2\n", &proxy_route("/a", up.addr, "")).await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    for n in 1..=2 {
+        stream
+            .write_all(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, head, _) = read_response(&mut stream).await;
+        assert_eq!(status, 200);
+        // The first request was read by the listener, the second by hyper: together, two.
+        assert_eq!(
+            head.to_ascii_lowercase().contains("connection: close"),
+            n == 2,
+            "{head}"
+        );
+    }
+    closed(&mut stream).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_in_http_mode_holds_its_slot_until_it_closes() {
+    let up = http_upstream().await;
+    let gw = gateway_with_server(
+        "max_connections = 1\nqueue_timeout = \"200ms\"\n",
+        &proxy_route("/a", up.addr, ""),
+    )
+    .await;
+    let mut first = TcpStream::connect(gw.local_addr()).await.unwrap();
+    first
+        .write_all(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut first).await.0, 200);
+    let (status, head, _) = raw_http(gw.local_addr(), "GET /a HTTP/1.1\r\nHost: g\r\n\r\n").await;
+    assert_eq!(status, 503, "{head}");
+    drop(first);
+    within("a free slot", async {
+        loop {
+            let (status, _, _) = raw_http(
+                gw.local_addr(),
+                "GET /a HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            if status == 200 {
+                break;
+            }
+        }
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_an_idle_connection_in_http_mode() {
+    let up = http_upstream().await;
+    let gw = gateway(&proxy_route("/a", up.addr, "")).await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200);
+    let stopping = tokio::spawn(gw.shutdown());
+    closed(&mut stream).await;
+    within("shutdown", stopping).await.unwrap();
+}
+
+#[tokio::test]
+async fn head_responses_keep_their_length_and_policy_failures_get_500() {
+    let up = http_upstream().await;
+    let broken = script(
+        "http_broken.lua",
+        "return function(req, ctx)\n  if req.method == \"DELETE\" then error(\"boom\") end\nend\n",
+    );
+    let gw = gateway(&route_to(
+        "/a",
+        &format!("ws://{}/a", up.addr),
+        "http = \"proxy\"",
+        &[("on_upgrade", &broken)],
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(b"HEAD /a HTTP/1.1\r\nHost: g\r\n\r\nDELETE /a HTTP/1.1\r\nHost: g\r\n\r\n")
+        .await
+        .unwrap();
+    // HEAD: the length of the GET body ("HEAD /a" is 7 bytes), and no body.
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = within("a response", stream.read(&mut chunk)).await.unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 7"), "{head}");
+    // What follows is the DELETE's answer, not a HEAD body.
+    let rest = String::from_utf8_lossy(&buf[head_end..]).to_string();
+    let mut more = rest.into_bytes();
+    while !more.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        let n = within("a response", stream.read(&mut chunk)).await.unwrap();
+        assert!(n > 0);
+        more.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&more).to_string();
+    assert!(text.starts_with("HTTP/1.1 500"), "{text}");
+    gw.shutdown().await;
+}
