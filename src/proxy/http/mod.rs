@@ -14,6 +14,7 @@
 //! the policies (reached through [`crate::policy::RoutePolicy`] only).
 
 mod body;
+mod cors;
 mod rewind;
 mod service;
 mod upstream;

@@ -16,6 +16,7 @@ use hyper::body::{Body, Incoming};
 use hyper::upgrade::OnUpgrade;
 
 use super::body::{self, InFlightGuard, ResponseBody};
+use super::cors::{self, Cors};
 use super::upstream::{OpenError, UpstreamConn};
 use super::Activity;
 use crate::client_http::{header_line, parse_head, Answer, BadRequest, RequestHead};
@@ -132,16 +133,41 @@ impl Conn {
             // As the hand-written path answers it: a refused upgrade.
             return self.refuse(Rejection::NotWebSocket, &head, &metrics, false);
         }
-        // TODO(h15 origins): when `route.origins` exists (h15-tls), check `Origin` here
-        // (403 otherwise) and answer CORS preflights (`OPTIONS` with
-        // `Access-Control-Request-Method`) for the listed origins.
-        let response = match self
+        // TODO(h15 merge): the `origins` key is h15-tls's. Until it is merged no route has
+        // a list, so this is `Cors::Pass`; at the merge the two values become
+        // `route.origins.is_some()` and `route.allows_origin(head.headers.get_all("origin"))`,
+        // and `Forbidden` becomes h15-tls's `Rejection::Origin`.
+        let (listed, allowed) = (false, true);
+        let allowed_origin = match cors::check(&head, listed, allowed) {
+            Cors::Pass => None,
+            Cors::Allowed(origin) => Some(origin),
+            Cors::Preflight(response) => {
+                metrics.http_request(response.status().as_u16());
+                return response;
+            }
+            Cors::Forbidden(origin) => {
+                tracing::info!(
+                    path = head.path(),
+                    origin,
+                    "request rejected: origin not allowed"
+                );
+                metrics.http_request(StatusCode::FORBIDDEN.as_u16());
+                return answer(Answer::text(
+                    StatusCode::FORBIDDEN,
+                    "this origin may not make requests here".into(),
+                ));
+            }
+        };
+        let mut response = match self
             .forward(request, &head, &found, snapshot, &metrics, guard)
             .await
         {
             Ok(response) => response,
             Err(rejection) => return self.refuse(rejection, &head, &metrics, true),
         };
+        if let Some(origin) = allowed_origin {
+            cors::allow(response.headers_mut(), origin);
+        }
         metrics.http_request(response.status().as_u16());
         tracing::debug!(
             method = %head.method,
