@@ -369,6 +369,7 @@ async fn a_large_response_streams_with_backpressure() {
         }
         last = up.sent.load(Ordering::SeqCst);
     }
+    eprintln!("the upstream stalled after {last} bytes, the client reading nothing");
     assert!(
         last < 64 << 20,
         "{last} bytes left the upstream though the client read nothing"
@@ -728,5 +729,61 @@ async fn head_responses_keep_their_length_and_policy_failures_get_500() {
     }
     let text = String::from_utf8_lossy(&more).to_string();
     assert!(text.starts_with("HTTP/1.1 500"), "{text}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_met_by_the_gateway() {
+    let mut up = http_upstream().await;
+    let gw = gateway(&proxy_route("/count", up.addr, "")).await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(
+            b"POST /count HTTP/1.1\r\nHost: g\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = within("100 Continue", stream.read(&mut buf)).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100 Continue\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    stream.write_all(b"hello").await.unwrap();
+    let (status, _, body) = read_response(&mut stream).await;
+    assert_eq!((status, body.as_str()), (200, "5"));
+    let seen = within("the upstream request", up.seen.recv())
+        .await
+        .unwrap();
+    assert!(seen.headers.get("expect").is_none());
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn set_upstream_sends_an_http_request_to_the_http_url_of_a_ws_one() {
+    let mut up = http_upstream().await;
+    let elsewhere = script(
+        "http_elsewhere.lua",
+        &format!(
+            "return function(req, ctx)\n  req:set_upstream(\"ws://{}/chosen?by=policy\")\nend\n",
+            up.addr
+        ),
+    );
+    let closed = closed_port().await;
+    let gw = gateway(&route(
+        "/a",
+        closed,
+        "http = \"proxy\"",
+        &[("on_upgrade", &elsewhere)],
+    ))
+    .await;
+    let (status, _, body) =
+        raw_http(gw.local_addr(), "GET /a?x=1 HTTP/1.1\r\nHost: g\r\n\r\n").await;
+    assert_eq!((status, body.as_str()), (200, "GET /chosen?by=policy"));
+    let seen = within("the upstream request", up.seen.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.headers["host"], up.addr.to_string());
     gw.shutdown().await;
 }

@@ -243,6 +243,9 @@ impl Conn {
         };
         headers::upstream_fields(&mut fields, &head.headers, &extra);
         fields.insert(header::HOST, host);
+        // hyper's server has met the client's expectation (100 Continue when the body is
+        // first read); the upstream gets the body without one.
+        fields.remove(header::EXPECT);
         let (parts, client_body) = request.into_parts();
         let limit = usize::try_from(route.max_body_size).unwrap_or(usize::MAX);
         let mut upstream_request = Request::new(Limited::new(client_body, limit));
