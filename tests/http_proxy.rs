@@ -586,6 +586,7 @@ async fn keepalive_timeout_closes_an_idle_connection_but_not_one_with_a_response
         &[
             proxy_route("/events", up.addr, ""),
             proxy_route("/a", up.addr, ""),
+            proxy_route("/count", up.addr, ""),
         ]
         .concat(),
     )
@@ -599,6 +600,18 @@ async fn keepalive_timeout_closes_an_idle_connection_but_not_one_with_a_response
     let idle_from = tokio::time::Instant::now();
     closed(&mut stream).await;
     assert!(idle_from.elapsed() >= std::time::Duration::from_millis(250));
+
+    // A request whose body takes longer than keepalive_timeout is not cut; once it is
+    // answered, the connection is idle and closed.
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(b"POST /count HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    stream.write_all(b"2\r\nhi\r\n0\r\n\r\n").await.unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200);
+    closed(&mut stream).await;
 
     // An event stream quieter than keepalive_timeout stays open.
     let mut sender = client(gw.local_addr()).await;

@@ -148,7 +148,8 @@ where
     tokio::pin!(connection);
     let mut stopping = false;
     let ended = loop {
-        let idle_at = keepalive.and_then(|k| activity.idle_at(k));
+        // While a response is going, looked at again after `keepalive_timeout`.
+        let idle_at = keepalive.map(|k| activity.idle_at(k).unwrap_or(Instant::now() + k));
         let idle = async {
             match idle_at {
                 Some(at) => tokio::time::sleep_until(at).await,
