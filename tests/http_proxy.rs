@@ -800,3 +800,34 @@ async fn set_upstream_sends_an_http_request_to_the_http_url_of_a_ws_one() {
     assert_eq!(seen.headers["host"], up.addr.to_string());
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_cut_after_header_read_timeout() {
+    let up = http_upstream().await;
+    let gw = gateway_with_server(
+        "header_read_timeout = \"300ms\"\n",
+        &proxy_route("/stream", up.addr, ""),
+    )
+    .await;
+    let total = 256usize << 20;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    stream
+        .write_all(format!("GET /stream?n={total} HTTP/1.1\r\nHost: g\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Reading nothing for longer than the timeout: the gateway's writes wait, then it gives up.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    within("the end of what was sent", async {
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            got += n;
+        }
+    })
+    .await;
+    assert!(
+        got < total,
+        "the whole body came: the connection was not cut"
+    );
+    gw.shutdown().await;
+}

@@ -40,38 +40,66 @@ use crate::worker::WorkerCtx;
 
 pub(crate) use rewind::Rewind;
 
-/// When the client's side was last busy, for the keep-alive timeout. Atomics only because
-/// hyper's upgrade mechanism wants the stream `Send`; one task uses it.
+/// When the client's side was last busy, for the keep-alive timeout, and whether a write to
+/// the client is stuck. Atomics only because hyper's upgrade mechanism wants the stream
+/// `Send`; one task uses it.
 #[derive(Debug)]
 pub(crate) struct Activity {
     /// Requests whose responses have not ended yet.
     in_flight: AtomicUsize,
     /// Since `start`: the last read from the client, or the end of the last response.
     last: AtomicU64,
+    /// Since `start`: when a write to the client began to wait for room ([`NOT_WAITING`]:
+    /// none is waiting).
+    write_waiting: AtomicU64,
     start: Instant,
 }
+
+/// `Activity::write_waiting` when no write waits.
+const NOT_WAITING: u64 = u64::MAX;
 
 impl Default for Activity {
     fn default() -> Self {
         Activity {
             in_flight: AtomicUsize::new(0),
             last: AtomicU64::new(0),
+            write_waiting: AtomicU64::new(NOT_WAITING),
             start: Instant::now(),
         }
     }
 }
 
 impl Activity {
+    fn since_start(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(NOT_WAITING - 1)
+    }
+
     fn touch(&self) {
-        let since = self.start.elapsed().as_nanos();
-        self.last
-            .store(u64::try_from(since).unwrap_or(u64::MAX), Relaxed);
+        self.last.store(self.since_start(), Relaxed);
+    }
+
+    /// A write to the client found no room.
+    fn write_waits(&self) {
+        if self.write_waiting.load(Relaxed) == NOT_WAITING {
+            self.write_waiting.store(self.since_start(), Relaxed);
+        }
+    }
+
+    /// A write to the client went through.
+    fn write_moved(&self) {
+        self.write_waiting.store(NOT_WAITING, Relaxed);
     }
 
     /// When the connection counts as idle for `keepalive`: `None` while a response is going.
     fn idle_at(&self, keepalive: Duration) -> Option<Instant> {
         (self.in_flight.load(Relaxed) == 0)
             .then(|| self.start + Duration::from_nanos(self.last.load(Relaxed)) + keepalive)
+    }
+
+    /// When a write that has waited since then has waited `limit`: `None` when none waits.
+    fn stalled_at(&self, limit: Duration) -> Option<Instant> {
+        let since = self.write_waiting.load(Relaxed);
+        (since != NOT_WAITING).then(|| self.start + Duration::from_nanos(since) + limit)
     }
 }
 
@@ -134,6 +162,10 @@ where
     };
     let keepalive = server.keepalive_timeout;
     let close_timeout = server.close_timeout;
+    // A client that does not read what it is sent must not hold its connection (and the
+    // upstream's) forever: a write that cannot go on for this long ends the connection, as
+    // writing an answer on the hand-written path is bounded.
+    let write_timeout = server.header_read_timeout;
     // hyper's header timer starts when it begins waiting for a head, idle time included: it
     // bounds the idle wait and the head together; the idle wait alone is bounded below.
     let header_timeout = server.header_read_timeout + keepalive.unwrap_or_default();
@@ -150,17 +182,25 @@ where
     let ended = loop {
         // While a response is going, looked at again after `keepalive_timeout`.
         let idle_at = keepalive.map(|k| activity.idle_at(k).unwrap_or(Instant::now() + k));
-        let idle = async {
-            match idle_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
+        // A write that starts waiting is seen within two `write_timeout`s.
+        let stalled_at = activity
+            .stalled_at(write_timeout)
+            .unwrap_or(Instant::now() + write_timeout);
+        let wake = match idle_at.filter(|_| !stopping) {
+            Some(idle_at) => idle_at.min(stalled_at),
+            None => stalled_at,
         };
         tokio::select! {
             ended = connection.as_mut() => break ended,
-            () = idle, if !stopping => {
-                // Still idle after the wait (a read or a response may have come meanwhile).
-                if keepalive.and_then(|k| activity.idle_at(k)).is_some_and(|at| at <= Instant::now()) {
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                // Looked at again: a read, a write or a response may have come meanwhile.
+                if activity.stalled_at(write_timeout).is_some_and(|at| at <= now) {
+                    tracing::debug!("HTTP connection ended: the client read nothing for header_read_timeout");
+                    return None;
+                }
+                let idle = keepalive.and_then(|k| activity.idle_at(k));
+                if !stopping && idle.is_some_and(|at| at <= now) {
                     tracing::debug!("HTTP connection idle for keepalive_timeout; closing");
                     stopping = true;
                     connection.as_mut().graceful_shutdown();

@@ -1,6 +1,6 @@
 //! The client's stream as hyper reads it: first the bytes the listener already read (the head
-//! it parsed to route the request, and anything after it), then the stream itself. Reads are
-//! noted in [`Activity`], for the keep-alive timeout.
+//! it parsed to route the request, and anything after it), then the stream itself. Reads and
+//! writes that wait for room are noted in [`Activity`], for the keep-alive and write timeouts.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +24,14 @@ impl<S> Rewind<S> {
             prefix,
             inner,
             activity,
+        }
+    }
+
+    /// Notes whether a write waited for room, for the write-stall timeout.
+    fn note(&self, waiting: bool) {
+        match waiting {
+            true => self.activity.write_waits(),
+            false => self.activity.write_moved(),
         }
     }
 
@@ -61,7 +69,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.note(written.is_pending());
+        written
     }
 
     fn poll_write_vectored(
@@ -69,7 +80,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.note(written.is_pending());
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
