@@ -24,12 +24,18 @@ async function echo(socket, payload) {
 
 async function main() {
   const socket = io(url, { reconnectionDelay: 100, reconnectionDelayMax: 500 });
+  // The engine's transport when it opened, and its upgrade, watched from the open on: the
+  // upgrade may be over before Socket.IO's own "connect" arrives.
+  let first;
+  const upgraded = new Promise((resolve) =>
+    socket.io.once("open", () => {
+      first = socket.io.engine.transport.name;
+      socket.io.engine.once("upgrade", (transport) => resolve(transport.name));
+    }),
+  );
   await once(socket, "connect");
-  console.log(`connected ${socket.io.engine.transport.name}`);
-  if (socket.io.engine.transport.name !== "websocket") {
-    await once(socket.io.engine, "upgrade");
-  }
-  console.log(`upgraded ${socket.io.engine.transport.name}`);
+  console.log(`connected ${first}`);
+  console.log(`upgraded ${await upgraded}`);
 
   const text = await echo(socket, "hello");
   if (text !== "hello") fail(`echo gave ${JSON.stringify(text)}`);
