@@ -433,6 +433,31 @@ impl Accepted {
         std::mem::take(&mut self.response)
     }
 
+    /// Ends an upgrade whose client is gone before the relay (where another HTTP stack wrote
+    /// the 101): the upstream is told, `on_close` runs and the close line is written.
+    pub(crate) async fn abandon(self: Box<Self>, reason: String) {
+        let close_timeout = self.snapshot.config.server.close_timeout;
+        let Accepted {
+            upstream,
+            hooks,
+            summary,
+            span,
+            ..
+        } = *self;
+        let opened = tokio::time::Instant::now();
+        let why = (reason, ClosedBy::Client);
+        Box::pin(abandon(
+            upstream,
+            hooks,
+            summary,
+            opened,
+            why,
+            close_timeout,
+            span,
+        ))
+        .await;
+    }
+
     /// Answers the client with 101 on `stream` and relays until the connection ends;
     /// `pre_read` holds the bytes the client sent after its request head.
     pub(crate) async fn run(self: Box<Self>, mut stream: TcpStream, pre_read: Bytes) {

@@ -210,26 +210,37 @@ where
                 connection.as_mut().graceful_shutdown();
                 // A response still going (a long poll) gets `close_timeout` to end.
                 let _ = tokio::time::timeout(close_timeout, connection.as_mut()).await;
+                if let Some((_, accepted)) = conn.take_upgrade() {
+                    accepted.abandon("server shutting down".into()).await;
+                }
                 return None;
             }
         }
     };
+    // What `on_upgrade` took, `on_close` gives back, whatever became of the 101.
+    let (on_upgrade, accepted) = conn.take_upgrade()?;
     if let Err(e) = ended {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
+        accepted
+            .abandon(format!("client left during the upgrade: {e}"))
+            .await;
         return None;
     }
-    let (on_upgrade, accepted) = conn.take_upgrade()?;
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
-            tracing::debug!(error = %e, "client left before its upgrade was done");
+            accepted
+                .abandon(format!("client left during the upgrade: {e}"))
+                .await;
             return None;
         }
     };
     let parts = match upgraded.downcast::<TokioIo<Rewind<S>>>() {
         Ok(parts) => parts,
         Err(_) => {
-            tracing::error!("an upgraded HTTP connection is not the client's stream");
+            accepted
+                .abandon("the upgraded stream is not the client's".into())
+                .await;
             return None;
         }
     };
