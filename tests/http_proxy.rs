@@ -532,8 +532,18 @@ async fn a_route_without_http_still_answers_426() {
 
 #[tokio::test]
 async fn a_connection_in_http_mode_can_upgrade_and_relay() {
-    let up = http_upstream().await;
-    let gw = gateway(&proxy_route("/both", up.addr, "")).await;
+    let mut up = http_upstream().await;
+    let mark = script(
+        "http_mark.lua",
+        "return function(req, ctx)\n  req:set_header(\"x-upgrade\", tostring(req.upgrade))\nend\n",
+    );
+    let gw = gateway(&route_to(
+        "/both",
+        &format!("ws://{}/both", up.addr),
+        "http = \"proxy\"",
+        &[("on_upgrade", &mark)],
+    ))
+    .await;
     let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
     stream
         .write_all(b"GET /both?poll=1 HTTP/1.1\r\nHost: g\r\n\r\n")
@@ -552,6 +562,13 @@ async fn a_connection_in_http_mode_can_upgrade_and_relay() {
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(next_text(&mut ws).await, "hello");
     ws.close(None).await.unwrap();
+    // The same policy saw both: the HTTP request, then the upgrade.
+    for upgrade in ["false", "true"] {
+        let seen = within("the upstream request", up.seen.recv())
+            .await
+            .unwrap();
+        assert_eq!(seen.headers["x-upgrade"], upgrade);
+    }
     gw.shutdown().await;
 }
 
