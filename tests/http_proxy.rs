@@ -848,3 +848,46 @@ async fn a_client_that_reads_nothing_is_cut_after_header_read_timeout() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upstream_that_closes_kept_alive_connections_is_reconnected() {
+    // Answers one request per connection, then closes it without saying so first (as an
+    // upstream whose keep-alive timeout has passed does).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let body = format!("c{n}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let gw = gateway(&proxy_route("/a", addr, "")).await;
+    let mut stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    for n in 1..=3 {
+        stream
+            .write_all(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, _, body) = read_response(&mut stream).await;
+        assert_eq!((status, body), (200, format!("c{n}")));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    gw.shutdown().await;
+}
