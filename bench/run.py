@@ -169,11 +169,12 @@ backend echo
 """)
 
 
-def framegate_conf(name, port, policies=""):
+def framegate_conf(name, port, policies="", routes=""):
     return write(name + ".toml", f"""
 [server]
 listen = ["127.0.0.1:{port}"]
 max_connections = 20000
+{routes}
 [[route]]
 path = "/{{*rest}}"
 upstream = "ws://127.0.0.1:{ECHO_PORT}/"
@@ -204,8 +205,11 @@ def start_all(baseline=None):
     trivial, json, auth, expiry = scripts()
     env = dict(os.environ, FRAMEGATE_LOG="warn")
     fg = os.path.join(BIN, "framegate")
+    # The HTTP pass-through part's route, on "framegate" only (an older --baseline binary may
+    # not know `http`).
+    http_route = f'[[route]]\npath = "/http"\nupstream = "ws://127.0.0.1:{ECHO_PORT}/http"\nhttp = "proxy"\n'
+    procs["framegate"] = start(ulimit + [fg, "--config", framegate_conf("framegate", TARGETS["framegate"], "", http_route)], "framegate", env=env)
     for name, pol in (
-        ("framegate", ""),
         ("fg+lua", f'[route.policies]\non_client_frame = "{trivial}"\non_server_frame = "{trivial}"'),
         ("fg+json", f'[route.policies]\non_client_frame = "{json}"'),
         ("fg+auth", f'[route.policies]\non_upgrade = "{auth}"'),
@@ -533,8 +537,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--baseline", metavar="BIN", help="an older framegate binary to run beside this one")
-    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls",
-                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls")
+    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls,http",
+                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls, http")
     args = ap.parse_args()
     args.only = set(args.only.split(","))
     if args.quick:
@@ -578,6 +582,12 @@ def main():
             hs, cpu = handshake_run(t, procs[t], 3000 if not args.quick else 1000)
             results.setdefault(("handshakes/s", t), []).append(hs)
             results.setdefault(("proxy CPU us/handshake", t), []).append(cpu)
+    # HTTP pass-through (route.http = "proxy"): small GETs on kept-alive connections.
+    http_peers = ["direct", "nginx", "haproxy", "framegate"]
+    for rep in range(args.reps if "http" in args.only else 0):
+        for t in http_peers[rep % len(http_peers):] + http_peers[:rep % len(http_peers)]:
+            r = load(t, "http", "--connections", "4", "--duration", args.duration)
+            results.setdefault(("HTTP req/s (small GET, keep-alive)", t), []).append(float(r["reqs_per_sec"]) if r else None)
     idle_reps = max(1, args.reps // 2)
     for rep in range(idle_reps if "idle" in args.only else 0):
         for t in peers:

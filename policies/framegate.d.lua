@@ -32,7 +32,8 @@
 
 ---The request's fields, as seen by `req` in on_upgrade and copied into `ctx.request`.
 ---@class FramegateRequestFields
----@field method string HTTP method; always "GET".
+---@field method string HTTP method: "GET" for an upgrade; a plain HTTP request on a route with http = "proxy" has its own.
+---@field upgrade boolean true for a WebSocket upgrade; false for a plain HTTP request (route.http = "proxy"), for which expire_*, tag, select_subprotocol and ctx have no effect.
 ---@field path string Raw request path without the query string (not percent-decoded).
 ---@field query table<string, string> Decoded query parameters; a repeated key keeps its first value.
 ---@field query_string string Raw query string without "?"; "" when there is none.

@@ -113,6 +113,12 @@ impl HeaderFields {
         HeaderFields { head, spans }
     }
 
+    /// The bytes the fields point into: for a request head just read, the head and whatever
+    /// was read with it.
+    pub(crate) fn bytes(&self) -> &Bytes {
+        &self.head
+    }
+
     fn part(&self, (start, end): (u32, u32)) -> &[u8] {
         // `from_spans` and `from_pairs` only keep spans that fit.
         self.head

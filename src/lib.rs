@@ -12,8 +12,9 @@
 //!   The Lua engine is `src/policy/lua/mod.rs` (one VM per worker and snapshot).
 //! - [`proxy`]: the upgrade (`proxy/upgrade.rs`, both handshakes), the relay loop
 //!   (`proxy/relay.rs`), each leg's reading, writing and closing (`proxy/leg/`), the lifetime
-//!   timers (`proxy/lifetime.rs`), what is counted per message (`proxy/meter.rs`) and closing
-//!   (`proxy/close.rs`).
+//!   timers (`proxy/lifetime.rs`), what is counted per message (`proxy/meter.rs`), closing
+//!   (`proxy/close.rs`), and HTTP mode for routes with `http = "proxy"` (`proxy/http/`: hyper
+//!   on both sides, streamed bodies, CORS).
 //! - [`metrics`] (`src/metrics/`): per-worker counters, summed and encoded for Prometheus on
 //!   each scrape.
 //! - [`registry`] (`src/registry.rs`): the open connections, their tags, live counts and

@@ -96,11 +96,29 @@ async fn serve(
     // Boxed: the HTTP phase's futures (reading, `on_upgrade`, the TCP and TLS connects) are
     // large and short-lived. Inline, they would size the task of every relayed connection for
     // its whole life; boxed, they are freed when the relay starts.
-    let upgraded =
-        Box::pin(requests(&mut io, peer, first, &shared, &worker).instrument(span)).await;
-    if let Some((accepted, rest, _permit)) = upgraded {
-        Accepted::run(accepted, io, rest).await;
+    let tls = matches!(io, Io::TlsServer(_));
+    let next =
+        Box::pin(requests(&mut io, peer, first, &shared, &worker).instrument(span.clone())).await;
+    match next {
+        Some(Next::Relay(accepted, rest, _permit)) => Accepted::run(accepted, io, rest).await,
+        // HTTP mode keeps its slot for the rest of the connection, relay included.
+        Some(Next::Http(read, _permit)) => {
+            let http = proxy::http::serve(io, read, peer, tls, shared, worker).instrument(span);
+            if let Some((accepted, io, rest)) = Box::pin(http).await {
+                Accepted::run(accepted, io, rest).await;
+            }
+        }
+        None => {}
     }
+}
+
+/// What becomes of a connection after its HTTP requests on the hand-written path.
+enum Next {
+    /// An upgrade, with the bytes the client sent after its head, and its slot.
+    Relay(Box<Accepted>, Bytes, OwnedSemaphorePermit),
+    /// A request for HTTP mode (`route.http = "proxy"`): the bytes read (its head included),
+    /// and its slot.
+    Http(Bytes, OwnedSemaphorePermit),
 }
 
 /// Why a request got no `max_connections` slot.
@@ -113,18 +131,18 @@ enum NoSlot {
     Shutdown,
 }
 
-/// Reads and answers requests until one is upgraded: returns it, with the bytes the client
-/// sent after its head and the connection's slot, or `None` once the connection is to be
-/// closed. Refused requests are answered and, where HTTP/1.1 keep-alive and the keep-alive
-/// limits allow, the next request is read. `first`: the connection is pending already (a TLS
-/// handshake), and its first head must be complete by this deadline.
+/// Reads and answers requests until one is upgraded or goes to HTTP mode: returns it, with
+/// the connection's slot, or `None` once the connection is to be closed. Refused requests are
+/// answered and, where HTTP/1.1 keep-alive and the keep-alive limits allow, the next request
+/// is read. `first`: the connection is pending already (a TLS handshake), and its first head
+/// must be complete by this deadline.
 async fn requests(
     stream: &mut Io,
     peer: SocketAddr,
     mut first: Option<(Pending, tokio::time::Instant)>,
     shared: &Arc<Shared>,
     worker: &WorkerCtx,
-) -> Option<(Box<Accepted>, Bytes, OwnedSemaphorePermit)> {
+) -> Option<Next> {
     let tls = matches!(stream, Io::TlsServer(_));
     let mut buf = BytesMut::new();
     let mut served = 0usize;
@@ -196,6 +214,12 @@ async fn requests(
             }
         };
         drop(pending);
+        if proxy::http::wants(&request, &snapshot) {
+            return Some(Next::Http(
+                proxy::http::already_read(&request, &rest),
+                permit,
+            ));
+        }
         served += 1;
         // An upgrade waiting for its upstream does not hold shutdown up: it is answered 503.
         let handled = tokio::select! {
@@ -208,7 +232,7 @@ async fn requests(
             }
         };
         let answer = match handled {
-            Handled::Upgraded(accepted) => return Some((accepted, rest, permit)),
+            Handled::Upgraded(accepted) => return Some(Next::Relay(accepted, rest, permit)),
             Handled::Answered(answer) => answer,
         };
         let keep_alive = request.keep_alive()

@@ -36,8 +36,8 @@ fn pki() -> Pki {
     }
 }
 
-/// A TLS echo upstream; returns its port.
-async fn tls_echo(pki: &Pki) -> u16 {
+/// The server side of TLS with `pki`'s leaf certificate.
+fn acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -46,7 +46,12 @@ async fn tls_echo(pki: &Pki) -> u16 {
     .with_no_client_auth()
     .with_single_cert(vec![pki.leaf.clone()], pki.leaf_key.clone_key())
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TLS echo upstream; returns its port.
+async fn tls_echo(pki: &Pki) -> u16 {
+    let acceptor = acceptor(pki);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -120,4 +125,49 @@ async fn insecure_skip_verify_accepts_any_certificate() {
         next_message(&mut ws).await.unwrap().unwrap(),
         Message::text("trusting")
     );
+}
+
+/// `http = "proxy"` on a `wss://` route: plain HTTP requests go over `https://`, with the
+/// route's CA.
+#[tokio::test]
+async fn http_requests_on_a_wss_route_go_over_https_with_its_ca() {
+    let pki = pki();
+    let acceptor = acceptor(&pki);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!("https {} {}", req.method(), req.uri());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    let ca = write_temp("https-ca.pem", &pki.ca_pem);
+    let gw = gateway(&format!(
+        "[[route]]\npath = \"/h\"\nupstream = \"wss://localhost:{port}/h\"\nhttp = \"proxy\"\n\
+         [route.upstream_tls]\nca_file = {:?}\n",
+        ca.display().to_string()
+    ))
+    .await;
+    let (status, _, body) = raw_http(
+        gw.local_addr(),
+        "GET /h?q=1 HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "https GET /h?q=1"));
+    gw.shutdown().await;
 }

@@ -747,3 +747,38 @@ async fn server_watch_reloads_when_a_certificate_changes() {
     })
     .await;
 }
+
+/// HTTP mode on a TLS listener: policies see `wss` on plain HTTP requests too.
+#[tokio::test]
+async fn http_requests_on_a_tls_listener_see_wss() {
+    let ca = Ca::new();
+    let dir = TempDir::new("tls-http");
+    ca.leaf(&["localhost"]).write(&dir, "gateway");
+    let up = echo().await;
+    let policy = script(
+        "scheme_http.lua",
+        "return function(req) if not req.upgrade then return req:reject(418, req.scheme) end end\n",
+    );
+    let routes = route(
+        "/api",
+        up.addr,
+        "http = \"proxy\"",
+        &[("on_upgrade", &policy)],
+    );
+    let gw = start_from(&dir, &config("", "", &routes)).await;
+    let client = trusting(&ca, rustls::DEFAULT_VERSIONS, &[]);
+    let mut stream = tls(gw.tls_addrs()[0], "localhost", client)
+        .await
+        .expect("TLS handshake");
+    stream
+        .write_all(b"GET /api HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    within("the answer", stream.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 418"), "{answer}");
+    assert!(answer.ends_with("wss"), "{answer}");
+}

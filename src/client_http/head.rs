@@ -71,6 +71,8 @@ pub(crate) struct RequestHead {
     pub(crate) has_body: bool,
     /// The client asked for the connection to end after this request.
     close: bool,
+    /// The head's length in the bytes read, which `headers` hold (see [`RequestHead::raw`]).
+    len: usize,
 }
 
 impl RequestHead {
@@ -90,6 +92,21 @@ impl RequestHead {
         self.authority
             .as_deref()
             .or_else(|| self.headers.get_str("host"))
+    }
+
+    /// The head's bytes as the client sent them, for handing the request to another HTTP
+    /// parser (the HTTP proxy's hyper server).
+    pub(crate) fn raw(&self) -> Bytes {
+        self.headers
+            .bytes()
+            .slice(..self.len.min(self.headers.bytes().len()))
+    }
+
+    /// Whether the request asks for a WebSocket (`Upgrade` lists `websocket`).
+    pub(crate) fn wants_websocket(&self) -> bool {
+        self.headers
+            .get_all("upgrade")
+            .any(|v| lists_token(v, b"websocket"))
     }
 
     /// Whether the connection may carry another request after this one is answered: an
@@ -193,6 +210,7 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
         headers,
         has_body: chunked || length.is_some_and(|n| n > 0),
         close,
+        len,
     };
     Ok(Some((head, read.slice(len..))))
 }

@@ -11,7 +11,8 @@ mod head;
 
 pub(crate) use answer::{header_line, switching_protocols, Answer};
 pub(crate) use head::{
-    has_empty_line, lists_token, parse_length, BadRequest, RequestHead, MAX_HEAD,
+    has_empty_line, lists_token, parse as parse_head, parse_length, BadRequest, RequestHead,
+    MAX_HEAD,
 };
 
 use std::future::Future;

@@ -49,6 +49,9 @@ pub mod defaults {
     pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
     /// `route.max_queued_bytes` at least: 4 MiB (or `max_message_size`, if larger).
     pub const MAX_QUEUED_BYTES: usize = 4 << 20;
+    /// `route.max_body_size`: the largest HTTP request body proxied on a route with
+    /// `http = "proxy"` (16 MiB).
+    pub const MAX_BODY_SIZE: u64 = 16 << 20;
     /// `route.handshake_timeout`.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `route.policy_cpu_limit`: time one policy call may run.
@@ -182,6 +185,20 @@ pub struct Route {
     pub allow_encoded_slash: bool,
     /// The `Origin` allow-list (`origins`, `allow_missing_origin`); `None`: any origin.
     pub origins: Option<Origins>,
+    /// What plain HTTP requests (not upgrades) matching the route get.
+    pub http: HttpMode,
+    /// The largest HTTP request body proxied (`http = "proxy"`); larger ones get 413.
+    pub max_body_size: u64,
+}
+
+/// `route.http`: what a plain HTTP request (not a WebSocket upgrade) on the route gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HttpMode {
+    /// 426 Upgrade Required (the default): the route takes WebSockets only.
+    #[default]
+    Refuse,
+    /// Proxied to the route's upstream over HTTP (for SignalR negotiate, Socket.IO polling).
+    Proxy,
 }
 
 impl Routable for Route {
@@ -769,8 +786,28 @@ impl Validator<'_> {
             }
         };
         let origins = self.origins(raw.origins, raw.allow_missing_origin)?;
+        let http = match raw.http {
+            None => HttpMode::default(),
+            Some(v) => match v.get_ref().as_str() {
+                "refuse" => HttpMode::Refuse,
+                "proxy" => HttpMode::Proxy,
+                other => return Err(self.err(&v, format!("route.http {other:?} is not one of refuse, proxy"), "refuse (the default) answers plain HTTP requests with 426; proxy sends them to the route's upstream")),
+            },
+        };
+        let max_body_size = match raw.max_body_size {
+            None => defaults::MAX_BODY_SIZE,
+            Some(v) => units::parse_size(v.get_ref()).map_err(|e| {
+                self.err(
+                    &v,
+                    format!("route.max_body_size: {e}"),
+                    "write a size like \"16MiB\" (\"0B\" refuses every request body)",
+                )
+            })?,
+        };
         Ok(Route {
             origins,
+            http,
+            max_body_size,
             ping_interval,
             ping_timeout,
             max_queued_bytes,

@@ -82,6 +82,8 @@ pub(super) struct Route {
     pub allow_encoded_slash: Option<bool>,
     pub origins: Option<Spanned<Vec<Spanned<String>>>>,
     pub allow_missing_origin: Option<Spanned<bool>>,
+    pub http: Option<Spanned<String>>,
+    pub max_body_size: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

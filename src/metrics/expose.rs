@@ -53,6 +53,8 @@ pub(super) struct RouteTotals {
     policy_drops: [u64; 2],
     upstream_connect: HistTotals,
     lifetime_closes: [u64; 2],
+    /// Key `None` is the overflow bucket.
+    http_requests: BTreeMap<Option<u32>, u64>,
 }
 
 impl RouteTotals {
@@ -89,6 +91,13 @@ impl RouteTotals {
             add_size(&mut self.sizes[d], &r.sizes[d]);
             self.policy_drops[d] += r.policy_drops[d].get();
             self.lifetime_closes[d] += r.lifetime_closes[d].get();
+        }
+        let (pairs, overflow) = r.http_requests.read();
+        for (status, n) in pairs {
+            *self.http_requests.entry(Some(status)).or_default() += n;
+        }
+        if overflow > 0 {
+            *self.http_requests.entry(None).or_default() += overflow;
         }
         let (pairs, overflow) = r.closes.read();
         for (key, n) in pairs {
@@ -174,6 +183,20 @@ impl Collector for Scrape {
         )?;
         for (name, t) in routes {
             for (status, n) in &t.handshakes {
+                let status = status.map_or(OTHER.to_owned(), |s| s.to_string());
+                let labels: Labels = vec![("route", &**name), ("status", &status)];
+                ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "framegate_http_requests",
+            "Plain HTTP requests on routes with http = \"proxy\", by the status the client got.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, t) in routes {
+            for (status, n) in &t.http_requests {
                 let status = status.map_or(OTHER.to_owned(), |s| s.to_string());
                 let labels: Labels = vec![("route", &**name), ("status", &status)];
                 ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;

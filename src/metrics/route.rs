@@ -349,6 +349,8 @@ pub struct RouteMetrics {
     pub(crate) policy_drops: [Counter; 2],
     pub(crate) upstream_connect: DurationHistogram,
     pub(crate) lifetime_closes: [Counter; 2],
+    /// Plain HTTP requests proxied or refused on a route with `http = "proxy"`, by status.
+    pub(crate) http_requests: KeyedCounts<STATUS_SLOTS>,
 }
 
 impl RouteMetrics {
@@ -369,6 +371,11 @@ impl RouteMetrics {
     /// An upgrade request on this route was answered with `status` (101 when it succeeded).
     pub fn handshake(&self, status: u16) {
         self.handshakes.inc(u32::from(status));
+    }
+
+    /// A plain HTTP request on this route (`http = "proxy"`) was answered with `status`.
+    pub fn http_request(&self, status: u16) {
+        self.http_requests.inc(u32::from(status));
     }
 
     /// A data message of `bytes` payload bytes was forwarded. The per-message call: three

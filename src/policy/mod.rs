@@ -100,6 +100,9 @@ pub struct UpgradeRequest<'a> {
     pub id: u64,
     /// HTTP method (always GET for a valid upgrade).
     pub method: &'a str,
+    /// Whether this is a WebSocket upgrade (`false`: a plain HTTP request on a route with
+    /// `http = "proxy"`; its frame hooks and `on_close` never run).
+    pub upgrade: bool,
     /// Request path, without the query string.
     pub path: &'a str,
     /// Raw query string, without '?'; empty when there is none.

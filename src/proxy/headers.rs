@@ -112,20 +112,74 @@ enum Own<'a> {
     ForwardedFor,
 }
 
-/// Appends the header lines of the upstream request (`name: value\r\n` each): the client's
-/// end-to-end headers, `X-Forwarded-For` (appended to), `X-Forwarded-Proto` and
-/// `X-Forwarded-Host`, then the policy's changes and the chosen subprotocol, which replace
-/// every value of their name. Written straight from the client's headers: no header map.
-/// Hop-by-hop and per-leg headers never appear (the policy cannot set them either), so the
-/// upstream handshake adds its own.
+/// Where the upstream request's header fields go: the upgrade writes lines, the HTTP proxy
+/// fills a header map.
+pub(crate) trait HeaderSink {
+    /// One header field.
+    fn field(&mut self, name: &[u8], value: &[u8]);
+    /// `X-Forwarded-For`: the client's earlier values and its address, joined with ", ".
+    fn forwarded_for<'a>(&mut self, prior: impl Iterator<Item = &'a [u8]>, ip: IpAddr) {
+        let mut value = Vec::with_capacity(48);
+        for p in prior {
+            value.extend_from_slice(p);
+            value.extend_from_slice(b", ");
+        }
+        write_ip(&mut value, ip);
+        self.field(FORWARDED_FOR.as_bytes(), &value);
+    }
+}
+
+/// Header lines (`name: value\r\n` each), written straight from the client's headers.
+impl HeaderSink for Vec<u8> {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        header_line(self, name, value);
+    }
+
+    fn forwarded_for<'a>(&mut self, prior: impl Iterator<Item = &'a [u8]>, ip: IpAddr) {
+        self.extend_from_slice(b"x-forwarded-for: ");
+        for p in prior {
+            self.extend_from_slice(p);
+            self.extend_from_slice(b", ");
+        }
+        write_ip(self, ip);
+        self.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A header map; a field `http` would not take (httparse has checked both) is left out.
+impl HeaderSink for HeaderMap {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            self.append(name, value);
+        }
+    }
+}
+
+/// Appends the header lines of the upstream request (`name: value\r\n` each): see
+/// [`upstream_fields`].
 pub(crate) fn upstream_request(
     out: &mut Vec<u8>,
     client: &HeaderFields,
     extra: &UpstreamRequest<'_>,
 ) {
+    upstream_fields(out, client, extra);
+}
+
+/// Gives `out` the upstream request's header fields: the client's end-to-end headers,
+/// `X-Forwarded-For` (appended to), `X-Forwarded-Proto` and `X-Forwarded-Host`, then the
+/// policy's changes and the chosen subprotocol, which replace every value of their name.
+/// Read straight from the client's headers. Hop-by-hop and per-leg headers never appear (the
+/// policy cannot set them either), so the upstream request adds its own.
+pub(crate) fn upstream_fields(
+    out: &mut impl HeaderSink,
+    client: &HeaderFields,
+    extra: &UpstreamRequest<'_>,
+) {
     for (name, value) in end_to_end_iter(client) {
         if extra.decided(name, client).is_none() {
-            header_line(out, name, value);
+            out.field(name, value);
         }
     }
     let own = [FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST, PROTOCOL];
@@ -141,16 +195,10 @@ pub(crate) fn upstream_request(
         }
         let name = name.as_bytes();
         match extra.decided(name, client) {
-            Some(Some(Own::Text(v))) => header_line(out, name, v.as_bytes()),
-            Some(Some(Own::Bytes(v))) => header_line(out, name, v),
+            Some(Some(Own::Text(v))) => out.field(name, v.as_bytes()),
+            Some(Some(Own::Bytes(v))) => out.field(name, v),
             Some(Some(Own::ForwardedFor)) => {
-                out.extend_from_slice(b"x-forwarded-for: ");
-                for prior in client.get_all(FORWARDED_FOR) {
-                    out.extend_from_slice(prior);
-                    out.extend_from_slice(b", ");
-                }
-                write_ip(out, extra.client_ip);
-                out.extend_from_slice(b"\r\n");
+                out.forwarded_for(client.get_all(FORWARDED_FOR), extra.client_ip)
             }
             Some(None) | None => {}
         }
@@ -185,6 +233,43 @@ fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
 /// subprotocol…), read where they are: the 101 is written from them directly.
 pub(crate) fn client_response(upstream: &HeaderFields) -> impl Iterator<Item = (&[u8], &[u8])> {
     end_to_end_iter(upstream)
+}
+
+/// Whether a response header describes one hop (RFC 9110 §7.6.1) and is not relayed on an
+/// HTTP response. `Content-Length` is relayed: it is the length of the body hyper forwards
+/// (and the only length a `HEAD` response has).
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| is_name(name, h))
+}
+
+/// An upstream's HTTP response headers as they go to the client: without hop-by-hop headers
+/// and those its `Connection` names.
+pub(crate) fn http_response(upstream: &mut HeaderMap) {
+    let named: Vec<HeaderName> = upstream
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
+        .collect();
+    let hop: Vec<HeaderName> = upstream
+        .keys()
+        .filter(|n| is_hop_by_hop(n.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in hop.iter().chain(&named) {
+        upstream.remove(name);
+    }
 }
 
 /// The upstream's headers on a refused handshake, relayed with its status and body.

@@ -7,6 +7,7 @@ mod buffers;
 mod close;
 pub(crate) mod frame;
 mod headers;
+pub(crate) mod http;
 mod leg;
 mod lifetime;
 mod meter;
@@ -15,7 +16,7 @@ mod upgrade;
 
 pub use close::{CloseSummary, ClosedBy, Side, Traffic};
 
-pub(crate) use upgrade::{handle, Accepted, Handled};
+pub(crate) use upgrade::{handle, Accepted, Handled, Rejection};
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

@@ -52,6 +52,8 @@ pub(crate) enum Rejection {
     PolicyFailed(PolicyError),
     #[error("origin not allowed: {0}")]
     Origin(String),
+    #[error("request body over max_body_size ({0} bytes)")]
+    BodyTooLarge(u64),
     #[error("upstream {url} did not complete its handshake within {timeout:?}")]
     UpstreamTimeout {
         url: String,
@@ -60,7 +62,7 @@ pub(crate) enum Rejection {
 }
 
 impl Rejection {
-    fn into_answer(self) -> Answer {
+    pub(crate) fn into_answer(self) -> Answer {
         let message = self.to_string();
         match self {
             Rejection::NoRoute(_) => Answer::text(StatusCode::NOT_FOUND, message),
@@ -86,6 +88,7 @@ impl Rejection {
                     .insert(header::ALLOW, HeaderValue::from_static("GET"));
                 r
             }
+            Rejection::BodyTooLarge(_) => Answer::text(StatusCode::PAYLOAD_TOO_LARGE, message),
             Rejection::BadUpgrade(_) | Rejection::BadPath(_) => {
                 Answer::text(StatusCode::BAD_REQUEST, message)
             }
@@ -129,7 +132,7 @@ impl Rejection {
     }
 
     /// Logs the refusal, inside the connection's span (which names the client).
-    fn log(&self, path: &str) {
+    pub(crate) fn log(&self, path: &str) {
         match self {
             Rejection::PolicyFailed(e) => {
                 tracing::warn!(path, script = %e.script, error = %e.message, "policy error in on_upgrade")
@@ -277,6 +280,7 @@ async fn upgrade(
             let upgrade_request = UpgradeRequest {
                 id,
                 method: request.method.as_str(),
+                upgrade: true,
                 path,
                 query: request.query().unwrap_or(""),
                 headers: &request.headers,
@@ -441,6 +445,37 @@ pub(crate) struct Accepted {
 }
 
 impl Accepted {
+    /// Takes the encoded 101 out, for a connection where another HTTP stack writes it (the
+    /// HTTP proxy's hyper server); [`Accepted::run`] then writes nothing before relaying.
+    pub(crate) fn take_response(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.response)
+    }
+
+    /// Ends an upgrade whose client is gone before the relay (where another HTTP stack wrote
+    /// the 101): the upstream is told, `on_close` runs and the close line is written.
+    pub(crate) async fn abandon(self: Box<Self>, reason: String) {
+        let close_timeout = self.snapshot.config.server.close_timeout;
+        let Accepted {
+            upstream,
+            hooks,
+            summary,
+            span,
+            ..
+        } = *self;
+        let opened = tokio::time::Instant::now();
+        let why = (reason, ClosedBy::Client);
+        Box::pin(abandon(
+            upstream,
+            hooks,
+            summary,
+            opened,
+            why,
+            close_timeout,
+            span,
+        ))
+        .await;
+    }
+
     /// Answers the client with 101 on `stream` (TCP, or TLS from a `[[server.tls]]` listener)
     /// and relays until the connection ends; `pre_read` holds the bytes the client sent after
     /// its request head.

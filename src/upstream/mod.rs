@@ -208,7 +208,27 @@ pub async fn connect(
         return Err(bad("the host is not a valid header value"));
     }
     let request = request_head(&target, authority, key.key, &header_lines);
+    let mut io = open(url, secure, bare_host, port, tls).await?;
+    let (headers, pre_read) = handshake(&mut io, &request, key.accept, &header_lines).await?;
+    Ok(Connected {
+        socket: Socket { io, pre_read },
+        headers,
+    })
+}
 
+/// Opens the socket to an upstream: TCP, then TLS with `tls` when `secure` (`wss://`, or
+/// `https://` for the HTTP proxy). `url` is for errors only. The caller bounds it with a timeout.
+pub(crate) async fn open(
+    url: &str,
+    secure: bool,
+    bare_host: &str,
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Io, UpstreamError> {
+    let bad = |reason: &str| UpstreamError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
     let addr = || match bare_host.contains(':') {
         true => format!("[{bare_host}]:{port}"),
         false => format!("{bare_host}:{port}"),
@@ -220,47 +240,42 @@ pub async fn connect(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    let mut io = if secure {
-        let config = tls.ok_or_else(|| bad("no TLS configuration for this route"))?;
-        let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
-            .map_err(|_| bad("host is not a valid TLS server name"))?;
-        // Boxed: the TLS handshake's state is large, and inline it would size the HTTP
-        // phase of every connection, `ws://` upstreams included.
-        let stream = Box::pin(tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp))
-            .await
-            .map_err(|source| UpstreamError::Tls {
-                addr: addr(),
-                source,
-            })?;
-        Io::Tls(Box::new(stream))
-    } else {
-        Io::Tcp(tcp)
-    };
-    let (headers, pre_read) = handshake(&mut io, &request, key.accept, &header_lines).await?;
-    Ok(Connected {
-        socket: Socket { io, pre_read },
-        headers,
-    })
+    if !secure {
+        return Ok(Io::Tcp(tcp));
+    }
+    let config = tls.ok_or_else(|| bad("no TLS configuration for this route"))?;
+    let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
+        .map_err(|_| bad("host is not a valid TLS server name"))?;
+    // Boxed: the TLS handshake's state is large, and inline it would size the HTTP
+    // phase of every connection, `ws://` upstreams included.
+    let stream = Box::pin(tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp))
+        .await
+        .map_err(|source| UpstreamError::Tls {
+            addr: addr(),
+            source,
+        })?;
+    Ok(Io::Tls(Box::new(stream)))
 }
 
-/// What the upstream handshake needs of a `ws://` or `wss://` URL.
+/// What the upstream handshake (and the HTTP proxy) needs of a `ws://` or `wss://` URL.
 #[derive(Debug, PartialEq, Eq)]
-struct Target<'a> {
-    secure: bool,
+pub(crate) struct Target<'a> {
+    /// `wss://`.
+    pub(crate) secure: bool,
     /// Host and port as written, for `Host`.
-    authority: &'a str,
+    pub(crate) authority: &'a str,
     /// The host to connect to, without an IPv6 address's brackets.
-    host: &'a str,
-    port: u16,
+    pub(crate) host: &'a str,
+    pub(crate) port: u16,
     /// The request target: path and query, `/` if the URL has no path.
-    path_and_query: std::borrow::Cow<'a, str>,
+    pub(crate) path_and_query: std::borrow::Cow<'a, str>,
 }
 
 impl<'a> Target<'a> {
     /// Splits `url`: the configuration or `req:set_upstream` has checked it with
     /// `http::Uri`, which this split agrees with. (Parsing it again with `http::Uri` for each
     /// connection copied it and cost about 1,300 instructions.)
-    fn of(url: &'a str) -> Result<Target<'a>, &'static str> {
+    pub(crate) fn of(url: &'a str) -> Result<Target<'a>, &'static str> {
         // Byte searches only: `str`'s pattern searches cost several hundred instructions here.
         let scheme = |prefix: &str| {
             url.get(..prefix.len())

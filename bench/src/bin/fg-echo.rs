@@ -1,8 +1,14 @@
 //! The benchmark upstream: a WebSocket echo server on tokio-tungstenite. Replies are batched:
-//! it echoes everything already received, then flushes once.
+//! it echoes everything already received, then flushes once. A connection whose first request
+//! is not a WebSocket upgrade is served as plain HTTP/1.1 instead (the HTTP pass-through
+//! benchmark): every request head gets `200 ok`, kept alive.
 
 use clap::Parser;
+use std::time::Duration;
+
+use bytes::BytesMut;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -28,9 +34,65 @@ fn main() -> anyhow::Result<()> {
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
-            tokio::spawn(echo(stream));
+            tokio::spawn(serve(stream));
         }
     })
+}
+
+/// Where `needle` starts in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Tells a WebSocket upgrade from plain HTTP by the first request head, without reading it.
+async fn serve(stream: TcpStream) {
+    let mut peek = vec![0u8; 4096];
+    let websocket = loop {
+        let Ok(n) = stream.peek(&mut peek).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        match find(&peek[..n], b"\r\n\r\n") {
+            Some(end) => break find(&peek[..end].to_ascii_lowercase(), b"websocket").is_some(),
+            // A head longer than the peek: tungstenite judges it.
+            None if n == peek.len() => break true,
+            // Heads arrive whole on loopback; a split one is waited for briefly.
+            None => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    };
+    if websocket {
+        echo(stream).await
+    } else {
+        http(stream).await
+    }
+}
+
+/// Plain HTTP/1.1, kept alive: every request head (GET, no body) gets a 2-byte answer;
+/// pipelined heads are answered in one write.
+async fn http(mut stream: TcpStream) {
+    const ANSWER: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        while let Some(end) = find(&buf, b"\r\n\r\n") {
+            let _ = buf.split_to(end + 4);
+            out.extend_from_slice(ANSWER);
+        }
+        if !out.is_empty() && stream.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+        if buf.len() > 64 * 1024 {
+            return;
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 async fn echo(stream: TcpStream) {

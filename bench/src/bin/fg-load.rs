@@ -6,6 +6,8 @@
 //!   time, so a stalled proxy cannot hide queueing (no coordinated omission); HDR percentiles.
 //! - `connections`: opens N idle connections, reports handshakes per second, prints READY and
 //!   holds them until stdin closes or the hold time ends.
+//! - `http`: N kept-alive HTTP/1.1 connections, each with one small GET in flight at a time,
+//!   to the URL's host and `--path`; requests per second (the HTTP pass-through benchmark).
 //!
 //! A `wss://` URL is loaded over TLS (rustls, ALPN `http/1.1`): every connection makes a full
 //! handshake (no session resumption), and neither the server's certificate nor its signature is
@@ -85,6 +87,16 @@ enum Mode {
         base: Duration,
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         spread: Duration,
+    },
+    Http {
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value = "/http")]
+        path: String,
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        warmup: Duration,
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        duration: Duration,
     },
     Connections {
         #[arg(long, default_value_t = 1000)]
@@ -256,6 +268,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.mode {
+        Mode::Http {
+            connections,
+            path,
+            warmup,
+            duration,
+        } => http_load(&args.url, &path, connections, warmup, duration).await,
         Mode::Expiry {
             count,
             concurrency,
@@ -574,4 +592,93 @@ async fn idle(
     .await;
     drop(open_conns);
     Ok(())
+}
+
+/// `http`: kept-alive GETs, one in flight per connection, counted after `warmup`.
+async fn http_load(
+    url: &str,
+    path: &str,
+    connections: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let host = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .context("URL has no host")?
+        .to_owned();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
+    let counting = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let mut stream = TcpStream::connect(&host).await?;
+        stream.set_nodelay(true)?;
+        let (request, counting, stop, count) = (
+            request.clone(),
+            counting.clone(),
+            stop.clone(),
+            count.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut buf = bytes::BytesMut::with_capacity(4096);
+            while !stop.load(Ordering::Relaxed) {
+                stream.write_all(&request).await?;
+                let status = read_http_response(&mut stream, &mut buf).await?;
+                if status != 200 {
+                    bail!("the proxy answered {status}");
+                }
+                if counting.load(Ordering::Relaxed) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    counting.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    counting.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    let n = count.load(Ordering::Relaxed);
+    println!("requests={n} reqs_per_sec={:.0}", n as f64 / elapsed);
+    Ok(())
+}
+
+/// Reads one response with a `Content-Length` body from `stream` (`buf` keeps what came after
+/// it); returns its status.
+async fn read_http_response(
+    stream: &mut TcpStream,
+    buf: &mut bytes::BytesMut,
+) -> anyhow::Result<u16> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end])?.to_ascii_lowercase();
+            let status: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .context("bad status line")?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(Ok(0), |v| v.trim().parse())?;
+            if buf.len() >= end + 4 + length {
+                let _ = buf.split_to(end + 4 + length);
+                return Ok(status);
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            bail!("the proxy closed the connection");
+        }
+    }
 }

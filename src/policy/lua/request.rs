@@ -47,6 +47,10 @@ struct ReqFields(Table);
 
 /// What `req` reads its fields from: the request, copied out of the HTTP layer.
 struct RequestData {
+    /// The method: `GET` for an upgrade, any for a plain HTTP request.
+    method: String,
+    /// `req.upgrade`: false for a plain HTTP request (`route.http = "proxy"`).
+    upgrade: bool,
     path: String,
     query: String,
     /// The request's header fields (a clone shares the bytes read, so a call copies none).
@@ -150,7 +154,8 @@ impl Req {
         let r = &self.request;
         let text = |s: &str| lua.create_string(s).map(Value::String);
         match &key[..] {
-            b"method" => text("GET"),
+            b"method" => text(&r.method),
+            b"upgrade" => Ok(Value::Boolean(r.upgrade)),
             b"path" => text(&r.path),
             b"query_string" => text(&r.query),
             b"client_ip" => text(&r.client_ip.to_string()),
@@ -404,8 +409,9 @@ fn request_table(
     headers: &Rc<HeaderFields>,
     offered: &[String],
 ) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 10)?;
-    t.raw_set("method", "GET")?;
+    let t = lua.create_table_with_capacity(0, 11)?;
+    t.raw_set("method", r.method.as_str())?;
+    t.raw_set("upgrade", r.upgrade)?;
     t.raw_set("path", r.path.as_str())?;
     t.raw_set("query_string", r.query.as_str())?;
     t.raw_set("client_ip", r.client_ip.to_string())?;
@@ -424,6 +430,8 @@ fn request_table(
 impl RequestData {
     fn empty() -> Self {
         RequestData {
+            method: String::new(),
+            upgrade: true,
             path: String::new(),
             query: String::new(),
             headers: HeaderFields::default(),
@@ -436,6 +444,8 @@ impl RequestData {
 
     /// Refills this with `request`, reusing the strings' room from the last call.
     fn fill(&mut self, request: &UpgradeRequest<'_>) {
+        refill(&mut self.method, request.method);
+        self.upgrade = request.upgrade;
         refill(&mut self.path, request.path);
         refill(&mut self.query, request.query);
         match (&mut self.host, request.host) {
@@ -551,9 +561,12 @@ fn offered_subprotocols(headers: &HeaderFields, offered: &mut Vec<String>) {
 
 impl RoutePolicy for LuaRoutePolicy {
     fn on_upgrade(&self, request: &UpgradeRequest<'_>) -> UpgradeVerdict {
-        let needs_frames = self.on_client_frame.is_some()
-            || self.on_server_frame.is_some()
-            || self.on_close.is_some();
+        // A plain HTTP request (`req.upgrade == false`) has no frames and no close: only
+        // `on_upgrade` runs for it.
+        let needs_frames = request.upgrade
+            && (self.on_client_frame.is_some()
+                || self.on_server_frame.is_some()
+                || self.on_close.is_some());
         if self.on_upgrade.is_none() && !needs_frames {
             return UpgradeVerdict::Continue {
                 changes: UpgradeChanges::default(),

@@ -1,0 +1,445 @@
+//! One HTTP request on a connection in HTTP mode: route it as an upgrade is routed, run the
+//! route's `on_upgrade` with `req.upgrade == false`, and proxy it to the upstream, bodies
+//! streamed both ways. An upgrade request, or a request for a route that refuses HTTP, takes
+//! the upgrade path (`proxy::handle`) as on any other connection.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::upgrade::OnUpgrade;
+
+use super::body::{self, InFlightGuard, ResponseBody};
+use super::cors::{self, Cors};
+use super::upstream::{OpenError, UpstreamConn};
+use super::Activity;
+use crate::client_http::{header_line, parse_head, Answer, BadRequest, RequestHead};
+use crate::config::{HttpMode, Route};
+use crate::metrics::RouteMetrics;
+use crate::policy::{UpgradeChanges, UpgradeRequest, UpgradeVerdict};
+use crate::proxy::headers::{self, HeaderSink};
+use crate::proxy::{Accepted, Handled, Rejection, Shared};
+use crate::route::{RouteError, RouteMatch};
+use crate::snapshot::{RouteRuntime, Snapshot};
+use crate::upstream::{Target, UpstreamError};
+use crate::worker::WorkerCtx;
+
+/// A client connection in HTTP mode, as its requests see it.
+pub(crate) struct Conn {
+    peer: SocketAddr,
+    /// The connection came through a `[[server.tls]]` listener (`wss`/`https` for policies and
+    /// `X-Forwarded-Proto`).
+    tls: bool,
+    shared: Arc<Shared>,
+    worker: Rc<WorkerCtx>,
+    activity: Arc<Activity>,
+    /// The upstream connection, opened by the first request that needs it. Taken out while a
+    /// request uses it (hyper serves one request at a time), put back once its response head
+    /// has come.
+    upstream: Cell<Option<UpstreamConn>>,
+    /// Requests served so far, for `keepalive_requests`.
+    served: Cell<usize>,
+    /// An upgrade hyper is to hand over once it has written the 101.
+    upgrade: RefCell<Option<(OnUpgrade, Box<Accepted>)>>,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        peer: SocketAddr,
+        tls: bool,
+        shared: Arc<Shared>,
+        worker: Rc<WorkerCtx>,
+        activity: Arc<Activity>,
+    ) -> Self {
+        Conn {
+            peer,
+            tls,
+            shared,
+            worker,
+            activity,
+            upstream: Cell::new(None),
+            served: Cell::new(0),
+            upgrade: RefCell::new(None),
+        }
+    }
+
+    /// The upgrade a request asked for, once hyper has answered it.
+    pub(crate) fn take_upgrade(&self) -> Option<(OnUpgrade, Box<Accepted>)> {
+        self.upgrade.borrow_mut().take()
+    }
+
+    /// Answers one request.
+    pub(crate) async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let guard = InFlightGuard::new(&self.activity);
+        let served = self.served.get() + 1;
+        self.served.set(served);
+        // Each request is routed with the current snapshot, as each request of the
+        // hand-written path is.
+        let snapshot = self.shared.snapshot();
+        let last = served >= snapshot.config.server.keepalive_requests
+            || self.shared.shutdown.is_cancelled();
+        let mut response = self.respond(request, &snapshot, guard).await;
+        if last {
+            // hyper closes the connection after a response that says so.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    async fn respond(
+        &self,
+        mut request: Request<Incoming>,
+        snapshot: &Arc<Snapshot>,
+        guard: InFlightGuard,
+    ) -> Response<ResponseBody> {
+        let head = match head_of(&request) {
+            Ok(head) => head,
+            Err(bad) => {
+                tracing::info!(error = %bad, "request rejected");
+                self.worker
+                    .metrics
+                    .unmatched()
+                    .handshake(bad.status().as_u16());
+                return answer(Answer::text(bad.status(), bad.to_string()));
+            }
+        };
+        if head.wants_websocket() {
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            return match super::super::handle(
+                &head,
+                self.peer,
+                self.tls,
+                &self.shared,
+                &self.worker,
+            )
+            .await
+            {
+                Handled::Answered(refused) => answer(refused),
+                Handled::Upgraded(mut accepted) => {
+                    let response = switching_protocols(&accepted.take_response());
+                    *self.upgrade.borrow_mut() = Some((on_upgrade, accepted));
+                    response
+                }
+            };
+        }
+        let found = match snapshot.router().find(head.host(), head.path()) {
+            Ok(found) => found,
+            Err(e) => {
+                let rejection = match e {
+                    RouteError::NoRoute(path) => Rejection::NoRoute(path),
+                    RouteError::BadPath(e) => Rejection::BadPath(e),
+                };
+                return self.refuse(rejection, &head, self.worker.metrics.unmatched(), false);
+            }
+        };
+        let route = found.route.route.clone();
+        let metrics = self.worker.metrics.route(&route.name());
+        if route.http == HttpMode::Refuse {
+            // As the hand-written path answers it: a refused upgrade.
+            return self.refuse(Rejection::NotWebSocket, &head, &metrics, false);
+        }
+        let listed = route.origins.is_some();
+        let allowed = route.allows_origin(head.headers.get_all("origin"));
+        let allowed_origin = match cors::check(&head, listed, allowed) {
+            Cors::Pass => None,
+            Cors::Allowed(origin) => Some(origin),
+            Cors::Preflight(response) => {
+                metrics.http_request(response.status().as_u16());
+                return response;
+            }
+            Cors::Forbidden(origin) => {
+                tracing::info!(
+                    path = head.path(),
+                    origin,
+                    "request rejected: origin not allowed"
+                );
+                metrics.http_request(StatusCode::FORBIDDEN.as_u16());
+                return answer(Answer::text(
+                    StatusCode::FORBIDDEN,
+                    "this origin may not make requests here".into(),
+                ));
+            }
+        };
+        let mut response = match self
+            .forward(request, &head, &found, snapshot, &metrics, guard)
+            .await
+        {
+            Ok(response) => response,
+            Err(rejection) => return self.refuse(rejection, &head, &metrics, true),
+        };
+        if let Some(origin) = allowed_origin {
+            cors::allow(response.headers_mut(), origin);
+        }
+        metrics.http_request(response.status().as_u16());
+        tracing::debug!(
+            method = %head.method,
+            path = head.path(),
+            status = response.status().as_u16(),
+            "HTTP request proxied"
+        );
+        response
+    }
+
+    /// Logs a refusal once, counts it, and answers it.
+    fn refuse(
+        &self,
+        rejection: Rejection,
+        head: &RequestHead,
+        metrics: &RouteMetrics,
+        http: bool,
+    ) -> Response<ResponseBody> {
+        rejection.log(head.path());
+        let refused = rejection.into_answer();
+        match http {
+            true => metrics.http_request(refused.status.as_u16()),
+            false => metrics.handshake(refused.status.as_u16()),
+        }
+        answer(refused)
+    }
+
+    /// Runs the route's `on_upgrade` and sends the request upstream.
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        head: &RequestHead,
+        found: &RouteMatch<'_, RouteRuntime>,
+        snapshot: &Arc<Snapshot>,
+        metrics: &Arc<RouteMetrics>,
+        guard: InFlightGuard,
+    ) -> Result<Response<ResponseBody>, Rejection> {
+        let route = &found.route.route;
+        // By its Content-Length, a body over the limit is refused before anything else.
+        if request.body().size_hint().lower() > route.max_body_size {
+            return Err(Rejection::BodyTooLarge(route.max_body_size));
+        }
+        let changes = self.policy(head, found, snapshot, metrics)?;
+        // A URL set by a policy is used as given; the route's own URL gets the client's query.
+        let url = match changes.upstream {
+            Some(url) => url,
+            None => {
+                let mut url = route.upstream.render(&found.params);
+                if let Some(query) = head.query() {
+                    url.push(if url.contains('?') { '&' } else { '?' });
+                    url.push_str(query);
+                }
+                url
+            }
+        };
+        let bad_url = |reason: &str| Rejection::Upstream {
+            url: url.clone(),
+            source: UpstreamError::BadUrl {
+                url: url.clone(),
+                reason: reason.to_owned(),
+            },
+        };
+        let target = Target::of(&url).map_err(bad_url)?;
+        let host = HeaderValue::from_str(target.authority)
+            .map_err(|_| bad_url("the host is not a valid header value"))?;
+        let mut fields = HeaderMap::with_capacity(head.headers.len() + 4);
+        let extra = headers::UpstreamRequest {
+            client_ip: self.peer.ip(),
+            client_host: head.host(),
+            proto: if self.tls { "https" } else { "http" },
+            changes: &changes.headers,
+            subprotocol: None,
+        };
+        headers::upstream_fields(&mut fields, &head.headers, &extra);
+        fields.insert(header::HOST, host);
+        // hyper's server has met the client's expectation (100 Continue when the body is
+        // first read); the upstream gets the body without one.
+        fields.remove(header::EXPECT);
+        let (parts, client_body) = request.into_parts();
+        let limit = usize::try_from(route.max_body_size).unwrap_or(usize::MAX);
+        let mut upstream_request = Request::new(Limited::new(client_body, limit));
+        *upstream_request.method_mut() = parts.method;
+        *upstream_request.uri_mut() = target
+            .path_and_query
+            .parse()
+            .map_err(|_| bad_url("the path is not a valid request target"))?;
+        *upstream_request.version_mut() = Version::HTTP_11;
+        *upstream_request.headers_mut() = fields;
+
+        let sent = self.send(upstream_request, &url, &target, found).await;
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(SendError::Open(OpenError::Timeout(timeout))) => {
+                return Err(Rejection::UpstreamTimeout { url, timeout })
+            }
+            Err(SendError::Open(OpenError::Failed(source))) => {
+                return Err(Rejection::Upstream { url, source })
+            }
+            Err(SendError::Exchange(e)) if is_over_limit(&e) => {
+                return Err(Rejection::BodyTooLarge(route.max_body_size))
+            }
+            Err(SendError::Exchange(e)) => {
+                let source = UpstreamError::Exchange(std::io::Error::other(e));
+                return Err(Rejection::Upstream { url, source });
+            }
+        };
+        headers::http_response(response.headers_mut());
+        let (parts, upstream_body) = response.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            body::upstream(upstream_body, guard),
+        ))
+    }
+
+    /// The route's `on_upgrade`, run for a plain HTTP request: its refusal answers the request,
+    /// its header changes and `set_upstream` apply to it.
+    fn policy(
+        &self,
+        head: &RequestHead,
+        found: &RouteMatch<'_, RouteRuntime>,
+        snapshot: &Arc<Snapshot>,
+        metrics: &Arc<RouteMetrics>,
+    ) -> Result<UpgradeChanges, Rejection> {
+        let route: &Route = &found.route.route;
+        let Some(policy) = self
+            .worker
+            .policy(snapshot, route)
+            .map_err(Rejection::PolicyFailed)?
+        else {
+            return Ok(UpgradeChanges::default());
+        };
+        let id = self
+            .shared
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request = UpgradeRequest {
+            id,
+            method: head.method.as_str(),
+            upgrade: false,
+            path: &found.path,
+            query: head.query().unwrap_or(""),
+            headers: &head.headers,
+            params: &found.params,
+            client_ip: self.peer.ip(),
+            scheme: if self.tls { "wss" } else { "ws" },
+            host: head.host(),
+            metrics: Some(metrics),
+        };
+        match policy.on_upgrade(&request) {
+            UpgradeVerdict::Continue { changes, .. } => Ok(changes),
+            UpgradeVerdict::Reject {
+                status,
+                body,
+                headers,
+            } => Err(Rejection::Policy(Box::new((status, body, headers)))),
+            UpgradeVerdict::Failed(error) => Err(Rejection::PolicyFailed(error)),
+        }
+    }
+
+    /// Sends `request` on the connection's upstream connection, opening one if there is none
+    /// for `target`. A request that a kept-alive connection closed before taking goes once
+    /// more, on a new connection.
+    async fn send(
+        &self,
+        request: Request<super::upstream::RequestBody>,
+        url: &str,
+        target: &Target<'_>,
+        found: &RouteMatch<'_, RouteRuntime>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let runtime = &found.route;
+        let timeout = runtime.route.handshake_timeout;
+        let open = || UpstreamConn::open(url, target, runtime.tls.as_ref(), timeout);
+        let (mut conn, reused) = match self.upstream.take() {
+            Some(conn) if conn.serves(target) => (conn, true),
+            _ => (open().await.map_err(SendError::Open)?, false),
+        };
+        let response = match conn.send(request).await {
+            Ok(response) => response,
+            Err((_, Some(unsent))) if reused => {
+                conn = open().await.map_err(SendError::Open)?;
+                conn.send(unsent)
+                    .await
+                    .map_err(|(e, _)| SendError::Exchange(e))?
+            }
+            Err((e, _)) => return Err(SendError::Exchange(e)),
+        };
+        self.upstream.set(Some(conn));
+        Ok(response)
+    }
+}
+
+/// Why a request got no response from the upstream.
+enum SendError {
+    Open(OpenError),
+    Exchange(hyper::Error),
+}
+
+/// Whether sending failed because the client's body went over `max_body_size`.
+fn is_over_limit(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = source {
+        if error.is::<LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// The request head as the gateway's own parser reads it (the same checks, fields and
+/// routing as an upgrade), from what hyper parsed.
+fn head_of(request: &Request<Incoming>) -> Result<RequestHead, BadRequest> {
+    let mut buf = BytesMut::with_capacity(512);
+    buf.extend_from_slice(request.method().as_str().as_bytes());
+    buf.extend_from_slice(b" ");
+    let uri = request.uri();
+    match uri.scheme() {
+        Some(_) => buf.extend_from_slice(uri.to_string().as_bytes()),
+        None => buf.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes()),
+    }
+    let version: &[u8] = match request.version() {
+        Version::HTTP_10 => b" HTTP/1.0\r\n",
+        _ => b" HTTP/1.1\r\n",
+    };
+    buf.extend_from_slice(version);
+    let mut lines = Vec::with_capacity(256);
+    for (name, value) in request.headers() {
+        header_line(&mut lines, name.as_str().as_bytes(), value.as_bytes());
+    }
+    buf.extend_from_slice(&lines);
+    buf.extend_from_slice(b"\r\n");
+    match parse_head(&mut buf)? {
+        Some((head, _)) => Ok(head),
+        None => Err(BadRequest::Malformed(httparse::Error::Token)),
+    }
+}
+
+/// An answer of the gateway's own, as hyper sends it (hyper writes the framing headers).
+fn answer(answer: Answer) -> Response<ResponseBody> {
+    let mut response = Response::new(body::full(answer.body));
+    *response.status_mut() = answer.status;
+    for (name, value) in &answer.headers {
+        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+            response.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    response
+}
+
+/// The upgrade path's encoded 101 as a response for hyper to write.
+fn switching_protocols(encoded: &[u8]) -> Response<ResponseBody> {
+    let mut response = Response::new(body::full(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut slots);
+    // The gateway encoded it: it parses.
+    if parsed.parse(encoded).is_ok() {
+        for field in parsed.headers.iter() {
+            response
+                .headers_mut()
+                .field(field.name.as_bytes(), field.value);
+        }
+    }
+    response
+}
