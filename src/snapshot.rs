@@ -35,6 +35,8 @@ pub struct RouteRuntime {
     pub route: Arc<Route>,
     /// TLS client settings for `wss://` upstreams (`None` when the route cannot reach one).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `[route.jwt]`'s verifier, with its keys (or its entry in the JWKS cache).
+    pub jwt: Option<Arc<crate::jwt::Verifier>>,
 }
 
 impl Routable for RouteRuntime {
@@ -88,9 +90,19 @@ impl Snapshot {
                         route: route.name(),
                         message,
                     })?;
+                let jwt = route
+                    .jwt
+                    .as_ref()
+                    .map(|j| crate::jwt::Verifier::new(j.clone()).map(Arc::new))
+                    .transpose()
+                    .map_err(|message| SnapshotError::Tls {
+                        route: route.name(),
+                        message,
+                    })?;
                 Ok(Arc::new(RouteRuntime {
                     route: route.clone(),
                     tls,
+                    jwt,
                 }))
             })
             .collect::<Result<Vec<_>, SnapshotError>>()?;

@@ -4,10 +4,12 @@
 
 pub mod admin;
 mod error;
+pub mod jwt;
 mod raw;
 mod units;
 
 pub use error::ConfigError;
+pub use jwt::{JwtConfig, JwtKeys, TokenSource};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -175,6 +177,8 @@ pub struct Route {
     /// Placeholder values may hold `%2F`, `%5C` and `\` (passed on encoded); dot segments are
     /// refused all the same.
     pub allow_encoded_slash: bool,
+    /// `[route.jwt]`: upgrades must carry a valid token (see `src/jwt/`).
+    pub jwt: Option<Arc<JwtConfig>>,
 }
 
 impl Routable for Route {
@@ -749,7 +753,23 @@ impl Validator<'_> {
                 n as usize
             }
         };
+        let jwt = match raw.jwt {
+            None => None,
+            Some(j) => {
+                let at = |span, message: String, hint: &str| {
+                    ConfigError::at(
+                        self.origin,
+                        self.source,
+                        Some(span),
+                        message,
+                        (!hint.is_empty()).then(|| hint.to_owned()),
+                    )
+                };
+                Some(Arc::new(jwt::check(j, &at, self.base)?))
+            }
+        };
         Ok(Route {
+            jwt,
             ping_interval,
             ping_timeout,
             max_queued_bytes,

@@ -59,6 +59,7 @@ pub(super) struct Route {
     pub policy_state_limit: Option<Spanned<String>>,
     pub upstream_tls: Option<UpstreamTls>,
     pub allow_encoded_slash: Option<bool>,
+    pub jwt: Option<Spanned<super::jwt::RawJwt>>,
 }
 
 #[derive(Debug, Deserialize)]

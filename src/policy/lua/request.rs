@@ -55,6 +55,8 @@ struct RequestData {
     client_ip: std::net::IpAddr,
     scheme: &'static str,
     host: Option<String>,
+    /// The verified token's claims (`req.jwt`), with `[route.jwt]`.
+    jwt: Option<serde_json::Value>,
 }
 
 /// `req`: the request's fields plus the methods. A field's Lua value is made the first time
@@ -156,6 +158,18 @@ impl Req {
             b"client_ip" => text(&r.client_ip.to_string()),
             b"scheme" => text(r.scheme),
             b"host" => r.host.as_deref().map_or(Ok(Value::Nil), text),
+            b"jwt" => match &r.jwt {
+                None => Ok(Value::Nil),
+                Some(claims) => {
+                    let Value::Table(table) = mlua::LuaSerdeExt::to_value(lua, claims)? else {
+                        return Ok(Value::Nil);
+                    };
+                    let views = lua
+                        .app_data_ref::<ReadOnlyViews>()
+                        .expect("the sandbox registers its read-only views");
+                    Ok(Value::Table(views.req_view(lua, table)?))
+                }
+            },
             // Made before the call (and found in the field table, not here).
             b"headers" => Ok(self.made[0].clone().map_or(Value::Nil, Value::Table)),
             name => {
@@ -431,6 +445,7 @@ impl RequestData {
             client_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
             scheme: "ws",
             host: None,
+            jwt: None,
         }
     }
 
@@ -455,6 +470,7 @@ impl RequestData {
         self.headers = request.headers.clone();
         self.client_ip = request.client_ip;
         self.scheme = request.scheme;
+        self.jwt = request.jwt.cloned();
     }
 }
 
@@ -657,6 +673,10 @@ impl LuaRoutePolicy {
             fields
         };
         ctx.set("request", fields)?;
+        // Set by the gateway after on_upgrade ran: the verified claims, frozen with ctx.
+        if let Some(claims) = request.jwt {
+            ctx.set("jwt", mlua::LuaSerdeExt::to_value(lua, claims)?)?;
+        }
         // A `req.headers` the script kept in `ctx` becomes a kept view of the same headers,
         // made by `keep` if the freeze meets it.
         let swap = call_view
