@@ -161,6 +161,10 @@ impl StartError {
     fn from_snapshot(e: SnapshotError) -> StartError {
         match e {
             SnapshotError::Tls { route, message } => StartError::Tls { route, message },
+            SnapshotError::Jwt { route, message } => StartError::Tls {
+                route,
+                message: format!("[route.jwt]: {message}"),
+            },
             SnapshotError::Policy(e) => StartError::Policy(e),
         }
     }

@@ -65,6 +65,14 @@ pub enum SnapshotError {
         /// What went wrong.
         message: String,
     },
+    /// A route's `[route.jwt]` keys could not be set up.
+    #[error("route {route}: [route.jwt]: {message}")]
+    Jwt {
+        /// The route's name.
+        route: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A policy script could not be read (or compiled, when the caller compiles it).
     #[error(transparent)]
     Policy(#[from] LoadError),
@@ -95,7 +103,7 @@ impl Snapshot {
                     .as_ref()
                     .map(|j| crate::jwt::Verifier::new(j.clone()).map(Arc::new))
                     .transpose()
-                    .map_err(|message| SnapshotError::Tls {
+                    .map_err(|message| SnapshotError::Jwt {
                         route: route.name(),
                         message,
                     })?;

@@ -430,33 +430,15 @@ async fn the_session_closes_with_1008_when_its_token_expires() {
     gw.shutdown().await;
 }
 
-/// The cookbook's refresh policy: `{"type":"refresh","token":"..."}` moves the deadline to the
-/// new token's expiry.
-const REFRESH: &str = r#"
-return function(msg, ctx, conn)
-  local m = msg.json
-  if type(m) == "table" and m.type == "refresh" then
-    local claims, err = gw.jwt.verify(m.token)
-    if not claims then
-      conn:reply({ type = "refresh", error = err })
-      return false
-    end
-    if claims.sub ~= ctx.jwt.sub then
-      conn:close(1008, "token of another subject")
-      return false
-    end
-    conn:expire_at(claims.exp)
-    conn:reply({ type = "refresh", exp = claims.exp })
-    return false
-  end
-end
-"#;
-
 #[tokio::test]
 async fn a_refreshed_token_sent_in_band_extends_the_session_up_to_the_route_expire() {
     let idp = idp().await;
     let up = echo().await;
-    let policy = script("refresh.lua", REFRESH);
+    // The cookbook's refresh policy, as shipped.
+    let policy = format!(
+        "{:?}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies/jwt_refresh.lua")
+    );
     let table = idp.table("leeway = \"0s\"\nexpire_with_token = true");
     let gw = gateway(&format!(
         "{}{}",
