@@ -675,3 +675,42 @@ fn configuration_errors_point_at_the_key() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_reload_that_keeps_the_key_url_keeps_the_cached_keys() {
+    let mut idp = idp().await;
+    let up = echo().await;
+    let dir = TempDir::new("jwt-reload");
+    let table = idp.table("");
+    let config = |expire: &str| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}",
+            route(
+                "/chat",
+                up.addr,
+                &format!("expire = \"{expire}\"\n{table}"),
+                &[]
+            )
+        )
+    };
+    let path = dir.write("config.toml", &config("1h"));
+    let gw = framegate::Gateway::new(framegate::Config::load(&path).unwrap())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let addr = gw.local_addr();
+    let token = idp.token("chat", 300).await;
+    connect_with(addr, "/chat", &[("Authorization", &bearer(&token))])
+        .await
+        .expect("keys fetched");
+    assert_eq!(idp.fetches().await, 1);
+    idp.stop();
+    dir.write("config.toml", &config("2h"));
+    gw.reload().await.expect("the reload succeeds");
+    let (mut ws, _) = connect_with(addr, "/chat", &[("Authorization", &bearer(&token))])
+        .await
+        .expect("the new configuration uses the keys fetched before the reload");
+    echo_once(&mut ws).await;
+    gw.shutdown().await;
+}

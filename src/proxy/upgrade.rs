@@ -110,13 +110,7 @@ impl Rejection {
                     body,
                 }
             }
-            Rejection::Jwt(refusal) => {
-                let mut r = Answer::text(refusal.status(), format!("unauthorized: {refusal}"));
-                if let Some(challenge) = refusal.www_authenticate() {
-                    r.headers.insert(header::WWW_AUTHENTICATE, challenge);
-                }
-                r
-            }
+            Rejection::Jwt(refusal) => jwt_refusal(&refusal),
             Rejection::PolicyFailed(_) => Answer::text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error in the upgrade policy".into(),
@@ -144,6 +138,16 @@ impl Rejection {
             _ => tracing::info!(path, error = %self, "request rejected"),
         }
     }
+}
+
+/// The answer to a request `[route.jwt]` refused: 401 with its `WWW-Authenticate` challenge,
+/// or 503 when there are no keys. For every request of a JWT route, upgrade or plain HTTP.
+pub(crate) fn jwt_refusal(refusal: &crate::jwt::Refusal) -> Answer {
+    let mut r = Answer::text(refusal.status(), format!("unauthorized: {refusal}"));
+    if let Some(challenge) = refusal.www_authenticate() {
+        r.headers.insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    r
 }
 
 /// What became of a request.
