@@ -731,3 +731,45 @@ async fn a_reload_that_keeps_the_key_url_keeps_the_cached_keys() {
     echo_once(&mut ws).await;
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_provider_that_never_answers_holds_the_handshake_only_for_its_timeout() {
+    // Takes TCP connections (the kernel's backlog) and never says a word of TLS.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("https://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let up = echo().await;
+    let gw = gateway(&route(
+        "/chat",
+        up.addr,
+        &format!("handshake_timeout = \"1s\"\n[route.jwt]\nissuer = \"{issuer}\""),
+        &[],
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let (status, _, _) = refused(
+        gw.local_addr(),
+        "/chat",
+        &[("Authorization", "Bearer a.b.c")],
+    )
+    .await;
+    assert_eq!(status, 401, "a malformed token is refused before any fetch");
+    let token = format!(
+        "{}.{}.sig",
+        base64_url(r#"{"alg":"RS256","kid":"k"}"#),
+        base64_url(r#"{"exp":9999999999}"#)
+    );
+    let (status, _, _) = refused(
+        gw.local_addr(),
+        "/chat",
+        &[("Authorization", &bearer(&token))],
+    )
+    .await;
+    assert_eq!(status, 503);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(5),
+        "the handshake waited {waited:?} for the keys, its handshake_timeout is 1s"
+    );
+    drop(silent);
+    gw.shutdown().await;
+}
