@@ -362,3 +362,64 @@ impl Drop for Fetching {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const N: &str = "sFRwHdZ1ez9ZjN4Atg4ShOLiEG8sRyUd84Ck5aLAoZ5eWloEwTInj73jNjbd5_6pGJXtA58DL9tu3CfwXgH00ya89kW0w79Ada9uhrM4kEhrRCnkl7hhk92o0p1wBh7Z_yW6kndCqx09FfGppLPSvB8HJdmXes-pSzMto4wZ1TYnMqo0AEPEu7kBJD21iaMWBjEqaLsfKI2dlgrVDETEhIbH5jxO6mN8jBKrSgxxGT2MI0H7EFBHVuy5D8vxY-zECy264k1i795sZEbatAgGPnfeDLXdm1WlJU-thzjXheY-xkepLxDNK5PbcTyrfLPpERwIOCuKZDKuSlKPPlMdjw";
+
+    fn rsa(kid: &str) -> serde_json::Value {
+        json!({ "kty": "RSA", "kid": kid, "e": "AQAB", "n": N })
+    }
+
+    #[test]
+    fn only_signature_keys_of_supported_kinds_are_taken_and_never_a_secret() {
+        let mut enc = rsa("enc");
+        enc["use"] = "enc".into();
+        let mut ps = rsa("ps");
+        ps["alg"] = "PS256".into();
+        let doc = json!({ "keys": [
+            { "kty": "oct", "kid": "secret", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA" },
+            enc,
+            { "kty": "RSA", "kid": "odd", "alg": "RSA-OAEP", "e": "AQAB", "n": N },
+            { "kty": "XYZ", "kid": "unknown" },
+            ps,
+            rsa("sig"),
+        ]});
+        let set = KeySet::parse(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(set.len(), 2);
+        let found = |kid, alg| match set.lookup(Some(kid), alg) {
+            Lookup::Found(keys) => keys.len(),
+            Lookup::UnknownKid => usize::MAX,
+        };
+        assert_eq!(
+            found("secret", Algorithm::HS256),
+            usize::MAX,
+            "no HMAC key from a JWKS"
+        );
+        assert_eq!(found("sig", Algorithm::RS256), 1);
+        assert_eq!(
+            found("sig", Algorithm::ES256),
+            0,
+            "the key's family decides"
+        );
+        assert_eq!(found("ps", Algorithm::RS256), 0, "the key's alg decides");
+        assert_eq!(found("ps", Algorithm::PS256), 1);
+        match set.lookup(None, Algorithm::RS256) {
+            Lookup::Found(keys) => assert_eq!(keys.len(), 1),
+            Lookup::UnknownKid => panic!("no kid looks at every key"),
+        }
+    }
+
+    #[test]
+    fn a_jwks_gives_at_most_max_keys_and_must_give_one() {
+        let keys: Vec<_> = (0..MAX_KEYS + 10).map(|i| rsa(&i.to_string())).collect();
+        let set = KeySet::parse(json!({ "keys": keys }).to_string().as_bytes()).unwrap();
+        assert_eq!(set.len(), MAX_KEYS);
+        let none = KeySet::parse(br#"{"keys":[{"kty":"oct","k":"AAAA"}]}"#);
+        assert!(none.is_err_and(|e| e.contains("no usable signature key")));
+        assert!(KeySet::parse(b"<html>").is_err());
+    }
+}
