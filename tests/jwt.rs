@@ -662,6 +662,10 @@ fn configuration_errors_point_at_the_key() {
             "gw.toml:6:15: route.jwt.algorithms: RS256 does not fit the key source",
         ),
         (
+            "public_key_file = \"private.pem\"\n",
+            "gw.toml:5:19: route.jwt.public_key_file \"private.pem\" holds a private key",
+        ),
+        (
             "secret_file = \"short.secret\"\n",
             "gw.toml:5:15: route.jwt.secret_file \"short.secret\" holds 5 bytes",
         ),
@@ -678,7 +682,8 @@ fn configuration_errors_point_at_the_key() {
             "gw.toml:6:1: unknown field `audiences`",
         ),
     ];
-    let _ = (secret, pem);
+    let private = dir.write("private.pem", &KeyPair::generate().unwrap().serialize_pem());
+    let _ = (secret, pem, private);
     for (table, want) in cases {
         let source = format!("{head}{table}");
         let error = framegate::Config::from_toml(&source, &origin)

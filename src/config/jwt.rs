@@ -198,6 +198,16 @@ pub(super) fn check(
         JwtKeys::JwksUrl(https(v, "jwks_url")?.clone()).with_exact(v.get_ref())
     } else if let Some(v) = &raw.public_key_file {
         let (path, bytes) = file(v, "public_key_file")?;
+        if bytes.windows(11).any(|w| w == b"PRIVATE KEY") {
+            return Err(err(
+                v.span(),
+                format!(
+                    "route.jwt.public_key_file {:?} holds a private key",
+                    v.get_ref()
+                ),
+                "give the public key only: `openssl pkey -in key.pem -pubout`",
+            ));
+        }
         let family = if DecodingKey::from_rsa_pem(&bytes).is_ok() {
             AlgorithmFamily::Rsa
         } else if DecodingKey::from_ec_pem(&bytes).is_ok() {
