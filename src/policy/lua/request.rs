@@ -75,6 +75,8 @@ struct Req {
     made: [Option<Table>; 4],
     /// `pairs(req.headers)`'s table, made on its first call.
     all_headers: Option<Table>,
+    /// `req.jwt`'s view, made on its first read in a call.
+    jwt_view: Option<Table>,
     /// The table that serves `req`'s fields (see [`ReqFields`]).
     fields: Table,
     /// The Lua string `"headers"`, the key of the call's view in `fields`.
@@ -160,6 +162,9 @@ impl Req {
             b"host" => r.host.as_deref().map_or(Ok(Value::Nil), text),
             b"jwt" => match &r.jwt {
                 None => Ok(Value::Nil),
+                Some(_) if self.jwt_view.is_some() => {
+                    Ok(self.jwt_view.clone().map_or(Value::Nil, Value::Table))
+                }
                 Some(claims) => {
                     let Value::Table(table) = mlua::LuaSerdeExt::to_value(lua, claims)? else {
                         return Ok(Value::Nil);
@@ -167,7 +172,9 @@ impl Req {
                     let views = lua
                         .app_data_ref::<ReadOnlyViews>()
                         .expect("the sandbox registers its read-only views");
-                    Ok(Value::Table(views.req_view(lua, table)?))
+                    let view = views.req_view(lua, table)?;
+                    self.jwt_view = Some(view.clone());
+                    Ok(Value::Table(view))
                 }
             },
             // Made before the call (and found in the field table, not here).
@@ -491,6 +498,7 @@ pub(crate) fn reusable_req(lua: &Lua) -> mlua::Result<AnyUserData> {
         offered: Vec::new(),
         made: Default::default(),
         all_headers: None,
+        jwt_view: None,
         fields: fields.clone(),
         headers_key: lua.create_string("headers")?,
         kept: None,
@@ -617,6 +625,7 @@ impl LuaRoutePolicy {
             offered_subprotocols(request.headers, &mut r.offered);
             r.made = Default::default();
             r.all_headers = None;
+            r.jwt_view = None;
         }
         let views = &self.vm.sandbox.views;
         let ctx = lua.create_table()?;
