@@ -35,6 +35,7 @@ TARGETS = {  # name -> port
     "fg+json": 19005,     # JSON decode-modify-encode on_client_frame
     "fg+auth": 19006,     # on_upgrade token check
     "fg+expiry": 19007,   # on_upgrade sets each connection's lifetime from ?ttl=
+    "fg+jwt": 19010,      # [route.jwt]: an RS256 token checked with a cached key (public_key_file)
 }
 BASELINE_TARGETS = {  # with --baseline: the same two set-ups on the older binary
     "base": 19008,
@@ -48,6 +49,7 @@ TLS_TARGETS = {  # name -> (port with the ECDSA P-256 certificate, port with the
 TLS_KINDS = (("ecdsa", "ECDSA P-256", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
              ("rsa", "RSA 2048", ["-newkey", "rsa:2048"]))
 TOKEN = "bench-token"
+JWT = None  # the RS256 token fg+jwt wants, made by jwt_key()
 started = []
 
 
@@ -195,6 +197,22 @@ end
     return trivial, json, auth, expiry
 
 
+def jwt_key():
+    """An RSA key pair made with openssl, and an RS256 token signed with it (valid for a day):
+    returns the public key's path for `public_key_file`; sets JWT."""
+    global JWT
+    import base64, json
+    key, pub = os.path.join(WORK, "jwt.key"), os.path.join(WORK, "jwt.pem")
+    sh(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key], stderr=subprocess.DEVNULL)
+    sh(["openssl", "pkey", "-in", key, "-pubout", "-out", pub])
+    b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    claims = {"sub": "bench", "aud": "bench", "exp": int(time.time()) + 86400}
+    signing_input = b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+    signature = sh(["openssl", "dgst", "-sha256", "-sign", key], input=signing_input.encode(), capture_output=True).stdout
+    JWT = signing_input + "." + b64(signature)
+    return pub
+
+
 def start_all(baseline=None):
     ulimit = ["prlimit", "--nofile=20000:20000", "--"]
     start(ulimit + [os.path.join(BIN, "fg-echo"), "--listen", f"127.0.0.1:{ECHO_PORT}", "--threads", "1"], "echo")
@@ -203,6 +221,7 @@ def start_all(baseline=None):
     procs["nginx"] = start(ulimit + ["nginx", "-c", nginx_conf(), "-g", "daemon off;"], "nginx")
     procs["haproxy"] = start(ulimit + ["haproxy", "-f", haproxy_conf(), "-db"], "haproxy")
     trivial, json, auth, expiry = scripts()
+    jwt_pub = jwt_key()
     env = dict(os.environ, FRAMEGATE_LOG="warn")
     fg = os.path.join(BIN, "framegate")
     # The HTTP pass-through part's route, on "framegate" only (an older --baseline binary may
@@ -214,6 +233,7 @@ def start_all(baseline=None):
         ("fg+json", f'[route.policies]\non_client_frame = "{json}"'),
         ("fg+auth", f'[route.policies]\non_upgrade = "{auth}"'),
         ("fg+expiry", f'expire = "1h"\n[route.policies]\non_upgrade = "{expiry}"'),
+        ("fg+jwt", f'[route.jwt]\npublic_key_file = "{jwt_pub}"\naudience = "bench"'),
     ):
         procs[name] = start(ulimit + [fg, "--config", framegate_conf(name, TARGETS[name], pol)], name, env=env)
     if baseline:
@@ -234,6 +254,8 @@ def fg_load_cmd(target):
     cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url]
     if target == "fg+auth":
         cmd += ["--header", f"authorization: Bearer {TOKEN}"]
+    if target == "fg+jwt":
+        cmd += ["--header", f"authorization: Bearer {JWT}"]
     return cmd
 
 
@@ -576,7 +598,7 @@ def main():
     for t, counts in pooled.items():
         for q, name in ((0.5, "p50"), (0.99, "p99"), (0.999, "p999")):
             results.setdefault((f"rtt {name} us @2k/s, pooled", t), []).append(quantile(counts, q))
-    peers = ["nginx", "haproxy", "framegate", "fg+auth"] + (["base"] if args.baseline else [])
+    peers = ["nginx", "haproxy", "framegate", "fg+auth", "fg+jwt"] + (["base"] if args.baseline else [])
     for rep in range(args.reps if "handshakes" in args.only else 0):
         for t in peers[rep % len(peers):] + peers[:rep % len(peers)]:
             hs, cpu = handshake_run(t, procs[t], 3000 if not args.quick else 1000)
@@ -633,7 +655,7 @@ def report(results, args):
 
     table("\nratios of medians (framegate / peer; for latency, RSS and CPU lower is better)",
           [("framegate", "direct"), ("framegate", "nginx"), ("framegate", "haproxy"), ("fg+lua", "framegate"),
-           ("fg+json", "framegate"), ("fg+auth", "framegate"), ("fg+auth", "haproxy")])
+           ("fg+json", "framegate"), ("fg+auth", "framegate"), ("fg+auth", "haproxy"), ("fg+jwt", "framegate")])
     if "base" in TARGETS:
         table("\nagainst the baseline binary (--baseline), same run: this / baseline",
               [("framegate", "base"), ("fg+lua", "base+lua")])

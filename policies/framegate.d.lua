@@ -43,6 +43,7 @@
 ---@field scheme "ws"|"wss" How the client connected: "wss" on a [[server.tls]] listener, "ws" on a plain one.
 ---@field host? string The Host header as sent, port included; nil when the request has none.
 ---@field subprotocols string[] Subprotocols the client offered, in order.
+---@field jwt? table<string, any> With [route.jwt]: the verified token's claims (read-only); nil on other routes.
 
 ---`req`: the client's upgrade request in on_upgrade. Read-only: change the request with its
 ---methods, which take effect when on_upgrade returns without an error.
@@ -105,6 +106,7 @@ function FramegateRequest:header_values(name) end
 ---functions read it; `next` and `rawget` see an empty table; JSON encoding gives `{}`.
 ---@class FramegateContext
 ---@field request FramegateRequestFields Added by framegate when on_upgrade returns.
+---@field jwt? table<string, any> With [route.jwt]: the upgrade token's claims, added when on_upgrade returns.
 ---@field [string] any Whatever on_upgrade stored.
 
 -------------------------------------------------------------------------------------------------
@@ -160,6 +162,12 @@ function FramegateConnection:send_server(data) end
 ---@param code? integer 1000-4999, not 1004-1006 or 1015; default 1000.
 ---@param reason? string At most 123 bytes; default "".
 function FramegateConnection:close(code, reason) end
+
+---Moves the connection's deadline to this Unix time once the call returns, never past the
+---route's `expire`. With jwt.expire_with_token, a time before the route's `expire` closes with
+---1008 "token expired". Only in on_client_frame and on_server_frame.
+---@param unix_seconds number e.g. `claims.exp` from `gw.jwt.verify`.
+function FramegateConnection:expire_at(unix_seconds) end
 
 -------------------------------------------------------------------------------------------------
 -- info (on_close)
@@ -252,7 +260,18 @@ function FramegateShared:delete(key) end
 ---@field log FramegateLog
 ---@field json FramegateJson
 ---@field shared FramegateShared
+---@field jwt FramegateJwt
 gw = {}
+
+---@class FramegateJwt
+local FramegateJwt = {}
+
+---Checks `token` with the route's [route.jwt] settings and the keys held now (never waits).
+---Raises an error on a route without [route.jwt].
+---@param token string A "Bearer " prefix is ignored.
+---@return table<string, any>|nil claims
+---@return string|nil err "token expired", "wrong audience", "unknown key id", ...
+function FramegateJwt.verify(token) end
 
 ---The current wall-clock time in Unix seconds, with a fraction.
 ---@return number

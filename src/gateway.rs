@@ -167,6 +167,10 @@ impl StartError {
     fn from_snapshot(e: SnapshotError) -> StartError {
         match e {
             SnapshotError::Tls { route, message } => StartError::Tls { route, message },
+            SnapshotError::Jwt { route, message } => StartError::Tls {
+                route,
+                message: format!("[route.jwt]: {message}"),
+            },
             SnapshotError::Policy(e) => StartError::Policy(e),
             SnapshotError::Certificate(e) => StartError::Certificate(e),
         }

@@ -19,6 +19,8 @@
 //!   each scrape.
 //! - [`registry`] (`src/registry.rs`): the open connections, their tags, live counts and
 //!   bounded control channels, for the admin API.
+//! - [`jwt`] (`src/jwt/`): `[route.jwt]`: finding, verifying and stripping tokens; the
+//!   process-wide JWKS cache and its HTTPS fetches.
 //! - [`upstream`]: connecting to upstreams over TCP or TLS.
 //! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
 //! - `listener`: the connection cap, serving one client connection (in its tracing span);
@@ -60,6 +62,7 @@ pub mod config;
 pub mod fuzzing;
 pub mod gateway;
 pub mod header_fields;
+pub mod jwt;
 mod listener;
 pub mod metrics;
 pub mod policy;

@@ -106,6 +106,7 @@ fn decide(engine: &Engine, case: &Case) -> Result<Decision, String> {
             to_upstream: &mut to_upstream,
             room_to_client: usize::MAX,
             room_to_upstream: usize::MAX,
+            expire_at: &mut None,
         },
     );
     let mut decision = Decision {

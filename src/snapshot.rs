@@ -40,6 +40,8 @@ pub struct RouteRuntime {
     pub route: Arc<Route>,
     /// TLS client settings for `wss://` upstreams (`None` when the route cannot reach one).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// `[route.jwt]`'s verifier, with its keys (or its entry in the JWKS cache).
+    pub jwt: Option<Arc<crate::jwt::Verifier>>,
 }
 
 impl Routable for RouteRuntime {
@@ -63,6 +65,14 @@ pub enum SnapshotError {
     /// A route's TLS settings could not be loaded.
     #[error("route {route}: {message}")]
     Tls {
+        /// The route's name.
+        route: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A route's `[route.jwt]` keys could not be set up.
+    #[error("route {route}: [route.jwt]: {message}")]
+    Jwt {
         /// The route's name.
         route: String,
         /// What went wrong.
@@ -104,9 +114,19 @@ impl Snapshot {
                         route: route.name(),
                         message,
                     })?;
+                let jwt = route
+                    .jwt
+                    .as_ref()
+                    .map(|j| crate::jwt::Verifier::new(j.clone()).map(Arc::new))
+                    .transpose()
+                    .map_err(|message| SnapshotError::Jwt {
+                        route: route.name(),
+                        message,
+                    })?;
                 Ok(Arc::new(RouteRuntime {
                     route: route.clone(),
                     tls,
+                    jwt,
                 }))
             })
             .collect::<Result<Vec<_>, SnapshotError>>()?;

@@ -4,11 +4,13 @@
 
 pub mod admin;
 mod error;
+pub mod jwt;
 mod raw;
 mod tls;
 mod units;
 
 pub use error::ConfigError;
+pub use jwt::{JwtConfig, JwtKeys, TokenSource};
 pub use tls::{CertificatePair, Place, TlsListener, TlsVersion};
 
 use std::net::SocketAddr;
@@ -189,6 +191,8 @@ pub struct Route {
     pub http: HttpMode,
     /// The largest HTTP request body proxied (`http = "proxy"`); larger ones get 413.
     pub max_body_size: u64,
+    /// `[route.jwt]`: upgrades must carry a valid token (see `src/jwt/`).
+    pub jwt: Option<Arc<JwtConfig>>,
 }
 
 /// `route.http`: what a plain HTTP request (not a WebSocket upgrade) on the route gets.
@@ -804,10 +808,26 @@ impl Validator<'_> {
                 )
             })?,
         };
+        let jwt = match raw.jwt {
+            None => None,
+            Some(j) => {
+                let at = |span, message: String, hint: &str| {
+                    ConfigError::at(
+                        self.origin,
+                        self.source,
+                        Some(span),
+                        message,
+                        (!hint.is_empty()).then(|| hint.to_owned()),
+                    )
+                };
+                Some(Arc::new(jwt::check(j, &at, self.base)?))
+            }
+        };
         Ok(Route {
             origins,
             http,
             max_body_size,
+            jwt,
             ping_interval,
             ping_timeout,
             max_queued_bytes,

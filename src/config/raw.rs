@@ -84,6 +84,7 @@ pub(super) struct Route {
     pub allow_missing_origin: Option<Spanned<bool>>,
     pub http: Option<Spanned<String>>,
     pub max_body_size: Option<Spanned<String>>,
+    pub jwt: Option<Spanned<super::jwt::RawJwt>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -57,6 +57,9 @@ pub struct Outbound<'a> {
     pub room_to_client: usize,
     /// Payload bytes that may still be queued towards the upstream.
     pub room_to_upstream: usize,
+    /// A new close time the hook asks for (`conn:expire_at`); the proxy holds it to the
+    /// route's `expire`.
+    pub expire_at: &'a mut Option<SystemTime>,
 }
 
 /// Per-connection message hooks. Every method has a default that leaves traffic untouched.
@@ -120,6 +123,8 @@ pub struct UpgradeRequest<'a> {
     /// The route's counters on this worker: the policy records its calls' durations and
     /// failures there (`None`: not recorded, as in `framegate policy-test`).
     pub metrics: Option<&'a std::sync::Arc<crate::metrics::RouteMetrics>>,
+    /// The claims of the token `[route.jwt]` verified (`req.jwt`, then `ctx.jwt`).
+    pub jwt: Option<&'a serde_json::Value>,
 }
 
 /// Changes an upgrade policy asked for.

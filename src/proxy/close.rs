@@ -75,6 +75,8 @@ pub(crate) enum Ending {
     Unresponsive(Side),
     /// The route's `expire` (or a policy's shorter one) passed.
     Expired,
+    /// The token's expiry passed (`route.jwt.expire_with_token`): 1008 "token expired".
+    TokenExpired,
     /// No data message either way for `idle_timeout`.
     Idle,
     /// The gateway is shutting down.
@@ -112,6 +114,8 @@ fn frame(code: CloseCode, reason: &'static str) -> Option<CloseFrame> {
 pub(crate) mod reasons {
     /// Sent on both legs when `expire` passes.
     pub const EXPIRED: &str = "connection lifetime expired";
+    /// Sent on both legs when the token's expiry passes (`route.jwt.expire_with_token`).
+    pub const TOKEN_EXPIRED: &str = "token expired";
     /// Sent on both legs after `idle_timeout`.
     pub const IDLE: &str = "idle timeout";
     /// Sent on both legs during graceful shutdown.
@@ -153,6 +157,7 @@ impl Ending {
             Ending::BadCloseReason(_) => frame(CloseCode::Invalid, reasons::BAD_CLOSE_REASON),
             Ending::Protocol(..) => frame(CloseCode::Protocol, reasons::PROTOCOL),
             Ending::Expired => frame(CloseCode::Away, reasons::EXPIRED),
+            Ending::TokenExpired => frame(CloseCode::Policy, reasons::TOKEN_EXPIRED),
             Ending::Idle => frame(CloseCode::Away, reasons::IDLE),
             Ending::Shutdown => frame(CloseCode::Away, reasons::SHUTDOWN),
             Ending::Policy(f) | Ending::Admin(f) => Some(f.clone()),
@@ -207,9 +212,11 @@ impl Ending {
                 Send(frame(CloseCode::Away, reasons::UPSTREAM_UNRESPONSIVE)),
                 Drop,
             ),
-            Ending::Expired | Ending::Idle | Ending::Shutdown | Ending::Policy(_) => {
-                (Send(self.gateway_frame()), Send(self.gateway_frame()))
-            }
+            Ending::Expired
+            | Ending::TokenExpired
+            | Ending::Idle
+            | Ending::Shutdown
+            | Ending::Policy(_) => (Send(self.gateway_frame()), Send(self.gateway_frame())),
             Ending::Admin(_) => (
                 Send(self.gateway_frame()),
                 Send(frame(CloseCode::Away, reasons::ADMIN_CLOSED)),
@@ -264,6 +271,7 @@ impl Ending {
             | Ending::Unresponsive(s)
             | Ending::Protocol(s, _) => Some(*s),
             Ending::Expired
+            | Ending::TokenExpired
             | Ending::Idle
             | Ending::Shutdown
             | Ending::Policy(_)

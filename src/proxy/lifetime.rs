@@ -20,6 +20,8 @@ use super::close::Side;
 pub(crate) enum Expiry {
     /// The absolute lifetime passed.
     Lifetime,
+    /// The token's expiry passed (`route.jwt.expire_with_token`).
+    Token,
     /// No data message for the idle timeout.
     Idle,
     /// This leg has sent nothing for `ping_interval`: ping it now.
@@ -55,6 +57,12 @@ fn slot(side: Side) -> usize {
 /// The timers of one connection.
 pub(crate) struct Lifetime {
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Whether the deadline is the token's (it closes with 1008 "token expired").
+    token: bool,
+    /// The latest a moved deadline may be: the route's `expire` (`None`: unlimited).
+    cap: Option<Instant>,
+    /// The route follows its token: a moved deadline short of the cap is the token's.
+    follows_token: bool,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     last_activity: Instant,
     pings: Option<Box<Pings>>,
@@ -74,6 +82,9 @@ impl Lifetime {
         };
         Lifetime {
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            token: false,
+            cap: None,
+            follows_token: false,
             idle: idle_timeout.map(|t| (t, Box::pin(tokio::time::sleep_until(now + t)))),
             last_activity: now,
             pings: ping.map(|(interval, timeout)| {
@@ -85,6 +96,30 @@ impl Lifetime {
                 })
             }),
         }
+    }
+
+    /// Says whether the deadline is the token's, the latest it may be moved to (the route's
+    /// `expire`), and whether the route follows its token (`route.jwt.expire_with_token`).
+    pub(crate) fn bind_deadline(&mut self, token: bool, cap: Option<Instant>, follows_token: bool) {
+        self.token = token;
+        self.cap = cap;
+        self.follows_token = follows_token;
+    }
+
+    /// Moves the deadline to `at` (`conn:expire_at`), never past the cap; earlier is allowed.
+    pub(crate) fn move_deadline(&mut self, at: Instant) {
+        let at = self.cap.map_or(at, |cap| at.min(cap));
+        self.token = self.follows_token && self.cap.is_none_or(|cap| at < cap);
+        match &mut self.deadline {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// When the connection closes now, if it has a deadline.
+    #[cfg(test)]
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline.as_ref().map(|d| d.deadline())
     }
 
     /// Records a read from `from` (one per batch); `data` tells whether it moved a data
@@ -119,7 +154,11 @@ impl Lifetime {
     pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<Expiry> {
         if let Some(deadline) = &mut self.deadline {
             if deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Expiry::Lifetime);
+                return Poll::Ready(if self.token {
+                    Expiry::Token
+                } else {
+                    Expiry::Lifetime
+                });
             }
         }
         if let Some((timeout, sleep)) = &mut self.idle {
@@ -176,6 +215,21 @@ mod tests {
         let mut l = Lifetime::start(Some(start + Duration::from_secs(30)), None, None);
         assert_eq!(poll_fn(|cx| l.poll_expired(cx)).await, Expiry::Lifetime);
         assert_eq!(start.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_deadline_stays_within_the_cap_and_says_whose_it_is() {
+        let start = Instant::now();
+        let cap = start + Duration::from_secs(60);
+        let mut l = Lifetime::start(Some(start + Duration::from_secs(10)), None, None);
+        l.bind_deadline(true, Some(cap), true);
+        l.move_deadline(start + Duration::from_secs(30));
+        assert_eq!(poll_fn(|cx| l.poll_expired(cx)).await, Expiry::Token);
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        l.move_deadline(start + Duration::from_secs(600));
+        assert_eq!(l.deadline(), Some(cap));
+        assert_eq!(poll_fn(|cx| l.poll_expired(cx)).await, Expiry::Lifetime);
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
     }
 
     #[tokio::test(start_paused = true)]

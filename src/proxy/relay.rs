@@ -73,6 +73,8 @@ pub(crate) struct Relay {
     /// Admin messages taken off the channel that did not fit their leg's queue yet, in order;
     /// at most [`CONTROL_CAPACITY`] (the channel is not read while this is full).
     held: VecDeque<(Target, registry::Message)>,
+    /// A close time a hook asked for (`conn:expire_at`), applied after the read that asked.
+    expire_at: Option<std::time::SystemTime>,
 }
 
 /// What the upgrade hands the relay besides the legs: its counters and its control channel.
@@ -111,6 +113,7 @@ impl Relay {
             meter: wiring.meter,
             control: wiring.control,
             held: VecDeque::new(),
+            expire_at: None,
         }
     }
 
@@ -237,9 +240,21 @@ impl Relay {
         if self.shared.stopping.load(Ordering::Acquire) {
             return Poll::Ready(Ending::Shutdown);
         }
+        // Once per wake-up, and only when a policy asked: a wall-clock time for the timers.
+        if let Some(at) = self.expire_at.take() {
+            let from_now = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            let now = tokio::time::Instant::now();
+            self.lifetime.move_deadline(
+                now.checked_add(from_now)
+                    .unwrap_or(now + Duration::from_secs(86_400 * 365)),
+            );
+        }
         while let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
             match expiry {
                 Expiry::Lifetime => return Poll::Ready(Ending::Expired),
+                Expiry::Token => return Poll::Ready(Ending::TokenExpired),
                 Expiry::Idle => return Poll::Ready(Ending::Idle),
                 Expiry::Ping(side) => {
                     let leg = self.leg(side);
@@ -390,6 +405,7 @@ impl Relay {
             let replies = &mut self.replies;
             let max_queued = self.max_queued;
             let traffic = &mut self.traffic[slot];
+            let expire_at = &mut self.expire_at;
             let mut hook = |message: Message, own: &mut Outbox| {
                 let [to_client, to_upstream] = &mut *replies;
                 let own_room = max_queued.saturating_sub(own.len());
@@ -406,6 +422,7 @@ impl Relay {
                         to_upstream: &mut *to_upstream,
                         room_to_client,
                         room_to_upstream,
+                        expire_at: &mut *expire_at,
                     },
                 );
                 // Replies go out before the verdict's message.

@@ -2,6 +2,7 @@
 //! handshake with the upstream, and only then answer the client with 101 and start the relay.
 //! Every refusal is a [`Rejection`], sorted into a status in one place and logged once.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -54,6 +55,8 @@ pub(crate) enum Rejection {
     Origin(String),
     #[error("request body over max_body_size ({0} bytes)")]
     BodyTooLarge(u64),
+    #[error("token refused: {0}")]
+    Jwt(crate::jwt::Refusal),
     #[error("upstream {url} did not complete its handshake within {timeout:?}")]
     UpstreamTimeout {
         url: String,
@@ -116,6 +119,7 @@ impl Rejection {
                     body,
                 }
             }
+            Rejection::Jwt(refusal) => jwt_refusal(&refusal),
             Rejection::PolicyFailed(_) => Answer::text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal error in the upgrade policy".into(),
@@ -143,6 +147,16 @@ impl Rejection {
             _ => tracing::info!(path, error = %self, "request rejected"),
         }
     }
+}
+
+/// The answer to a request `[route.jwt]` refused: 401 with its `WWW-Authenticate` challenge,
+/// or 503 when there are no keys. For every request of a JWT route, upgrade or plain HTTP.
+pub(crate) fn jwt_refusal(refusal: &crate::jwt::Refusal) -> Answer {
+    let mut r = Answer::text(refusal.status(), format!("unauthorized: {refusal}"));
+    if let Some(challenge) = refusal.www_authenticate() {
+        r.headers.insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    r
 }
 
 /// What became of a request.
@@ -270,6 +284,19 @@ async fn upgrade(
     span.record("route", tracing::field::display(route.name()));
     span.record("snapshot", snapshot.number);
 
+    // [route.jwt]: the token is verified before any policy runs; a refusal never reaches
+    // the upstream. The handshake waits at most its timeout for keys still to be fetched.
+    let query = request.query().unwrap_or("");
+    let claims = match &runtime.jwt {
+        None => None,
+        Some(verifier) => Some(
+            verifier
+                .authorize(&request.headers, query, route.handshake_timeout)
+                .await
+                .map_err(Rejection::Jwt)?,
+        ),
+    };
+
     // Phase: on_upgrade. It may reject, or change the upstream, headers, subprotocol, lifetime.
     let (changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) = match worker
         .policy(&snapshot, &route)
@@ -289,6 +316,7 @@ async fn upgrade(
                 scheme: if tls { "wss" } else { "ws" },
                 host,
                 metrics: Some(&metrics),
+                jwt: claims.as_ref().map(|c| &*c.json),
             };
             match policy.on_upgrade(&upgrade_request) {
                 UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
@@ -302,14 +330,33 @@ async fn upgrade(
         }
     };
 
+    // `strip` takes the token out first: a header the policy sets afterwards stays.
+    let (query, changed_headers) = match &runtime.jwt {
+        Some(verifier) if verifier.config().strip => {
+            let stripped = verifier.strip(&request.headers, query);
+            let mut headers = stripped.headers;
+            headers.extend(changes.headers);
+            (
+                stripped.query.map_or(Cow::Borrowed(query), Cow::Owned),
+                headers,
+            )
+        }
+        _ => (Cow::Borrowed(query), changes.headers),
+    };
+    let token_deadline = match (&runtime.jwt, &claims) {
+        (Some(verifier), Some(claims)) if verifier.config().expire_with_token => {
+            claims.expires.checked_add(verifier.config().leeway)
+        }
+        _ => None,
+    };
     // A URL set by a policy is used as given; the route's own URL gets the client's query.
     let url = match changes.upstream {
         Some(url) => url,
         None => {
             let mut url = route.upstream.render(&found.params);
-            if let Some(query) = request.query() {
+            if !query.is_empty() {
                 url.push(if url.contains('?') { '&' } else { '?' });
-                url.push_str(query);
+                url.push_str(&query);
             }
             url
         }
@@ -319,7 +366,7 @@ async fn upgrade(
         client_ip: peer.ip(),
         client_host: host,
         proto: if tls { "https" } else { "http" },
-        changes: &changes.headers,
+        changes: &changed_headers,
         subprotocol: changes.subprotocol.as_deref(),
     };
     let size: usize = request
@@ -388,6 +435,7 @@ async fn upgrade(
         summary: CloseSummary::new(id, route.name(), peer, url),
         route,
         policy_deadline: changes.expire_at,
+        token_deadline,
         shared: shared.clone(),
         metrics,
         record: Box::new(Record {
@@ -431,6 +479,8 @@ pub(crate) struct Accepted {
     route: Arc<Route>,
     /// A close time `on_upgrade` asked for.
     policy_deadline: Option<std::time::SystemTime>,
+    /// The token's expiry (plus leeway), with `route.jwt.expire_with_token`.
+    token_deadline: Option<std::time::SystemTime>,
     shared: Arc<Shared>,
     /// The route's counters on this worker.
     metrics: Arc<RouteMetrics>,
@@ -492,6 +542,7 @@ impl Accepted {
             mut summary,
             route,
             policy_deadline,
+            token_deadline,
             shared,
             metrics,
             record,
@@ -529,9 +580,15 @@ impl Accepted {
             route.max_message_size,
         );
         span.in_scope(|| tracing::info!(upstream = %summary.upstream, "connection opened"));
-        let deadline = earliest(route.expire.map(|e| opened + e), policy_deadline);
+        let cap = route.expire.map(|e| opened + e);
+        let own = earliest(cap, policy_deadline);
+        // The token's expiry closes with 1008 "token expired" when it comes first.
+        let token = earliest(None, token_deadline).filter(|t| own.is_none_or(|o| *t < o));
+        let deadline = token.or(own);
         let pings = route.ping_interval.map(|i| (i, route.ping_timeout));
-        let lifetime = Lifetime::start(deadline, route.idle_timeout, pings);
+        let mut lifetime = Lifetime::start(deadline, route.idle_timeout, pings);
+        let follows_token = route.jwt.as_ref().is_some_and(|j| j.expire_with_token);
+        lifetime.bind_deadline(token.is_some(), cap, follows_token);
         metrics.connection_opened();
         let (registration, wiring) = register(
             &shared,
@@ -634,7 +691,7 @@ fn count_close(metrics: &RouteMetrics, ending: &super::close::Ending, summary: &
     };
     metrics.connection_closed(summary.code, by);
     match ending {
-        Ending::Expired => metrics.lifetime_close(LifetimeReason::Expire),
+        Ending::Expired | Ending::TokenExpired => metrics.lifetime_close(LifetimeReason::Expire),
         Ending::Idle => metrics.lifetime_close(LifetimeReason::Idle),
         _ => {}
     }

@@ -38,6 +38,8 @@ struct CallState {
     room: [usize; 2],
     /// Whether a send of this connection has been refused for lack of room: logged once.
     refused: bool,
+    /// Set by `conn:expire_at`: the new close time.
+    expire_at: Option<std::time::SystemTime>,
 }
 
 /// `msg`: one data message. The object is reused for every message of a connection; after the
@@ -231,6 +233,37 @@ impl UserData for Conn {
         });
         methods.add_method("send_server", move |lua, c, data: Value| {
             c.send(lua, "send_server", Some(false), data).map(sent)
+        });
+        methods.add_method("expire_at", |lua, c, at: Value| {
+            let mut call = c.call.borrow_mut();
+            if call.direction.is_none() {
+                return Err(misuse(
+                    lua,
+                    "conn:expire_at can only be used in on_client_frame or on_server_frame",
+                ));
+            }
+            let at = match at {
+                Value::Integer(i) if i >= 0 => i as f64,
+                Value::Number(n) if n.is_finite() && n >= 0.0 => n,
+                other => {
+                    return Err(misuse(
+                        lua,
+                        format!(
+                            "conn:expire_at expects a Unix time in seconds, got {}",
+                            other.to_string().unwrap_or_default()
+                        ),
+                    ))
+                }
+            };
+            // Too far away to represent: as far as the route's expire allows.
+            let far =
+                std::time::SystemTime::now() + std::time::Duration::from_secs(86_400 * 365 * 100);
+            let at = std::time::Duration::try_from_secs_f64(at)
+                .ok()
+                .and_then(|d| std::time::UNIX_EPOCH.checked_add(d))
+                .unwrap_or(far);
+            call.expire_at = Some(at);
+            Ok(())
         });
         methods.add_method("close", |lua, c, (code, reason): (Value, Value)| {
             let mut call = c.call.borrow_mut();
@@ -569,6 +602,10 @@ impl FrameHooks for LuaFrameHooks {
             } else {
                 // A failed call sends nothing.
                 call.sends.clear();
+            }
+            match call.expire_at.take() {
+                Some(at) if result.is_ok() => *out.expire_at = Some(at),
+                _ => {}
             }
             call.close.take()
         };

@@ -1,4 +1,5 @@
-//! The `gw` table every script sees: `gw.log`, `gw.json`, `gw.now()` and `gw.shared`.
+//! The `gw` table every script sees: `gw.log`, `gw.json`, `gw.now()`, `gw.shared` and
+//! `gw.jwt` (whose `verify` uses the route's `[route.jwt]`).
 //! Runtime failures return `nil, message`; misuse raises an error at the caller's line.
 
 use std::sync::Arc;
@@ -11,7 +12,11 @@ use super::misuse;
 use crate::policy::shared::{SharedDict, SharedValue};
 
 /// Builds the (still writable) `gw` table; the sandbox freezes it.
-pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
+pub(super) fn build(
+    lua: &Lua,
+    dict: Arc<SharedDict>,
+    jwt: Option<Arc<crate::jwt::Verifier>>,
+) -> mlua::Result<Table> {
     let gw = lua.create_table()?;
 
     let log = lua.create_table()?;
@@ -60,7 +65,38 @@ pub(super) fn build(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
         })?,
     )?;
     gw.set("shared", shared_table(lua, dict)?)?;
+    gw.set("jwt", jwt_table(lua, jwt)?)?;
     Ok(gw)
+}
+
+/// `gw.jwt`: `verify(token)` returns the claims, or `nil, reason`, checked with the route's
+/// `[route.jwt]` and the keys the gateway holds now (a policy call never waits for a fetch).
+fn jwt_table(lua: &Lua, verifier: Option<Arc<crate::jwt::Verifier>>) -> mlua::Result<Table> {
+    let jwt = lua.create_table()?;
+    jwt.set(
+        "verify",
+        lua.create_function(move |lua, token: Value| {
+            let Some(verifier) = &verifier else {
+                return Err(misuse(lua, "gw.jwt.verify: this route has no [route.jwt]"));
+            };
+            let Value::String(token) = token else {
+                return Err(misuse(
+                    lua,
+                    format!("gw.jwt.verify expects a string, got {}", token.type_name()),
+                ));
+            };
+            let token = token.to_str()?;
+            let token = token.strip_prefix("Bearer ").unwrap_or(&token);
+            Ok(match verifier.verify_cached(token) {
+                Ok(claims) => (mlua::LuaSerdeExt::to_value(lua, &*claims.json)?, Value::Nil),
+                Err(refusal) => (
+                    Value::Nil,
+                    Value::String(lua.create_string(refusal.to_string())?),
+                ),
+            })
+        })?,
+    )?;
+    Ok(jwt)
 }
 
 /// `print(...)` in policies logs at info, like `gw.log.info`.

@@ -356,9 +356,22 @@ fn compile_route(
         memory: route.policy_memory_limit,
         state: route.policy_state_limit,
     };
+    // A route with [route.jwt] gets its own `gw`, whose `gw.jwt.verify` uses its settings.
+    let gw = match &route.jwt {
+        None => None,
+        Some(jwt) => {
+            let fail = |message: String| LoadError {
+                script: PathBuf::from("<route.jwt>"),
+                message: format!("route {}: {message}", route.name()),
+            };
+            let verifier = crate::jwt::Verifier::new(jwt.clone()).map_err(fail)?;
+            let gw = vm.sandbox.route_gw(&vm.lua, Arc::new(verifier));
+            Some(gw.map_err(|e| fail(e.to_string()))?)
+        }
+    };
     let load = |path: &Option<PathBuf>| {
         path.as_deref()
-            .map(|p| compile(vm, p, sources.get(p)?, limits).map(Rc::new))
+            .map(|p| compile(vm, p, sources.get(p)?, limits, gw.as_ref()).map(Rc::new))
             .transpose()
     };
     Ok(LuaRoutePolicy {
@@ -381,6 +394,7 @@ pub(crate) fn compile(
     path: &Path,
     source: &[u8],
     limits: Limits,
+    gw: Option<&mlua::Table>,
 ) -> Result<Script, LoadError> {
     let shown = path.display().to_string();
     let fail = |message: String| LoadError {
@@ -389,7 +403,7 @@ pub(crate) fn compile(
     };
     let env = vm
         .sandbox
-        .environment(&vm.lua)
+        .environment(&vm.lua, gw)
         .map_err(|e| fail(format!("{shown}: {e}")))?;
     let chunk = vm
         .lua

@@ -59,6 +59,8 @@ struct RequestData {
     client_ip: std::net::IpAddr,
     scheme: &'static str,
     host: Option<String>,
+    /// The verified token's claims (`req.jwt`), with `[route.jwt]`.
+    jwt: Option<serde_json::Value>,
 }
 
 /// `req`: the request's fields plus the methods. A field's Lua value is made the first time
@@ -77,6 +79,8 @@ struct Req {
     made: [Option<Table>; 4],
     /// `pairs(req.headers)`'s table, made on its first call.
     all_headers: Option<Table>,
+    /// `req.jwt`'s view, made on its first read in a call.
+    jwt_view: Option<Table>,
     /// The table that serves `req`'s fields (see [`ReqFields`]).
     fields: Table,
     /// The Lua string `"headers"`, the key of the call's view in `fields`.
@@ -161,6 +165,23 @@ impl Req {
             b"client_ip" => text(&r.client_ip.to_string()),
             b"scheme" => text(r.scheme),
             b"host" => r.host.as_deref().map_or(Ok(Value::Nil), text),
+            b"jwt" => match &r.jwt {
+                None => Ok(Value::Nil),
+                Some(_) if self.jwt_view.is_some() => {
+                    Ok(self.jwt_view.clone().map_or(Value::Nil, Value::Table))
+                }
+                Some(claims) => {
+                    let Value::Table(table) = mlua::LuaSerdeExt::to_value(lua, claims)? else {
+                        return Ok(Value::Nil);
+                    };
+                    let views = lua
+                        .app_data_ref::<ReadOnlyViews>()
+                        .expect("the sandbox registers its read-only views");
+                    let view = views.req_view(lua, table)?;
+                    self.jwt_view = Some(view.clone());
+                    Ok(Value::Table(view))
+                }
+            },
             // Made before the call (and found in the field table, not here).
             b"headers" => Ok(self.made[0].clone().map_or(Value::Nil, Value::Table)),
             name => {
@@ -439,6 +460,7 @@ impl RequestData {
             client_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
             scheme: "ws",
             host: None,
+            jwt: None,
         }
     }
 
@@ -465,6 +487,7 @@ impl RequestData {
         self.headers = request.headers.clone();
         self.client_ip = request.client_ip;
         self.scheme = request.scheme;
+        self.jwt = request.jwt.cloned();
     }
 }
 
@@ -485,6 +508,7 @@ pub(crate) fn reusable_req(lua: &Lua) -> mlua::Result<AnyUserData> {
         offered: Vec::new(),
         made: Default::default(),
         all_headers: None,
+        jwt_view: None,
         fields: fields.clone(),
         headers_key: lua.create_string("headers")?,
         kept: None,
@@ -614,6 +638,7 @@ impl LuaRoutePolicy {
             offered_subprotocols(request.headers, &mut r.offered);
             r.made = Default::default();
             r.all_headers = None;
+            r.jwt_view = None;
         }
         let views = &self.vm.sandbox.views;
         let ctx = lua.create_table()?;
@@ -670,6 +695,10 @@ impl LuaRoutePolicy {
             fields
         };
         ctx.set("request", fields)?;
+        // Set by the gateway after on_upgrade ran: the verified claims, frozen with ctx.
+        if let Some(claims) = request.jwt {
+            ctx.set("jwt", mlua::LuaSerdeExt::to_value(lua, claims)?)?;
+        }
         // A `req.headers` the script kept in `ctx` becomes a kept view of the same headers,
         // made by `keep` if the freeze meets it.
         let swap = call_view

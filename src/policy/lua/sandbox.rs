@@ -459,6 +459,8 @@ pub struct Sandbox {
     gw: Table,
     print: Function,
     over_budget: Function,
+    /// For the `gw` of routes with `[route.jwt]`, whose `gw.jwt` holds their verifier.
+    dict: Arc<SharedDict>,
 }
 
 impl Sandbox {
@@ -486,7 +488,7 @@ impl Sandbox {
         let (lookup, materialise) = super::headers::kept_view_functions(lua)?;
         let (header_view, call_headers_meta): (Function, Table) =
             header_views.call((lookup, materialise, call_index, call_all))?;
-        let gw = super::gw::build(lua, dict)?;
+        let gw = super::gw::build(lua, dict.clone(), None)?;
         let gw: Table = freeze.call((gw, "gw"))?;
         let print = super::gw::print_function(lua)?;
         let views = ReadOnlyViews {
@@ -505,12 +507,24 @@ impl Sandbox {
             gw,
             print,
             over_budget,
+            dict,
         })
     }
 
-    /// A fresh global environment for one script.
-    pub(crate) fn environment(&self, _lua: &Lua) -> mlua::Result<Table> {
+    /// A fresh global environment for one script; `gw` replaces the VM's own (a route's
+    /// with its `gw.jwt`).
+    pub(crate) fn environment(&self, _lua: &Lua, gw: Option<&Table>) -> mlua::Result<Table> {
         self.environment
-            .call((&self.gw, &self.print, &self.over_budget))
+            .call((gw.unwrap_or(&self.gw), &self.print, &self.over_budget))
+    }
+
+    /// The frozen `gw` of a route with `[route.jwt]`: the VM's, with the route's `gw.jwt`.
+    pub(crate) fn route_gw(
+        &self,
+        lua: &Lua,
+        verifier: std::sync::Arc<crate::jwt::Verifier>,
+    ) -> mlua::Result<Table> {
+        let gw = super::gw::build(lua, self.dict.clone(), Some(verifier))?;
+        self.views.freeze.call((gw, "gw"))
     }
 }

@@ -3,6 +3,7 @@
 //! streamed both ways. An upgrade request, or a request for a route that refuses HTTP, takes
 //! the upgrade path (`proxy::handle`) as on any other connection.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -220,15 +221,38 @@ impl Conn {
         if request.body().size_hint().lower() > route.max_body_size {
             return Err(Rejection::BodyTooLarge(route.max_body_size));
         }
-        let changes = self.policy(head, found, snapshot, metrics)?;
+        // [route.jwt] guards HTTP requests as it guards upgrades: verified before the policy,
+        // a refusal never reaches the upstream.
+        let query = head.query().unwrap_or("");
+        let claims = match &found.route.jwt {
+            None => None,
+            Some(verifier) => Some(
+                verifier
+                    .authorize(&head.headers, query, route.handshake_timeout)
+                    .await
+                    .map_err(Rejection::Jwt)?,
+            ),
+        };
+        let mut changes = self.policy(head, found, snapshot, metrics, claims.as_ref())?;
+        // `strip` takes the token out first: a header the policy sets afterwards stays.
+        let query = match &found.route.jwt {
+            Some(verifier) if verifier.config().strip => {
+                let stripped = verifier.strip(&head.headers, query);
+                let mut headers = stripped.headers;
+                headers.append(&mut changes.headers);
+                changes.headers = headers;
+                stripped.query.map_or(Cow::Borrowed(query), Cow::Owned)
+            }
+            _ => Cow::Borrowed(query),
+        };
         // A URL set by a policy is used as given; the route's own URL gets the client's query.
-        let url = match changes.upstream {
+        let url = match changes.upstream.take() {
             Some(url) => url,
             None => {
                 let mut url = route.upstream.render(&found.params);
-                if let Some(query) = head.query() {
+                if !query.is_empty() {
                     url.push(if url.contains('?') { '&' } else { '?' });
-                    url.push_str(query);
+                    url.push_str(&query);
                 }
                 url
             }
@@ -300,6 +324,7 @@ impl Conn {
         found: &RouteMatch<'_, RouteRuntime>,
         snapshot: &Arc<Snapshot>,
         metrics: &Arc<RouteMetrics>,
+        claims: Option<&crate::jwt::Claims>,
     ) -> Result<UpgradeChanges, Rejection> {
         let route: &Route = &found.route.route;
         let Some(policy) = self
@@ -325,6 +350,7 @@ impl Conn {
             scheme: if self.tls { "wss" } else { "ws" },
             host: head.host(),
             metrics: Some(metrics),
+            jwt: claims.map(|c| &*c.json),
         };
         match policy.on_upgrade(&request) {
             UpgradeVerdict::Continue { changes, .. } => Ok(changes),
