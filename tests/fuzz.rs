@@ -1222,18 +1222,25 @@ async fn fuzz_lua_api() {
         route(
             "/frame",
             up.addr,
-            "mime_type = \"application/json\"",
+            // 50 ms rather than the default 10: the limit is wall-clock time, and loading the
+            // scripts on a loaded machine took longer than 10 ms at times.
+            "mime_type = \"application/json\"\npolicy_cpu_limit = \"50ms\"",
             &[
                 ("on_client_frame", frame.as_str()),
                 ("on_server_frame", frame.as_str()),
                 ("on_close", close.as_str()),
             ],
         ),
-        route("/upgrade", up.addr, "", &[("on_upgrade", upgrade.as_str())]),
+        route(
+            "/upgrade",
+            up.addr,
+            "policy_cpu_limit = \"50ms\"",
+            &[("on_upgrade", upgrade.as_str())],
+        ),
     );
     let gw = gateway_with_server("close_timeout = \"1s\"\nworkers = 2", &routes).await;
     let addr = gw.local_addr();
-    // Each call may use its whole CPU limit (10 ms) and a plan has at most ~80 calls.
+    // Each call may use its whole CPU limit (50 ms) and a plan has at most ~80 calls.
     let bound = Duration::from_secs(8);
     fuzz_gateway(
         "lua",

@@ -5,6 +5,7 @@
 
 mod buffers;
 mod close;
+mod forward;
 pub(crate) mod frame;
 mod headers;
 pub(crate) mod http;

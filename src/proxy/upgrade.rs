@@ -2,7 +2,6 @@
 //! handshake with the upstream, and only then answer the client with 101 and start the relay.
 //! Every refusal is a [`Rejection`], sorted into a status in one place and logged once.
 
-use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -330,37 +329,20 @@ async fn upgrade(
         }
     };
 
-    // `strip` takes the token out first: a header the policy sets afterwards stays.
-    let (query, changed_headers) = match &runtime.jwt {
-        Some(verifier) if verifier.config().strip => {
-            let stripped = verifier.strip(&request.headers, query);
-            let mut headers = stripped.headers;
-            headers.extend(changes.headers);
-            (
-                stripped.query.map_or(Cow::Borrowed(query), Cow::Owned),
-                headers,
-            )
-        }
-        _ => (Cow::Borrowed(query), changes.headers),
-    };
+    let (query, changed_headers) = super::forward::strip_token(
+        runtime.jwt.as_deref(),
+        &request.headers,
+        query,
+        changes.headers,
+    );
     let token_deadline = match (&runtime.jwt, &claims) {
         (Some(verifier), Some(claims)) if verifier.config().expire_with_token => {
             claims.expires.checked_add(verifier.config().leeway)
         }
         _ => None,
     };
-    // A URL set by a policy is used as given; the route's own URL gets the client's query.
-    let url = match changes.upstream {
-        Some(url) => url,
-        None => {
-            let mut url = route.upstream.render(&found.params);
-            if !query.is_empty() {
-                url.push(if url.contains('?') { '&' } else { '?' });
-                url.push_str(&query);
-            }
-            url
-        }
-    };
+    let url =
+        super::forward::upstream_url(changes.upstream, &route.upstream, &found.params, &query);
     // Only the chosen subprotocol, if the policy chose one, is offered upstream.
     let extra = headers::UpstreamRequest {
         client_ip: peer.ip(),

@@ -3,7 +3,6 @@
 //! streamed both ways. An upgrade request, or a request for a route that refuses HTTP, takes
 //! the upgrade path (`proxy::handle`) as on any other connection.
 
-use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -233,30 +232,19 @@ impl Conn {
                     .map_err(Rejection::Jwt)?,
             ),
         };
-        let mut changes = self.policy(head, found, snapshot, metrics, claims.as_ref())?;
-        // `strip` takes the token out first: a header the policy sets afterwards stays.
-        let query = match &found.route.jwt {
-            Some(verifier) if verifier.config().strip => {
-                let stripped = verifier.strip(&head.headers, query);
-                let mut headers = stripped.headers;
-                headers.append(&mut changes.headers);
-                changes.headers = headers;
-                stripped.query.map_or(Cow::Borrowed(query), Cow::Owned)
-            }
-            _ => Cow::Borrowed(query),
-        };
-        // A URL set by a policy is used as given; the route's own URL gets the client's query.
-        let url = match changes.upstream.take() {
-            Some(url) => url,
-            None => {
-                let mut url = route.upstream.render(&found.params);
-                if !query.is_empty() {
-                    url.push(if url.contains('?') { '&' } else { '?' });
-                    url.push_str(&query);
-                }
-                url
-            }
-        };
+        let changes = self.policy(head, found, snapshot, metrics, claims.as_ref())?;
+        let (query, changed_headers) = crate::proxy::forward::strip_token(
+            found.route.jwt.as_deref(),
+            &head.headers,
+            query,
+            changes.headers,
+        );
+        let url = crate::proxy::forward::upstream_url(
+            changes.upstream,
+            &route.upstream,
+            &found.params,
+            &query,
+        );
         let bad_url = |reason: &str| Rejection::Upstream {
             url: url.clone(),
             source: UpstreamError::BadUrl {
@@ -272,7 +260,7 @@ impl Conn {
             client_ip: self.peer.ip(),
             client_host: head.host(),
             proto: if self.tls { "https" } else { "http" },
-            changes: &changes.headers,
+            changes: &changed_headers,
             subprotocol: None,
         };
         headers::upstream_fields(&mut fields, &head.headers, &extra);
