@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use framegate::{Config, Gateway, Running};
 use futures_util::{SinkExt, StreamExt};
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
@@ -20,21 +19,6 @@ use tokio_tungstenite::tungstenite::Message;
 /// A frame policy that stamps every upstream-to-client message with `version`.
 fn stamp(version: &str) -> String {
     format!("return function(msg) return \"{version}:\" .. msg.text end\n")
-}
-
-/// A gateway started from `config.toml` in `dir` (so that reloads read that file again).
-async fn start_from(dir: &TempDir, toml: &str) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("FRAMEGATE_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
-    let path = dir.write("config.toml", toml);
-    let config = Config::load(&path).expect("test config is valid");
-    Gateway::new(config)
-        .expect("gateway builds")
-        .start()
-        .await
-        .expect("gateway starts")
 }
 
 fn rewrite(dir: &TempDir, toml: &str) -> PathBuf {

@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use framegate::{Config, Gateway, Running};
+use framegate::Running;
 use futures_util::{SinkExt, StreamExt};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use support::certs::Ca;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,55 +25,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 type Wss = WebSocketStream<TlsStream<TcpStream>>;
-
-/// A test CA and the leaf certificates it issues.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    pem: String,
-}
-
-/// A leaf certificate: its PEM files' contents and its DER (to compare with what a client saw).
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "framegate test CA");
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let pem = issuer.pem();
-        Ca { issuer, pem }
-    }
-
-    /// A leaf for `names` (DNS names in its SANs).
-    fn leaf(&self, names: &[&str]) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        Leaf {
-            cert_pem: format!("{}{}", cert.pem(), self.pem),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
-    }
-}
-
-impl Leaf {
-    /// Writes `{name}.pem` and `{name}.key` into `dir`.
-    fn write(&self, dir: &TempDir, name: &str) {
-        dir.write(&format!("{name}.pem"), &self.cert_pem);
-        dir.write(&format!("{name}.key"), &self.key_pem);
-    }
-}
 
 /// A client TLS configuration trusting `ca`, for `versions`, offering `alpn`.
 fn trusting(
@@ -201,21 +152,6 @@ async fn roundtrip(ws: &mut Wss, text: &str) -> String {
         Message::Text(t) => t.to_string(),
         other => panic!("expected text, got {other:?}"),
     }
-}
-
-/// A gateway started from `config.toml` in `dir` (so that reloads read that file again).
-async fn start_from(dir: &TempDir, toml: &str) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("FRAMEGATE_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
-    let path = dir.write("config.toml", toml);
-    let config = Config::load(&path).expect("test config is valid");
-    Gateway::new(config)
-        .expect("gateway builds")
-        .start()
-        .await
-        .expect("gateway starts")
 }
 
 /// `[server]` with a plain listener (and `extra` keys), `[admin]`, and one `[[server.tls]]`

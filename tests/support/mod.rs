@@ -21,6 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+pub mod certs;
 pub mod node;
 
 /// A client-side WebSocket over plain TCP.
@@ -46,10 +47,7 @@ pub async fn gateway(routes: &str) -> Running {
 
 /// Like [`gateway`], with extra `[server]` keys.
 pub async fn gateway_with_server(server: &str, routes: &str) -> Running {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("FRAMEGATE_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_test_writer()
-        .try_init();
+    init_logging();
     let toml = format!("[server]\nlisten = [\"127.0.0.1:0\"]\n{server}\n{routes}");
     let config =
         Config::from_toml(&toml, std::path::Path::new("test.toml")).expect("test config is valid");
@@ -58,6 +56,27 @@ pub async fn gateway_with_server(server: &str, routes: &str) -> Running {
         .start()
         .await
         .expect("gateway starts")
+}
+
+/// A gateway started from `config.toml` in `dir`, written from `toml` (so that reloads read
+/// that file again, and relative file names resolve in `dir`).
+pub async fn start_from(dir: &TempDir, toml: &str) -> Running {
+    init_logging();
+    let path = dir.write("config.toml", toml);
+    let config = Config::load(&path).expect("test config is valid");
+    Gateway::new(config)
+        .expect("gateway builds")
+        .start()
+        .await
+        .expect("gateway starts")
+}
+
+/// Logs to the test's output, at `FRAMEGATE_LOG` (default `warn`); once per process.
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("FRAMEGATE_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
 }
 
 /// What an upstream saw of a handshake request.
