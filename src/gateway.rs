@@ -73,6 +73,8 @@ impl Gateway {
         crate::snapshot::warn_about(&snapshot.config);
         let metrics = Metrics::new();
         metrics.set_snapshot(snapshot.number);
+        let pools = crate::upstream::pool::Pools::new();
+        pools.sync(&snapshot.config);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(snapshot),
@@ -83,6 +85,7 @@ impl Gateway {
                 dict,
                 metrics,
                 registry: Registry::new(),
+                pools,
             }),
         })
     }
@@ -212,6 +215,11 @@ impl Running {
     /// The gateway's open connections (what the admin API lists and controls).
     pub fn registry(&self) -> &Arc<crate::registry::Registry> {
         &self.shared.registry
+    }
+
+    /// The `[[upstream]]` pools' live state (what `GET /admin/upstreams` shows).
+    pub fn pools(&self) -> &Arc<crate::upstream::pool::Pools> {
+        &self.shared.pools
     }
 
     /// The first bound address (the first of `server.listen`, or with none, the first TLS

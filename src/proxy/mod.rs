@@ -10,6 +10,8 @@ mod headers;
 mod leg;
 mod lifetime;
 mod meter;
+mod pool_key;
+mod pooled;
 mod relay;
 mod upgrade;
 
@@ -48,6 +50,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// Every open connection, for the admin API and `server.drain_old`.
     pub(crate) registry: Arc<Registry>,
+    /// The `[[upstream]]` pools' live state (endpoint health, open connections), kept across
+    /// reloads by pool name; synced with each new snapshot before it is swapped in.
+    pub(crate) pools: Arc<crate::upstream::pool::Pools>,
 }
 
 impl Shared {

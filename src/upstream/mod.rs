@@ -8,11 +8,12 @@
 //! [`connect`] takes the headers to send and returns either an open WebSocket with the
 //! upstream's 101 headers, or a typed error the proxy sorts into a status.
 
+pub mod pool;
 pub(crate) mod response;
 mod tls;
 
 pub use response::BadResponse;
-pub use tls::client_config;
+pub use tls::{client_config, pool_client_config};
 
 use std::sync::Arc;
 

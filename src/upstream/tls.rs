@@ -48,6 +48,17 @@ pub fn client_config(settings: &UpstreamTls) -> Result<Arc<ClientConfig>, String
     Ok(Arc::new(config))
 }
 
+/// The client TLS configuration of a pool's `[upstream.tls]`: its roots as for a route, and
+/// its client certificate when it has one (mTLS).
+pub fn pool_client_config(
+    settings: &crate::config::pool::PoolTls,
+) -> Result<Arc<ClientConfig>, String> {
+    client_config(&UpstreamTls {
+        ca_file: settings.ca_file.clone(),
+        insecure_skip_verify: settings.insecure_skip_verify,
+    })
+}
+
 /// `insecure_skip_verify`: checks signatures but trusts any certificate chain and name.
 #[derive(Debug)]
 struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
