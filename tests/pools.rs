@@ -381,3 +381,164 @@ async fn set_upstream_may_name_a_pool_and_set_hash_key_overrides_the_key() {
     let endpoints: std::collections::BTreeSet<_> = by_user.values().collect();
     assert_eq!(endpoints.len(), 2, "{by_user:?}");
 }
+
+async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = raw_http(
+        admin,
+        &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    (status, body)
+}
+
+#[tokio::test]
+async fn admin_upstreams_and_metrics_show_each_endpoint() {
+    let live = Named::start("live").await;
+    let dead = closed_port().await;
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+        pool(
+            "chat",
+            &[dead, live.addr],
+            "retries = 1\n[upstream.health]\ninterval = \"30s\"\nfails = 1"
+        ),
+        pool_route("/chat", "chat", "")
+    );
+    let gw = gateway(&toml).await;
+    let admin = gw.admin_addr().unwrap();
+    // The first connection tries the dead endpoint, then is retried on the live one.
+    let (_held, name) = open(gw.local_addr(), "/chat").await;
+    assert_eq!(name, "live");
+
+    let (status, body) = admin_get(admin, "/admin/upstreams").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pool = &v["pools"][0];
+    assert_eq!(pool["name"], "chat");
+    assert_eq!(pool["retries"], 1);
+    let by_url = |addr: SocketAddr| {
+        pool["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["url"] == format!("ws://{addr}"))
+            .unwrap()
+            .clone()
+    };
+    let (d, l) = (by_url(dead), by_url(live.addr));
+    assert_eq!(
+        (
+            &d["state"],
+            &d["source"],
+            &d["recent_failures"],
+            &d["open_connections"]
+        ),
+        (&"down".into(), &"config".into(), &1.into(), &0.into())
+    );
+    assert_eq!(
+        (
+            &l["state"],
+            &l["source"],
+            &l["recent_failures"],
+            &l["open_connections"]
+        ),
+        (&"up".into(), &"config".into(), &0.into(), &1.into())
+    );
+
+    let (status, text) = admin_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        format!("framegate_upstream_endpoint_up{{pool=\"chat\",endpoint=\"ws://{dead}\"}} 0"),
+        format!("framegate_upstream_endpoint_up{{pool=\"chat\",endpoint=\"ws://{}\"}} 1", live.addr),
+        format!(
+            "framegate_upstream_connections_open{{pool=\"chat\",endpoint=\"ws://{}\"}} 1",
+            live.addr
+        ),
+        format!(
+            "framegate_upstream_failures_total{{pool=\"chat\",endpoint=\"ws://{dead}\",kind=\"connect\"}} 1"
+        ),
+        "framegate_upstream_retries_total{pool=\"chat\"} 1".to_owned(),
+    ] {
+        assert!(text.contains(&line), "missing {line} in\n{text}");
+    }
+    promtool_check(&text);
+}
+
+/// `promtool check metrics` on a scrape; a missing promtool fails with what to install.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        panic!("promtool is missing: install the Debian package `prometheus` (apt-get install prometheus)");
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- scrape ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_reload_keeps_endpoint_state_and_drains_a_removed_endpoint() {
+    let (a, b, c) = (
+        Named::start("a").await,
+        Named::start("b").await,
+        Named::start("c").await,
+    );
+    let dir = TempDir::new("pool-reload");
+    let config = |endpoints: &[SocketAddr]| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n{}{}",
+            pool("chat", endpoints, "balance = \"least_connections\""),
+            pool_route("/chat", "chat", "")
+        )
+    };
+    let path = dir.write("framegate.toml", &config(&[a.addr, b.addr]));
+    let gw = framegate::Gateway::new(framegate::Config::load(&path).unwrap())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let (mut on_a, first) = open(gw.local_addr(), "/chat").await;
+    let (on_b, second) = open(gw.local_addr(), "/chat").await;
+    assert_eq!((first.as_str(), second.as_str()), ("a", "b"));
+    // Reload: a stays (with its open connection counted), b goes, c comes.
+    dir.write("framegate.toml", &config(&[a.addr, c.addr]));
+    gw.reload().await.unwrap();
+    let state = gw.pools().get("chat").unwrap();
+    let find = |addr: SocketAddr| {
+        state
+            .endpoints()
+            .into_iter()
+            .find(|e| e.url == format!("ws://{addr}"))
+    };
+    assert_eq!(find(a.addr).unwrap().open(), 1);
+    let b_state = find(b.addr).expect("b drains while its connection is open");
+    assert!(b_state.is_draining());
+    // least_connections: a has one, c none, so c; then a and c tie. b takes nothing.
+    let (_on_c, third) = open(gw.local_addr(), "/chat").await;
+    assert_eq!(third, "c");
+    for _ in 0..4 {
+        let (_ws, name) = open(gw.local_addr(), "/chat").await;
+        assert_ne!(name, "b");
+    }
+    // The connection on the removed endpoint stays open and works.
+    let mut on_b = on_b;
+    on_b.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next_text(&mut on_b).await, "still here");
+    on_a.send(Message::text("and here")).await.unwrap();
+    assert_eq!(next_text(&mut on_a).await, "and here");
+}

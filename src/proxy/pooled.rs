@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use super::upgrade::Rejection;
 use crate::config::pool::Pool;
-use crate::upstream::pool::{endpoint_url, EndpointGuard, EndpointState, Pick, PoolState};
+use crate::upstream::pool::{
+    endpoint_url, EndpointGuard, EndpointState, FailureKind, Pick, PoolState,
+};
 use crate::upstream::{self, Connected, UpstreamError};
 
 /// What the attempt loop needs besides the request.
@@ -32,6 +34,16 @@ pub(super) struct Reached {
     pub url: String,
     /// Counts the connection on its endpoint until dropped.
     pub guard: EndpointGuard,
+}
+
+/// What kind of failure `error` is, for the metrics.
+fn kind(error: &UpstreamError) -> FailureKind {
+    match error {
+        UpstreamError::Connect { .. } | UpstreamError::BadUrl { .. } => FailureKind::Connect,
+        UpstreamError::Tls { .. } => FailureKind::Tls,
+        UpstreamError::Refused(_) => FailureKind::Status5xx,
+        _ => FailureKind::Handshake,
+    }
 }
 
 /// Whether another endpoint may do better than this one did.
@@ -91,6 +103,7 @@ pub(super) async fn connect(
         }
         let attempt = left.min(pool.connect_timeout);
         if !tried.is_empty() {
+            state.retried();
             tracing::info!(pool = %pool.name, endpoint = %endpoint.url, "retrying on another endpoint");
         }
         let outcome = tokio::time::timeout(
@@ -116,12 +129,12 @@ pub(super) async fn connect(
             }
             Ok(Err(source)) => {
                 tracing::warn!(pool = %pool.name, endpoint = %endpoint.url, error = %source, "upstream attempt failed");
-                state.failed(&endpoint, pool.fails, backoff);
+                state.failed(&endpoint, kind(&source), pool.fails, backoff);
                 last = Some(Rejection::Upstream { url, source });
             }
             Err(_) => {
                 tracing::warn!(pool = %pool.name, endpoint = %endpoint.url, timeout = ?attempt, "upstream attempt timed out");
-                state.failed(&endpoint, pool.fails, backoff);
+                state.failed(&endpoint, FailureKind::Timeout, pool.fails, backoff);
                 last = Some(Rejection::UpstreamTimeout {
                     url,
                     timeout: attempt,

@@ -11,7 +11,7 @@
 pub(crate) mod balance;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -50,6 +50,43 @@ impl Source {
     }
 }
 
+/// Why an attempt on an endpoint failed, as `framegate_upstream_failures_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// TCP connect refused, unreachable or unresolved.
+    Connect,
+    /// The TLS handshake failed.
+    Tls,
+    /// The attempt ran out of time.
+    Timeout,
+    /// The HTTP exchange broke, or the 101 broke the WebSocket rules.
+    Handshake,
+    /// The upstream answered the upgrade with a 5xx.
+    Status5xx,
+}
+
+impl FailureKind {
+    /// Every kind, in label order.
+    pub const ALL: [FailureKind; 5] = [
+        FailureKind::Connect,
+        FailureKind::Tls,
+        FailureKind::Timeout,
+        FailureKind::Handshake,
+        FailureKind::Status5xx,
+    ];
+
+    /// The `kind` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Tls => "tls",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Handshake => "handshake",
+            FailureKind::Status5xx => "status_5xx",
+        }
+    }
+}
+
 /// One endpoint's live state, shared by every worker.
 #[derive(Debug)]
 pub struct EndpointState {
@@ -70,6 +107,8 @@ pub struct EndpointState {
     draining: AtomicBool,
     /// Smooth round robin's running weight.
     current: AtomicI64,
+    /// Failed attempts by [`FailureKind`], for the metrics.
+    failures: [AtomicU64; 5],
 }
 
 impl EndpointState {
@@ -84,12 +123,23 @@ impl EndpointState {
             down_until: Mutex::new(None),
             draining: AtomicBool::new(false),
             current: AtomicI64::new(0),
+            failures: Default::default(),
         }
     }
 
     /// Open connections, across all workers.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Failed attempts so far, by kind (in [`FailureKind::ALL`] order).
+    pub fn failures(&self) -> [(FailureKind, u64); 5] {
+        FailureKind::ALL.map(|k| (k, self.failures[k as usize].load(Ordering::Relaxed)))
+    }
+
+    /// Takes new connections: neither draining nor down.
+    pub fn is_up(&self) -> bool {
+        !self.is_draining() && !self.marked_down()
     }
 
     /// Consecutive failures so far.
@@ -159,6 +209,8 @@ pub struct PoolState {
     round_robin: Mutex<()>,
     /// Rotates least_connections' ties.
     ties: AtomicUsize,
+    /// Attempts on another endpoint after a failed one.
+    retries: AtomicU64,
 }
 
 /// What a pick found.
@@ -182,6 +234,7 @@ impl PoolState {
             endpoints: RwLock::new(Vec::new()),
             round_robin: Mutex::new(()),
             ties: AtomicUsize::new(0),
+            retries: AtomicU64::new(0),
         }
     }
 
@@ -281,8 +334,25 @@ impl PoolState {
         Pick::Endpoint(Arc::clone(open[chosen]))
     }
 
+    /// Attempts on another endpoint after a failed one, so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Counts an attempt on another endpoint after a failed one.
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A failed attempt on `endpoint`: `fails` in a row mark it down for `backoff`.
-    pub fn failed(&self, endpoint: &EndpointState, fails: u32, backoff: Duration) {
+    pub fn failed(
+        &self,
+        endpoint: &EndpointState,
+        kind: FailureKind,
+        fails: u32,
+        backoff: Duration,
+    ) {
+        endpoint.failures[kind as usize].fetch_add(1, Ordering::Relaxed);
         let n = endpoint.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= fails {
             let mut down = endpoint
@@ -392,7 +462,7 @@ mod tests {
         let state = pools.get("p").unwrap();
         let a = state.endpoints()[0].clone();
         let guard = EndpointGuard::new(a.clone());
-        state.failed(&a, 1, PASSIVE_BACKOFF);
+        state.failed(&a, FailureKind::Connect, 1, PASSIVE_BACKOFF);
         // Reload without b and with c: a keeps its count and its failure.
         pools.sync(&config("\"ws://a:1\", \"ws://c:1\""));
         let again = pools.get("p").unwrap();
@@ -436,8 +506,8 @@ mod tests {
             state.pick(pool, None, None, &[first, second]),
             Pick::Exhausted
         ));
-        state.failed(&a, 1, Duration::from_secs(30));
-        state.failed(&b, 1, Duration::from_secs(30));
+        state.failed(&a, FailureKind::Connect, 1, Duration::from_secs(30));
+        state.failed(&b, FailureKind::Connect, 1, Duration::from_secs(30));
         assert!(matches!(
             state.pick(pool, None, None, &[]),
             Pick::AllDown { retry_after } if retry_after > Duration::from_secs(28)
