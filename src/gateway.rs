@@ -156,6 +156,21 @@ impl Gateway {
         if snapshot.config.server.watch {
             crate::reload::watch::start(reloader.clone(), background.clone());
         }
+        // Active health checks: one task for the whole gateway, whatever its worker count.
+        let shared = self.shared.clone();
+        tokio::spawn(crate::upstream::pool::health::run(
+            self.shared.pools.clone(),
+            move || {
+                let snapshot = shared.snapshot();
+                snapshot
+                    .config
+                    .upstreams
+                    .iter()
+                    .map(|p| (p.clone(), snapshot.pool_tls(&p.name).cloned()))
+                    .collect()
+            },
+            background.clone(),
+        ));
         Ok(Running {
             shared: self.shared,
             reloader,

@@ -256,15 +256,14 @@ async fn a_non_5xx_refusal_is_relayed_not_retried() {
 #[tokio::test]
 async fn all_endpoints_down_gives_503_with_retry_after_at_once() {
     let (x, y) = (closed_port().await, closed_port().await);
-    let toml = pool(
-        "chat",
-        &[x, y],
-        "retries = 1\n[upstream.health]\ninterval = \"30s\"\nfails = 1",
-    ) + &pool_route("/chat", "chat", "");
+    // Passive checks only: three failures in a row mark an endpoint down for 10 seconds.
+    let toml = pool("chat", &[x, y], "retries = 1") + &pool_route("/chat", "chat", "");
     let gw = gateway(&toml).await;
-    // The first request tries both: each failure marks its endpoint down.
-    let (status, _, _) = raw_http(gw.local_addr(), &upgrade_request("/chat", "")).await;
-    assert_eq!(status, 502);
+    // Each request tries both, and fails on both.
+    for _ in 0..3 {
+        let (status, _, _) = raw_http(gw.local_addr(), &upgrade_request("/chat", "")).await;
+        assert_eq!(status, 502);
+    }
     // Now both are down: 503 at once, with when to come back.
     let (status, head, _) = raw_http(gw.local_addr(), &upgrade_request("/chat", "")).await;
     assert_eq!(status, 503);
@@ -276,7 +275,7 @@ async fn all_endpoints_down_gives_503_with_retry_after_at_once() {
         })
         .expect("Retry-After");
     let secs: u64 = retry_after.trim().parse().unwrap();
-    assert!((28..=30).contains(&secs), "{secs}");
+    assert!((9..=10).contains(&secs), "{secs}");
 }
 
 #[tokio::test]
@@ -397,25 +396,33 @@ async fn admin_upstreams_and_metrics_show_each_endpoint() {
     let dead = closed_port().await;
     let toml = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
-        pool(
-            "chat",
-            &[dead, live.addr],
-            "retries = 1\n[upstream.health]\ninterval = \"30s\"\nfails = 1"
-        ),
+        pool("chat", &[dead, live.addr], "retries = 1"),
         pool_route("/chat", "chat", "")
     );
     let gw = gateway(&toml).await;
     let admin = gw.admin_addr().unwrap();
-    // The first connection tries the dead endpoint, then is retried on the live one.
-    let (_held, name) = open(gw.local_addr(), "/chat").await;
-    assert_eq!(name, "live");
+    // Connections until the dead endpoint has failed three times (and is down); each of
+    // those was retried on the live one.
+    let state = gw.pools().get("chat").unwrap();
+    let dead_state = state
+        .endpoints()
+        .into_iter()
+        .find(|e| e.url == format!("ws://{dead}"))
+        .unwrap();
+    let mut held = Vec::new();
+    while !dead_state.marked_down() {
+        let (ws, name) = open(gw.local_addr(), "/chat").await;
+        assert_eq!(name, "live");
+        held.push(ws);
+    }
+    let open_on_live = held.len();
 
     let (status, body) = admin_get(admin, "/admin/upstreams").await;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let pool = &v["pools"][0];
     assert_eq!(pool["name"], "chat");
-    assert_eq!(pool["retries"], 1);
+    assert_eq!(pool["retries"], 3);
     let by_url = |addr: SocketAddr| {
         pool["endpoints"]
             .as_array()
@@ -433,7 +440,7 @@ async fn admin_upstreams_and_metrics_show_each_endpoint() {
             &d["recent_failures"],
             &d["open_connections"]
         ),
-        (&"down".into(), &"config".into(), &1.into(), &0.into())
+        (&"down".into(), &"config".into(), &3.into(), &0.into())
     );
     assert_eq!(
         (
@@ -442,7 +449,12 @@ async fn admin_upstreams_and_metrics_show_each_endpoint() {
             &l["recent_failures"],
             &l["open_connections"]
         ),
-        (&"up".into(), &"config".into(), &0.into(), &1.into())
+        (
+            &"up".into(),
+            &"config".into(),
+            &0.into(),
+            &open_on_live.into()
+        )
     );
 
     let (status, text) = admin_get(admin, "/metrics").await;
@@ -451,13 +463,13 @@ async fn admin_upstreams_and_metrics_show_each_endpoint() {
         format!("framegate_upstream_endpoint_up{{pool=\"chat\",endpoint=\"ws://{dead}\"}} 0"),
         format!("framegate_upstream_endpoint_up{{pool=\"chat\",endpoint=\"ws://{}\"}} 1", live.addr),
         format!(
-            "framegate_upstream_connections_open{{pool=\"chat\",endpoint=\"ws://{}\"}} 1",
+            "framegate_upstream_connections_open{{pool=\"chat\",endpoint=\"ws://{}\"}} {open_on_live}",
             live.addr
         ),
         format!(
-            "framegate_upstream_failures_total{{pool=\"chat\",endpoint=\"ws://{dead}\",kind=\"connect\"}} 1"
+            "framegate_upstream_failures_total{{pool=\"chat\",endpoint=\"ws://{dead}\",kind=\"connect\"}} 3"
         ),
-        "framegate_upstream_retries_total{pool=\"chat\"} 1".to_owned(),
+        "framegate_upstream_retries_total{pool=\"chat\"} 3".to_owned(),
     ] {
         assert!(text.contains(&line), "missing {line} in\n{text}");
     }
@@ -541,4 +553,117 @@ async fn a_reload_keeps_endpoint_state_and_drains_a_removed_endpoint() {
     assert_eq!(next_text(&mut on_b).await, "still here");
     on_a.send(Message::text("and here")).await.unwrap();
     assert_eq!(next_text(&mut on_a).await, "and here");
+}
+
+/// An HTTP server for `GET /healthz`: 200 while `healthy`, else 503; each check is reported.
+async fn health_server(
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<tokio::time::Instant>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let healthy = healthy.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let mut chunk = [0u8; 1024];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                assert!(head.starts_with(b"GET /healthz HTTP/1.1\r\n"));
+                let _ = tx.send(tokio::time::Instant::now());
+                let answer: &[u8] = if healthy.load(std::sync::atomic::Ordering::SeqCst) {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+                };
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Waits until the pool's endpoint at `addr` is up (`true`) or down.
+async fn endpoint_becomes(gw: &framegate::Running, addr: SocketAddr, up: bool) {
+    let state = gw.pools().get("chat").unwrap();
+    let endpoint = state
+        .endpoints()
+        .into_iter()
+        .find(|e| e.url == format!("ws://{addr}"))
+        .unwrap();
+    within(
+        &format!("{addr} to be {}", if up { "up" } else { "down" }),
+        async {
+            while endpoint.is_up() != up {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn active_http_checks_mark_an_endpoint_down_and_up_once_per_gateway() {
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (addr, mut checks) = health_server(healthy.clone()).await;
+    let toml = pool(
+        "chat",
+        &[addr],
+        "[upstream.health]\ninterval = \"100ms\"\npath = \"/healthz\"\nfails = 2\npasses = 2",
+    ) + &pool_route("/chat", "chat", "");
+    // Four workers, one checker: five checks take at least four intervals.
+    let gw = gateway_with_server("workers = 4", &toml).await;
+    let first = within("a check", checks.recv()).await.unwrap();
+    let mut last = first;
+    for _ in 0..4 {
+        last = within("a check", checks.recv()).await.unwrap();
+    }
+    assert!(
+        last - first >= std::time::Duration::from_millis(390),
+        "5 checks in {:?}: more than one checker",
+        last - first
+    );
+    healthy.store(false, std::sync::atomic::Ordering::SeqCst);
+    endpoint_becomes(&gw, addr, false).await;
+    // Down: no endpoint is tried, 503 at once.
+    let (status, _, _) = raw_http(gw.local_addr(), &upgrade_request("/chat", "")).await;
+    assert_eq!(status, 503);
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    endpoint_becomes(&gw, addr, true).await;
+}
+
+#[tokio::test]
+async fn active_websocket_checks_find_a_killed_endpoint_without_client_traffic() {
+    let (a, b) = (Named::start("a").await, Named::start("b").await);
+    let b_addr = b.addr;
+    let toml = pool(
+        "chat",
+        &[a.addr, b.addr],
+        "[upstream.health]\ninterval = \"100ms\"\nfails = 1\npasses = 1",
+    ) + &pool_route("/chat", "chat", "");
+    let gw = gateway(&toml).await;
+    b.stop();
+    endpoint_becomes(&gw, b_addr, false).await;
+    for _ in 0..4 {
+        let (_ws, name) = open(gw.local_addr(), "/chat").await;
+        assert_eq!(name, "a");
+    }
+    let listener = loop {
+        match TcpListener::bind(b_addr).await {
+            Ok(l) => break l,
+            Err(_) => tokio::task::yield_now().await,
+        }
+    };
+    let _b = Named::on("b", listener);
+    endpoint_becomes(&gw, b_addr, true).await;
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::upgrade::Rejection;
 use crate::config::pool::Pool;
 use crate::upstream::pool::{
-    endpoint_url, EndpointGuard, EndpointState, FailureKind, Pick, PoolState,
+    endpoint_url, DownRule, EndpointGuard, EndpointState, FailureKind, Pick, PoolState,
 };
 use crate::upstream::{self, Connected, UpstreamError};
 
@@ -71,10 +71,7 @@ pub(super) async fn connect(
         path_and_query,
     } = target;
     let deadline = tokio::time::Instant::now() + budget;
-    let backoff = pool
-        .health
-        .as_ref()
-        .map_or(crate::upstream::pool::PASSIVE_BACKOFF, |h| h.interval);
+    let rule = DownRule::of(pool);
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let mut last: Option<Rejection> = None;
     while tried.len() <= pool.retries as usize {
@@ -129,12 +126,12 @@ pub(super) async fn connect(
             }
             Ok(Err(source)) => {
                 tracing::warn!(pool = %pool.name, endpoint = %endpoint.url, error = %source, "upstream attempt failed");
-                state.failed(&endpoint, kind(&source), pool.fails, backoff);
+                state.failed(&endpoint, kind(&source), rule);
                 last = Some(Rejection::Upstream { url, source });
             }
             Err(_) => {
                 tracing::warn!(pool = %pool.name, endpoint = %endpoint.url, timeout = ?attempt, "upstream attempt timed out");
-                state.failed(&endpoint, FailureKind::Timeout, pool.fails, backoff);
+                state.failed(&endpoint, FailureKind::Timeout, rule);
                 last = Some(Rejection::UpstreamTimeout {
                     url,
                     timeout: attempt,

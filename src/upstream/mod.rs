@@ -209,7 +209,49 @@ pub async fn connect(
         return Err(bad("the host is not a valid header value"));
     }
     let request = request_head(&target, authority, key.key, &header_lines);
+    let mut io = dial(secure, bare_host, port, tls, bad).await?;
+    let (headers, pre_read) = handshake(&mut io, &request, key.accept, &header_lines).await?;
+    Ok(Connected {
+        socket: Socket { io, pre_read },
+        headers,
+    })
+}
 
+/// A plain HTTP/1.1 `GET path` to the endpoint `url` (`ws://` as `http://`, `wss://` as
+/// `https://`): the status of its answer, for active health checks. The caller bounds it.
+pub async fn http_get_status(
+    url: &str,
+    path: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<StatusCode, UpstreamError> {
+    let bad = |reason: &str| UpstreamError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let target = Target::of(url).map_err(bad)?;
+    let mut io = dial(target.secure, target.host, target.port, tls, bad).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: framegate-health\r\nConnection: close\r\n\r\n",
+        target.authority
+    );
+    io.write_all(request.as_bytes())
+        .await
+        .map_err(UpstreamError::Exchange)?;
+    io.flush().await.map_err(UpstreamError::Exchange)?;
+    match response::read(&mut io).await? {
+        Answer::Refused(answer) => Ok(answer.status),
+        Answer::Switching { .. } => Ok(StatusCode::SWITCHING_PROTOCOLS),
+    }
+}
+
+/// TCP to `host:port`, then TLS when `secure`.
+async fn dial(
+    secure: bool,
+    bare_host: &str,
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    bad: impl Fn(&str) -> UpstreamError,
+) -> Result<Io, UpstreamError> {
     let addr = || match bare_host.contains(':') {
         true => format!("[{bare_host}]:{port}"),
         false => format!("{bare_host}:{port}"),
@@ -221,7 +263,7 @@ pub async fn connect(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    let mut io = if secure {
+    Ok(if secure {
         let config = tls.ok_or_else(|| bad("no TLS configuration for this route"))?;
         let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
             .map_err(|_| bad("host is not a valid TLS server name"))?;
@@ -236,11 +278,6 @@ pub async fn connect(
         Io::Tls(Box::new(stream))
     } else {
         Io::Tcp(tcp)
-    };
-    let (headers, pre_read) = handshake(&mut io, &request, key.accept, &header_lines).await?;
-    Ok(Connected {
-        socket: Socket { io, pre_read },
-        headers,
     })
 }
 

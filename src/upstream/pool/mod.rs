@@ -9,6 +9,7 @@
 //! connection is upgraded and one subtract when it ends.
 
 pub(crate) mod balance;
+pub mod health;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -109,6 +110,14 @@ pub struct EndpointState {
     current: AtomicI64,
     /// Failed attempts by [`FailureKind`], for the metrics.
     failures: [AtomicU64; 5],
+    /// Down until active checks pass (`[upstream.health]`), whatever `down_until` says.
+    held_down: AtomicBool,
+    /// Consecutive passed active checks while down.
+    passes: AtomicU32,
+    /// An active check is running: the next waits for it.
+    checking: AtomicBool,
+    /// When the next active check is due.
+    next_check: Mutex<Option<Instant>>,
 }
 
 impl EndpointState {
@@ -124,6 +133,10 @@ impl EndpointState {
             draining: AtomicBool::new(false),
             current: AtomicI64::new(0),
             failures: Default::default(),
+            held_down: AtomicBool::new(false),
+            passes: AtomicU32::new(0),
+            checking: AtomicBool::new(false),
+            next_check: Mutex::new(None),
         }
     }
 
@@ -154,10 +167,12 @@ impl EndpointState {
 
     /// Down, and not yet due to be tried again.
     pub fn is_down(&self, now: Instant) -> bool {
-        self.down_until
-            .lock()
-            .expect("down_until is never poisoned: no panics under it")
-            .is_some_and(|until| now < until)
+        self.held_down.load(Ordering::Relaxed)
+            || self
+                .down_until
+                .lock()
+                .expect("down_until is never poisoned: no panics under it")
+                .is_some_and(|until| now < until)
     }
 
     /// Marked down (whether or not its retry time has come).
@@ -344,17 +359,25 @@ impl PoolState {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A failed attempt on `endpoint`: `fails` in a row mark it down for `backoff`.
-    pub fn failed(
-        &self,
-        endpoint: &EndpointState,
-        kind: FailureKind,
-        fails: u32,
-        backoff: Duration,
-    ) {
+    /// A failed attempt on `endpoint`: `rule.fails` in a row mark it down (see [`DownRule`]).
+    pub fn failed(&self, endpoint: &EndpointState, kind: FailureKind, rule: DownRule) {
         endpoint.failures[kind as usize].fetch_add(1, Ordering::Relaxed);
+        self.missed(endpoint, rule);
+    }
+
+    /// A failed attempt or check: counts towards `rule.fails`.
+    fn missed(&self, endpoint: &EndpointState, rule: DownRule) {
+        let DownRule {
+            fails,
+            backoff,
+            active,
+        } = rule;
+        endpoint.passes.store(0, Ordering::Relaxed);
         let n = endpoint.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= fails {
+            if active {
+                endpoint.held_down.store(true, Ordering::Relaxed);
+            }
             let mut down = endpoint
                 .down_until
                 .lock()
@@ -366,15 +389,63 @@ impl PoolState {
         }
     }
 
+    /// An active check on `endpoint` passed: `passes` in a row bring a down one back up.
+    pub fn check_passed(&self, endpoint: &EndpointState, passes: u32) {
+        if !endpoint.marked_down() {
+            endpoint.fails.store(0, Ordering::Relaxed);
+            return;
+        }
+        if endpoint.passes.fetch_add(1, Ordering::Relaxed) + 1 >= passes {
+            self.succeeded(endpoint);
+        }
+    }
+
+    /// An active check on `endpoint` failed.
+    pub fn check_failed(&self, endpoint: &EndpointState, rule: DownRule) {
+        self.missed(endpoint, rule);
+    }
+
     /// A successful handshake on `endpoint`: it is up.
     pub fn succeeded(&self, endpoint: &EndpointState) {
         endpoint.fails.store(0, Ordering::Relaxed);
+        endpoint.passes.store(0, Ordering::Relaxed);
+        endpoint.held_down.store(false, Ordering::Relaxed);
         let mut down = endpoint
             .down_until
             .lock()
             .expect("down_until is never poisoned");
         if down.take().is_some() {
             tracing::info!(pool = %self.name, endpoint = %endpoint.url, "upstream endpoint up again");
+        }
+    }
+}
+
+/// When failures mark an endpoint down, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct DownRule {
+    /// Consecutive failures that mark it down.
+    pub fails: u32,
+    /// How long before it is tried again (without active checks), or the estimate given in
+    /// `Retry-After` (with them).
+    pub backoff: Duration,
+    /// With `[upstream.health]`: it stays down until `passes` checks in a row pass.
+    pub active: bool,
+}
+
+impl DownRule {
+    /// The rule of `pool`.
+    pub fn of(pool: &Pool) -> DownRule {
+        match &pool.health {
+            Some(h) => DownRule {
+                fails: pool.fails,
+                backoff: h.interval * h.passes,
+                active: true,
+            },
+            None => DownRule {
+                fails: pool.fails,
+                backoff: PASSIVE_BACKOFF,
+                active: false,
+            },
         }
     }
 }
@@ -447,6 +518,12 @@ pub fn endpoint_url(endpoint: &str, path: &str) -> String {
 mod tests {
     use super::*;
 
+    const RULE: DownRule = DownRule {
+        fails: 1,
+        backoff: Duration::from_secs(30),
+        active: false,
+    };
+
     fn config(endpoints: &str) -> Config {
         let toml = format!(
             "[[upstream]]\nname = \"p\"\nendpoints = [{endpoints}]\n[[route]]\npath = \"/\"\nupstream = \"p\"\n"
@@ -462,7 +539,7 @@ mod tests {
         let state = pools.get("p").unwrap();
         let a = state.endpoints()[0].clone();
         let guard = EndpointGuard::new(a.clone());
-        state.failed(&a, FailureKind::Connect, 1, PASSIVE_BACKOFF);
+        state.failed(&a, FailureKind::Connect, RULE);
         // Reload without b and with c: a keeps its count and its failure.
         pools.sync(&config("\"ws://a:1\", \"ws://c:1\""));
         let again = pools.get("p").unwrap();
@@ -506,8 +583,8 @@ mod tests {
             state.pick(pool, None, None, &[first, second]),
             Pick::Exhausted
         ));
-        state.failed(&a, FailureKind::Connect, 1, Duration::from_secs(30));
-        state.failed(&b, FailureKind::Connect, 1, Duration::from_secs(30));
+        state.failed(&a, FailureKind::Connect, RULE);
+        state.failed(&b, FailureKind::Connect, RULE);
         assert!(matches!(
             state.pick(pool, None, None, &[]),
             Pick::AllDown { retry_after } if retry_after > Duration::from_secs(28)
