@@ -105,7 +105,13 @@ pub(super) async fn connect(
         }
         let outcome = tokio::time::timeout(
             attempt,
-            upstream::connect(&url, header_lines.to_vec(), key, tls),
+            upstream::connect_named(
+                &url,
+                header_lines.to_vec(),
+                key,
+                tls,
+                pool.tls.server_name.as_deref(),
+            ),
         )
         .await;
         match outcome {

@@ -194,6 +194,18 @@ pub async fn connect(
     key: Key<'_>,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Connected, UpstreamError> {
+    connect_named(url, header_lines, key, tls, None).await
+}
+
+/// [`connect`], with the TLS server name (SNI, and the name the certificate must carry) set
+/// to `server_name` instead of the URL's host: a pool's `[upstream.tls] server_name`.
+pub async fn connect_named(
+    url: &str,
+    header_lines: Vec<u8>,
+    key: Key<'_>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    server_name: Option<&str>,
+) -> Result<Connected, UpstreamError> {
     let bad = |reason: &str| UpstreamError::BadUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
@@ -209,7 +221,8 @@ pub async fn connect(
         return Err(bad("the host is not a valid header value"));
     }
     let request = request_head(&target, authority, key.key, &header_lines);
-    let mut io = dial(secure, bare_host, port, tls, bad).await?;
+    let name = server_name.unwrap_or(bare_host);
+    let mut io = dial(secure, (bare_host, name), port, tls, bad).await?;
     let (headers, pre_read) = handshake(&mut io, &request, key.accept, &header_lines).await?;
     Ok(Connected {
         socket: Socket { io, pre_read },
@@ -223,13 +236,15 @@ pub async fn http_get_status(
     url: &str,
     path: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    server_name: Option<&str>,
 ) -> Result<StatusCode, UpstreamError> {
     let bad = |reason: &str| UpstreamError::BadUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
     };
     let target = Target::of(url).map_err(bad)?;
-    let mut io = dial(target.secure, target.host, target.port, tls, bad).await?;
+    let name = server_name.unwrap_or(target.host);
+    let mut io = dial(target.secure, (target.host, name), target.port, tls, bad).await?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: framegate-health\r\nConnection: close\r\n\r\n",
         target.authority
@@ -244,10 +259,10 @@ pub async fn http_get_status(
     }
 }
 
-/// TCP to `host:port`, then TLS when `secure`.
+/// TCP to `host:port`, then TLS when `secure`, checking the certificate for `name`.
 async fn dial(
     secure: bool,
-    bare_host: &str,
+    (bare_host, name): (&str, &str),
     port: u16,
     tls: Option<&Arc<rustls::ClientConfig>>,
     bad: impl Fn(&str) -> UpstreamError,
@@ -265,7 +280,7 @@ async fn dial(
     let _ = tcp.set_nodelay(true);
     Ok(if secure {
         let config = tls.ok_or_else(|| bad("no TLS configuration for this route"))?;
-        let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned())
             .map_err(|_| bad("host is not a valid TLS server name"))?;
         // Boxed: the TLS handshake's state is large, and inline it would size the HTTP
         // phase of every connection, `ws://` upstreams included.

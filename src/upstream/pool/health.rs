@@ -83,16 +83,19 @@ async fn check(
         .as_ref()
         .expect("only pools with health are checked");
     let limit = health.interval.min(pool.connect_timeout);
+    let server_name = pool.tls.server_name.as_deref();
     let probe = async {
         match &health.path {
-            Some(path) => crate::upstream::http_get_status(&endpoint.url, path, tls.as_ref())
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|status| match status.is_success() {
-                    true => Ok(()),
-                    false => Err(format!("GET {path} answered {status}")),
-                }),
-            None => websocket(&endpoint.url, tls.as_ref()).await,
+            Some(path) => {
+                crate::upstream::http_get_status(&endpoint.url, path, tls.as_ref(), server_name)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|status| match status.is_success() {
+                        true => Ok(()),
+                        false => Err(format!("GET {path} answered {status}")),
+                    })
+            }
+            None => websocket(&endpoint.url, tls.as_ref(), server_name).await,
         }
     };
     let outcome = match tokio::time::timeout(limit, probe).await {
@@ -110,7 +113,11 @@ async fn check(
 }
 
 /// A WebSocket handshake on the endpoint's base URL, then a close frame at once.
-async fn websocket(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<(), String> {
+async fn websocket(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    server_name: Option<&str>,
+) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
     // A fixed key is fine here: nothing is relayed on this connection.
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -119,7 +126,7 @@ async fn websocket(url: &str, tls: Option<&Arc<rustls::ClientConfig>>) -> Result
         key,
         accept: &accept,
     };
-    let mut connected = crate::upstream::connect(url, Vec::new(), target, tls)
+    let mut connected = crate::upstream::connect_named(url, Vec::new(), target, tls, server_name)
         .await
         .map_err(|e| e.to_string())?;
     // Close 1000, masked with a zero key, as a client must mask (RFC 6455 §5.3).
