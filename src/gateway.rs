@@ -171,6 +171,13 @@ impl Gateway {
             },
             background.clone(),
         ));
+        // DNS discovery: one task for the whole gateway too.
+        let shared = self.shared.clone();
+        tokio::spawn(crate::upstream::pool::discovery::run(
+            self.shared.pools.clone(),
+            move || shared.snapshot().config.upstreams.clone(),
+            background.clone(),
+        ));
         Ok(Running {
             shared: self.shared,
             reloader,

@@ -9,6 +9,7 @@
 //! connection is upgraded and one subtract when it ends.
 
 pub(crate) mod balance;
+pub mod discovery;
 pub mod health;
 
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use balance::Candidate;
 pub const PASSIVE_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Where an endpoint came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     /// The pool's `endpoints`.
     Config,
@@ -138,6 +139,11 @@ impl EndpointState {
             checking: AtomicBool::new(false),
             next_check: Mutex::new(None),
         }
+    }
+
+    /// Its share of new connections.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
     }
 
     /// Open connections, across all workers.
