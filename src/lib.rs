@@ -18,7 +18,10 @@
 //!   each scrape.
 //! - [`registry`] (`src/registry.rs`): the open connections, their tags, live counts and
 //!   bounded control channels, for the admin API.
-//! - [`upstream`]: connecting to upstreams over TCP or TLS.
+//! - [`upstream`]: connecting to upstreams over TCP or TLS; [`upstream::pool`] the `[[upstream]]`
+//!   pools' live state (gateway-wide, kept across reloads), balancing (`pool/balance.rs`),
+//!   active health checks (`pool/health.rs`) and DNS discovery (`pool/discovery.rs`);
+//!   `proxy/pooled.rs` the attempts and retries before the 101; [`config::pool`] their tables.
 //! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
 //! - `listener`: the connection cap, serving one client connection (in its tracing span);
 //!   `listener/tls.rs` the `[[server.tls]]` listeners' certificates (SNI) and TLS handshake.
