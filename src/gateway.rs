@@ -73,6 +73,8 @@ impl Gateway {
         crate::snapshot::warn_about(&snapshot.config);
         let metrics = Metrics::new();
         metrics.set_snapshot(snapshot.number);
+        let pools = crate::upstream::pool::Pools::new();
+        pools.sync(&snapshot.config);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(snapshot),
@@ -83,6 +85,7 @@ impl Gateway {
                 dict,
                 metrics,
                 registry: Registry::new(),
+                pools,
             }),
         })
     }
@@ -153,6 +156,28 @@ impl Gateway {
         if snapshot.config.server.watch {
             crate::reload::watch::start(reloader.clone(), background.clone());
         }
+        // Active health checks: one task for the whole gateway, whatever its worker count.
+        let shared = self.shared.clone();
+        tokio::spawn(crate::upstream::pool::health::run(
+            self.shared.pools.clone(),
+            move || {
+                let snapshot = shared.snapshot();
+                snapshot
+                    .config
+                    .upstreams
+                    .iter()
+                    .map(|p| (p.clone(), snapshot.pool_tls(&p.name).cloned()))
+                    .collect()
+            },
+            background.clone(),
+        ));
+        // DNS discovery: one task for the whole gateway too.
+        let shared = self.shared.clone();
+        tokio::spawn(crate::upstream::pool::discovery::run(
+            self.shared.pools.clone(),
+            move || shared.snapshot().config.upstreams.clone(),
+            background.clone(),
+        ));
         Ok(Running {
             shared: self.shared,
             reloader,
@@ -216,6 +241,11 @@ impl Running {
     /// The gateway's open connections (what the admin API lists and controls).
     pub fn registry(&self) -> &Arc<crate::registry::Registry> {
         &self.shared.registry
+    }
+
+    /// The `[[upstream]]` pools' live state (what `GET /admin/upstreams` shows).
+    pub fn pools(&self) -> &Arc<crate::upstream::pool::Pools> {
+        &self.shared.pools
     }
 
     /// The first bound address (the first of `server.listen`, or with none, the first TLS

@@ -21,7 +21,10 @@
 //!   bounded control channels, for the admin API.
 //! - [`jwt`] (`src/jwt/`): `[route.jwt]`: finding, verifying and stripping tokens; the
 //!   process-wide JWKS cache and its HTTPS fetches.
-//! - [`upstream`]: connecting to upstreams over TCP or TLS.
+//! - [`upstream`]: connecting to upstreams over TCP or TLS; [`upstream::pool`] the `[[upstream]]`
+//!   pools' live state (gateway-wide, kept across reloads), balancing (`pool/balance.rs`),
+//!   active health checks (`pool/health.rs`) and DNS discovery (`pool/discovery.rs`);
+//!   `proxy/pooled.rs` the attempts and retries before the 101; [`config::pool`] their tables.
 //! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
 //! - `listener`: the connection cap, serving one client connection (in its tracing span);
 //!   `listener/tls.rs` the `[[server.tls]]` listeners' certificates (SNI) and TLS handshake.

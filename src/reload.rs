@@ -218,6 +218,8 @@ impl Reloader {
             self.settle(old.number);
             return Err(e);
         }
+        // Pools first: the new snapshot's routes may name a pool it adds.
+        self.shared.pools.sync(&snapshot.config);
         self.shared.current.store(snapshot.clone());
         self.settle(number);
         let (started, stopped) = self.apply_listen(&snapshot.config.server, plan);

@@ -31,6 +31,8 @@ pub struct Snapshot {
     /// its certificates as read when this snapshot was built. A TLS connection takes the one
     /// current when it is accepted and keeps it.
     tls_listeners: Vec<(std::net::SocketAddr, Arc<rustls::ServerConfig>)>,
+    /// Each `[[upstream]]` pool's TLS client settings (`[upstream.tls]`), by name.
+    pool_tls: Vec<(String, Arc<rustls::ClientConfig>)>,
 }
 
 /// A route as connections use it: its configuration and what was built from it.
@@ -38,10 +40,13 @@ pub struct Snapshot {
 pub struct RouteRuntime {
     /// The route's configuration.
     pub route: Arc<Route>,
-    /// TLS client settings for `wss://` upstreams (`None` when the route cannot reach one).
+    /// TLS client settings for `wss://` upstreams (`None` when the route cannot reach one);
+    /// a pool's are the snapshot's [`Snapshot::pool_tls`].
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// `[route.jwt]`'s verifier, with its keys (or its entry in the JWKS cache).
     pub jwt: Option<Arc<crate::jwt::Verifier>>,
+    /// The `[[upstream]]` pool the route names, as configured in this snapshot.
+    pub pool: Option<Arc<crate::config::pool::Pool>>,
 }
 
 impl Routable for RouteRuntime {
@@ -104,6 +109,11 @@ impl Snapshot {
             .routes
             .iter()
             .map(|route| {
+                let pool = route
+                    .pool
+                    .as_deref()
+                    .and_then(|name| config.pool(name))
+                    .cloned();
                 // A route's on_upgrade policy may pick a wss:// upstream too.
                 let needs_tls = route.upstream.as_str().starts_with("wss://")
                     || route.policies.on_upgrade.is_some();
@@ -127,10 +137,24 @@ impl Snapshot {
                     route: route.clone(),
                     tls,
                     jwt,
+                    pool,
                 }))
             })
             .collect::<Result<Vec<_>, SnapshotError>>()?;
+        let pool_tls = config
+            .upstreams
+            .iter()
+            .map(|pool| {
+                upstream::pool_client_config(&pool.tls)
+                    .map(|tls| (pool.name.clone(), tls))
+                    .map_err(|message| SnapshotError::Tls {
+                        route: format!("upstream {}", pool.name),
+                        message,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Snapshot {
+            pool_tls,
             number,
             router: Router::new(&routes),
             routes,
@@ -148,6 +172,14 @@ impl Snapshot {
         self.tls_listeners
             .iter()
             .find(|(a, _)| *a == listen)
+            .map(|(_, c)| c)
+    }
+
+    /// The TLS client settings of the pool `name`.
+    pub(crate) fn pool_tls(&self, name: &str) -> Option<&Arc<rustls::ClientConfig>> {
+        self.pool_tls
+            .iter()
+            .find(|(n, _)| n == name)
             .map(|(_, c)| c)
     }
 

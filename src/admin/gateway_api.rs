@@ -30,7 +30,43 @@ impl AdminApi for GatewayApi {
     }
 
     fn metrics(&self) -> String {
-        self.shared.metrics.encode()
+        self.shared
+            .metrics
+            .encode_with(upstream_samples(&self.shared.pools))
+    }
+
+    fn upstreams(&self) -> Value {
+        let pools: Vec<Value> = self
+            .shared
+            .pools
+            .all()
+            .iter()
+            .map(|pool| {
+                let endpoints: Vec<Value> = pool
+                    .endpoints()
+                    .iter()
+                    .map(|e| {
+                        let state = if e.is_draining() {
+                            "draining"
+                        } else if e.marked_down() {
+                            "down"
+                        } else {
+                            "up"
+                        };
+                        json!({
+                            "url": redact_url(&e.url),
+                            "id": e.id,
+                            "state": state,
+                            "source": e.source.as_str(),
+                            "open_connections": e.open(),
+                            "recent_failures": e.recent_failures(),
+                        })
+                    })
+                    .collect();
+                json!({ "name": pool.name, "retries": pool.retries(), "endpoints": endpoints })
+            })
+            .collect();
+        json!({ "pools": pools })
     }
 
     fn registry(&self) -> &Registry {
@@ -48,6 +84,29 @@ impl AdminApi for GatewayApi {
         value["snapshot"] = json!(snapshot.number);
         value
     }
+}
+
+/// The pools' numbers for a scrape, read from their live state (no per-message work: the
+/// counts are kept as connections open and close, and summed here).
+fn upstream_samples(pools: &crate::upstream::pool::Pools) -> Vec<crate::metrics::UpstreamSample> {
+    pools
+        .all()
+        .iter()
+        .map(|pool| crate::metrics::UpstreamSample {
+            pool: pool.name.clone(),
+            retries: pool.retries(),
+            endpoints: pool
+                .endpoints()
+                .iter()
+                .map(|e| crate::metrics::EndpointSample {
+                    endpoint: redact_url(&e.url),
+                    up: e.is_up(),
+                    open: e.open(),
+                    failures: e.failures().iter().map(|(k, n)| (k.as_str(), *n)).collect(),
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// The effective configuration as JSON, defaults filled in. Secrets are left out: the admin

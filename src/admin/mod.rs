@@ -80,6 +80,11 @@ pub trait AdminApi: Send + Sync + 'static {
 
     /// The effective configuration, secrets redacted, with its `snapshot` number.
     fn config(&self) -> serde_json::Value;
+
+    /// `GET /admin/upstreams`: each `[[upstream]]` pool and its endpoints' live state.
+    fn upstreams(&self) -> serde_json::Value {
+        json!({ "pools": [] })
+    }
 }
 
 /// Serves the admin API on `listener` until `shutdown` is cancelled, then lets in-flight
@@ -332,6 +337,9 @@ impl Handler {
                 Err(e) => Err(Refusal::new(StatusCode::BAD_REQUEST, e)),
             },
             (["admin", "config"], &Method::GET) => Ok(json_answer(StatusCode::OK, &api.config())),
+            (["admin", "upstreams"], &Method::GET) => {
+                Ok(json_answer(StatusCode::OK, &api.upstreams()))
+            }
             (known, _) if allowed(known).is_some() => {
                 let mut a: Answer = Refusal::new(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -355,7 +363,9 @@ impl Handler {
 /// The methods a known path accepts (for 405).
 fn allowed(segments: &[&str]) -> Option<&'static str> {
     Some(match segments {
-        ["healthz"] | ["readyz"] | ["metrics"] | ["admin", "config"] => "GET",
+        ["healthz"] | ["readyz"] | ["metrics"] | ["admin", "config"] | ["admin", "upstreams"] => {
+            "GET"
+        }
         ["admin", "connections"] | ["admin", "connections", _] => "GET, DELETE",
         ["admin", "connections", _, "send"] | ["admin", "broadcast"] | ["admin", "reload"] => {
             "POST"

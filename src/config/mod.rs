@@ -5,6 +5,7 @@
 pub mod admin;
 mod error;
 pub mod jwt;
+pub mod pool;
 mod raw;
 mod tls;
 mod units;
@@ -87,6 +88,8 @@ pub struct Config {
     pub routes: Vec<Arc<Route>>,
     /// The `[shared]` table: the bounds of `gw.shared`.
     pub shared: SharedConfig,
+    /// The `[[upstream]]` pools, in file order.
+    pub upstreams: Vec<Arc<pool::Pool>>,
 }
 
 /// The `[shared]` table.
@@ -152,8 +155,13 @@ pub struct Route {
     pub path: PathTemplate,
     /// If set, only requests with this Host (case-insensitive, port ignored) match.
     pub host: Option<String>,
-    /// Where to connect, with the path's placeholders substituted.
+    /// Where to connect, with the path's placeholders substituted; with a pool, its name.
     pub upstream: UpstreamUrl,
+    /// The `[[upstream]]` pool `upstream` names, if it names one.
+    pub pool: Option<String>,
+    /// With a pool: the path (and query) on the chosen endpoint, with the path's
+    /// placeholders; `None`: the client's path as requested.
+    pub upstream_path: Option<UpstreamUrl>,
     /// Hint for policies on how to decode message bodies.
     pub mime_type: String,
     /// Absolute connection lifetime; `None` is unlimited.
@@ -385,11 +393,12 @@ impl Config {
             base,
         };
         let server = v.server(raw.server.unwrap_or_default())?;
+        let upstreams: Vec<_> = v.pools(raw.upstream)?.into_iter().map(Arc::new).collect();
         let routes = raw
             .route
             .into_iter()
             .enumerate()
-            .map(|(i, r)| v.route(i, r).map(Arc::new))
+            .map(|(i, r)| v.route(i, r, &upstreams).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let shared = v.shared(raw.shared.unwrap_or_default())?;
         let admin = raw
@@ -402,7 +411,13 @@ impl Config {
             server,
             routes,
             shared,
+            upstreams,
         })
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&Arc<pool::Pool>> {
+        self.upstreams.iter().find(|p| p.name == name)
     }
 
     /// Every policy script the configuration names, each once, in file order.
@@ -642,7 +657,12 @@ impl Validator<'_> {
         })
     }
 
-    fn route(&self, index: usize, raw: raw::Route) -> Result<Route, ConfigError> {
+    fn route(
+        &self,
+        index: usize,
+        raw: raw::Route,
+        pools: &[Arc<pool::Pool>],
+    ) -> Result<Route, ConfigError> {
         let path = PathTemplate::parse(raw.path.get_ref()).map_err(|e| {
             self.err(
                 &raw.path,
@@ -650,7 +670,7 @@ impl Validator<'_> {
                 "placeholders are whole segments: /chat/{room} or /files/{*rest}",
             )
         })?;
-        let upstream = self.upstream(&raw.upstream, &path)?;
+        let (upstream, pool, upstream_path) = self.route_upstream(&raw, &path, pools)?;
         let host = match raw.host {
             Some(h)
                 if h.get_ref().trim().is_empty()
@@ -794,6 +814,10 @@ impl Validator<'_> {
             None => HttpMode::default(),
             Some(v) => match v.get_ref().as_str() {
                 "refuse" => HttpMode::Refuse,
+                // HTTP mode connects to one URL; balancing its requests over a pool (and the
+                // sticky cookie that keeps polling and upgrade together) comes with issue 15's
+                // sticky part. Refused here rather than failing each request with 502.
+                "proxy" if pool.is_some() => return Err(self.err(&v, "route.http = \"proxy\" does not work with an [[upstream]] pool yet".to_owned(), "name a ws:// or wss:// URL in upstream for this route, or leave http out")),
                 "proxy" => HttpMode::Proxy,
                 other => return Err(self.err(&v, format!("route.http {other:?} is not one of refuse, proxy"), "refuse (the default) answers plain HTTP requests with 426; proxy sends them to the route's upstream")),
             },
@@ -839,6 +863,8 @@ impl Validator<'_> {
             path,
             host,
             upstream,
+            pool,
+            upstream_path,
             mime_type,
             expire: self.optional_duration(&raw.expire, "route.expire")?,
             idle_timeout: self.optional_duration(&raw.idle_timeout, "route.idle_timeout")?,
@@ -891,6 +917,75 @@ impl Validator<'_> {
             patterns,
             allow_missing,
         }))
+    }
+
+    /// `upstream` (a URL, or a pool's name) and `upstream_path`.
+    fn route_upstream(
+        &self,
+        raw: &raw::Route,
+        path: &PathTemplate,
+        pools: &[Arc<pool::Pool>],
+    ) -> Result<(UpstreamUrl, Option<String>, Option<UpstreamUrl>), ConfigError> {
+        let name = raw.upstream.get_ref();
+        if name.contains("://") {
+            if let Some(p) = &raw.upstream_path {
+                return Err(self.err(
+                    p,
+                    "route.upstream_path needs upstream to name an [[upstream]] pool".into(),
+                    "with a URL, write the path in the URL itself",
+                ));
+            }
+            return Ok((self.upstream(&raw.upstream, path)?, None, None));
+        }
+        if !pools.iter().any(|p| p.name == *name) {
+            let known: Vec<_> = pools.iter().map(|p| format!("{:?}", p.name)).collect();
+            let hint = match known.is_empty() {
+                true => {
+                    "no [[upstream]] pool is defined; or write a ws:// or wss:// URL".to_owned()
+                }
+                false => format!(
+                    "defined pools: {}; or write a ws:// or wss:// URL",
+                    known.join(", ")
+                ),
+            };
+            return Err(self.err(
+                &raw.upstream,
+                format!("upstream {name:?} is neither a ws:// or wss:// URL nor a defined [[upstream]] pool"),
+                &hint,
+            ));
+        }
+        if raw.upstream_tls.is_some() {
+            return Err(self.err(
+                &raw.upstream,
+                format!("route names the pool {name:?} and has [route.upstream_tls]"),
+                "a pool's TLS settings go in its [upstream.tls] table",
+            ));
+        }
+        let upstream_path = match &raw.upstream_path {
+            None => None,
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return Err(self.err(
+                    p,
+                    format!("route.upstream_path {:?} must start with '/'", p.get_ref()),
+                    "like \"/rooms/{room}\"",
+                ))
+            }
+            Some(p) => {
+                // Checked as the path of a URL on a fixed host.
+                let probe = Spanned::new(p.span(), format!("ws://pool{}", p.get_ref()));
+                self.upstream(&probe, path)?;
+                Some(UpstreamUrl {
+                    source: p.get_ref().clone(),
+                })
+            }
+        };
+        Ok((
+            UpstreamUrl {
+                source: name.clone(),
+            },
+            Some(name.clone()),
+            upstream_path,
+        ))
     }
 
     fn upstream(

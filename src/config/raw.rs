@@ -11,6 +11,8 @@ pub(super) struct File {
     pub route: Vec<Route>,
     pub shared: Option<Shared>,
     pub admin: Option<super::admin::RawAdmin>,
+    #[serde(default)]
+    pub upstream: Vec<super::pool::RawPool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +67,7 @@ pub(super) struct Route {
     pub path: Spanned<String>,
     pub host: Option<Spanned<String>>,
     pub upstream: Spanned<String>,
+    pub upstream_path: Option<Spanned<String>>,
     pub mime_type: Option<Spanned<String>>,
     pub expire: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,

@@ -130,6 +130,7 @@ pub(super) struct Scrape {
     pub(super) routes: BTreeMap<Arc<str>, RouteTotals>,
     pub(super) reloads: [u64; 2],
     pub(super) snapshot: u64,
+    pub(super) upstreams: Vec<super::UpstreamSample>,
 }
 
 impl Scrape {
@@ -359,6 +360,65 @@ impl Collector for Scrape {
             MetricType::Gauge,
         )?;
         ConstGauge::new(self.snapshot as i64).encode(m)?;
+        self.encode_upstreams(&mut enc)
+    }
+}
+
+impl Scrape {
+    /// The `[[upstream]]` pools' families, read from their live state at scrape time.
+    fn encode_upstreams(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A gateway without pools does not list their (empty) families.
+        if self.upstreams.is_empty() {
+            return Ok(());
+        }
+        let endpoints = || {
+            self.upstreams
+                .iter()
+                .flat_map(|p| p.endpoints.iter().map(move |e| (&*p.pool, e)))
+        };
+        let mut m = enc.encode_descriptor(
+            "framegate_upstream_endpoint_up",
+            "1 if the pool's endpoint takes new connections, 0 if it is down or draining.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, e) in endpoints() {
+            let labels: Labels = vec![("pool", pool), ("endpoint", &e.endpoint)];
+            ConstGauge::new(i64::from(e.up)).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "framegate_upstream_connections_open",
+            "Upgraded connections open on the pool's endpoint, across all workers.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, e) in endpoints() {
+            let labels: Labels = vec![("pool", pool), ("endpoint", &e.endpoint)];
+            ConstGauge::new(e.open as i64).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "framegate_upstream_failures",
+            "Failed attempts on the pool's endpoint before the 101, by kind.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, e) in endpoints() {
+            for (kind, n) in &e.failures {
+                let labels: Labels =
+                    vec![("pool", pool), ("endpoint", &e.endpoint), ("kind", kind)];
+                ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "framegate_upstream_retries",
+            "Attempts on another endpoint of the pool after a failed one.",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &self.upstreams {
+            let labels: Labels = vec![("pool", &p.pool)];
+            ConstCounter::new(p.retries).encode(m.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }

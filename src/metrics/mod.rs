@@ -119,6 +119,11 @@ impl Metrics {
     /// Sums every worker's sets and renders them in the Prometheus text format (0.0.4), as
     /// served on `GET /metrics` with [`CONTENT_TYPE`].
     pub fn encode(&self) -> String {
+        self.encode_with(Vec::new())
+    }
+
+    /// [`Metrics::encode`], with the `[[upstream]]` pools' families from `upstreams`.
+    pub fn encode_with(&self, upstreams: Vec<UpstreamSample>) -> String {
         let shards: Vec<Arc<WorkerShard>> = self
             .workers
             .lock()
@@ -127,6 +132,7 @@ impl Metrics {
         let mut scrape = expose::Scrape {
             reloads: [self.reloads[0].load(Relaxed), self.reloads[1].load(Relaxed)],
             snapshot: self.snapshot.load(Relaxed),
+            upstreams,
             ..Default::default()
         };
         for shard in shards {
@@ -144,6 +150,31 @@ impl Metrics {
         }
         scrape.render()
     }
+}
+
+/// One pool's numbers at scrape time, read from its live state by the caller (the metrics
+/// do not own pools).
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamSample {
+    /// The pool's name.
+    pub pool: String,
+    /// Attempts on another endpoint after a failed one.
+    pub retries: u64,
+    /// Its endpoints.
+    pub endpoints: Vec<EndpointSample>,
+}
+
+/// One endpoint's numbers at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointSample {
+    /// The endpoint's URL.
+    pub endpoint: String,
+    /// Takes new connections.
+    pub up: bool,
+    /// Upgraded connections open on it.
+    pub open: usize,
+    /// Failed attempts, by kind.
+    pub failures: Vec<(&'static str, u64)>,
 }
 
 /// The `Content-Type` of [`Metrics::encode`]'s output.

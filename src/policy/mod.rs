@@ -140,6 +140,8 @@ pub struct UpgradeChanges {
     pub expire_at: Option<SystemTime>,
     /// Tags set by `req:tag`, for the connection registry.
     pub tags: crate::registry::Tags,
+    /// `req:set_hash_key`: the key a `hash` pool uses instead of its `hash_key`.
+    pub hash_key: Option<String>,
     /// The context `on_upgrade` built, as JSON for the registry (without `ctx.request`, which
     /// the registry keeps masked); `Null` when there is none.
     pub ctx_json: serde_json::Value,

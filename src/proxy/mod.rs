@@ -12,6 +12,8 @@ pub(crate) mod http;
 mod leg;
 mod lifetime;
 mod meter;
+mod pool_key;
+mod pooled;
 mod relay;
 mod upgrade;
 
@@ -50,6 +52,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// Every open connection, for the admin API and `server.drain_old`.
     pub(crate) registry: Arc<Registry>,
+    /// The `[[upstream]]` pools' live state (endpoint health, open connections), kept across
+    /// reloads by pool name; synced with each new snapshot before it is swapped in.
+    pub(crate) pools: Arc<crate::upstream::pool::Pools>,
 }
 
 impl Shared {

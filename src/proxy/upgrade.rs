@@ -61,6 +61,11 @@ pub(crate) enum Rejection {
         url: String,
         timeout: std::time::Duration,
     },
+    #[error("every endpoint of upstream pool {pool:?} is down")]
+    AllDown {
+        pool: String,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl Rejection {
@@ -131,6 +136,17 @@ impl Rejection {
                 StatusCode::GATEWAY_TIMEOUT,
                 "gateway timeout: upstream did not answer in time".into(),
             ),
+            Rejection::AllDown { retry_after, .. } => {
+                let mut r = Answer::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service unavailable: every upstream endpoint is down".into(),
+                );
+                // Whole seconds, rounded up: never "0", which would invite a retry storm.
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                r.headers
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                r
+            }
         }
     }
 
@@ -140,7 +156,9 @@ impl Rejection {
             Rejection::PolicyFailed(e) => {
                 tracing::warn!(path, script = %e.script, error = %e.message, "policy error in on_upgrade")
             }
-            Rejection::Upstream { .. } | Rejection::UpstreamTimeout { .. } => {
+            Rejection::Upstream { .. }
+            | Rejection::UpstreamTimeout { .. }
+            | Rejection::AllDown { .. } => {
                 tracing::warn!(path, error = %self, "upgrade failed")
             }
             _ => tracing::info!(path, error = %self, "request rejected"),
@@ -297,7 +315,7 @@ async fn upgrade(
     };
 
     // Phase: on_upgrade. It may reject, or change the upstream, headers, subprotocol, lifetime.
-    let (changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) = match worker
+    let (mut changes, hooks): (UpgradeChanges, Box<dyn FrameHooks>) = match worker
         .policy(&snapshot, &route)
         .map_err(Rejection::PolicyFailed)?
     {
@@ -333,7 +351,7 @@ async fn upgrade(
         runtime.jwt.as_deref(),
         &request.headers,
         query,
-        changes.headers,
+        std::mem::take(&mut changes.headers),
     );
     let token_deadline = match (&runtime.jwt, &claims) {
         (Some(verifier), Some(claims)) if verifier.config().expire_with_token => {
@@ -341,8 +359,37 @@ async fn upgrade(
         }
         _ => None,
     };
-    let url =
-        super::forward::upstream_url(changes.upstream, &route.upstream, &found.params, &query);
+    // `req:set_upstream` may name a pool instead of a URL.
+    let policy_pool = match changes.upstream.as_deref() {
+        Some(name) if !name.contains("://") => match snapshot.config.pool(name) {
+            Some(pool) => Some(pool.clone()),
+            None => {
+                return Err(Rejection::PolicyFailed(PolicyError {
+                    script: route
+                        .policies
+                        .on_upgrade
+                        .as_ref()
+                        .map_or_else(String::new, |p| p.display().to_string()),
+                    message: format!("req:set_upstream: no [[upstream]] pool is named {name:?}"),
+                }))
+            }
+        },
+        _ => None,
+    };
+    let pool = match policy_pool {
+        Some(pool) => {
+            changes.upstream = None;
+            Some(pool)
+        }
+        None if changes.upstream.is_none() => runtime.pool.clone(),
+        None => None,
+    };
+    let url = super::forward::upstream_url(
+        changes.upstream.take(),
+        &route.upstream,
+        &found.params,
+        &query,
+    );
     // Only the chosen subprotocol, if the policy chose one, is offered upstream.
     let extra = headers::UpstreamRequest {
         client_ip: peer.ip(),
@@ -358,7 +405,10 @@ async fn upgrade(
         .sum();
     let mut upstream_headers = Vec::with_capacity(size + 96);
     headers::upstream_request(&mut upstream_headers, &request.headers, &extra);
-    let tls = runtime.tls.as_ref();
+    let tls = match &pool {
+        Some(pool) => snapshot.pool_tls(&pool.name),
+        None => runtime.tls.as_ref(),
+    };
     // The client's key goes upstream too, so the upstream's accept value is the client's.
     // `validate` has checked the key: 24 base64 characters, valid UTF-8.
     let key = std::str::from_utf8(client_key).unwrap_or_default();
@@ -368,24 +418,46 @@ async fn upgrade(
         accept: &accept,
     };
     let connecting = tokio::time::Instant::now();
-    let connected = match tokio::time::timeout(
-        route.handshake_timeout,
-        upstream::connect(&url, upstream_headers, key, tls),
-    )
-    .await
-    {
-        Ok(Ok(connected)) => {
-            metrics.upstream_connect(connecting.elapsed());
-            connected
+    let pooled = match &pool {
+        Some(pool) => Some(pool_target(
+            pool,
+            shared,
+            request,
+            &found.params,
+            path,
+            peer,
+            &changes,
+            &route,
+        )?),
+        None => None,
+    };
+    let sticky = pooled.as_ref().and_then(|t| t.pool.sticky_cookie.clone());
+    let attempt = match pooled {
+        Some(target) => {
+            super::pooled::connect(target, &upstream_headers, key, tls, route.handshake_timeout)
+                .await
+                .map(|r| (r.connected, r.url, Some(r.guard)))
         }
-        failed => {
-            let rejection = match failed {
-                Ok(Err(source)) => Rejection::Upstream { url, source },
-                _ => Rejection::UpstreamTimeout {
-                    url,
-                    timeout: route.handshake_timeout,
-                },
-            };
+        None => match tokio::time::timeout(
+            route.handshake_timeout,
+            upstream::connect(&url, upstream_headers, key, tls),
+        )
+        .await
+        {
+            Ok(Ok(connected)) => Ok((connected, url, None)),
+            Ok(Err(source)) => Err(Rejection::Upstream { url, source }),
+            Err(_) => Err(Rejection::UpstreamTimeout {
+                url,
+                timeout: route.handshake_timeout,
+            }),
+        },
+    };
+    let (connected, url, endpoint) = match attempt {
+        Ok(reached) => {
+            metrics.upstream_connect(connecting.elapsed());
+            reached
+        }
+        Err(rejection) => {
             // on_upgrade went ahead, so on_close runs too: it may release what on_upgrade took.
             let mut hooks = hooks;
             let mut summary = CloseSummary::new(id, route.name(), peer, String::new());
@@ -400,14 +472,22 @@ async fn upgrade(
     let chosen = changes.subprotocol.as_deref();
     let forwarded = headers::client_response(&connected.headers)
         .filter(|(name, _)| chosen.is_none() || !is_name(name, "sec-websocket-protocol"));
-    let lines = [
+    let mut lines = vec![
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),
         ("Sec-WebSocket-Accept", accept.as_str()),
-        ("Sec-WebSocket-Protocol", chosen.unwrap_or_default()),
     ];
-    let own = if chosen.is_some() { 4 } else { 3 };
-    let response = crate::client_http::switching_protocols(forwarded, &lines[..own]);
+    if let Some(chosen) = chosen {
+        lines.push(("Sec-WebSocket-Protocol", chosen));
+    }
+    // A pool's sticky cookie names the endpoint by its opaque id, never its address.
+    let cookie = sticky
+        .zip(endpoint.as_ref())
+        .map(|(name, guard)| format!("{name}={}; Path=/; HttpOnly", guard.endpoint().id));
+    if let Some(cookie) = &cookie {
+        lines.push(("Set-Cookie", cookie.as_str()));
+    }
+    let response = crate::client_http::switching_protocols(forwarded, &lines);
     Ok(Accepted {
         response,
         // Only the socket is kept (the upstream's headers are done with), so an idle
@@ -427,6 +507,59 @@ async fn upgrade(
         }),
         snapshot,
         span,
+        endpoint,
+    })
+}
+
+/// What a pool needs to pick an endpoint for this request: its live state, the `hash` key,
+/// the sticky cookie's endpoint id, and the path and query to ask for.
+#[allow(clippy::too_many_arguments)]
+fn pool_target<'a>(
+    pool: &'a Arc<crate::config::pool::Pool>,
+    shared: &Shared,
+    request: &'a RequestHead,
+    params: &[(String, String)],
+    path: &str,
+    peer: SocketAddr,
+    changes: &UpgradeChanges,
+    route: &Route,
+) -> Result<super::pooled::Target<'a>, Rejection> {
+    let state = shared
+        .pools
+        .get(&pool.name)
+        .ok_or_else(|| Rejection::AllDown {
+            pool: pool.name.clone(),
+            retry_after: std::time::Duration::from_secs(1),
+        })?;
+    let key = match (&changes.hash_key, &pool.hash_key) {
+        (Some(key), _) => Some(key.clone()),
+        (None, Some(source)) => {
+            super::pool_key::extract(source, request, params, peer, &changes.tags)
+        }
+        (None, None) => None,
+    };
+    let sticky = pool
+        .sticky_cookie
+        .as_deref()
+        .and_then(|name| super::pool_key::cookie(&request.headers, name));
+    let mut path_and_query = match &route.upstream_path {
+        Some(template) => template.render(params),
+        None => path.to_owned(),
+    };
+    if let Some(query) = request.query() {
+        path_and_query.push(if path_and_query.contains('?') {
+            '&'
+        } else {
+            '?'
+        });
+        path_and_query.push_str(query);
+    }
+    Ok(super::pooled::Target {
+        pool,
+        state,
+        key,
+        sticky,
+        path_and_query,
     })
 }
 
@@ -474,6 +607,8 @@ pub(crate) struct Accepted {
     /// takes the log filter's lock, and would cost that on every message): it is entered
     /// where the connection logs.
     span: tracing::Span,
+    /// With a pool: the endpoint's open-connection count, held to the connection's end.
+    endpoint: Option<crate::upstream::pool::EndpointGuard>,
 }
 
 impl Accepted {
@@ -530,6 +665,7 @@ impl Accepted {
             record,
             snapshot,
             span,
+            endpoint,
         } = unbox(self);
         let close_timeout = snapshot.config.server.close_timeout;
         let opened = tokio::time::Instant::now();
@@ -603,8 +739,9 @@ impl Accepted {
             summary.log();
         });
         // The snapshot (and, through the hooks just dropped, this worker's VM state for it)
-        // is released here, with the connection.
+        // is released here, with the connection, and so is its endpoint's count.
         drop(snapshot);
+        drop(endpoint);
     }
 }
 

@@ -8,11 +8,12 @@
 //! [`connect`] takes the headers to send and returns either an open WebSocket with the
 //! upstream's 101 headers, or a typed error the proxy sorts into a status.
 
+pub mod pool;
 pub(crate) mod response;
 mod tls;
 
 pub use response::BadResponse;
-pub use tls::client_config;
+pub use tls::{client_config, pool_client_config};
 
 use std::sync::Arc;
 
@@ -193,6 +194,18 @@ pub async fn connect(
     key: Key<'_>,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Connected, UpstreamError> {
+    connect_named(url, header_lines, key, tls, None).await
+}
+
+/// [`connect`], with the TLS server name (SNI, and the name the certificate must carry) set
+/// to `server_name` instead of the URL's host: a pool's `[upstream.tls] server_name`.
+pub async fn connect_named(
+    url: &str,
+    header_lines: Vec<u8>,
+    key: Key<'_>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    server_name: Option<&str>,
+) -> Result<Connected, UpstreamError> {
     let bad = |reason: &str| UpstreamError::BadUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
@@ -208,7 +221,8 @@ pub async fn connect(
         return Err(bad("the host is not a valid header value"));
     }
     let request = request_head(&target, authority, key.key, &header_lines);
-    let mut io = open(url, secure, bare_host, port, tls).await?;
+    let name = server_name.unwrap_or(bare_host);
+    let mut io = dial(secure, (bare_host, name), port, tls, bad).await?;
     let (headers, pre_read) = handshake(&mut io, &request, key.accept, &header_lines).await?;
     Ok(Connected {
         socket: Socket { io, pre_read },
@@ -217,7 +231,8 @@ pub async fn connect(
 }
 
 /// Opens the socket to an upstream: TCP, then TLS with `tls` when `secure` (`wss://`, or
-/// `https://` for the HTTP proxy). `url` is for errors only. The caller bounds it with a timeout.
+/// `https://` for the HTTP proxy), the certificate checked for `bare_host`. `url` is for
+/// errors only. The caller bounds it with a timeout.
 pub(crate) async fn open(
     url: &str,
     secure: bool,
@@ -229,6 +244,46 @@ pub(crate) async fn open(
         url: url.to_owned(),
         reason: reason.to_owned(),
     };
+    dial(secure, (bare_host, bare_host), port, tls, bad).await
+}
+
+/// A plain HTTP/1.1 `GET path` to the endpoint `url` (`ws://` as `http://`, `wss://` as
+/// `https://`): the status of its answer, for active health checks. The caller bounds it.
+pub async fn http_get_status(
+    url: &str,
+    path: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    server_name: Option<&str>,
+) -> Result<StatusCode, UpstreamError> {
+    let bad = |reason: &str| UpstreamError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let target = Target::of(url).map_err(bad)?;
+    let name = server_name.unwrap_or(target.host);
+    let mut io = dial(target.secure, (target.host, name), target.port, tls, bad).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: framegate-health\r\nConnection: close\r\n\r\n",
+        target.authority
+    );
+    io.write_all(request.as_bytes())
+        .await
+        .map_err(UpstreamError::Exchange)?;
+    io.flush().await.map_err(UpstreamError::Exchange)?;
+    match response::read(&mut io).await? {
+        Answer::Refused(answer) => Ok(answer.status),
+        Answer::Switching { .. } => Ok(StatusCode::SWITCHING_PROTOCOLS),
+    }
+}
+
+/// TCP to `host:port`, then TLS when `secure`, checking the certificate for `name`.
+async fn dial(
+    secure: bool,
+    (bare_host, name): (&str, &str),
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    bad: impl Fn(&str) -> UpstreamError,
+) -> Result<Io, UpstreamError> {
     let addr = || match bare_host.contains(':') {
         true => format!("[{bare_host}]:{port}"),
         false => format!("{bare_host}:{port}"),
@@ -240,21 +295,22 @@ pub(crate) async fn open(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    if !secure {
-        return Ok(Io::Tcp(tcp));
-    }
-    let config = tls.ok_or_else(|| bad("no TLS configuration for this route"))?;
-    let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
-        .map_err(|_| bad("host is not a valid TLS server name"))?;
-    // Boxed: the TLS handshake's state is large, and inline it would size the HTTP
-    // phase of every connection, `ws://` upstreams included.
-    let stream = Box::pin(tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp))
-        .await
-        .map_err(|source| UpstreamError::Tls {
-            addr: addr(),
-            source,
-        })?;
-    Ok(Io::Tls(Box::new(stream)))
+    Ok(if secure {
+        let config = tls.ok_or_else(|| bad("no TLS configuration for this route"))?;
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+            .map_err(|_| bad("host is not a valid TLS server name"))?;
+        // Boxed: the TLS handshake's state is large, and inline it would size the HTTP
+        // phase of every connection, `ws://` upstreams included.
+        let stream = Box::pin(tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp))
+            .await
+            .map_err(|source| UpstreamError::Tls {
+                addr: addr(),
+                source,
+            })?;
+        Io::Tls(Box::new(stream))
+    } else {
+        Io::Tcp(tcp)
+    })
 }
 
 /// What the upstream handshake (and the HTTP proxy) needs of a `ws://` or `wss://` URL.

@@ -300,13 +300,26 @@ impl UserData for Req {
                 matches!(u.scheme_str(), Some("ws" | "wss"))
                     && u.host().is_some_and(|h| !h.is_empty())
             });
-            if valid.is_none() {
+            // Or an [[upstream]] pool's name (checked against the pools when connecting).
+            let pool_name = !url.is_empty()
+                && url
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if valid.is_none() && !pool_name {
                 return Err(misuse(
                     lua,
-                    format!("req:set_upstream: {url:?} is not a ws:// or wss:// URL"),
+                    format!(
+                        "req:set_upstream: {url:?} is neither a ws:// or wss:// URL nor a pool name"
+                    ),
                 ));
             }
             this.changes.upstream = Some(url);
+            Ok(())
+        });
+        methods.add_method_mut("set_hash_key", |lua, this, key: Value| {
+            this.usable(lua)?;
+            let key = string_arg(lua, "set_hash_key", "the key", &key)?;
+            this.changes.hash_key = Some(key);
             Ok(())
         });
         methods.add_method_mut("set_header", |lua, this, (name, value): (Value, Value)| {
