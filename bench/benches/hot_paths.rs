@@ -71,6 +71,7 @@ fn engine_hooking(hook: &str, name: &str, source: &str) -> Engine {
 
 fn call(hooks: &mut dyn framegate::policy::FrameHooks, message: &Message) -> Verdict {
     let (mut to_client, mut to_upstream) = (VecDeque::new(), VecDeque::new());
+    let mut expire_at = None;
     hooks.on_message(
         Direction::ClientToUpstream,
         message.clone(),
@@ -79,6 +80,7 @@ fn call(hooks: &mut dyn framegate::policy::FrameHooks, message: &Message) -> Ver
             to_upstream: &mut to_upstream,
             room_to_client: usize::MAX,
             room_to_upstream: usize::MAX,
+            expire_at: &mut expire_at,
         },
     )
 }
@@ -162,6 +164,7 @@ end"#,
         client_ip: "127.0.0.1".parse().expect("an IP"),
         scheme: "ws",
         host: Some("127.0.0.1:19006"),
+        jwt: None,
     };
     let mut group = c.benchmark_group("lua_upgrade_policy");
     group.bench_function("token_check", |b| {
