@@ -785,7 +785,7 @@ async fn a_provider_that_never_answers_holds_the_handshake_only_for_its_timeout(
 #[tokio::test]
 async fn http_requests_on_a_jwt_route_need_the_token_too() {
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let dir = TempDir::new("jwt-http");
     let secret = "a-shared-secret-of-at-least-thirty-two-bytes";
     let secret_file = dir.write("hs.secret", secret);
@@ -797,15 +797,9 @@ async fn http_requests_on_a_jwt_route_need_the_token_too() {
         while let Ok((mut stream, _)) = listener.accept().await {
             let seen_tx = seen_tx.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut chunk = [0u8; 4096];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
                 let _ = seen_tx.send(head.clone());
                 let answer = format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{head}",

@@ -278,15 +278,9 @@ where
         while let Ok((mut stream, _)) = listener.accept().await {
             let answer = answer.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut chunk = [0u8; 4096];
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_string();
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
                 let key = head
                     .lines()
                     .find_map(|l| {
@@ -305,6 +299,20 @@ where
         }
     });
     addr
+}
+
+/// Reads a request head (up to its blank line) from `stream`; `None` when the peer closes
+/// first. Bytes past the head in the same read are kept in the returned text.
+pub async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).to_string())
 }
 
 /// An upstream's 101 head accepting the key whose accept value is `accept`.
