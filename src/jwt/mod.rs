@@ -4,12 +4,13 @@
 //! Owns: [`Verifier`] (one per route and snapshot), the process-wide JWKS cache ([`jwks`])
 //! and its HTTPS client (`fetch`). It knows nothing of policies or of the proxy: the proxy
 //! calls [`Verifier::authorize`] before `on_upgrade`, and the Lua engine calls
-//! [`Verifier::verify_cached`] for `gw.jwt.verify`. Signatures are checked by `jsonwebtoken`.
+//! [`Verifier::verify_cached`] for `gw.jwt.verify`. Tokens are parsed by `jsonwebtoken`, signatures checked by ring ([`crypto`]).
 //!
 //! Security invariants: `alg: none` never parses; a token's `alg` must be one of
 //! `route.jwt.algorithms`, which holds HMAC algorithms only with `secret_file`; a JWKS never
 //! supplies an HMAC key; `exp` is always required.
 
+mod crypto;
 mod fetch;
 pub mod jwks;
 pub(crate) mod token;
@@ -92,6 +93,7 @@ impl Verifier {
     /// Builds the verifier of a route: a key file's key, or the shared JWKS cache entry of
     /// its URL (nothing is fetched yet).
     pub fn new(config: Arc<JwtConfig>) -> Result<Verifier, String> {
+        crypto::install();
         let keys = match &config.keys {
             JwtKeys::PublicKey(k) | JwtKeys::Secret(k) => {
                 let key = k
