@@ -66,3 +66,30 @@ async fn socket_io_polls_upgrades_echoes_acks_and_reconnects_after_a_server_rest
     );
     gw.shutdown().await;
 }
+
+/// Issue 15's sticky part: Socket.IO needs a client's polls and its upgrade on one server.
+/// Two real servers behind one route on a pool with `sticky_cookie`; four real clients with
+/// default transports (and a cookie jar, as browsers have) each poll, get acks, upgrade to
+/// WebSocket and echo on one server, and the round robin spreads them over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_pool_keeps_each_client_s_polls_and_upgrade_on_one_of_two_servers() {
+    let (_one, a) = server(0).await;
+    let (_two, b) = server(0).await;
+    let gw = gateway(&format!(
+        "[[upstream]]\nname = \"sio\"\nendpoints = [\"ws://127.0.0.1:{a}\", \"ws://127.0.0.1:{b}\"]\n\
+         sticky_cookie = \"fg_sio\"\n\n\
+         [[route]]\npath = \"/socket.io/\"\nupstream = \"sio\"\nhttp = \"proxy\"\n"
+    ))
+    .await;
+    let url = format!("http://{}", gw.local_addr());
+    let mut client = spawn("socketio_sticky.js", &[&url, "4"]);
+    let mut ports = Vec::new();
+    for i in 0..4 {
+        let line = expect_line(&mut client, &format!("client {i} websocket ")).await;
+        ports.push(line.rsplit(' ').next().unwrap().parse::<u16>().unwrap());
+    }
+    expect_line(&mut client, "done").await;
+    let on = |p: u16| ports.iter().filter(|&&q| q == p).count();
+    assert_eq!((on(a), on(b)), (2, 2), "{ports:?}");
+    gw.shutdown().await;
+}

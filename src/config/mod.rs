@@ -814,10 +814,6 @@ impl Validator<'_> {
             None => HttpMode::default(),
             Some(v) => match v.get_ref().as_str() {
                 "refuse" => HttpMode::Refuse,
-                // HTTP mode connects to one URL; balancing its requests over a pool (and the
-                // sticky cookie that keeps polling and upgrade together) comes with issue 15's
-                // sticky part. Refused here rather than failing each request with 502.
-                "proxy" if pool.is_some() => return Err(self.err(&v, "route.http = \"proxy\" does not work with an [[upstream]] pool yet".to_owned(), "name a ws:// or wss:// URL in upstream for this route, or leave http out")),
                 "proxy" => HttpMode::Proxy,
                 other => return Err(self.err(&v, format!("route.http {other:?} is not one of refuse, proxy"), "refuse (the default) answers plain HTTP requests with 426; proxy sends them to the route's upstream")),
             },

@@ -795,11 +795,6 @@ upstream_path = "/rooms/{room}"
                 "has no endpoints and no discovery",
             ),
             (
-                format!("[[upstream]]\nname = \"chat\"\nendpoints = [\"ws://a:1\"]\n{ROUTE}http = \"proxy\"\n"),
-                "test.toml:7:8",
-                "does not work with an [[upstream]] pool yet",
-            ),
-            (
                 format!(
                     "[[upstream]]\nname = \"chat\"\nendpoints = [\"ws://a:1\"]\n{ROUTE}[route.upstream_tls]\ninsecure_skip_verify = true\n"
                 ),

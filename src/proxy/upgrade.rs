@@ -359,31 +359,7 @@ async fn upgrade(
         }
         _ => None,
     };
-    // `req:set_upstream` may name a pool instead of a URL.
-    let policy_pool = match changes.upstream.as_deref() {
-        Some(name) if !name.contains("://") => match snapshot.config.pool(name) {
-            Some(pool) => Some(pool.clone()),
-            None => {
-                return Err(Rejection::PolicyFailed(PolicyError {
-                    script: route
-                        .policies
-                        .on_upgrade
-                        .as_ref()
-                        .map_or_else(String::new, |p| p.display().to_string()),
-                    message: format!("req:set_upstream: no [[upstream]] pool is named {name:?}"),
-                }))
-            }
-        },
-        _ => None,
-    };
-    let pool = match policy_pool {
-        Some(pool) => {
-            changes.upstream = None;
-            Some(pool)
-        }
-        None if changes.upstream.is_none() => runtime.pool.clone(),
-        None => None,
-    };
+    let pool = super::pooled::chosen(&mut changes, &snapshot, runtime.pool.as_ref(), &route)?;
     let url = super::forward::upstream_url(
         changes.upstream.take(),
         &route.upstream,
@@ -419,12 +395,13 @@ async fn upgrade(
     };
     let connecting = tokio::time::Instant::now();
     let pooled = match &pool {
-        Some(pool) => Some(pool_target(
+        Some(pool) => Some(super::pooled::target(
             pool,
             shared,
             request,
             &found.params,
             path,
+            &query,
             peer,
             &changes,
             &route,
@@ -483,7 +460,7 @@ async fn upgrade(
     // A pool's sticky cookie names the endpoint by its opaque id, never its address.
     let cookie = sticky
         .zip(endpoint.as_ref())
-        .map(|(name, guard)| format!("{name}={}; Path=/; HttpOnly", guard.endpoint().id));
+        .map(|(name, guard)| super::pooled::sticky_cookie(&name, &guard.endpoint().id));
     if let Some(cookie) = &cookie {
         lines.push(("Set-Cookie", cookie.as_str()));
     }
@@ -508,58 +485,6 @@ async fn upgrade(
         snapshot,
         span,
         endpoint,
-    })
-}
-
-/// What a pool needs to pick an endpoint for this request: its live state, the `hash` key,
-/// the sticky cookie's endpoint id, and the path and query to ask for.
-#[allow(clippy::too_many_arguments)]
-fn pool_target<'a>(
-    pool: &'a Arc<crate::config::pool::Pool>,
-    shared: &Shared,
-    request: &'a RequestHead,
-    params: &[(String, String)],
-    path: &str,
-    peer: SocketAddr,
-    changes: &UpgradeChanges,
-    route: &Route,
-) -> Result<super::pooled::Target<'a>, Rejection> {
-    let state = shared
-        .pools
-        .get(&pool.name)
-        .ok_or_else(|| Rejection::AllDown {
-            pool: pool.name.clone(),
-            retry_after: std::time::Duration::from_secs(1),
-        })?;
-    let key = match (&changes.hash_key, &pool.hash_key) {
-        (Some(key), _) => Some(key.clone()),
-        (None, Some(source)) => {
-            super::pool_key::extract(source, request, params, peer, &changes.tags)
-        }
-        (None, None) => None,
-    };
-    let sticky = pool
-        .sticky_cookie
-        .as_deref()
-        .and_then(|name| super::pool_key::cookie(&request.headers, name));
-    let mut path_and_query = match &route.upstream_path {
-        Some(template) => template.render(params),
-        None => path.to_owned(),
-    };
-    if let Some(query) = request.query() {
-        path_and_query.push(if path_and_query.contains('?') {
-            '&'
-        } else {
-            '?'
-        });
-        path_and_query.push_str(query);
-    }
-    Ok(super::pooled::Target {
-        pool,
-        state,
-        key,
-        sticky,
-        path_and_query,
     })
 }
 

@@ -231,20 +231,22 @@ pub async fn connect_named(
 }
 
 /// Opens the socket to an upstream: TCP, then TLS with `tls` when `secure` (`wss://`, or
-/// `https://` for the HTTP proxy), the certificate checked for `bare_host`. `url` is for
-/// errors only. The caller bounds it with a timeout.
+/// `https://` for the HTTP proxy), the certificate checked for `server_name` or else
+/// `bare_host`. `url` is for errors only. The caller bounds it with a timeout.
 pub(crate) async fn open(
     url: &str,
     secure: bool,
     bare_host: &str,
     port: u16,
     tls: Option<&Arc<rustls::ClientConfig>>,
+    server_name: Option<&str>,
 ) -> Result<Io, UpstreamError> {
     let bad = |reason: &str| UpstreamError::BadUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
     };
-    dial(secure, (bare_host, bare_host), port, tls, bad).await
+    let name = server_name.unwrap_or(bare_host);
+    dial(secure, (bare_host, name), port, tls, bad).await
 }
 
 /// A plain HTTP/1.1 `GET path` to the endpoint `url` (`ws://` as `http://`, `wss://` as

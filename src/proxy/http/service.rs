@@ -24,6 +24,7 @@ use crate::config::{HttpMode, Route};
 use crate::metrics::RouteMetrics;
 use crate::policy::{UpgradeChanges, UpgradeRequest, UpgradeVerdict};
 use crate::proxy::headers::{self, HeaderSink};
+use crate::proxy::pooled;
 use crate::proxy::{Accepted, Handled, Rejection, Shared};
 use crate::route::{RouteError, RouteMatch};
 use crate::snapshot::{RouteRuntime, Snapshot};
@@ -232,29 +233,14 @@ impl Conn {
                     .map_err(Rejection::Jwt)?,
             ),
         };
-        let changes = self.policy(head, found, snapshot, metrics, claims.as_ref())?;
+        let mut changes = self.policy(head, found, snapshot, metrics, claims.as_ref())?;
+        let pool = pooled::chosen(&mut changes, snapshot, found.route.pool.as_ref(), route)?;
         let (query, changed_headers) = crate::proxy::forward::strip_token(
             found.route.jwt.as_deref(),
             &head.headers,
             query,
-            changes.headers,
+            std::mem::take(&mut changes.headers),
         );
-        let url = crate::proxy::forward::upstream_url(
-            changes.upstream,
-            &route.upstream,
-            &found.params,
-            &query,
-        );
-        let bad_url = |reason: &str| Rejection::Upstream {
-            url: url.clone(),
-            source: UpstreamError::BadUrl {
-                url: url.clone(),
-                reason: reason.to_owned(),
-            },
-        };
-        let target = Target::of(&url).map_err(bad_url)?;
-        let host = HeaderValue::from_str(target.authority)
-            .map_err(|_| bad_url("the host is not a valid header value"))?;
         let mut fields = HeaderMap::with_capacity(head.headers.len() + 4);
         let extra = headers::UpstreamRequest {
             client_ip: self.peer.ip(),
@@ -264,7 +250,6 @@ impl Conn {
             subprotocol: None,
         };
         headers::upstream_fields(&mut fields, &head.headers, &extra);
-        fields.insert(header::HOST, host);
         // hyper's server has met the client's expectation (100 Continue when the body is
         // first read); the upstream gets the body without one.
         fields.remove(header::EXPECT);
@@ -272,28 +257,49 @@ impl Conn {
         let limit = usize::try_from(route.max_body_size).unwrap_or(usize::MAX);
         let mut upstream_request = Request::new(Limited::new(client_body, limit));
         *upstream_request.method_mut() = parts.method;
-        *upstream_request.uri_mut() = target
-            .path_and_query
-            .parse()
-            .map_err(|_| bad_url("the path is not a valid request target"))?;
         *upstream_request.version_mut() = Version::HTTP_11;
         *upstream_request.headers_mut() = fields;
 
-        let sent = self.send(upstream_request, &url, &target, found).await;
-        let mut response = match sent {
-            Ok(response) => response,
-            Err(SendError::Open(OpenError::Timeout(timeout))) => {
-                return Err(Rejection::UpstreamTimeout { url, timeout })
+        let mut response = match pool {
+            Some(pool) => {
+                let target = pooled::target(
+                    &pool,
+                    &self.shared,
+                    head,
+                    &found.params,
+                    &found.path,
+                    &query,
+                    self.peer,
+                    &changes,
+                    route,
+                )?;
+                self.send_pooled(upstream_request, target, snapshot, route)
+                    .await?
             }
-            Err(SendError::Open(OpenError::Failed(source))) => {
-                return Err(Rejection::Upstream { url, source })
-            }
-            Err(SendError::Exchange(e)) if is_over_limit(&e) => {
-                return Err(Rejection::BodyTooLarge(route.max_body_size))
-            }
-            Err(SendError::Exchange(e)) => {
-                let source = UpstreamError::Exchange(std::io::Error::other(e));
-                return Err(Rejection::Upstream { url, source });
+            None => {
+                let url = crate::proxy::forward::upstream_url(
+                    changes.upstream,
+                    &route.upstream,
+                    &found.params,
+                    &query,
+                );
+                let target = Target::of(&url).map_err(|reason| bad_url(&url, reason))?;
+                address(
+                    &mut upstream_request,
+                    &url,
+                    target.authority,
+                    &target.path_and_query,
+                )?;
+                match self.send(upstream_request, &url, &target, found).await {
+                    Ok(response) => response,
+                    Err(SendError::Open(OpenError::Timeout(timeout))) => {
+                        return Err(Rejection::UpstreamTimeout { url, timeout })
+                    }
+                    Err(SendError::Open(OpenError::Failed(source))) => {
+                        return Err(Rejection::Upstream { url, source })
+                    }
+                    Err(SendError::Exchange(e)) => return Err(exchange_failed(e, &url, route)),
+                }
             }
         };
         headers::http_response(response.headers_mut());
@@ -351,6 +357,85 @@ impl Conn {
         }
     }
 
+    /// Sends `request` through a pool: on the connection's upstream connection while its
+    /// endpoint is the one to use (the sticky cookie's, the hash key's, or, with neither,
+    /// any endpoint that is up), else on a new connection to an endpoint the pool picks, with
+    /// its retries (connecting only: a request that was sent is never sent again). With a
+    /// `sticky_cookie`, a response from another endpoint than the cookie named sets it.
+    async fn send_pooled(
+        &self,
+        mut request: Request<super::upstream::RequestBody>,
+        target: pooled::Target<'_>,
+        snapshot: &Arc<Snapshot>,
+        route: &Route,
+    ) -> Result<Response<Incoming>, Rejection> {
+        let pool = target.pool;
+        let state = target.state.clone();
+        let wanted = match (target.sticky, &target.key) {
+            (Some(id), _) => Some(id.to_owned()),
+            (None, Some(key)) => match state.pick(pool, Some(key.as_bytes()), None, &[]) {
+                crate::upstream::pool::Pick::Endpoint(e) => Some(e.id.clone()),
+                _ => None,
+            },
+            (None, None) => None,
+        };
+        let had = target.sticky.map(str::to_owned);
+        let path_and_query = target.path_and_query.clone();
+        let tls = snapshot.pool_tls(&pool.name);
+        let server_name = pool.tls.server_name.as_deref();
+        let budget = route.handshake_timeout;
+        let cookie = pool.sticky_cookie.clone();
+        let reached = |target| {
+            let state = state.clone();
+            async move {
+                let reached = pooled::attempt(target, budget, |url| async move {
+                    let t = Target::of(&url).map_err(|reason| UpstreamError::BadUrl {
+                        url: url.clone(),
+                        reason: reason.to_owned(),
+                    })?;
+                    UpstreamConn::connect(&url, &t, tls, server_name).await
+                })
+                .await?;
+                Ok::<_, Rejection>((reached.connected.through(state, reached.guard), reached.url))
+            }
+        };
+        let (mut conn, url, reused) = match self.upstream.take() {
+            Some(conn) if conn.keeps(&state, wanted.as_deref()) => {
+                let url = format!("{}{}", conn.origin(), path_and_query);
+                (conn, url, true)
+            }
+            _ => {
+                let (conn, url) = reached(target.clone()).await?;
+                (conn, url, false)
+            }
+        };
+        address(&mut request, &url, conn.authority(), &path_and_query)?;
+        let response = match conn.send(request).await {
+            Ok(response) => response,
+            Err((_, Some(unsent))) if reused => {
+                // The kept connection closed before taking it: a new one, picked afresh.
+                let (fresh, url) = reached(target).await?;
+                conn = fresh;
+                let mut unsent = unsent;
+                address(&mut unsent, &url, conn.authority(), &path_and_query)?;
+                conn.send(unsent)
+                    .await
+                    .map_err(|(e, _)| exchange_failed(e, &url, route))?
+            }
+            Err((e, _)) => return Err(exchange_failed(e, &url, route)),
+        };
+        let mut response = response;
+        if let (Some(name), Some(id)) = (&cookie, conn.endpoint_id()) {
+            if had.as_deref() != Some(id) {
+                if let Ok(value) = HeaderValue::from_str(&pooled::sticky_cookie(name, id)) {
+                    response.headers_mut().append(header::SET_COOKIE, value);
+                }
+            }
+        }
+        self.upstream.set(Some(conn));
+        Ok(response)
+    }
+
     /// Sends `request` on the connection's upstream connection, opening one if there is none
     /// for `target`. A request that a kept-alive connection closed before taking goes once
     /// more, on a new connection.
@@ -387,6 +472,45 @@ impl Conn {
 enum SendError {
     Open(OpenError),
     Exchange(hyper::Error),
+}
+
+/// A URL that cannot be requested.
+fn bad_url(url: &str, reason: &str) -> Rejection {
+    Rejection::Upstream {
+        url: url.to_owned(),
+        source: UpstreamError::BadUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        },
+    }
+}
+
+/// Points `request` at the upstream: its `Host` and request target.
+fn address<B>(
+    request: &mut Request<B>,
+    url: &str,
+    authority: &str,
+    path_and_query: &str,
+) -> Result<(), Rejection> {
+    let host = HeaderValue::from_str(authority)
+        .map_err(|_| bad_url(url, "the host is not a valid header value"))?;
+    request.headers_mut().insert(header::HOST, host);
+    *request.uri_mut() = path_and_query
+        .parse()
+        .map_err(|_| bad_url(url, "the path is not a valid request target"))?;
+    Ok(())
+}
+
+/// A request that got no response: its body went over `max_body_size`, or the upstream
+/// connection failed.
+fn exchange_failed(e: hyper::Error, url: &str, route: &Route) -> Rejection {
+    if is_over_limit(&e) {
+        return Rejection::BodyTooLarge(route.max_body_size);
+    }
+    Rejection::Upstream {
+        url: url.to_owned(),
+        source: UpstreamError::Exchange(std::io::Error::other(e)),
+    }
 }
 
 /// Whether sending failed because the client's body went over `max_body_size`.
