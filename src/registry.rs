@@ -64,6 +64,9 @@ const MASK: &str = "<redacted>";
 pub struct ConnStats {
     messages: [AtomicU64; 2],
     bytes: [AtomicU64; 2],
+    /// Where `conn:expire_at` moved the deadline, in milliseconds since the Unix epoch
+    /// (0: not moved).
+    moved_expiry: AtomicU64,
 }
 
 impl ConnStats {
@@ -91,6 +94,22 @@ impl ConnStats {
     pub fn message_done(&self, direction: Direction) {
         let m = &self.messages[direction as usize];
         m.store(m.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+
+    /// A policy moved the connection's deadline to `at` (`conn:expire_at`, after the cap).
+    pub fn expires_at(&self, at: SystemTime) {
+        let ms = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().clamp(1, u64::MAX as u128) as u64);
+        self.moved_expiry.store(ms, Relaxed);
+    }
+
+    /// Where a policy moved the deadline, if it did.
+    fn moved_expiry(&self) -> Option<SystemTime> {
+        match self.moved_expiry.load(Relaxed) {
+            0 => None,
+            ms => Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+        }
     }
 
     /// The counts so far (the relay's close line reads its totals from here).
@@ -466,7 +485,7 @@ impl Entry {
             client: self.client,
             upstream: self.upstream.clone(),
             opened_at: rfc3339(self.opened_at),
-            expires_at: self.expires_at.map(rfc3339),
+            expires_at: self.stats.moved_expiry().or(self.expires_at).map(rfc3339),
             snapshot: self.snapshot,
             messages: counts.messages,
             bytes: counts.bytes,

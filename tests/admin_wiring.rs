@@ -839,3 +839,51 @@ async fn a_large_ctx_is_omitted_from_the_registry() {
     let ctx = detail["ctx"].as_str().unwrap_or_else(|| panic!("{detail}"));
     assert!(ctx.starts_with("ctx omitted: over 65536 bytes"), "{ctx}");
 }
+
+/// `conn:expire_at` moves the deadline the registry shows, never past the route's `expire`.
+#[tokio::test]
+async fn expires_at_follows_conn_expire_at_within_the_route_s_expire() {
+    let up = echo().await;
+    let policy = script(
+        "move_deadline.lua",
+        r#"return function(msg, ctx, conn)
+  conn:expire_at(gw.now() + tonumber(msg.data))
+  conn:reply("moved")
+  return false
+end"#,
+    );
+    let gw = gateway(&route(
+        "/chat",
+        up.addr,
+        "expire = \"1h\"",
+        &[("on_client_frame", &policy)],
+    ))
+    .await;
+    let (admin, _stop) = admin_for(&gw).await;
+    let mut client = connect(gw.local_addr(), "/chat").await;
+    let expires = |list: Value| {
+        let at = list["connections"][0]["expires_at"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let at = humantime::parse_rfc3339(&at).unwrap();
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            .as_secs()
+    };
+    let first = expires(get(admin, "/admin/connections").await.json());
+    assert!(
+        (3590..=3600).contains(&first),
+        "the route's expire: {first}"
+    );
+    for (asked, lo, hi) in [("60", 55, 60), ("7200", 3590, 3600), ("120", 115, 120)] {
+        client.send(Message::text(asked)).await.unwrap();
+        assert_eq!(next_text(&mut client).await, "moved");
+        let now = expires(get(admin, "/admin/connections").await.json());
+        assert!(
+            (lo..=hi).contains(&now),
+            "after expire_at(now + {asked}): {now}"
+        );
+    }
+    gw.shutdown().await;
+}

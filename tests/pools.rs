@@ -667,3 +667,28 @@ async fn active_websocket_checks_find_a_killed_endpoint_without_client_traffic()
     let _b = Named::on("b", listener);
     endpoint_becomes(&gw, b_addr, true).await;
 }
+
+#[tokio::test]
+async fn frame_policies_see_the_chosen_endpoint_in_ctx_upstream_read_only() {
+    let (a, b) = (Named::start("a").await, Named::start("b").await);
+    let policy = script(
+        "which",
+        r#"return function(msg, ctx, conn)
+             local wrote = pcall(function() ctx.upstream = "elsewhere" end)
+             conn:reply(ctx.upstream .. " " .. tostring(wrote))
+             return false
+           end"#,
+    );
+    let toml = pool("chat", &[a.addr, b.addr], "")
+        + &format!(
+            "[[route]]\npath = \"/chat\"\nupstream = \"chat\"\n[route.policies]\non_client_frame = {policy}\n"
+        );
+    let gw = gateway(&toml).await;
+    for _ in 0..2 {
+        let (mut ws, name) = open(gw.local_addr(), "/chat").await;
+        let addr = if name == "a" { a.addr } else { b.addr };
+        ws.send(Message::text("which?")).await.unwrap();
+        assert_eq!(next_text(&mut ws).await, format!("ws://{addr} false"));
+    }
+    gw.shutdown().await;
+}

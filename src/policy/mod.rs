@@ -80,6 +80,13 @@ pub trait FrameHooks {
         true
     }
 
+    /// Called once the upstream has accepted, before the relay starts, with the endpoint
+    /// connected to (`ws://host:port`, no path, no credentials): frame policies see it as
+    /// `ctx.upstream`. The default does nothing.
+    fn upstream_chosen(&mut self, endpoint: &str) {
+        let _ = endpoint;
+    }
+
     /// Called once when the connection has ended; it cannot send anything. The default does nothing.
     fn on_close(&mut self, summary: &CloseSummary) {
         let _ = summary;

@@ -107,13 +107,15 @@ impl Lifetime {
     }
 
     /// Moves the deadline to `at` (`conn:expire_at`), never past the cap; earlier is allowed.
-    pub(crate) fn move_deadline(&mut self, at: Instant) {
+    /// Returns the deadline as set.
+    pub(crate) fn move_deadline(&mut self, at: Instant) -> Instant {
         let at = self.cap.map_or(at, |cap| at.min(cap));
         self.token = self.follows_token && self.cap.is_none_or(|cap| at < cap);
         match &mut self.deadline {
             Some(sleep) => sleep.as_mut().reset(at),
             None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
         }
+        at
     }
 
     /// When the connection closes now, if it has a deadline.

@@ -246,10 +246,13 @@ impl Relay {
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or_default();
             let now = tokio::time::Instant::now();
-            self.lifetime.move_deadline(
+            let set = self.lifetime.move_deadline(
                 now.checked_add(from_now)
                     .unwrap_or(now + Duration::from_secs(86_400 * 365)),
             );
+            // The registry shows the deadline as set (the route's `expire` caps it).
+            let wall = std::time::SystemTime::now() + set.saturating_duration_since(now);
+            self.meter.conn.expires_at(wall);
         }
         while let Poll::Ready(expiry) = self.lifetime.poll_expired(cx) {
             match expiry {

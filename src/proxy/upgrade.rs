@@ -445,6 +445,12 @@ async fn upgrade(
         }
     };
 
+    let mut hooks = hooks;
+    hooks.upstream_chosen(&endpoint_name(
+        endpoint
+            .as_ref()
+            .map_or(url.as_str(), |g| g.endpoint().url.as_str()),
+    ));
     // The policy's choice replaces the upstream's (RFC 6455 allows one subprotocol).
     let chosen = changes.subprotocol.as_deref();
     let forwarded = headers::client_response(&connected.headers)
@@ -486,6 +492,18 @@ async fn upgrade(
         span,
         endpoint,
     })
+}
+
+/// `scheme://host:port` of an upstream URL: no path or query, no credentials.
+fn endpoint_name(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..start], &url[start + at + 1..end]).into(),
+        None => url[..end].into(),
+    }
 }
 
 /// What the registry shows of a connection besides its summary, kept until the 101.
@@ -799,5 +817,16 @@ mod tests {
         assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
         assert!(!is_websocket_key(b"short=="));
         assert!(!is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ!="));
+    }
+
+    #[test]
+    fn endpoint_names_keep_scheme_host_and_port_only() {
+        assert_eq!(
+            endpoint_name("ws://10.0.0.1:9000/rooms/a?x=1"),
+            "ws://10.0.0.1:9000"
+        );
+        assert_eq!(endpoint_name("wss://h:1"), "wss://h:1");
+        assert_eq!(endpoint_name("ws://u:secret@h:1/p"), "ws://h:1");
+        assert_eq!(endpoint_name("ws://[::1]:9?q"), "ws://[::1]:9");
     }
 }

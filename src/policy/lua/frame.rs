@@ -530,6 +530,18 @@ impl Script {
 }
 
 impl FrameHooks for LuaFrameHooks {
+    fn upstream_chosen(&mut self, endpoint: &str) {
+        // The frozen ctx reads through its view table; the gateway adds the field there, so
+        // scripts still cannot write it.
+        let view = self
+            .ctx
+            .metatable()
+            .and_then(|meta| meta.raw_get::<Table>("__index").ok());
+        if let Some(view) = view {
+            let _ = view.raw_set("upstream", endpoint);
+        }
+    }
+
     fn inspects(&self, direction: Direction) -> bool {
         match direction {
             Direction::ClientToUpstream => self.on_client_frame.is_some(),
