@@ -327,15 +327,16 @@ def with_open_connections(target, count, while_open, settle, cmd=None):
     return (float(result["handshakes_per_sec"]) if "handshakes_per_sec" in result else None), measured
 
 
-def idle_run(target, proc, count):
-    """Opens `count` idle connections through `target`; returns (handshakes/s, RSS KB per connection)."""
+def idle_run(target, proc, count, cmd=None):
+    """Opens `count` idle connections through `target` (or with the load command `cmd`); returns
+    (handshakes/s, RSS KB per connection)."""
     before = process_tree_rss_kb(proc.pid)
 
     def settled_rss():
         time.sleep(1.0)  # let the proxy settle; RSS is read while every connection is open
         return process_tree_rss_kb(proc.pid)
 
-    hs, after = with_open_connections(target, count, settled_rss, settle=1.0)
+    hs, after = with_open_connections(target, count, settled_rss, settle=1.0, cmd=cmd)
     return hs, (after - before) * 1024 / count / 1000 if hs is not None else None
 
 
@@ -491,6 +492,10 @@ def tls_part(args):
         return results
     names = list(TLS_TARGETS)
     count = 3000 if not args.quick else 1000
+    # Memory first, on fresh processes: idle wss:// connections (ECDSA certificate).
+    for t in names:
+        _, rss = idle_run(t, procs[t], args.idle, cmd=tls_load_cmd(TLS_TARGETS[t][0]))
+        results.setdefault((f"RSS KB/idle wss conn ({args.idle}, fresh process)", t), []).append(rss)
     for rep in range(args.reps):
         log(f"tls repetition {rep + 1}/{args.reps}")
         order = names[rep % len(names):] + names[:rep % len(names)]
