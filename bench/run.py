@@ -52,9 +52,9 @@ BASELINE_TARGETS = {  # with --baseline: the same two set-ups on the older binar
     "base+lua": 19009,
 }
 TLS_TARGETS = {  # name -> (port with the ECDSA P-256 certificate, port with the RSA 2048 one)
-    "nginx": (19010, 19011),
-    "haproxy": (19012, 19013),
-    "framegate": (19014, 19015),
+    "nginx": (19011, 19012),
+    "haproxy": (19013, 19014),
+    "framegate": (19015, 19016),
 }
 TLS_KINDS = (("ecdsa", "ECDSA P-256", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
              ("rsa", "RSA 2048", ["-newkey", "rsa:2048"]))
