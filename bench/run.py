@@ -15,16 +15,26 @@ and ends only the processes it started.
                                          # change is measured against it in the same run
     python3 bench/run.py --only tls      # just the wss:// part: framegate, NGINX and HAProxy
                                          # terminating TLS 1.3 with the same certificates
+    python3 bench/run.py --only pool     # just the [[upstream]] pools part (about a minute)
 
 The tls part makes a throwaway ECDSA P-256 and RSA 2048 certificate with openssl, starts one more
 NGINX, HAProxy and framegate, each terminating TLS 1.3 for both (one port per certificate) in
 front of the same echo upstream, and measures full wss:// handshakes per second (no session
 resumption) and messages per second at 64 B and 1 KiB. It gets its own table.
+
+The pool part (`--only pool`) starts ten more echo upstreams and its own framegate instances,
+each with an admin listener on loopback, and measures [[upstream]] pools: handshakes per second
+through a 3-endpoint pool in each balance mode against a single upstream (same gateway, same
+run); failover, with 100 new connections per second while one of three endpoints is killed;
+and how many `hash` keys move when one of ten endpoints leaves the pool by a reload. It gets
+its own table.
 """
-import argparse, collections, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, collections, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import urllib.parse, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+# Where `cargo build --release` below puts the binaries: CARGO_TARGET_DIR, when set, else target/.
+BIN = os.path.join(os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")), "release")
 ECHO_PORT = 19000
 TARGETS = {  # name -> port
     "direct": ECHO_PORT,
@@ -42,12 +52,19 @@ BASELINE_TARGETS = {  # with --baseline: the same two set-ups on the older binar
     "base+lua": 19009,
 }
 TLS_TARGETS = {  # name -> (port with the ECDSA P-256 certificate, port with the RSA 2048 one)
-    "nginx": (19010, 19011),
-    "haproxy": (19012, 19013),
-    "framegate": (19014, 19015),
+    "nginx": (19011, 19012),
+    "haproxy": (19013, 19014),
+    "framegate": (19015, 19016),
 }
 TLS_KINDS = (("ecdsa", "ECDSA P-256", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
              ("rsa", "RSA 2048", ["-newkey", "rsa:2048"]))
+POOL_ECHO_PORTS = list(range(19100, 19110))  # the pool part's echo upstreams; the 3-endpoint pools use the first three
+POOL_SINGLE_PORT = 19110                      # the single upstream: three echo processes sharing the address (SO_REUSEPORT)
+POOL_PORT, POOL_ADMIN = 19120, 19130          # the balance modes' gateway and its admin listener
+FAILOVER_PORT, FAILOVER_ADMIN = 19121, 19131  # failover
+HASH_PORT, HASH_ADMIN = 19122, 19132          # hash key movement
+POOL_TARGETS = ["single", "round_robin", "least_connections", "random_two", "hash"]  # routes of the balance modes' gateway
+FAILOVER_RATE = 100  # new connections per second
 TOKEN = "bench-token"
 JWT = None  # the RS256 token fg+jwt wants, made by jwt_key()
 started = []
@@ -307,12 +324,12 @@ def process_tree_cpu_seconds(pid):
     return sum(cpu_seconds(p) for p in process_tree(pid))
 
 
-def with_open_connections(target, count, while_open, settle, cmd=None):
+def with_open_connections(target, count, while_open, settle, cmd=None, extra=()):
     """Opens `count` connections through `target` (64 at a time; `cmd`: another load command,
-    such as a wss:// one), calls `while_open()` once the last one is answered, then closes them
-    and waits `settle` seconds for the proxy to let go. Returns (handshakes/s or None, what
-    `while_open` returned)."""
-    p = subprocess.Popen((cmd or fg_load_cmd(target)) + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s"],
+    such as a wss:// one; `extra`: more options of the `connections` mode), calls
+    `while_open()` once the last one is answered, then closes them and waits `settle` seconds
+    for the proxy to let go. Returns (handshakes/s or None, what `while_open` returned)."""
+    p = subprocess.Popen((cmd or fg_load_cmd(target)) + ["connections", "--count", str(count), "--concurrency", "64", "--hold", "60s", *extra],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     started.append(p)
     result, deadline = {}, time.time() + 90
@@ -528,6 +545,285 @@ def report_tls(results, args):
         print(f"| {m} | " + " | ".join(cells) + " |")
 
 
+def admin(port, path, method="GET"):
+    """One request to a framegate admin listener on loopback (no token there): the body, as text.
+    No proxy from the environment is asked."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method), timeout=10) as r:
+        return r.read().decode()
+
+
+def upstream_metrics(port, pool):
+    """The pool's series on the gateway's /metrics: ({endpoint port: {"up", "open", "failures"
+    (all kinds)}}, retries)."""
+    endpoints, retries = {}, 0
+    for line in admin(port, "/metrics").splitlines():
+        if not line.startswith("framegate_upstream_") or f'pool="{pool}"' not in line:
+            continue
+        series, value = line.rsplit(" ", 1)
+        if series.startswith("framegate_upstream_retries_total"):
+            retries = int(float(value))
+            continue
+        url = series.split('endpoint="', 1)[1].split('"', 1)[0]
+        e = endpoints.setdefault(urllib.parse.urlsplit(url).port, {"up": 0, "open": 0, "failures": 0})
+        if series.startswith("framegate_upstream_endpoint_up"):
+            e["up"] = int(float(value))
+        elif series.startswith("framegate_upstream_connections_open"):
+            e["open"] = int(float(value))
+        elif series.startswith("framegate_upstream_failures_total"):
+            e["failures"] += int(float(value))
+    return endpoints, retries
+
+
+def pool_table(name, ports, balance, more=""):
+    """An [[upstream]] pool of `ws://127.0.0.1:PORT` endpoints (`hash` keys on `?k=`), with
+    `more` (keys and sub-tables) after it."""
+    endpoints = ", ".join(f'"ws://127.0.0.1:{p}"' for p in ports)
+    hash_key = 'hash_key = "query:k"\n' if balance == "hash" else ""
+    return f'\n[[upstream]]\nname = "{name}"\nendpoints = [{endpoints}]\nbalance = "{balance}"\n{hash_key}{more}'
+
+
+def pool_conf(name, port, admin_port, pools, routes):
+    """A framegate config with an admin listener (loopback, no token), `pools` and `routes`."""
+    return write(name + ".toml", f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+max_connections = 20000
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+{pools}
+{routes}
+""")
+
+
+def pool_route(path, upstream):
+    return f'\n[[route]]\npath = "/{path}"\nupstream = "{upstream}"\n'
+
+
+def start_framegate(name, conf, port):
+    fg = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "framegate"), "--config", conf]
+    proc = start(fg, name, env=dict(os.environ, FRAMEGATE_LOG="warn"))
+    wait_port(port)
+    return proc
+
+
+def end(proc):
+    """Ends one process this script started, by its PID."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def pool_load_cmd(port, path):
+    return ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", f"ws://127.0.0.1:{port}/{path}"]
+
+
+def pool_handshake_run(target, proc, count):
+    """Opens `count` connections on the route `/target` of the balance modes' gateway, each with
+    its own `?k=` (the `hash` pool's key; the other routes ignore it), then closes them. Returns
+    the handshakes per second, the gateway's CPU time per handshake in µs, and the connections
+    open on each endpoint while all are open (by port; empty for the single upstream)."""
+    before = process_tree_cpu_seconds(proc.pid)
+
+    def while_open():
+        cpu = process_tree_cpu_seconds(proc.pid)
+        endpoints, _ = upstream_metrics(POOL_ADMIN, target)
+        return cpu, {port: e["open"] for port, e in endpoints.items()}
+
+    hs, (after, spread) = with_open_connections(target, count, while_open, settle=0.5, cmd=pool_load_cmd(POOL_PORT, target),
+                                                extra=["--query-key", "k"])
+    return hs, (after - before) * 1e6 / count if hs is not None else None, spread
+
+
+def key_endpoints(keys, snapshot=None):
+    """Holds `keys` connections open on the hash gateway's route, connection i with `?k=i`, and
+    reads from /admin/connections (of `snapshot`, when given) the endpoint each key went to:
+    {key: endpoint port}. Returns once every connection has closed again."""
+    query = f"/admin/connections?limit={keys}" + (f"&snapshot={snapshot}" if snapshot is not None else "")
+    _, listed = with_open_connections("hash", keys, lambda: json.loads(admin(HASH_ADMIN, query))["connections"], settle=0,
+                                      cmd=pool_load_cmd(HASH_PORT, "h"), extra=["--query-key", "k"])
+    deadline = time.time() + 30
+    while json.loads(admin(HASH_ADMIN, "/admin/connections?limit=1"))["matched"] and time.time() < deadline:
+        time.sleep(0.1)
+    found = {}
+    for c in listed:
+        url = urllib.parse.urlsplit(c["upstream"])
+        key = urllib.parse.parse_qs(url.query).get("k")
+        if key:
+            found[int(key[0])] = url.port
+    return found
+
+
+def hash_movement(keys):
+    """`hash` over the ten echo upstreams, `keys` keys placed, then one endpoint taken out of the
+    pool by rewriting the config and POST /admin/reload, and the keys placed again: how many
+    moved, and how many moved between endpoints that stayed (which none should)."""
+    removed = POOL_ECHO_PORTS[3]
+
+    def conf(ports):
+        return pool_conf("fg-hash", HASH_PORT, HASH_ADMIN, pool_table("h", ports, "hash"), pool_route("h", "h"))
+
+    proc = start_framegate("fg-hash", conf(POOL_ECHO_PORTS), HASH_PORT)
+    try:
+        before = key_endpoints(keys)
+        conf([p for p in POOL_ECHO_PORTS if p != removed])
+        snapshot = json.loads(admin(HASH_ADMIN, "/admin/reload", method="POST"))["snapshot"]
+        after = key_endpoints(keys, snapshot)
+    finally:
+        end(proc)
+    both = before.keys() & after.keys()
+    if not both:
+        return {"keys": keys, "placed": 0}
+    moved = [k for k in both if before[k] != after[k]]
+    return {
+        "keys": keys,
+        "placed": len(both),
+        "endpoints_before": len(set(before.values())),
+        "endpoints_after": len(set(after.values())),
+        "on_removed_pct": 100 * sum(before[k] == removed for k in both) / len(both),
+        "moved_pct": 100 * len(moved) / len(both),
+        "moved_between_kept": sum(before[k] != removed for k in moved),
+        "still_on_removed": sum(after[k] == removed for k in both),
+    }
+
+
+def failover(echoes, seconds):
+    """100 new connections per second for `seconds` through a round_robin pool of three echo
+    upstreams with `retries = 2` and `[upstream.health] fails = 3`; the third endpoint is killed
+    (SIGKILL, by PID) 1 s in. /metrics is read every 50 ms meanwhile. Returns fg-load's
+    figures, and when the dead endpoint was marked down and last tried, in ms after the kill."""
+    ports = POOL_ECHO_PORTS[:3]
+    victim = ports[-1]
+    health = '[upstream.health]\ninterval = "2s"\nfails = 3\npasses = 2\n'
+    conf = pool_conf("fg-failover", FAILOVER_PORT, FAILOVER_ADMIN, pool_table("f", ports, "round_robin", "retries = 2\n" + health),
+                     pool_route("f", "f"))
+    proc = start_framegate("fg-failover", conf, FAILOVER_PORT)
+    count = FAILOVER_RATE * seconds
+    load_log = open(os.path.join(WORK, "fg-load-failover.log"), "w")
+    p = subprocess.Popen(pool_load_cmd(FAILOVER_PORT, "f") + ["rate", "--rate", str(FAILOVER_RATE), "--count", str(count), "--timeout", "5s"],
+                         stdout=subprocess.PIPE, stderr=load_log, text=True)
+    started.append(p)
+    samples, killed_at = [], None  # (time, the victim's {"up", "open", "failures"}, retries)
+    try:
+        p.stdout.readline()  # START: the first connection is due
+        t0, deadline = time.time(), time.time() + seconds + 10
+        while p.poll() is None and time.time() < deadline:
+            if killed_at is None and time.time() - t0 >= 1.0:
+                echoes[victim].kill()
+                echoes[victim].wait()
+                killed_at = time.time()
+            endpoints, retries = upstream_metrics(FAILOVER_ADMIN, "f")
+            samples.append((time.time(), endpoints.get(victim), retries))
+            time.sleep(0.05)
+        end(p)
+        out = p.stdout.read()
+    finally:
+        end(proc)
+    result = dict(kv.split("=") for kv in out.split() if "=" in kv)
+    if killed_at is None or "sent" not in result:
+        log(f"  failover: no result (see {load_log.name})")
+        return result
+    after = [(t, e, r) for t, e, r in samples if t >= killed_at and e]
+    at_kill = next((e for t, e, r in reversed(samples) if t < killed_at and e), {"failures": 0})
+    retries_at_kill = next((r for t, e, r in reversed(samples) if t < killed_at), 0)
+    down = next((t for t, e, r in after if not e["up"]), None)
+    last_failure, seen = None, at_kill["failures"]
+    for t, e, r in after:
+        if e["failures"] > seen:
+            last_failure, seen = t, e["failures"]
+    result.update({
+        "dead_endpoint_attempts": seen - at_kill["failures"],
+        "retries": (after[-1][2] if after else 0) - retries_at_kill,
+        "marked_down_ms": None if down is None else 1000 * (down - killed_at),
+        "last_tried_ms": None if last_failure is None else 1000 * (last_failure - killed_at),
+        "observed_ms": 1000 * (samples[-1][0] - killed_at),
+    })
+    return result
+
+
+def pool_part(args):
+    """The `pool` part: ((metric, target) -> [values], last connections per endpoint by target,
+    hash key movement, failover). At most 3 repetitions."""
+    echo = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-echo"), "--threads", "1", "--listen"]
+    echoes = {port: start(echo + [f"127.0.0.1:{port}"], f"echo-{port}") for port in POOL_ECHO_PORTS}
+    # The single upstream has the pool's capacity: as many one-thread processes, behind one address.
+    for i in range(3):
+        start(echo + [f"127.0.0.1:{POOL_SINGLE_PORT}", "--reuse-port"], f"echo-{POOL_SINGLE_PORT}-{i}")
+    for port in POOL_ECHO_PORTS + [POOL_SINGLE_PORT]:
+        wait_port(port)
+    three = POOL_ECHO_PORTS[:3]
+    pools = "".join(pool_table(mode, three, mode) for mode in POOL_TARGETS[1:])
+    routes = pool_route("single", f"ws://127.0.0.1:{POOL_SINGLE_PORT}/") + "".join(pool_route(mode, mode) for mode in POOL_TARGETS[1:])
+    proc = start_framegate("fg-pool", pool_conf("fg-pool", POOL_PORT, POOL_ADMIN, pools, routes), POOL_PORT)
+    results, spreads = {}, {}
+    reps = min(args.reps, 3)
+    count = 3000 if not args.quick else 1000
+    try:
+        # Untimed: a fresh gateway grows its heap on its first connections, which would charge
+        # whichever route comes first.
+        pool_handshake_run("single", proc, count)
+        for rep in range(reps):
+            log(f"pool repetition {rep + 1}/{reps}")
+            for t in POOL_TARGETS[rep % len(POOL_TARGETS):] + POOL_TARGETS[:rep % len(POOL_TARGETS)]:
+                hs, cpu, spreads[t] = pool_handshake_run(t, proc, count)
+                results.setdefault(("handshakes/s", t), []).append(hs)
+                results.setdefault(("gateway CPU us/handshake", t), []).append(cpu)
+    finally:
+        end(proc)
+    log("pool: hash key movement")
+    moved = hash_movement(5000 if not args.quick else 2000)
+    log("pool: failover")
+    failed_over = failover(echoes, 6 if not args.quick else 4)
+    return results, spreads, moved, failed_over
+
+
+def report_pool(results, spreads, moved, failed_over, args):
+    print(f"\n[[upstream]] pools: handshakes/s through a 3-endpoint pool per balance mode and a single upstream, same gateway "
+          f"(2 workers), medians of {min(args.reps, 3)}, spread min-max\n")
+    print("| metric | " + " | ".join(POOL_TARGETS) + " |")
+    print("|" + "---|" * (len(POOL_TARGETS) + 1))
+    medians = {}
+    for m in list(dict.fromkeys(m for m, _ in results)):
+        cells = []
+        for t in POOL_TARGETS:
+            medians[m, t], lo, hi = summary(results.get((m, t), []))
+            cells.append("" if medians[m, t] is None else f"{fmt(medians[m, t])} [{fmt(lo)}-{fmt(hi)}]")
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    for m, title in (("handshakes/s", "pool/single handshakes/s (target at least 95%)"), ("gateway CPU us/handshake", "pool/single CPU per handshake")):
+        single = medians.get((m, "single"))
+        print(f"| {title} | | " + " | ".join(
+            f"{100 * medians[m, t] / single:.0f}%" if single and medians.get((m, t)) else "-" for t in POOL_TARGETS[1:]) + " |")
+    print("| connections per endpoint, last run | | " + " | ".join(
+        "/".join(str(n) for _, n in sorted(spreads.get(t, {}).items())) for t in POOL_TARGETS[1:]) + " |")
+    r = failed_over
+    print(f"\nfailover: {FAILOVER_RATE} new connections/s (handshake, one echo, close), round_robin over 3 endpoints, retries = 2, "
+          "[upstream.health] fails = 3 (interval 2s, passes 2); one endpoint killed (SIGKILL) 1 s in; /metrics read every 50 ms")
+    if "sent" in r:
+        print(f"  failed handshakes: {r['failed_handshake']} of {r['sent']} (target: 0); failed after the 101: {r['failed_after_101']}")
+        print(f"  handshake ms p50 {r['handshake_p50_ms']}, p99 {r['handshake_p99_ms']}, max {r['handshake_max_ms']}; "
+              f"succeeded per second: {r['ok_per_sec']}")
+        ms = lambda v: "never" if v is None else f"{v:.0f} ms"
+        print(f"  dead endpoint: {r['dead_endpoint_attempts']} failed attempts ({r['retries']} retries), marked down "
+              f"{ms(r['marked_down_ms'])} after the kill, last tried {ms(r['last_tried_ms'])} after it "
+              f"(watched for {r['observed_ms']:.0f} ms)")
+    else:
+        print("  no result")
+    m = moved
+    print(f"\nhash key movement: {m['keys']} keys (query:k) over 10 endpoints, one removed by POST /admin/reload")
+    if m.get("placed"):
+        print(f"  keys moved: {m['moved_pct']:.1f}% (target: within 2 points of 10%; the removed endpoint held "
+              f"{m['on_removed_pct']:.1f}%); moved between endpoints that stayed: {m['moved_between_kept']} (must be 0); "
+              f"still on the removed one: {m['still_on_removed']}; endpoints used {m['endpoints_before']} then {m['endpoints_after']}; "
+              f"keys placed both times: {m['placed']}")
+    else:
+        print("  no keys placed")
+
+
 def quantile(counts, q):
     """The value at quantile q of a histogram given as {value: count}, as HdrHistogram reads it."""
     total = sum(counts.values())
@@ -564,8 +860,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--baseline", metavar="BIN", help="an older framegate binary to run beside this one")
-    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls,http",
-                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls, http")
+    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls,http,pool",
+                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls, http, pool")
     args = ap.parse_args()
     args.only = set(args.only.split(","))
     if args.quick:
@@ -573,9 +869,13 @@ def main():
     ensure_packages()
     if not args.skip_build:
         build()
+    missing = [b for b in ("framegate", "fg-load", "fg-echo") if not os.access(os.path.join(BIN, b), os.X_OK)]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} not in {BIN}: run without --skip-build, or set CARGO_TARGET_DIR to where they were built")
     if args.baseline and not os.access(args.baseline, os.X_OK):
         raise SystemExit(f"--baseline {args.baseline}: not an executable file")
-    procs = start_all(args.baseline and os.path.abspath(args.baseline))
+    # The pool part starts what it needs itself.
+    procs = start_all(args.baseline and os.path.abspath(args.baseline)) if args.only - {"pool"} else {}
     proxies = ["direct", "nginx", "haproxy", "framegate", "fg+lua"] + (list(BASELINE_TARGETS) if args.baseline else [])
     results = {}  # (metric, target) -> [values]
     pooled = {}  # target -> Counter of round-trip microseconds (latency histograms, merged)
@@ -624,11 +924,14 @@ def main():
             results.setdefault((f"RSS KB/idle conn ({args.idle})", t), []).append(rss)
     expiry = expiry_run(procs["fg+expiry"], args.idle) if "expiry" in args.only else {}
     tls = tls_part(args) if "tls" in args.only else {}
+    pool = pool_part(args) if "pool" in args.only else None
     stop_all()
     if results:
         report(results, args)
     if tls:
         report_tls(tls, args)
+    if pool:
+        report_pool(*pool, args)
     if expiry:
         print(f"\nexpiry: {args.idle} connections, lifetimes spread over 5-15 s (on_upgrade req:expire_in):")
         print("  " + " ".join(f"{k}={float(v):.1f}" if k != "missing" and k != "closed" else f"{k}={v}" for k, v in expiry.items()))

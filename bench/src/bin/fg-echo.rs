@@ -1,7 +1,9 @@
 //! The benchmark upstream: a WebSocket echo server on tokio-tungstenite. Replies are batched:
 //! it echoes everything already received, then flushes once. A connection whose first request
 //! is not a WebSocket upgrade is served as plain HTTP/1.1 instead (the HTTP pass-through
-//! benchmark): every request head gets `200 ok`, kept alive.
+//! benchmark): every request head gets `200 ok`, kept alive. With `--reuse-port`, several
+//! processes share one address (SO_REUSEPORT: the kernel spreads the connections), so that a
+//! single upstream address can have the capacity of a pool of processes.
 
 use clap::Parser;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 #[derive(Parser)]
@@ -20,6 +22,9 @@ struct Args {
     /// Runtime threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Share the address with other processes started with this flag (SO_REUSEPORT).
+    #[arg(long)]
+    reuse_port: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,7 +34,20 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(&args.listen).await?;
+        let listener = if args.reuse_port {
+            let addr: std::net::SocketAddr = args.listen.parse()?;
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            socket.listen(1024)?
+        } else {
+            TcpListener::bind(&args.listen).await?
+        };
         println!("listening {}", listener.local_addr()?);
         loop {
             let (stream, _) = listener.accept().await?;

@@ -5,7 +5,11 @@
 //! - `latency`: an open loop at a fixed total rate; each message carries its *intended* send
 //!   time, so a stalled proxy cannot hide queueing (no coordinated omission); HDR percentiles.
 //! - `connections`: opens N idle connections, reports handshakes per second, prints READY and
-//!   holds them until stdin closes or the hold time ends.
+//!   holds them until stdin closes or the hold time ends. With `--query-key k`, connection i
+//!   asks for the URL with `k=i` added to its query (distinct keys for a `hash` pool).
+//! - `rate`: an open loop of new connections at a fixed rate, each a handshake, one echoed
+//!   message and a close; how many failed (before or after the 101) and, per second, how many
+//!   succeeded (the pool failover benchmark).
 //! - `http`: N kept-alive HTTP/1.1 connections, each with one small GET in flight at a time,
 //!   to the URL's host and `--path`; requests per second (the HTTP pass-through benchmark).
 //!
@@ -105,6 +109,21 @@ enum Mode {
         concurrency: usize,
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         hold: Duration,
+        /// Adds `NAME=i` to connection i's query string.
+        #[arg(long, value_name = "NAME")]
+        query_key: Option<String>,
+    },
+    /// Opens `count` connections at `rate` per second, each due at its own time whatever the
+    /// earlier ones are doing (an open loop); each makes a handshake, sends one text message,
+    /// waits for its echo and closes. Prints START when the first one is due.
+    Rate {
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 500)]
+        count: usize,
+        /// Bound on one connection's handshake and echo together.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -320,7 +339,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             count,
             concurrency,
             hold,
-        } => idle(&args.url, &args.header, count, concurrency, hold).await,
+            query_key,
+        } => {
+            idle(
+                &args.url,
+                &args.header,
+                count,
+                concurrency,
+                hold,
+                query_key.as_deref(),
+            )
+            .await
+        }
+        Mode::Rate {
+            rate,
+            count,
+            timeout,
+        } => rate_load(&args.url, &args.header, rate, count, timeout).await,
     }
 }
 
@@ -560,6 +595,7 @@ async fn idle(
     count: usize,
     concurrency: usize,
     hold: Duration,
+    query_key: Option<&str>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut open_conns: Vec<Ws> = Vec::with_capacity(count);
@@ -567,7 +603,14 @@ async fn idle(
     let mut launched = 0;
     while open_conns.len() < count {
         while launched < count && pending.len() < concurrency {
-            pending.push(open(url, headers));
+            let url = match query_key {
+                Some(key) => {
+                    let sep = if url.contains('?') { '&' } else { '?' };
+                    format!("{url}{sep}{key}={launched}")
+                }
+                None => url.to_owned(),
+            };
+            pending.push(async move { open(&url, headers).await });
             launched += 1;
         }
         match pending.next().await {
@@ -591,6 +634,133 @@ async fn idle(
     })
     .await;
     drop(open_conns);
+    Ok(())
+}
+
+/// How one connection of `rate` failed.
+enum RateFailure {
+    /// No 101: the gateway refused, answered an error status, or did not answer in time.
+    Handshake(String),
+    /// Upgraded, but the echo did not come back.
+    AfterUpgrade(String),
+}
+
+/// `rate`: one connection's handshake and echo, within `deadline`, then a close (bounded, and
+/// not counted: the connection has done its work).
+async fn handshake_and_echo(
+    url: &str,
+    headers: &[String],
+    deadline: tokio::time::Instant,
+) -> Result<Duration, RateFailure> {
+    let started = Instant::now();
+    let mut ws = match tokio::time::timeout_at(deadline, open(url, headers)).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => return Err(RateFailure::Handshake(format!("{e:#}"))),
+        Err(_) => return Err(RateFailure::Handshake("timed out".into())),
+    };
+    let upgraded = started.elapsed();
+    let echo = async {
+        ws.send(Message::text("fg-rate")).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) if m.is_text() => return Ok(()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("connection closed before the echo"),
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, echo).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(RateFailure::AfterUpgrade(format!("{e:#}"))),
+        Err(_) => return Err(RateFailure::AfterUpgrade("echo timed out".into())),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        ws.close(None).await?;
+        while ws.next().await.is_some() {}
+        anyhow::Ok(())
+    })
+    .await;
+    Ok(upgraded)
+}
+
+/// `rate`: `count` connections started at `rate` per second; each does a handshake, one echo
+/// and a close within `timeout`. Prints the failures (before and after the 101), the handshake
+/// times, and per second (by when each connection was due) how many succeeded and failed.
+async fn rate_load(
+    url: &str,
+    headers: &[String],
+    rate: u64,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    if rate == 0 {
+        bail!("--rate must be at least 1");
+    }
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let seconds = count.div_ceil(rate as usize);
+    let url: Arc<str> = url.into();
+    let headers: Arc<[String]> = headers.into();
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    println!("START");
+    for i in 0..count {
+        let due = start + interval.mul_f64(i as f64);
+        tokio::time::sleep_until(due).await;
+        let (url, headers) = (url.clone(), headers.clone());
+        tasks.spawn(async move {
+            let second = i / rate as usize;
+            (
+                second,
+                handshake_and_echo(&url, &headers, due + timeout).await,
+            )
+        });
+    }
+    let mut ok_per_sec = vec![0u64; seconds];
+    let mut failed_per_sec = vec![0u64; seconds];
+    let (mut failed_handshake, mut failed_after) = (0u64, 0u64);
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut times = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    while let Some(joined) = tasks.join_next().await {
+        let (second, outcome) = joined?;
+        match outcome {
+            Ok(upgraded) => {
+                ok_per_sec[second] += 1;
+                times.saturating_record(upgraded.as_micros().max(1) as u64);
+            }
+            Err(failure) => {
+                failed_per_sec[second] += 1;
+                let error = match failure {
+                    RateFailure::Handshake(e) => {
+                        failed_handshake += 1;
+                        format!("before the 101: {e}")
+                    }
+                    RateFailure::AfterUpgrade(e) => {
+                        failed_after += 1;
+                        format!("after the 101: {e}")
+                    }
+                };
+                if errors.len() < 16 || errors.contains_key(&error) {
+                    *errors.entry(error).or_default() += 1;
+                }
+            }
+        }
+    }
+    for (error, n) in &errors {
+        eprintln!("fg-load: {n} x {error}");
+    }
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    println!(
+        "sent={count} ok={} failed_handshake={failed_handshake} failed_after_101={failed_after} \
+         handshake_p50_ms={:.2} handshake_p99_ms={:.2} handshake_max_ms={:.2} \
+         ok_per_sec={} failed_per_sec={}",
+        times.len(),
+        times.value_at_quantile(0.5) as f64 / 1000.0,
+        times.value_at_quantile(0.99) as f64 / 1000.0,
+        times.max() as f64 / 1000.0,
+        list(&ok_per_sec),
+        list(&failed_per_sec)
+    );
     Ok(())
 }
 
