@@ -29,6 +29,10 @@ use crate::config::{Config, OnPolicyError, Route};
 
 pub use frame::test_hooks;
 
+/// The least wall-clock time a script's top level gets when it is loaded, whatever the
+/// route's `policy_cpu_limit`.
+const LOAD_CPU_FLOOR: Duration = Duration::from_millis(250);
+
 /// Instructions between two checks of the CPU deadline.
 const HOOK_EVERY: u32 = 1000;
 
@@ -413,8 +417,14 @@ pub(crate) fn compile(
     let function = chunk
         .into_function()
         .map_err(|e| fail(full_path(describe(&e, limits), &shown)))?;
+    // The top level runs once, at load: a floor under its wall-clock limit keeps a busy
+    // machine (a worker descheduled for a few milliseconds) from failing a start or reload.
+    let top = Limits {
+        cpu: limits.cpu.max(LOAD_CPU_FLOOR),
+        ..limits
+    };
     let returned = vm
-        .guarded(limits, || function.call::<Value>(()))
+        .guarded(top, || function.call::<Value>(()))
         .map_err(|e| fail(prefix(&shown, full_path(describe(&e, limits), &shown))))?;
     match returned {
         Value::Function(function) => Ok(Script {
