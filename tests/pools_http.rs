@@ -281,3 +281,28 @@ async fn a_stripped_token_never_reaches_a_pool_endpoint() {
     assert_eq!(body, "h;;/page?y=2", "the token reached the endpoint");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_hash_key_picks_the_endpoint_of_each_request_on_a_kept_alive_connection() {
+    let (a, b) = (Named::start("a").await, Named::start("b").await);
+    let gw = gateway(&config(
+        &[a.addr, b.addr],
+        "balance = \"hash\"\nhash_key = \"query:k\"",
+    ))
+    .await;
+    // Where each key lands, each on a new connection.
+    let mut home = std::collections::HashMap::new();
+    for k in 0..20 {
+        let (body, _) = get_once(gw.local_addr(), &format!("/app/x?k={k}"), None).await;
+        home.insert(k, name(&body).to_owned());
+    }
+    let names: std::collections::HashSet<_> = home.values().collect();
+    assert_eq!(names.len(), 2, "20 keys over two endpoints: {home:?}");
+    // One kept-alive connection, keys in turn: each request goes to its key's endpoint.
+    let mut conn = client(gw.local_addr()).await;
+    for k in (0..20).chain(0..20) {
+        let body = get_on(&mut conn, &format!("/app/x?k={k}")).await;
+        assert_eq!(name(&body), home[&k], "key {k}");
+    }
+    gw.shutdown().await;
+}

@@ -373,11 +373,13 @@ impl Conn {
         let state = target.state.clone();
         let wanted = match (target.sticky, &target.key) {
             (Some(id), _) => Some(id.to_owned()),
-            (None, Some(key)) => match state.pick(pool, Some(key.as_bytes()), None, &[]) {
-                crate::upstream::pool::Pick::Endpoint(e) => Some(e.id.clone()),
-                _ => None,
-            },
-            (None, None) => None,
+            (None, Some(key)) if pool.balance == crate::config::pool::Balance::Hash => {
+                match state.pick(pool, Some(key.as_bytes()), None, &[]) {
+                    crate::upstream::pool::Pick::Endpoint(e) => Some(e.id.clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
         };
         let had = target.sticky.map(str::to_owned);
         let path_and_query = target.path_and_query.clone();
