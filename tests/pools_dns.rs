@@ -7,7 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use support::*;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -82,33 +82,14 @@ impl Drop for Dnsmasq {
     }
 }
 
-/// Serves WebSockets on `listener`, naming itself first, then echoing.
-fn named(name: &'static str, listener: TcpListener) {
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                let _ = ws.send(Message::text(name)).await;
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() && ws.send(m).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// Two upstreams on the same port, on 127.0.0.1 ("a") and 127.0.0.2 ("b").
 async fn two_hosts() -> u16 {
     loop {
         let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = a.local_addr().unwrap().port();
         if let Ok(b) = TcpListener::bind(("127.0.0.2", port)).await {
-            named("a", a);
-            named("b", b);
+            named_upstream("a", a);
+            named_upstream("b", b);
             return port;
         }
     }
