@@ -387,7 +387,7 @@ async fn an_etcd_only_pool_with_etcd_unreachable_answers_503_with_retry_after() 
 }
 
 #[tokio::test]
-async fn reloads_keep_the_watch_and_a_new_prefix_drains_the_old_keys() {
+async fn reloads_keep_the_watch_and_a_new_prefix_or_no_etcd_drains_the_old_keys() {
     let (a, b, c) = (named("a").await, named("b").await, named("c").await);
     let etcd = Etcd::start().await;
     etcd.put("a", &ws(a)).await;
@@ -424,4 +424,19 @@ async fn reloads_keep_the_watch_and_a_new_prefix_drains_the_old_keys() {
     listed(&gw, &ws(b), false).await;
     echoes(&mut held, "after another reload").await;
     assert_eq!(names(gw.local_addr(), 2).await, ["c", "c"]);
+
+    // No etcd source any more: its endpoints drain, the configured one takes over.
+    let d = named("d").await;
+    dir.write(
+        "config.toml",
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[[upstream]]\nname = \"chat\"\nendpoints = [\"{}\"]\n\
+             [[route]]\npath = \"/chat\"\nupstream = \"chat\"\n",
+            ws(d)
+        ),
+    );
+    gw.reload().await.expect("the reload succeeds");
+    listed(&gw, &ws(c), false).await;
+    echoes(&mut held, "after the last reload").await;
+    assert_eq!(names(gw.local_addr(), 2).await, ["d", "d"]);
 }
