@@ -178,6 +178,13 @@ impl Gateway {
             move || shared.snapshot().config.upstreams.clone(),
             background.clone(),
         ));
+        // etcd discovery: one supervisor for the whole gateway, one watch per pool under it.
+        let shared = self.shared.clone();
+        tokio::spawn(crate::upstream::pool::etcd::run(
+            self.shared.pools.clone(),
+            move || shared.snapshot().config.upstreams.clone(),
+            background.clone(),
+        ));
         Ok(Running {
             shared: self.shared,
             reloader,

@@ -23,7 +23,8 @@
 //!   process-wide JWKS cache and its HTTPS fetches.
 //! - [`upstream`]: connecting to upstreams over TCP or TLS; [`upstream::pool`] the `[[upstream]]`
 //!   pools' live state (gateway-wide, kept across reloads), balancing (`pool/balance.rs`),
-//!   active health checks (`pool/health.rs`) and DNS discovery (`pool/discovery.rs`);
+//!   active health checks (`pool/health.rs`), DNS discovery (`pool/discovery.rs`) and etcd
+//!   discovery (`pool/etcd.rs`);
 //!   `proxy/pooled.rs` the attempts and retries before the 101; [`config::pool`] their tables.
 //! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
 //! - `listener`: the connection cap, serving one client connection (in its tracing span);

@@ -24,22 +24,7 @@ impl Named {
 
     fn on(name: &'static str, listener: TcpListener) -> Named {
         let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                conns.spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                        return;
-                    };
-                    let _ = ws.send(Message::text(name)).await;
-                    while let Some(Ok(m)) = ws.next().await {
-                        if m.is_text() && ws.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
+        let task = named_upstream(name, listener);
         Named { addr, task }
     }
 

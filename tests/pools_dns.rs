@@ -7,7 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use support::*;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -20,44 +20,75 @@ struct Dnsmasq {
 }
 
 impl Dnsmasq {
+    /// Starts dnsmasq and waits until it answers. A port that is free for UDP may be taken
+    /// for TCP, which dnsmasq binds too ("Address already in use" while other tests or
+    /// benchmarks run): then it exits at once, and another port is tried.
     fn start(dir: &TempDir, hosts: &str, conf: &str) -> Dnsmasq {
         let hosts_path = dir.write("hosts", hosts);
         let conf_path = dir.write("dnsmasq.conf", conf);
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         // Debian puts it in /usr/sbin, which a non-root PATH may lack.
         let program = match std::path::Path::new("/usr/sbin/dnsmasq").exists() {
             true => "/usr/sbin/dnsmasq",
             false => "dnsmasq",
         };
-        let child = Command::new(program)
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--pid-file=",
-                "--log-facility=-",
-                &format!("--port={port}"),
-                &format!("--addn-hosts={}", hosts_path.display()),
-                &format!("--conf-file={}", conf_path.display()),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start dnsmasq ({e}): install the Debian package `dnsmasq-base` (apt-get install dnsmasq-base)")
-            });
-        Dnsmasq {
-            child,
-            port,
-            hosts: hosts_path,
+        for _ in 0..20 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new(program)
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--pid-file=",
+                    "--log-facility=-",
+                    &format!("--port={port}"),
+                    &format!("--addn-hosts={}", hosts_path.display()),
+                    &format!("--conf-file={}", conf_path.display()),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start dnsmasq ({e}): install the Debian package `dnsmasq-base` (apt-get install dnsmasq-base)")
+                });
+            let mut dns = Dnsmasq {
+                child,
+                port,
+                hosts: hosts_path.clone(),
+            };
+            if dns.answers() {
+                return dns;
+            }
+            dns.stop();
         }
+        panic!("dnsmasq did not start on any of 20 loopback ports");
+    }
+
+    /// Whether it answers a query (any answer) within 5 s; `false` once it has exited.
+    fn answers(&mut self) -> bool {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        // A query for `test.` A: id 1, recursion desired.
+        let query = b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x04test\x00\x00\x01\x00\x01";
+        for _ in 0..50 {
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            socket.send_to(query, ("127.0.0.1", self.port)).unwrap();
+            let mut answer = [0u8; 512];
+            if socket.recv_from(&mut answer).is_ok() {
+                return true;
+            }
+        }
+        false
     }
 
     /// New records: the hosts file rewritten, then SIGHUP (dnsmasq re-reads it).
@@ -82,33 +113,14 @@ impl Drop for Dnsmasq {
     }
 }
 
-/// Serves WebSockets on `listener`, naming itself first, then echoing.
-fn named(name: &'static str, listener: TcpListener) {
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
-                    return;
-                };
-                let _ = ws.send(Message::text(name)).await;
-                while let Some(Ok(m)) = ws.next().await {
-                    if m.is_text() && ws.send(m).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// Two upstreams on the same port, on 127.0.0.1 ("a") and 127.0.0.2 ("b").
 async fn two_hosts() -> u16 {
     loop {
         let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = a.local_addr().unwrap().port();
         if let Ok(b) = TcpListener::bind(("127.0.0.2", port)).await {
-            named("a", a);
-            named("b", b);
+            named_upstream("a", a);
+            named_upstream("b", b);
             return port;
         }
     }

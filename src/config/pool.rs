@@ -639,6 +639,20 @@ impl Validator<'_> {
                 {
                     return Err(self.err(&e.endpoints, format!("upstream {pool:?}: etcd endpoint {bad:?} must be an http:// or https:// URL"), ""));
                 }
+                let tls = e
+                    .endpoints
+                    .get_ref()
+                    .iter()
+                    .filter(|u| u.starts_with("https://"));
+                if tls.count() % e.endpoints.get_ref().len() != 0 {
+                    return Err(self.err(
+                        &e.endpoints,
+                        format!(
+                            "upstream {pool:?}: discovery.etcd.endpoints mix http:// and https://"
+                        ),
+                        "one etcd cluster: give every endpoint the same scheme",
+                    ));
+                }
                 if e.prefix.get_ref().is_empty() {
                     return Err(self.err(
                         &e.prefix,
@@ -795,6 +809,11 @@ upstream_path = "/rooms/{room}"
                 "has no endpoints and no discovery",
             ),
             (
+                pool("[upstream.discovery]\netcd = { endpoints = [\"http://a:2379\", \"https://b:2379\"], prefix = \"/s/\" }"),
+                "test.toml:4:22",
+                "mix http:// and https://",
+            ),
+            (
                 format!(
                     "[[upstream]]\nname = \"chat\"\nendpoints = [\"ws://a:1\"]\n{ROUTE}[route.upstream_tls]\ninsecure_skip_verify = true\n"
                 ),
@@ -810,6 +829,18 @@ upstream_path = "/rooms/{room}"
             let e = load(&src).unwrap_err().to_string();
             assert!(e.contains(at) && e.contains(want), "for {src}\ngot {e}\nwant {at} {want}");
         }
+    }
+
+    #[test]
+    fn an_etcd_only_pool_needs_no_endpoints() {
+        let c = load(&format!(
+            "[[upstream]]\nname = \"chat\"\n[upstream.discovery]\netcd = {{ endpoints = [\"http://127.0.0.1:2379\"], prefix = \"/services/chat/\" }}\n{ROUTE}"
+        ))
+        .unwrap();
+        let pool = c.pool("chat").unwrap();
+        assert!(pool.endpoints.is_empty());
+        let etcd = pool.discovery.as_ref().unwrap().etcd.as_ref().unwrap();
+        assert_eq!(etcd.prefix, "/services/chat/");
     }
 
     #[test]

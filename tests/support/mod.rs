@@ -160,6 +160,27 @@ pub async fn echo() -> Upstream {
     .await
 }
 
+/// Serves WebSockets on `listener`: each connection gets `name` as its first message, then
+/// its text messages echoed. Aborting the task ends the listener and every connection.
+pub fn named_upstream(name: &'static str, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let _ = ws.send(Message::text(name)).await;
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
 /// An upstream that hands each connection to the test through a channel.
 pub async fn captured() -> (Upstream, mpsc::UnboundedReceiver<UpstreamWs>) {
     let (tx, rx) = mpsc::unbounded_channel();

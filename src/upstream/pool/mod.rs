@@ -10,6 +10,7 @@
 
 pub(crate) mod balance;
 pub mod discovery;
+pub mod etcd;
 pub mod health;
 
 use std::collections::HashMap;
