@@ -214,3 +214,49 @@ async fn srv_records_give_host_port_and_weight() {
     assert_eq!((e.source.as_str(), e.weight()), ("srv", 5));
     assert_eq!(name_of(gw.local_addr()).await.1, "b");
 }
+
+/// A reload that takes the `dns` source away drains what it had found (open connections stay)
+/// and the configured endpoints take the new connections.
+#[tokio::test]
+async fn a_reload_without_the_dns_source_drains_its_endpoints() {
+    let port = two_hosts().await;
+    let dir = TempDir::new("pool-dns-reload");
+    let dns = Dnsmasq::start(&dir, "127.0.0.1 chat.test\n", "");
+    let toml = |discovery: &str| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n\
+             [[upstream]]\nname = \"chat\"\nendpoints = [\"ws://127.0.0.2:{port}\"]\nbalance = \"least_connections\"\n{discovery}\n\
+             [[route]]\npath = \"/chat\"\nupstream = \"chat\"\n"
+        )
+    };
+    let gw = start_from(
+        &dir,
+        &toml(&format!(
+            "[upstream.discovery]\ndns = \"chat.test:{port}\"\nrefresh = \"100ms\"\nnameserver = \"127.0.0.1:{}\"\n",
+            dns.port
+        )),
+    )
+    .await;
+    let a = format!("ws://127.0.0.1:{port}");
+    listed(&gw, &a, true).await;
+    // Least connections: one on each, a's held open.
+    let (first, one) = name_of(gw.local_addr()).await;
+    let (second, two) = name_of(gw.local_addr()).await;
+    let mut held = if one == "a" { first } else { second };
+    assert_eq!(
+        [one.as_str(), two.as_str()]
+            .iter()
+            .filter(|n| **n == "a")
+            .count(),
+        1
+    );
+
+    dir.write("config.toml", &toml(""));
+    gw.reload().await.expect("the reload succeeds");
+    listed(&gw, &a, false).await;
+    for _ in 0..3 {
+        assert_eq!(name_of(gw.local_addr()).await.1, "b");
+    }
+    held.send(Message::text("still open")).await.unwrap();
+    assert_eq!(next_text(&mut held).await, "still open");
+}

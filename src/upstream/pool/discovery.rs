@@ -108,10 +108,20 @@ pub async fn run(
         let now = Instant::now();
         let mut next = now + IDLE_LOOK;
         for pool in current() {
-            let Some(discovery) = pool.discovery.clone() else {
+            let Some(state) = pools.get(&pool.name) else {
                 continue;
             };
-            let Some(state) = pools.get(&pool.name) else {
+            // A reload that took a source away drains what it had found.
+            let d = pool.discovery.as_ref();
+            for (source, wanted) in [
+                (Source::Dns, d.is_some_and(|d| d.dns.is_some())),
+                (Source::Srv, d.is_some_and(|d| d.srv.is_some())),
+            ] {
+                if !wanted && due.remove(&(pool.name.clone(), source)).is_some() {
+                    state.set_endpoints(source, &[]);
+                }
+            }
+            let Some(discovery) = pool.discovery.clone() else {
                 continue;
             };
             // A reload that changes the discovery settings gets a new resolver.
