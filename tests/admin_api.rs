@@ -756,13 +756,23 @@ fn grafana_dashboard_matches_the_metrics() {
     let set = metrics.worker(0).route("/x");
     set.connection_opened();
     set.policy_call(Phase::Upgrade, std::time::Duration::ZERO);
-    let text = metrics.encode();
+    // And the pools' families, which a gateway with pools adds at scrape time.
+    let text = metrics.encode_with(vec![framegate::metrics::UpstreamSample {
+        pool: "chat".into(),
+        retries: 1,
+        endpoints: vec![framegate::metrics::EndpointSample {
+            endpoint: "ws://10.0.0.1:9000".into(),
+            up: true,
+            open: 2,
+            failures: vec![("connect", 1)],
+        }],
+    }]);
     let families: Vec<(&str, &str)> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_once(' '))
         .collect();
-    assert_eq!(families.len(), 15, "{families:?}");
+    assert_eq!(families.len(), 19, "{families:?}");
     for expr in &exprs {
         for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if !name.starts_with("framegate_") {

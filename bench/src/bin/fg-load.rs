@@ -787,6 +787,7 @@ async fn http_load(
     for _ in 0..connections {
         let mut stream = TcpStream::connect(&host).await?;
         stream.set_nodelay(true)?;
+        let host = host.clone();
         let (request, counting, stop, count) = (
             request.clone(),
             counting.clone(),
@@ -798,9 +799,16 @@ async fn http_load(
             let mut buf = bytes::BytesMut::with_capacity(4096);
             while !stop.load(Ordering::Relaxed) {
                 stream.write_all(&request).await?;
-                let status = read_http_response(&mut stream, &mut buf).await?;
+                let (status, close) = read_http_response(&mut stream, &mut buf).await?;
                 if status != 200 {
                     bail!("the proxy answered {status}");
+                }
+                // A proxy that ends kept-alive connections after so many requests (NGINX's
+                // and framegate's keepalive_requests) says so: connect again, as clients do.
+                if close {
+                    stream = TcpStream::connect(&host).await?;
+                    stream.set_nodelay(true)?;
+                    buf.clear();
                 }
                 if counting.load(Ordering::Relaxed) {
                     count.fetch_add(1, Ordering::Relaxed);
@@ -825,11 +833,11 @@ async fn http_load(
 }
 
 /// Reads one response with a `Content-Length` body from `stream` (`buf` keeps what came after
-/// it); returns its status.
+/// it); returns its status and whether it said `Connection: close`.
 async fn read_http_response(
     stream: &mut TcpStream,
     buf: &mut bytes::BytesMut,
-) -> anyhow::Result<u16> {
+) -> anyhow::Result<(u16, bool)> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = std::str::from_utf8(&buf[..end])?.to_ascii_lowercase();
@@ -844,7 +852,11 @@ async fn read_http_response(
                 .map_or(Ok(0), |v| v.trim().parse())?;
             if buf.len() >= end + 4 + length {
                 let _ = buf.split_to(end + 4 + length);
-                return Ok(status);
+                let close = head.lines().any(|l| {
+                    l.strip_prefix("connection:")
+                        .is_some_and(|v| v.contains("close"))
+                });
+                return Ok((status, close));
             }
         }
         if stream.read_buf(buf).await? == 0 {
