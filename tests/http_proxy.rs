@@ -17,6 +17,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
+use support::http_client as client;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -204,18 +205,6 @@ fn proxy_route(path: &str, upstream: SocketAddr, extra: &str) -> String {
         &format!("http = \"proxy\"\n{extra}"),
         &[],
     )
-}
-
-/// A hyper HTTP/1.1 client connection to the gateway.
-async fn client(
-    addr: SocketAddr,
-) -> hyper::client::conn::http1::SendRequest<BoxBody<Bytes, Infallible>> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender
 }
 
 fn get(path: &str) -> Request<BoxBody<Bytes, Infallible>> {

@@ -15,8 +15,9 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use support::http_client as client;
 use support::*;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// A hyper HTTP/1.1 upstream whose every answer is its name, followed by `;` and the
 /// `Cookie` header it got and the request target.
@@ -144,18 +145,6 @@ async fn requests_are_balanced_and_the_sticky_cookie_keeps_a_client_on_its_endpo
         Some(cookies["b"].as_str())
     );
     gw.shutdown().await;
-}
-
-/// A hyper client connection to the gateway.
-async fn client(
-    addr: SocketAddr,
-) -> hyper::client::conn::http1::SendRequest<BoxBody<Bytes, Infallible>> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    sender
 }
 
 async fn get_on(

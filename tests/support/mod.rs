@@ -225,6 +225,21 @@ pub async fn connect_with(
     .await
 }
 
+/// A hyper HTTP/1.1 client connection to `addr`, its connection driven by a task of its own.
+pub async fn http_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<
+    http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>,
+> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 /// Sends raw bytes as an HTTP request and returns the status code, the head and the body.
 pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
