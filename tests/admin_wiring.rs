@@ -861,6 +861,8 @@ end"#,
     .await;
     let (admin, _stop) = admin_for(&gw).await;
     let mut client = connect(gw.local_addr(), "/chat").await;
+    // The client has its 101 a moment before the relay registers the connection.
+    registered(&gw, 1).await;
     let expires = |list: Value| {
         let at = list["connections"][0]["expires_at"]
             .as_str()
