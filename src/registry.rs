@@ -16,7 +16,8 @@
 //!
 //! Everything a connection brings is bounded here: tags ([`Tags`]), the recorded request
 //! headers, and the frozen ctx's JSON size. Secrets in the upgrade request (`Authorization`,
-//! `Proxy-Authorization`, `Cookie`, an `access_token` query parameter) are masked when the entry is
+//! `Proxy-Authorization`, `Cookie`, an `access_token` query parameter, subprotocols longer than
+//! 32 bytes) are masked when the entry is
 //! made, so they never reach the admin API.
 
 use std::collections::{BTreeMap, HashSet};
@@ -200,7 +201,8 @@ pub struct UpgradeRequest {
 
 impl UpgradeRequest {
     /// Records `method`, `target` and `headers` (raw values; non-UTF-8 bytes are shown as U+FFFD),
-    /// masking `Authorization`, `Proxy-Authorization`, `Cookie` and the `access_token` parameter.
+    /// masking `Authorization`, `Proxy-Authorization`, `Cookie`, the `access_token` parameter and
+    /// subprotocols too long to be names (tokens carried as subprotocols).
     pub fn new<'a>(
         method: &str,
         target: &str,
@@ -214,6 +216,8 @@ impl UpgradeRequest {
                 .any(|s| name.eq_ignore_ascii_case(s));
             let value = if secret {
                 MASK.into()
+            } else if name.eq_ignore_ascii_case("sec-websocket-protocol") {
+                mask_long_protocols(&String::from_utf8_lossy(value)).into()
             } else {
                 String::from_utf8_lossy(value)
             };
@@ -268,6 +272,23 @@ impl Serialize for UpgradeRequest {
         }
         out.end()
     }
+}
+
+/// The longest subprotocol shown as it is. Browsers can send no `Authorization` header with a
+/// WebSocket, so pages carry tokens as subprotocols (`["access_token", "<jwt>"]`, or
+/// Kubernetes's `base64url.bearer.authorization.k8s.io.<token>`); protocol names are short.
+const MAX_SHOWN_PROTOCOL: usize = 32;
+
+/// A `Sec-WebSocket-Protocol` value with each item longer than [`MAX_SHOWN_PROTOCOL`] masked.
+fn mask_long_protocols(value: &str) -> String {
+    value
+        .split(',')
+        .map(|item| match item.trim() {
+            long if long.len() > MAX_SHOWN_PROTOCOL => MASK,
+            short => short,
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `target` with the value of every `access_token` query parameter replaced by the mask.
@@ -871,6 +892,10 @@ mod tests {
                 ("Authorization", b"Bearer s3cret"),
                 ("cookie", b"sid=s3cret"),
                 ("Proxy-Authorization", b"Basic s3cret"),
+                (
+                    "Sec-WebSocket-Protocol",
+                    b"graphql-ws, base64url.bearer.authorization.k8s.io.s3cret0123456789",
+                ),
             ],
         );
         let json = serde_json::to_string(&r).unwrap();
@@ -879,6 +904,7 @@ mod tests {
         let headers: Vec<_> = r.headers().collect();
         assert_eq!(headers[0], ("Host", "example.com"));
         assert_eq!(headers[1].1, MASK);
+        assert_eq!(headers[4].1, format!("graphql-ws, {MASK}"));
     }
 
     #[test]
