@@ -106,12 +106,7 @@ def start(cmd, name, **kw):
 def restart(name, proc, port):
     """Stops `proc` and starts the same command again: memory runs need a fresh heap, or a
     second run reuses what the first one grew and shows almost nothing."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    end(proc)
     while True:  # until the port is free again
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

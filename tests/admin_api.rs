@@ -18,7 +18,7 @@ use framegate::registry::{
 };
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
-use support::within;
+use support::{promtool_check_metrics, within};
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "s3cret-token-0123456789";
@@ -697,28 +697,7 @@ async fn metrics_scrape_passes_promtool() {
 }
 
 fn promtool_check(text: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => panic!(
-            "promtool is needed for this test and could not be run ({e}): \
-             install the Debian package `prometheus` (apt-get install -y prometheus)"
-        ),
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = promtool_check_metrics(text);
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
         "promtool check metrics: {}{}\n{text}",

@@ -742,12 +742,6 @@ end"#,
 /// `promtool check metrics` on a scrape taken through the admin listener while messages flow.
 #[tokio::test]
 async fn promtool_accepts_a_scrape_taken_during_traffic() {
-    let promtool = std::process::Command::new("promtool")
-        .arg("--version")
-        .output();
-    if promtool.is_err() {
-        panic!("promtool is missing: install the Debian package `prometheus` (apt-get install prometheus)");
-    }
     let up = echo().await;
     let gw = gateway(&format!(
         "{}{}",
@@ -795,21 +789,7 @@ async fn promtool_accepts_a_scrape_taken_during_traffic() {
         text.contains("framegate_messages_total{route=\"/policy\""),
         "{text}"
     );
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = promtool_check_metrics(&text);
     assert!(
         out.status.success(),
         "promtool check metrics failed:\n{}{}\n--- scrape ---\n{text}",

@@ -108,24 +108,33 @@ fn config(port: u16, tls: &str) -> String {
     )
 }
 
+/// The pool's `[upstream.tls]` keys, with the CA (and, with `client`, the gateway's client
+/// certificate and key) written to `dir`.
+fn upstream_tls(dir: &TempDir, pki: &Pki, client: bool, server_name: Option<&str>) -> String {
+    let ca = dir.write("ca.pem", &pki.ca_pem);
+    let mut keys = format!("ca_file = {:?}\n", ca.display().to_string());
+    if client {
+        let cert = dir.write("gateway.pem", &pki.client_pem);
+        let key = dir.write("gateway.key", &pki.client_key_pem);
+        keys += &format!(
+            "cert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+    }
+    if let Some(name) = server_name {
+        keys += &format!("server_name = {name:?}\n");
+    }
+    keys
+}
+
 #[tokio::test]
 async fn a_client_certificate_is_presented_and_accepted() {
     let pki = pki();
     let dir = TempDir::new("pool-mtls");
-    let ca = dir.write("ca.pem", &pki.ca_pem);
-    let cert = dir.write("gateway.pem", &pki.client_pem);
-    let key = dir.write("gateway.key", &pki.client_key_pem);
     let (port, _refused) = mtls_upstream(&pki).await;
-    let gw = gateway(&config(
-        port,
-        &format!(
-            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nserver_name = \"chat.internal\"",
-            ca.display().to_string(),
-            cert.display().to_string(),
-            key.display().to_string()
-        ),
-    ))
-    .await;
+    let tls = upstream_tls(&dir, &pki, true, Some("chat.internal"));
+    let gw = gateway(&config(port, &tls)).await;
     let mut ws = connect(gw.local_addr(), "/s").await;
     assert_eq!(next_text(&mut ws).await, "mtls");
     ws.send(Message::text("over mTLS")).await.unwrap();
@@ -136,16 +145,9 @@ async fn a_client_certificate_is_presented_and_accepted() {
 async fn without_the_client_certificate_the_upstream_refuses() {
     let pki = pki();
     let dir = TempDir::new("pool-mtls-none");
-    let ca = dir.write("ca.pem", &pki.ca_pem);
     let (port, mut refused) = mtls_upstream(&pki).await;
-    let gw = gateway(&config(
-        port,
-        &format!(
-            "ca_file = {:?}\nserver_name = \"chat.internal\"",
-            ca.display().to_string()
-        ),
-    ))
-    .await;
+    let tls = upstream_tls(&dir, &pki, false, Some("chat.internal"));
+    let gw = gateway(&config(port, &tls)).await;
     let (status, _, _) = raw_http(gw.local_addr(), &upgrade_request("/s", "")).await;
     assert_eq!(status, 502);
     let why = within("the upstream's refusal", refused.recv())
@@ -158,21 +160,10 @@ async fn without_the_client_certificate_the_upstream_refuses() {
 async fn the_certificate_is_checked_for_server_name_not_the_address() {
     let pki = pki();
     let dir = TempDir::new("pool-mtls-name");
-    let ca = dir.write("ca.pem", &pki.ca_pem);
-    let cert = dir.write("gateway.pem", &pki.client_pem);
-    let key = dir.write("gateway.key", &pki.client_key_pem);
     let (port, _refused) = mtls_upstream(&pki).await;
     // Without server_name the name checked is 127.0.0.1, which the certificate lacks.
-    let gw = gateway(&config(
-        port,
-        &format!(
-            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}",
-            ca.display().to_string(),
-            cert.display().to_string(),
-            key.display().to_string()
-        ),
-    ))
-    .await;
+    let tls = upstream_tls(&dir, &pki, true, None);
+    let gw = gateway(&config(port, &tls)).await;
     let (status, _, _) = raw_http(gw.local_addr(), &upgrade_request("/s", "")).await;
     assert_eq!(status, 502);
 }

@@ -240,6 +240,32 @@ pub async fn http_client(
     sender
 }
 
+/// Runs `promtool check metrics` on a scrape and returns what it said; a missing promtool
+/// fails the test with what to install.
+pub fn promtool_check_metrics(text: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool is needed for this test and could not be run ({e}): \
+                 install the Debian package `prometheus` (apt-get install -y prometheus)"
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Sends raw bytes as an HTTP request and returns the status code, the head and the body.
 pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
