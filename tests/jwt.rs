@@ -350,6 +350,35 @@ async fn key_rotation_needs_no_reload_and_unknown_key_ids_are_rate_limited() {
     gw.shutdown().await;
 }
 
+/// Each route remembers the tokens it verified (keyed by their SHA-256); a remembered token
+/// whose key has left the JWKS is refused as it would be without that cache.
+#[tokio::test]
+async fn a_verified_token_is_refused_once_its_key_leaves_the_jwks() {
+    let idp = idp().await;
+    let up = echo().await;
+    let gw = gateway(&route("/chat", up.addr, &idp.table(""), &[])).await;
+    let addr = gw.local_addr();
+    let old = idp.token("chat", 300).await;
+    for _ in 0..2 {
+        connect_with(addr, "/chat", &[("Authorization", &bearer(&old))])
+            .await
+            .expect("a token of the first key, verified then remembered");
+    }
+    assert_eq!(idp.admin_get("/rotate?retire=1").await, "key-2");
+    let new = idp.token("chat", 300).await;
+    connect_with(addr, "/chat", &[("Authorization", &bearer(&new))])
+        .await
+        .expect("the new key, fetched for its unknown kid");
+    assert_eq!(idp.fetches().await, 2);
+    let (status, _, body) = refused(addr, "/chat", &[("Authorization", &bearer(&old))]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (401, "unauthorized: unknown key id\n"),
+        "the remembered token's key is no longer published"
+    );
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn cached_keys_outlive_the_provider_and_no_keys_at_all_is_503() {
     let mut idp = idp().await;

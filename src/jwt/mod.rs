@@ -10,6 +10,7 @@
 //! `route.jwt.algorithms`, which holds HMAC algorithms only with `secret_file`; a JWKS never
 //! supplies an HMAC key; `exp` is always required.
 
+mod cache;
 mod crypto;
 mod fetch;
 pub mod jwks;
@@ -74,6 +75,8 @@ pub struct Verifier {
     keys: Keys,
     /// Built once: the settings every verification shares (its `algorithms` is set per token).
     validation: Validation,
+    /// Tokens verified before (see [`cache`]).
+    cache: cache::Cache,
 }
 
 enum Keys {
@@ -134,6 +137,7 @@ impl Verifier {
             config,
             keys,
             validation,
+            cache: cache::Cache::default(),
         })
     }
 
@@ -162,35 +166,51 @@ impl Verifier {
         token::strip(&self.config.from, headers, query)
     }
 
-    /// Verifies `token`, waiting at most `wait` for a fetch of the keys.
+    /// Verifies `token`, waiting at most `wait` for a fetch of the keys. A token verified
+    /// before is answered from the route's [`cache`] after its times and key are checked again.
     pub async fn verify(&self, token: &str, wait: Duration) -> Result<Claims, Refusal> {
+        let digest = (token.len() <= cache::MAX_TOKEN).then(|| cache::digest(token));
+        if let Some(digest) = &digest {
+            if let Some(hit) = self.cache.get(digest) {
+                let keys = self.keys(hit.kid.as_deref(), hit.alg, wait).await?;
+                if keys.iter().any(|k| Arc::ptr_eq(k, &hit.key)) {
+                    return match hit.expired(SystemTime::now(), self.validation.leeway) {
+                        None => Ok(hit.claims),
+                        Some(refusal) => Err(refusal),
+                    };
+                }
+                // The key is gone (rotated out of the JWKS): verify again, which refuses.
+                self.cache.remove(digest);
+            }
+        }
         let header = self.header(token)?;
-        let keys = match &self.keys {
-            Keys::Static(key) => vec![key.clone()],
-            Keys::Fetched(jwks) => jwks
-                .keys_for(header.kid.as_deref(), header.alg, wait)
-                .await
-                .map_err(missing)?,
-        };
-        self.check(token, header.alg, &keys)
+        let keys = self.keys(header.kid.as_deref(), header.alg, wait).await?;
+        let (claims, entry) = self.check(token, header, keys)?;
+        if let Some(digest) = digest {
+            self.cache.insert(digest, entry);
+        }
+        Ok(claims)
     }
 
     /// Verifies `token` with the keys held now, without waiting (for policies, which cannot
     /// wait). An unknown key id starts a fetch in the background, rate-limited as for upgrades.
     pub fn verify_cached(&self, token: &str) -> Result<Claims, Refusal> {
-        let header = self.header(token)?;
-        let keys = match &self.keys {
-            Keys::Static(key) => vec![key.clone()],
-            Keys::Fetched(jwks) => {
-                let wait = jwks.keys_for(header.kid.as_deref(), header.alg, Duration::ZERO);
-                // With no wait, the future completes at its first poll.
-                match futures_util::FutureExt::now_or_never(wait) {
-                    Some(found) => found.map_err(missing)?,
-                    None => return Err(Refusal::NoKeys),
-                }
-            }
-        };
-        self.check(token, header.alg, &keys)
+        // With no wait, the future completes at its first poll.
+        futures_util::FutureExt::now_or_never(self.verify(token, Duration::ZERO))
+            .unwrap_or(Err(Refusal::NoKeys))
+    }
+
+    /// The keys that may have signed a token with this `kid` and `alg`.
+    async fn keys(
+        &self,
+        kid: Option<&str>,
+        alg: jsonwebtoken::Algorithm,
+        wait: Duration,
+    ) -> Result<Vec<Arc<jwks::Key>>, Refusal> {
+        match &self.keys {
+            Keys::Static(key) => Ok(vec![key.clone()]),
+            Keys::Fetched(jwks) => jwks.keys_for(kid, alg, wait).await.map_err(missing),
+        }
     }
 
     fn header(&self, token: &str) -> Result<jsonwebtoken::Header, Refusal> {
@@ -203,21 +223,35 @@ impl Verifier {
         Ok(header)
     }
 
+    /// Checks the signature with each of `keys` until one fits, then the claims; returns the
+    /// claims and the cache entry that remembers them.
     fn check(
         &self,
         token: &str,
-        alg: jsonwebtoken::Algorithm,
-        keys: &[Arc<jwks::Key>],
-    ) -> Result<Claims, Refusal> {
+        header: jsonwebtoken::Header,
+        keys: Vec<Arc<jwks::Key>>,
+    ) -> Result<(Claims, cache::Entry), Refusal> {
         if keys.is_empty() {
             return Err(Refusal::Invalid("no key for this algorithm"));
         }
         let mut validation = self.validation.clone();
-        validation.algorithms = vec![alg];
+        validation.algorithms = vec![header.alg];
         let mut last = Refusal::Invalid("bad signature");
         for key in keys {
             match jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation) {
-                Ok(data) => return self.claims(data.claims),
+                Ok(data) => {
+                    let claims = self.claims(data.claims)?;
+                    let number = |name| claims.json.get(name).and_then(serde_json::Value::as_u64);
+                    let entry = cache::Entry {
+                        exp: number("exp").ok_or(Refusal::Invalid("bad exp claim"))?,
+                        nbf: number("nbf"),
+                        claims: claims.clone(),
+                        kid: header.kid.map(String::into_boxed_str),
+                        alg: header.alg,
+                        key,
+                    };
+                    return Ok((claims, entry));
+                }
                 Err(e) => {
                     last = Refusal::Invalid(describe(e.kind()));
                     if !matches!(e.kind(), ErrorKind::InvalidSignature) {

@@ -7,6 +7,7 @@
 // plain HTTP on 127.0.0.1, for the test only:
 //   GET /token?scope=chat&ttl=60   an access token from the provider's own token endpoint
 //   GET /rotate                    a new signing key (first), the old one kept in the JWKS
+//   GET /rotate?retire=1           a new signing key, the old ones dropped from the JWKS
 //   GET /fetches                   how many times the JWKS was served
 //   GET /sign?claims=JSON&alg=RS256&kid=K   a token with these claims signed with the current
 //                                  key (alg=HS256: the algorithm-confusion forgery, an HMAC
@@ -109,7 +110,7 @@ const admin = http.createServer(async (req, res) => {
       ttl = Number(url.searchParams.get('ttl') || 60);
       answer = await token(url.searchParams.get('scope') || 'chat');
     } else if (url.pathname === '/rotate') {
-      keys = [signingKey(), ...keys];
+      keys = url.searchParams.get('retire') ? [signingKey()] : [signingKey(), ...keys];
       makeProvider();
       answer = keys[0].kid;
     } else if (url.pathname === '/sign') {
