@@ -45,7 +45,8 @@ TARGETS = {  # name -> port
     "fg+json": 19005,     # JSON decode-modify-encode on_client_frame
     "fg+auth": 19006,     # on_upgrade token check
     "fg+expiry": 19007,   # on_upgrade sets each connection's lifetime from ?ttl=
-    "fg+jwt": 19010,      # [route.jwt]: an RS256 token checked with a cached key (public_key_file)
+    "fg+jwt": 19010,      # [route.jwt]: RS256 with a key file; one token (verified once, then cached); the
+                          # handshakes part also runs "fg+jwt-new" on it: a token never seen on each connection
 }
 BASELINE_TARGETS = {  # with --baseline: the same two set-ups on the older binary
     "base": 19008,
@@ -67,6 +68,7 @@ POOL_TARGETS = ["single", "round_robin", "least_connections", "random_two", "has
 FAILOVER_RATE = 100  # new connections per second
 TOKEN = "bench-token"
 JWT = None  # the RS256 token fg+jwt wants, made by jwt_key()
+JWT_SIGN = None  # sub -> a new RS256 token, set by jwt_key()
 started = []
 
 
@@ -210,19 +212,50 @@ end
 
 
 def jwt_key():
-    """An RSA key pair made with openssl, and an RS256 token signed with it (valid for a day):
-    returns the public key's path for `public_key_file`; sets JWT."""
-    global JWT
-    import base64, json
+    """An RSA key pair made with openssl, and RS256 tokens signed with it (valid for a day):
+    returns the public key's path for `public_key_file`; sets JWT (one token, which the
+    gateway verifies once and then finds in its route's cache of verified tokens) and
+    JWT_SIGN, which makes more (see jwt_tokens)."""
+    global JWT, JWT_SIGN
+    import base64, hashlib, json, re
     key, pub = os.path.join(WORK, "jwt.key"), os.path.join(WORK, "jwt.pem")
     sh(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key], stderr=subprocess.DEVNULL)
     sh(["openssl", "pkey", "-in", key, "-pubout", "-out", pub])
+    text = sh(["openssl", "rsa", "-in", key, "-noout", "-text"], capture_output=True).stdout.decode()
+    num = lambda name: int(re.search(name + r":\s*((?:\s*[0-9a-f]{2}:?)+)", text).group(1).replace(":", "").replace(" ", "").replace("\n", ""), 16)
+    n, p_, q, dp, dq, qinv = (num(x) for x in ("modulus", "prime1", "prime2", "exponent1", "exponent2", "coefficient"))
+    k = (n.bit_length() + 7) // 8
+    digest_info = bytes.fromhex("3031300d060960864801650304020105000420")  # PKCS#1 v1.5, SHA-256
+
+    def sign(data):
+        t = digest_info + hashlib.sha256(data).digest()
+        m = int.from_bytes(b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t, "big")
+        m1, m2 = pow(m, dp, p_), pow(m, dq, q)
+        return (m2 + q * ((qinv * (m1 - m2)) % p_)).to_bytes(k, "big")
+
     b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-    claims = {"sub": "bench", "aud": "bench", "exp": int(time.time()) + 86400}
-    signing_input = b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
-    signature = sh(["openssl", "dgst", "-sha256", "-sign", key], input=signing_input.encode(), capture_output=True).stdout
-    JWT = signing_input + "." + b64(signature)
+    head = b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+
+    def token(sub):
+        claims = {"sub": sub, "aud": "bench", "exp": int(time.time()) + 86400}
+        signing_input = head + "." + b64(json.dumps(claims).encode())
+        return signing_input + "." + b64(sign(signing_input.encode()))
+
+    JWT, JWT_SIGN = token("bench"), token
+    # The hand-made signatures must verify (openssl exits non-zero otherwise).
+    with open(os.path.join(WORK, "jwt-check.sig"), "wb") as f:
+        f.write(sign(b"check"))
+    sh(["openssl", "dgst", "-sha256", "-verify", pub, "-signature", f.name], input=b"check", capture_output=True)
     return pub
+
+
+def jwt_tokens(rep, count):
+    """A file of `count` tokens no earlier repetition used, each for another `sub`: the
+    gateway verifies each in full (its cache of verified tokens has never seen them)."""
+    path = os.path.join(WORK, f"jwt-{rep}.txt")
+    with open(path, "w") as f:
+        f.writelines(JWT_SIGN(f"user-{rep}-{i}") + "\n" for i in range(count))
+    return path
 
 
 def start_all(baseline=None):
@@ -260,13 +293,16 @@ def start_all(baseline=None):
     return procs
 
 
-def fg_load_cmd(target):
-    """The load generator's command line for `target` (with the token `fg+auth` wants)."""
+def fg_load_cmd(target, bearer_file=None):
+    """The load generator's command line for `target` (with the token `fg+auth` or `fg+jwt`
+    wants; with `bearer_file`, a token of that file on each connection instead)."""
     url = f"ws://127.0.0.1:{TARGETS[target]}/"
     cmd = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url", url]
     if target == "fg+auth":
         cmd += ["--header", f"authorization: Bearer {TOKEN}"]
-    if target == "fg+jwt":
+    if bearer_file:
+        cmd += ["--bearer-file", bearer_file]
+    elif target == "fg+jwt":
         cmd += ["--header", f"authorization: Bearer {JWT}"]
     return cmd
 
@@ -898,10 +934,15 @@ def main():
     for t, counts in pooled.items():
         for q, name in ((0.5, "p50"), (0.99, "p99"), (0.999, "p999")):
             results.setdefault((f"rtt {name} us @2k/s, pooled", t), []).append(quantile(counts, q))
-    peers = ["nginx", "haproxy", "framegate", "fg+auth", "fg+jwt"] + (["base"] if args.baseline else [])
+    peers = ["nginx", "haproxy", "framegate", "fg+auth", "fg+jwt", "fg+jwt-new"] + (["base"] if args.baseline else [])
     for rep in range(args.reps if "handshakes" in args.only else 0):
         for t in peers[rep % len(peers):] + peers[:rep % len(peers)]:
-            hs, cpu = handshake_run(t, procs[t], 3000 if not args.quick else 1000)
+            count = 3000 if not args.quick else 1000
+            if t == "fg+jwt-new":  # the fg+jwt gateway, a new token on every connection
+                cmd = fg_load_cmd("fg+jwt", bearer_file=jwt_tokens(rep, count))
+                hs, cpu = handshake_run(t, procs["fg+jwt"], count, cmd=cmd)
+            else:
+                hs, cpu = handshake_run(t, procs[t], count)
             results.setdefault(("handshakes/s", t), []).append(hs)
             results.setdefault(("proxy CPU us/handshake", t), []).append(cpu)
     # HTTP pass-through (route.http = "proxy"): small GETs on kept-alive connections.
@@ -958,7 +999,8 @@ def report(results, args):
 
     table("\nratios of medians (framegate / peer; for latency, RSS and CPU lower is better)",
           [("framegate", "direct"), ("framegate", "nginx"), ("framegate", "haproxy"), ("fg+lua", "framegate"),
-           ("fg+json", "framegate"), ("fg+auth", "framegate"), ("fg+auth", "haproxy"), ("fg+jwt", "framegate")])
+           ("fg+json", "framegate"), ("fg+auth", "framegate"), ("fg+auth", "haproxy"), ("fg+jwt", "framegate"),
+           ("fg+jwt-new", "framegate")])
     if "base" in TARGETS:
         table("\nagainst the baseline binary (--baseline), same run: this / baseline",
               [("framegate", "base"), ("fg+lua", "base+lua")])

@@ -14,6 +14,7 @@
 //! old one is dropped, so the tokens in use stay and a flood of new ones costs one map.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -28,12 +29,11 @@ pub(crate) const GENERATION: usize = 1024;
 /// 2 x [`GENERATION`] entries, a route's cache holds at most a few MiB of claims.
 pub(crate) const MAX_TOKEN: usize = 4096;
 
-/// A token's SHA-256.
-pub(crate) type Digest = [u8; 32];
-
 /// What a hit needs to be checked again, and what it answers.
 #[derive(Clone)]
 pub(crate) struct Entry {
+    /// The token itself (compared in constant time on a hit).
+    pub(crate) token: Arc<str>,
     pub(crate) claims: Claims,
     pub(crate) kid: Option<Box<str>>,
     pub(crate) alg: Algorithm,
@@ -62,46 +62,57 @@ impl Entry {
 /// The verified tokens of one route (see the module's documentation).
 #[derive(Default)]
 pub(crate) struct Cache {
+    /// The hash's random key.
+    keys: RandomState,
     generations: Mutex<Generations>,
 }
 
+/// Entries by their token's hash.
 #[derive(Default)]
 struct Generations {
-    young: HashMap<Digest, Entry>,
-    old: HashMap<Digest, Entry>,
+    young: HashMap<u64, Entry>,
+    old: HashMap<u64, Entry>,
 }
 
-/// The SHA-256 of a token.
-pub(crate) fn digest(token: &str) -> Digest {
-    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut out = [0; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+/// Whether two tokens are equal, in a time that depends on their lengths only.
+fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len()
+        && std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
 }
 
 impl Cache {
-    /// The entry of a token verified before, if it is still held.
-    pub(crate) fn get(&self, digest: &Digest) -> Option<Entry> {
+    /// The key a token is found by.
+    pub(crate) fn hash(&self, token: &str) -> u64 {
+        self.keys.hash_one(token)
+    }
+
+    /// The entry of `token` (whose [`Cache::hash`] is `hash`), if it was verified before and
+    /// is still held.
+    pub(crate) fn get(&self, hash: u64, token: &str) -> Option<Entry> {
         let mut g = self.lock();
-        if let Some(entry) = g.young.get(digest) {
-            return Some(entry.clone());
+        if let Some(entry) = g.young.get(&hash) {
+            return same(&entry.token, token).then(|| entry.clone());
         }
         // A hit in the old generation moves up, so that tokens in use survive a turnover.
-        let entry = g.old.remove(digest)?;
-        g.insert(*digest, entry.clone());
+        let entry = g.old.remove(&hash)?;
+        if !same(&entry.token, token) {
+            return None;
+        }
+        g.insert(hash, entry.clone());
         Some(entry)
     }
 
-    /// Remembers a token that verified.
-    pub(crate) fn insert(&self, digest: Digest, entry: Entry) {
-        self.lock().insert(digest, entry);
+    /// Remembers a token that verified (replacing another of the same hash).
+    pub(crate) fn insert(&self, hash: u64, entry: Entry) {
+        self.lock().insert(hash, entry);
     }
 
-    /// Forgets a token (one that no longer passes).
-    pub(crate) fn remove(&self, digest: &Digest) {
+    /// Forgets the token of this hash (one that no longer passes).
+    pub(crate) fn remove(&self, hash: u64) {
         let mut g = self.lock();
-        g.young.remove(digest);
-        g.old.remove(digest);
+        g.young.remove(&hash);
+        g.old.remove(&hash);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
@@ -119,11 +130,11 @@ impl Cache {
 }
 
 impl Generations {
-    fn insert(&mut self, digest: Digest, entry: Entry) {
-        if self.young.len() >= GENERATION && !self.young.contains_key(&digest) {
+    fn insert(&mut self, hash: u64, entry: Entry) {
+        if self.young.len() >= GENERATION && !self.young.contains_key(&hash) {
             self.old = std::mem::take(&mut self.young);
         }
-        self.young.insert(digest, entry);
+        self.young.insert(hash, entry);
     }
 }
 
@@ -133,8 +144,13 @@ mod tests {
     use std::time::Duration;
 
     fn entry(exp: u64, nbf: Option<u64>) -> Entry {
+        token_entry("t", exp, nbf)
+    }
+
+    fn token_entry(token: &str, exp: u64, nbf: Option<u64>) -> Entry {
         let key = jsonwebtoken::DecodingKey::from_secret(b"k");
         Entry {
+            token: token.into(),
             claims: Claims {
                 json: Arc::new(serde_json::json!({})),
                 expires: UNIX_EPOCH,
@@ -150,18 +166,30 @@ mod tests {
     #[test]
     fn bounded_by_two_generations_and_tokens_in_use_stay() {
         let cache = Cache::default();
-        let kept = digest("kept");
-        cache.insert(kept, entry(0, None));
+        let put = |t: &str| cache.insert(cache.hash(t), token_entry(t, 0, None));
+        let get = |t: &str| cache.get(cache.hash(t), t);
+        put("kept");
         for i in 0..GENERATION * 3 {
-            cache.insert(digest(&i.to_string()), entry(0, None));
+            put(&i.to_string());
             if i % (GENERATION / 2) == 0 {
-                assert!(cache.get(&kept).is_some(), "dropped at {i}");
+                assert!(get("kept").is_some(), "dropped at {i}");
             }
         }
         assert!(cache.len() <= 2 * GENERATION);
-        assert!(cache.get(&digest("0")).is_none());
-        cache.remove(&kept);
-        assert!(cache.get(&kept).is_none());
+        assert!(get("0").is_none());
+        assert!(get(&(GENERATION * 3 - 1).to_string()).is_some());
+        cache.remove(cache.hash("kept"));
+        assert!(get("kept").is_none());
+    }
+
+    #[test]
+    fn only_the_same_token_hits() {
+        let cache = Cache::default();
+        // Stored under another token's hash, as a collision would be.
+        cache.insert(cache.hash("a.b.c"), token_entry("a.b.d", 0, None));
+        assert!(cache.get(cache.hash("a.b.c"), "a.b.c").is_none());
+        assert!(!same("a.b.c", "a.b.cd"));
+        assert!(same("a.b.c", "a.b.c"));
     }
 
     #[test]

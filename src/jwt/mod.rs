@@ -169,9 +169,9 @@ impl Verifier {
     /// Verifies `token`, waiting at most `wait` for a fetch of the keys. A token verified
     /// before is answered from the route's [`cache`] after its times and key are checked again.
     pub async fn verify(&self, token: &str, wait: Duration) -> Result<Claims, Refusal> {
-        let digest = (token.len() <= cache::MAX_TOKEN).then(|| cache::digest(token));
-        if let Some(digest) = &digest {
-            if let Some(hit) = self.cache.get(digest) {
+        let hash = (token.len() <= cache::MAX_TOKEN).then(|| self.cache.hash(token));
+        if let Some(hash) = hash {
+            if let Some(hit) = self.cache.get(hash, token) {
                 let keys = self.keys(hit.kid.as_deref(), hit.alg, wait).await?;
                 if keys.iter().any(|k| Arc::ptr_eq(k, &hit.key)) {
                     return match hit.expired(SystemTime::now(), self.validation.leeway) {
@@ -180,14 +180,14 @@ impl Verifier {
                     };
                 }
                 // The key is gone (rotated out of the JWKS): verify again, which refuses.
-                self.cache.remove(digest);
+                self.cache.remove(hash);
             }
         }
         let header = self.header(token)?;
         let keys = self.keys(header.kid.as_deref(), header.alg, wait).await?;
         let (claims, entry) = self.check(token, header, keys)?;
-        if let Some(digest) = digest {
-            self.cache.insert(digest, entry);
+        if let Some(hash) = hash {
+            self.cache.insert(hash, entry);
         }
         Ok(claims)
     }
@@ -243,6 +243,7 @@ impl Verifier {
                     let claims = self.claims(data.claims)?;
                     let number = |name| claims.json.get(name).and_then(serde_json::Value::as_u64);
                     let entry = cache::Entry {
+                        token: token.into(),
                         exp: number("exp").ok_or(Refusal::Invalid("bad exp claim"))?,
                         nbf: number("nbf"),
                         claims: claims.clone(),

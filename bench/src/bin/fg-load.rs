@@ -6,7 +6,8 @@
 //!   time, so a stalled proxy cannot hide queueing (no coordinated omission); HDR percentiles.
 //! - `connections`: opens N idle connections, reports handshakes per second, prints READY and
 //!   holds them until stdin closes or the hold time ends. With `--query-key k`, connection i
-//!   asks for the URL with `k=i` added to its query (distinct keys for a `hash` pool).
+//!   asks for the URL with `k=i` added to its query (distinct keys for a `hash` pool); with
+//!   `--bearer-file`, connection i sends the file's token i (distinct JWTs).
 //! - `rate`: an open loop of new connections at a fixed rate, each a handshake, one echoed
 //!   message and a close; how many failed (before or after the 101) and, per second, how many
 //!   succeeded (the pool failover benchmark).
@@ -47,6 +48,10 @@ struct Args {
     /// Extra request header "name: value" (repeatable).
     #[arg(long)]
     header: Vec<String>,
+    /// A file of bearer tokens, one a line: in `connections` mode, connection i sends
+    /// `authorization: Bearer <line i>` (cycling), so that each handshake carries its own token.
+    #[arg(long)]
+    bearer_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -341,6 +346,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             hold,
             query_key,
         } => {
+            let bearers: Vec<String> = match &args.bearer_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("--bearer-file {}", path.display()))?
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                None => Vec::new(),
+            };
             idle(
                 &args.url,
                 &args.header,
@@ -348,6 +362,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 concurrency,
                 hold,
                 query_key.as_deref(),
+                &bearers,
             )
             .await
         }
@@ -596,6 +611,7 @@ async fn idle(
     concurrency: usize,
     hold: Duration,
     query_key: Option<&str>,
+    bearers: &[String],
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut open_conns: Vec<Ws> = Vec::with_capacity(count);
@@ -610,7 +626,11 @@ async fn idle(
                 }
                 None => url.to_owned(),
             };
-            pending.push(async move { open(&url, headers).await });
+            let mut headers = headers.to_vec();
+            if !bearers.is_empty() {
+                headers.push(format!("authorization: Bearer {}", bearers[launched % bearers.len()]));
+            }
+            pending.push(async move { open(&url, &headers).await });
             launched += 1;
         }
         match pending.next().await {
