@@ -976,6 +976,8 @@ def main():
 def report(results, args):
     metrics = list(dict.fromkeys(m for m, _ in results))
     targets = [t for t in TARGETS if t != "fg+expiry"]
+    if any(t == "fg+jwt-new" for _, t in results):
+        targets.insert(targets.index("fg+jwt") + 1, "fg+jwt-new")
     print(f"\nframegate benchmark: medians of {args.reps} (idle runs: {max(1, args.reps // 2)}), spread min-max in brackets; one run, same machine\n")
     header = "| metric | " + " | ".join(targets) + " |"
     print(header)

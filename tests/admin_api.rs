@@ -739,6 +739,7 @@ fn grafana_dashboard_matches_the_metrics() {
     let text = metrics.encode_with(vec![framegate::metrics::UpstreamSample {
         pool: "chat".into(),
         retries: 1,
+        discovery_failures: 1,
         endpoints: vec![framegate::metrics::EndpointSample {
             endpoint: "ws://10.0.0.1:9000".into(),
             up: true,
@@ -751,7 +752,7 @@ fn grafana_dashboard_matches_the_metrics() {
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_once(' '))
         .collect();
-    assert_eq!(families.len(), 19, "{families:?}");
+    assert_eq!(families.len(), 20, "{families:?}");
     for expr in &exprs {
         for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if !name.starts_with("framegate_") {

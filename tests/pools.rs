@@ -455,6 +455,8 @@ async fn admin_upstreams_and_metrics_show_each_endpoint() {
             "framegate_upstream_failures_total{{pool=\"chat\",endpoint=\"ws://{dead}\",kind=\"connect\"}} 3"
         ),
         "framegate_upstream_retries_total{pool=\"chat\"} 3".to_owned(),
+        // A pool from configuration alone has no discovery to fail.
+        "framegate_upstream_discovery_failures_total{pool=\"chat\"} 0".to_owned(),
     ] {
         assert!(text.contains(&line), "missing {line} in\n{text}");
     }

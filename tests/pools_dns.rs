@@ -180,17 +180,23 @@ async fn dns_records_are_followed_and_kept_through_an_outage() {
     held.send(Message::text("still open")).await.unwrap();
     assert_eq!(next_text(&mut held).await, "still open");
 
-    // The DNS server goes away: the last known endpoints stay.
-    dns.stop();
+    // The DNS server goes away: lookups fail (counted), the last known endpoints stay.
     let state = gw.pools().get("chat").unwrap();
-    for _ in 0..3 {
-        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-        assert_eq!(name_of(gw.local_addr()).await.1, "b");
-    }
+    let failed_before = state.discovery_failures();
+    dns.stop();
+    within("two failed lookups", async {
+        while state.discovery_failures() < failed_before + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert!(state
         .endpoints()
         .iter()
         .any(|e| e.url == b && !e.is_draining()));
+    for _ in 0..3 {
+        assert_eq!(name_of(gw.local_addr()).await.1, "b");
+    }
 }
 
 #[tokio::test]

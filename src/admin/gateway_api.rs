@@ -63,7 +63,12 @@ impl AdminApi for GatewayApi {
                         })
                     })
                     .collect();
-                json!({ "name": pool.name, "retries": pool.retries(), "endpoints": endpoints })
+                json!({
+                    "name": pool.name,
+                    "retries": pool.retries(),
+                    "discovery_failures": pool.discovery_failures(),
+                    "endpoints": endpoints,
+                })
             })
             .collect();
         json!({ "pools": pools })
@@ -95,6 +100,7 @@ fn upstream_samples(pools: &crate::upstream::pool::Pools) -> Vec<crate::metrics:
         .map(|pool| crate::metrics::UpstreamSample {
             pool: pool.name.clone(),
             retries: pool.retries(),
+            discovery_failures: pool.discovery_failures(),
             endpoints: pool
                 .endpoints()
                 .iter()

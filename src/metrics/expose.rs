@@ -419,6 +419,16 @@ impl Scrape {
             let labels: Labels = vec![("pool", &p.pool)];
             ConstCounter::new(p.retries).encode(m.encode_family(&labels)?)?;
         }
+        let mut m = enc.encode_descriptor(
+            "framegate_upstream_discovery_failures",
+            "Discovery lookups (DNS, SRV) and etcd sessions of the pool that failed; its last known endpoints stayed.",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &self.upstreams {
+            let labels: Labels = vec![("pool", &p.pool)];
+            ConstCounter::new(p.discovery_failures).encode(m.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }

@@ -160,6 +160,8 @@ pub struct UpstreamSample {
     pub pool: String,
     /// Attempts on another endpoint after a failed one.
     pub retries: u64,
+    /// Failed discovery lookups and etcd sessions.
+    pub discovery_failures: u64,
     /// Its endpoints.
     pub endpoints: Vec<EndpointSample>,
 }

@@ -628,7 +628,10 @@ async fn idle(
             };
             let mut headers = headers.to_vec();
             if !bearers.is_empty() {
-                headers.push(format!("authorization: Bearer {}", bearers[launched % bearers.len()]));
+                headers.push(format!(
+                    "authorization: Bearer {}",
+                    bearers[launched % bearers.len()]
+                ));
             }
             pending.push(async move { open(&url, &headers).await });
             launched += 1;

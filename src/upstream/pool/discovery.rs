@@ -179,6 +179,7 @@ pub async fn run(
                         state.set_endpoints(source, &found);
                     }
                     failed => {
+                        state.discovery_failed();
                         let error = failed.err().unwrap_or_else(|| "no records".into());
                         if !entry.1 {
                             tracing::warn!(pool = %pool.name, source = source.as_str(), %error, "discovery failed: keeping the last known endpoints");

@@ -136,6 +136,9 @@ async fn watch_pool(pools: Arc<Pools>, name: String, settings: Settings) {
                 backoff = FIRST_BACKOFF;
             }
             Ended::Failed(error) => {
+                if let Some(state) = pools.get(&name) {
+                    state.discovery_failed();
+                }
                 if !outage {
                     tracing::warn!(pool = %name, source = "etcd", %error, "discovery failed: keeping the last known endpoints");
                     backoff = FIRST_BACKOFF;

@@ -233,6 +233,8 @@ pub struct PoolState {
     ties: AtomicUsize,
     /// Attempts on another endpoint after a failed one.
     retries: AtomicU64,
+    /// Discovery lookups (DNS, SRV) and etcd sessions that failed; the endpoints stayed.
+    discovery_failures: AtomicU64,
 }
 
 /// What a pick found.
@@ -257,6 +259,7 @@ impl PoolState {
             round_robin: Mutex::new(()),
             ties: AtomicUsize::new(0),
             retries: AtomicU64::new(0),
+            discovery_failures: AtomicU64::new(0),
         }
     }
 
@@ -364,6 +367,16 @@ impl PoolState {
     /// Counts an attempt on another endpoint after a failed one.
     pub fn retried(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Discovery lookups and etcd sessions that failed (the last known endpoints stayed).
+    pub fn discovery_failures(&self) -> u64 {
+        self.discovery_failures.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed discovery lookup or etcd session.
+    pub fn discovery_failed(&self) {
+        self.discovery_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A failed attempt on `endpoint`: `rule.fails` in a row mark it down (see [`DownRule`]).
