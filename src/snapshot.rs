@@ -1,6 +1,6 @@
 //! The versioned runtime snapshot: everything derived from one configuration (its routes and
-//! router, each route's TLS client settings and limits, the text of its policy scripts, the
-//! certificates of its `wss://` listeners), built
+//! router, each route's TLS client settings, limits and compiled JSON Schemas, the text of its
+//! policy scripts, the certificates of its `wss://` listeners), built
 //! and validated before it is used, then never changed. A reload builds the next one and swaps
 //! it in atomically (see [`crate::reload`]); each connection takes the current one once, when
 //! its request head is routed, and keeps it to its end.
@@ -47,6 +47,8 @@ pub struct RouteRuntime {
     pub jwt: Option<Arc<crate::jwt::Verifier>>,
     /// The `[[upstream]]` pool the route names, as configured in this snapshot.
     pub pool: Option<Arc<crate::config::pool::Pool>>,
+    /// `[route.validate]`'s schemas, compiled for this snapshot.
+    pub validate: Option<Arc<crate::policy::validate::Schemas>>,
 }
 
 impl Routable for RouteRuntime {
@@ -90,6 +92,9 @@ pub enum SnapshotError {
     /// configuration file.
     #[error(transparent)]
     Certificate(crate::config::ConfigError),
+    /// A `[route.validate]` schema does not compile: the error names its file.
+    #[error(transparent)]
+    Schema(crate::config::ConfigError),
 }
 
 impl Snapshot {
@@ -133,11 +138,18 @@ impl Snapshot {
                         route: route.name(),
                         message,
                     })?;
+                let validate = route
+                    .validate
+                    .as_deref()
+                    .map(|v| crate::policy::validate::Schemas::compile(v).map(Arc::new))
+                    .transpose()
+                    .map_err(SnapshotError::Schema)?;
                 Ok(Arc::new(RouteRuntime {
                     route: route.clone(),
                     tls,
                     jwt,
                     pool,
+                    validate,
                 }))
             })
             .collect::<Result<Vec<_>, SnapshotError>>()?;

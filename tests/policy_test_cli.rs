@@ -3,69 +3,17 @@
 
 mod support;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
+use support::cli::Output;
 use support::TempDir;
 
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    /// The value after `prefix` on the first stdout line that starts with it.
-    fn line(&self, prefix: &str) -> &str {
-        self.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{}", self.stdout))
-    }
-}
-
-/// Runs `framegate args…` in the crate root and waits (bounded) for it to exit.
+/// Runs `framegate args…` in the crate root.
 fn framegate(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_framegate"))
-        .args(args)
-        .current_dir(MANIFEST_DIR)
-        .env("FRAMEGATE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("framegate starts");
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            pipe.read_to_string(&mut text).unwrap();
-            text
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("framegate {args:?} did not exit within 10s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+    support::cli::framegate(args, Path::new(MANIFEST_DIR))
 }
 
 fn json_of(text: &str) -> Json {

@@ -351,6 +351,11 @@ pub struct RouteMetrics {
     pub(crate) lifetime_closes: [Counter; 2],
     /// Plain HTTP requests proxied or refused on a route with `http = "proxy"`, by status.
     pub(crate) http_requests: KeyedCounts<STATUS_SLOTS>,
+    /// Connections opened with `[route.validate]`: the route's validation family is shown
+    /// once this is not zero, its zeros included.
+    pub(crate) validating: Counter,
+    /// Messages a `[route.validate]` schema refused, by direction.
+    pub(crate) validation_failures: [Counter; 2],
 }
 
 impl RouteMetrics {
@@ -426,6 +431,17 @@ impl RouteMetrics {
     /// success only; failures show up as 502/504 in `handshake`).
     pub fn upstream_connect(&self, duration: Duration) {
         self.upstream_connect.observe(duration);
+    }
+
+    /// A connection on this route validates its messages (`[route.validate]`); once per
+    /// connection.
+    pub fn validating_connection(&self) {
+        self.validating.inc();
+    }
+
+    /// A message travelling `direction` failed its `[route.validate]` schema.
+    pub fn validation_failure(&self, direction: Direction) {
+        self.validation_failures[direction as usize].inc();
     }
 
     /// A lifetime timer closed a connection (also call `connection_closed`).
