@@ -103,6 +103,11 @@ fn tested(
     mime: &str,
     schema: Option<&SchemaTest>,
 ) -> Result<Tested, String> {
+    if schema.is_some() && !crate::config::validate::is_json_mime(mime) {
+        return Err(format!(
+            "--schema checks JSON messages: --mime must be application/json or a +json type, not {mime:?}"
+        ));
+    }
     let mut toml = format!(
         "[[route]]\npath = \"/policy-test\"\nupstream = \"ws://127.0.0.1:1/\"\nmime_type = {mime:?}\n"
     );
@@ -126,9 +131,10 @@ fn tested(
     // keeps the file's own `file:line:column`.
     let config = Config::from_toml(&toml, &origin).map_err(|e| {
         if e.origin == origin {
-            e.message.replace("[route.validate]", "--schema")
+            e.message
         } else {
-            e.to_string()
+            // Its hint names the configuration key, which `--schema` stands for here.
+            crate::config::ConfigError { hint: None, ..e }.to_string()
         }
     })?;
     let engine = match script {

@@ -360,3 +360,160 @@ fn bad_input_exits_with_status_1() {
     assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("expected_payload"), "{}", out.stderr);
 }
+
+/// `--schema`: the message is validated first, as `[route.validate]` does, and the verdict is
+/// printed before the decision.
+#[test]
+fn schema_validates_the_message_before_the_policy() {
+    let dir = TempDir::new("schema");
+    let schema = dir.write(
+        "chat.json",
+        r#"{"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}"#,
+    );
+    let schema = schema.display().to_string();
+
+    // Without a script: the schema alone.
+    let out = framegate(&[
+        "policy-test",
+        "--schema",
+        &schema,
+        "--message",
+        r#"{"type":"chat"}"#,
+    ]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.line("schema: "), "valid");
+    assert_eq!(out.line("decision: "), "forward");
+    assert_eq!(out.line("payload: "), r#"{"type":"chat"}"#);
+
+    let out = framegate(&["policy-test", "--schema", &schema, "--message", "{}"]);
+    assert_eq!(
+        out.line("schema: "),
+        r#"invalid: "type" is a required property"#
+    );
+    assert_eq!(out.line("decision: "), "close");
+    assert_eq!(out.line("close: "), r#"1007 "type" is a required property"#);
+
+    // A valid message goes on to the policy; an invalid one never reaches it.
+    let valid = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--schema",
+        &schema,
+        "--message",
+        r#"{"type":"chat"}"#,
+        "--ctx",
+        r#"{"user":"ann"}"#,
+    ]);
+    assert_eq!(valid.line("schema: "), "valid");
+    assert_eq!(valid.line("decision: "), "replace");
+    assert_eq!(
+        json_of(valid.line("payload: ")),
+        json!({"type": "chat", "from": "ann"})
+    );
+    let out = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--schema",
+        &schema,
+        "--on-invalid",
+        "reply",
+        "--message",
+        r#"{"type":"kick","n":[}"#,
+    ]);
+    assert!(
+        out.line("schema: ").starts_with("invalid: invalid JSON: "),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.line("decision: "), "drop");
+    let sent = json_of(out.line("sent to client: "));
+    assert_eq!(sent["error"], "invalid message");
+    let out = framegate(&[
+        "policy-test",
+        "--schema",
+        &schema,
+        "--on-invalid",
+        "drop",
+        "--direction",
+        "server",
+        "--message",
+        "[]",
+    ]);
+    assert_eq!(out.line("decision: "), "drop");
+    assert!(!out.stdout.contains("sent to"), "{}", out.stdout);
+
+    // Binary messages are not checked.
+    let out = framegate(&[
+        "policy-test",
+        "--schema",
+        &schema,
+        "--binary",
+        "--message",
+        "x",
+    ]);
+    assert_eq!(out.line("schema: "), "not checked (binary message)");
+    assert_eq!(out.line("decision: "), "forward");
+}
+
+#[test]
+fn a_broken_schema_is_an_error_with_its_file_and_place() {
+    let dir = TempDir::new("schema-broken");
+    let bad = dir.write("bad.json", "{\n  \"type\": \"object\",,\n}\n");
+    let bad = bad.display().to_string();
+    let out = framegate(&["policy-test", "--schema", &bad, "--message", "{}"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains(&format!("{bad}:2:20: not JSON: key must be a string")),
+        "{}",
+        out.stderr
+    );
+    let invalid = dir.write("invalid.json", r#"{"type": "strng"}"#);
+    let invalid = invalid.display().to_string();
+    let out = framegate(&["policy-test", "--schema", &invalid, "--message", "{}"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains(&format!("{invalid}: invalid JSON Schema at /type: ")),
+        "{}",
+        out.stderr
+    );
+    let out = framegate(&[
+        "policy-test",
+        "--schema",
+        &invalid,
+        "--mime",
+        "text/plain",
+        "--message",
+        "{}",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(out.stderr.contains("--mime must be"), "{}", out.stderr);
+}
+
+/// A spec file may name a schema (and `on_invalid`) besides, or instead of, a script.
+#[test]
+fn a_spec_can_validate_with_a_schema() {
+    let dir = TempDir::new("spec-schema");
+    dir.write("chat.json", r#"{"type": "object", "required": ["type"]}"#);
+    let spec = dir.write(
+        "spec.toml",
+        r#"schema = "chat.json"
+on_invalid = "reply"
+
+[[case]]
+name = "a chat message passes"
+message = '{"type":"chat"}'
+expect = "forward"
+
+[[case]]
+name = "a message without a type is refused with a reply"
+message = '{"text":"hi"}'
+expect = "drop"
+sent_to_client = ['{"error":"invalid message","detail":"\"type\" is a required property"}']
+"#,
+    );
+    let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("2 passed, 0 failed"), "{}", out.stdout);
+}

@@ -470,3 +470,43 @@ fn check_locates_bad_schema_files() {
         out.stderr
     );
 }
+
+/// The repository's `/checked/{room}` route (config.toml, docs/cookbook.md): the shipped
+/// schemas in schemas/, the sample chat upstream, `on_invalid = "reply"`.
+#[tokio::test]
+async fn the_shipped_chat_schemas_check_the_sample_chat() {
+    let chat = framegate::samples::spawn_chat("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let schema = |name: &str| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .join(name);
+        format!("{:?}", path.display().to_string())
+    };
+    let gw = gateway(&format!(
+        "{}[route.validate]\nclient = {}\nserver = {}\non_invalid = \"reply\"\n",
+        route_to(
+            "/checked/{room}",
+            &format!("ws://{chat}/rooms/{{room}}"),
+            "",
+            &[]
+        ),
+        schema("chat-in.json"),
+        schema("chat-out.json"),
+    ))
+    .await;
+    let mut ann = connect(gw.local_addrs()[0], "/checked/lobby").await;
+    send(&mut ann, r#"{"type":"chat","text":"hi"}"#).await;
+    assert_eq!(next_text(&mut ann).await, r#"{"type":"chat","text":"hi"}"#);
+    send(&mut ann, r#"{"type":"chat","text":"hi","from":"admin"}"#).await;
+    assert_eq!(
+        next_text(&mut ann).await,
+        r#"{"error":"invalid message","detail":"Additional properties are not allowed ('from' was unexpected)"}"#
+    );
+    send(&mut ann, "hello").await;
+    assert_eq!(
+        next_text(&mut ann).await,
+        r#"{"error":"invalid message","detail":"invalid JSON: expected value at line 1 column 1"}"#
+    );
+}
