@@ -474,7 +474,7 @@ fn a_broken_schema_is_an_error_with_its_file_and_place() {
     assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
     assert!(
         out.stderr
-            .contains(&format!("{invalid}: invalid JSON Schema at /type: ")),
+            .contains(&format!("{invalid}:1:10: invalid JSON Schema at /type: ")),
         "{}",
         out.stderr
     );

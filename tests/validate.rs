@@ -435,13 +435,13 @@ fn check_locates_bad_schema_files() {
     // An invalid schema: its file and the place in it.
     let out = check_with(
         &dir,
-        Some(r#"{"properties": {"n": {"minimum": "five"}}}"#),
+        Some("{\n  \"properties\": {\n    \"n\": {\"minimum\": \"five\"}\n  }\n}\n"),
         "",
     );
     assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
     assert!(
         out.stderr.contains(&format!(
-            "{schema}: invalid JSON Schema at /properties/n/minimum: "
+            "{schema}:3:22: invalid JSON Schema at /properties/n/minimum: \"five\" is not of type \"number\""
         )),
         "{}",
         out.stderr

@@ -13,6 +13,7 @@
 //! `Snapshot::build`) and shared by every connection routed with that snapshot, on every
 //! worker.
 
+mod locate;
 mod schema;
 
 pub use schema::{cut, Schema, MAX_DETAIL};

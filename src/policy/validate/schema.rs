@@ -28,25 +28,30 @@ impl std::fmt::Debug for Schema {
 
 impl Schema {
     /// Compiles `file`. An invalid schema is a configuration error naming the file and, when
-    /// the meta-schema refused a part of it, that part's JSON pointer.
+    /// the meta-schema refused a part of it, that part's JSON pointer and its `line:column`.
     pub fn compile(file: &SchemaFile) -> Result<Schema, ConfigError> {
         let validator = jsonschema::options().build(&file.json).map_err(|e| {
-            let at = e.instance_path().as_str();
-            let at = if at.is_empty() {
+            let pointer = e.instance_path().as_str();
+            let at = if pointer.is_empty() {
                 String::new()
             } else {
-                format!(" at {at}")
+                format!(" at {pointer}")
             };
-            ConfigError {
-                origin: file.path.clone(),
-                line: 0,
-                column: 0,
-                message: format!("invalid JSON Schema{at}: {e}"),
-                hint: Some(
+            // The file as read again: the parsed schema no longer knows where its parts were.
+            let text = std::fs::read_to_string(&file.path).unwrap_or_default();
+            let offset = (!pointer.is_empty())
+                .then(|| super::locate::locate(&text, pointer))
+                .flatten();
+            ConfigError::at(
+                &file.path,
+                &text,
+                offset.map(|o| o..o),
+                format!("invalid JSON Schema{at}: {e}"),
+                Some(
                     "framegate compiles JSON Schema drafts 2020-12 (the default without \"$schema\"), 2019-09, 7, 6 and 4; $ref may point within the file only"
                         .into(),
                 ),
-            }
+            )
         })?;
         Ok(Schema {
             path: file.path.clone(),
