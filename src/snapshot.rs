@@ -316,4 +316,27 @@ mod tests {
         assert_eq!(found.route.route.upstream.as_str(), "ws://other/");
         assert!(found.route.tls.is_none());
     }
+
+    #[test]
+    fn a_changed_schema_changes_its_route() {
+        let dir = std::env::temp_dir().join(format!("framegate-snapshot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let schema = dir.join("s.json");
+        let toml = format!(
+            "[[route]]\npath = \"/v\"\nupstream = \"ws://h/\"\n[route.validate]\nclient = {:?}\n",
+            schema.display().to_string()
+        );
+        std::fs::write(&schema, r#"{"type": "object"}"#).unwrap();
+        let old = snapshot(&toml, 1);
+        let same = snapshot(&toml, 2);
+        std::fs::write(&schema, r#"{"type": "array"}"#).unwrap();
+        let new = snapshot(&toml, 3);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            old.routes[0].validate.is_some(),
+            "compiled with the snapshot"
+        );
+        assert!(same.changes_since(&old).changed.is_empty());
+        assert_eq!(new.changes_since(&old).changed, ["/v"]);
+    }
 }

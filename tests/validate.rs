@@ -510,3 +510,30 @@ async fn the_shipped_chat_schemas_check_the_sample_chat() {
         r#"{"error":"invalid message","detail":"invalid JSON: expected value at line 1 column 1"}"#
     );
 }
+
+/// With `server.watch`, saving a schema file reloads the configuration.
+#[tokio::test]
+async fn server_watch_reloads_when_a_schema_changes() {
+    let dir = TempDir::new("watch");
+    let up = echo().await;
+    dir.write("in.json", r#"{"type": "object", "required": ["type"]}"#);
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nwatch = true\n{}[route.validate]\nclient = \"in.json\"\n",
+        route("/v", up.addr, "", &[])
+    );
+    let gw = start_from(&dir, &config).await;
+    let mut old = connect(gw.local_addrs()[0], "/v").await;
+    dir.write("in.json", r#"{"type": "object", "required": ["kind"]}"#);
+    within("the watcher to reload", async {
+        while gw.snapshot_number() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut new = connect(gw.local_addrs()[0], "/v").await;
+    send(&mut new, r#"{"kind":"a"}"#).await;
+    assert_eq!(next_text(&mut new).await, r#"{"kind":"a"}"#);
+    send(&mut old, r#"{"type":"a"}"#).await;
+    assert_eq!(next_text(&mut old).await, r#"{"type":"a"}"#);
+    gw.shutdown().await;
+}

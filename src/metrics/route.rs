@@ -351,7 +351,7 @@ pub struct RouteMetrics {
     pub(crate) lifetime_closes: [Counter; 2],
     /// Plain HTTP requests proxied or refused on a route with `http = "proxy"`, by status.
     pub(crate) http_requests: KeyedCounts<STATUS_SLOTS>,
-    /// Connections opened with `[route.validate]`: the route's validation family is shown
+    /// Upgrades that got `[route.validate]`'s layer: the route's validation family is listed
     /// once this is not zero, its zeros included.
     pub(crate) validating: Counter,
     /// Messages a `[route.validate]` schema refused, by direction.
@@ -433,8 +433,8 @@ impl RouteMetrics {
         self.upstream_connect.observe(duration);
     }
 
-    /// A connection on this route validates its messages (`[route.validate]`); once per
-    /// connection.
+    /// An upgrade on this route got `[route.validate]`'s layer (before its upstream is
+    /// reached); once per connection. Only decides that the validation family is listed.
     pub fn validating_connection(&self) {
         self.validating.inc();
     }
