@@ -155,6 +155,15 @@ mod tests {
             .check(r#"["a", "b"]"#)
             .unwrap_err()
             .starts_with("/1: "));
+        // Draft 7 asserts `format`; 2020-12 only annotates.
+        let email = |draft: &str| {
+            schema(serde_json::json!({"$schema": draft, "format": "idn-email"}))
+                .unwrap()
+                .check(r#""nope""#)
+                .is_ok()
+        };
+        assert!(!email("http://json-schema.org/draft-07/schema#"));
+        assert!(email("https://json-schema.org/draft/2020-12/schema"));
         let e = tuple(None).unwrap_err().to_string();
         assert!(
             e.starts_with("s.json: invalid JSON Schema at /items: "),
