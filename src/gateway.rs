@@ -49,6 +49,9 @@ pub enum StartError {
     /// A TLS listener's certificate or key could not be loaded (`file:line:column` of its key).
     #[error(transparent)]
     Certificate(crate::config::ConfigError),
+    /// A `[route.validate]` schema does not compile (its file, and where in it).
+    #[error(transparent)]
+    Schema(crate::config::ConfigError),
 }
 
 /// A bound listener as the reloader keeps it: bound address, what it serves (with its
@@ -205,6 +208,7 @@ impl StartError {
             },
             SnapshotError::Policy(e) => StartError::Policy(e),
             SnapshotError::Certificate(e) => StartError::Certificate(e),
+            SnapshotError::Schema(e) => StartError::Schema(e),
         }
     }
 }

@@ -9,7 +9,8 @@
 //! - [`reload`] (`src/reload.rs`; `reload/watch.rs` for `server.watch`, `reload/drain.rs` for
 //!   `server.drain_old`): validate, compile on every worker, swap the snapshot.
 //! - [`policy`]: the hook trait the proxy calls at each phase, and its verdicts; no sockets.
-//!   The Lua engine is `src/policy/lua/mod.rs` (one VM per worker and snapshot).
+//!   The Lua engine is `src/policy/lua/mod.rs` (one VM per worker and snapshot);
+//!   `src/policy/validate/` the `[route.validate]` JSON Schema layer around a route's hooks.
 //! - [`proxy`]: the upgrade (`proxy/upgrade.rs`, both handshakes), the relay loop
 //!   (`proxy/relay.rs`), each leg's reading, writing and closing (`proxy/leg/`), the lifetime
 //!   timers (`proxy/lifetime.rs`), what is counted per message (`proxy/meter.rs`), closing

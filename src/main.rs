@@ -41,8 +41,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct PolicyTestArgs {
-    /// The Lua script (an on_client_frame / on_server_frame policy).
-    #[arg(required_unless_present = "spec")]
+    /// The Lua script (an on_client_frame / on_server_frame policy); optional with --schema.
+    #[arg(required_unless_present_any = ["spec", "schema"])]
     script: Option<PathBuf>,
     /// The message body.
     #[arg(long, short, default_value = "")]
@@ -60,8 +60,22 @@ struct PolicyTestArgs {
     #[arg(long, default_value = "application/json")]
     mime: String,
     /// A TOML spec file of cases with expected decisions (see docs/policies.md).
-    #[arg(long, conflicts_with = "script")]
+    #[arg(long, conflicts_with_all = ["script", "schema"])]
     spec: Option<PathBuf>,
+    /// A JSON Schema to validate the message against before the policy runs, as a route's
+    /// [route.validate] does.
+    #[arg(long)]
+    schema: Option<PathBuf>,
+    /// What a message the schema refuses gets: close (1007), drop, or reply.
+    #[arg(long, value_enum, default_value_t = Invalid::Close, requires = "schema")]
+    on_invalid: Invalid,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Invalid {
+    Close,
+    Drop,
+    Reply,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -242,10 +256,14 @@ fn policy_test(args: &PolicyTestArgs) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         });
     }
-    let script = args
-        .script
-        .as_ref()
-        .expect("clap requires a script without --spec");
+    let schema = args.schema.as_ref().map(|path| policy_test::SchemaTest {
+        path: path.clone(),
+        on_invalid: match args.on_invalid {
+            Invalid::Close => framegate::config::OnInvalid::Close,
+            Invalid::Drop => framegate::config::OnInvalid::Drop,
+            Invalid::Reply => framegate::config::OnInvalid::Reply,
+        },
+    });
     let case = policy_test::Case {
         message: args.message.clone(),
         binary: args.binary,
@@ -255,8 +273,8 @@ fn policy_test(args: &PolicyTestArgs) -> anyhow::Result<ExitCode> {
         },
         ctx: args.ctx.clone(),
     };
-    let decision =
-        policy_test::run(script, &args.mime, &case).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let decision = policy_test::run(args.script.as_deref(), &args.mime, &case, schema.as_ref())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     print!("{decision}");
     Ok(ExitCode::SUCCESS)
 }

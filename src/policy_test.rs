@@ -1,17 +1,30 @@
 //! `framegate policy-test`: run a frame policy on a message without a gateway or an upstream,
 //! and report its decision; or run a spec file of such cases and check each expectation.
+//! With a JSON Schema (`--schema`), the message is validated first, as a route's
+//! `[route.validate]` does, through the same layer of hooks.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::config::Config;
+use crate::config::{Config, OnInvalid};
 use crate::policy::lua::{test_hooks, Engine};
 use crate::policy::shared::SharedDict;
-use crate::policy::{Direction, Outbound, Verdict};
+use crate::policy::validate::Schemas;
+use crate::policy::{Direction, FrameHooks, Outbound, PassThrough, Verdict};
+
+/// `--schema`: the JSON Schema a message is validated against before the policy, for both
+/// directions, and what an invalid message gets.
+#[derive(Debug, Clone)]
+pub struct SchemaTest {
+    /// The schema file.
+    pub path: PathBuf,
+    /// `--on-invalid`.
+    pub on_invalid: OnInvalid,
+}
 
 /// One message to test.
 #[derive(Debug, Clone)]
@@ -29,6 +42,8 @@ pub struct Case {
 /// What the policy decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
+    /// With `--schema`: `valid`, `invalid: <first error>`, or `not checked (binary message)`.
+    pub schema: Option<String>,
     /// `forward`, `replace`, `drop` or `close`.
     pub kind: &'static str,
     /// The payload sent on (forward or replace).
@@ -43,6 +58,9 @@ pub struct Decision {
 
 impl std::fmt::Display for Decision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(s) = &self.schema {
+            writeln!(f, "schema: {s}")?;
+        }
         writeln!(f, "decision: {}", self.kind)?;
         if let Some(p) = &self.payload {
             writeln!(f, "payload: {p}")?;
@@ -71,27 +89,95 @@ fn shown(m: &Message) -> String {
     }
 }
 
-/// A one-route engine with `script` bound to both frame phases.
-fn engine_for(script: &Path, mime: &str) -> Result<Engine, String> {
-    let toml = format!(
-        "[[route]]\npath = \"/policy-test\"\nupstream = \"ws://127.0.0.1:1/\"\nmime_type = {mime:?}\n[route.policies]\non_client_frame = {s:?}\non_server_frame = {s:?}\n",
-        s = script.display().to_string()
+/// What a case runs through: the policy's engine (`None`: no script, messages pass) and the
+/// compiled schemas (`None`: no `--schema`).
+struct Tested {
+    engine: Option<Engine>,
+    schemas: Option<Arc<Schemas>>,
+}
+
+/// A one-route configuration with `script` bound to both frame phases and `schema` as both
+/// directions' `[route.validate]` schema, compiled.
+fn tested(
+    script: Option<&Path>,
+    mime: &str,
+    schema: Option<&SchemaTest>,
+) -> Result<Tested, String> {
+    if schema.is_some() && !crate::config::validate::is_json_mime(mime) {
+        return Err(format!(
+            "--schema checks JSON messages: --mime must be application/json or a +json type, not {mime:?}"
+        ));
+    }
+    let mut toml = format!(
+        "[[route]]\npath = \"/policy-test\"\nupstream = \"ws://127.0.0.1:1/\"\nmime_type = {mime:?}\n"
     );
+    if let Some(s) = script {
+        toml += &format!(
+            "[route.policies]\non_client_frame = {s:?}\non_server_frame = {s:?}\n",
+            s = s.display().to_string()
+        );
+    }
+    if let Some(v) = schema {
+        toml += &format!(
+            "[route.validate]\nclient = {s:?}\nserver = {s:?}\non_invalid = {o:?}\n",
+            s = v.path.display().to_string(),
+            o = v.on_invalid.as_str()
+        );
+    }
     let origin = std::env::current_dir()
         .map_err(|e| e.to_string())?
         .join("policy-test");
-    let config = Config::from_toml(&toml, &origin).map_err(|e| e.message)?;
-    Engine::new(&config, Arc::new(SharedDict::default())).map_err(|e| e.to_string())
+    // An error in the generated text is said without its place in it; one in a schema file
+    // keeps the file's own `file:line:column`.
+    let config = Config::from_toml(&toml, &origin).map_err(|e| {
+        if e.origin == origin {
+            e.message
+        } else {
+            // Its hint names the configuration key, which `--schema` stands for here.
+            crate::config::ConfigError { hint: None, ..e }.to_string()
+        }
+    })?;
+    let engine = match script {
+        Some(_) => {
+            Some(Engine::new(&config, Arc::new(SharedDict::default())).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
+    let schemas = match config.routes[0].validate.as_deref() {
+        Some(v) => Some(Arc::new(Schemas::compile(v).map_err(|e| e.to_string())?)),
+        None => None,
+    };
+    Ok(Tested { engine, schemas })
 }
 
-/// Runs `script` on one message and returns its decision.
-pub fn run(script: &Path, mime: &str, case: &Case) -> Result<Decision, String> {
-    let engine = engine_for(script, mime)?;
-    decide(&engine, case)
+/// Runs `script` (or, with `schema`, no script at all) on one message, after validating it
+/// against `schema`, and returns the decision.
+pub fn run(
+    script: Option<&Path>,
+    mime: &str,
+    case: &Case,
+    schema: Option<&SchemaTest>,
+) -> Result<Decision, String> {
+    decide(&tested(script, mime, schema)?, case)
 }
 
-fn decide(engine: &Engine, case: &Case) -> Result<Decision, String> {
-    let mut hooks = test_hooks(engine, 0, case.ctx.as_deref())?;
+fn decide(tested: &Tested, case: &Case) -> Result<Decision, String> {
+    let inner: Box<dyn FrameHooks> = match &tested.engine {
+        Some(engine) => test_hooks(engine, 0, case.ctx.as_deref())?,
+        None => Box::new(PassThrough),
+    };
+    let mut hooks = crate::policy::validate::wrap(inner, tested.schemas.as_ref(), None);
+    let schema = tested
+        .schemas
+        .as_ref()
+        .map(|s| match s.for_direction(case.direction) {
+            Some(_) if case.binary => "not checked (binary message)".to_owned(),
+            Some(schema) => match schema.check(&case.message) {
+                Ok(()) => "valid".to_owned(),
+                Err(detail) => format!("invalid: {detail}"),
+            },
+            None => "not checked".to_owned(),
+        });
     let message = if case.binary {
         Message::binary(case.message.clone().into_bytes())
     } else {
@@ -110,6 +196,7 @@ fn decide(engine: &Engine, case: &Case) -> Result<Decision, String> {
         },
     );
     let mut decision = Decision {
+        schema,
         kind: "forward",
         payload: None,
         close: None,
@@ -135,7 +222,11 @@ fn decide(engine: &Engine, case: &Case) -> Result<Decision, String> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Spec {
-    script: String,
+    script: Option<String>,
+    /// A JSON Schema each case is validated against first, as `--schema` does.
+    schema: Option<String>,
+    /// What an invalid case gets (`close`, `drop`, `reply`), as `--on-invalid` says.
+    on_invalid: Option<String>,
     #[serde(default = "default_mime")]
     mime_type: String,
     #[serde(rename = "case", default)]
@@ -182,8 +273,33 @@ pub fn run_spec(path: &Path) -> Result<SpecReport, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let spec: Spec =
         toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
-    let script = path.parent().unwrap_or(Path::new("")).join(&spec.script);
-    let engine = engine_for(&script, &spec.mime_type)?;
+    let folder = path.parent().unwrap_or(Path::new(""));
+    if spec.script.is_none() && spec.schema.is_none() {
+        return Err(format!(
+            "{}: a spec needs a script, a schema, or both",
+            path.display()
+        ));
+    }
+    if spec.on_invalid.is_some() && spec.schema.is_none() {
+        return Err(format!("{}: on_invalid needs a schema", path.display()));
+    }
+    let script = spec.script.as_ref().map(|s| folder.join(s));
+    let schema = match &spec.schema {
+        None => None,
+        Some(s) => Some(SchemaTest {
+            path: folder.join(s),
+            on_invalid: match &spec.on_invalid {
+                None => OnInvalid::default(),
+                Some(word) => OnInvalid::parse(word).ok_or_else(|| {
+                    format!(
+                        "{}: on_invalid must be close, drop or reply, not {word:?}",
+                        path.display()
+                    )
+                })?,
+            },
+        }),
+    };
+    let tested = tested(script.as_deref(), &spec.mime_type, schema.as_ref())?;
     let mut report = SpecReport::default();
     for c in &spec.cases {
         let direction = match c.direction.as_deref() {
@@ -207,7 +323,7 @@ pub fn run_spec(path: &Path) -> Result<SpecReport, String> {
             direction,
             ctx,
         };
-        let outcome = decide(&engine, &case).and_then(|d| check(c, &d).map(|()| d));
+        let outcome = decide(&tested, &case).and_then(|d| check(c, &d).map(|()| d));
         match outcome {
             Ok(_) => {
                 report.passed += 1;

@@ -1,6 +1,6 @@
 //! The versioned runtime snapshot: everything derived from one configuration (its routes and
-//! router, each route's TLS client settings and limits, the text of its policy scripts, the
-//! certificates of its `wss://` listeners), built
+//! router, each route's TLS client settings, limits and compiled JSON Schemas, the text of its
+//! policy scripts, the certificates of its `wss://` listeners), built
 //! and validated before it is used, then never changed. A reload builds the next one and swaps
 //! it in atomically (see [`crate::reload`]); each connection takes the current one once, when
 //! its request head is routed, and keeps it to its end.
@@ -47,6 +47,8 @@ pub struct RouteRuntime {
     pub jwt: Option<Arc<crate::jwt::Verifier>>,
     /// The `[[upstream]]` pool the route names, as configured in this snapshot.
     pub pool: Option<Arc<crate::config::pool::Pool>>,
+    /// `[route.validate]`'s schemas, compiled for this snapshot.
+    pub validate: Option<Arc<crate::policy::validate::Schemas>>,
 }
 
 impl Routable for RouteRuntime {
@@ -90,6 +92,9 @@ pub enum SnapshotError {
     /// configuration file.
     #[error(transparent)]
     Certificate(crate::config::ConfigError),
+    /// A `[route.validate]` schema does not compile: the error names its file.
+    #[error(transparent)]
+    Schema(crate::config::ConfigError),
 }
 
 impl Snapshot {
@@ -133,11 +138,18 @@ impl Snapshot {
                         route: route.name(),
                         message,
                     })?;
+                let validate = route
+                    .validate
+                    .as_deref()
+                    .map(|v| crate::policy::validate::Schemas::compile(v).map(Arc::new))
+                    .transpose()
+                    .map_err(SnapshotError::Schema)?;
                 Ok(Arc::new(RouteRuntime {
                     route: route.clone(),
                     tls,
                     jwt,
                     pool,
+                    validate,
                 }))
             })
             .collect::<Result<Vec<_>, SnapshotError>>()?;
@@ -303,5 +315,28 @@ mod tests {
         let found = new.router().find(None, "/b").unwrap();
         assert_eq!(found.route.route.upstream.as_str(), "ws://other/");
         assert!(found.route.tls.is_none());
+    }
+
+    #[test]
+    fn a_changed_schema_changes_its_route() {
+        let dir = std::env::temp_dir().join(format!("framegate-snapshot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let schema = dir.join("s.json");
+        let toml = format!(
+            "[[route]]\npath = \"/v\"\nupstream = \"ws://h/\"\n[route.validate]\nclient = {:?}\n",
+            schema.display().to_string()
+        );
+        std::fs::write(&schema, r#"{"type": "object"}"#).unwrap();
+        let old = snapshot(&toml, 1);
+        let same = snapshot(&toml, 2);
+        std::fs::write(&schema, r#"{"type": "array"}"#).unwrap();
+        let new = snapshot(&toml, 3);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            old.routes[0].validate.is_some(),
+            "compiled with the snapshot"
+        );
+        assert!(same.changes_since(&old).changed.is_empty());
+        assert_eq!(new.changes_since(&old).changed, ["/v"]);
     }
 }

@@ -3,69 +3,17 @@
 
 mod support;
 
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
+use support::cli::Output;
 use support::TempDir;
 
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    /// The value after `prefix` on the first stdout line that starts with it.
-    fn line(&self, prefix: &str) -> &str {
-        self.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{}", self.stdout))
-    }
-}
-
-/// Runs `framegate args…` in the crate root and waits (bounded) for it to exit.
+/// Runs `framegate args…` in the crate root.
 fn framegate(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_framegate"))
-        .args(args)
-        .current_dir(MANIFEST_DIR)
-        .env("FRAMEGATE_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("framegate starts");
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            pipe.read_to_string(&mut text).unwrap();
-            text
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("framegate {args:?} did not exit within 10s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
+    support::cli::framegate(args, Path::new(MANIFEST_DIR))
 }
 
 fn json_of(text: &str) -> Json {
@@ -411,4 +359,161 @@ fn bad_input_exits_with_status_1() {
     let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
     assert_eq!(out.status.code(), Some(1), "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("expected_payload"), "{}", out.stderr);
+}
+
+/// `--schema`: the message is validated first, as `[route.validate]` does, and the verdict is
+/// printed before the decision.
+#[test]
+fn schema_validates_the_message_before_the_policy() {
+    let dir = TempDir::new("schema");
+    let schema = dir.write(
+        "chat.json",
+        r#"{"type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}"#,
+    );
+    let schema = schema.display().to_string();
+
+    // Without a script: the schema alone.
+    let out = framegate(&[
+        "policy-test",
+        "--schema",
+        &schema,
+        "--message",
+        r#"{"type":"chat"}"#,
+    ]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.line("schema: "), "valid");
+    assert_eq!(out.line("decision: "), "forward");
+    assert_eq!(out.line("payload: "), r#"{"type":"chat"}"#);
+
+    let out = framegate(&["policy-test", "--schema", &schema, "--message", "{}"]);
+    assert_eq!(
+        out.line("schema: "),
+        r#"invalid: "type" is a required property"#
+    );
+    assert_eq!(out.line("decision: "), "close");
+    assert_eq!(out.line("close: "), r#"1007 "type" is a required property"#);
+
+    // A valid message goes on to the policy; an invalid one never reaches it.
+    let valid = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--schema",
+        &schema,
+        "--message",
+        r#"{"type":"chat"}"#,
+        "--ctx",
+        r#"{"user":"ann"}"#,
+    ]);
+    assert_eq!(valid.line("schema: "), "valid");
+    assert_eq!(valid.line("decision: "), "replace");
+    assert_eq!(
+        json_of(valid.line("payload: ")),
+        json!({"type": "chat", "from": "ann"})
+    );
+    let out = framegate(&[
+        "policy-test",
+        "policies/validate.lua",
+        "--schema",
+        &schema,
+        "--on-invalid",
+        "reply",
+        "--message",
+        r#"{"type":"kick","n":[}"#,
+    ]);
+    assert!(
+        out.line("schema: ").starts_with("invalid: invalid JSON: "),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(out.line("decision: "), "drop");
+    let sent = json_of(out.line("sent to client: "));
+    assert_eq!(sent["error"], "invalid message");
+    let out = framegate(&[
+        "policy-test",
+        "--schema",
+        &schema,
+        "--on-invalid",
+        "drop",
+        "--direction",
+        "server",
+        "--message",
+        "[]",
+    ]);
+    assert_eq!(out.line("decision: "), "drop");
+    assert!(!out.stdout.contains("sent to"), "{}", out.stdout);
+
+    // Binary messages are not checked.
+    let out = framegate(&[
+        "policy-test",
+        "--schema",
+        &schema,
+        "--binary",
+        "--message",
+        "x",
+    ]);
+    assert_eq!(out.line("schema: "), "not checked (binary message)");
+    assert_eq!(out.line("decision: "), "forward");
+}
+
+#[test]
+fn a_broken_schema_is_an_error_with_its_file_and_place() {
+    let dir = TempDir::new("schema-broken");
+    let bad = dir.write("bad.json", "{\n  \"type\": \"object\",,\n}\n");
+    let bad = bad.display().to_string();
+    let out = framegate(&["policy-test", "--schema", &bad, "--message", "{}"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains(&format!("{bad}:2:20: not JSON: key must be a string")),
+        "{}",
+        out.stderr
+    );
+    let invalid = dir.write("invalid.json", r#"{"type": "strng"}"#);
+    let invalid = invalid.display().to_string();
+    let out = framegate(&["policy-test", "--schema", &invalid, "--message", "{}"]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains(&format!("{invalid}:1:10: invalid JSON Schema at /type: ")),
+        "{}",
+        out.stderr
+    );
+    let out = framegate(&[
+        "policy-test",
+        "--schema",
+        &invalid,
+        "--mime",
+        "text/plain",
+        "--message",
+        "{}",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(out.stderr.contains("--mime must be"), "{}", out.stderr);
+}
+
+/// A spec file may name a schema (and `on_invalid`) besides, or instead of, a script.
+#[test]
+fn a_spec_can_validate_with_a_schema() {
+    let dir = TempDir::new("spec-schema");
+    dir.write("chat.json", r#"{"type": "object", "required": ["type"]}"#);
+    let spec = dir.write(
+        "spec.toml",
+        r#"schema = "chat.json"
+on_invalid = "reply"
+
+[[case]]
+name = "a chat message passes"
+message = '{"type":"chat"}'
+expect = "forward"
+
+[[case]]
+name = "a message without a type is refused with a reply"
+message = '{"text":"hi"}'
+expect = "drop"
+sent_to_client = ['{"error":"invalid message","detail":"\"type\" is a required property"}']
+"#,
+    );
+    let out = framegate(&["policy-test", "--spec", &spec.display().to_string()]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("2 passed, 0 failed"), "{}", out.stdout);
 }

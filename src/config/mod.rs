@@ -9,10 +9,12 @@ pub mod pool;
 mod raw;
 mod tls;
 mod units;
+pub mod validate;
 
 pub use error::ConfigError;
 pub use jwt::{JwtConfig, JwtKeys, TokenSource};
 pub use tls::{CertificatePair, Place, TlsListener, TlsVersion};
+pub use validate::{OnInvalid, SchemaFile, ValidateConfig};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -201,6 +203,8 @@ pub struct Route {
     pub max_body_size: u64,
     /// `[route.jwt]`: upgrades must carry a valid token (see `src/jwt/`).
     pub jwt: Option<Arc<JwtConfig>>,
+    /// `[route.validate]`: JSON Schemas for text messages (see `src/policy/validate/`).
+    pub validate: Option<Arc<ValidateConfig>>,
 }
 
 /// `route.http`: what a plain HTTP request (not a WebSocket upgrade) on the route gets.
@@ -420,6 +424,18 @@ impl Config {
         self.upstreams.iter().find(|p| p.name == name)
     }
 
+    /// Every JSON Schema file `[route.validate]` tables name, each once, in file order.
+    pub fn schemas(&self) -> Vec<&Path> {
+        let mut seen: Vec<&Path> = Vec::new();
+        let files = self.routes.iter().filter_map(|r| r.validate.as_deref());
+        for file in files.flat_map(|v| [&v.client, &v.server]).flatten() {
+            if !seen.contains(&file.path.as_path()) {
+                seen.push(&file.path);
+            }
+        }
+        seen
+    }
+
     /// Every policy script the configuration names, each once, in file order.
     pub fn scripts(&self) -> Vec<&Path> {
         let mut seen = Vec::new();
@@ -494,10 +510,15 @@ impl Validator<'_> {
     }
 
     fn err<T>(&self, at: &Spanned<T>, message: String, hint: &str) -> ConfigError {
+        self.at(at.span(), message, hint)
+    }
+
+    /// An error at byte `span` of the file; an empty `hint` gives none.
+    fn at(&self, span: std::ops::Range<usize>, message: String, hint: &str) -> ConfigError {
         ConfigError::at(
             self.origin,
             self.source,
-            Some(at.span()),
+            Some(span),
             message,
             (!hint.is_empty()).then(|| hint.to_owned()),
         )
@@ -843,7 +864,13 @@ impl Validator<'_> {
                 Some(Arc::new(jwt::check(j, &at, self.base)?))
             }
         };
+        let validate = raw
+            .validate
+            .map(|v| validate::check(v, &mime_type, &|s, m, h| self.at(s, m, h), self.base))
+            .transpose()?
+            .map(Arc::new);
         Ok(Route {
+            validate,
             origins,
             http,
             max_body_size,

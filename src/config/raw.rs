@@ -88,6 +88,7 @@ pub(super) struct Route {
     pub http: Option<Spanned<String>>,
     pub max_body_size: Option<Spanned<String>>,
     pub jwt: Option<Spanned<super::jwt::RawJwt>>,
+    pub validate: Option<Spanned<super::validate::RawValidate>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -55,6 +55,8 @@ pub(super) struct RouteTotals {
     lifetime_closes: [u64; 2],
     /// Key `None` is the overflow bucket.
     http_requests: BTreeMap<Option<u32>, u64>,
+    validating: u64,
+    validation_failures: [u64; 2],
 }
 
 impl RouteTotals {
@@ -90,6 +92,7 @@ impl RouteTotals {
             self.bytes[d] += r.sizes[d].sum.get();
             add_size(&mut self.sizes[d], &r.sizes[d]);
             self.policy_drops[d] += r.policy_drops[d].get();
+            self.validation_failures[d] += r.validation_failures[d].get();
             self.lifetime_closes[d] += r.lifetime_closes[d].get();
         }
         let (pairs, overflow) = r.http_requests.read();
@@ -113,6 +116,7 @@ impl RouteTotals {
             }
         }
         add_duration(&mut self.upstream_connect, &r.upstream_connect);
+        self.validating += r.validating.get();
     }
 }
 
@@ -314,6 +318,23 @@ impl Collector for Scrape {
             for d in Direction::ALL {
                 let labels: Labels = vec![("route", &**name), ("direction", d.as_str())];
                 ConstCounter::new(t.policy_drops[d as usize]).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut m = enc.encode_descriptor(
+            "framegate_validation_failures",
+            "Messages a [route.validate] JSON Schema refused, by direction.",
+            None,
+            MetricType::Counter,
+        )?;
+        // Routes that validate (a connection with [route.validate] was opened), or did.
+        let validating =
+            |t: &RouteTotals| t.validating > 0 || t.validation_failures.iter().any(|&n| n > 0);
+        for (name, t) in routes.iter().filter(|(_, t)| validating(t)) {
+            for d in Direction::ALL {
+                let labels: Labels = vec![("route", &**name), ("direction", d.as_str())];
+                ConstCounter::new(t.validation_failures[d as usize])
+                    .encode(m.encode_family(&labels)?)?;
             }
         }
 

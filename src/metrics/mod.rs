@@ -425,6 +425,32 @@ mod tests {
         assert_eq!(sample(&text, bytes), Some(6.0 * n as f64));
     }
 
+    /// `framegate_validation_failures_total` is listed for routes that validate, zeros included,
+    /// and for no other.
+    #[test]
+    fn validation_failures_are_listed_for_validating_routes() {
+        let metrics = Metrics::new();
+        let w = metrics.worker(0);
+        let (checked, plain) = (w.route("/checked"), w.route("/plain"));
+        for r in [&checked, &plain] {
+            r.connection_opened();
+        }
+        checked.validating_connection();
+        checked.validation_failure(Direction::UpstreamToClient);
+        checked.validation_failure(Direction::UpstreamToClient);
+        let text = metrics.encode();
+        let series = |d: &str| {
+            format!("framegate_validation_failures_total{{route=\"/checked\",direction=\"{d}\"}}")
+        };
+        assert_eq!(sample(&text, &series("upstream_to_client")), Some(2.0));
+        assert_eq!(sample(&text, &series("client_to_upstream")), Some(0.0));
+        assert!(
+            !text.contains(r#"framegate_validation_failures_total{route="/plain""#),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE framegate_validation_failures_total counter\n"));
+    }
+
     #[test]
     fn route_table_is_bounded() {
         let metrics = Metrics::new();

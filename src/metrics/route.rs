@@ -351,6 +351,11 @@ pub struct RouteMetrics {
     pub(crate) lifetime_closes: [Counter; 2],
     /// Plain HTTP requests proxied or refused on a route with `http = "proxy"`, by status.
     pub(crate) http_requests: KeyedCounts<STATUS_SLOTS>,
+    /// Upgrades that got `[route.validate]`'s layer: the route's validation family is listed
+    /// once this is not zero, its zeros included.
+    pub(crate) validating: Counter,
+    /// Messages a `[route.validate]` schema refused, by direction.
+    pub(crate) validation_failures: [Counter; 2],
 }
 
 impl RouteMetrics {
@@ -426,6 +431,17 @@ impl RouteMetrics {
     /// success only; failures show up as 502/504 in `handshake`).
     pub fn upstream_connect(&self, duration: Duration) {
         self.upstream_connect.observe(duration);
+    }
+
+    /// An upgrade on this route got `[route.validate]`'s layer (before its upstream is
+    /// reached); once per connection. Only decides that the validation family is listed.
+    pub fn validating_connection(&self) {
+        self.validating.inc();
+    }
+
+    /// A message travelling `direction` failed its `[route.validate]` schema.
+    pub fn validation_failure(&self, direction: Direction) {
+        self.validation_failures[direction as usize].inc();
     }
 
     /// A lifetime timer closed a connection (also call `connection_closed`).

@@ -6,9 +6,13 @@
 //! Phases, in order: upgrade ([`RoutePolicy::on_upgrade`], before the upstream is contacted),
 //! each data message in either direction ([`FrameHooks::on_message`], whole and reassembled;
 //! control frames never reach a hook), then close ([`FrameHooks::on_close`]).
+//!
+//! [`validate`] is a layer of hooks around the Lua ones: `[route.validate]`'s JSON Schemas
+//! check each text message before the frame policy sees it.
 
 pub mod lua;
 pub mod shared;
+pub mod validate;
 
 use std::net::IpAddr;
 use std::time::SystemTime;

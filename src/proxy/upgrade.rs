@@ -346,6 +346,9 @@ async fn upgrade(
             }
         }
     };
+    // [route.validate]: its schemas check messages before the frame policies see them.
+    let hooks =
+        crate::policy::validate::wrap(hooks, runtime.validate.as_ref(), Some(metrics.clone()));
 
     let (query, changed_headers) = super::forward::strip_token(
         runtime.jwt.as_deref(),

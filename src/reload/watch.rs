@@ -118,8 +118,8 @@ async fn run(
     }
 }
 
-/// The configuration file, every policy script it names, and the certificate and key files
-/// of its TLS listeners.
+/// The configuration file, every policy script and JSON Schema it names, and the certificate
+/// and key files of its TLS listeners.
 fn watched_files(config: &crate::config::Config) -> HashSet<PathBuf> {
     let certificates = config
         .server
@@ -129,6 +129,7 @@ fn watched_files(config: &crate::config::Config) -> HashSet<PathBuf> {
         .flat_map(|pair| [pair.cert_file.as_path(), pair.key_file.as_path()]);
     std::iter::once(config.origin.as_path())
         .chain(config.scripts())
+        .chain(config.schemas())
         .chain(certificates)
         .map(normal)
         .collect()

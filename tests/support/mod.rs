@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
 pub mod certs;
+pub mod cli;
 pub mod node;
 
 /// A client-side WebSocket over plain TCP.

@@ -166,8 +166,7 @@ pub(crate) fn room(lua: &Lua) -> usize {
 
 /// The codec for a route's `mime_type`, if there is one.
 pub fn for_mime(mime: &str) -> Option<&'static dyn Codec> {
-    let essence = mime.split(';').next().unwrap_or("").trim();
-    if essence == "application/json" || essence.ends_with("+json") {
+    if crate::config::validate::is_json_mime(mime) {
         Some(&JSON)
     } else {
         None
