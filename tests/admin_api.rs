@@ -752,7 +752,7 @@ fn grafana_dashboard_matches_the_metrics() {
         .filter_map(|l| l.strip_prefix("# TYPE "))
         .filter_map(|l| l.split_once(' '))
         .collect();
-    assert_eq!(families.len(), 20, "{families:?}");
+    assert_eq!(families.len(), 21, "{families:?}");
     for expr in &exprs {
         for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if !name.starts_with("framegate_") {
