@@ -130,7 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(&cli.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let gateway = Gateway::new(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(Command::Check) = cli.command {
-        println!("{}: OK", cli.config.display());
+        emit(&format!("{}: OK\n", cli.config.display()))?;
         return Ok(ExitCode::SUCCESS);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -246,10 +246,16 @@ async fn start_samples() -> anyhow::Result<()> {
 fn policy_test(args: &PolicyTestArgs) -> anyhow::Result<ExitCode> {
     if let Some(spec) = &args.spec {
         let report = policy_test::run_spec(spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut text = String::new();
         for line in &report.lines {
-            println!("{line}");
+            text.push_str(line);
+            text.push('\n');
         }
-        println!("{} passed, {} failed", report.passed, report.failed);
+        text.push_str(&format!(
+            "{} passed, {} failed\n",
+            report.passed, report.failed
+        ));
+        emit(&text)?;
         return Ok(if report.failed == 0 {
             ExitCode::SUCCESS
         } else {
@@ -275,6 +281,17 @@ fn policy_test(args: &PolicyTestArgs) -> anyhow::Result<ExitCode> {
     };
     let decision = policy_test::run(args.script.as_deref(), &args.mime, &case, schema.as_ref())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    print!("{decision}");
+    emit(&decision.to_string())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a command's output to stdout. A reader that has gone (`| head -1`) is not an error:
+/// what it did not want is dropped, as other command-line tools do (`print!` would panic).
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
 }

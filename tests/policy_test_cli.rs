@@ -517,3 +517,32 @@ sent_to_client = ['{"error":"invalid message","detail":"\"type\" is a required p
     assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("2 passed, 0 failed"), "{}", out.stdout);
 }
+
+/// `framegate policy-test … | head -1`: a reader that has gone is not an error (a panic
+/// before). The pipe's reading end is closed before the binary starts, so every write fails.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let script = r#"
+import os, subprocess, sys
+r, w = os.pipe()
+os.close(r)
+p = subprocess.run(sys.argv[1:], stdout=w, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=20)
+sys.stdout.write("%d\n%s" % (p.returncode, p.stderr.decode()))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, env!("CARGO_BIN_EXE_framegate")])
+        .args([
+            "policy-test",
+            "policies/validate.lua",
+            "--message",
+            r#"{"type":"chat"}"#,
+        ])
+        .current_dir(MANIFEST_DIR)
+        .env("FRAMEGATE_LOG", "warn")
+        .output()
+        .expect("python3 runs (apt-get install python3)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (status, stderr) = text.split_once('\n').unwrap_or((&text, ""));
+    assert_eq!(status, "0", "exit status; stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,7 +1,8 @@
 //! The benchmark load generator. Every mode is bounded in time and count and prints one line of
 //! `key=value` results for run.py.
 //!
-//! - `throughput`: N connections, each keeping M messages in flight; echoed messages per second.
+//! - `throughput`: N connections, each keeping M messages in flight; echoed messages per second
+//!   (binary, or with `--json` text holding a JSON chat message of the size).
 //! - `latency`: an open loop at a fixed total rate; each message carries its *intended* send
 //!   time, so a stalled proxy cannot hide queueing (no coordinated omission); HDR percentiles.
 //! - `connections`: opens N idle connections, reports handshakes per second, prints READY and
@@ -65,6 +66,9 @@ enum Mode {
         inflight: usize,
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Send text messages holding a JSON chat message of `size` bytes instead of binary.
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         warmup: Duration,
         #[arg(long, default_value = "3s", value_parser = parse_duration)]
@@ -308,15 +312,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             connections,
             inflight,
             size,
+            json,
             warmup,
             duration,
         } => {
+            let payload = match json {
+                true => Message::text(json_message(size)),
+                false => Message::Binary(Bytes::from(vec![b'x'; size])),
+            };
             throughput(
                 &args.url,
                 &args.header,
                 connections,
                 inflight,
-                size,
+                payload,
                 warmup,
                 duration,
             )
@@ -374,18 +383,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// `{"type":"chat","text":"xx…"}` of `size` bytes (at least its 28 bytes of frame): a message
+/// the chat schemas in schemas/ accept.
+fn json_message(size: usize) -> String {
+    let frame = r#"{"type":"chat","text":""}"#;
+    let text = "x".repeat(size.saturating_sub(frame.len()).max(1));
+    format!(r#"{{"type":"chat","text":"{text}"}}"#)
+}
+
 async fn throughput(
     url: &str,
     headers: &[String],
     connections: usize,
     inflight: usize,
-    size: usize,
+    payload: Message,
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<()> {
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let payload = Message::Binary(Bytes::from(vec![b'x'; size]));
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let mut ws = open(url, headers).await?;
@@ -399,13 +415,13 @@ async fn throughput(
                 }
                 ws.flush().await?;
                 let mut got = match ws.next().await {
-                    Some(Ok(m)) if m.is_binary() => 1,
+                    Some(Ok(m)) if m.is_binary() || m.is_text() => 1,
                     Some(Ok(_)) => 0,
                     Some(Err(e)) => return Err(e.into()),
                     None => bail!("connection closed"),
                 };
                 while let Some(Some(Ok(m))) = ws.next().now_or_never() {
-                    got += u64::from(m.is_binary());
+                    got += u64::from(m.is_binary() || m.is_text());
                 }
                 in_flight -= got as usize;
                 received.fetch_add(got, Ordering::Relaxed);
