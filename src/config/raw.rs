@@ -88,6 +88,9 @@ pub(super) struct Route {
     pub http: Option<Spanned<String>>,
     pub max_body_size: Option<Spanned<String>>,
     pub jwt: Option<Spanned<super::jwt::RawJwt>>,
+    pub compression: Option<bool>,
+    pub compression_context_takeover: Option<bool>,
+    pub compression_window_bits: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
