@@ -401,3 +401,116 @@ async fn python_websockets_client_and_upstream() {
     assert_echoed(&node_client(&url, false, STEPS).await, "");
     assert_echoed(&node_client(&url, true, STEPS).await, NO_TAKEOVER);
 }
+
+/// What each idle connection costs: `FRAMEGATE_RSS_MODE` is `plain` (compression off),
+/// `fresh` (compression on both legs, no context takeover), `kept` (context takeover) or
+/// `kept9` (context takeover, `compression_window_bits = 9`);
+/// `FRAMEGATE_RSS_CONNS` connections (default 2000) each send one message each way, compressed
+/// on both legs unless plain, and then stay idle. Prints this process's RSS growth per
+/// connection: the gateway's, plus the test's own client and upstream sockets (the same in
+/// every mode, so the difference between modes is compression's). A measurement, run by hand:
+///
+/// `FRAMEGATE_RSS_MODE=fresh cargo test --test deflate idle_connection_rss -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "a measurement, run by hand (docs/configuration.md)"]
+async fn idle_connection_rss() {
+    let mode = std::env::var("FRAMEGATE_RSS_MODE").unwrap_or_else(|_| "fresh".into());
+    let conns: usize = std::env::var("FRAMEGATE_RSS_CONNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
+    let (compressed, extra) = match mode.as_str() {
+        "plain" => (false, "compression = false"),
+        "fresh" => (true, "compression = true"),
+        "kept" => (
+            true,
+            "compression = true\ncompression_context_takeover = true",
+        ),
+        "kept9" => (
+            true,
+            "compression = true\ncompression_context_takeover = true\ncompression_window_bits = 9",
+        ),
+        other => panic!("FRAMEGATE_RSS_MODE {other:?}: plain, fresh, kept or kept9"),
+    };
+    // An upstream that agrees as asked, answers one message, and then holds the connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut stream).await else {
+                    return;
+                };
+                let header = |name: &str| {
+                    head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                    })
+                };
+                let key = header("sec-websocket-key").unwrap_or_default();
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let mut answer = switching_head(&accept);
+                if let Some(offer) = header("sec-websocket-extensions") {
+                    answer = answer.replacen(
+                        "\r\n\r\n",
+                        &format!("\r\nSec-WebSocket-Extensions: {offer}\r\n\r\n"),
+                        1,
+                    );
+                }
+                stream.write_all(answer.as_bytes()).await.unwrap();
+                let mut frame = [0u8; 6 + 7];
+                let n = if compressed { 13 } else { 11 };
+                stream.read_exact(&mut frame[..n]).await.unwrap();
+                let reply: &[u8] = if compressed {
+                    &[0xC1, 7, 0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]
+                } else {
+                    b"\x81\x05Hello"
+                };
+                stream.write_all(reply).await.unwrap();
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    let gw = gateway(&route("/z", up, extra, &[])).await;
+    let offer = if compressed {
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+    } else {
+        ""
+    };
+    let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+    let open = |gw| async move {
+        let (mut stream, _) = raw_client(gw, "/z", offer).await;
+        let message = if compressed {
+            frame(0xC1, &hello)
+        } else {
+            frame(0x81, b"Hello")
+        };
+        stream.write_all(&message).await.unwrap();
+        let mut reply = vec![0u8; if compressed { 9 } else { 7 }];
+        within("the reply", stream.read_exact(&mut reply))
+            .await
+            .unwrap();
+        stream
+    };
+    // One first, so that what every connection shares (worker buffers, compressors) is in.
+    let mut streams = vec![open(gw.local_addr()).await];
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .expect("VmRSS in /proc/self/status")
+    };
+    let before = rss();
+    for _ in 0..conns {
+        streams.push(open(gw.local_addr()).await);
+    }
+    let after = rss();
+    println!(
+        "mode={mode} conns={conns} rss_before={before}kB rss_after={after}kB per_connection={:.2}kB",
+        (after - before) as f64 / conns as f64
+    );
+}

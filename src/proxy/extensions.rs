@@ -341,7 +341,9 @@ pub(crate) fn accept_upstream<'a>(
         peer_resets: answer.server_no_context_takeover,
         gateway_resets: answer.client_no_context_takeover || !settings.context_takeover,
         peer_window_bits: answer.server_max_window_bits.unwrap_or(15).max(9),
-        gateway_window_bits: 15,
+        // No client_max_window_bits was offered, so the upstream cannot ask for a smaller
+        // window: the route's own is used (a smaller window than allowed is always fine).
+        gateway_window_bits: settings.window_bits,
     }))
 }
 
@@ -442,7 +444,7 @@ mod tests {
         assert!(accept("permessage-deflate; server_max_window_bits=12").is_err());
         assert_eq!(
             accept("permessage-deflate; server_max_window_bits=10"),
-            Ok(Some(terms(false, false, 10, 15)))
+            Ok(Some(terms(false, false, 10, 10)))
         );
     }
 

@@ -166,9 +166,10 @@ impl Outbox {
     /// Queues one data message, compressed on a leg that agreed permessage-deflate.
     pub(crate) fn push_data(&mut self, text: bool, payload: &[u8]) {
         let opcode = if text { OpCode::Text } else { OpCode::Binary };
-        let Some(mut deflater) = self.deflate.take() else {
+        if self.deflate.is_none() {
             return self.push(opcode, payload);
-        };
+        }
+        let mut deflater = self.deflate.take().expect("checked above");
         deflater.deflate(payload, |compressed| {
             let mask = self.mask();
             let buf = self.buf();
