@@ -6,7 +6,8 @@
 //! Buffers are the point of these modules. A leg holds no read buffer between frames: reads go
 //! into one scratch buffer per worker thread, and only the start of a frame that has not fully
 //! arrived is kept by the leg. Its write buffer is released once it is written out. An idle
-//! connection therefore holds two sockets, a little state, and no buffers at all.
+//! connection therefore holds two sockets, a little state, and no buffers at all (with
+//! permessage-deflate too, unless a leg keeps its windows: `compression_context_takeover`).
 
 mod closing;
 mod outbox;
