@@ -129,6 +129,56 @@ async fn both_legs_compress_with_and_without_context_takeover() {
 }
 
 #[tokio::test]
+async fn small_windows_are_honoured_on_both_legs() {
+    // The upstream asks nothing; the route asks both peers for 9 bits.
+    let (mut server, port) = node_server(true).await;
+    let upstream = format!("ws://127.0.0.1:{port}/");
+    let gw = gateway(&format!(
+        "{}{}",
+        route_to(
+            "/nine",
+            &upstream,
+            "compression = true\ncompression_window_bits = 9",
+            &[]
+        ),
+        route_to("/z", &upstream, ON, &[])
+    ))
+    .await;
+    // Back-references 3000 bytes away: a peer that inflates with a 512-byte or 1 KiB window
+    // fails on them unless the compressor kept to that window.
+    let steps = r#"[{"repeated":3000},{"repeated":3000},{"expect":2},{"close":1000}]"#;
+    let echoed = |answer: &str| {
+        vec![
+            format!("answer {answer}"),
+            "text 6000 244".to_owned(),
+            "text 6000 244".to_owned(),
+            "close 1000".to_owned(),
+        ]
+    };
+    let url = format!("ws://{}/nine", gw.local_addr());
+    assert_eq!(
+        node_client(&url, true, steps).await,
+        echoed(&format!(
+            "{NO_TAKEOVER}; server_max_window_bits=9; client_max_window_bits=9"
+        ))
+    );
+    let offer = format!("{NO_TAKEOVER}; server_max_window_bits=9");
+    assert_eq!(server.line().await.unwrap(), format!("offer {offer}"));
+    assert_eq!(server.line().await.unwrap(), format!("answer {offer}"));
+    // A client that asks the gateway for a 10-bit window gets it.
+    let url = format!("ws://{}/z", gw.local_addr());
+    let mut client = node::spawn("deflate_peer.js", &["client", &url, "w10", steps]);
+    let mut lines = Vec::new();
+    while let Some(line) = client.line().await {
+        lines.push(line);
+    }
+    assert_eq!(
+        lines,
+        echoed(&format!("{NO_TAKEOVER}; server_max_window_bits=10"))
+    );
+}
+
+#[tokio::test]
 async fn compression_off_declines_on_both_legs() {
     let (mut server, port) = node_server(true).await;
     let gw = gateway(&route_to(

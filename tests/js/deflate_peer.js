@@ -11,7 +11,11 @@
 //     Steps: {"text": s} | {"binary": s} | {"zeros": n} (n zero bytes, binary)
 //            | {"fragments": [s, ...]} (one text message in several frames)
 //            | {"expect": n} (wait until n messages in all have arrived) | {"close": code}
-//     Received messages print as "text <s>" or "binary <length> <sum of the bytes mod 256>".
+//            | {"repeated": n} (n pseudo-random letters twice, as text)
+//     Received messages print as "text <s>" (up to 100 bytes), else "text|binary <length>
+//     <sum of the bytes mod 256>".
+//   <deflate> may also be "w<bits>": deflate, asking the other side for a window of at most
+//   <bits> (a client's server_max_window_bits, with client_max_window_bits offered).
 //
 // With deflate 1 every message is compressed (threshold 0; ws compresses only messages of
 // 1 KiB and more by default).
@@ -21,15 +25,40 @@ const { WebSocket, WebSocketServer } = require("ws");
 const deflateOptions = { threshold: 0 };
 
 function describe(data, isBinary) {
-  if (!isBinary) return `text ${data.toString()}`;
   let sum = 0;
   for (const b of data) sum = (sum + b) % 256;
-  return `binary ${data.length} ${sum}`;
+  if (!isBinary && data.length <= 100) return `text ${data.toString()}`;
+  return `${isBinary ? "binary" : "text"} ${data.length} ${sum}`;
+}
+
+// n pseudo-random letters, twice: the second half refers back n bytes, further than a small
+// window reaches.
+function repeated(n) {
+  let x = 12345;
+  let s = "";
+  for (let i = 0; i < n; i++) {
+    x = (x * 1103515245 + 12345) % 2147483648;
+    s += String.fromCharCode(97 + (x % 26));
+  }
+  return s + s;
+}
+
+// "1": deflate with ws's defaults (threshold 0); "w<bits>": also asks the other side to
+// compress with at most that window (serverMaxWindowBits from a client).
+function deflateOption(arg, client) {
+  if (arg === "1") return deflateOptions;
+  if (arg && arg.startsWith("w")) {
+    const bits = Number(arg.slice(1));
+    return client
+      ? { threshold: 0, serverMaxWindowBits: bits, clientMaxWindowBits: true }
+      : { threshold: 0, serverMaxWindowBits: bits };
+  }
+  return false;
 }
 
 const [mode, ...args] = process.argv.slice(2);
 if (mode === "server") {
-  const deflate = args[0] === "1" ? deflateOptions : false;
+  const deflate = deflateOption(args[0], false);
   const wss = new WebSocketServer({
     host: "127.0.0.1",
     port: 0,
@@ -50,7 +79,7 @@ if (mode === "server") {
   const [url, deflateArg, stepsJson] = args;
   const steps = JSON.parse(stepsJson || "[]");
   const ws = new WebSocket(url, {
-    perMessageDeflate: deflateArg === "1" ? deflateOptions : false,
+    perMessageDeflate: deflateOption(deflateArg, true),
     maxPayload: 256 << 20,
   });
   let received = 0;
@@ -81,6 +110,7 @@ if (mode === "server") {
       if (step.text !== undefined) ws.send(step.text);
       else if (step.binary !== undefined) ws.send(Buffer.from(step.binary), { binary: true });
       else if (step.zeros !== undefined) ws.send(Buffer.alloc(step.zeros), { binary: true });
+      else if (step.repeated !== undefined) ws.send(repeated(step.repeated));
       else if (step.fragments !== undefined) {
         step.fragments.forEach((f, i) =>
           ws.send(f, { binary: false, fin: i === step.fragments.length - 1 }),
