@@ -179,6 +179,33 @@ async fn small_windows_are_honoured_on_both_legs() {
 }
 
 #[tokio::test]
+async fn chromium_compresses_to_a_plain_and_to_a_compressing_upstream() {
+    let chromium = node::chromium().display().to_string();
+    let plain = echo().await;
+    let (_server, port) = node_server(true).await;
+    let gw = gateway(&format!(
+        "{}{}",
+        route("/plain", plain.addr, ON, &[]),
+        route_to("/deflate", &format!("ws://127.0.0.1:{port}/"), ON, &[])
+    ))
+    .await;
+    for path in ["/plain", "/deflate"] {
+        let url = format!("ws://{}{path}", gw.local_addr());
+        let mut browser = node::spawn("deflate_browser.js", &[&chromium, &url]);
+        let line = browser.line().await.unwrap_or_default();
+        let seen: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("{path}: {line}"));
+        assert_eq!(seen["extensions"], NO_TAKEOVER, "{path}");
+        assert_eq!(
+            seen["messages"],
+            serde_json::json!(["hello", "text 30000", "binary 65536 251"]),
+            "{path}"
+        );
+        assert_eq!(seen["code"], 1000, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn compression_off_declines_on_both_legs() {
     let (mut server, port) = node_server(true).await;
     let gw = gateway(&route_to(
