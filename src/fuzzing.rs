@@ -54,7 +54,7 @@ pub fn parse_frames(bytes: &[u8], server: bool, max_payload: usize) -> Result<us
     let mut rest = bytes;
     let mut frames = 0;
     while let Some(header) =
-        frame::parse_header(rest, role, max_payload).map_err(|e| e.to_string())?
+        frame::parse_header(rest, role, max_payload, false).map_err(|e| e.to_string())?
     {
         if header.payload_len > max_payload && !header.opcode.is_control() {
             return Err(format!("accepted {} > {max_payload}", header.payload_len));
@@ -80,7 +80,7 @@ pub fn parse_frames(bytes: &[u8], server: bool, max_payload: usize) -> Result<us
             let mask = header.mask;
             let mut out = Vec::new();
             frame::encode(&mut out, header.opcode, &payload, mask);
-            let back = frame::parse_header(&out, role, usize::MAX)
+            let back = frame::parse_header(&out, role, usize::MAX, false)
                 .map_err(|e| format!("re-encoded frame does not parse: {e}"))?
                 .ok_or("re-encoded frame is incomplete")?;
             let mut again = out[back.header_len..].to_vec();

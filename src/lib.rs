@@ -15,7 +15,8 @@
 //!   (`proxy/relay.rs`), each leg's reading, writing and closing (`proxy/leg/`), the lifetime
 //!   timers (`proxy/lifetime.rs`), what is counted per message (`proxy/meter.rs`), closing
 //!   (`proxy/close.rs`), and HTTP mode for routes with `http = "proxy"` (`proxy/http/`: hyper
-//!   on both sides, streamed bodies, CORS).
+//!   on both sides, streamed bodies, CORS); permessage-deflate: its negotiation per leg
+//!   (`proxy/extensions.rs`) and its codec (`proxy/deflate.rs`).
 //! - [`metrics`] (`src/metrics/`): per-worker counters, summed and encoded for Prometheus on
 //!   each scrape.
 //! - [`registry`] (`src/registry.rs`): the open connections, their tags, live counts and

@@ -54,6 +54,8 @@ pub mod defaults {
     pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
     /// `route.max_queued_bytes` at least: 4 MiB (or `max_message_size`, if larger).
     pub const MAX_QUEUED_BYTES: usize = 4 << 20;
+    /// `route.compression`: permessage-deflate is offered and accepted on both legs.
+    pub const COMPRESSION: bool = false;
     /// `route.max_body_size`: the largest HTTP request body proxied on a route with
     /// `http = "proxy"` (16 MiB).
     pub const MAX_BODY_SIZE: u64 = 16 << 20;
@@ -205,6 +207,15 @@ pub struct Route {
     pub jwt: Option<Arc<JwtConfig>>,
     /// `[route.validate]`: JSON Schemas for text messages (see `src/policy/validate/`).
     pub validate: Option<Arc<ValidateConfig>>,
+    /// `compression`: permessage-deflate negotiated with the client and with the upstream,
+    /// each leg on its own.
+    pub compression: bool,
+    /// `compression_context_takeover`: windows kept from message to message (better ratio,
+    /// a compressor and a decompressor per connection) instead of one per worker thread.
+    pub compression_context_takeover: bool,
+    /// `compression_window_bits` (9 to 15): the largest window the gateway compresses with,
+    /// and asks its peers to compress with where they let it ask.
+    pub compression_window_bits: u8,
 }
 
 /// `route.http`: what a plain HTTP request (not a WebSocket upgrade) on the route gets.
@@ -729,6 +740,17 @@ impl Validator<'_> {
             Some(m) => m.into_inner().to_ascii_lowercase(),
             None => defaults::MIME_TYPE.to_owned(),
         };
+        let compression_window_bits = match &raw.compression_window_bits {
+            None => 15,
+            Some(n) if (9..=15).contains(n.get_ref()) => *n.get_ref() as u8,
+            Some(n) => {
+                return Err(self.err(
+                    n,
+                    "route.compression_window_bits must be between 9 and 15".into(),
+                    "a window of 2^bits bytes: 15 is 32 KiB, 9 is 512 bytes",
+                ))
+            }
+        };
         let max_message_size = match raw.max_message_size {
             None => defaults::MAX_MESSAGE_SIZE,
             Some(v) => {
@@ -896,6 +918,9 @@ impl Validator<'_> {
             policies,
             upstream_tls,
             allow_encoded_slash: raw.allow_encoded_slash.unwrap_or(false),
+            compression: raw.compression.unwrap_or(defaults::COMPRESSION),
+            compression_context_takeover: raw.compression_context_takeover.unwrap_or(false),
+            compression_window_bits,
         })
     }
 
@@ -1111,6 +1136,40 @@ mod tests {
 
     fn error(src: &str) -> String {
         load(src).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn compression_keys() {
+        let route = |extra: &str| {
+            format!("[[route]]\npath = \"/e\"\nupstream = \"ws://127.0.0.1:9001/\"\n{extra}")
+        };
+        let r = &load(&route("")).unwrap().routes[0];
+        assert_eq!(
+            (
+                r.compression,
+                r.compression_context_takeover,
+                r.compression_window_bits
+            ),
+            (defaults::COMPRESSION, false, 15)
+        );
+        let r = &load(&route(
+            "compression = true\ncompression_context_takeover = true\ncompression_window_bits = 9\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!(
+            (
+                r.compression,
+                r.compression_context_takeover,
+                r.compression_window_bits
+            ),
+            (true, true, 9)
+        );
+        let e = error(&route("compression_window_bits = 8\n"));
+        assert!(
+            e.contains("test.toml:4:") && e.contains("between 9 and 15"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -85,7 +85,12 @@ pub(crate) struct Header {
     pub(crate) header_len: usize,
     /// Payload length in bytes.
     pub(crate) payload_len: usize,
+    /// RSV1: the first frame of a compressed message (permessage-deflate, RFC 7692 §6).
+    pub(crate) compressed: bool,
 }
+
+/// RSV1, which permessage-deflate sets on the first frame of a compressed message.
+pub(crate) const RSV1: u8 = 0x40;
 
 impl Header {
     /// Header plus payload.
@@ -110,19 +115,28 @@ impl Header {
 ///
 /// `receiver` is this side's role: a server only accepts masked frames, a client only unmasked
 /// ones. A payload over `max_payload` is refused as soon as its length is known, before it is
-/// read.
+/// read. `deflate`: the leg agreed permessage-deflate, so RSV1 may start a data message.
 pub(crate) fn parse_header(
     buf: &[u8],
     receiver: Role,
     max_payload: usize,
+    deflate: bool,
 ) -> Result<Option<Header>, FrameError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
-    if b0 & 0x70 != 0 {
-        return Err(FrameError::Protocol(
-            "reserved bits set without an extension",
-        ));
-    }
     let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(FrameError::Protocol("unknown opcode"))?;
+    let compressed = b0 & 0x70 != 0;
+    if compressed {
+        if b0 & 0x30 != 0 || !deflate {
+            return Err(FrameError::Protocol(
+                "reserved bits set without an extension",
+            ));
+        }
+        if !matches!(opcode, OpCode::Text | OpCode::Binary) {
+            return Err(FrameError::Protocol(
+                "RSV1 on a control or continuation frame",
+            ));
+        }
+    }
     let fin = b0 & 0x80 != 0;
     let masked = b1 & 0x80 != 0;
     match (receiver, masked) {
@@ -174,6 +188,7 @@ pub(crate) fn parse_header(
         mask,
         header_len: at,
         payload_len,
+        compressed,
     }))
 }
 
@@ -309,7 +324,7 @@ mod tests {
     use super::*;
 
     fn parse(buf: &[u8], role: Role) -> Result<Option<Header>, FrameError> {
-        parse_header(buf, role, 1 << 20)
+        parse_header(buf, role, 1 << 20, false)
     }
 
     #[test]
@@ -393,12 +408,26 @@ mod tests {
     #[test]
     fn oversized_payloads_are_refused_from_the_header() {
         assert_eq!(
-            parse_header(&[0x82, 0x7E, 0x04, 0x01], Role::Client, 1024),
+            parse_header(&[0x82, 0x7E, 0x04, 0x01], Role::Client, 1024, false),
             Err(FrameError::TooBig)
         );
-        assert!(parse_header(&[0x82, 0x7E, 0x04, 0x00], Role::Client, 1024)
-            .unwrap()
-            .is_some());
+        assert!(
+            parse_header(&[0x82, 0x7E, 0x04, 0x00], Role::Client, 1024, false)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn rsv1_only_where_deflate_was_agreed() {
+        let header = |buf: &[u8], deflate| parse_header(buf, Role::Client, 1024, deflate);
+        assert!(header(&[0xC1, 0x00], false).is_err());
+        assert!(header(&[0xC1, 0x00], true).unwrap().unwrap().compressed);
+        assert!(!header(&[0x81, 0x00], true).unwrap().unwrap().compressed);
+        // RSV1 on a continuation or control frame, RSV2 and RSV3: never.
+        for bad in [[0x40, 0x00], [0xC9, 0x00], [0xA1, 0x00], [0x91, 0x00]] {
+            assert!(matches!(header(&bad, true), Err(FrameError::Protocol(_))));
+        }
     }
 
     #[test]

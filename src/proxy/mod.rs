@@ -5,6 +5,8 @@
 
 mod buffers;
 mod close;
+mod deflate;
+mod extensions;
 mod forward;
 pub(crate) mod frame;
 mod headers;

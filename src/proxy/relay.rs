@@ -53,8 +53,11 @@ pub(crate) struct Relay {
     hooks: Box<dyn FrameHooks>,
     /// Client-to-upstream, then upstream-to-client.
     traffic: [Traffic; 2],
-    /// Whether the hooks look at client-to-upstream, then upstream-to-client messages.
+    /// Whether client-to-upstream, then upstream-to-client messages are reassembled (for the
+    /// hooks, or to be inflated or compressed: permessage-deflate on either leg).
     inspects: [bool; 2],
+    /// Whether the hooks look at client-to-upstream, then upstream-to-client messages.
+    hooked: [bool; 2],
     /// Messages the hooks send besides their verdicts, towards the client and the upstream.
     /// Empty (unallocated) unless a policy sends.
     replies: [VecDeque<Message>; 2],
@@ -93,10 +96,14 @@ impl Relay {
         max_queued: usize,
         wiring: Wiring,
     ) -> Self {
-        let inspects = [
+        let hooked = [
             hooks.inspects(Direction::ClientToUpstream),
             hooks.inspects(Direction::UpstreamToClient),
         ];
+        // Compressed messages cannot be relayed byte for byte: they are inflated, and
+        // compressed again for a leg that agreed to it.
+        let deflate = client.compresses() || upstream.compresses();
+        let inspects = hooked.map(|h| h || deflate);
         Relay {
             client,
             upstream,
@@ -105,6 +112,7 @@ impl Relay {
             hooks,
             traffic: [Traffic::default(); 2],
             inspects,
+            hooked,
             replies: Default::default(),
             client_first: true,
             shared,
@@ -405,11 +413,18 @@ impl Relay {
             )
         } else {
             let hooks = &mut self.hooks;
+            let hooked = self.hooked[slot];
             let replies = &mut self.replies;
             let max_queued = self.max_queued;
             let traffic = &mut self.traffic[slot];
             let expire_at = &mut self.expire_at;
             let mut hook = |message: Message, own: &mut Outbox| {
+                if !hooked {
+                    // Reassembled only to be inflated or compressed.
+                    tally.message(message.is_text(), message.len());
+                    writer.out.push_message(&message);
+                    return Ok(writer.out.len() < max_queued);
+                }
                 let [to_client, to_upstream] = &mut *replies;
                 let own_room = max_queued.saturating_sub(own.len());
                 let other_room = max_queued.saturating_sub(writer.out.len());

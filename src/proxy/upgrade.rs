@@ -16,7 +16,7 @@ use super::leg::Leg;
 use super::lifetime::Lifetime;
 use super::meter::Meter;
 use super::relay::{Relay, Wiring};
-use super::{headers, Shared};
+use super::{extensions, headers, Shared};
 use crate::client_http::{lists_token, Answer, RequestHead};
 use crate::config::Route;
 use crate::header_fields::{is_name, HeaderFields};
@@ -384,6 +384,18 @@ async fn upgrade(
         .sum();
     let mut upstream_headers = Vec::with_capacity(size + 96);
     headers::upstream_request(&mut upstream_headers, &request.headers, &extra);
+    // permessage-deflate: each leg negotiates on its own (the client's offer is not passed on).
+    let deflate = route.compression.then_some(extensions::Settings {
+        context_takeover: route.compression_context_takeover,
+        window_bits: route.compression_window_bits,
+    });
+    if let Some(settings) = deflate {
+        crate::client_http::header_line(
+            &mut upstream_headers,
+            b"sec-websocket-extensions",
+            extensions::upstream_offer(settings).as_bytes(),
+        );
+    }
     let tls = match &pool {
         Some(pool) => snapshot.pool_tls(&pool.name),
         None => runtime.tls.as_ref(),
@@ -432,7 +444,22 @@ async fn upgrade(
             }),
         },
     };
-    let (connected, url, endpoint) = match attempt {
+    // The upstream's answer to the offer; without one, its extensions are not looked at
+    // (nothing was offered, and they do not reach the client).
+    let attempt = attempt.and_then(|(connected, url, guard)| {
+        let Some(settings) = deflate else {
+            return Ok((connected, url, guard, None));
+        };
+        let answers = connected.headers.get_all("sec-websocket-extensions");
+        match extensions::accept_upstream(answers, settings) {
+            Ok(agreed) => Ok((connected, url, guard, agreed)),
+            Err(e) => Err(Rejection::Upstream {
+                url,
+                source: UpstreamError::BadHandshake(format!("permessage-deflate: {e}")),
+            }),
+        }
+    });
+    let (connected, url, endpoint, upstream_deflate) = match attempt {
         Ok(reached) => {
             metrics.upstream_connect(connecting.elapsed());
             reached
@@ -466,6 +493,11 @@ async fn upgrade(
     if let Some(chosen) = chosen {
         lines.push(("Sec-WebSocket-Protocol", chosen));
     }
+    let offers = request.headers.get_all("sec-websocket-extensions");
+    let client_deflate = deflate.and_then(|settings| extensions::answer_client(offers, settings));
+    if let Some((answer, _)) = &client_deflate {
+        lines.push(("Sec-WebSocket-Extensions", answer.as_str()));
+    }
     // A pool's sticky cookie names the endpoint by its opaque id, never its address.
     let cookie = sticky
         .zip(endpoint.as_ref())
@@ -478,7 +510,13 @@ async fn upgrade(
         response,
         // Only the socket is kept (the upstream's headers are done with), so an idle
         // connection holds as little as possible.
-        upstream: Leg::new(connected.socket, Side::Upstream, route.max_message_size),
+        upstream: Leg::new(
+            connected.socket,
+            Side::Upstream,
+            route.max_message_size,
+            upstream_deflate,
+        ),
+        client_deflate: client_deflate.map(|(_, agreed)| agreed),
         hooks,
         summary: CloseSummary::new(id, route.name(), peer, url),
         route,
@@ -534,6 +572,8 @@ pub(crate) struct Accepted {
     /// The 101, encoded.
     response: Vec<u8>,
     upstream: Leg,
+    /// What the client leg agreed for permessage-deflate, if it did.
+    client_deflate: Option<extensions::Agreed>,
     hooks: Box<dyn FrameHooks>,
     /// The close line, filled in as the connection ends.
     summary: CloseSummary,
@@ -601,6 +641,7 @@ impl Accepted {
         let Accepted {
             response,
             upstream,
+            client_deflate,
             hooks,
             mut summary,
             route,
@@ -642,6 +683,7 @@ impl Accepted {
             },
             Side::Client,
             route.max_message_size,
+            client_deflate,
         );
         span.in_scope(|| tracing::info!(upstream = %summary.upstream, "connection opened"));
         let cap = route.expire.map(|e| opened + e);

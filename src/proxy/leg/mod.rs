@@ -6,7 +6,8 @@
 //! Buffers are the point of these modules. A leg holds no read buffer between frames: reads go
 //! into one scratch buffer per worker thread, and only the start of a frame that has not fully
 //! arrived is kept by the leg. Its write buffer is released once it is written out. An idle
-//! connection therefore holds two sockets, a little state, and no buffers at all.
+//! connection therefore holds two sockets, a little state, and no buffers at all (with
+//! permessage-deflate too, unless a leg keeps its windows: `compression_context_takeover`).
 
 mod closing;
 mod outbox;
@@ -19,6 +20,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::buffers;
 use super::close::{Ending, Side};
+use super::deflate::{Deflater, Inflater};
+use super::extensions::Agreed;
 use super::frame::{self, FrameError, Role};
 use super::meter::Tally;
 use crate::upstream::{Io, Socket};
@@ -63,13 +66,24 @@ pub(crate) struct Leg {
     partial: BytesMut,
     fragments: Option<Fragments>,
     stream: Option<Streaming>,
+    /// With permessage-deflate agreed on this leg: inflates the messages it receives (the
+    /// outbox compresses those it sends).
+    inflate: Option<Inflater>,
     /// Frames waiting to be written to this leg.
     pub(crate) out: Outbox,
 }
 
 impl Leg {
-    /// A leg on `socket`, after its handshake.
-    pub(crate) fn new(socket: Socket, side: Side, max_message_size: usize) -> Self {
+    /// A leg on `socket`, after its handshake; `deflate`: what it agreed for
+    /// permessage-deflate, if it did.
+    pub(crate) fn new(
+        socket: Socket,
+        side: Side,
+        max_message_size: usize,
+        deflate: Option<Agreed>,
+    ) -> Self {
+        let mut out = Outbox::new(role_on(side));
+        out.deflate = deflate.map(Deflater::new);
         Leg {
             io: socket.io,
             side,
@@ -77,8 +91,14 @@ impl Leg {
             partial: BytesMut::from(&socket.pre_read[..]),
             fragments: None,
             stream: None,
-            out: Outbox::new(role_on(side)),
+            inflate: deflate.map(Inflater::new),
+            out,
         }
+    }
+
+    /// Whether this leg agreed permessage-deflate: its messages are compressed both ways.
+    pub(crate) fn compresses(&self) -> bool {
+        self.inflate.is_some()
     }
 
     fn role(&self) -> Role {
@@ -87,7 +107,12 @@ impl Leg {
 
     /// The header at the start of `buf`, as this leg receives it, under its size limit.
     fn header(&self, buf: &[u8]) -> Result<Option<frame::Header>, FrameError> {
-        frame::parse_header(buf, self.role(), self.max_message_size)
+        frame::parse_header(
+            buf,
+            self.role(),
+            self.max_message_size,
+            self.inflate.is_some(),
+        )
     }
 
     /// Writes what is queued to this leg. An error ends the connection as this leg gone.

@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::super::buffers;
+use super::super::deflate::Deflater;
 use super::super::frame::{self, OpCode, Role};
 use crate::upstream::Io;
 
@@ -47,6 +48,8 @@ pub(crate) struct Outbox {
     /// Bytes at the start of `buf` that belong to a streamed frame whose header was written
     /// before; frames are aligned from here.
     head_skip: usize,
+    /// With permessage-deflate agreed on this leg: every data message is sent compressed.
+    pub(super) deflate: Option<Deflater>,
 }
 
 impl Outbox {
@@ -57,6 +60,7 @@ impl Outbox {
             masked: role == Role::Client,
             open: 0,
             head_skip: 0,
+            deflate: None,
         }
     }
 
@@ -159,16 +163,28 @@ impl Outbox {
         self.buf().extend_from_slice(frame);
     }
 
-    /// Queues one data message.
+    /// Queues one data message, compressed on a leg that agreed permessage-deflate.
     pub(crate) fn push_data(&mut self, text: bool, payload: &[u8]) {
-        self.push(if text { OpCode::Text } else { OpCode::Binary }, payload);
+        let opcode = if text { OpCode::Text } else { OpCode::Binary };
+        if self.deflate.is_none() {
+            return self.push(opcode, payload);
+        }
+        let mut deflater = self.deflate.take().expect("checked above");
+        deflater.deflate(payload, |compressed| {
+            let mask = self.mask();
+            let buf = self.buf();
+            let at = buf.len();
+            frame::encode(buf, opcode, compressed, mask);
+            buf[at] |= frame::RSV1;
+        });
+        self.deflate = Some(deflater);
     }
 
     /// Queues a message a policy produced.
     pub(crate) fn push_message(&mut self, message: &Message) {
         match message {
-            Message::Text(t) => self.push(OpCode::Text, t.as_bytes()),
-            Message::Binary(b) => self.push(OpCode::Binary, b),
+            Message::Text(t) => self.push_data(true, t.as_bytes()),
+            Message::Binary(b) => self.push_data(false, b),
             Message::Ping(p) => self.push(OpCode::Ping, p),
             Message::Pong(p) => self.push(OpCode::Pong, p),
             Message::Close(f) => self.push_close(f.as_ref()),
@@ -223,7 +239,7 @@ impl Outbox {
         };
         let mut at = self.head_skip;
         while at < self.buf.len() {
-            let Ok(Some(header)) = frame::parse_header(&self.buf[at..], receiver, usize::MAX)
+            let Ok(Some(header)) = frame::parse_header(&self.buf[at..], receiver, usize::MAX, true)
             else {
                 break;
             };

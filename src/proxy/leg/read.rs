@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::super::buffers::{self, take_scratch};
 use super::super::close::Ending;
+use super::super::deflate::InflateError;
 use super::super::frame::{self, ClosePayload, FrameError, OpCode};
 use super::super::meter::Tally;
 use super::{Leg, Sink};
@@ -29,6 +30,8 @@ const STREAM_READ: usize = 32 * 1024;
 /// A message being reassembled from fragments.
 pub(super) struct Fragments {
     text: bool,
+    /// Compressed (RSV1 on its first frame): inflated, and its text checked, once whole.
+    compressed: bool,
     data: Vec<u8>,
     /// `data[..checked]` is known to be UTF-8 (text only): each fragment is checked as it
     /// comes, so that bad text fails fast instead of after its last fragment.
@@ -38,7 +41,7 @@ pub(super) struct Fragments {
 impl Fragments {
     /// Whether the text so far can still be UTF-8 (it may end inside a character).
     fn still_utf8(&mut self) -> bool {
-        if !self.text {
+        if !self.text || self.compressed {
             return true;
         }
         match std::str::from_utf8(&self.data[self.checked..]) {
@@ -191,6 +194,7 @@ impl Leg {
     fn relays_verbatim(&self, header: &frame::Header) -> bool {
         matches!(header.opcode, OpCode::Text | OpCode::Binary)
             && header.fin
+            && !header.compressed
             && self.fragments.is_none()
             && header.is_minimal()
     }
@@ -201,6 +205,7 @@ impl Leg {
         matches!(sink, Sink::Through { .. })
             && header.opcode == OpCode::Binary
             && header.fin
+            && !header.compressed
             && header.payload_len >= STREAM_MIN
             && self.fragments.is_none()
     }
@@ -329,7 +334,14 @@ impl Leg {
                         return Err(self.protocol("data frame inside a fragmented message"));
                     }
                     let text = header.opcode == OpCode::Text;
-                    if header.fin {
+                    if header.fin && header.compressed {
+                        active = true;
+                        let data = self.inflate(payload)?;
+                        if !self.deliver(sink, text, data)? {
+                            buf.advance(header.frame_len());
+                            return Ok(true);
+                        }
+                    } else if header.fin {
                         active = true;
                         if let Sink::Hooks(hook) = sink {
                             // The hook gets the payload where it lies in the read buffer:
@@ -348,6 +360,7 @@ impl Leg {
                     } else {
                         let mut fragments = Fragments {
                             text,
+                            compressed: header.compressed,
                             data: payload.to_vec(),
                             checked: 0,
                         };
@@ -369,10 +382,20 @@ impl Leg {
                         return Err(Ending::BadUtf8(self.side));
                     }
                     if header.fin {
-                        let Fragments { text, data, .. } =
-                            self.fragments.take().expect("fragments checked above");
+                        let Fragments {
+                            text,
+                            compressed,
+                            data,
+                            ..
+                        } = self.fragments.take().expect("fragments checked above");
                         active = true;
-                        if let Sink::Hooks(hook) = sink {
+                        if compressed {
+                            let data = self.inflate(&data)?;
+                            if !self.deliver(sink, text, data)? {
+                                buf.advance(header.frame_len());
+                                return Ok(true);
+                            }
+                        } else if let Sink::Hooks(hook) = sink {
                             let message = self.message(text, Bytes::from(data))?;
                             if !hook(message, &mut self.out)? {
                                 buf.advance(header.frame_len());
@@ -398,6 +421,34 @@ impl Leg {
             }
             buf.advance(header.frame_len());
         }
+    }
+
+    /// Inflates a compressed message's payload under `max_message_size`: one that would
+    /// inflate past it fails with 1009 as soon as it does (a zip bomb costs the limit only).
+    fn inflate(&mut self, payload: &[u8]) -> Result<Vec<u8>, Ending> {
+        let Some(inflater) = &mut self.inflate else {
+            return Err(self.protocol("compressed message without permessage-deflate"));
+        };
+        inflater
+            .inflate(payload, self.max_message_size)
+            .map_err(|e| match e {
+                InflateError::TooBig => Ending::TooBig(self.side),
+                InflateError::Corrupt => self.protocol("compressed data that does not inflate"),
+            })
+    }
+
+    /// Hands an inflated message to `sink`: the hooks' answer (whether the read may go on),
+    /// or `true`.
+    fn deliver(&mut self, sink: &mut Sink<'_>, text: bool, data: Vec<u8>) -> Result<bool, Ending> {
+        if let Sink::Hooks(hook) = sink {
+            let message = self.message(text, Bytes::from(data))?;
+            return hook(message, &mut self.out);
+        }
+        if text && std::str::from_utf8(&data).is_err() {
+            return Err(Ending::BadUtf8(self.side));
+        }
+        pass_through(sink, text, &data);
+        Ok(true)
     }
 
     /// A message for the hooks; text is checked to be UTF-8 here.
