@@ -179,7 +179,7 @@ impl Verifier {
                         Some(refusal) => Err(refusal),
                     };
                 }
-                // The key is gone (rotated out of the JWKS): verify again, which refuses.
+                // Not the key held now (rotated out, or the JWKS was fetched again): verify in full.
                 self.cache.remove(hash);
             }
         }

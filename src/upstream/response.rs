@@ -110,6 +110,17 @@ where
     // has come: parsing again on every read would be quadratic in a head that trickles in.
     let mut checked: usize = 0;
     loop {
+        // Empty lines before the status line are ignored (RFC 9112 §2.2; httparse skips them
+        // too). They are dropped as they come, so that a flood of them is neither kept nor
+        // taken for the head's end and parsed again on every read.
+        let lead = buf
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        if lead > 0 {
+            buf.advance(lead);
+            checked = checked.saturating_sub(lead);
+        }
         let fresh = &buf[checked.saturating_sub(2)..];
         if (checked == 0 && !buf.is_empty()) || has_empty_line(fresh) {
             if let Some(head) = parse_head(buf)? {
@@ -405,6 +416,29 @@ mod tests {
 
     const SWITCHING: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
         Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+    /// Empty lines before the status line are skipped, and a flood of them, a byte per read,
+    /// is dropped as it comes (it was kept and parsed again on every read: quadratic, found by
+    /// the fuzzer's time bound).
+    #[tokio::test]
+    async fn empty_lines_before_the_status_line_are_dropped_as_they_come() {
+        let mut bytes = b"\r\n\n".to_vec();
+        bytes.extend_from_slice(SWITCHING);
+        assert!(matches!(
+            answer(Reads::bytewise(&bytes)).await,
+            Ok(Answer::Switching { .. })
+        ));
+        let flood = vec![b'\n'; 160 * 1024];
+        // Nothing is kept of them: the end of the stream finds an empty buffer.
+        let outcome = answer(Reads::bytewise(&flood)).await;
+        assert!(
+            matches!(
+                outcome,
+                Err(UpstreamError::BadResponse(BadResponse::Closed { read: 0 }))
+            ),
+            "{outcome:?}"
+        );
+    }
 
     #[tokio::test]
     async fn a_head_split_at_every_byte_is_parsed() {
