@@ -430,29 +430,32 @@ impl Scrape {
                 ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
             }
         }
-        let mut m = enc.encode_descriptor(
-            "framegate_upstream_retries",
-            "Attempts on another endpoint of the pool after a failed one.",
-            None,
-            MetricType::Counter,
-        )?;
-        for p in &self.upstreams {
-            let labels: Labels = vec![("pool", &p.pool)];
-            ConstCounter::new(p.retries).encode(m.encode_family(&labels)?)?;
-        }
-        let mut m = enc.encode_descriptor(
-            "framegate_upstream_discovery_failures",
-            "Discovery lookups (DNS, SRV) and etcd sessions of the pool that failed; its last known endpoints stayed.",
-            None,
-            MetricType::Counter,
-        )?;
-        for p in &self.upstreams {
-            let labels: Labels = vec![("pool", &p.pool)];
-            ConstCounter::new(p.discovery_failures).encode(m.encode_family(&labels)?)?;
+        // The per-pool counters.
+        let per_pool: [(&str, &str, PoolCount); 2] = [
+            (
+                "framegate_upstream_retries",
+                "Attempts on another endpoint of the pool after a failed one.",
+                |p| p.retries,
+            ),
+            (
+                "framegate_upstream_discovery_failures",
+                "Discovery lookups (DNS, SRV) and etcd sessions of the pool that failed; its last known endpoints stayed.",
+                |p| p.discovery_failures,
+            ),
+        ];
+        for (name, help, value) in per_pool {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in &self.upstreams {
+                let labels: Labels = vec![("pool", &p.pool)];
+                ConstCounter::new(value(p)).encode(m.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }
 }
+
+/// One per-pool counter's value in a pool's sample.
+type PoolCount = fn(&super::UpstreamSample) -> u64;
 
 fn closed_by(bits: u32) -> &'static str {
     ClosedBy::ALL
