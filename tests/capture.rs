@@ -395,6 +395,20 @@ async fn the_stream_tells_a_late_reader_what_it_lost_then_shows_the_kick() {
         (Some(4001), Some("kicked"))
     );
     assert_eq!(closed["by"], "gateway");
+    assert!(events.iter().any(|(n, e)| n == "entry" && e["seq"] == 6));
+    // A browser's EventSource resumes after the last id it got.
+    let mut again = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let head = format!(
+        "GET /admin/connections/{id}/capture/stream HTTP/1.1\r\nhost: {admin}\r\nauthorization: {}\r\nlast-event-id: 5\r\n\r\n",
+        bearer()
+    );
+    again.write_all(head.as_bytes()).await.unwrap();
+    let resumed = events_until_closed(&mut again).await;
+    let names: Vec<(&str, Option<u64>)> = resumed
+        .iter()
+        .map(|(n, e)| (n.as_str(), e["seq"].as_u64()))
+        .collect();
+    assert_eq!(names, [("entry", Some(6)), ("closed", None)]);
     // The capture of a closed connection stays readable for a while (the last 16).
     let after = get(admin, &format!("/admin/connections/{id}/capture")).await;
     assert_eq!(after.status, 200);

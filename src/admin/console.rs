@@ -95,15 +95,16 @@ pub(super) fn stream(capture: Arc<Capture>, after: u64, shutdown: CancellationTo
                 event(
                     &mut text,
                     "lost",
+                    None,
                     &serde_json::json!({ "lost": batch.lost }),
                 );
             }
             for entry in &batch.entries {
-                event(&mut text, "entry", &entry.to_json());
+                event(&mut text, "entry", Some(entry.seq()), &entry.to_json());
                 s.after = entry.seq();
             }
             if let Some(closed) = &batch.closed {
-                event(&mut text, "closed", &closed.to_json());
+                event(&mut text, "closed", None, &closed.to_json());
                 s.done = true;
             }
             if !text.is_empty() {
@@ -129,8 +130,14 @@ pub(super) fn stream(capture: Arc<Capture>, after: u64, shutdown: CancellationTo
     r
 }
 
-/// Appends one server-sent event.
-fn event(out: &mut String, name: &str, data: &serde_json::Value) {
+/// Appends one server-sent event; an entry's `id` is its sequence number, which a browser's
+/// `EventSource` sends back as `Last-Event-ID` when it reconnects.
+fn event(out: &mut String, name: &str, id: Option<u64>, data: &serde_json::Value) {
+    if let Some(id) = id {
+        out.push_str("id: ");
+        out.push_str(&id.to_string());
+        out.push('\n');
+    }
     out.push_str("event: ");
     out.push_str(name);
     out.push_str("\ndata: ");

@@ -403,9 +403,16 @@ impl Handler {
             (["admin", "connections", id, "capture", "stream"], &Method::GET) => {
                 let id = conn_id(id)?;
                 no_other_params(&query, &["after"])?;
-                let after = match param(&query, "after") {
+                // A reconnecting EventSource names the last entry it got in Last-Event-ID.
+                let resumed = req
+                    .headers()
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let after = match param(&query, "after").or(resumed) {
                     None => 0,
                     Some(a) => a
+                        .trim()
                         .parse()
                         .map_err(|_| bad_request(format!("after={a:?} is not a number")))?,
                 };
