@@ -73,6 +73,7 @@ pub mod gateway;
 pub mod header_fields;
 pub mod jwt;
 mod listener;
+mod masking;
 pub mod metrics;
 pub mod policy;
 pub mod policy_test;

@@ -265,13 +265,6 @@ fn is_continuation(byte: u8, key: Option<[u8; 4]>, at: usize) -> bool {
     byte & 0xC0 == 0x80
 }
 
-/// Undoes WebSocket masking (RFC 6455 §5.3) on a payload's start.
-fn unmask(bytes: &mut [u8], key: [u8; 4]) {
-    for (i, b) in bytes.iter_mut().enumerate() {
-        *b ^= key[i & 3];
-    }
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -449,7 +442,7 @@ impl Capture {
         }
         let mut bytes = payload[..cut].to_vec();
         if let Some(key) = masked_with {
-            unmask(&mut bytes, key);
+            crate::masking::apply_mask(&mut bytes, key);
         }
         if text {
             if let Some(masked) = mask::json_fields(&bytes, &self.config.mask) {
@@ -581,7 +574,7 @@ mod tests {
         let c = capture(10, 8);
         let key = [1, 2, 3, 4];
         let mut wire = "héllo wörld".as_bytes().to_vec();
-        unmask(&mut wire, key);
+        crate::masking::apply_mask(&mut wire, key);
         let mut seen = Seen::data(Direction::ClientToUpstream, true, &wire);
         seen.masked_with = Some(key);
         seen.mask = Some(key);

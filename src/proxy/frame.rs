@@ -5,6 +5,8 @@
 //! and this module tells it where each frame starts and ends. Everything a peer can send is
 //! answered with a [`FrameError`], never a panic.
 
+pub(crate) use crate::masking::apply_mask;
+
 /// A frame's opcode (RFC 6455 §5.2); reserved opcodes are refused while parsing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpCode {
@@ -190,22 +192,6 @@ pub(crate) fn parse_header(
         payload_len,
         compressed,
     }))
-}
-
-/// XORs `data` with `key`, cycling from the key's first byte (RFC 6455 §5.3). Masking and
-/// unmasking are the same operation.
-pub(crate) fn apply_mask(data: &mut [u8], key: [u8; 4]) {
-    let wide = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
-    let mut chunks = data.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        let word = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ wide;
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    for (byte, k) in chunks.into_remainder().iter_mut().zip(key.iter().cycle()) {
-        *byte ^= k;
-    }
 }
 
 /// Appends the header of a final (FIN) frame with a payload of `payload_len` bytes. `mask` is
