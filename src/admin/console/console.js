@@ -375,7 +375,12 @@
     if (cap.request) renderRequest(cap.request);
     renderResponse(cap.response);
     if (typeof cap.lost === "number" && cap.lost > detail.lost) detail.lost = cap.lost;
-    for (const entry of cap.entries || []) addEntry(entry);
+    // After a broken stream: entries the ring dropped meanwhile are lost too.
+    const fresh = (cap.entries || []).filter((e) => e.seq > detail.lastSeq);
+    if (detail.lastSeq > 0 && fresh.length && fresh[0].seq > detail.lastSeq + 1) {
+      detail.lost += fresh[0].seq - detail.lastSeq - 1;
+    }
+    for (const entry of fresh) addEntry(entry);
     renderLost();
     if (cap.closed) setClosed(cap.closed);
     renderDetailState();
