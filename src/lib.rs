@@ -33,6 +33,8 @@
 //!   `listener/tls.rs` the `[[server.tls]]` listeners' certificates (SNI) and TLS handshake.
 //! - `worker`: worker threads, each a current-thread runtime with its compiled policies per
 //!   live snapshot; `worker/accept.rs` the accept loops, `worker/admission.rs` the pending set.
+//! - [`capture`]: the traffic console's per-connection captures (a bounded ring of what each
+//!   message looked like and what became of it), written by the relay, read by the admin.
 //! - [`admin`]: the admin HTTP listener; `admin/gateway_api.rs` is the gateway's side of it.
 //! - [`gateway`]: build, start, reload and shut down a gateway.
 //! - [`policy_test`]: `framegate policy-test`, running a policy on a message without sockets.
@@ -62,6 +64,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod capture;
 mod client_http;
 pub mod config;
 #[doc(hidden)]

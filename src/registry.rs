@@ -20,10 +20,11 @@
 //! 32 bytes) are masked when the entry is
 //! made, so they never reach the admin API.
 
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
@@ -33,6 +34,8 @@ mod mailbox;
 pub use mailbox::ControlReceiver;
 use mailbox::{Mailbox, Refused};
 
+use crate::capture::Capture;
+use crate::config::{CaptureConfig, CaptureMode};
 use crate::metrics::Direction;
 
 /// Control messages one connection may have queued before the admin gets 503.
@@ -55,6 +58,8 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 10_000;
 /// Longest close reason: a close frame's payload is at most 125 bytes, 2 of them the code.
 pub const MAX_CLOSE_REASON: usize = 123;
+/// Captures of closed connections kept for the console (the newest ones).
+pub const RECENT_CAPTURES: usize = 16;
 
 /// What replaces a masked secret.
 const MASK: &str = "<redacted>";
@@ -337,6 +342,10 @@ pub struct NewConnection {
     pub request: UpgradeRequest,
     /// Its frozen ctx as JSON (`Null` when there is none).
     pub ctx: serde_json::Value,
+    /// Its route's `[route.capture]` (what the console may turn on later uses it).
+    pub capture_config: Arc<CaptureConfig>,
+    /// Its capture, when its route records from the start.
+    pub capture: Option<Arc<Capture>>,
 }
 
 /// Where an admin message goes.
@@ -375,7 +384,21 @@ pub enum Control {
         /// What it gets.
         message: Message,
     },
+    /// Record into this capture from now on (the console turned capture on).
+    Capture(CaptureHandle),
 }
+
+/// A capture sent to a relay; equal when it is the same capture.
+#[derive(Debug, Clone)]
+pub struct CaptureHandle(pub Arc<Capture>);
+
+impl PartialEq for CaptureHandle {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for CaptureHandle {}
 
 /// Why a control message was not queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -437,6 +460,9 @@ struct Entry {
     ctx: Result<serde_json::Value, usize>,
     stats: Arc<ConnStats>,
     mailbox: Mailbox,
+    capture_config: Arc<CaptureConfig>,
+    /// Set while (or once) the connection records; the lock orders the console's requests.
+    capture: Mutex<Option<Arc<Capture>>>,
 }
 
 /// Messages and bytes both ways.
@@ -495,9 +521,19 @@ pub struct ConnDetail {
     /// Why `ctx` is `null` although the connection has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ctx_omitted: Option<String>,
+    /// `{"mode": "off" | "metadata" | "payload"}`: what the console's capture records.
+    pub capture: serde_json::Value,
 }
 
 impl Entry {
+    fn capture_mode(&self) -> CaptureMode {
+        self.capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(CaptureMode::Off, |c| c.mode())
+    }
+
     fn summary(&self) -> ConnSummary {
         let counts = self.stats.read();
         ConnSummary {
@@ -639,6 +675,8 @@ pub struct Registry {
     conns: DashMap<u64, Arc<Entry>>,
     /// `(key, value)` -> ids carrying that tag.
     by_tag: DashMap<TagKey, HashSet<u64>>,
+    /// Captures of the last [`RECENT_CAPTURES`] closed connections that had one, oldest first.
+    recent: Mutex<VecDeque<Arc<Capture>>>,
 }
 
 /// What a connection gets when it registers.
@@ -692,6 +730,8 @@ impl Registry {
             ctx,
             stats: stats.clone(),
             mailbox: Mailbox::default(),
+            capture_config: conn.capture_config,
+            capture: Mutex::new(conn.capture),
         });
         match self.conns.entry(conn.id) {
             dashmap::Entry::Occupied(_) => return Err(RegisterError::DuplicateId(conn.id)),
@@ -719,6 +759,18 @@ impl Registry {
         let Some((_, entry)) = self.conns.remove(&id) else {
             return;
         };
+        let capture = entry
+            .capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(capture) = capture {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() == RECENT_CAPTURES {
+                recent.pop_front();
+            }
+            recent.push_back(capture);
+        }
         for (k, v) in entry.tags.iter() {
             let key: TagKey = (k.into(), v.into());
             if let dashmap::Entry::Occupied(mut ids) = self.by_tag.entry(key) {
@@ -786,7 +838,58 @@ impl Registry {
                 .as_ref()
                 .err()
                 .map(|n| format!("ctx is {n} bytes of JSON, over the {MAX_CTX_JSON}-byte limit")),
+            capture: serde_json::json!({ "mode": e.capture_mode().as_str() }),
         })
+    }
+
+    /// The capture of connection `id`: open, or among the last [`RECENT_CAPTURES`] closed.
+    pub fn capture(&self, id: u64) -> Option<Arc<Capture>> {
+        if let Some(e) = self.conns.get(&id).map(|e| e.value().clone()) {
+            if let Some(c) = e.capture.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                return Some(c);
+            }
+        }
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().rev().find(|c| c.id() == id).cloned()
+    }
+
+    /// Sets what connection `id` records from now on: the console's capture switch. The first
+    /// time it is turned on, a capture is made with the route's settings and handed to the
+    /// relay through the control channel (so a full channel answers [`ControlError::Busy`]).
+    pub fn set_capture(
+        &self,
+        id: u64,
+        mode: CaptureMode,
+    ) -> Result<Option<Arc<Capture>>, ControlError> {
+        let entry = self
+            .conns
+            .get(&id)
+            .map(|e| e.value().clone())
+            .ok_or(ControlError::NotFound(id))?;
+        let mut slot = entry.capture.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = &*slot {
+            c.set_mode(mode);
+            return Ok(Some(c.clone()));
+        }
+        if mode == CaptureMode::Off {
+            return Ok(None);
+        }
+        let capture = Capture::new(
+            id,
+            &entry.route,
+            mode,
+            entry.capture_config.clone(),
+            Some(entry.request.clone()),
+        );
+        entry
+            .mailbox
+            .push(Control::Capture(CaptureHandle(capture.clone())))
+            .map_err(|e| match e {
+                Refused::Full => ControlError::Busy(id),
+                Refused::Closed => ControlError::NotFound(id),
+            })?;
+        *slot = Some(capture.clone());
+        Ok(Some(capture))
     }
 
     /// Queues `control` for connection `id` without waiting.
@@ -857,6 +960,8 @@ mod tests {
             tags: t,
             request: UpgradeRequest::new("GET", "/chat", []),
             ctx: serde_json::Value::Null,
+            capture_config: Arc::default(),
+            capture: None,
         }
     }
 

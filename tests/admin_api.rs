@@ -191,6 +191,8 @@ impl Admin {
                     ],
                 ),
                 ctx: json!({"user": "ann", "claims": {"sub": "ann"}}),
+                capture_config: Default::default(),
+                capture: None,
             })
             .unwrap()
     }

@@ -197,6 +197,52 @@ fn route(r: &Route) -> Value {
         "allow_encoded_slash": r.allow_encoded_slash,
         "origins": r.origins.as_ref().map(|o| o.patterns.iter().map(ToString::to_string).collect::<Vec<_>>()),
         "allow_missing_origin": r.origins.as_ref().is_some_and(|o| o.allow_missing),
+        "http": match r.http {
+            crate::config::HttpMode::Refuse => "refuse",
+            crate::config::HttpMode::Proxy => "proxy",
+        },
+        "max_body_size": r.max_body_size,
+        "jwt": r.jwt.as_deref().map(jwt),
+        "validate": r.validate.as_ref().map(|v| json!({
+            "client": v.client.as_ref().map(|f| f.path.display().to_string()),
+            "server": v.server.as_ref().map(|f| f.path.display().to_string()),
+            "on_invalid": v.on_invalid.as_str(),
+        })),
+        "compression": r.compression,
+        "compression_context_takeover": r.compression_context_takeover,
+        "compression_window_bits": r.compression_window_bits,
+        "capture": {
+            "mode": r.capture.mode.as_str(),
+            "max_payload": r.capture.max_payload,
+            "keep": r.capture.keep,
+            "mask": r.capture.mask,
+        },
+    })
+}
+
+/// `[route.jwt]` as configured; key files by name, never their bytes.
+fn jwt(j: &crate::config::JwtConfig) -> Value {
+    use crate::config::jwt::{JwtKeys, TokenSource};
+    let (keys, source) = match &j.keys {
+        JwtKeys::Issuer(url) => ("issuer", url.clone()),
+        JwtKeys::JwksUrl(url) => ("jwks_url", url.clone()),
+        JwtKeys::PublicKey(k) => ("public_key_file", k.path.display().to_string()),
+        JwtKeys::Secret(k) => ("secret_file", k.path.display().to_string()),
+    };
+    json!({
+        keys: source,
+        "audience": j.audience,
+        "algorithms": j.algorithms.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>(),
+        "from": j.from.iter().map(|f| match f {
+            TokenSource::Header(h) => format!("header:{h}"),
+            TokenSource::Query(q) => format!("query:{q}"),
+            TokenSource::Cookie(c) => format!("cookie:{c}"),
+        }).collect::<Vec<_>>(),
+        "leeway": humantime::format_duration(j.leeway).to_string(),
+        "required": j.required.iter().map(|(k, v)| (k.clone(), v.join(" "))).collect::<std::collections::BTreeMap<_, _>>(),
+        "expire_with_token": j.expire_with_token,
+        "strip": j.strip,
+        "ca_file": j.ca_file.as_ref().map(|p| p.display().to_string()),
     })
 }
 

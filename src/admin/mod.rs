@@ -20,6 +20,7 @@
 //!   reaches every connection.
 
 pub use crate::config::admin as config;
+mod console;
 mod gateway_api;
 
 pub(crate) use gateway_api::GatewayApi;
@@ -32,7 +33,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
@@ -41,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::CaptureMode;
 use crate::registry::{check_close, Control, ControlError, Filter, Message, Registry, Target};
 
 pub use config::{AdminConfig, AdminConfigError, RawAdmin};
@@ -98,6 +101,7 @@ pub async fn serve(
     let handler = Arc::new(Handler {
         api,
         token: token.map(String::into_bytes),
+        shutdown: shutdown.clone(),
     });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tracker = tokio_util::task::TaskTracker::new();
@@ -148,11 +152,15 @@ pub async fn serve(
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await;
 }
 
-type Answer = Response<Full<Bytes>>;
+/// An answer's body: whole, or a stream (the console's server-sent events).
+type Body = BoxBody<Bytes, Infallible>;
+type Answer = Response<Body>;
 
 struct Handler {
     api: Arc<dyn AdminApi>,
     token: Option<Vec<u8>>,
+    /// Ends the console's streams when the listener shuts down.
+    shutdown: CancellationToken,
 }
 
 /// A refusal: its status and the `error` text.
@@ -166,7 +174,7 @@ impl Refusal {
 
 fn json_answer(status: StatusCode, body: &impl serde::Serialize) -> Answer {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    let mut r = Response::new(console::full(Bytes::from(bytes)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -205,19 +213,48 @@ impl Handler {
         answer
     }
 
+    /// Whether the request carries the token: as a bearer token, or as the password of HTTP
+    /// Basic credentials (any user name), which is what a browser sends for the console.
     fn authorized(&self, req: &Request<Incoming>) -> bool {
         let Some(token) = &self.token else {
             return true;
         };
-        let Some(given) = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        else {
+        let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+            return false;
+        };
+        let value = value.as_bytes();
+        let given = if let Some(bearer) = value.strip_prefix(b"Bearer ") {
+            bearer.to_vec()
+        } else if let Some(basic) = value.strip_prefix(b"Basic ") {
+            use base64::Engine;
+            let Ok(pair) = base64::engine::general_purpose::STANDARD.decode(basic) else {
+                return false;
+            };
+            match pair.iter().position(|&b| b == b':') {
+                Some(colon) => pair[colon + 1..].to_vec(),
+                None => return false,
+            }
+        } else {
             return false;
         };
         // Constant time over the token's bytes; only a length mismatch returns early.
-        bool::from(given.ct_eq(token))
+        bool::from(given.as_slice().ct_eq(token))
+    }
+
+    /// Whether a browser sent the request from another site (cross-site request forgery: a
+    /// page elsewhere posting to a loopback admin, or riding on the console's credentials).
+    /// Browsers send `Origin` on every cross-origin request and on same-origin ones other
+    /// than GET and HEAD; it must then name this listener, as the `Host` the browser used.
+    fn foreign_origin(req: &Request<Incoming>) -> bool {
+        let Some(origin) = req.headers().get(header::ORIGIN) else {
+            return false;
+        };
+        let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+        let origin = origin.as_bytes();
+        let own = origin
+            .strip_prefix(b"http://")
+            .or_else(|| origin.strip_prefix(b"https://"));
+        !matches!((own, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Answer, Refusal> {
@@ -237,23 +274,42 @@ impl Handler {
             }
             _ => {}
         }
+        if Self::foreign_origin(&req) {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "the Origin header names another site: the admin API answers its own pages only",
+            ));
+        }
+        let page = path == "/console" || path.starts_with("/console/");
         if !self.authorized(&req) {
             let mut a: Answer = Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong token: send Authorization: Bearer <token>",
             )
             .into();
+            // The console's page asks the browser to prompt (any user name, the token as
+            // the password); API clients are told the bearer scheme.
+            let challenge = if page {
+                "Basic realm=\"framegate-admin\", charset=\"UTF-8\""
+            } else {
+                "Bearer realm=\"framegate-admin\""
+            };
             a.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"framegate-admin\""),
+                header::HeaderValue::from_static(challenge),
             );
             return Ok(a);
+        }
+        if page && method == Method::GET {
+            if let Some(a) = console::asset(&path) {
+                return Ok(a);
+            }
         }
         let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let api = &self.api;
         match (segments.as_slice(), &method) {
             (["metrics"], &Method::GET) => {
-                let mut r = Response::new(Full::new(Bytes::from(api.metrics())));
+                let mut r = Response::new(console::full(Bytes::from(api.metrics())));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
@@ -320,6 +376,49 @@ impl Handler {
                     &json!({"id": id, "queued": true}),
                 ))
             }
+            (["admin", "connections", id, "capture"], &Method::POST) => {
+                let id = conn_id(id)?;
+                no_other_params(&query, &["mode"])?;
+                let mode = param(&query, "mode")
+                    .as_deref()
+                    .and_then(CaptureMode::parse)
+                    .ok_or_else(|| bad_request("mode= must be off, metadata or payload"))?;
+                api.registry().set_capture(id, mode)?;
+                Ok(json_answer(
+                    StatusCode::OK,
+                    &json!({"id": id, "mode": mode.as_str()}),
+                ))
+            }
+            (["admin", "connections", id, "capture"], &Method::GET) => {
+                let id = conn_id(id)?;
+                no_other_params(&query, &[])?;
+                let capture = self.capture(id)?;
+                let mut a = json_answer(StatusCode::OK, &capture.to_json());
+                let file = format!("attachment; filename=\"framegate-conn-{id}.json\"");
+                if let Ok(v) = header::HeaderValue::from_str(&file) {
+                    a.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+                }
+                Ok(a)
+            }
+            (["admin", "connections", id, "capture", "stream"], &Method::GET) => {
+                let id = conn_id(id)?;
+                no_other_params(&query, &["after"])?;
+                // A reconnecting EventSource names the last entry it got in Last-Event-ID.
+                let resumed = req
+                    .headers()
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let after = match param(&query, "after").or(resumed) {
+                    None => 0,
+                    Some(a) => a
+                        .trim()
+                        .parse()
+                        .map_err(|_| bad_request(format!("after={a:?} is not a number")))?,
+                };
+                let capture = self.capture(id)?;
+                Ok(console::stream(capture, after, self.shutdown.clone()))
+            }
             (["admin", "broadcast"], &Method::POST) => {
                 let f = filter(&query, &[])?;
                 let message = message(req).await?;
@@ -360,6 +459,18 @@ impl Handler {
     }
 }
 
+impl Handler {
+    /// The capture of connection `id` (open, or recently closed), or 404.
+    fn capture(&self, id: u64) -> Result<Arc<crate::capture::Capture>, Refusal> {
+        self.api.registry().capture(id).ok_or_else(|| {
+            Refusal::new(
+                StatusCode::NOT_FOUND,
+                format!("connection {id} has no capture: it is not open, or it never recorded (POST /admin/connections/{id}/capture?mode=payload turns it on)"),
+            )
+        })
+    }
+}
+
 /// The methods a known path accepts (for 405).
 fn allowed(segments: &[&str]) -> Option<&'static str> {
     Some(match segments {
@@ -370,6 +481,8 @@ fn allowed(segments: &[&str]) -> Option<&'static str> {
         ["admin", "connections", _, "send"] | ["admin", "broadcast"] | ["admin", "reload"] => {
             "POST"
         }
+        ["admin", "connections", _, "capture"] => "GET, POST",
+        ["admin", "connections", _, "capture", "stream"] => "GET",
         _ => return None,
     })
 }

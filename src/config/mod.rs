@@ -3,6 +3,7 @@
 //! Defaults live in [`defaults`]; docs/configuration.md documents every key.
 
 pub mod admin;
+pub mod capture;
 mod error;
 pub mod jwt;
 pub mod pool;
@@ -11,6 +12,7 @@ mod tls;
 mod units;
 pub mod validate;
 
+pub use capture::{CaptureConfig, CaptureMode};
 pub use error::ConfigError;
 pub use jwt::{JwtConfig, JwtKeys, TokenSource};
 pub use tls::{CertificatePair, Place, TlsListener, TlsVersion};
@@ -216,6 +218,9 @@ pub struct Route {
     /// `compression_window_bits` (9 to 15): the largest window the gateway compresses with,
     /// and asks its peers to compress with where they let it ask.
     pub compression_window_bits: u8,
+    /// `[route.capture]`: what the traffic console records of its connections (see
+    /// `src/capture/`); shared by every connection of the route.
+    pub capture: Arc<CaptureConfig>,
 }
 
 /// `route.http`: what a plain HTTP request (not a WebSocket upgrade) on the route gets.
@@ -891,7 +896,12 @@ impl Validator<'_> {
             .map(|v| validate::check(v, &mime_type, &|s, m, h| self.at(s, m, h), self.base))
             .transpose()?
             .map(Arc::new);
+        let capture = match raw.capture {
+            None => CaptureConfig::default(),
+            Some(c) => capture::check(c, &|s, m, h| self.at(s, m, h))?,
+        };
         Ok(Route {
+            capture: Arc::new(capture),
             validate,
             origins,
             http,

@@ -89,6 +89,7 @@ pub(super) struct Route {
     pub max_body_size: Option<Spanned<String>>,
     pub jwt: Option<Spanned<super::jwt::RawJwt>>,
     pub validate: Option<Spanned<super::validate::RawValidate>>,
+    pub capture: Option<super::capture::RawCapture>,
     pub compression: Option<bool>,
     pub compression_context_takeover: Option<bool>,
     pub compression_window_bits: Option<Spanned<i64>>,

@@ -30,10 +30,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{Ending, LegClose, Side, Traffic};
-use super::leg::{Leg, Outbox, Sink};
+use super::leg::{Arrived, Leg, Outbox, Sink};
 use super::lifetime::{Expiry, Lifetime};
 use super::meter::Meter;
 use super::Shared;
+use crate::capture::{self, Capture, Decision, Seen};
 use crate::metrics;
 use crate::policy::{Direction, FrameHooks, Outbound, Verdict};
 use crate::registry::{self, Control, Target, CONTROL_CAPACITY};
@@ -78,12 +79,16 @@ pub(crate) struct Relay {
     held: VecDeque<(Target, registry::Message)>,
     /// A close time a hook asked for (`conn:expire_at`), applied after the read that asked.
     expire_at: Option<std::time::SystemTime>,
+    /// The traffic console's capture, while it records (the legs hold it too).
+    capture: Option<Arc<Capture>>,
 }
 
-/// What the upgrade hands the relay besides the legs: its counters and its control channel.
+/// What the upgrade hands the relay besides the legs: its counters, its control channel and
+/// its capture, when its route records from the start.
 pub(crate) struct Wiring {
     pub(crate) meter: Meter,
     pub(crate) control: Option<registry::ControlReceiver>,
+    pub(crate) capture: Option<Arc<Capture>>,
 }
 
 impl Relay {
@@ -104,6 +109,9 @@ impl Relay {
         // compressed again for a leg that agreed to it.
         let deflate = client.compresses() || upstream.compresses();
         let inspects = hooked.map(|h| h || deflate);
+        let (mut client, mut upstream) = (client, upstream);
+        client.capture = wiring.capture.clone();
+        upstream.capture = wiring.capture.clone();
         Relay {
             client,
             upstream,
@@ -122,6 +130,7 @@ impl Relay {
             control: wiring.control,
             held: VecDeque::new(),
             expire_at: None,
+            capture: wiring.capture,
         }
     }
 
@@ -151,8 +160,17 @@ impl Relay {
             hooks,
             inspects,
             meter,
+            capture,
             ..
         } = *self;
+        if let Some(capture) = capture {
+            let (code, reason) = ending.code_and_reason();
+            capture.finish(capture::Closed {
+                code,
+                reason,
+                by: ending.closed_by().as_str(),
+            });
+        }
         let (client_plan, upstream_plan) = ending.plan();
         match (&client_plan, &upstream_plan) {
             // The client broke the rules: the upstream is told first, and what it still
@@ -329,6 +347,11 @@ impl Relay {
                         reason: reason.into(),
                     }));
                 }
+                Poll::Ready(Some(Control::Capture(handle))) => {
+                    self.client.capture = Some(handle.0.clone());
+                    self.upstream.capture = Some(handle.0.clone());
+                    self.capture = Some(handle.0);
+                }
                 Poll::Ready(Some(Control::Send { to, message })) => {
                     if self.held.is_empty() && self.fits(to, &message) {
                         self.push_admin(to, &message);
@@ -356,13 +379,21 @@ impl Relay {
     }
 
     fn push_admin(&mut self, to: Target, message: &registry::Message) {
-        let out = match to {
-            Target::Client => &mut self.client.out,
-            Target::Upstream => &mut self.upstream.out,
+        let (out, direction) = match to {
+            Target::Client => (&mut self.client.out, metrics::Direction::UpstreamToClient),
+            Target::Upstream => (&mut self.upstream.out, metrics::Direction::ClientToUpstream),
         };
-        match message {
-            registry::Message::Text(t) => out.push_data(true, t.as_bytes()),
-            registry::Message::Binary(b) => out.push_data(false, b),
+        let (text, payload) = match message {
+            registry::Message::Text(t) => (true, t.as_bytes()),
+            registry::Message::Binary(b) => (false, &b[..]),
+        };
+        out.push_data(text, payload);
+        if let Some(capture) = &self.capture {
+            capture.record(&Seen {
+                from: capture::From::Admin,
+                decision: Some(Decision::Sent),
+                ..Seen::data(direction, text, payload)
+            });
         }
     }
 
@@ -418,11 +449,20 @@ impl Relay {
             let max_queued = self.max_queued;
             let traffic = &mut self.traffic[slot];
             let expire_at = &mut self.expire_at;
-            let mut hook = |message: Message, own: &mut Outbox| {
+            let capture = self.capture.as_deref();
+            let mut hook = |message: Message, arrived: Arrived, own: &mut Outbox| {
                 if !hooked {
                     // Reassembled only to be inflated or compressed.
                     tally.message(message.is_text(), message.len());
                     writer.out.push_message(&message);
+                    if let Some(capture) = capture {
+                        let (text, payload) = body(&message);
+                        capture.record(&Seen {
+                            frames: arrived.frames,
+                            mask: arrived.mask,
+                            ..Seen::data(direction_of(from), text, payload)
+                        });
+                    }
                     return Ok(writer.out.len() < max_queued);
                 }
                 let [to_client, to_upstream] = &mut *replies;
@@ -432,6 +472,8 @@ impl Relay {
                     Side::Client => (Direction::ClientToUpstream, own_room, other_room),
                     Side::Upstream => (Direction::UpstreamToClient, other_room, own_room),
                 };
+                // The console's view: the message before the policy, and the policy's time.
+                let before = capture.map(|_| (message.clone(), std::time::Instant::now()));
                 let verdict = hooks.on_message(
                     direction,
                     message,
@@ -448,6 +490,20 @@ impl Relay {
                     Side::Client => (to_client, to_upstream),
                     Side::Upstream => (to_upstream, to_client),
                 };
+                if let (Some(capture), Some((before, started))) = (capture, before) {
+                    record_hooked(
+                        capture,
+                        Hooked {
+                            direction: direction_of(from),
+                            before: &before,
+                            arrived,
+                            took: started.elapsed(),
+                            verdict: &verdict,
+                            own_replies,
+                            other_replies,
+                        },
+                    );
+                }
                 drain_into(own_replies, own);
                 drain_into(other_replies, &mut writer.out);
                 match verdict {
@@ -473,6 +529,68 @@ impl Relay {
                 Poll::Ready(Ok(()))
             }
             other => other.map_ok(|_| ()),
+        }
+    }
+}
+
+/// The direction of the messages read from `side`.
+fn direction_of(side: Side) -> metrics::Direction {
+    match side {
+        Side::Client => metrics::Direction::ClientToUpstream,
+        Side::Upstream => metrics::Direction::UpstreamToClient,
+    }
+}
+
+/// Whether a message is text, and its payload.
+fn body(message: &Message) -> (bool, &[u8]) {
+    match message {
+        Message::Text(t) => (true, t.as_bytes()),
+        Message::Binary(b) => (false, b),
+        _ => (false, &[]),
+    }
+}
+
+/// A message a frame policy looked at, for the console.
+struct Hooked<'a> {
+    direction: metrics::Direction,
+    before: &'a Message,
+    arrived: Arrived,
+    took: Duration,
+    verdict: &'a Verdict,
+    own_replies: &'a VecDeque<Message>,
+    other_replies: &'a VecDeque<Message>,
+}
+
+/// Records a message with the policy's decision, then what the policy sent besides.
+fn record_hooked(capture: &Capture, h: Hooked<'_>) {
+    let (text, payload) = body(h.before);
+    let (decision, after) = match h.verdict {
+        Verdict::Forward(m) if body(m) == (text, payload) => (Decision::Forwarded, None),
+        Verdict::Forward(m) => (Decision::Replaced, Some(body(m))),
+        Verdict::Drop if !h.own_replies.is_empty() => (Decision::Replied, None),
+        Verdict::Drop => (Decision::Dropped, None),
+        Verdict::Close(_) => (Decision::Closed, None),
+    };
+    capture.record(&Seen {
+        frames: h.arrived.frames,
+        mask: h.arrived.mask,
+        decision: Some(decision),
+        policy: Some(h.took),
+        after,
+        ..Seen::data(h.direction, text, payload)
+    });
+    let back = match h.direction {
+        metrics::Direction::ClientToUpstream => metrics::Direction::UpstreamToClient,
+        metrics::Direction::UpstreamToClient => metrics::Direction::ClientToUpstream,
+    };
+    for (direction, queue) in [(back, h.own_replies), (h.direction, h.other_replies)] {
+        for reply in queue {
+            let (text, payload) = body(reply);
+            capture.record(&Seen {
+                from: capture::From::Policy,
+                decision: Some(Decision::Sent),
+                ..Seen::data(direction, text, payload)
+            });
         }
     }
 }

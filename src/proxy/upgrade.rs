@@ -17,8 +17,9 @@ use super::lifetime::Lifetime;
 use super::meter::Meter;
 use super::relay::{Relay, Wiring};
 use super::{extensions, headers, Shared};
+use crate::capture::Capture;
 use crate::client_http::{lists_token, Answer, RequestHead};
-use crate::config::Route;
+use crate::config::{CaptureConfig, CaptureMode, Route};
 use crate::header_fields::{is_name, HeaderFields};
 use crate::metrics::RouteMetrics;
 use crate::policy::{
@@ -505,6 +506,14 @@ async fn upgrade(
     if let Some(cookie) = &cookie {
         lines.push(("Set-Cookie", cookie.as_str()));
     }
+    let record = Box::new(record(
+        id,
+        &route,
+        registry_request(request),
+        &connected.headers,
+        changes.tags,
+        changes.ctx_json,
+    ));
     let response = crate::client_http::switching_protocols(forwarded, &lines);
     Ok(Accepted {
         response,
@@ -524,11 +533,7 @@ async fn upgrade(
         token_deadline,
         shared: shared.clone(),
         metrics,
-        record: Box::new(Record {
-            tags: changes.tags,
-            request: registry_request(request),
-            ctx: changes.ctx_json,
-        }),
+        record,
         snapshot,
         span,
         endpoint,
@@ -552,6 +557,41 @@ struct Record {
     tags: crate::registry::Tags,
     request: crate::registry::UpgradeRequest,
     ctx: serde_json::Value,
+    /// The traffic console's capture, when the route records from the start.
+    capture: Option<Arc<Capture>>,
+}
+
+/// The registry's record of a connection; with a capture (and the upstream's 101 in it) when
+/// the route's `[route.capture]` records from the start.
+fn record(
+    id: u64,
+    route: &Route,
+    request: crate::registry::UpgradeRequest,
+    upstream_headers: &crate::header_fields::HeaderFields,
+    tags: crate::registry::Tags,
+    ctx: serde_json::Value,
+) -> Record {
+    let capture = (route.capture.mode != CaptureMode::Off).then(|| {
+        let capture = Capture::new(
+            id,
+            &route.name(),
+            route.capture.mode,
+            route.capture.clone(),
+            Some(request.clone()),
+        );
+        capture.set_response(
+            upstream_headers
+                .iter()
+                .map(|(n, v)| (std::str::from_utf8(n).unwrap_or("?"), v)),
+        );
+        capture
+    });
+    Record {
+        tags,
+        request,
+        ctx,
+        capture,
+    }
 }
 
 /// The upgrade request as the registry keeps it (secrets masked there).
@@ -703,6 +743,7 @@ impl Accepted {
             deadline,
             snapshot.number,
             metrics.clone(),
+            &route.capture,
         );
         let relay = Box::new(Relay::new(
             client,
@@ -741,8 +782,14 @@ fn register(
     deadline: Option<tokio::time::Instant>,
     snapshot: u64,
     metrics: Arc<RouteMetrics>,
+    capture_config: &Arc<CaptureConfig>,
 ) -> (Option<crate::registry::Registration>, Wiring) {
-    let Record { tags, request, ctx } = record;
+    let Record {
+        tags,
+        request,
+        ctx,
+        capture,
+    } = record;
     let now = std::time::SystemTime::now();
     let expires_at =
         deadline.map(|d| now + d.saturating_duration_since(tokio::time::Instant::now()));
@@ -757,6 +804,8 @@ fn register(
         tags,
         request,
         ctx,
+        capture_config: capture_config.clone(),
+        capture: capture.clone(),
     };
     match shared.registry.register(entry) {
         Ok(r) => (
@@ -767,6 +816,7 @@ fn register(
                     conn: r.stats,
                 },
                 control: Some(r.control),
+                capture,
             },
         ),
         // Ids are unique per process, so this cannot happen; the connection still runs.
@@ -781,6 +831,7 @@ fn register(
                 Wiring {
                     meter,
                     control: None,
+                    capture,
                 },
             )
         }

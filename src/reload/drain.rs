@@ -78,6 +78,8 @@ mod tests {
             tags: Tags::default(),
             request: UpgradeRequest::new("GET", "/r", []),
             ctx: serde_json::Value::Null,
+            capture_config: Default::default(),
+            capture: None,
         }
     }
 

@@ -13,6 +13,7 @@ mod closing;
 mod outbox;
 mod read;
 
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
@@ -24,14 +25,25 @@ use super::deflate::{Deflater, Inflater};
 use super::extensions::Agreed;
 use super::frame::{self, FrameError, Role};
 use super::meter::Tally;
+use crate::capture::Capture;
 use crate::upstream::{Io, Socket};
 
 pub(crate) use outbox::Outbox;
 use read::{Fragments, Streaming};
 
-/// A hook over whole data messages, given with the sender's own outbox (for replies). It
-/// answers whether the read may go on (`false`: a queue is full, the rest of the read waits).
-pub(crate) type Hook<'a> = dyn FnMut(Message, &mut Outbox) -> Result<bool, Ending> + 'a;
+/// A hook over whole data messages, given with how the message arrived and the sender's own
+/// outbox (for replies). It answers whether the read may go on (`false`: a queue is full, the
+/// rest of the read waits).
+pub(crate) type Hook<'a> = dyn FnMut(Message, Arrived, &mut Outbox) -> Result<bool, Ending> + 'a;
+
+/// How a whole message arrived: what the traffic console shows of its frames.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrived {
+    /// Frames it came in.
+    pub(crate) frames: u32,
+    /// Its first frame's masking key (frames from a client).
+    pub(crate) mask: Option<[u8; 4]>,
+}
 
 /// Where a leg's data messages go.
 pub(crate) enum Sink<'a> {
@@ -71,6 +83,8 @@ pub(crate) struct Leg {
     inflate: Option<Inflater>,
     /// Frames waiting to be written to this leg.
     pub(crate) out: Outbox,
+    /// Where the messages this leg receives are recorded, while the console captures them.
+    pub(crate) capture: Option<Arc<Capture>>,
 }
 
 impl Leg {
@@ -93,12 +107,21 @@ impl Leg {
             stream: None,
             inflate: deflate.map(Inflater::new),
             out,
+            capture: None,
         }
     }
 
     /// Whether this leg agreed permessage-deflate: its messages are compressed both ways.
     pub(crate) fn compresses(&self) -> bool {
         self.inflate.is_some()
+    }
+
+    /// The direction of the messages this leg receives.
+    fn direction(&self) -> crate::metrics::Direction {
+        match self.side {
+            Side::Client => crate::metrics::Direction::ClientToUpstream,
+            Side::Upstream => crate::metrics::Direction::UpstreamToClient,
+        }
     }
 
     fn role(&self) -> Role {

@@ -15,7 +15,8 @@ use super::super::close::Ending;
 use super::super::deflate::InflateError;
 use super::super::frame::{self, ClosePayload, FrameError, OpCode};
 use super::super::meter::Tally;
-use super::{Leg, Sink};
+use super::{Arrived, Leg, Sink};
+use crate::capture::{Kind, Seen};
 
 /// The smallest buffer a partial frame is kept in.
 const MIN_PARTIAL: usize = 4 * 1024;
@@ -36,6 +37,8 @@ pub(super) struct Fragments {
     /// `data[..checked]` is known to be UTF-8 (text only): each fragment is checked as it
     /// comes, so that bad text fails fast instead of after its last fragment.
     checked: usize,
+    /// Frames so far and the first one's masking key (for the traffic console).
+    arrived: Arrived,
 }
 
 impl Fragments {
@@ -98,16 +101,46 @@ fn is_utf8(frame: &mut [u8], header: &frame::Header) -> bool {
     valid
 }
 
-/// Passes one whole data message on to the other leg (hooks get theirs from `Leg::message`;
-/// a closing leg drops it).
-fn pass_through(sink: &mut Sink<'_>, text: bool, payload: &[u8]) {
-    if let Sink::Through { peer, tally } = sink {
-        tally.message(text, payload.len());
-        peer.out.push_data(text, payload);
-    }
-}
-
 impl Leg {
+    /// Passes one whole data message on to the other leg (hooks get theirs from
+    /// `Leg::message`; a closing leg drops it).
+    fn pass_through(&self, sink: &mut Sink<'_>, text: bool, payload: &[u8], arrived: Arrived) {
+        if let Sink::Through { peer, tally } = sink {
+            tally.message(text, payload.len());
+            peer.out.push_data(text, payload);
+            if let Some(capture) = &self.capture {
+                capture.record(&Seen {
+                    frames: arrived.frames,
+                    mask: arrived.mask,
+                    ..Seen::data(self.direction(), text, payload)
+                });
+            }
+        }
+    }
+
+    /// Records a control frame (its payload unmasked already), while the console captures.
+    fn record_control(&self, kind: Kind, payload: &[u8], mask: Option<[u8; 4]>) {
+        let Some(capture) = &self.capture else {
+            return;
+        };
+        let reason;
+        let close = match (kind, payload) {
+            (Kind::Close, [hi, lo, rest @ ..]) => {
+                reason = String::from_utf8_lossy(rest);
+                Some((u16::from_be_bytes([*hi, *lo]), &*reason))
+            }
+            (Kind::Close, _) => Some((1005, "")),
+            _ => None,
+        };
+        capture.record(&Seen {
+            kind,
+            mask,
+            decision: None,
+            close,
+            ..Seen::data(self.direction(), false, payload)
+        });
+    }
+
     /// Reads what the socket has and passes each data message to `sink`. Pings are answered
     /// here and pongs dropped.
     ///
@@ -178,6 +211,17 @@ impl Leg {
                 return Run::BeforeBadUtf8(len);
             }
             tally.message(header.opcode == OpCode::Text, header.payload_len);
+            if let Some(capture) = &self.capture {
+                capture.record(&Seen {
+                    mask: header.mask,
+                    masked_with: header.mask,
+                    ..Seen::data(
+                        self.direction(),
+                        header.opcode == OpCode::Text,
+                        &frame[header.header_len..],
+                    )
+                });
+            }
             len += header.frame_len();
             header = match self.header(&buf[len..]) {
                 Ok(Some(h)) if self.relays_verbatim(&h) && buf.len() - len >= h.frame_len() => h,
@@ -291,6 +335,16 @@ impl Leg {
             // A large binary frame goes through as it arrives, whole or not.
             let streams = self.streams(&header, sink);
             if let (true, Sink::Through { peer, .. }) = (streams, &mut *sink) {
+                if let Some(capture) = &self.capture {
+                    // Recorded as it starts: the payload is what has arrived of it so far.
+                    let end = buf.len().min(header.frame_len());
+                    capture.record(&Seen {
+                        size: header.payload_len,
+                        mask: header.mask,
+                        masked_with: header.mask,
+                        ..Seen::data(self.direction(), false, &buf[header.header_len..end])
+                    });
+                }
                 peer.out.open_binary(header.payload_len, header.mask);
                 self.stream = Some(Streaming {
                     left: header.payload_len,
@@ -334,10 +388,14 @@ impl Leg {
                         return Err(self.protocol("data frame inside a fragmented message"));
                     }
                     let text = header.opcode == OpCode::Text;
+                    let arrived = Arrived {
+                        frames: 1,
+                        mask: header.mask,
+                    };
                     if header.fin && header.compressed {
                         active = true;
                         let data = self.inflate(payload)?;
-                        if !self.deliver(sink, text, data)? {
+                        if !self.deliver(sink, text, data, arrived)? {
                             buf.advance(header.frame_len());
                             return Ok(true);
                         }
@@ -348,7 +406,7 @@ impl Leg {
                             // shared, not copied.
                             let frame = buf.split_to(header.frame_len()).freeze();
                             let message = self.message(text, frame.slice(header.header_len..))?;
-                            if !hook(message, &mut self.out)? {
+                            if !hook(message, arrived, &mut self.out)? {
                                 return Ok(true);
                             }
                             continue;
@@ -356,13 +414,14 @@ impl Leg {
                         if text && std::str::from_utf8(payload).is_err() {
                             return Err(Ending::BadUtf8(self.side));
                         }
-                        pass_through(sink, text, payload);
+                        self.pass_through(sink, text, payload, arrived);
                     } else {
                         let mut fragments = Fragments {
                             text,
                             compressed: header.compressed,
                             data: payload.to_vec(),
                             checked: 0,
+                            arrived,
                         };
                         if !fragments.still_utf8() {
                             return Err(Ending::BadUtf8(self.side));
@@ -378,6 +437,7 @@ impl Leg {
                         return Err(Ending::TooBig(self.side));
                     }
                     fragments.data.extend_from_slice(payload);
+                    fragments.arrived.frames = fragments.arrived.frames.saturating_add(1);
                     if !fragments.still_utf8() {
                         return Err(Ending::BadUtf8(self.side));
                     }
@@ -386,18 +446,19 @@ impl Leg {
                             text,
                             compressed,
                             data,
+                            arrived,
                             ..
                         } = self.fragments.take().expect("fragments checked above");
                         active = true;
                         if compressed {
                             let data = self.inflate(&data)?;
-                            if !self.deliver(sink, text, data)? {
+                            if !self.deliver(sink, text, data, arrived)? {
                                 buf.advance(header.frame_len());
                                 return Ok(true);
                             }
                         } else if let Sink::Hooks(hook) = sink {
                             let message = self.message(text, Bytes::from(data))?;
-                            if !hook(message, &mut self.out)? {
+                            if !hook(message, arrived, &mut self.out)? {
                                 buf.advance(header.frame_len());
                                 return Ok(true);
                             }
@@ -405,13 +466,17 @@ impl Leg {
                             if text && std::str::from_utf8(&data).is_err() {
                                 return Err(Ending::BadUtf8(self.side));
                             }
-                            pass_through(sink, text, &data);
+                            self.pass_through(sink, text, &data, arrived);
                         }
                     }
                 }
-                OpCode::Ping => self.out.push(OpCode::Pong, payload),
-                OpCode::Pong => {}
+                OpCode::Ping => {
+                    self.record_control(Kind::Ping, payload, header.mask);
+                    self.out.push(OpCode::Pong, payload)
+                }
+                OpCode::Pong => self.record_control(Kind::Pong, payload, header.mask),
                 OpCode::Close => {
+                    self.record_control(Kind::Close, payload, header.mask);
                     let ending = self.close_received(payload);
                     // Nothing may follow a close frame (RFC 6455 §5.5.1), so nothing is kept:
                     // a kept frame would cost a partial buffer on every close.
@@ -439,15 +504,21 @@ impl Leg {
 
     /// Hands an inflated message to `sink`: the hooks' answer (whether the read may go on),
     /// or `true`.
-    fn deliver(&mut self, sink: &mut Sink<'_>, text: bool, data: Vec<u8>) -> Result<bool, Ending> {
+    fn deliver(
+        &mut self,
+        sink: &mut Sink<'_>,
+        text: bool,
+        data: Vec<u8>,
+        arrived: Arrived,
+    ) -> Result<bool, Ending> {
         if let Sink::Hooks(hook) = sink {
             let message = self.message(text, Bytes::from(data))?;
-            return hook(message, &mut self.out);
+            return hook(message, arrived, &mut self.out);
         }
         if text && std::str::from_utf8(&data).is_err() {
             return Err(Ending::BadUtf8(self.side));
         }
-        pass_through(sink, text, &data);
+        self.pass_through(sink, text, &data, arrived);
         Ok(true)
     }
 

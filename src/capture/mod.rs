@@ -1,0 +1,609 @@
+//! The traffic console's captures (issue 16 §1): what one connection's messages looked like,
+//! kept in a bounded ring for the admin API and the console page.
+//!
+//! Ownership and cost:
+//! - A connection has a [`Capture`] only when its route's `[route.capture] mode` is not `off`,
+//!   or once the console turned it on. Without one, the relay's only added work is a check of
+//!   an `Option` per message.
+//! - The relay writes entries ([`Capture::record`]); the admin reads them
+//!   ([`Capture::read`]). They share one short mutex per capture: a record copies at most
+//!   `max_payload` bytes and holds the lock only to push the entry; a reader clones what it
+//!   takes (payloads are reference-counted [`Bytes`]). No reader ever makes the relay wait
+//!   for it: the ring forgets its oldest entry to make room, and a reader that fell behind is
+//!   told how many it lost.
+//! - Payloads are copied already unmasked (WebSocket masking), cut at `max_payload` and with
+//!   the `mask` fields of JSON text replaced ([`mask`]).
+
+pub mod mask;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+
+use crate::config::{CaptureConfig, CaptureMode};
+use crate::metrics::Direction;
+use crate::registry::UpgradeRequest;
+
+/// Who put a message on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    /// The client sent it.
+    Client,
+    /// The upstream sent it.
+    Upstream,
+    /// A frame policy sent it (`conn:send_*`, a reply).
+    Policy,
+    /// The admin API sent it (the console's "send").
+    Admin,
+}
+
+impl From {
+    fn as_str(self) -> &'static str {
+        match self {
+            From::Client => "client",
+            From::Upstream => "upstream",
+            From::Policy => "policy",
+            From::Admin => "admin",
+        }
+    }
+}
+
+/// A message's or control frame's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A text message.
+    Text,
+    /// A binary message.
+    Binary,
+    /// A ping (the gateway answers the client's and the upstream's itself).
+    Ping,
+    /// A pong.
+    Pong,
+    /// A close frame.
+    Close,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Text => "text",
+            Kind::Binary => "binary",
+            Kind::Ping => "ping",
+            Kind::Pong => "pong",
+            Kind::Close => "close",
+        }
+    }
+}
+
+/// What became of a data message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Passed on as it came.
+    Forwarded,
+    /// A policy passed on something else (the entry's `after`).
+    Replaced,
+    /// A policy (or the schema layer) dropped it.
+    Dropped,
+    /// Dropped, and the policy answered its sender.
+    Replied,
+    /// The policy closed the connection on it.
+    Closed,
+    /// Sent by a policy or the admin (see [`From`]).
+    Sent,
+}
+
+impl Decision {
+    fn as_str(self) -> &'static str {
+        match self {
+            Decision::Forwarded => "forwarded",
+            Decision::Replaced => "replaced",
+            Decision::Dropped => "dropped",
+            Decision::Replied => "replied",
+            Decision::Closed => "closed",
+            Decision::Sent => "sent",
+        }
+    }
+}
+
+/// One message as the relay saw it, borrowed: [`Capture::record`] copies what it keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    /// Which way it went.
+    pub direction: Direction,
+    /// Who sent it.
+    pub from: From,
+    /// Its type.
+    pub kind: Kind,
+    /// Its payload size in bytes (the whole message, also when `payload` is only its start).
+    pub size: usize,
+    /// Frames it arrived in.
+    pub frames: u32,
+    /// The masking key of its first frame (client frames).
+    pub mask: Option<[u8; 4]>,
+    /// Its payload, or its start.
+    pub payload: &'a [u8],
+    /// Set when `payload` is still masked with this key (a frame relayed byte for byte).
+    pub masked_with: Option<[u8; 4]>,
+    /// What became of it.
+    pub decision: Option<Decision>,
+    /// How long the policy took over it.
+    pub policy: Option<Duration>,
+    /// What a policy replaced it with.
+    pub after: Option<(bool, &'a [u8])>,
+    /// A close frame's code and reason.
+    pub close: Option<(u16, &'a str)>,
+}
+
+impl<'a> Seen<'a> {
+    /// A data message from its sender, with the rest left for the caller to fill in.
+    pub fn data(direction: Direction, text: bool, payload: &'a [u8]) -> Seen<'a> {
+        Seen {
+            direction,
+            from: match direction {
+                Direction::ClientToUpstream => From::Client,
+                Direction::UpstreamToClient => From::Upstream,
+            },
+            kind: if text { Kind::Text } else { Kind::Binary },
+            size: payload.len(),
+            frames: 1,
+            mask: None,
+            payload,
+            masked_with: None,
+            decision: Some(Decision::Forwarded),
+            policy: None,
+            after: None,
+            close: None,
+        }
+    }
+}
+
+/// A payload as kept.
+#[derive(Debug, Clone)]
+struct Kept {
+    size: usize,
+    text: bool,
+    /// `None` in `metadata` mode.
+    bytes: Option<Bytes>,
+    truncated: bool,
+}
+
+/// One recorded message.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    seq: u64,
+    time_ms: u64,
+    direction: Direction,
+    from: From,
+    kind: Kind,
+    size: usize,
+    frames: u32,
+    mask: Option<[u8; 4]>,
+    decision: Option<Decision>,
+    policy_us: Option<u64>,
+    payload: Option<Kept>,
+    after: Option<Kept>,
+    close: Option<(u16, Box<str>)>,
+}
+
+impl Entry {
+    /// Its sequence number (1, 2, …) within its capture.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The entry as the admin API shows it.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("seq".into(), self.seq.into());
+        m.insert("time_ms".into(), self.time_ms.into());
+        m.insert("direction".into(), self.direction.as_str().into());
+        m.insert("from".into(), self.from.as_str().into());
+        m.insert("type".into(), self.kind.as_str().into());
+        m.insert("size".into(), self.size.into());
+        m.insert("frames".into(), self.frames.into());
+        m.insert(
+            "mask".into(),
+            self.mask.map_or(Value::Null, |k| Value::String(hex(&k))),
+        );
+        m.insert(
+            "decision".into(),
+            self.decision.map_or(Value::Null, |d| d.as_str().into()),
+        );
+        m.insert(
+            "policy_us".into(),
+            self.policy_us.map_or(Value::Null, Value::from),
+        );
+        if let Some(p) = &self.payload {
+            p.put(&mut m);
+        }
+        if let Some(a) = &self.after {
+            let mut after = Map::new();
+            after.insert("size".into(), a.size.into());
+            a.put(&mut after);
+            m.insert("after".into(), Value::Object(after));
+        }
+        if let Some((code, reason)) = &self.close {
+            m.insert("code".into(), (*code).into());
+            m.insert("reason".into(), (**reason).into());
+        }
+        Value::Object(m)
+    }
+}
+
+impl Kept {
+    fn put(&self, m: &mut Map<String, Value>) {
+        let Some(bytes) = &self.bytes else {
+            return;
+        };
+        let (payload, encoding) = match std::str::from_utf8(bytes) {
+            Ok(text) if self.text => (text.to_owned(), "utf8"),
+            _ => (
+                base64::engine::general_purpose::STANDARD.encode(bytes),
+                "base64",
+            ),
+        };
+        m.insert("payload".into(), payload.into());
+        m.insert("encoding".into(), encoding.into());
+        m.insert("truncated".into(), self.truncated.into());
+    }
+}
+
+/// Undoes WebSocket masking (RFC 6455 §5.3) on a payload's start.
+fn unmask(bytes: &mut [u8], key: [u8; 4]) {
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b ^= key[i & 3];
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a connection ended, as its capture shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// The close code the client got (1006 when it got none).
+    pub code: u16,
+    /// Its reason.
+    pub reason: String,
+    /// `client`, `upstream` or `gateway`.
+    pub by: &'static str,
+}
+
+impl Closed {
+    /// As the admin API shows it.
+    pub fn to_json(&self) -> Value {
+        json!({"code": self.code, "reason": self.reason, "by": self.by})
+    }
+}
+
+/// What a reader got: entries after the one it had, how many it missed, and the end.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Entries in order.
+    pub entries: Vec<Entry>,
+    /// Entries that were forgotten before the reader took them.
+    pub lost: u64,
+    /// Set once the connection has ended and every entry was read.
+    pub closed: Option<Closed>,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    entries: VecDeque<Entry>,
+    /// The sequence number the next entry gets, from 1.
+    next: u64,
+    closed: Option<Closed>,
+}
+
+/// One connection's capture.
+#[derive(Debug)]
+pub struct Capture {
+    id: u64,
+    route: Box<str>,
+    mode: AtomicU8,
+    config: Arc<CaptureConfig>,
+    request: Option<UpgradeRequest>,
+    /// The upstream's 101 headers, when the capture was on at the upgrade.
+    response: OnceLock<Vec<(String, String)>>,
+    ring: Mutex<Ring>,
+}
+
+fn mode_code(mode: CaptureMode) -> u8 {
+    match mode {
+        CaptureMode::Off => 0,
+        CaptureMode::Metadata => 1,
+        CaptureMode::Payload => 2,
+    }
+}
+
+impl Capture {
+    /// A capture of connection `id` on `route`, recording per `mode` with the route's settings.
+    pub fn new(
+        id: u64,
+        route: &str,
+        mode: CaptureMode,
+        config: Arc<CaptureConfig>,
+        request: Option<UpgradeRequest>,
+    ) -> Arc<Capture> {
+        Arc::new(Capture {
+            id,
+            route: route.into(),
+            mode: AtomicU8::new(mode_code(mode)),
+            config,
+            request,
+            response: OnceLock::new(),
+            ring: Mutex::new(Ring {
+                next: 1,
+                ..Ring::default()
+            }),
+        })
+    }
+
+    /// The connection's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// What it records now.
+    pub fn mode(&self) -> CaptureMode {
+        match self.mode.load(Relaxed) {
+            0 => CaptureMode::Off,
+            1 => CaptureMode::Metadata,
+            _ => CaptureMode::Payload,
+        }
+    }
+
+    /// Changes what it records from now on (kept entries stay).
+    pub fn set_mode(&self, mode: CaptureMode) {
+        self.mode.store(mode_code(mode), Relaxed);
+    }
+
+    /// Records the upstream's 101 headers (once).
+    pub fn set_response<'a>(&self, headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
+        let headers = headers
+            .into_iter()
+            .take(crate::registry::MAX_HEADERS)
+            .map(|(n, v)| (n.to_owned(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        let _ = self.response.set(headers);
+    }
+
+    /// Records one message, if the capture is on.
+    pub fn record(&self, seen: &Seen<'_>) {
+        let mode = self.mode();
+        if mode == CaptureMode::Off {
+            return;
+        }
+        let with_payload = mode == CaptureMode::Payload && seen.kind != Kind::Close;
+        let text = seen.kind == Kind::Text;
+        let payload =
+            with_payload.then(|| self.keep(seen.size, text, seen.payload, seen.masked_with));
+        let after = seen.after.map(|(text, bytes)| {
+            if with_payload {
+                self.keep(bytes.len(), text, bytes, None)
+            } else {
+                Kept {
+                    size: bytes.len(),
+                    text,
+                    bytes: None,
+                    truncated: false,
+                }
+            }
+        });
+        let time_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut entry = Entry {
+            seq: 0,
+            time_ms,
+            direction: seen.direction,
+            from: seen.from,
+            kind: seen.kind,
+            size: seen.size,
+            frames: seen.frames,
+            mask: seen.mask,
+            decision: seen.decision,
+            policy_us: seen.policy.map(|d| d.as_micros() as u64),
+            payload,
+            after,
+            close: seen.close.map(|(c, r)| (c, r.into())),
+        };
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.closed.is_some() {
+            return;
+        }
+        entry.seq = ring.next;
+        ring.next += 1;
+        if ring.entries.len() >= self.config.keep {
+            ring.entries.pop_front();
+        }
+        ring.entries.push_back(entry);
+    }
+
+    /// The start of a payload as kept: at most `max_payload` bytes, unmasked, text cut at a
+    /// character boundary and its `mask` fields replaced.
+    fn keep(&self, size: usize, text: bool, payload: &[u8], masked_with: Option<[u8; 4]>) -> Kept {
+        let cut = payload.len().min(self.config.max_payload);
+        let mut bytes = payload[..cut].to_vec();
+        if let Some(key) = masked_with {
+            unmask(&mut bytes, key);
+        }
+        if text {
+            if let Err(e) = std::str::from_utf8(&bytes) {
+                bytes.truncate(e.valid_up_to());
+            }
+            let shown = std::str::from_utf8(&bytes).unwrap_or_default();
+            if let Some(masked) = mask::json_fields(shown, &self.config.mask) {
+                bytes = masked.into_bytes();
+            }
+        }
+        Kept {
+            size,
+            text,
+            truncated: cut < size,
+            bytes: Some(Bytes::from(bytes)),
+        }
+    }
+
+    /// Marks the end of the connection; later records are ignored.
+    pub fn finish(&self, closed: Closed) {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.closed.is_none() {
+            ring.closed = Some(closed);
+        }
+    }
+
+    /// Up to `max` entries after sequence number `after`, how many after it are gone, and the
+    /// end once everything before it was read.
+    pub fn read(&self, after: u64, max: usize) -> Batch {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let first = ring.entries.front().map_or(ring.next, |e| e.seq);
+        let lost = first.saturating_sub(after + 1);
+        let skip = (after + 1).saturating_sub(first) as usize;
+        let entries: Vec<Entry> = ring.entries.iter().skip(skip).take(max).cloned().collect();
+        let read_all = entries.last().map_or(ring.next, |e| e.seq + 1) == ring.next;
+        Batch {
+            entries,
+            lost,
+            closed: if read_all { ring.closed.clone() } else { None },
+        }
+    }
+
+    /// The whole capture as `GET /admin/connections/{id}/capture` shows it.
+    pub fn to_json(&self) -> Value {
+        let batch = self.read(0, usize::MAX);
+        let masked = |name: &str| {
+            self.config
+                .mask
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(name))
+        };
+        let headers = |pairs: &mut dyn Iterator<Item = (&str, &str)>| -> Value {
+            pairs
+                .map(|(n, v)| json!([n, if masked(n) { "<redacted>" } else { v }]))
+                .collect()
+        };
+        let request = self.request.as_ref().map_or(Value::Null, |r| {
+            json!({
+                "method": &*r.method,
+                "target": &*r.target,
+                "headers": headers(&mut r.headers()),
+            })
+        });
+        let response = self.response.get().map_or(Value::Null, |h| {
+            json!({
+                "status": 101,
+                "headers": headers(&mut h.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
+            })
+        });
+        json!({
+            "id": self.id,
+            "route": &*self.route,
+            "mode": self.mode().as_str(),
+            "max_payload": self.config.max_payload,
+            "keep": self.config.keep,
+            "request": request,
+            "response": response,
+            "entries": batch.entries.iter().map(Entry::to_json).collect::<Vec<_>>(),
+            "lost": batch.lost,
+            "closed": batch.closed.as_ref().map_or(Value::Null, Closed::to_json),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capture(keep: usize, max_payload: usize) -> Arc<Capture> {
+        let config = CaptureConfig {
+            mode: CaptureMode::Payload,
+            keep,
+            max_payload,
+            ..CaptureConfig::default()
+        };
+        Capture::new(1, "/r", CaptureMode::Payload, Arc::new(config), None)
+    }
+
+    fn text(c: &Capture, s: &str) {
+        c.record(&Seen::data(Direction::ClientToUpstream, true, s.as_bytes()));
+    }
+
+    #[test]
+    fn the_ring_forgets_the_oldest_and_readers_learn_how_many() {
+        let c = capture(3, 100);
+        for i in 0..5 {
+            text(&c, &i.to_string());
+        }
+        let b = c.read(0, 10);
+        assert_eq!(
+            b.entries.iter().map(Entry::seq).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        assert_eq!(b.lost, 2);
+        let b = c.read(4, 10);
+        assert_eq!((b.entries.len(), b.lost), (1, 0));
+        assert!(b.closed.is_none());
+        c.finish(Closed {
+            code: 4001,
+            reason: "kicked".into(),
+            by: "gateway",
+        });
+        text(&c, "late");
+        // The end shows once every entry was read.
+        assert!(c.read(3, 1).closed.is_none());
+        let b = c.read(5, 10);
+        assert!(b.entries.is_empty());
+        assert_eq!(b.closed.unwrap().code, 4001);
+    }
+
+    #[test]
+    fn payloads_are_unmasked_cut_at_a_character_and_their_secrets_masked() {
+        let c = capture(10, 8);
+        let key = [1, 2, 3, 4];
+        let mut wire = "héllo wörld".as_bytes().to_vec();
+        unmask(&mut wire, key);
+        let mut seen = Seen::data(Direction::ClientToUpstream, true, &wire);
+        seen.masked_with = Some(key);
+        seen.mask = Some(key);
+        c.record(&seen);
+        let e = c.read(0, 1).entries[0].to_json();
+        assert_eq!(e["payload"], "héllo w");
+        assert_eq!(e["truncated"], true);
+        assert_eq!(e["size"], 13);
+        assert_eq!(e["mask"], "01020304");
+
+        let c = capture(10, 100);
+        text(&c, r#"{"password":"hunter2"}"#);
+        c.record(&Seen::data(Direction::UpstreamToClient, false, &[0, 255]));
+        let b = c.read(0, 10);
+        assert_eq!(
+            b.entries[0].to_json()["payload"],
+            r#"{"password":"<redacted>"}"#
+        );
+        let bin = b.entries[1].to_json();
+        assert_eq!(
+            (bin["payload"].as_str(), bin["encoding"].as_str()),
+            (Some("AP8="), Some("base64"))
+        );
+    }
+
+    #[test]
+    fn metadata_mode_keeps_no_payload_and_off_records_nothing() {
+        let c = capture(10, 100);
+        c.set_mode(CaptureMode::Metadata);
+        text(&c, "secret");
+        let e = c.read(0, 1).entries[0].to_json();
+        assert!(e.get("payload").is_none());
+        assert_eq!(e["size"], 6);
+        c.set_mode(CaptureMode::Off);
+        text(&c, "more");
+        assert_eq!(c.read(0, 10).entries.len(), 1);
+    }
+}
