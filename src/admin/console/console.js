@@ -360,6 +360,7 @@
       if (gen !== detail.gen) return;
       if (e.status === 404) {
         detail.hasCapture = false;
+        $("resp-line").textContent = "not recorded (no capture)";
         renderDetailState();
         renderEmptyMessages();
         return;
