@@ -8,7 +8,7 @@
 //!   after, dropped), the JSON field `password` masked, binary shown as hex;
 //! - direction and type filters, pause, capture switched to metadata and back, the download;
 //! - messages sent through the console to the client and to the upstream (echoed back), which
-//!   the test's client receives;
+//!   the test's client receives, one of them markup that the page shows as text;
 //! - a refused close code shown in the status line, then a close with 4001 "kicked" that the
 //!   client receives and the page shows;
 //! - a connection on a route without capture: the console turns capture on and sees what
@@ -42,6 +42,9 @@ return function(req, ctx)
   req:tag("test", "console-test")
 end
 "#;
+
+/// A payload the console must show as text (tests/js/console_browser.js sends it upstream).
+const MARKUP: &str = r#"<img src=x onerror="window.injected=1"><b>bold</b>"#;
 
 /// What a client received after the test handed it to [`collect`].
 #[derive(Debug)]
@@ -288,6 +291,10 @@ async fn the_console_shows_live_traffic_and_controls_a_connection_in_chromium() 
     );
     assert_eq!(seen["pause"]["shown_while_paused"], false, "{seen}");
 
+    // Markup in a payload stays text.
+    assert_eq!(seen["markup"]["elements"], 0, "{seen}");
+    assert_eq!(seen["markup"]["injected"], false, "{seen}");
+
     // The download.
     let download = &seen["download"];
     assert_eq!(
@@ -297,7 +304,7 @@ async fn the_console_shows_live_traffic_and_controls_a_connection_in_chromium() 
     );
     assert_eq!(download["id"], id, "{seen}");
     assert_eq!(download["mode"], "payload", "{seen}");
-    assert!(download["entries"].as_u64().unwrap() >= 8, "{seen}");
+    assert!(download["entries"].as_u64().unwrap() >= 12, "{seen}");
     assert_eq!(download["has_password"], false, "{seen}");
 
     // The refused close code, in the status line with the API's error text.
@@ -320,6 +327,7 @@ async fn the_console_shows_live_traffic_and_controls_a_connection_in_chromium() 
         vec![
             Message::text("while paused"),
             Message::text("to the upstream"),
+            Message::text(MARKUP),
             Message::binary(vec![0xc0u8, 0xff, 0xee]),
             Message::text("metadata only"),
         ]
@@ -330,7 +338,7 @@ async fn the_console_shows_live_traffic_and_controls_a_connection_in_chromium() 
     // The sent messages as the page showed them.
     let after = &seen["after_close"];
     let sent = rows(after, |m| m["decision"] == "sent");
-    assert_eq!(sent.len(), 4, "{seen}");
+    assert_eq!(sent.len(), 5, "{seen}");
     assert!(sent.iter().all(|m| m["from"] == "admin"), "{seen}");
     assert_eq!(
         rows(after, |m| m["decision"] == "sent"

@@ -206,6 +206,14 @@ async function main() {
       direction: "upstream_to_client",
       payload: "to the upstream",
     });
+    // Markup in a payload is shown as text, never parsed: no element, no script run.
+    const markup = '<img src=x onerror="window.injected=1"><b>bold</b>';
+    await send("upstream", "text", markup);
+    await waitFor("the markup's echo", hasRow, { decision: "forwarded", direction: "upstream_to_client", payload: markup });
+    results.markup = await page.evaluate(() => ({
+      elements: document.querySelectorAll("[data-testid=messages] img, [data-testid=messages] b").length,
+      injected: window.injected === 1,
+    }));
     // Binary, from hex.
     await send("client", "binary", "c0 ff ee");
     await waitFor("the binary message sent", hasRow, { decision: "sent", type: "binary", payload: "c0 ff ee" });

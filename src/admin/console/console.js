@@ -577,7 +577,7 @@
     tr.append(
       el("td", { class: "mono", title: isoTime(e.time_ms), text: formatTime(e.time_ms) }),
       el("td", { class: "dir", title: dir.words, "data-testid": "msg-dir" }, dir.arrow, from),
-      el("td", { class: "t-type", "data-testid": "msg-type", text: type }),
+      el("td", { "data-testid": "msg-type", text: type }),
       el("td", { class: "num", text: size }),
       el("td", { class: "num", text: e.frames === undefined ? "" : String(e.frames) }),
       el("td", { class: "mono", "data-testid": "msg-mask", text: e.mask || "" }),
