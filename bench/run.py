@@ -48,6 +48,8 @@ TARGETS = {  # name -> port
     "fg+jwt": 19010,      # [route.jwt]: RS256 with a key file; one token (verified once, then cached); the
                           # handshakes part also runs "fg+jwt-new" on it: a token never seen on each connection
     "fg+schema": 19017,   # [route.validate]: client messages checked against schemas/chat-in.json
+    "fg+cap-meta": 19030,  # [route.capture] mode = "metadata": every message recorded, no payload
+    "fg+cap-payload": 19031,  # [route.capture] mode = "payload": with its first 4 KiB
 }
 BASELINE_TARGETS = {  # with --baseline: the same two set-ups on the older binary
     "base": 19008,
@@ -281,6 +283,8 @@ def start_all(baseline=None):
         ("fg+expiry", f'expire = "1h"\n[route.policies]\non_upgrade = "{expiry}"'),
         ("fg+jwt", f'[route.jwt]\npublic_key_file = "{jwt_pub}"\naudience = "bench"'),
         ("fg+schema", f'[route.validate]\nclient = "{os.path.join(ROOT, "schemas", "chat-in.json")}"'),
+        ("fg+cap-meta", '[route.capture]\nmode = "metadata"'),
+        ("fg+cap-payload", '[route.capture]\nmode = "payload"'),
     ):
         procs[name] = start(ulimit + [fg, "--config", framegate_conf(name, TARGETS[name], pol)], name, env=env)
     if baseline:
@@ -927,6 +931,12 @@ def main():
             for t in (("framegate", "fg+schema") if rot % 2 else ("fg+schema", "framegate")) if size == 1024 else ():
                 r = load(t, "throughput", "--size", str(size), "--json", "--duration", args.duration, "--connections", "4", "--inflight", "32")
                 results.setdefault((f"msg/s {size}B JSON", t), []).append(float(r["msgs_per_sec"]) if r else None)
+            # [route.capture]: the traffic console recording every message, against the plain
+            # route, on the same JSON messages (masking looks at text).
+            capture = ["framegate", "fg+cap-meta", "fg+cap-payload"]
+            for t in capture[rot % 3:] + capture[:rot % 3] if size == 1024 else ():
+                r = load(t, "throughput", "--size", str(size), "--json", "--duration", args.duration, "--connections", "4", "--inflight", "32")
+                results.setdefault((f"msg/s {size}B JSON, capture", t), []).append(float(r["msgs_per_sec"]) if r else None)
         lat_order = proxies[rep % len(proxies):] + proxies[:rep % len(proxies)]
         for t in lat_order if "latency" in args.only else ():
             r = load(t, "latency", "--rate", "2000", "--duration", "5s" if not args.quick else "2s")
@@ -1009,7 +1019,8 @@ def report(results, args):
     table("\nratios of medians (framegate / peer; for latency, RSS and CPU lower is better)",
           [("framegate", "direct"), ("framegate", "nginx"), ("framegate", "haproxy"), ("fg+lua", "framegate"),
            ("fg+json", "framegate"), ("fg+auth", "framegate"), ("fg+auth", "haproxy"), ("fg+jwt", "framegate"),
-           ("fg+jwt-new", "framegate"), ("fg+schema", "framegate")])
+           ("fg+jwt-new", "framegate"), ("fg+schema", "framegate"), ("fg+cap-meta", "framegate"),
+           ("fg+cap-payload", "framegate")])
     if "base" in TARGETS:
         table("\nagainst the baseline binary (--baseline), same run: this / baseline",
               [("framegate", "base"), ("fg+lua", "base+lua")])

@@ -11,32 +11,29 @@
 pub const REDACTED: &str = "\"<redacted>\"";
 
 /// `text` with the value of every key in `names` replaced by [`REDACTED`]; `None` when no key
-/// matched (the caller keeps its bytes).
-pub fn json_fields(text: &str, names: &[String]) -> Option<String> {
-    if names.is_empty() || !text.contains('"') {
+/// matched (the caller keeps its bytes). `text` is UTF-8 (a text message, perhaps cut at a
+/// character boundary); only ASCII bytes are looked at, so the result is UTF-8 too.
+pub fn json_fields(text: &[u8], names: &[String]) -> Option<Vec<u8>> {
+    if names.is_empty() {
         return None;
     }
-    let bytes = text.as_bytes();
-    let mut out = String::new();
+    let mut out = Vec::new();
     // `text[copied..]` is not yet in `out`.
     let mut copied = 0;
     let mut i = 0;
     let mut matched = false;
-    while i < bytes.len() {
-        if bytes[i] != b'"' {
-            i += 1;
-            continue;
-        }
-        let Some(end) = string_end(bytes, i) else {
+    while let Some(quote) = memchr::memchr(b'"', &text[i..]) {
+        let start = i + quote;
+        let Some(end) = string_end(text, start) else {
             break;
         };
-        let colon = skip_space(bytes, end);
-        if bytes.get(colon) == Some(&b':') && is_named(&text[i..end], names) {
-            let value = skip_space(bytes, colon + 1);
-            out.push_str(&text[copied..value]);
-            out.push_str(REDACTED);
+        let colon = skip_space(text, end);
+        if text.get(colon) == Some(&b':') && is_named(&text[start..end], names) {
+            let value = skip_space(text, colon + 1);
+            out.extend_from_slice(&text[copied..value]);
+            out.extend_from_slice(REDACTED.as_bytes());
             matched = true;
-            i = value_end(bytes, value);
+            i = value_end(text, value);
             copied = i;
         } else {
             i = end;
@@ -45,7 +42,7 @@ pub fn json_fields(text: &str, names: &[String]) -> Option<String> {
     if !matched {
         return None;
     }
-    out.push_str(&text[copied..]);
+    out.extend_from_slice(&text[copied..]);
     Some(out)
 }
 
@@ -53,14 +50,13 @@ pub fn json_fields(text: &str, names: &[String]) -> Option<String> {
 /// text ends inside it.
 fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
     let mut i = start + 1;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
+    loop {
+        i += memchr::memchr2(b'"', b'\\', &bytes[i.min(bytes.len())..])?;
+        if bytes[i] == b'"' {
+            return Some(i + 1);
         }
+        i += 2;
     }
-    None
 }
 
 fn skip_space(bytes: &[u8], mut i: usize) -> usize {
@@ -71,17 +67,23 @@ fn skip_space(bytes: &[u8], mut i: usize) -> usize {
 }
 
 /// Whether the quoted key `quoted` (quotes included) is one of `names`, ignoring case.
-fn is_named(quoted: &str, names: &[String]) -> bool {
+fn is_named(quoted: &[u8], names: &[String]) -> bool {
     let inner = &quoted[1..quoted.len() - 1];
-    let key = if inner.contains('\\') {
-        match serde_json::from_str::<String>(quoted) {
-            Ok(k) => std::borrow::Cow::Owned(k),
+    // No name is longer than this; a long key is not looked at further.
+    if inner.len() > 256 {
+        return false;
+    }
+    let key = if inner.contains(&b'\\') {
+        match serde_json::from_slice::<String>(quoted) {
+            Ok(k) => std::borrow::Cow::Owned(k.into_bytes()),
             Err(_) => return false,
         }
     } else {
         std::borrow::Cow::Borrowed(inner)
     };
-    names.iter().any(|n| n.eq_ignore_ascii_case(&key))
+    names
+        .iter()
+        .any(|n| n.as_bytes().eq_ignore_ascii_case(&key))
 }
 
 /// The index just past the JSON value starting at `start` (or the end of the text when it is
@@ -134,7 +136,8 @@ mod tests {
 
     fn mask(text: &str) -> String {
         let names = vec!["password".to_owned(), "token".to_owned()];
-        json_fields(text, &names).unwrap_or_else(|| text.to_owned())
+        json_fields(text.as_bytes(), &names)
+            .map_or_else(|| text.to_owned(), |m| String::from_utf8(m).unwrap())
     }
 
     #[test]
@@ -176,8 +179,11 @@ mod tests {
 
     #[test]
     fn other_text_is_untouched() {
-        assert_eq!(json_fields("password=hunter2", &["password".into()]), None);
-        assert_eq!(json_fields(r#"{"a":1}"#, &["password".into()]), None);
-        assert_eq!(json_fields(r#"{"password":1}"#, &[]), None);
+        assert_eq!(json_fields(b"password=hunter2", &["password".into()]), None);
+        assert_eq!(json_fields(br#"{"a":1}"#, &["password".into()]), None);
+        assert_eq!(json_fields(br#"{"password":1}"#, &[]), None);
+        // A backslash at the very end, and text that is not JSON at all.
+        assert_eq!(mask(r#"{"password":"a\"#), r#"{"password":"<redacted>""#);
+        assert_eq!(mask("é \" ü"), "é \" ü");
     }
 }

@@ -176,7 +176,8 @@ struct Kept {
 #[derive(Debug, Clone)]
 pub struct Entry {
     seq: u64,
-    time_ms: u64,
+    /// When it was recorded (converted to milliseconds only when shown).
+    time: SystemTime,
     direction: Direction,
     from: From,
     kind: Kind,
@@ -200,7 +201,11 @@ impl Entry {
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("seq".into(), self.seq.into());
-        m.insert("time_ms".into(), self.time_ms.into());
+        let time_ms = self
+            .time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        m.insert("time_ms".into(), time_ms.into());
         m.insert("direction".into(), self.direction.as_str().into());
         m.insert("from".into(), self.from.as_str().into());
         m.insert("type".into(), self.kind.as_str().into());
@@ -251,6 +256,13 @@ impl Kept {
         m.insert("encoding".into(), encoding.into());
         m.insert("truncated".into(), self.truncated.into());
     }
+}
+
+/// Whether the payload byte at `at` (still masked with `key`, if given) continues a UTF-8
+/// character.
+fn is_continuation(byte: u8, key: Option<[u8; 4]>, at: usize) -> bool {
+    let byte = key.map_or(byte, |k| byte ^ k[at & 3]);
+    byte & 0xC0 == 0x80
 }
 
 /// Undoes WebSocket masking (RFC 6455 §5.3) on a payload's start.
@@ -396,12 +408,9 @@ impl Capture {
                 }
             }
         });
-        let time_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         let mut entry = Entry {
             seq: 0,
-            time_ms,
+            time: SystemTime::now(),
             direction: seen.direction,
             from: seen.from,
             kind: seen.kind,
@@ -429,18 +438,22 @@ impl Capture {
     /// The start of a payload as kept: at most `max_payload` bytes, unmasked, text cut at a
     /// character boundary and its `mask` fields replaced.
     fn keep(&self, size: usize, text: bool, payload: &[u8], masked_with: Option<[u8; 4]>) -> Kept {
-        let cut = payload.len().min(self.config.max_payload);
+        let mut cut = payload.len().min(self.config.max_payload);
+        // Text (UTF-8 already: the relay checked it) is cut at a character boundary.
+        while text
+            && cut < payload.len()
+            && cut > 0
+            && is_continuation(payload[cut], masked_with, cut)
+        {
+            cut -= 1;
+        }
         let mut bytes = payload[..cut].to_vec();
         if let Some(key) = masked_with {
             unmask(&mut bytes, key);
         }
         if text {
-            if let Err(e) = std::str::from_utf8(&bytes) {
-                bytes.truncate(e.valid_up_to());
-            }
-            let shown = std::str::from_utf8(&bytes).unwrap_or_default();
-            if let Some(masked) = mask::json_fields(shown, &self.config.mask) {
-                bytes = masked.into_bytes();
+            if let Some(masked) = mask::json_fields(&bytes, &self.config.mask) {
+                bytes = masked;
             }
         }
         Kept {
