@@ -334,12 +334,15 @@ async fn the_console_shows_live_traffic_and_controls_a_connection_in_chromium() 
     );
     assert_eq!(u16::from(close.code), 4001);
     assert_eq!(close.reason.as_str(), "kicked");
-    assert_eq!(seen["closed"], "closed 4001 kicked (by gateway)", "{seen}");
+    assert_eq!(seen["closed"], "closed 4001 kicked (by admin)", "{seen}");
     // The sent messages as the page showed them.
     let after = &seen["after_close"];
-    let sent = rows(after, |m| m["decision"] == "sent");
+    let sent = rows(after, |m| m["decision"] == "sent" && m["from"] == "admin");
     assert_eq!(sent.len(), 5, "{seen}");
-    assert!(sent.iter().all(|m| m["from"] == "admin"), "{seen}");
+    // Then the close frames framegate sent each side.
+    let closes = rows(after, |m| m["from"] == "gateway");
+    assert_eq!(closes.len(), 2, "{seen}");
+    assert_eq!(closes[0]["type"], "close 4001 kicked", "{seen}");
     assert_eq!(
         rows(after, |m| m["decision"] == "sent"
             && m["no_payload"] == true)

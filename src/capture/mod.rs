@@ -40,6 +40,8 @@ pub enum From {
     Policy,
     /// The admin API sent it (the console's "send").
     Admin,
+    /// framegate itself: the close frames it sends when it ends a connection.
+    Gateway,
 }
 
 impl From {
@@ -49,6 +51,7 @@ impl From {
             From::Upstream => "upstream",
             From::Policy => "policy",
             From::Admin => "admin",
+            From::Gateway => "gateway",
         }
     }
 }
@@ -276,7 +279,8 @@ pub struct Closed {
     pub code: u16,
     /// Its reason.
     pub reason: String,
-    /// `client`, `upstream` or `gateway`.
+    /// `client`, `upstream`, `gateway` (framegate: a lifetime, a policy, a limit, shutdown) or
+    /// `admin` (a close from the admin API, the console's kick).
     pub by: &'static str,
 }
 

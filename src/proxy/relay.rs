@@ -163,15 +163,10 @@ impl Relay {
             capture,
             ..
         } = *self;
-        if let Some(capture) = capture {
-            let (code, reason) = ending.code_and_reason();
-            capture.finish(capture::Closed {
-                code,
-                reason,
-                by: ending.closed_by().as_str(),
-            });
-        }
         let (client_plan, upstream_plan) = ending.plan();
+        if let Some(capture) = capture {
+            record_end(&capture, &ending, [&client_plan, &upstream_plan]);
+        }
         match (&client_plan, &upstream_plan) {
             // The client broke the rules: the upstream is told first, and what it still
             // sends until its close reply (answers to the client's earlier messages) reaches
@@ -531,6 +526,37 @@ impl Relay {
             other => other.map_ok(|_| ()),
         }
     }
+}
+
+/// Records the close frames framegate sends each leg, then the connection's end: who ended
+/// it is `admin` for a close from the admin API (the console's kick), else as logged.
+fn record_end(capture: &Capture, ending: &Ending, plans: [&LegClose; 2]) {
+    let towards = [
+        metrics::Direction::UpstreamToClient,
+        metrics::Direction::ClientToUpstream,
+    ];
+    for (plan, direction) in plans.into_iter().zip(towards) {
+        let (LegClose::Send(frame) | LegClose::Finish(frame) | LegClose::Fail(frame)) = plan else {
+            continue;
+        };
+        let (code, reason) = frame
+            .as_ref()
+            .map_or((1005, ""), |f| (u16::from(f.code), f.reason.as_str()));
+        capture.record(&Seen {
+            from: capture::From::Gateway,
+            kind: capture::Kind::Close,
+            decision: Some(Decision::Sent),
+            close: Some((code, reason)),
+            size: if frame.is_some() { 2 + reason.len() } else { 0 },
+            ..Seen::data(direction, false, &[])
+        });
+    }
+    let (code, reason) = ending.code_and_reason();
+    let by = match ending {
+        Ending::Admin(_) => "admin",
+        _ => ending.closed_by().as_str(),
+    };
+    capture.finish(capture::Closed { code, reason, by });
 }
 
 /// The direction of the messages read from `side`.
