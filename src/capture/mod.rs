@@ -11,8 +11,10 @@
 //!   takes (payloads are reference-counted [`Bytes`]). No reader ever makes the relay wait
 //!   for it: the ring forgets its oldest entry to make room, and a reader that fell behind is
 //!   told how many it lost.
-//! - Payloads are copied already unmasked (WebSocket masking), cut at `max_payload` and with
-//!   the `mask` fields of JSON text replaced ([`mask`]).
+//! - A payload is kept as it came off the wire, cut at `max_payload`: one copy. Undoing the
+//!   WebSocket masking and replacing the `mask` fields of JSON text ([`mask`]) happen when an
+//!   entry is shown ([`Capture::show`]), on the admin's side: the secrets are in the gateway's
+//!   memory anyway, as the messages it relays are, and never leave it through the admin API.
 
 pub mod mask;
 
@@ -170,8 +172,11 @@ impl<'a> Seen<'a> {
 struct Kept {
     size: usize,
     text: bool,
-    /// `None` in `metadata` mode.
+    /// `None` in `metadata` mode. As it came: still WebSocket-masked with `masked_with` when
+    /// that is set, and with its secrets in. Both are undone when it is shown (the admin's
+    /// work, not the relay's).
     bytes: Option<Bytes>,
+    masked_with: Option<[u8; 4]>,
     truncated: bool,
 }
 
@@ -200,8 +205,9 @@ impl Entry {
         self.seq
     }
 
-    /// The entry as the admin API shows it.
-    pub fn to_json(&self) -> Value {
+    /// The entry as the admin API shows it, the `names` fields of JSON payloads masked (see
+    /// [`Capture::show`]).
+    fn to_json(&self, names: &[String]) -> Value {
         let mut m = Map::new();
         m.insert("seq".into(), self.seq.into());
         let time_ms = self
@@ -227,12 +233,12 @@ impl Entry {
             self.policy_us.map_or(Value::Null, Value::from),
         );
         if let Some(p) = &self.payload {
-            p.put(&mut m);
+            p.put(&mut m, names);
         }
         if let Some(a) = &self.after {
             let mut after = Map::new();
             after.insert("size".into(), a.size.into());
-            a.put(&mut after);
+            a.put(&mut after, names);
             m.insert("after".into(), Value::Object(after));
         }
         if let Some((code, reason)) = &self.close {
@@ -244,14 +250,24 @@ impl Entry {
 }
 
 impl Kept {
-    fn put(&self, m: &mut Map<String, Value>) {
-        let Some(bytes) = &self.bytes else {
+    /// Adds the payload as shown: unmasked, and with the `names` fields of JSON text masked.
+    fn put(&self, m: &mut Map<String, Value>, names: &[String]) {
+        let Some(kept) = &self.bytes else {
             return;
         };
-        let (payload, encoding) = match std::str::from_utf8(bytes) {
+        let mut bytes = kept.to_vec();
+        if let Some(key) = self.masked_with {
+            crate::masking::apply_mask(&mut bytes, key);
+        }
+        if self.text {
+            if let Some(masked) = mask::json_fields(&bytes, names) {
+                bytes = masked;
+            }
+        }
+        let (payload, encoding) = match std::str::from_utf8(&bytes) {
             Ok(text) if self.text => (text.to_owned(), "utf8"),
             _ => (
-                base64::engine::general_purpose::STANDARD.encode(bytes),
+                base64::engine::general_purpose::STANDARD.encode(&bytes),
                 "base64",
             ),
         };
@@ -401,6 +417,7 @@ impl Capture {
                     size: bytes.len(),
                     text,
                     bytes: None,
+                    masked_with: None,
                     truncated: false,
                 }
             }
@@ -444,20 +461,12 @@ impl Capture {
         {
             cut -= 1;
         }
-        let mut bytes = payload[..cut].to_vec();
-        if let Some(key) = masked_with {
-            crate::masking::apply_mask(&mut bytes, key);
-        }
-        if text {
-            if let Some(masked) = mask::json_fields(&bytes, &self.config.mask) {
-                bytes = masked;
-            }
-        }
         Kept {
             size,
             text,
             truncated: cut < size,
-            bytes: Some(Bytes::from(bytes)),
+            bytes: Some(Bytes::copy_from_slice(&payload[..cut])),
+            masked_with,
         }
     }
 
@@ -483,6 +492,11 @@ impl Capture {
             lost,
             closed: if read_all { ring.closed.clone() } else { None },
         }
+    }
+
+    /// One of this capture's entries as the admin API shows it: unmasked, its secrets masked.
+    pub fn show(&self, entry: &Entry) -> Value {
+        entry.to_json(&self.config.mask)
     }
 
     /// The whole capture as `GET /admin/connections/{id}/capture` shows it.
@@ -520,7 +534,7 @@ impl Capture {
             "keep": self.config.keep,
             "request": request,
             "response": response,
-            "entries": batch.entries.iter().map(Entry::to_json).collect::<Vec<_>>(),
+            "entries": batch.entries.iter().map(|e| self.show(e)).collect::<Vec<_>>(),
             "lost": batch.lost,
             "closed": batch.closed.as_ref().map_or(Value::Null, Closed::to_json),
         })
@@ -583,7 +597,7 @@ mod tests {
         seen.masked_with = Some(key);
         seen.mask = Some(key);
         c.record(&seen);
-        let e = c.read(0, 1).entries[0].to_json();
+        let e = c.show(&c.read(0, 1).entries[0]);
         assert_eq!(e["payload"], "héllo w");
         assert_eq!(e["truncated"], true);
         assert_eq!(e["size"], 13);
@@ -594,10 +608,10 @@ mod tests {
         c.record(&Seen::data(Direction::UpstreamToClient, false, &[0, 255]));
         let b = c.read(0, 10);
         assert_eq!(
-            b.entries[0].to_json()["payload"],
+            c.show(&b.entries[0])["payload"],
             r#"{"password":"<redacted>"}"#
         );
-        let bin = b.entries[1].to_json();
+        let bin = c.show(&b.entries[1]);
         assert_eq!(
             (bin["payload"].as_str(), bin["encoding"].as_str()),
             (Some("AP8="), Some("base64"))
@@ -609,7 +623,7 @@ mod tests {
         let c = capture(10, 100);
         c.set_mode(CaptureMode::Metadata);
         text(&c, "secret");
-        let e = c.read(0, 1).entries[0].to_json();
+        let e = c.show(&c.read(0, 1).entries[0]);
         assert!(e.get("payload").is_none());
         assert_eq!(e["size"], 6);
         c.set_mode(CaptureMode::Off);
