@@ -100,7 +100,12 @@ pub(super) fn stream(capture: Arc<Capture>, after: u64, shutdown: CancellationTo
                 );
             }
             for entry in &batch.entries {
-                event(&mut text, "entry", Some(entry.seq()), &s.capture.show(entry));
+                event(
+                    &mut text,
+                    "entry",
+                    Some(entry.seq()),
+                    &s.capture.show(entry),
+                );
                 s.after = entry.seq();
             }
             if let Some(closed) = &batch.closed {
