@@ -16,6 +16,7 @@ and ends only the processes it started.
     python3 bench/run.py --only tls      # just the wss:// part: framegate, NGINX and HAProxy
                                          # terminating TLS 1.3 with the same certificates
     python3 bench/run.py --only pool     # just the [[upstream]] pools part (about a minute)
+    python3 bench/run.py --only deflate  # just permessage-deflate (issue 16 section 3; about 2 minutes)
 
 The tls part makes a throwaway ECDSA P-256 and RSA 2048 certificate with openssl, starts one more
 NGINX, HAProxy and framegate, each terminating TLS 1.3 for both (one port per certificate) in
@@ -28,6 +29,17 @@ through a 3-endpoint pool in each balance mode against a single upstream (same g
 run); failover, with 100 new connections per second while one of three endpoints is killed;
 and how many `hash` keys move when one of ten endpoints leaves the pool by a reload. It gets
 its own table.
+
+The deflate part (`--only deflate`) starts a compressing echo (`fg-echo --deflate`), a plain
+one, and three framegate instances (2 workers each) whose only route differs in compression:
+`fg+deflate` (`compression = true`, to the compressing echo: both legs compress), `fg-json`
+(`compression = false`, to the same echo: nothing is compressed) and `fg+deflate-client`
+(`compression = true`, to the plain echo, which declines: the client leg only, a browser in
+front of an upstream that does not compress). The same client, `fg-load --deflate` (which
+offers permessage-deflate with no context takeover and sends realistic 1 KiB JSON text),
+loads all three: messages per second, the gateway's CPU per echoed message, the bytes on the
+client's wire per message, and the RSS per idle connection (each having echoed one message)
+on a fresh gateway. It gets its own table.
 """
 import argparse, collections, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 import urllib.parse, urllib.request
@@ -67,6 +79,12 @@ POOL_SINGLE_PORT = 19110                      # the single upstream: three echo 
 POOL_PORT, POOL_ADMIN = 19120, 19130          # the balance modes' gateway and its admin listener
 FAILOVER_PORT, FAILOVER_ADMIN = 19121, 19131  # failover
 HASH_PORT, HASH_ADMIN = 19122, 19132          # hash key movement
+DEFLATE_TARGETS = {  # name -> (gateway port, compression, upstream port)
+    "fg-json": (19019, False, 19021),            # nothing compressed: the same client and echo, uncompressed
+    "fg+deflate": (19018, True, 19021),          # both legs compress (fg-echo --deflate upstream)
+    "fg+deflate-client": (19020, True, 19022),   # the client leg only (plain fg-echo declines)
+}
+DEFLATE_ECHO_PORT, PLAIN_ECHO_PORT = 19021, 19022
 POOL_TARGETS = ["single", "round_robin", "least_connections", "random_two", "hash"]  # routes of the balance modes' gateway
 FAILOVER_RATE = 100  # new connections per second
 TOKEN = "bench-token"
@@ -861,6 +879,92 @@ def report_pool(results, spreads, moved, failed_over, args):
         print("  no keys placed")
 
 
+def deflate_conf(name, port, compression, upstream_port):
+    return write(name + ".toml", f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+max_connections = 20000
+
+[[route]]
+path = "/{{*rest}}"
+upstream = "ws://127.0.0.1:{upstream_port}/"
+max_message_size = "16MiB"
+compression = {"true" if compression else "false"}
+""")
+
+
+def deflate_load_cmd(target):
+    return ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url",
+            f"ws://127.0.0.1:{DEFLATE_TARGETS[target][0]}/", "--deflate"]
+
+
+def deflate_throughput(target, proc, args):
+    """`fg-load --deflate throughput` at 1 KiB JSON through `target`: its figures, and the
+    gateway's CPU time per echoed message (one message each way through it), counted over the
+    same window as the messages (from fg-load's COUNTING to its result)."""
+    cmd = deflate_load_cmd(target) + ["throughput", "--size", "1024", "--duration", args.duration,
+                                      "--connections", "4", "--inflight", "32"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started.append(p)
+    result, cpu = {}, []
+    for line in p.stdout:
+        if line.strip() == "COUNTING" or "msgs_per_sec=" in line:
+            cpu.append(process_tree_cpu_seconds(proc.pid))
+        result.update(kv.split("=") for kv in line.split() if "=" in kv)
+    err = p.stderr.read()
+    p.wait(timeout=60)
+    if p.returncode != 0 or len(cpu) != 2 or "messages" not in result:
+        log(f"  {target}: {err.strip()}")
+        return None
+    result["cpu_us_per_msg"] = (cpu[1] - cpu[0]) * 1e6 / max(1, int(result["messages"]))
+    expected = "1" if DEFLATE_TARGETS[target][1] else "0"
+    if result.get("compressed") != expected:
+        log(f"  {target}: compressed={result.get('compressed')} on the client leg, expected {expected}")
+    return result
+
+
+def deflate_part(args):
+    """The `deflate` part: (metric, target) -> [values]."""
+    echo = ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-echo"), "--threads", "1", "--listen"]
+    start(echo + [f"127.0.0.1:{DEFLATE_ECHO_PORT}", "--deflate"], "echo-deflate")
+    start(echo + [f"127.0.0.1:{PLAIN_ECHO_PORT}"], "echo-plain")
+    procs = {t: start_framegate(t, deflate_conf(t, port, compression, upstream), port)
+             for t, (port, compression, upstream) in DEFLATE_TARGETS.items()}
+    for port in (DEFLATE_ECHO_PORT, PLAIN_ECHO_PORT):
+        wait_port(port)
+    names, results = list(DEFLATE_TARGETS), {}
+    for rep in range(args.reps):
+        log(f"deflate repetition {rep + 1}/{args.reps}")
+        for t in names[rep % len(names):] + names[:rep % len(names)]:
+            r = deflate_throughput(t, procs[t], args)
+            for key, metric in (("msgs_per_sec", "msg/s 1 KiB JSON"), ("cpu_us_per_msg", "gateway CPU us/echoed msg"),
+                                ("wire_out_per_msg", "client->gateway bytes/msg on the wire"),
+                                ("wire_in_per_msg", "gateway->client bytes/msg on the wire")):
+                results.setdefault((metric, t), []).append(float(r[key]) if r else None)
+    for rep in range(max(1, args.reps // 2)):
+        for t in names:
+            procs[t] = restart(t, procs[t], DEFLATE_TARGETS[t][0])
+            hs, rss = idle_run(t, procs[t], args.idle, cmd=deflate_load_cmd(t))
+            results.setdefault((f"RSS KB/idle conn ({args.idle}, one message echoed each)", t), []).append(rss)
+    return results
+
+
+def report_deflate(results, args):
+    names = list(DEFLATE_TARGETS)
+    print(f"\npermessage-deflate: the same client (fg-load --deflate, 1 KiB JSON text, no context takeover), 4 connections x 32 "
+          f"in flight; medians of {args.reps} (idle: {max(1, args.reps // 2)}), spread min-max\n")
+    print("| metric | " + " | ".join(names) + " | fg+deflate/fg-json | fg+deflate-client/fg-json |")
+    print("|" + "---|" * (len(names) + 3))
+    for m in list(dict.fromkeys(m for m, _ in results)):
+        cells, med = [], {}
+        for t in names:
+            med[t], lo, hi = summary(results.get((m, t), []))
+            cells.append("" if med[t] is None else f"{fmt(med[t])} [{fmt(lo)}-{fmt(hi)}]")
+        for t in names[1:]:
+            cells.append(f"{med[t] / med['fg-json']:.2f}x" if med.get(t) and med.get("fg-json") else "")
+        print(f"| {m} | " + " | ".join(cells) + " |")
+
+
 def quantile(counts, q):
     """The value at quantile q of a histogram given as {value: count}, as HdrHistogram reads it."""
     total = sum(counts.values())
@@ -897,8 +1001,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--baseline", metavar="BIN", help="an older framegate binary to run beside this one")
-    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls,http,pool",
-                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls, http, pool")
+    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls,http,pool,deflate",
+                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls, http, pool, deflate")
     args = ap.parse_args()
     args.only = set(args.only.split(","))
     if args.quick:
@@ -911,8 +1015,8 @@ def main():
         raise SystemExit(f"{', '.join(missing)} not in {BIN}: run without --skip-build, or set CARGO_TARGET_DIR to where they were built")
     if args.baseline and not os.access(args.baseline, os.X_OK):
         raise SystemExit(f"--baseline {args.baseline}: not an executable file")
-    # The pool part starts what it needs itself.
-    procs = start_all(args.baseline and os.path.abspath(args.baseline)) if args.only - {"pool"} else {}
+    # The pool and deflate parts start what they need themselves.
+    procs = start_all(args.baseline and os.path.abspath(args.baseline)) if args.only - {"pool", "deflate"} else {}
     proxies = ["direct", "nginx", "haproxy", "framegate", "fg+lua"] + (list(BASELINE_TARGETS) if args.baseline else [])
     results = {}  # (metric, target) -> [values]
     pooled = {}  # target -> Counter of round-trip microseconds (latency histograms, merged)
@@ -978,6 +1082,7 @@ def main():
     expiry = expiry_run(procs["fg+expiry"], args.idle) if "expiry" in args.only else {}
     tls = tls_part(args) if "tls" in args.only else {}
     pool = pool_part(args) if "pool" in args.only else None
+    deflate = deflate_part(args) if "deflate" in args.only else None
     stop_all()
     if results:
         report(results, args)
@@ -985,6 +1090,8 @@ def main():
         report_tls(tls, args)
     if pool:
         report_pool(*pool, args)
+    if deflate:
+        report_deflate(deflate, args)
     if expiry:
         print(f"\nexpiry: {args.idle} connections, lifetimes spread over 5-15 s (on_upgrade req:expire_in):")
         print("  " + " ".join(f"{k}={float(v):.1f}" if k != "missing" and k != "closed" else f"{k}={v}" for k, v in expiry.items()))

@@ -1,5 +1,10 @@
 //! framegate's benchmark harness: `fg-echo` (the upstream every proxy fronts), `fg-load` (the
 //! load generator) and `run.py` (the orchestrator). docs/performance.md explains how to run it.
+//! `pmd`: permessage-deflate and the minimal framing their compressing connections use;
+//! `deflate_load`: `fg-load --deflate`.
+
+pub mod deflate_load;
+pub mod pmd;
 
 use std::time::Duration;
 

@@ -4,8 +4,16 @@
 //! benchmark): every request head gets `200 ok`, kept alive. With `--reuse-port`, several
 //! processes share one address (SO_REUSEPORT: the kernel spreads the connections), so that a
 //! single upstream address can have the capacity of a pool of processes.
+//!
+//! With `--deflate`, WebSocket connections are served by the harness's own framing instead
+//! (`framegate_bench::pmd`; tungstenite has no extensions): a permessage-deflate offer is
+//! accepted with no context takeover either way, and each compressed message is inflated and
+//! compressed again for its echo, as a compressing server does (one compressor per window size
+//! and one decompressor per thread, so idle connections hold none). Connections that offer
+//! nothing are echoed uncompressed by the same code.
 
 use clap::Parser;
+use std::cell::RefCell;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,6 +21,18 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use framegate_bench::pmd::{self, Deflater, Event, Inflater, Reader};
+
+thread_local! {
+    /// This thread's compressors, one per window size (9 to 15 bits), and its decompressor:
+    /// no context takeover, so any connection may use them between two awaits.
+    static DEFLATERS: RefCell<[Option<Deflater>; 7]> = const { RefCell::new([const { None }; 7]) };
+    static INFLATER: RefCell<Option<Inflater>> = const { RefCell::new(None) };
+}
+
+/// The largest message echoed.
+const MAX_MESSAGE: usize = 64 << 20;
 
 #[derive(Parser)]
 struct Args {
@@ -25,6 +45,9 @@ struct Args {
     /// Share the address with other processes started with this flag (SO_REUSEPORT).
     #[arg(long)]
     reuse_port: bool,
+    /// Accept permessage-deflate and compress the echoes.
+    #[arg(long)]
+    deflate: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
-            tokio::spawn(serve(stream));
+            tokio::spawn(serve(stream, args.deflate));
         }
     })
 }
@@ -63,7 +86,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Tells a WebSocket upgrade from plain HTTP by the first request head, without reading it.
-async fn serve(stream: TcpStream) {
+async fn serve(stream: TcpStream, deflate: bool) {
     let mut peek = vec![0u8; 4096];
     let websocket = loop {
         let Ok(n) = stream.peek(&mut peek).await else {
@@ -80,7 +103,9 @@ async fn serve(stream: TcpStream) {
             None => tokio::time::sleep(Duration::from_millis(1)).await,
         }
     };
-    if websocket {
+    if websocket && deflate {
+        echo_deflate(stream).await
+    } else if websocket {
         echo(stream).await
     } else {
         http(stream).await
@@ -135,6 +160,84 @@ async fn echo(stream: TcpStream) {
         }
         if ws.flush().await.is_err() {
             return;
+        }
+    }
+}
+
+/// `--deflate`: one connection, framed by `pmd`; compressed messages are inflated and their
+/// echoes compressed again. Replies are batched as in [`echo`].
+async fn echo_deflate(mut stream: TcpStream) {
+    let mut reader = Reader::new(16 * 1024, MAX_MESSAGE);
+    let Ok(window) = pmd::accept(&mut stream, &mut reader.buf, true).await else {
+        return;
+    };
+    let mut out = Vec::with_capacity(16 * 1024);
+    loop {
+        let mut closed = false;
+        let drained =
+            DEFLATERS.with(|deflaters| {
+                INFLATER.with(|inflater| {
+                    let mut deflaters = deflaters.borrow_mut();
+                    let mut inflater = inflater.borrow_mut();
+                    reader.drain(|event| {
+                        match event {
+                            Event::Message {
+                                opcode,
+                                compressed,
+                                payload,
+                            } => match window {
+                                Some(bits) if compressed => {
+                                    let data = inflater
+                                        .get_or_insert_with(Inflater::default)
+                                        .inflate(payload, true, MAX_MESSAGE)?;
+                                    let deflater = deflaters[usize::from(bits - 9)]
+                                        .get_or_insert_with(|| Deflater::new(bits));
+                                    pmd::put_frame(
+                                        &mut out,
+                                        opcode,
+                                        true,
+                                        deflater.deflate(data),
+                                        None,
+                                    );
+                                }
+                                _ if compressed => {
+                                    return Err(std::io::Error::other(
+                                        "RSV1 without permessage-deflate",
+                                    ))
+                                }
+                                _ => pmd::put_frame(&mut out, opcode, false, payload, None),
+                            },
+                            Event::Ping(payload) => {
+                                pmd::put_frame(&mut out, pmd::PONG, false, payload, None)
+                            }
+                            Event::Close(payload) => {
+                                pmd::put_frame(
+                                    &mut out,
+                                    pmd::CLOSE,
+                                    false,
+                                    &payload[..payload.len().min(2)],
+                                    None,
+                                );
+                                closed = true;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+            });
+        if drained.is_err() {
+            return;
+        }
+        if !out.is_empty() && stream.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+        if closed {
+            return;
+        }
+        match stream.read_buf(&mut reader.buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }

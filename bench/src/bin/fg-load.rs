@@ -15,6 +15,17 @@
 //! - `http`: N kept-alive HTTP/1.1 connections, each with one small GET in flight at a time,
 //!   to the URL's host and `--path`; requests per second (the HTTP pass-through benchmark).
 //!
+//! With `--deflate` (`throughput` and `connections`, `ws://` only), each connection offers
+//! permessage-deflate with no context takeover either way and compresses what it sends and
+//! inflates what it gets where the server accepts (framing and codec: `framegate_bench::pmd`;
+//! tungstenite has no extensions). Its messages are then realistic JSON text (records with ids,
+//! names, prices and words; 16 different ones of `--size` bytes, in turn), and each echo is
+//! checked against what was sent. `throughput` also prints whether compression was agreed and
+//! the bytes on the wire per message each way (frame headers included), and `connections` sends
+//! one message on each connection and waits for its echo before holding it (so the gateway has
+//! compressed and inflated on every connection it holds). A server that declines the offer gets
+//! the same client, uncompressed: the same-client baseline.
+//!
 //! A `wss://` URL is loaded over TLS (rustls, ALPN `http/1.1`): every connection makes a full
 //! handshake (no session resumption), and neither the server's certificate nor its signature is
 //! checked, so that the load generator spends as little as it can on its side of the handshake.
@@ -28,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use framegate_bench::parse_duration;
+use framegate_bench::{deflate_load, parse_duration};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::io::AsyncReadExt;
@@ -53,6 +64,10 @@ struct Args {
     /// `authorization: Bearer <line i>` (cycling), so that each handshake carries its own token.
     #[arg(long)]
     bearer_file: Option<std::path::PathBuf>,
+    /// Offer permessage-deflate (no context takeover) and send realistic JSON text
+    /// (`throughput` and `connections`, `ws://` only).
+    #[arg(long)]
+    deflate: bool,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -295,6 +310,33 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if args.deflate {
+        let (url, headers) = (&args.url, &args.header);
+        return match args.mode {
+            Mode::Throughput {
+                connections,
+                inflight,
+                size,
+                warmup,
+                duration,
+                json: _,
+            } => {
+                let load = deflate_load::Load::new(url, headers, size)?;
+                load.throughput(connections, inflight, warmup, duration)
+                    .await
+            }
+            Mode::Connections {
+                count,
+                concurrency,
+                hold,
+                query_key: None,
+            } if args.bearer_file.is_none() => {
+                let load = deflate_load::Load::new(url, headers, 1024)?;
+                load.connections(count, concurrency, hold).await
+            }
+            _ => bail!("--deflate: only the throughput and connections modes (without --query-key or --bearer-file)"),
+        };
+    }
     match args.mode {
         Mode::Http {
             connections,
