@@ -16,7 +16,7 @@ use super::super::deflate::InflateError;
 use super::super::frame::{self, ClosePayload, FrameError, OpCode};
 use super::super::meter::Tally;
 use super::{Arrived, Leg, Sink};
-use crate::capture::{Kind, Seen};
+use crate::capture::{Capture, Kind, Seen};
 
 /// The smallest buffer a partial frame is kept in.
 const MIN_PARTIAL: usize = 4 * 1024;
@@ -217,17 +217,6 @@ impl Leg {
                 return Run::BeforeBadUtf8(len);
             }
             tally.message(header.opcode == OpCode::Text, header.payload_len);
-            if let Some(capture) = &self.capture {
-                capture.record(&Seen {
-                    mask: header.mask,
-                    masked_with: header.mask,
-                    ..Seen::data(
-                        self.direction(),
-                        header.opcode == OpCode::Text,
-                        &frame[header.header_len..],
-                    )
-                });
-            }
             len += header.frame_len();
             header = match self.header(&buf[len..]) {
                 Ok(Some(h)) if self.relays_verbatim(&h) && buf.len() - len >= h.frame_len() => h,
@@ -235,6 +224,26 @@ impl Leg {
                 Ok(None) => return Run::AtEnd(len),
                 _ => return Run::Before(len),
             };
+        }
+    }
+
+    /// Records each frame of a run relayed byte for byte (`run`: whole, checked frames). A pass
+    /// of its own, made only while the console captures, so that the run's loop stays as it
+    /// was without a capture.
+    fn record_run(&self, capture: &Capture, run: &[u8]) {
+        let mut at = 0;
+        while let Ok(Some(header)) = self.header(&run[at..]) {
+            let frame = &run[at..at + header.frame_len()];
+            capture.record(&Seen {
+                mask: header.mask,
+                masked_with: header.mask,
+                ..Seen::data(
+                    self.direction(),
+                    header.opcode == OpCode::Text,
+                    &frame[header.header_len..],
+                )
+            });
+            at += header.frame_len();
         }
     }
 
@@ -365,6 +374,9 @@ impl Leg {
             if let Sink::Through { peer, tally } = sink {
                 if self.relays_verbatim(&header) {
                     let run = self.verbatim_run(buf, header, *tally);
+                    if let Some(capture) = &self.capture {
+                        self.record_run(capture, &buf[..run.len()]);
+                    }
                     let Leg { io, out, .. } = &mut **peer;
                     match run {
                         // The run ends the read's whole frames: written out at once.
