@@ -52,6 +52,9 @@ pub enum StartError {
     /// A `[route.validate]` schema does not compile (its file, and where in it).
     #[error(transparent)]
     Schema(crate::config::ConfigError),
+    /// `[shared] backend = "redis"` could not be set up.
+    #[error("[shared]: {0}")]
+    Shared(String),
 }
 
 /// A bound listener as the reloader keeps it: bound address, what it serves (with its
@@ -69,6 +72,22 @@ impl Gateway {
     /// reload runs before it swaps anything.
     pub fn new(config: Config) -> Result<Gateway, StartError> {
         let dict = Arc::new(SharedDict::new(&config.shared));
+        let fleet = match &config.shared.redis {
+            None => None,
+            Some(redis) => {
+                let instance = redis.instance.clone().unwrap_or_else(|| {
+                    crate::fleet::default_instance(config.admin.as_ref().map(|a| a.listen.port()))
+                });
+                Some(
+                    crate::fleet::Fleet::new(redis, instance, config.shared.max_entries)
+                        .map_err(StartError::Shared)?,
+                )
+            }
+        };
+        let backend = match &fleet {
+            None => crate::policy::shared::Backend::from(dict.clone()),
+            Some(fleet) => crate::policy::shared::Backend::Fleet(Arc::new(fleet.clone())),
+        };
         let snapshot = Snapshot::build(config, 1).map_err(StartError::from_snapshot)?;
         // Compile every script once here, so that a broken one fails `check` and start-up
         // with its path and line; the workers compile their own copies.
@@ -86,6 +105,8 @@ impl Gateway {
                 next_id: AtomicU64::new(1),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 dict,
+                backend,
+                fleet,
                 metrics,
                 registry: Registry::new(),
                 pools,
@@ -158,6 +179,11 @@ impl Gateway {
         };
         if snapshot.config.server.watch {
             crate::reload::watch::start(reloader.clone(), background.clone());
+        }
+        // The fleet's store: its connection, heartbeat, frame cache and writer run on this
+        // runtime until the end of shutdown (on_close policies may still use it while draining).
+        if let Some(fleet) = &self.shared.fleet {
+            fleet.start(background.clone()).await;
         }
         // Active health checks: one task for the whole gateway, whatever its worker count.
         let shared = self.shared.clone();

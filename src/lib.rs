@@ -67,6 +67,7 @@ pub mod admin;
 pub mod capture;
 mod client_http;
 pub mod config;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;

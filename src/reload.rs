@@ -130,7 +130,7 @@ impl Reloader {
         Reloader {
             started: snapshot.config.server.clone(),
             started_admin: snapshot.config.admin.clone(),
-            started_shared: snapshot.config.shared,
+            started_shared: snapshot.config.shared.clone(),
             shared,
             pool,
             listening: Mutex::new(
@@ -406,9 +406,7 @@ impl Reloader {
         if a.watchdog_timeout != b.watchdog_timeout {
             keys.push("server.watchdog_timeout");
         }
-        if self.started_shared.max_entries != new.shared.max_entries
-            || self.started_shared.max_bytes != new.shared.max_bytes
-        {
+        if self.started_shared != new.shared {
             keys.push("[shared]");
         }
         if self.started_admin != new.admin {

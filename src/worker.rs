@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Route;
 use crate::policy::lua::{Engine, LoadError};
-use crate::policy::shared::SharedDict;
+use crate::policy::shared::Backend;
 use crate::policy::{PolicyError, RoutePolicy};
 use crate::proxy::Shared;
 use crate::snapshot::Snapshot;
@@ -176,8 +176,8 @@ pub(crate) struct Pool {
 pub(crate) struct WorkerCtx {
     /// The compiled policies of each live snapshot.
     engines: RefCell<Engines>,
-    /// `gw.shared`, for compiling.
-    dict: Arc<SharedDict>,
+    /// `gw.shared`'s backend, for compiling.
+    backend: Backend,
     pub(crate) index: usize,
     pub(crate) pool: Arc<Pool>,
     /// This worker's metric sets (single writer: only this worker's connections use them).
@@ -217,7 +217,7 @@ impl WorkerCtx {
         if let Some(engine) = engines.0.get(&snapshot.number) {
             return Ok(engine.clone());
         }
-        let engine = Rc::new(compile(snapshot, &self.dict)?);
+        let engine = Rc::new(compile(snapshot, &self.backend)?);
         engines.0.insert(snapshot.number, engine.clone());
         Ok(engine)
     }
@@ -226,7 +226,7 @@ impl WorkerCtx {
     fn command(self: &Rc<Self>, command: Command, shared: &Arc<Shared>, serve: ServeFn) {
         match command {
             Command::Prepare { snapshot, done } => {
-                let compiled = compile(&snapshot, &self.dict).map(|engine| {
+                let compiled = compile(&snapshot, &self.backend).map(|engine| {
                     self.engines
                         .borrow_mut()
                         .0
@@ -260,8 +260,8 @@ impl WorkerCtx {
 }
 
 /// Compiles `snapshot`'s policies in a new VM of this thread.
-fn compile(snapshot: &Snapshot, dict: &Arc<SharedDict>) -> Result<Engine, LoadError> {
-    Engine::with_sources(&snapshot.config, &snapshot.sources, dict.clone())
+fn compile(snapshot: &Snapshot, backend: &Backend) -> Result<Engine, LoadError> {
+    Engine::with_sources(&snapshot.config, &snapshot.sources, backend.clone())
 }
 
 /// Held by a connection for its whole life: this worker's open-connection count.
@@ -430,7 +430,7 @@ impl Thread {
         local.block_on(&runtime, async move {
             let ctx = Rc::new(WorkerCtx {
                 engines: RefCell::default(),
-                dict: shared.dict.clone(),
+                backend: shared.backend.clone(),
                 index,
                 pool: pool.clone(),
                 metrics: shared.metrics.worker(index),

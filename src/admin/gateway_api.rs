@@ -30,9 +30,16 @@ impl AdminApi for GatewayApi {
     }
 
     fn metrics(&self) -> String {
+        let shared = self.shared.fleet.as_ref().map(|fleet| {
+            let sample = fleet.sample();
+            crate::metrics::SharedBackendSample {
+                up: sample.up,
+                errors: sample.errors,
+            }
+        });
         self.shared
             .metrics
-            .encode_with(upstream_samples(&self.shared.pools))
+            .encode_all(upstream_samples(&self.shared.pools), shared)
     }
 
     fn upstreams(&self) -> Value {

@@ -8,6 +8,7 @@ mod error;
 pub mod jwt;
 pub mod pool;
 mod raw;
+pub mod shared;
 mod tls;
 mod units;
 pub mod validate;
@@ -15,6 +16,7 @@ pub mod validate;
 pub use capture::{CaptureConfig, CaptureMode};
 pub use error::ConfigError;
 pub use jwt::{JwtConfig, JwtKeys, TokenSource};
+pub use shared::{OnUnavailable, RedisConfig, SharedConfig};
 pub use tls::{CertificatePair, Place, TlsListener, TlsVersion};
 pub use validate::{OnInvalid, SchemaFile, ValidateConfig};
 
@@ -96,24 +98,6 @@ pub struct Config {
     pub shared: SharedConfig,
     /// The `[[upstream]]` pools, in file order.
     pub upstreams: Vec<Arc<pool::Pool>>,
-}
-
-/// The `[shared]` table.
-#[derive(Debug, Clone, Copy)]
-pub struct SharedConfig {
-    /// At most this many keys.
-    pub max_entries: usize,
-    /// At most this many bytes of keys and values (as counted by `gw.shared`).
-    pub max_bytes: usize,
-}
-
-impl Default for SharedConfig {
-    fn default() -> Self {
-        SharedConfig {
-            max_entries: defaults::SHARED_MAX_ENTRIES,
-            max_bytes: defaults::SHARED_MAX_BYTES,
-        }
-    }
 }
 
 /// The `[server]` table.
@@ -420,7 +404,9 @@ impl Config {
             .enumerate()
             .map(|(i, r)| v.route(i, r, &upstreams).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let shared = v.shared(raw.shared.unwrap_or_default())?;
+        let shared = shared::check(raw.shared.unwrap_or_default(), base, &|s, m, h| {
+            v.at(s, m, h)
+        })?;
         let admin = raw
             .admin
             .map(|a| a.check(origin, source, base))
@@ -502,27 +488,6 @@ impl Validator<'_> {
             return Err(self.err(v, format!("{key} must be at least {min_text}"), ""));
         }
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
-    }
-
-    /// The `[shared]` table.
-    fn shared(&self, raw: raw::Shared) -> Result<SharedConfig, ConfigError> {
-        let max_entries = match raw.max_entries {
-            None => defaults::SHARED_MAX_ENTRIES,
-            Some(n) if *n.get_ref() >= 1 => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
-            Some(n) => {
-                return Err(self.err(&n, "shared.max_entries must be at least 1".into(), ""))
-            }
-        };
-        let max_bytes = self.size_at_least(
-            &raw.max_bytes,
-            "shared.max_bytes",
-            defaults::SHARED_MAX_BYTES,
-            (1024, "1KiB"),
-        )?;
-        Ok(SharedConfig {
-            max_entries,
-            max_bytes,
-        })
     }
 
     fn err<T>(&self, at: &Spanned<T>, message: String, hint: &str) -> ConfigError {

@@ -9,17 +9,10 @@ pub(super) struct File {
     pub server: Option<Server>,
     #[serde(default)]
     pub route: Vec<Route>,
-    pub shared: Option<Shared>,
+    pub shared: Option<super::shared::RawShared>,
     pub admin: Option<super::admin::RawAdmin>,
     #[serde(default)]
     pub upstream: Vec<super::pool::RawPool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct Shared {
-    pub max_entries: Option<Spanned<i64>>,
-    pub max_bytes: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -135,6 +135,7 @@ pub(super) struct Scrape {
     pub(super) reloads: [u64; 2],
     pub(super) snapshot: u64,
     pub(super) upstreams: Vec<super::UpstreamSample>,
+    pub(super) shared: Option<super::SharedBackendSample>,
 }
 
 impl Scrape {
@@ -381,11 +382,37 @@ impl Collector for Scrape {
             MetricType::Gauge,
         )?;
         ConstGauge::new(self.snapshot as i64).encode(m)?;
+        self.encode_shared(&mut enc)?;
         self.encode_upstreams(&mut enc)
     }
 }
 
 impl Scrape {
+    /// The fleet's store's families, with `[shared] backend = "redis"` only.
+    fn encode_shared(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let m = enc.encode_descriptor(
+            "framegate_shared_backend_up",
+            "1 while the fleet's store (Redis) answers, 0 while it does not.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(shared.up)).encode(m)?;
+        let mut m = enc.encode_descriptor(
+            "framegate_shared_errors",
+            "Operations on the fleet's store that failed (Redis down or slow, a refusal, a full queue of writes), by op.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (op, n) in &shared.errors {
+            let labels: Labels = vec![("op", op)];
+            ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
     /// The `[[upstream]]` pools' families, read from their live state at scrape time.
     fn encode_upstreams(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // A gateway without pools does not list their (empty) families.

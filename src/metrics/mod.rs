@@ -124,6 +124,16 @@ impl Metrics {
 
     /// [`Metrics::encode`], with the `[[upstream]]` pools' families from `upstreams`.
     pub fn encode_with(&self, upstreams: Vec<UpstreamSample>) -> String {
+        self.encode_all(upstreams, None)
+    }
+
+    /// [`Metrics::encode_with`], with the fleet's store's families from `shared`
+    /// (`[shared] backend = "redis"`).
+    pub fn encode_all(
+        &self,
+        upstreams: Vec<UpstreamSample>,
+        shared: Option<SharedBackendSample>,
+    ) -> String {
         let shards: Vec<Arc<WorkerShard>> = self
             .workers
             .lock()
@@ -133,6 +143,7 @@ impl Metrics {
             reloads: [self.reloads[0].load(Relaxed), self.reloads[1].load(Relaxed)],
             snapshot: self.snapshot.load(Relaxed),
             upstreams,
+            shared,
             ..Default::default()
         };
         for shard in shards {
@@ -164,6 +175,15 @@ pub struct UpstreamSample {
     pub discovery_failures: u64,
     /// Its endpoints.
     pub endpoints: Vec<EndpointSample>,
+}
+
+/// The fleet's store at scrape time (`[shared] backend = "redis"`), read by the caller.
+#[derive(Debug, Clone, Default)]
+pub struct SharedBackendSample {
+    /// Whether Redis answers.
+    pub up: bool,
+    /// Failed operations, by `op`.
+    pub errors: Vec<(&'static str, u64)>,
 }
 
 /// One endpoint's numbers at scrape time.

@@ -10,6 +10,7 @@
 //! [`validate`] is a layer of hooks around the Lua ones: `[route.validate]`'s JSON Schemas
 //! check each text message before the frame policy sees it.
 
+pub mod limit;
 pub mod lua;
 pub mod shared;
 pub mod validate;
@@ -95,6 +96,15 @@ pub trait FrameHooks {
     fn on_close(&mut self, summary: &CloseSummary) {
         let _ = summary;
     }
+
+    /// After [`FrameHooks::on_close`]: what is left of it when it waits for the fleet's
+    /// store (`gw.shared` with `[shared] backend = "redis"`); the proxy awaits it. Each wait
+    /// is bounded by `shared.timeout`. The default: nothing.
+    fn close_pending(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> {
+        None
+    }
 }
 
 /// Hooks that forward everything unchanged: a route with no frame policies.
@@ -178,6 +188,21 @@ pub enum UpgradeVerdict {
     },
     /// The policy failed (error, budget exceeded): the client gets 500.
     Failed(PolicyError),
+    /// The policy waits for the fleet's store (`gw.shared` with `[shared] backend = "redis"`):
+    /// await this for the verdict. Each wait is bounded by `shared.timeout`.
+    Pending(std::pin::Pin<Box<dyn std::future::Future<Output = UpgradeVerdict>>>),
+}
+
+impl UpgradeVerdict {
+    /// The verdict, once a policy that waits has finished.
+    pub async fn settled(mut self) -> UpgradeVerdict {
+        loop {
+            match self {
+                UpgradeVerdict::Pending(pending) => self = pending.await,
+                verdict => return verdict,
+            }
+        }
+    }
 }
 
 /// A route's policies as seen by the proxy, one instance per worker thread.

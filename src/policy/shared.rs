@@ -8,9 +8,11 @@
 //! expired entries can walk it in small steps (at most [`SWEEP_STEP`] entries each) from a
 //! cursor, and never holds a worker long.
 
+use std::future::Future;
 use std::hash::{BuildHasher, RandomState};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
@@ -309,6 +311,124 @@ impl SharedDict {
     }
 }
 
+/// Why an operation of the fleet's store failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    /// The store cannot be reached (or was not, within `shared.timeout`).
+    #[error("shared backend unavailable")]
+    Unavailable,
+    /// The store refused the operation (a value that is not a number, for `incr`).
+    #[error("{0}")]
+    Refused(String),
+    /// A frame policy's write found the queue of writes full (it was not sent).
+    #[error("shared backend queue full")]
+    QueueFull,
+}
+
+/// The answer of the fleet's store to one operation, awaited by a policy call that may wait.
+pub type FleetReply<T> = Pin<Box<dyn Future<Output = Result<T, FleetError>> + Send>>;
+
+/// A write of a frame policy, sent behind its call (it never waits for the network).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// `set` (`None`: `delete`), with the TTL.
+    Set(String, Option<SharedValue>, Option<Duration>),
+    /// `incr` by the value, with the TTL of a new key, leased or not.
+    Incr(String, SharedValue, Option<Duration>, bool),
+}
+
+/// `gw.shared` and `gw.limit` on a store shared by a fleet of gateways (`[shared] backend =
+/// "redis"`; `src/fleet/` implements it). What may wait returns a future; the policy engine
+/// suspends the call (`on_upgrade`, `on_close`) while it is pending. What a frame policy
+/// calls never waits.
+pub trait FleetStore: Send + Sync {
+    /// The value at `key`.
+    fn get(&self, key: &str) -> FleetReply<Option<SharedValue>>;
+    /// Stores `value` at `key` (`None`: removes it).
+    fn set(&self, key: &str, value: Option<SharedValue>, ttl: Option<Duration>) -> FleetReply<()>;
+    /// Adds `by` to the number at `key` atomically; `lease`: the increment belongs to this
+    /// instance and goes when the instance stops renewing its lease.
+    fn incr(
+        &self,
+        key: &str,
+        by: SharedValue,
+        ttl: Option<Duration>,
+        lease: bool,
+    ) -> FleetReply<SharedValue>;
+    /// The value at `key` as this instance last saw it, at most `shared.frame_staleness`
+    /// old while the store is reachable; a key not seen yet is fetched behind the call.
+    fn cached(&self, key: &str) -> Option<SharedValue>;
+    /// Queues `write` and applies it to the cache at once; for an `incr`, returns the
+    /// cached value it makes.
+    fn behind(&self, write: Write) -> Result<Option<SharedValue>, FleetError>;
+    /// `gw.limit`: takes one token of the fleet's bucket `key` (`rate` per second, `burst`
+    /// at most), from tokens this instance leased beforehand; never waits.
+    fn limit(&self, key: &str, rate: f64, burst: f64) -> bool;
+    /// `shared.on_unavailable`.
+    fn on_unavailable(&self) -> crate::config::OnUnavailable;
+}
+
+/// Where `gw.shared` lives: this process's dictionary, or the fleet's store.
+#[derive(Clone)]
+pub enum Backend {
+    /// `[shared] backend = "local"`: the process's [`SharedDict`] (and its own `gw.limit` buckets).
+    Local(Arc<SharedDict>, Arc<crate::policy::limit::LocalLimits>),
+    /// `[shared] backend = "redis"`.
+    Fleet(Arc<dyn FleetStore>),
+}
+
+impl From<Arc<SharedDict>> for Backend {
+    fn from(dict: Arc<SharedDict>) -> Backend {
+        Backend::Local(dict, Arc::default())
+    }
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Local(..) => "Backend::Local",
+            Backend::Fleet(_) => "Backend::Fleet",
+        })
+    }
+}
+
+/// The store's text form of a value: numbers as Redis writes them (so that INCRBY works on
+/// them), strings behind `s`, booleans as `T` and `F`.
+pub fn encode(value: &SharedValue) -> Vec<u8> {
+    match value {
+        SharedValue::Str(s) => {
+            let mut v = Vec::with_capacity(s.len() + 1);
+            v.push(b's');
+            v.extend_from_slice(s);
+            v
+        }
+        SharedValue::Int(i) => i.to_string().into_bytes(),
+        SharedValue::Float(f) => {
+            // Always with a point or an exponent, so that it reads back as a float.
+            let text = format!("{f:?}");
+            text.into_bytes()
+        }
+        SharedValue::Bool(true) => b"T".to_vec(),
+        SharedValue::Bool(false) => b"F".to_vec(),
+    }
+}
+
+/// Reads what [`encode`] wrote (or a number Redis wrote); `None` for anything else.
+pub fn decode(bytes: &[u8]) -> Option<SharedValue> {
+    match bytes.first()? {
+        b's' => Some(SharedValue::Str(bytes::Bytes::copy_from_slice(&bytes[1..]))),
+        b'T' if bytes.len() == 1 => Some(SharedValue::Bool(true)),
+        b'F' if bytes.len() == 1 => Some(SharedValue::Bool(false)),
+        _ => {
+            let text = std::str::from_utf8(bytes).ok()?;
+            if let Ok(i) = text.parse::<i64>() {
+                return Some(SharedValue::Int(i));
+            }
+            text.parse::<f64>().ok().map(SharedValue::Float)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,7 +437,25 @@ mod tests {
         SharedDict::new(&SharedConfig {
             max_entries,
             max_bytes,
+            redis: None,
         })
+    }
+
+    #[test]
+    fn values_keep_their_type_through_the_store() {
+        for v in [
+            SharedValue::Int(-42),
+            SharedValue::Float(1.5),
+            SharedValue::Float(3.0),
+            SharedValue::Bool(true),
+            SharedValue::Bool(false),
+            SharedValue::Str(bytes::Bytes::from_static(b"12")),
+            SharedValue::Str(bytes::Bytes::new()),
+        ] {
+            assert_eq!(decode(&encode(&v)), Some(v));
+        }
+        assert_eq!(decode(b"10.5"), Some(SharedValue::Float(10.5)));
+        assert_eq!(decode(b""), None);
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub(crate) struct Shared {
     pub(crate) next_id: AtomicU64,
     /// `gw.shared`: the process-wide dictionary of the policies.
     pub(crate) dict: Arc<crate::policy::shared::SharedDict>,
+    /// Where the policies' `gw.shared` and `gw.limit` live: `dict`, or the fleet's store.
+    pub(crate) backend: crate::policy::shared::Backend,
+    /// `[shared] backend = "redis"`: the fleet's store (its health, its metrics).
+    pub(crate) fleet: Option<Arc<crate::fleet::Fleet>>,
     /// The Prometheus metrics, summed over the workers at scrape time.
     pub(crate) metrics: Arc<Metrics>,
     /// Every open connection, for the admin API and `server.drain_old`.

@@ -336,8 +336,9 @@ async fn upgrade(
                 metrics: Some(&metrics),
                 jwt: claims.as_ref().map(|c| &*c.json),
             };
-            match policy.on_upgrade(&upgrade_request) {
+            match policy.on_upgrade(&upgrade_request).settled().await {
                 UpgradeVerdict::Continue { changes, hooks } => (changes, hooks),
+                UpgradeVerdict::Pending(_) => unreachable!("settled() awaits a pending verdict"),
                 UpgradeVerdict::Reject {
                     status,
                     body,
@@ -472,6 +473,9 @@ async fn upgrade(
             summary.reason = rejection.to_string();
             summary.closed_by = ClosedBy::Gateway;
             hooks.on_close(&summary);
+            if let Some(rest) = hooks.close_pending() {
+                rest.await;
+            }
             return Err(rejection);
         }
     };
@@ -763,10 +767,11 @@ impl Accepted {
         summary.client_to_upstream = client_to_upstream;
         summary.upstream_to_client = upstream_to_client;
         count_close(&metrics, &ending, &summary);
-        span.in_scope(|| {
-            hooks.on_close(&summary);
-            summary.log();
-        });
+        span.in_scope(|| hooks.on_close(&summary));
+        if let Some(rest) = hooks.close_pending() {
+            tracing::Instrument::instrument(rest, span.clone()).await;
+        }
+        span.in_scope(|| summary.log());
         // The snapshot (and, through the hooks just dropped, this worker's VM state for it)
         // is released here, with the connection, and so is its endpoint's count.
         drop(snapshot);
@@ -874,10 +879,11 @@ async fn abandon(
     summary.reason = reason;
     summary.closed_by = closed_by;
     summary.duration = opened.elapsed();
-    span.in_scope(|| {
-        hooks.on_close(&summary);
-        summary.log();
-    });
+    span.in_scope(|| hooks.on_close(&summary));
+    if let Some(rest) = hooks.close_pending() {
+        tracing::Instrument::instrument(rest, span.clone()).await;
+    }
+    span.in_scope(|| summary.log());
 }
 
 fn frame_for_lost_client() -> tokio_tungstenite::tungstenite::protocol::CloseFrame {

@@ -24,6 +24,7 @@ use tokio_tungstenite::WebSocketStream;
 pub mod certs;
 pub mod cli;
 pub mod node;
+pub mod redis;
 
 /// A client-side WebSocket over plain TCP.
 pub type Client = WebSocketStream<TcpStream>;

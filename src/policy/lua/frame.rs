@@ -344,6 +344,8 @@ pub(crate) struct LuaFrameHooks {
     call: Rc<RefCell<CallState>>,
     /// The route's counters on this worker: call durations and failures by phase.
     metrics: Option<Arc<RouteMetrics>>,
+    /// What is left of an `on_close` that waits for the fleet's store.
+    close_wait: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>,
 }
 
 /// How a policy call failed, for `framegate_policy_errors_total`. The CPU limit and the state
@@ -416,6 +418,7 @@ impl LuaFrameHooks {
             conn,
             call,
             metrics,
+            close_wait: None,
         })
     }
 
@@ -659,21 +662,83 @@ impl FrameHooks for LuaFrameHooks {
         })();
         self.call.borrow_mut().closing = true;
         let started = self.metrics.is_some().then(Instant::now);
-        let result = info.and_then(|info| {
-            self.vm.guarded(self.limits, || {
+        let info = match info {
+            Ok(info) => info,
+            Err(e) => return self.closed(&script, Err(e), started),
+        };
+        if !self.vm.fleet {
+            let result = self.vm.guarded(self.limits, || {
                 script.function.call::<()>((&self.ctx, &self.conn, info))
-            })
-        });
-        if let (Some(metrics), Some(started)) = (&self.metrics, started) {
-            metrics.policy_call(Phase::Close, started.elapsed());
-            if let Err(e) = &result {
-                metrics.policy_error(Phase::Close, error_kind(e));
+            });
+            return self.closed(&script, result, started);
+        }
+        // On the fleet's store, the script runs in a coroutine that may wait for gw.shared.
+        let thread = match self.vm.lua.create_thread(script.function.clone()) {
+            Ok(thread) => thread,
+            Err(e) => return self.closed(&script, Err(e), started),
+        };
+        let mut spent = std::time::Duration::ZERO;
+        let args = (&self.ctx, &self.conn, info);
+        match super::wait::segment(&self.vm, &thread, args, self.limits, &mut spent) {
+            Ok(super::wait::Step::Done(_)) => self.closed(&script, Ok(()), started),
+            Err(e) => self.closed(&script, Err(e), started),
+            Ok(super::wait::Step::Wait(op)) => {
+                let (vm, limits, id, metrics) =
+                    (self.vm.clone(), self.limits, self.id, self.metrics.clone());
+                self.close_wait = Some(Box::pin(async move {
+                    let result = super::wait::drive(&vm, &thread, op, limits, &mut spent).await;
+                    closed(
+                        &script,
+                        result.map(|_| ()),
+                        started,
+                        limits,
+                        id,
+                        metrics.as_ref(),
+                    );
+                }));
             }
         }
-        if let Err(e) = result {
-            let error = script.error(&e, self.limits);
-            tracing::warn!(conn = self.id, script = %error.script, error = %error.message, "policy error in on_close");
+    }
+
+    fn close_pending(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> {
+        self.close_wait.take()
+    }
+}
+
+impl LuaFrameHooks {
+    /// Counts and logs the end of an `on_close` call.
+    fn closed(&self, script: &Script, result: mlua::Result<()>, started: Option<Instant>) {
+        closed(
+            script,
+            result,
+            started,
+            self.limits,
+            self.id,
+            self.metrics.as_ref(),
+        );
+    }
+}
+
+/// Counts and logs the end of an `on_close` call of connection `id`.
+fn closed(
+    script: &Script,
+    result: mlua::Result<()>,
+    started: Option<Instant>,
+    limits: Limits,
+    id: u64,
+    metrics: Option<&Arc<RouteMetrics>>,
+) {
+    if let (Some(metrics), Some(started)) = (metrics, started) {
+        metrics.policy_call(Phase::Close, started.elapsed());
+        if let Err(e) = &result {
+            metrics.policy_error(Phase::Close, error_kind(e));
         }
+    }
+    if let Err(e) = result {
+        let error = script.error(&e, limits);
+        tracing::warn!(conn = id, script = %error.script, error = %error.message, "policy error in on_close");
     }
 }
 

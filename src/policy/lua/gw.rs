@@ -1,4 +1,4 @@
-//! The `gw` table every script sees: `gw.log`, `gw.json`, `gw.now()`, `gw.shared` and
+//! The `gw` table every script sees: `gw.log`, `gw.json`, `gw.now()`, `gw.shared`, `gw.limit` and
 //! `gw.jwt` (whose `verify` uses the route's `[route.jwt]`).
 //! Runtime failures return `nil, message`; misuse raises an error at the caller's line.
 
@@ -9,12 +9,16 @@ use mlua::{Function, Lua, MultiValue, Table, Value, Variadic};
 
 use super::codec::{self, Codec};
 use super::misuse;
-use crate::policy::shared::{SharedDict, SharedValue};
+use std::rc::Rc;
+
+use super::wait::{Answer, Waits};
+use crate::policy::shared::{Backend, SharedValue, Write};
 
 /// Builds the (still writable) `gw` table; the sandbox freezes it.
 pub(super) fn build(
     lua: &Lua,
-    dict: Arc<SharedDict>,
+    backend: Backend,
+    waits: Rc<Waits>,
     jwt: Option<Arc<crate::jwt::Verifier>>,
 ) -> mlua::Result<Table> {
     let gw = lua.create_table()?;
@@ -64,7 +68,8 @@ pub(super) fn build(
                 .map_or(0.0, |d| d.as_secs_f64()))
         })?,
     )?;
-    gw.set("shared", shared_table(lua, dict)?)?;
+    gw.set("shared", shared_table(lua, backend.clone(), waits)?)?;
+    gw.set("limit", limit_function(lua, backend)?)?;
     gw.set("jwt", jwt_table(lua, jwt)?)?;
     Ok(gw)
 }
@@ -226,7 +231,7 @@ fn to_shared(lua: &Lua, method: &str, value: &Value) -> mlua::Result<Option<Shar
     }))
 }
 
-fn from_shared(lua: &Lua, value: SharedValue) -> mlua::Result<Value> {
+pub(super) fn from_shared(lua: &Lua, value: SharedValue) -> mlua::Result<Value> {
     Ok(match value {
         SharedValue::Str(s) => Value::String(lua.create_string(&s)?),
         SharedValue::Int(i) => Value::Integer(i),
@@ -235,9 +240,80 @@ fn from_shared(lua: &Lua, value: SharedValue) -> mlua::Result<Value> {
     })
 }
 
-/// `gw.shared`: a table of functions over the process-wide dictionary. They work called with a
-/// colon (`gw.shared:get(k)`, like OpenResty's `ngx.shared.DICT:get`) or with a dot.
-fn shared_table(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
+/// Wraps a `gw.shared` function so that a call that may wait yields the sentinel the
+/// function returned (see [`super::wait`]); named as the prelude, so that locations skip it.
+/// On the local backend nothing waits: the function stays as it is (and a misuse error names
+/// the policy's line even when the policy tail-calls it).
+fn waiting(lua: &Lua, f: Function, yield_: Option<&Function>) -> mlua::Result<Function> {
+    let Some(yield_) = yield_ else {
+        return Ok(f);
+    };
+    lua.load(
+        "local f, P, yield = ... \
+         return function(...) local a, b = f(...) if a == P then return yield(P) end return a, b end",
+    )
+    .set_name(format!("={}", super::sandbox::PRELUDE_NAME))
+    .call((f, super::wait::sentinel(), yield_))
+}
+
+/// `incr`'s fourth argument: `{lease = true}`.
+fn lease_arg(lua: &Lua, options: &Value) -> mlua::Result<bool> {
+    match options {
+        Value::Nil => Ok(false),
+        Value::Table(t) => {
+            for pair in t.clone().pairs::<Value, Value>() {
+                let (k, _) = pair?;
+                if k.as_string()
+                    .is_none_or(|k| k.as_bytes() != b"lease".as_slice())
+                {
+                    return Err(misuse(
+                        lua,
+                        format!(
+                            "gw.shared:incr: unknown option {}; the options are {{lease = true}}",
+                            k.to_string().unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            match t.raw_get::<Value>("lease")? {
+                Value::Nil => Ok(false),
+                Value::Boolean(b) => Ok(b),
+                other => Err(misuse(
+                    lua,
+                    format!(
+                        "gw.shared:incr: lease must be a boolean, not {}",
+                        other.type_name()
+                    ),
+                )),
+            }
+        }
+        other => Err(misuse(
+            lua,
+            format!(
+                "gw.shared:incr: the options must be a table, not {}",
+                other.type_name()
+            ),
+        )),
+    }
+}
+
+/// The results of an operation that failed: `nil, message`.
+fn failed(lua: &Lua, e: impl std::fmt::Display) -> mlua::Result<MultiValue> {
+    Ok(MultiValue::from_vec(vec![
+        Value::Nil,
+        Value::String(lua.create_string(e.to_string())?),
+    ]))
+}
+
+fn one(value: Value) -> MultiValue {
+    MultiValue::from_vec(vec![value])
+}
+
+/// `gw.shared`: a table of functions over the process-wide dictionary, or the fleet's store.
+/// They work called with a colon (`gw.shared:get(k)`, like OpenResty's
+/// `ngx.shared.DICT:get`) or with a dot. On the fleet's store, a call that may wait (see
+/// [`super::wait`]) parks the operation; any other gets the non-waiting behaviour.
+fn shared_table(lua: &Lua, backend: Backend, waits: Rc<Waits>) -> mlua::Result<Table> {
     /// Drops the table itself when the function was called with a colon.
     fn args(mut values: MultiValue) -> Vec<Value> {
         if matches!(values.front(), Some(Value::Table(_))) {
@@ -248,78 +324,167 @@ fn shared_table(lua: &Lua, dict: Arc<SharedDict>) -> mlua::Result<Table> {
     fn arg(values: &[Value], i: usize) -> Value {
         values.get(i).cloned().unwrap_or(Value::Nil)
     }
+    let yield_: Option<Function> = match backend {
+        Backend::Local(..) => None,
+        Backend::Fleet(_) => Some(lua.globals().get::<Table>("coroutine")?.get("yield")?),
+    };
+    let yield_ = yield_.as_ref();
     let shared = lua.create_table()?;
-    let d = dict.clone();
-    shared.set(
-        "get",
-        lua.create_function(move |lua, values: MultiValue| {
-            let v = args(values);
-            let key = key_arg(lua, "get", &arg(&v, 0))?;
-            d.get(&key)
-                .map_or(Ok(Value::Nil), |value| from_shared(lua, value))
-        })?,
-    )?;
-    let d = dict.clone();
-    shared.set(
-        "set",
-        lua.create_function(move |lua, values: MultiValue| {
-            let v = args(values);
-            let key = key_arg(lua, "set", &arg(&v, 0))?;
-            let ttl = ttl_arg(lua, "set", &arg(&v, 2))?;
-            let stored = match to_shared(lua, "set", &arg(&v, 1))? {
-                Some(value) => d.set(&key, value, ttl),
+    let (b, w) = (backend.clone(), waits.clone());
+    let get = lua.create_function(move |lua, values: MultiValue| {
+        let v = args(values);
+        let key = key_arg(lua, "get", &arg(&v, 0))?;
+        let value = match &b {
+            Backend::Local(d, _) => d.get(&key),
+            Backend::Fleet(f) if w.can_wait(lua) => {
+                let op = f.get(&key);
+                return Ok(one(
+                    w.park(Box::pin(async move { op.await.map(Answer::Value) }))
+                ));
+            }
+            Backend::Fleet(f) => f.cached(&key),
+        };
+        Ok(one(
+            value.map_or(Ok(Value::Nil), |value| from_shared(lua, value))?
+        ))
+    })?;
+    shared.set("get", waiting(lua, get, yield_)?)?;
+    let (b, w) = (backend.clone(), waits.clone());
+    let set = lua.create_function(move |lua, values: MultiValue| {
+        let v = args(values);
+        let key = key_arg(lua, "set", &arg(&v, 0))?;
+        let ttl = ttl_arg(lua, "set", &arg(&v, 2))?;
+        let value = to_shared(lua, "set", &arg(&v, 1))?;
+        let stored = match &b {
+            Backend::Local(d, _) => match value {
+                Some(value) => d.set(&key, value, ttl).map_err(|e| e.to_string()),
                 None => {
                     d.delete(&key);
                     Ok(())
                 }
-            };
-            Ok(match stored {
-                Ok(()) => (Value::Boolean(true), Value::Nil),
-                Err(full) => (
-                    Value::Nil,
-                    Value::String(lua.create_string(full.to_string())?),
-                ),
-            })
-        })?,
-    )?;
-    let d = dict.clone();
-    shared.set(
-        "incr",
-        lua.create_function(move |lua, values: MultiValue| {
-            let v = args(values);
-            let key = key_arg(lua, "incr", &arg(&v, 0))?;
-            let ttl = ttl_arg(lua, "incr", &arg(&v, 2))?;
-            let by = match arg(&v, 1) {
-                Value::Nil => SharedValue::Int(1),
-                Value::Integer(i) => SharedValue::Int(i),
-                Value::Number(n) => SharedValue::Float(n),
-                other => {
-                    return Err(misuse(
-                        lua,
-                        format!(
-                            "gw.shared:incr: the increment must be a number, not {}",
-                            other.type_name()
-                        ),
-                    ))
+            },
+            Backend::Fleet(f) if w.can_wait(lua) => {
+                let op = f.set(&key, value, ttl);
+                return Ok(one(
+                    w.park(Box::pin(async move { op.await.map(|()| Answer::Done) }))
+                ));
+            }
+            Backend::Fleet(f) => f
+                .behind(Write::Set(key, value, ttl))
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        match stored {
+            Ok(()) => Ok(one(Value::Boolean(true))),
+            Err(e) => failed(lua, e),
+        }
+    })?;
+    shared.set("set", waiting(lua, set, yield_)?)?;
+    let (b, w) = (backend.clone(), waits.clone());
+    let incr = lua.create_function(move |lua, values: MultiValue| {
+        let v = args(values);
+        let key = key_arg(lua, "incr", &arg(&v, 0))?;
+        let ttl = ttl_arg(lua, "incr", &arg(&v, 2))?;
+        let by = match arg(&v, 1) {
+            Value::Nil => SharedValue::Int(1),
+            Value::Integer(i) => SharedValue::Int(i),
+            Value::Number(n) => SharedValue::Float(n),
+            other => {
+                return Err(misuse(
+                    lua,
+                    format!(
+                        "gw.shared:incr: the increment must be a number, not {}",
+                        other.type_name()
+                    ),
+                ))
+            }
+        };
+        let lease = lease_arg(lua, &arg(&v, 3))?;
+        let sum = match &b {
+            Backend::Local(d, _) => d.incr(&key, by, ttl).map_err(|e| e.to_string()),
+            Backend::Fleet(f) if w.can_wait(lua) => {
+                let op = f.incr(&key, by, ttl, lease);
+                return Ok(one(w.park(Box::pin(async move {
+                    op.await.map(|v| Answer::Value(Some(v)))
+                }))));
+            }
+            Backend::Fleet(f) => f
+                .behind(Write::Incr(key, by.clone(), ttl, lease))
+                .map(|v| v.unwrap_or(by))
+                .map_err(|e| e.to_string()),
+        };
+        match sum {
+            Ok(value) => Ok(one(from_shared(lua, value)?)),
+            Err(e) => failed(lua, e),
+        }
+    })?;
+    shared.set("incr", waiting(lua, incr, yield_)?)?;
+    let (b, w) = (backend.clone(), waits.clone());
+    let delete = lua.create_function(move |lua, values: MultiValue| {
+        let v = args(values);
+        let key = key_arg(lua, "delete", &arg(&v, 0))?;
+        match &b {
+            Backend::Local(d, _) => d.delete(&key),
+            Backend::Fleet(f) if w.can_wait(lua) => {
+                let op = f.set(&key, None, None);
+                return Ok(one(
+                    w.park(Box::pin(async move { op.await.map(|()| Answer::Done) }))
+                ));
+            }
+            Backend::Fleet(f) => {
+                if let Err(e) = f.behind(Write::Set(key, None, None)) {
+                    return failed(lua, e);
                 }
-            };
-            Ok(match d.incr(&key, by, ttl) {
-                Ok(value) => MultiValue::from_vec(vec![from_shared(lua, value)?]),
-                Err(e) => MultiValue::from_vec(vec![
-                    Value::Nil,
-                    Value::String(lua.create_string(e.to_string())?),
-                ]),
-            })
-        })?,
-    )?;
-    shared.set(
-        "delete",
-        lua.create_function(move |lua, values: MultiValue| {
-            let v = args(values);
-            let key = key_arg(lua, "delete", &arg(&v, 0))?;
-            dict.delete(&key);
-            Ok(())
-        })?,
-    )?;
+            }
+        }
+        Ok(one(Value::Boolean(true)))
+    })?;
+    shared.set("delete", waiting(lua, delete, yield_)?)?;
+    let on_unavailable = match &backend {
+        Backend::Local(..) => None,
+        Backend::Fleet(f) => Some(f.on_unavailable().as_str()),
+    };
+    shared.set("on_unavailable", on_unavailable)?;
     Ok(shared)
+}
+
+/// `gw.limit(key, rate, burst)`: whether one more message (or anything the policy counts)
+/// fits the token bucket `key`: `rate` tokens a second, `burst` at most (default: `rate`).
+/// Never waits: on the fleet's store it takes tokens this instance leased beforehand.
+fn limit_function(lua: &Lua, backend: Backend) -> mlua::Result<Function> {
+    lua.create_function(move |lua, (key, rate, burst): (Value, Value, Value)| {
+        let Value::String(key) = key else {
+            return Err(misuse(
+                lua,
+                format!("gw.limit expects a string key, got {}", key.type_name()),
+            ));
+        };
+        let number = |v: &Value, what: &str| -> mlua::Result<Option<f64>> {
+            let n = match v {
+                Value::Nil => return Ok(None),
+                Value::Integer(i) => *i as f64,
+                Value::Number(n) => *n,
+                _ => f64::NAN,
+            };
+            if n.is_finite() && n > 0.0 {
+                Ok(Some(n))
+            } else {
+                Err(misuse(
+                    lua,
+                    format!(
+                        "gw.limit: {what} must be a number above 0, got {}",
+                        v.to_string().unwrap_or_default()
+                    ),
+                ))
+            }
+        };
+        let rate =
+            number(&rate, "rate")?.ok_or_else(|| misuse(lua, "gw.limit: rate is missing"))?;
+        let burst = number(&burst, "burst")?.unwrap_or(rate).max(1.0);
+        let key = key.to_str()?;
+        Ok(match &backend {
+            Backend::Local(_, limits) => limits.take(&key, rate, burst),
+            Backend::Fleet(f) => f.limit(&key, rate, burst),
+        })
+    })
 }

@@ -13,6 +13,7 @@ mod headers;
 mod pattern;
 mod request;
 pub mod sandbox;
+mod wait;
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Value, VmState};
 
-use super::shared::SharedDict;
+use super::shared::Backend;
 use super::{PolicyError, RoutePolicy};
 use crate::config::{Config, OnPolicyError, Route};
 
@@ -135,6 +136,14 @@ pub(crate) struct Vm {
     pub(crate) req: mlua::AnyUserData,
     /// Makes the kept view that replaces `req.headers` where the call stored it in `ctx`.
     pub(crate) keep_call_view: Function,
+    /// The operation the running call waits for (see [`wait`]).
+    pub(crate) waits: Rc<wait::Waits>,
+    /// Whether `gw.shared` is the fleet's store: `on_upgrade` and `on_close` then run in
+    /// coroutines that may wait.
+    pub(crate) fleet: bool,
+    /// Held by the `on_upgrade` call that uses `req`: a call that waits keeps it, and the
+    /// next upgrade on this VM waits for it (see docs/policies.md).
+    pub(crate) upgrade_turn: Arc<tokio::sync::Semaphore>,
 }
 
 impl Vm {
@@ -250,6 +259,8 @@ pub(crate) fn unlimited<R>(lua: &Lua, f: impl FnOnce() -> mlua::Result<R>) -> ml
 
 /// The compiled scripts of one route, and how to run them.
 pub(crate) struct LuaRoutePolicy {
+    /// This policy itself, for the futures of calls that wait.
+    pub(crate) this: std::rc::Weak<LuaRoutePolicy>,
     pub(crate) vm: Rc<Vm>,
     pub(crate) on_upgrade: Option<Rc<Script>>,
     pub(crate) on_client_frame: Option<Rc<Script>>,
@@ -279,17 +290,17 @@ impl Script {
 
 impl Engine {
     /// Creates a VM and compiles every route's scripts in it, reading them from their files.
-    pub fn new(config: &Config, dict: Arc<SharedDict>) -> Result<Engine, LoadError> {
-        Engine::with_sources(config, &Sources::read(config)?, dict)
+    pub fn new(config: &Config, backend: impl Into<Backend>) -> Result<Engine, LoadError> {
+        Engine::with_sources(config, &Sources::read(config)?, backend)
     }
 
     /// Creates a VM and compiles every route's scripts in it from `sources`.
     pub fn with_sources(
         config: &Config,
         sources: &Sources,
-        dict: Arc<SharedDict>,
+        backend: impl Into<Backend>,
     ) -> Result<Engine, LoadError> {
-        let vm = Rc::new(new_vm(dict).map_err(|e| LoadError {
+        let vm = Rc::new(new_vm(backend.into()).map_err(|e| LoadError {
             script: PathBuf::from("<engine>"),
             message: format!("cannot set up the Lua VM: {e}"),
         })?);
@@ -298,7 +309,11 @@ impl Engine {
             routes.push(if route.policies.is_empty() {
                 None
             } else {
-                Some(Rc::new(compile_route(&vm, route, sources)?))
+                let mut policy = compile_route(&vm, route, sources)?;
+                Some(Rc::new_cyclic(|this| {
+                    policy.this = this.clone();
+                    policy
+                }))
             });
         }
         Ok(Engine { routes })
@@ -319,7 +334,7 @@ impl Engine {
     }
 }
 
-fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
+fn new_vm(backend: Backend) -> mlua::Result<Vm> {
     let libs = StdLib::TABLE
         | StdLib::STRING
         | StdLib::MATH
@@ -333,11 +348,13 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
     let watched = budget.clone();
     pattern::install(&lua, budget.clone())?;
     let over_budget = lua.create_function(move |_, ()| Ok(watched.get().is_over()))?;
+    let waits = Rc::new(wait::Waits::new());
     let req = request::reusable_req(&lua)?;
     let call_headers = request::call_header_functions(&lua, &req)?;
     let sandbox = sandbox::Sandbox::new(
         &lua,
-        dict,
+        backend.clone(),
+        waits.clone(),
         over_budget,
         (&call_headers.index, &call_headers.all),
     )?;
@@ -347,6 +364,9 @@ fn new_vm(dict: Arc<SharedDict>) -> mlua::Result<Vm> {
         sandbox,
         req,
         keep_call_view: call_headers.keep,
+        waits,
+        fleet: matches!(backend, Backend::Fleet(_)),
+        upgrade_turn: Arc::new(tokio::sync::Semaphore::new(1)),
     })
 }
 
@@ -379,6 +399,7 @@ fn compile_route(
             .transpose()
     };
     Ok(LuaRoutePolicy {
+        this: std::rc::Weak::new(),
         vm: vm.clone(),
         on_upgrade: load(&route.policies.on_upgrade)?,
         on_client_frame: load(&route.policies.on_client_frame)?,
@@ -529,18 +550,24 @@ fn first_line(text: &str) -> String {
 }
 
 /// A misuse error located at the policy line that called into the API.
+/// The prelude's wrappers (`gw.shared`'s) are skipped: the line is the policy's.
 pub(crate) fn misuse(lua: &Lua, message: impl std::fmt::Display) -> mlua::Error {
-    let location = lua
-        .inspect_stack(1, |d| {
-            let src = d
-                .source()
-                .short_src
-                .map(|s| s.into_owned())
-                .unwrap_or_default();
-            match d.current_line() {
-                Some(line) => format!("{src}:{line}: "),
-                None => String::new(),
-            }
+    let location = (1..4)
+        .find_map(|level| {
+            lua.inspect_stack(level, |d| {
+                let src = d
+                    .source()
+                    .short_src
+                    .map(|s| s.into_owned())
+                    .unwrap_or_default();
+                if src == sandbox::PRELUDE_NAME {
+                    return None;
+                }
+                Some(match d.current_line() {
+                    Some(line) => format!("{src}:{line}: "),
+                    None => String::new(),
+                })
+            })?
         })
         .unwrap_or_default();
     mlua::Error::runtime(format!("{location}{message}"))

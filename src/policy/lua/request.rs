@@ -596,6 +596,15 @@ fn offered_subprotocols(headers: &HeaderFields, offered: &mut Vec<String>) {
     offered.extend(names.map(str::to_owned));
 }
 
+/// What the end of an upgrade needs of the request, once `req` holds its copy.
+struct Call {
+    id: u64,
+    jwt: Option<serde_json::Value>,
+    metrics: Option<std::sync::Arc<crate::metrics::RouteMetrics>>,
+    needs_frames: bool,
+    started: Option<Instant>,
+}
+
 impl RoutePolicy for LuaRoutePolicy {
     fn on_upgrade(&self, request: &UpgradeRequest<'_>) -> UpgradeVerdict {
         // A plain HTTP request (`req.upgrade == false`) has no frames and no close: only
@@ -612,9 +621,24 @@ impl RoutePolicy for LuaRoutePolicy {
         }
         // One clock read each side of the call, only where a script runs (see docs/operations.md).
         let timed = request.metrics.filter(|_| self.on_upgrade.is_some());
+        if self.vm.fleet && self.on_upgrade.is_some() {
+            return self.upgrade_may_wait(request, needs_frames, timed.is_some());
+        }
         let started = timed.map(|_| Instant::now());
         let result = self.run_upgrade(request, needs_frames);
-        if let (Some(metrics), Some(started)) = (timed, started) {
+        self.outcome(result, timed, started)
+    }
+}
+
+impl LuaRoutePolicy {
+    /// The verdict of a call that ended with `result`, counted in `metrics`.
+    fn outcome(
+        &self,
+        result: mlua::Result<UpgradeVerdict>,
+        metrics: Option<&std::sync::Arc<crate::metrics::RouteMetrics>>,
+        started: Option<Instant>,
+    ) -> UpgradeVerdict {
+        if let (Some(metrics), Some(started)) = (metrics, started) {
             metrics.policy_call(Phase::Upgrade, started.elapsed());
             if let Err(e) = &result {
                 metrics.policy_error(Phase::Upgrade, error_kind(e));
@@ -634,53 +658,72 @@ impl RoutePolicy for LuaRoutePolicy {
             }
         }
     }
-}
 
-impl LuaRoutePolicy {
+    /// Copies `request` into the VM's `req` and readies it for a call.
+    fn prepare(&self, request: &UpgradeRequest<'_>) -> mlua::Result<()> {
+        let mut r = self.vm.req.borrow_mut::<Req>()?;
+        let r = &mut *r;
+        r.request.fill(request);
+        offered_subprotocols(request.headers, &mut r.offered);
+        r.made = Default::default();
+        r.all_headers = None;
+        r.jwt_view = None;
+        Ok(())
+    }
+
+    /// Opens `req` for the call: makes `req.headers`' view, before the call's memory limit
+    /// is set (Lua then makes tables without a protected call).
+    fn open(&self) -> mlua::Result<()> {
+        let view = self.vm.lua.create_table()?;
+        view.set_metatable(Some(self.vm.sandbox.views.call_headers_meta.clone()))?;
+        let mut r = self.vm.req.borrow_mut::<Req>()?;
+        r.fields.raw_set(&r.headers_key, &view)?;
+        r.made[0] = Some(view);
+        r.open = true;
+        Ok(())
+    }
+
+    /// Closes `req` again whatever happened, so that a `req` the script kept refuses use,
+    /// and returns the call's header view, changes and rejection.
+    #[allow(clippy::type_complexity)]
+    fn close(
+        &self,
+    ) -> mlua::Result<(
+        Option<Table>,
+        UpgradeChanges,
+        Option<(StatusCode, Bytes, HeaderMap)>,
+    )> {
+        let mut r = self.vm.req.borrow_mut::<Req>()?;
+        r.open = false;
+        // `fields` keeps this call's `req.headers` until the next call replaces it:
+        // read from a kept `req`, it is a view that refuses use.
+        let call_view = std::mem::take(&mut r.made)[0].take();
+        r.all_headers = None;
+        Ok((
+            call_view,
+            std::mem::take(&mut r.changes),
+            r.rejection.take(),
+        ))
+    }
+
     fn run_upgrade(
         &self,
         request: &UpgradeRequest<'_>,
         needs_frames: bool,
     ) -> mlua::Result<UpgradeVerdict> {
+        self.prepare(request)?;
         let lua = &self.vm.lua;
         let req = &self.vm.req;
-        {
-            let mut r = req.borrow_mut::<Req>()?;
-            let r = &mut *r;
-            r.request.fill(request);
-            offered_subprotocols(request.headers, &mut r.offered);
-            r.made = Default::default();
-            r.all_headers = None;
-            r.jwt_view = None;
-        }
-        let views = &self.vm.sandbox.views;
         let ctx = lua.create_table()?;
         let mut changes = UpgradeChanges::default();
         let mut call_view = None;
         if let Some(script) = &self.on_upgrade {
-            {
-                // Made here, before the call's memory limit is set: Lua then makes tables
-                // without a protected call.
-                let view = lua.create_table()?;
-                view.set_metatable(Some(views.call_headers_meta.clone()))?;
-                let mut r = req.borrow_mut::<Req>()?;
-                r.fields.raw_set(&r.headers_key, &view)?;
-                r.made[0] = Some(view);
-                r.open = true;
-            }
+            self.open()?;
             let result = self
                 .vm
                 .guarded(self.limits, || script.function.call::<Value>((req, &ctx)));
-            // Closed again whatever happened, so that a `req` the script kept refuses use.
-            let (taken, rejection) = {
-                let mut r = req.borrow_mut::<Req>()?;
-                r.open = false;
-                // `fields` keeps this call's `req.headers` until the next call replaces it:
-                // read from a kept `req`, it is a view that refuses use.
-                call_view = std::mem::take(&mut r.made)[0].take();
-                r.all_headers = None;
-                (std::mem::take(&mut r.changes), r.rejection.take())
-            };
+            let (view, taken, rejection) = self.close()?;
+            call_view = view;
             result?;
             if let Some((status, body, headers)) = rejection {
                 return Ok(UpgradeVerdict::Reject {
@@ -692,12 +735,39 @@ impl LuaRoutePolicy {
             changes = taken;
             changes.ctx_json = ctx_json(&ctx);
         }
+        self.conclude(
+            ctx,
+            changes,
+            call_view,
+            needs_frames,
+            request.id,
+            request.jwt,
+            request.metrics,
+        )
+    }
+
+    /// The end of an upgrade whose script (if any) succeeded: freezes `ctx` and makes the
+    /// connection's frame hooks.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &self,
+        ctx: Table,
+        changes: UpgradeChanges,
+        call_view: Option<Table>,
+        needs_frames: bool,
+        id: u64,
+        jwt: Option<&serde_json::Value>,
+        metrics: Option<&std::sync::Arc<crate::metrics::RouteMetrics>>,
+    ) -> mlua::Result<UpgradeVerdict> {
         if !needs_frames {
             return Ok(UpgradeVerdict::Continue {
                 changes,
                 hooks: Box::new(PassThrough),
             });
         }
+        let lua = &self.vm.lua;
+        let req = &self.vm.req;
+        let views = &self.vm.sandbox.views;
         let fields = {
             let mut r = req.borrow_mut::<Req>()?;
             // Only the fields' own bytes: this may live as long as the connection, and the
@@ -709,7 +779,7 @@ impl LuaRoutePolicy {
         };
         ctx.set("request", fields)?;
         // Set by the gateway after on_upgrade ran: the verified claims, frozen with ctx.
-        if let Some(claims) = request.jwt {
+        if let Some(claims) = jwt {
             ctx.set("jwt", mlua::LuaSerdeExt::to_value(lua, claims)?)?;
         }
         // A `req.headers` the script kept in `ctx` becomes a kept view of the same headers,
@@ -734,13 +804,133 @@ impl LuaRoutePolicy {
         let (tags, _) = views.freeze_within(tags, "conn.tags", None, usize::MAX, "")?;
         let hooks: Box<dyn FrameHooks> = Box::new(LuaFrameHooks::new(
             self,
-            request.id,
+            id,
             frozen,
             ctx_size,
             tags,
-            request.metrics.cloned(),
+            metrics.cloned(),
         )?);
         Ok(UpgradeVerdict::Continue { changes, hooks })
+    }
+
+    /// `on_upgrade` on the fleet's store: the script runs in a coroutine that may wait for
+    /// `gw.shared` (see [`super::wait`]). `req` is the VM's one: the call holds the VM's
+    /// upgrade turn until it ends, and an upgrade that finds the turn taken copies its
+    /// request and waits for it.
+    fn upgrade_may_wait(
+        &self,
+        request: &UpgradeRequest<'_>,
+        needs_frames: bool,
+        timed: bool,
+    ) -> UpgradeVerdict {
+        let call = Call {
+            id: request.id,
+            jwt: request.jwt.cloned(),
+            metrics: request.metrics.cloned(),
+            needs_frames,
+            started: timed.then(Instant::now),
+        };
+        let Some(me) = self.this.upgrade() else {
+            return self.outcome(Err(mlua::Error::runtime("policy released")), None, None);
+        };
+        if let Ok(turn) = self.vm.upgrade_turn.clone().try_acquire_owned() {
+            if let Err(e) = self.prepare(request) {
+                return self.outcome(Err(e), call.metrics.as_ref(), call.started);
+            }
+            return me.upgrade_in_turn(call, turn);
+        }
+        // The turn is taken: keep a copy of the request until it comes.
+        let mut copy = RequestData::empty();
+        copy.fill(request);
+        let mut offered = Vec::new();
+        offered_subprotocols(request.headers, &mut offered);
+        UpgradeVerdict::Pending(Box::pin(async move {
+            let Ok(turn) = me.vm.upgrade_turn.clone().acquire_owned().await else {
+                return me.outcome(Err(mlua::Error::runtime("VM closed")), None, None);
+            };
+            let filled = me.vm.req.borrow_mut::<Req>().map(|mut r| {
+                r.request = copy;
+                r.offered = offered;
+                r.made = Default::default();
+                r.all_headers = None;
+                r.jwt_view = None;
+            });
+            if let Err(e) = filled {
+                return me.outcome(Err(e), call.metrics.as_ref(), call.started);
+            }
+            match me.clone().upgrade_in_turn(call, turn) {
+                UpgradeVerdict::Pending(rest) => rest.await,
+                verdict => verdict,
+            }
+        }))
+    }
+
+    /// Runs the script of an upgrade whose request `req` holds, in a coroutine, holding `turn`
+    /// until it ends.
+    fn upgrade_in_turn(
+        self: Rc<Self>,
+        call: Call,
+        turn: tokio::sync::OwnedSemaphorePermit,
+    ) -> UpgradeVerdict {
+        let Some(script) = self.on_upgrade.clone() else {
+            return self.outcome(Err(mlua::Error::runtime("no on_upgrade")), None, None);
+        };
+        let lua = &self.vm.lua;
+        let begun = (|| {
+            let ctx = lua.create_table()?;
+            let thread = lua.create_thread(script.function.clone())?;
+            self.open()?;
+            Ok::<_, mlua::Error>((ctx, thread))
+        })();
+        let (ctx, thread) = match begun {
+            Ok(begun) => begun,
+            Err(e) => return self.outcome(Err(e), call.metrics.as_ref(), call.started),
+        };
+        let mut spent = Duration::ZERO;
+        let first = super::wait::segment(
+            &self.vm,
+            &thread,
+            (&self.vm.req, &ctx),
+            self.limits,
+            &mut spent,
+        );
+        match first {
+            Ok(super::wait::Step::Wait(op)) => UpgradeVerdict::Pending(Box::pin(async move {
+                let result =
+                    super::wait::drive(&self.vm, &thread, op, self.limits, &mut spent).await;
+                let verdict = self.end_in_turn(result.map(|_| ()), ctx, &call);
+                drop(turn);
+                verdict
+            })),
+            Ok(super::wait::Step::Done(_)) => self.end_in_turn(Ok(()), ctx, &call),
+            Err(e) => self.end_in_turn(Err(e), ctx, &call),
+        }
+    }
+
+    /// The end of an upgrade run by [`LuaRoutePolicy::upgrade_in_turn`].
+    fn end_in_turn(&self, result: mlua::Result<()>, ctx: Table, call: &Call) -> UpgradeVerdict {
+        let ended = (|| {
+            let (call_view, mut changes, rejection) = self.close()?;
+            result?;
+            if let Some((status, body, headers)) = rejection {
+                return Ok(UpgradeVerdict::Reject {
+                    status,
+                    body,
+                    headers,
+                });
+            }
+            changes.ctx_json = ctx_json(&ctx);
+            self.conclude(
+                ctx,
+                changes,
+                call_view,
+                call.needs_frames,
+                call.id,
+                call.jwt.as_ref(),
+                call.metrics.as_ref(),
+            )
+        })();
+        self.outcome(ended, call.metrics.as_ref(), call.started)
     }
 }
 

@@ -12,12 +12,12 @@
 //! once past the deadline, and `string.rep` and the `table` functions in Lua past
 //! 4096 elements. The ctx freeze and `measure` count what `route.policy_state_limit` bounds.
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use mlua::{Function, Lua, Table};
 
 use super::headers::HeaderSource;
-use crate::policy::shared::SharedDict;
+use crate::policy::shared::Backend;
 
 const PRELUDE: &str = r#"
 local G_string, G_table, G_math, G_utf8, G_coroutine, G_os = string, table, math, utf8, coroutine, os
@@ -460,7 +460,8 @@ pub struct Sandbox {
     print: Function,
     over_budget: Function,
     /// For the `gw` of routes with `[route.jwt]`, whose `gw.jwt` holds their verifier.
-    dict: Arc<SharedDict>,
+    backend: Backend,
+    waits: Rc<super::wait::Waits>,
 }
 
 impl Sandbox {
@@ -469,7 +470,8 @@ impl Sandbox {
     /// header views (see [`super::headers`]); `request` makes them, and is above this module.
     pub(crate) fn new(
         lua: &Lua,
-        dict: Arc<SharedDict>,
+        backend: Backend,
+        waits: Rc<super::wait::Waits>,
         over_budget: Function,
         (call_index, call_all): (&Function, &Function),
     ) -> mlua::Result<Sandbox> {
@@ -488,7 +490,7 @@ impl Sandbox {
         let (lookup, materialise) = super::headers::kept_view_functions(lua)?;
         let (header_view, call_headers_meta): (Function, Table) =
             header_views.call((lookup, materialise, call_index, call_all))?;
-        let gw = super::gw::build(lua, dict.clone(), None)?;
+        let gw = super::gw::build(lua, backend.clone(), waits.clone(), None)?;
         let gw: Table = freeze.call((gw, "gw"))?;
         let print = super::gw::print_function(lua)?;
         let views = ReadOnlyViews {
@@ -507,7 +509,8 @@ impl Sandbox {
             gw,
             print,
             over_budget,
-            dict,
+            backend,
+            waits,
         })
     }
 
@@ -524,7 +527,12 @@ impl Sandbox {
         lua: &Lua,
         verifier: std::sync::Arc<crate::jwt::Verifier>,
     ) -> mlua::Result<Table> {
-        let gw = super::gw::build(lua, self.dict.clone(), Some(verifier))?;
+        let gw = super::gw::build(
+            lua,
+            self.backend.clone(),
+            self.waits.clone(),
+            Some(verifier),
+        )?;
         self.views.freeze.call((gw, "gw"))
     }
 }

@@ -180,6 +180,12 @@ impl FrameHooks for Validating {
         self.inner.upstream_chosen(endpoint);
     }
 
+    fn close_pending(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> {
+        self.inner.close_pending()
+    }
+
     fn on_close(&mut self, summary: &CloseSummary) {
         self.inner.on_close(summary);
     }

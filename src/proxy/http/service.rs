@@ -233,7 +233,9 @@ impl Conn {
                     .map_err(Rejection::Jwt)?,
             ),
         };
-        let mut changes = self.policy(head, found, snapshot, metrics, claims.as_ref())?;
+        let mut changes = self
+            .policy(head, found, snapshot, metrics, claims.as_ref())
+            .await?;
         let pool = pooled::chosen(&mut changes, snapshot, found.route.pool.as_ref(), route)?;
         let (query, changed_headers) = crate::proxy::forward::strip_token(
             found.route.jwt.as_deref(),
@@ -312,7 +314,7 @@ impl Conn {
 
     /// The route's `on_upgrade`, run for a plain HTTP request: its refusal answers the request,
     /// its header changes and `set_upstream` apply to it.
-    fn policy(
+    async fn policy(
         &self,
         head: &RequestHead,
         found: &RouteMatch<'_, RouteRuntime>,
@@ -346,8 +348,9 @@ impl Conn {
             metrics: Some(metrics),
             jwt: claims.map(|c| &*c.json),
         };
-        match policy.on_upgrade(&request) {
+        match policy.on_upgrade(&request).settled().await {
             UpgradeVerdict::Continue { changes, .. } => Ok(changes),
+            UpgradeVerdict::Pending(_) => unreachable!("settled() awaits a pending verdict"),
             UpgradeVerdict::Reject {
                 status,
                 body,
