@@ -136,3 +136,446 @@ async fn a_connection_limit_per_user_holds_across_three_instances() {
         g.shutdown().await;
     }
 }
+
+/// A framegate process started from a config file, killed (SIGKILL, by PID) when dropped.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn counts_of_an_instance_killed_without_on_close_come_back_within_its_lease() {
+    let redis = Redis::start().await;
+    let upstream = echo().await;
+    let dir = TempDir::new("fleet-kill");
+    let port = free_port();
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\"]\n{}{}",
+        shared_table(&redis, "victim", "lease = \"1s\""),
+        limited_route(upstream.addr)
+    );
+    let config = dir.write("config.toml", &toml);
+    let mut victim = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_framegate"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("framegate starts"),
+    );
+    let victim_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    within("the process to listen", async {
+        while tokio::net::TcpStream::connect(victim_addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // The process is up once it answers an upgrade.
+    let first = until_status(victim_addr, "/chat?user=cy", 101).await;
+    let (status, second) = attempt(victim_addr, "/chat?user=cy").await;
+    assert_eq!(status, 101);
+    // A survivor in this process holds the third.
+    let survivor = gateway(&format!(
+        "{}{}",
+        shared_table(&redis, "survivor", "lease = \"1s\""),
+        limited_route(upstream.addr)
+    ))
+    .await;
+    let addr = survivor.local_addrs()[0];
+    let (status, third) = attempt(addr, "/chat?user=cy").await;
+    assert_eq!(status, 101);
+    assert_eq!(attempt(addr, "/chat?user=cy").await.0, 429);
+    // SIGKILL: no on_close runs, nothing is given back by the victim.
+    victim.0.kill().unwrap();
+    victim.0.wait().unwrap();
+    drop((first, second));
+    // Its lease (1 s) runs out and its two connections stop counting.
+    let started = std::time::Instant::now();
+    let back = until_status(addr, "/chat?user=cy", 101).await;
+    println!(
+        "the killed instance's counts went after {:?}",
+        started.elapsed()
+    );
+    let (status, _fifth) = attempt(addr, "/chat?user=cy").await;
+    assert_eq!(status, 101, "two places came back");
+    assert_eq!(attempt(addr, "/chat?user=cy").await.0, 429);
+    drop((back, third));
+    survivor.shutdown().await;
+}
+
+/// `on_client_frame`: counts every message in the fleet (a write sent behind) and answers
+/// what it reads of the count (the frame cache).
+const COUNT_FRAME: &str = r#"
+return function(msg, ctx, conn)
+  if msg.text == "read" then
+    conn:reply("count=" .. tostring(gw.shared:get("messages")))
+    return false
+  end
+  gw.shared:incr("messages", 1)
+end
+"#;
+
+#[tokio::test]
+async fn redis_stopped_and_restarted_under_traffic_loses_no_relayed_message() {
+    let mut redis = Redis::start().await;
+    let upstream = echo().await;
+    let mut gateways = Vec::new();
+    for (name, on_unavailable) in [("allowing", "allow"), ("denying", "deny")] {
+        let toml = format!(
+            "{}{}{}",
+            shared_table(
+                &redis,
+                name,
+                &format!("on_unavailable = \"{on_unavailable}\"")
+            ),
+            limited_route(upstream.addr),
+            route(
+                "/count",
+                upstream.addr,
+                "",
+                &[("on_client_frame", &script("count.lua", COUNT_FRAME))]
+            ),
+        );
+        gateways.push(gateway(&toml).await);
+    }
+    let allowing = gateways[0].local_addrs()[0];
+    let denying = gateways[1].local_addrs()[0];
+    let (status, ws) = attempt(allowing, "/chat?user=dee").await;
+    assert_eq!(status, 101);
+    let mut chat = ws.unwrap();
+    let mut counting = connect(allowing, "/count").await;
+    let mut sent = 0;
+    for _ in 0..20 {
+        echo_once(&mut counting, "m").await;
+        sent += 1;
+    }
+    // The writes behind reach Redis, and the frame cache reads them back.
+    within("the count to reach Redis", async {
+        while redis.command(&["GET", "fg:s:messages"]).await.as_deref() != Some("20") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    within("the frame cache to show the count", async {
+        loop {
+            counting.send(Message::text("read")).await.unwrap();
+            if next_text(&mut counting).await == "count=20" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+
+    // Redis goes away: relayed traffic goes on, upgrades follow on_unavailable.
+    redis.stop();
+    for i in 0..50 {
+        echo_once(&mut chat, &format!("during {i}")).await;
+        echo_once(&mut counting, "m").await;
+        sent += 1;
+    }
+    let started = std::time::Instant::now();
+    let (status, during) = attempt(allowing, "/chat?user=dee").await;
+    assert_eq!(
+        status, 101,
+        "on_unavailable = allow lets the upgrade through"
+    );
+    let (status, _) = attempt(denying, "/chat?user=dee").await;
+    assert_eq!(status, 503, "on_unavailable = deny refuses it");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "no upgrade hangs while Redis is down: {:?}",
+        started.elapsed()
+    );
+    let metrics = gateways[0].metrics().encode();
+    drop(metrics);
+
+    // Redis comes back (empty): the gateways reconnect by themselves and use it again.
+    redis.restart().await;
+    within("the gateways to use Redis again", async {
+        loop {
+            let (status, ws) = attempt(denying, "/chat?user=eve").await;
+            if status == 101 {
+                return ws;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        redis.command(&["HLEN", "fg:s:conns:eve"]).await.as_deref(),
+        Some(":1")
+    );
+    for i in 0..20 {
+        echo_once(&mut chat, &format!("after {i}")).await;
+    }
+    assert!(sent >= 70);
+    drop((chat, counting, during));
+    for g in gateways {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_paused_redis_costs_an_upgrade_at_most_the_timeout() {
+    let redis = Redis::start().await;
+    let upstream = echo().await;
+    let gw = gateway(&format!(
+        "{}{}",
+        shared_table(&redis, "patient", "timeout = \"100ms\""),
+        limited_route(upstream.addr)
+    ))
+    .await;
+    let addr = gw.local_addrs()[0];
+    assert_eq!(attempt(addr, "/chat?user=fay").await.0, 101);
+    // SIGSTOP: the connection stays open and nothing answers.
+    redis.pause(true);
+    let started = std::time::Instant::now();
+    let (status, _ws) = attempt(addr, "/chat?user=fay").await;
+    let waited = started.elapsed();
+    redis.pause(false);
+    assert_eq!(status, 101, "on_unavailable = allow");
+    assert!(
+        waited < Duration::from_secs(1),
+        "the upgrade waited {waited:?} for a paused Redis (timeout 100ms)"
+    );
+    gw.shutdown().await;
+}
+
+/// `on_client_frame`: a fleet-wide limit of 20 messages a second (burst 20); a refused
+/// message is answered "refused", an admitted one goes to the echo.
+const RATE_FRAME: &str = r#"
+return function(msg, ctx, conn)
+  if not gw.limit("room:messages", 20, 20) then
+    conn:reply("refused")
+    return false
+  end
+end
+"#;
+
+#[tokio::test]
+async fn a_fleet_rate_limit_holds_within_its_documented_overshoot() {
+    let redis = Redis::start().await;
+    let upstream = echo().await;
+    let mut clients = Vec::new();
+    let mut gateways = Vec::new();
+    for name in ["r-1", "r-2", "r-3"] {
+        let toml = format!(
+            "{}{}",
+            shared_table(&redis, name, ""),
+            route(
+                "/limited",
+                upstream.addr,
+                "",
+                &[("on_client_frame", &script("rate.lua", RATE_FRAME))]
+            ),
+        );
+        let gw = gateway(&toml).await;
+        clients.push(connect(gw.local_addrs()[0], "/limited").await);
+        gateways.push(gw);
+    }
+    // Each client offers 100 messages a second for 1.5 s: 450 in all, 15 times the rate.
+    let started = std::time::Instant::now();
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..150 {
+        pace.tick().await;
+        for client in &mut clients {
+            client.send(Message::text(format!("{i}"))).await.unwrap();
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Every message gets one answer: its echo, or "refused".
+    let mut admitted = 0;
+    for client in &mut clients {
+        for _ in 0..150 {
+            if next_text(client).await != "refused" {
+                admitted += 1;
+            }
+        }
+    }
+    // docs/policies.md: burst + rate × (T + 0.25 s) + instances × batch (batch = 1 at 20/s);
+    // T runs from the first message to the last marker.
+    let bound = 20.0 + 20.0 * (elapsed + 0.25) + 3.0;
+    println!("admitted {admitted} of 450 in {elapsed:.3}s (bound {bound:.0})");
+    assert!(
+        f64::from(admitted) <= bound,
+        "admitted {admitted}, bound {bound}"
+    );
+    let floor = 20.0 * elapsed * 0.8;
+    assert!(
+        f64::from(admitted) >= floor,
+        "the fleet admits about its rate: {admitted}, at least {floor:.0}"
+    );
+    drop(clients);
+    for g in gateways {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn the_local_backend_is_unchanged_and_has_gw_limit() {
+    let upstream = echo().await;
+    let probe = r#"
+return function(msg, ctx, conn)
+  local admitted = 0
+  for i = 1, 10 do if gw.limit("k", 1, 3) then admitted = admitted + 1 end end
+  conn:reply(tostring(gw.shared.on_unavailable) .. " " .. admitted .. " " .. gw.shared:incr("n", 2))
+  return false
+end
+"#;
+    let gw = gateway(&route(
+        "/p",
+        upstream.addr,
+        "",
+        &[("on_client_frame", &script("local.lua", probe))],
+    ))
+    .await;
+    let mut ws = connect(gw.local_addrs()[0], "/p").await;
+    ws.send(Message::text("go")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "nil 3 2");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_upgrades_that_wait_for_redis_count_exactly() {
+    let redis = Redis::start().await;
+    let upstream = echo().await;
+    let gw = gateway_with_server(
+        "workers = 1",
+        &format!(
+            "{}{}",
+            shared_table(&redis, "busy", ""),
+            limited_route(upstream.addr)
+        ),
+    )
+    .await;
+    let addr = gw.local_addrs()[0];
+    // Twenty upgrades of one user at once on one worker: each waits for Redis in its turn.
+    let attempts: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { attempt(addr, "/chat?user=gil").await }))
+        .collect();
+    let mut statuses = Vec::new();
+    let mut open = Vec::new();
+    for a in attempts {
+        let (status, ws) = a.await.unwrap();
+        statuses.push(status);
+        open.extend(ws);
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 101).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        17,
+        "{statuses:?}"
+    );
+    for ws in &mut open {
+        echo_once(ws, "still here").await;
+    }
+    drop(open);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_show_the_backend_going_down_and_up() {
+    let mut redis = Redis::start().await;
+    let upstream = echo().await;
+    let gw = gateway(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n{}{}",
+        shared_table(&redis, "watched", ""),
+        limited_route(upstream.addr)
+    ))
+    .await;
+    let admin = gw.admin_addr().unwrap();
+    let metrics = || async move {
+        let (status, _, body) = raw_http(admin, "GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(status, 200);
+        body
+    };
+    let text = metrics().await;
+    assert!(text.contains("framegate_shared_backend_up 1"), "{text}");
+    let checked = promtool_check_metrics(&text);
+    assert!(checked.status.success(), "{checked:?}");
+    redis.stop();
+    // The next use fails, marks it down, and counts the operation.
+    let (status, _ws) = attempt(gw.local_addrs()[0], "/chat?user=hal").await;
+    assert_eq!(status, 101, "allowed while down");
+    let text = metrics().await;
+    assert!(text.contains("framegate_shared_backend_up 0"), "{text}");
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("framegate_shared_errors_total{op=\"incr\"}") && !l.ends_with(" 0")
+        ),
+        "{text}"
+    );
+    redis.restart().await;
+    within("the probe to bring it back", async {
+        while !metrics().await.contains("framegate_shared_backend_up 1") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+#[test]
+fn shared_config_errors_point_at_the_value() {
+    let cases = [
+        (
+            "[shared]\nbackend = \"redis\"\n",
+            "2:11",
+            "needs shared.url",
+        ),
+        (
+            "[shared]\nbackend = \"memcached\"\n",
+            "2:11",
+            "is not one of local, redis",
+        ),
+        (
+            "[shared]\nbackend = \"redis\"\nurl = \"redis://x\"\non_unavailable = \"maybe\"\n",
+            "4:18",
+            "is not one of allow, deny",
+        ),
+        (
+            "[shared]\nurl = \"redis://x\"\n",
+            "2:7",
+            "needs backend = \"redis\"",
+        ),
+        (
+            "[shared]\nbackend = \"redis\"\nurl = \"http://x\"\n",
+            "3:7",
+            "is not a redis:// or rediss:// URL",
+        ),
+        (
+            "[shared]\nbackend = \"redis\"\nurl = \"redis://x\"\ntimeout = \"0s\"\n",
+            "4:11",
+            "must be more than 0",
+        ),
+    ];
+    for (toml, at, message) in cases {
+        let e = framegate::Config::from_toml(toml, std::path::Path::new("f.toml")).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with(&format!("f.toml:{at}: ")), "{text}");
+        assert!(text.contains(message), "{text}");
+    }
+    let ok = framegate::Config::from_toml(
+        "[shared]\nbackend = \"redis\"\nurl = \"redis://:pw@127.0.0.1:6379/0\"\n",
+        std::path::Path::new("f.toml"),
+    )
+    .unwrap();
+    let redis = ok.shared.redis.unwrap();
+    assert_eq!(redis.key_prefix, "fg:");
+    assert!(!format!("{redis:?}").contains("pw"));
+}

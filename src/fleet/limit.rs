@@ -3,15 +3,19 @@
 //! message waits for Redis.
 //!
 //! - A batch is `rate / 20` tokens (50 ms of the rate), at least 1 and at most `burst`. An
-//!   instance asks for the next batch when it holds less than half a batch.
+//!   instance asks for the next batch when it holds less than half a batch, plus what it
+//!   refused since it last asked (the demand it saw), up to `burst`.
 //! - Leased tokens are used within [`LEASE_LIFE`] or dropped: an instance cannot spend later
 //!   what the bucket gave it long ago.
-//! - A key this instance has never leased for admits up to one batch on credit while its first
-//!   lease is in flight; the lease pays the debt first.
+//! - An instance out of tokens admits up to one batch on credit while it asks for more (so that
+//!   the first message after a quiet spell does not wait for a lease, and is not refused for
+//!   want of one); the next leases pay the debt first, and no more credit is given until it is
+//!   paid.
 //!
 //! The bound (docs/policies.md): over any interval `T`, the fleet admits at most
-//! `burst + rate × T + N × 2 × batch` for a key, `N` being the number of instances: each holds
-//! at most a batch and a half of leased tokens, or its first batch on credit.
+//! `burst + rate × (T + 0.25 s) + N × batch` for a key, `N` being the number of instances:
+//! what the bucket gave during `T`, what it gave in the [`LEASE_LIFE`] before (still held),
+//! and what each instance owes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +25,7 @@ use dashmap::DashMap;
 use super::{Fleet, Op};
 
 /// Leased tokens not used within this long are dropped.
-pub(super) const LEASE_LIFE: Duration = Duration::from_secs(1);
+pub(super) const LEASE_LIFE: Duration = Duration::from_millis(250);
 /// Keys leased for at most; past it, keys not used within a lease's life are forgotten, and a
 /// new key is refused while none can be.
 pub(super) const MAX_KEYS: usize = 100_000;
@@ -33,9 +37,9 @@ struct Lease {
     used: Instant,
     /// Tokens admitted on credit, before the first lease came.
     debt: f64,
+    /// Calls refused since the last ask: the demand the next ask adds.
+    refused: f64,
     asking: bool,
-    /// No lease has come yet.
-    fresh: bool,
 }
 
 /// This instance's leases, by key.
@@ -70,8 +74,8 @@ pub(super) fn take(fleet: &Arc<Fleet>, key: &str, rate: f64, burst: f64) -> bool
                     leased_at: now,
                     used: now,
                     debt: 0.0,
+                    refused: 0.0,
                     asking: false,
-                    fresh: true,
                 })
             }
         };
@@ -82,15 +86,17 @@ pub(super) fn take(fleet: &Arc<Fleet>, key: &str, rate: f64, burst: f64) -> bool
         let admitted = if lease.tokens >= 1.0 {
             lease.tokens -= 1.0;
             true
-        } else if lease.fresh && lease.debt + 1.0 <= size {
+        } else if lease.debt + 1.0 <= size {
             lease.debt += 1.0;
             true
         } else {
+            lease.refused += 1.0;
             false
         };
         if !lease.asking && lease.tokens < size / 2.0 {
             lease.asking = true;
-            ask = Some(size + lease.debt);
+            ask = Some((size + lease.debt + lease.refused).min(burst.max(size + lease.debt)));
+            lease.refused = 0.0;
         }
         admitted
     };
@@ -138,7 +144,6 @@ async fn lease(fleet: &Arc<Fleet>, key: String, rate: f64, burst: f64, want: f64
     }
     lease.tokens += granted - paid;
     lease.leased_at = now;
-    lease.fresh = false;
 }
 
 #[cfg(test)]
