@@ -226,9 +226,13 @@ function FramegateJson.decode(text) end
 ---@return string? err "cannot encode as JSON: …" on failure.
 function FramegateJson.encode(value) end
 
----`gw.shared`: a dictionary shared by every connection on every worker. Call with a colon.
----Values are strings, numbers and booleans; TTLs are in seconds.
+---`gw.shared`: a dictionary shared by every connection on every worker (with
+---[shared] backend = "redis", by every gateway of the fleet). Call with a colon.
+---Values are strings, numbers and booleans; TTLs are in seconds. On a fleet, a call in
+---on_upgrade or on_close waits for Redis (at most shared.timeout) and returns nil,
+---"shared backend unavailable" when it does not answer; in frame policies nothing waits.
 ---@class FramegateShared
+---@field on_unavailable "allow"|"deny"|nil shared.on_unavailable on a fleet; nil on the local backend.
 local FramegateShared = {}
 
 ---@param key string
@@ -248,11 +252,14 @@ function FramegateShared:set(key, value, ttl) end
 ---@param key string
 ---@param by? number
 ---@param ttl? number Seconds, >= 0.
+---@param options? {lease?: boolean} lease = true: on a fleet, the increment belongs to this gateway and goes when it stops renewing its lease.
 ---@return number? value The new value, or nil when the stored value is not a number or a new key finds gw.shared full.
 ---@return string? err Why it failed.
-function FramegateShared:incr(key, by, ttl) end
+function FramegateShared:incr(key, by, ttl, options) end
 
 ---@param key string
+---@return true? ok
+---@return string? err On a fleet: "shared backend unavailable", or in a frame policy "shared backend queue full".
 function FramegateShared:delete(key) end
 
 ---The gateway's API, the same read-only table in every script.
@@ -262,6 +269,14 @@ function FramegateShared:delete(key) end
 ---@field shared FramegateShared
 ---@field jwt FramegateJwt
 gw = {}
+
+---Whether one more event fits the token bucket `key`: `rate` tokens a second, at most `burst`
+---(default: rate). Shared by the fleet with [shared] backend = "redis"; never waits.
+---@param key string
+---@param rate number Tokens a second, > 0.
+---@param burst? number At most this many tokens, > 0 (default: rate).
+---@return boolean admitted
+function gw.limit(key, rate, burst) end
 
 ---@class FramegateJwt
 local FramegateJwt = {}

@@ -156,6 +156,16 @@ fn effective(config: &Config) -> Value {
         "shared": {
             "max_entries": config.shared.max_entries,
             "max_bytes": config.shared.max_bytes,
+            "backend": if config.shared.redis.is_some() { "redis" } else { "local" },
+            "redis": config.shared.redis.as_ref().map(|r| json!({
+                "url": r.shown_url(),
+                "key_prefix": r.key_prefix,
+                "instance": r.instance,
+                "on_unavailable": r.on_unavailable.as_str(),
+                "timeout": d(r.timeout),
+                "frame_staleness": d(r.frame_staleness),
+                "lease": d(r.lease),
+            })),
         },
         "admin": config.admin.as_ref().map(|a| json!({
             "listen": a.listen.to_string(),
