@@ -17,6 +17,7 @@ and ends only the processes it started.
                                          # terminating TLS 1.3 with the same certificates
     python3 bench/run.py --only pool     # just the [[upstream]] pools part (about a minute)
     python3 bench/run.py --only deflate  # just permessage-deflate (issue 16 section 3; about 2 minutes)
+    python3 bench/run.py --only fleet    # just the fleet: gw.shared and gw.limit on a redis-server (issue 17)
 
 The tls part makes a throwaway ECDSA P-256 and RSA 2048 certificate with openssl, starts one more
 NGINX, HAProxy and framegate, each terminating TLS 1.3 for both (one port per certificate) in
@@ -40,6 +41,14 @@ offers permessage-deflate with no context takeover and sends realistic 1 KiB JSO
 loads all three: messages per second, the gateway's CPU per echoed message, the bytes on the
 client's wire per message, and the RSS per idle connection (each having echoed one message)
 on a fresh gateway. It gets its own table.
+
+The fleet part (`--only fleet`, issue 17) starts a redis-server (loopback, no persistence), a
+proxy that adds 1 ms to each request on its way to it, an echo, and three framegate instances
+that differ only in `[shared]`: `fg-local` (the in-process dictionary), `fg-redis` (Redis on
+loopback) and `fg-redis+1ms` (Redis through the proxy). It measures handshakes per second on a
+route whose on_upgrade does one `gw.shared:incr`, and messages per second through a frame policy
+limiting with `gw.limit` (a bucket never empty) against one limiting with a `conn.state` counter,
+the local way. It gets its own table.
 """
 import argparse, collections, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 import urllib.parse, urllib.request
@@ -85,6 +94,13 @@ DEFLATE_TARGETS = {  # name -> (gateway port, compression, upstream port)
     "fg+deflate-client": (19020, True, 19022),   # the client leg only (plain fg-echo declines)
 }
 DEFLATE_ECHO_PORT, PLAIN_ECHO_PORT = 19021, 19022
+FLEET_REDIS_PORT, FLEET_DELAY_PORT, FLEET_ECHO_PORT = 19140, 19141, 19145
+FLEET_TARGETS = {  # name -> (gateway port, [shared] table): issue 17's fleet on a real redis-server
+    "fg-local": (19142, ""),
+    "fg-redis": (19143, f'[shared]\nbackend = "redis"\nurl = "redis://127.0.0.1:{FLEET_REDIS_PORT}/0"\n'),
+    "fg-redis+1ms": (19144, f'[shared]\nbackend = "redis"\nurl = "redis://127.0.0.1:{FLEET_DELAY_PORT}/0"\n'
+                            'timeout = "100ms"\n'),  # through a proxy adding 1 ms to each request
+}
 POOL_TARGETS = ["single", "round_robin", "least_connections", "random_two", "hash"]  # routes of the balance modes' gateway
 FAILOVER_RATE = 100  # new connections per second
 TOKEN = "bench-token"
@@ -965,6 +981,130 @@ def report_deflate(results, args):
         print(f"| {m} | " + " | ".join(cells) + " |")
 
 
+DELAY_PROXY = r"""
+import asyncio, sys, time
+listen, target, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+
+async def pipe(reader, writer, delayed):
+    queue = asyncio.Queue()
+    async def send():
+        while True:
+            at, data = await queue.get()
+            if data is None:
+                writer.close()
+                return
+            wait = at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+    sender = asyncio.ensure_future(send())
+    while True:
+        data = await reader.read(65536)
+        await queue.put((time.monotonic() + (delay if delayed else 0), data or None))
+        if not data:
+            break
+    await sender
+
+async def handle(client_r, client_w):
+    redis_r, redis_w = await asyncio.open_connection("127.0.0.1", target)
+    await asyncio.gather(pipe(client_r, redis_w, True), pipe(redis_r, client_w, False), return_exceptions=True)
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", listen)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def fleet_conf(name, port, shared):
+    """The fleet part's gateway: `/hs` counts each upgrade with gw.shared:incr, `/state`
+    limits messages with a conn.state counter (policies/ratelimit.lua's way, a limit never
+    reached), `/limit` with gw.limit (a bucket never empty)."""
+    hs = write("fleet-hs.lua", 'return function(req, ctx) gw.shared:incr("bench:hs", 1) end\n')
+    state = write("fleet-state.lua", """return function(msg, ctx, conn)
+  local s = conn.state
+  local second = math.floor(gw.now())
+  if s.second ~= second then s.second, s.count = second, 0 end
+  s.count = s.count + 1
+  if s.count > 1000000000 then return false end
+end
+""")
+    limit = write("fleet-limit.lua", 'return function(msg, ctx, conn)\n  if not gw.limit("bench", 1e9, 1e9) then return false end\nend\n')
+    routes = "".join(f"""
+[[route]]
+path = "/{path}"
+upstream = "ws://127.0.0.1:{FLEET_ECHO_PORT}/"
+[route.policies]
+{hook} = "{script}"
+""" for path, hook, script in (("hs", "on_upgrade", hs), ("state", "on_client_frame", state), ("limit", "on_client_frame", limit)))
+    return write(name + ".toml", f"""{shared}
+[server]
+listen = ["127.0.0.1:{port}"]
+max_connections = 20000
+{routes}""")
+
+
+def fleet_load_cmd(target, path):
+    return ["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-load"), "--url",
+            f"ws://127.0.0.1:{FLEET_TARGETS[target][0]}/{path}"]
+
+
+def fleet_part(args):
+    """The `fleet` part (issue 17): handshakes/s with one gw.shared:incr in on_upgrade, local
+    against Redis on loopback and Redis 1 ms away; msg/s through a gw.limit frame policy
+    against a conn.state one. (metric, target) -> [values]."""
+    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(redis, os.X_OK):
+        raise SystemExit("missing: redis-server (apt-get install redis-server)")
+    start([redis, "--port", str(FLEET_REDIS_PORT), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--protected-mode", "no"], "redis")
+    start([sys.executable, write("delay_proxy.py", DELAY_PROXY), str(FLEET_DELAY_PORT), str(FLEET_REDIS_PORT), "0.001"],
+          "delay-proxy")
+    start(["prlimit", "--nofile=20000:20000", "--", os.path.join(BIN, "fg-echo"), "--threads", "1", "--listen",
+           f"127.0.0.1:{FLEET_ECHO_PORT}"], "fleet-echo")
+    for port in (FLEET_REDIS_PORT, FLEET_DELAY_PORT, FLEET_ECHO_PORT):
+        wait_port(port)
+    procs = {t: start_framegate(t, fleet_conf(t, port, shared), port) for t, (port, shared) in FLEET_TARGETS.items()}
+    names, results = list(FLEET_TARGETS), {}
+    count = 3000 if not args.quick else 1000
+    for rep in range(args.reps):
+        log(f"fleet repetition {rep + 1}/{args.reps}")
+        for t in names[rep % len(names):] + names[:rep % len(names)]:
+            hs, cpu = handshake_run(t, procs[t], count, cmd=fleet_load_cmd(t, "hs"))
+            results.setdefault(("handshakes/s, on_upgrade gw.shared:incr", t), []).append(hs)
+            results.setdefault(("gateway CPU us/handshake", t), []).append(cpu)
+        runs = [("fg-local", "state", "msg/s 1 KiB, conn.state rate limit"), ("fg-local", "limit", "msg/s 1 KiB, gw.limit"),
+                ("fg-redis", "limit", "msg/s 1 KiB, gw.limit")]
+        for t, path, metric in runs[rep % 3:] + runs[:rep % 3]:
+            r = load(t, "throughput", "--size", "1024", "--duration", args.duration, "--connections", "4", "--inflight", "32",
+                     cmd=fleet_load_cmd(t, path))
+            results.setdefault((metric, t), []).append(float(r["msgs_per_sec"]) if r else None)
+    return results
+
+
+def report_fleet(results, args):
+    names = list(FLEET_TARGETS)
+    print(f"\nfleet ([shared] backend = 'redis', redis-server on loopback; fg-redis+1ms through a proxy adding 1 ms to each "
+          f"request): medians of {args.reps}, spread min-max\n")
+    print("| metric | " + " | ".join(names) + " | fg-redis/fg-local | fg-redis+1ms/fg-local |")
+    print("|" + "---|" * (len(names) + 3))
+    for m in list(dict.fromkeys(m for m, _ in results)):
+        cells, med = [], {}
+        for t in names:
+            med[t], lo, hi = summary(results.get((m, t), []))
+            cells.append("" if med[t] is None else f"{fmt(med[t])} [{fmt(lo)}-{fmt(hi)}]")
+        for t in names[1:]:
+            cells.append(f"{med[t] / med['fg-local']:.2f}x" if med.get(t) and med.get("fg-local") else "")
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    state = summary(results.get(("msg/s 1 KiB, conn.state rate limit", "fg-local"), []))[0]
+    limit = summary(results.get(("msg/s 1 KiB, gw.limit", "fg-redis"), []))[0]
+    if state and limit:
+        print(f"\ngw.limit on Redis / the local conn.state rate limit: {limit / state:.2f}x (target: at least 0.80x)")
+
+
 def quantile(counts, q):
     """The value at quantile q of a histogram given as {value: count}, as HdrHistogram reads it."""
     total = sum(counts.values())
@@ -1001,8 +1141,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 repetition, 1s runs, 2000 idle connections")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--baseline", metavar="BIN", help="an older framegate binary to run beside this one")
-    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls,http,pool,deflate",
-                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls, http, pool, deflate")
+    ap.add_argument("--only", default="throughput,latency,handshakes,idle,expiry,tls,http,pool,deflate,fleet",
+                    help="comma-separated parts to run: throughput, latency, handshakes, idle, expiry, tls, http, pool, deflate, fleet")
     args = ap.parse_args()
     args.only = set(args.only.split(","))
     if args.quick:
@@ -1016,7 +1156,7 @@ def main():
     if args.baseline and not os.access(args.baseline, os.X_OK):
         raise SystemExit(f"--baseline {args.baseline}: not an executable file")
     # The pool and deflate parts start what they need themselves.
-    procs = start_all(args.baseline and os.path.abspath(args.baseline)) if args.only - {"pool", "deflate"} else {}
+    procs = start_all(args.baseline and os.path.abspath(args.baseline)) if args.only - {"pool", "deflate", "fleet"} else {}
     proxies = ["direct", "nginx", "haproxy", "framegate", "fg+lua"] + (list(BASELINE_TARGETS) if args.baseline else [])
     results = {}  # (metric, target) -> [values]
     pooled = {}  # target -> Counter of round-trip microseconds (latency histograms, merged)
@@ -1083,6 +1223,7 @@ def main():
     tls = tls_part(args) if "tls" in args.only else {}
     pool = pool_part(args) if "pool" in args.only else None
     deflate = deflate_part(args) if "deflate" in args.only else None
+    fleet = fleet_part(args) if "fleet" in args.only else None
     stop_all()
     if results:
         report(results, args)
@@ -1092,6 +1233,8 @@ def main():
         report_pool(*pool, args)
     if deflate:
         report_deflate(deflate, args)
+    if fleet:
+        report_fleet(fleet, args)
     if expiry:
         print(f"\nexpiry: {args.idle} connections, lifetimes spread over 5-15 s (on_upgrade req:expire_in):")
         print("  " + " ".join(f"{k}={float(v):.1f}" if k != "missing" and k != "closed" else f"{k}={v}" for k, v in expiry.items()))

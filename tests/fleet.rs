@@ -579,3 +579,64 @@ fn shared_config_errors_point_at_the_value() {
     assert_eq!(redis.key_prefix, "fg:");
     assert!(!format!("{redis:?}").contains("pw"));
 }
+
+/// `on_upgrade`: waits for Redis twice, then reads `req` and tells the upstream what it read.
+const INTERLEAVED: &str = r#"
+return function(req, ctx)
+  local before = req.query.user .. "/" .. req.headers["x-id"]
+  gw.shared:incr("interleaved", 1)
+  gw.shared:get("interleaved")
+  local after = req.query.user .. "/" .. req.headers["x-id"] .. "/" .. req.path
+  req:set_header("x-seen", before .. "|" .. after)
+  ctx.user = req.query.user
+end
+"#;
+
+#[tokio::test]
+async fn upgrades_that_wait_at_once_each_keep_their_own_req() {
+    let redis = Redis::start().await;
+    let mut up = echo().await;
+    let gw = gateway_with_server(
+        "workers = 1",
+        &format!(
+            "{}{}",
+            shared_table(&redis, "interleaving", ""),
+            route(
+                "/room/{name}",
+                up.addr,
+                "",
+                &[("on_upgrade", &script("interleaved.lua", INTERLEAVED))]
+            )
+        ),
+    )
+    .await;
+    let addr = gw.local_addrs()[0];
+    let attempts: Vec<_> = (0..16)
+        .map(|i| {
+            tokio::spawn(async move {
+                let id = i.to_string();
+                let path = format!("/room/r{i}?user=u{i}");
+                connect_with(addr, &path, &[("x-id", &id)]).await.unwrap().0
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for a in attempts {
+        open.push(a.await.unwrap());
+    }
+    for _ in 0..16 {
+        let seen = within("the upstream's request", up.requests.recv())
+            .await
+            .unwrap();
+        let user = seen.uri.split("user=").nth(1).unwrap().to_owned();
+        let i = user.trim_start_matches('u');
+        let header = seen.headers["x-seen"].to_str().unwrap();
+        assert_eq!(header, format!("u{i}/{i}|u{i}/{i}//room/r{i}"), "{seen:?}");
+    }
+    assert_eq!(
+        redis.command(&["GET", "fg:s:interleaved"]).await.as_deref(),
+        Some("16")
+    );
+    drop(open);
+    gw.shutdown().await;
+}

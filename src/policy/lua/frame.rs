@@ -686,7 +686,9 @@ impl FrameHooks for LuaFrameHooks {
                 let (vm, limits, id, metrics) =
                     (self.vm.clone(), self.limits, self.id, self.metrics.clone());
                 self.close_wait = Some(Box::pin(async move {
-                    let result = super::wait::drive(&vm, &thread, op, limits, &mut spent).await;
+                    let result =
+                        super::wait::drive(&vm, &thread, op, limits, &mut spent, &mut |_| Ok(()))
+                            .await;
                     closed(
                         &script,
                         result.map(|_| ()),

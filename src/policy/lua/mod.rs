@@ -141,9 +141,6 @@ pub(crate) struct Vm {
     /// Whether `gw.shared` is the fleet's store: `on_upgrade` and `on_close` then run in
     /// coroutines that may wait.
     pub(crate) fleet: bool,
-    /// Held by the `on_upgrade` call that uses `req`: a call that waits keeps it, and the
-    /// next upgrade on this VM waits for it (see docs/policies.md).
-    pub(crate) upgrade_turn: Arc<tokio::sync::Semaphore>,
 }
 
 impl Vm {
@@ -366,7 +363,6 @@ fn new_vm(backend: Backend) -> mlua::Result<Vm> {
         keep_call_view: call_headers.keep,
         waits,
         fleet: matches!(backend, Backend::Fleet(_)),
-        upgrade_turn: Arc::new(tokio::sync::Semaphore::new(1)),
     })
 }
 

@@ -596,6 +596,34 @@ fn offered_subprotocols(headers: &HeaderFields, offered: &mut Vec<String>) {
     offered.extend(names.map(str::to_owned));
 }
 
+/// The state of a waiting `on_upgrade` call, kept aside while other calls use `req` (the
+/// fields of [`Req`] that belong to one call).
+struct SavedCall {
+    open: bool,
+    request: RequestData,
+    offered: Vec<String>,
+    made: [Option<Table>; 4],
+    all_headers: Option<Table>,
+    jwt_view: Option<Table>,
+    changes: UpgradeChanges,
+    rejection: Option<(StatusCode, Bytes, HeaderMap)>,
+}
+
+impl Default for SavedCall {
+    fn default() -> Self {
+        SavedCall {
+            open: false,
+            request: RequestData::empty(),
+            offered: Vec::new(),
+            made: Default::default(),
+            all_headers: None,
+            jwt_view: None,
+            changes: UpgradeChanges::default(),
+            rejection: None,
+        }
+    }
+}
+
 /// What the end of an upgrade needs of the request, once `req` holds its copy.
 struct Call {
     id: u64,
@@ -668,6 +696,9 @@ impl LuaRoutePolicy {
         r.made = Default::default();
         r.all_headers = None;
         r.jwt_view = None;
+        // What a call dropped while it waited (its client went away) may have left.
+        r.changes = UpgradeChanges::default();
+        r.rejection = None;
         Ok(())
     }
 
@@ -814,9 +845,9 @@ impl LuaRoutePolicy {
     }
 
     /// `on_upgrade` on the fleet's store: the script runs in a coroutine that may wait for
-    /// `gw.shared` (see [`super::wait`]). `req` is the VM's one: the call holds the VM's
-    /// upgrade turn until it ends, and an upgrade that finds the turn taken copies its
-    /// request and waits for it.
+    /// `gw.shared` (see [`super::wait`]). `req` is the VM's one: while the call waits, its
+    /// state is kept aside ([`SavedCall`]) and other upgrades of the VM use `req`; each
+    /// segment of the call puts it back first.
     fn upgrade_may_wait(
         &self,
         request: &UpgradeRequest<'_>,
@@ -830,53 +861,12 @@ impl LuaRoutePolicy {
             needs_frames,
             started: timed.then(Instant::now),
         };
-        let Some(me) = self.this.upgrade() else {
+        let (Some(me), Some(script)) = (self.this.upgrade(), self.on_upgrade.clone()) else {
             return self.outcome(Err(mlua::Error::runtime("policy released")), None, None);
-        };
-        if let Ok(turn) = self.vm.upgrade_turn.clone().try_acquire_owned() {
-            if let Err(e) = self.prepare(request) {
-                return self.outcome(Err(e), call.metrics.as_ref(), call.started);
-            }
-            return me.upgrade_in_turn(call, turn);
-        }
-        // The turn is taken: keep a copy of the request until it comes.
-        let mut copy = RequestData::empty();
-        copy.fill(request);
-        let mut offered = Vec::new();
-        offered_subprotocols(request.headers, &mut offered);
-        UpgradeVerdict::Pending(Box::pin(async move {
-            let Ok(turn) = me.vm.upgrade_turn.clone().acquire_owned().await else {
-                return me.outcome(Err(mlua::Error::runtime("VM closed")), None, None);
-            };
-            let filled = me.vm.req.borrow_mut::<Req>().map(|mut r| {
-                r.request = copy;
-                r.offered = offered;
-                r.made = Default::default();
-                r.all_headers = None;
-                r.jwt_view = None;
-            });
-            if let Err(e) = filled {
-                return me.outcome(Err(e), call.metrics.as_ref(), call.started);
-            }
-            match me.clone().upgrade_in_turn(call, turn) {
-                UpgradeVerdict::Pending(rest) => rest.await,
-                verdict => verdict,
-            }
-        }))
-    }
-
-    /// Runs the script of an upgrade whose request `req` holds, in a coroutine, holding `turn`
-    /// until it ends.
-    fn upgrade_in_turn(
-        self: Rc<Self>,
-        call: Call,
-        turn: tokio::sync::OwnedSemaphorePermit,
-    ) -> UpgradeVerdict {
-        let Some(script) = self.on_upgrade.clone() else {
-            return self.outcome(Err(mlua::Error::runtime("no on_upgrade")), None, None);
         };
         let lua = &self.vm.lua;
         let begun = (|| {
+            self.prepare(request)?;
             let ctx = lua.create_table()?;
             let thread = lua.create_thread(script.function.clone())?;
             self.open()?;
@@ -894,21 +884,50 @@ impl LuaRoutePolicy {
             self.limits,
             &mut spent,
         );
-        match first {
-            Ok(super::wait::Step::Wait(op)) => UpgradeVerdict::Pending(Box::pin(async move {
-                let result =
-                    super::wait::drive(&self.vm, &thread, op, self.limits, &mut spent).await;
-                let verdict = self.end_in_turn(result.map(|_| ()), ctx, &call);
-                drop(turn);
-                verdict
-            })),
-            Ok(super::wait::Step::Done(_)) => self.end_in_turn(Ok(()), ctx, &call),
-            Err(e) => self.end_in_turn(Err(e), ctx, &call),
+        let op = match first {
+            Ok(super::wait::Step::Wait(op)) => op,
+            Ok(super::wait::Step::Done(_)) => return self.end_waiting(Ok(()), ctx, &call),
+            Err(e) => return self.end_waiting(Err(e), ctx, &call),
+        };
+        let mut saved = SavedCall::default();
+        if let Err(e) = self.swap_call(&mut saved) {
+            return self.outcome(Err(e), call.metrics.as_ref(), call.started);
+        }
+        UpgradeVerdict::Pending(Box::pin(async move {
+            let mut around = |step: super::wait::Around| match step {
+                // Before each segment the call's state goes back into `req`; after a segment
+                // that waits again, it is kept aside again.
+                super::wait::Around::Before | super::wait::Around::Waiting => {
+                    me.swap_call(&mut saved)
+                }
+            };
+            let result =
+                super::wait::drive(&me.vm, &thread, op, me.limits, &mut spent, &mut around).await;
+            me.end_waiting(result.map(|_| ()), ctx, &call)
+        }))
+    }
+
+    /// Swaps the state of the call in `req` with `saved`.
+    fn swap_call(&self, saved: &mut SavedCall) -> mlua::Result<()> {
+        let mut r = self.vm.req.borrow_mut::<Req>()?;
+        let r = &mut *r;
+        std::mem::swap(&mut r.open, &mut saved.open);
+        std::mem::swap(&mut r.request, &mut saved.request);
+        std::mem::swap(&mut r.offered, &mut saved.offered);
+        std::mem::swap(&mut r.made, &mut saved.made);
+        std::mem::swap(&mut r.all_headers, &mut saved.all_headers);
+        std::mem::swap(&mut r.jwt_view, &mut saved.jwt_view);
+        std::mem::swap(&mut r.changes, &mut saved.changes);
+        std::mem::swap(&mut r.rejection, &mut saved.rejection);
+        // `req.headers` is read from the field table: it follows the call in `req`.
+        match &r.made[0] {
+            Some(view) => r.fields.raw_set(&r.headers_key, view),
+            None => r.fields.raw_set(&r.headers_key, Value::Nil),
         }
     }
 
-    /// The end of an upgrade run by [`LuaRoutePolicy::upgrade_in_turn`].
-    fn end_in_turn(&self, result: mlua::Result<()>, ctx: Table, call: &Call) -> UpgradeVerdict {
+    /// The end of an upgrade run by [`LuaRoutePolicy::upgrade_may_wait`].
+    fn end_waiting(&self, result: mlua::Result<()>, ctx: Table, call: &Call) -> UpgradeVerdict {
         let ended = (|| {
             let (call_view, mut changes, rejection) = self.close()?;
             result?;

@@ -113,14 +113,24 @@ pub(crate) fn segment(
     }
 }
 
+/// When [`drive`] calls its `around` function.
+pub(crate) enum Around {
+    /// Before a segment.
+    Before,
+    /// After a segment that waits again.
+    Waiting,
+}
+
 /// Awaits `op`, resumes `thread` with its answer, and so on until the call returns; at most
-/// [`MAX_WAITS`] waits in all (`waits` made so far).
+/// [`MAX_WAITS`] waits in all. `around` runs before each segment and after each segment that
+/// waits again (`on_upgrade` puts its `req` state back, and aside).
 pub(crate) async fn drive(
     vm: &Vm,
     thread: &Thread,
     mut op: Parked,
     limits: Limits,
     spent: &mut Duration,
+    around: &mut dyn FnMut(Around) -> mlua::Result<()>,
 ) -> mlua::Result<MultiValue> {
     let mut waits = 1;
     loop {
@@ -132,9 +142,11 @@ pub(crate) async fn drive(
             Ok(Answer::Done) => true.into_lua_multi(lua)?,
             Err(e) => (Value::Nil, e.to_string()).into_lua_multi(lua)?,
         };
+        around(Around::Before)?;
         match segment(vm, thread, args, limits, spent)? {
             Step::Done(values) => return Ok(values),
             Step::Wait(next) => {
+                around(Around::Waiting)?;
                 waits += 1;
                 if waits > MAX_WAITS {
                     return Err(mlua::Error::runtime(format!(
