@@ -17,7 +17,7 @@ use dashmap::DashMap;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use super::Fleet;
+use super::{Fleet, Op};
 use crate::policy::shared::{FleetError, SharedValue, Write};
 
 /// Writes queued behind frame policies, at most.
@@ -183,9 +183,13 @@ pub(super) async fn refresh(fleet: &Arc<Fleet>) {
         }
         futures_util::stream::iter(keys)
             .for_each_concurrent(FETCHES_IN_FLIGHT, |key| async move {
-                let fetched = tokio::time::timeout(fleet.config.timeout, fleet.fetch(&key)).await;
-                if let Ok(Ok(value)) = fetched {
-                    fleet.cache.seen(&key, value);
+                match tokio::time::timeout(fleet.config.timeout, fleet.fetch(&key)).await {
+                    Ok(Ok(value)) => fleet.cache.seen(&key, value),
+                    // Counted where it failed.
+                    Ok(Err(_)) => {}
+                    Err(_) => {
+                        fleet.timed_out(Op::Get);
+                    }
                 }
             })
             .await;
@@ -201,14 +205,25 @@ pub(super) async fn write(fleet: &Arc<Fleet>, written: mpsc::Receiver<Write>) {
         );
     writes
         .map(|w| async move {
-            let done = match w {
-                Write::Set(key, value, ttl) => fleet.store(&key, value, ttl).await.map(|_| ()),
-                Write::Incr(key, by, ttl, lease) => {
-                    fleet.add(&key, by, ttl, lease).await.map(|_| ())
-                }
+            let timeout = fleet.config.timeout;
+            let (op, done) = match w {
+                Write::Set(key, value, ttl) => (
+                    Op::Set,
+                    tokio::time::timeout(timeout, fleet.store(&key, value, ttl)).await,
+                ),
+                Write::Incr(key, by, ttl, lease) => (
+                    Op::Incr,
+                    tokio::time::timeout(timeout, async {
+                        fleet.add(&key, by, ttl, lease).await.map(|_| ())
+                    })
+                    .await,
+                ),
             };
-            // A failure is counted where it happened (and Redis marked down if it is).
-            let _ = done;
+            // A failure is counted where it happened (and Redis marked down if it is); no
+            // answer within the timeout is counted here.
+            if done.is_err() {
+                fleet.timed_out(op);
+            }
         })
         .buffered(WRITES_IN_FLIGHT)
         .for_each(|()| async {})

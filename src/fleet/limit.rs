@@ -125,7 +125,7 @@ async fn lease(fleet: &Arc<Fleet>, key: String, rate: f64, burst: f64, want: f64
                 None
             }
             Err(_) => {
-                fleet.count(Op::Limit);
+                fleet.timed_out(Op::Limit);
                 None
             }
         }

@@ -78,8 +78,19 @@ pub struct FleetSample {
     pub errors: Vec<(&'static str, u64)>,
 }
 
+thread_local! {
+    /// A worker thread's own connections, by [`Fleet::id`] (one per gateway in the process).
+    static WORKER_CONNECTIONS: std::cell::RefCell<Vec<(u64, ConnectionManager)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Numbers the [`Fleet`]s of this process.
+static NEXT_FLEET: AtomicU64 = AtomicU64::new(1);
+
 /// This gateway's handle on the fleet's store.
 pub struct Fleet {
+    /// Tells this gateway's worker connections from another's in the same process.
+    id: u64,
     config: RedisConfig,
     /// This instance's name in the fleet.
     instance: String,
@@ -135,6 +146,7 @@ impl Fleet {
             .map_err(|e| format!("shared.url {}: {e}", config.shown_url()))?;
         let incarnation: u32 = rand::random();
         Ok(Arc::new(Fleet {
+            id: NEXT_FLEET.fetch_add(1, Relaxed),
             member: format!("{instance}#{incarnation:08x}"),
             instance,
             config: config.clone(),
@@ -162,13 +174,7 @@ impl Fleet {
     /// heartbeat, the frame cache's refresher and the writer, on the current runtime, until
     /// `stop`. Waits at most `shared.timeout` for a first heartbeat.
     pub async fn start(self: &Arc<Fleet>, stop: tokio_util::sync::CancellationToken) {
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.config.timeout))
-            .set_response_timeout(Some(self.config.timeout))
-            .set_min_delay(Duration::from_millis(100))
-            .set_max_delay(Duration::from_secs(5))
-            .set_number_of_retries(3);
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), manager) {
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager_config()) {
             Ok(conn) => {
                 let _ = self.conn.set(conn);
             }
@@ -254,10 +260,20 @@ impl Fleet {
         }
     }
 
-    fn mark_down(&self, error: &redis::RedisError) {
+    fn mark_down(&self, error: &dyn std::fmt::Display) {
         if self.up.swap(false, Relaxed) {
             tracing::warn!(url = %self.config.shown_url(), error = %error, "shared backend down: limits follow shared.on_unavailable until it answers again");
         }
+    }
+
+    /// An operation got no answer within `shared.timeout`: Redis counts as down.
+    fn timed_out(&self, op: Op) -> FleetError {
+        self.count(op);
+        self.mark_down(&format!(
+            "no answer within shared.timeout ({:?})",
+            self.config.timeout
+        ));
+        FleetError::Unavailable
     }
 
     fn count(&self, op: Op) {
@@ -288,15 +304,47 @@ impl Fleet {
     }
 
     /// The connection, when Redis is up; else the operation fails at once (the probe brings
-    /// it back).
+    /// it back). A worker thread gets one of its own, driven by its own runtime: a policy's
+    /// command then goes out and its answer comes back without waking another thread.
     fn connection(&self, op: Op) -> Result<ConnectionManager, FleetError> {
-        match self.conn.get() {
-            Some(conn) if self.is_up() => Ok(conn.clone()),
+        let shared = match self.conn.get() {
+            Some(conn) if self.is_up() => conn,
             _ => {
                 self.count(op);
-                Err(FleetError::Unavailable)
+                return Err(FleetError::Unavailable);
             }
+        };
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        if !on_worker {
+            return Ok(shared.clone());
         }
+        WORKER_CONNECTIONS.with(|conns| {
+            let mut conns = conns.borrow_mut();
+            if let Some((_, conn)) = conns.iter().find(|(id, _)| *id == self.id) {
+                return Ok(conn.clone());
+            }
+            match ConnectionManager::new_lazy_with_config(
+                self.client.clone(),
+                self.manager_config(),
+            ) {
+                Ok(conn) => {
+                    conns.push((self.id, conn.clone()));
+                    Ok(conn)
+                }
+                Err(_) => Ok(shared.clone()),
+            }
+        })
+    }
+
+    /// How every connection to Redis is made and kept.
+    fn manager_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.config.timeout))
+            .set_response_timeout(Some(self.config.timeout))
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(5))
+            .set_number_of_retries(3)
     }
 
     /// Maps a failed command: Redis's own refusal goes to the policy; anything else means
@@ -400,29 +448,34 @@ impl Fleet {
 }
 
 /// Bounds `op` by `shared.timeout` (the client's own timeouts bound each command; this bounds
-/// a reconnection too).
+/// a reconnection too): past it, Redis counts as down.
 fn bounded<T: Send + 'static>(
-    timeout: Duration,
+    fleet: &Arc<Fleet>,
+    counted: Op,
     op: impl std::future::Future<Output = Result<T, FleetError>> + Send + 'static,
 ) -> FleetReply<T> {
+    let fleet = fleet.clone();
     Box::pin(async move {
-        tokio::time::timeout(timeout, op)
-            .await
-            .unwrap_or(Err(FleetError::Unavailable))
+        match tokio::time::timeout(fleet.config.timeout, op).await {
+            Ok(done) => done,
+            Err(_) => Err(fleet.timed_out(counted)),
+        }
     })
 }
 
 impl FleetStore for Arc<Fleet> {
     fn get(&self, key: &str) -> FleetReply<Option<SharedValue>> {
         let (me, key) = (self.clone(), key.to_owned());
-        bounded(self.config.timeout, async move { me.fetch(&key).await })
+        bounded(self, Op::Get, async move { me.fetch(&key).await })
     }
 
     fn set(&self, key: &str, value: Option<SharedValue>, ttl: Option<Duration>) -> FleetReply<()> {
         let (me, key) = (self.clone(), key.to_owned());
-        bounded(self.config.timeout, async move {
-            me.store(&key, value, ttl).await
-        })
+        bounded(
+            self,
+            Op::Set,
+            async move { me.store(&key, value, ttl).await },
+        )
     }
 
     fn incr(
@@ -433,9 +486,11 @@ impl FleetStore for Arc<Fleet> {
         lease: bool,
     ) -> FleetReply<SharedValue> {
         let (me, key) = (self.clone(), key.to_owned());
-        bounded(self.config.timeout, async move {
-            me.add(&key, by, ttl, lease).await
-        })
+        bounded(
+            self,
+            Op::Incr,
+            async move { me.add(&key, by, ttl, lease).await },
+        )
     }
 
     fn cached(&self, key: &str) -> Option<SharedValue> {
