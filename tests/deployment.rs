@@ -2,7 +2,8 @@
 //! deploy/gw-2.toml as two framegate binaries, deploy/haproxy.cfg as a real HAProxy in TCP mode
 //! in front of them, the fixed example ports replaced with free ones. Clients spread over both
 //! instances; a SIGTERM to one drains it: its clients get 1001, HAProxy's health check on
-//! `/readyz` marks it down, and new clients all reach the other.
+//! `/readyz` marks it down, and new clients all reach the other. The Kubernetes example
+//! (deploy/kubernetes.yaml) cannot run here, but its ConfigMap's configuration is checked.
 
 mod support;
 
@@ -359,4 +360,60 @@ async fn two_instances_behind_haproxy_spread_drain_and_fail_over() {
         log.contains("gw-2 is DOWN"),
         "HAProxy's log (gw-2 DOWN, last check {check}):\n{log}"
     );
+}
+
+/// The files of the ConfigMap in deploy/kubernetes.yaml: each `  name: |` block scalar of its
+/// `data`, its lines' 4-space indentation removed (enough YAML for this one file).
+fn configmap_files() -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    let configmap = yaml
+        .split("\n---\n")
+        .find(|doc| doc.contains("\nkind: ConfigMap\n"))
+        .expect("deploy/kubernetes.yaml has a ConfigMap");
+    let data = configmap
+        .split_once("\ndata:\n")
+        .expect("the ConfigMap has data")
+        .1;
+    let mut files: Vec<(String, String)> = Vec::new();
+    for line in data.lines() {
+        if let Some(name) = line
+            .strip_prefix("  ")
+            .and_then(|l| l.strip_suffix(": |"))
+            .filter(|n| !n.starts_with(' '))
+        {
+            files.push((name.to_owned(), String::new()));
+        } else if line.is_empty() || line.starts_with("    ") {
+            let (_, text) = files.last_mut().expect("a block scalar under data");
+            text.push_str(line.get(4..).unwrap_or(""));
+            text.push('\n');
+        } else {
+            break;
+        }
+    }
+    files
+}
+
+/// The Kubernetes example is on paper (no cluster here), but its configuration is not: the
+/// ConfigMap's config.toml and policy pass `framegate check`, with the Secrets' files (the TLS
+/// certificate and the admin token) made up in their place.
+#[test]
+fn the_kubernetes_configmap_passes_check() {
+    let dir = TempDir::new("kubernetes");
+    let files = configmap_files();
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["config.toml", "ratelimit.lua"]);
+    let ca = support::certs::Ca::new();
+    ca.leaf(&["framegate.example.com"]).write(&dir, "tls");
+    dir.write("admin.token", &"a".repeat(32));
+    for (name, text) in &files {
+        let text = text
+            .replace("/etc/framegate-tls/tls.crt", "tls.pem")
+            .replace("/etc/framegate-tls/tls.key", "tls.key")
+            .replace("/etc/framegate-admin/admin.token", "admin.token");
+        dir.write(name, &text);
+    }
+    let out = support::cli::framegate(&["--config", "config.toml", "check"], &dir.0);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.trim(), "config.toml: OK", "{}", out.stderr);
 }
