@@ -39,6 +39,16 @@ async fn roundtrip(ws: &mut Client, text: &str) -> String {
     next_text(ws).await
 }
 
+/// Waits (bounded by `within`) until `gw` runs snapshot `n` or a later one.
+async fn await_snapshot(gw: &framegate::Running, n: u64, what: &str) {
+    within(what, async {
+        while gw.snapshot_number() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// The status a new upgrade request to `path` gets.
 async fn status_of(addr: SocketAddr, path: &str) -> u16 {
     raw_http(addr, &upgrade_request(path, "")).await.0
@@ -206,12 +216,7 @@ async fn server_watch_reloads_when_a_policy_script_changes() {
     let mut old = connect(gw.local_addr(), "/echo").await;
     assert_eq!(roundtrip(&mut old, "1").await, "v1:1");
     std::fs::write(&script, stamp("v2")).unwrap();
-    within("the watcher to reload", async {
-        while gw.snapshot_number() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    await_snapshot(&gw, 2, "the watcher to reload").await;
     let mut new = connect(gw.local_addr(), "/echo").await;
     assert_eq!(roundtrip(&mut new, "2").await, "v2:2");
     assert_eq!(roundtrip(&mut old, "3").await, "v1:3");
@@ -232,15 +237,57 @@ async fn server_watch_reloads_when_a_policy_script_changes() {
     let mut still = connect(gw.local_addr(), "/echo").await;
     assert_eq!(roundtrip(&mut still, "3").await, "v2:3");
     std::fs::write(&script, stamp("v3")).unwrap();
-    within("the watcher to reload again", async {
-        while gw.snapshot_number() < 3 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    await_snapshot(&gw, 3, "the watcher to reload again").await;
     let mut newest = connect(gw.local_addr(), "/echo").await;
     assert_eq!(roundtrip(&mut newest, "4").await, "v3:4");
     assert_eq!(roundtrip(&mut old, "5").await, "v1:5");
+    gw.shutdown().await;
+}
+
+/// A mounted Kubernetes ConfigMap: each file is a symlink through `..data`, a symlink to a
+/// hidden folder, and an update swaps `..data` to a new folder (a new link renamed over it);
+/// the files' own names see no event. `server.watch` reloads on the swap.
+#[tokio::test]
+async fn server_watch_reloads_when_a_configmap_style_symlink_is_swapped() {
+    use std::os::unix::fs::symlink;
+    let up = echo().await;
+    let dir = TempDir::new("watch-configmap");
+    let toml = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nwatch = true\n{}",
+        route(
+            "/echo",
+            up.addr,
+            "",
+            &[("on_server_frame", "\"stamp.lua\"")]
+        )
+    );
+    let version = |name: &str, stamped: &str| {
+        std::fs::create_dir(dir.0.join(name)).unwrap();
+        dir.write(&format!("{name}/config.toml"), &toml);
+        dir.write(&format!("{name}/stamp.lua"), &stamp(stamped));
+    };
+    version("..2026_12_05_01", "v1");
+    symlink("..2026_12_05_01", dir.0.join("..data")).unwrap();
+    for file in ["config.toml", "stamp.lua"] {
+        symlink(format!("..data/{file}"), dir.0.join(file)).unwrap();
+    }
+    let config = framegate::Config::load(&dir.0.join("config.toml")).unwrap();
+    let gw = framegate::Gateway::new(config)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let mut old = connect(gw.local_addr(), "/echo").await;
+    assert_eq!(roundtrip(&mut old, "1").await, "v1:1");
+
+    version("..2026_12_05_02", "v2");
+    symlink("..2026_12_05_02", dir.0.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.0.join("..data_tmp"), dir.0.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.0.join("..2026_12_05_01")).unwrap();
+    await_snapshot(&gw, 2, "the watcher to reload on the swap").await;
+    let mut new = connect(gw.local_addr(), "/echo").await;
+    assert_eq!(roundtrip(&mut new, "2").await, "v2:2");
+    assert_eq!(roundtrip(&mut old, "3").await, "v1:3");
     gw.shutdown().await;
 }
 

@@ -1,10 +1,12 @@
 //! `server.watch = true`: a change to the configuration file, to a policy script it names, or
 //! to a TLS listener's certificate or key file triggers a reload, debounced by [`DEBOUNCE`] (an editor's save is often several events:
 //! truncate, write, rename). The folders holding those files are watched, not the files, so a
-//! file replaced by a rename (as most editors save) is still seen; events on other files in
-//! those folders are ignored.
+//! file replaced by a rename (as most editors save) is still seen. An event on another entry of
+//! those folders counts only if a watched file now leads somewhere else through its symlinks:
+//! Kubernetes updates a mounted ConfigMap or Secret by swapping a `..data` symlink, and
+//! `config.toml` itself, a link through `..data`, is never written.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +49,7 @@ pub(crate) fn start(reloader: Arc<Reloader>, stop: CancellationToken) {
     let mut watching = Watching {
         dirs: HashSet::new(),
         files: HashSet::new(),
+        targets: HashMap::new(),
     };
     watching.follow(&mut watcher, &reloader.shared.snapshot().config);
     tokio::spawn(run(reloader, stop, watcher, watching, rx));
@@ -56,12 +59,16 @@ pub(crate) fn start(reloader: Arc<Reloader>, stop: CancellationToken) {
 struct Watching {
     dirs: HashSet<PathBuf>,
     files: HashSet<PathBuf>,
+    /// Where each file led, its symlinks followed, when the current snapshot was taken up
+    /// (`None`: it did not resolve).
+    targets: HashMap<PathBuf, Option<PathBuf>>,
 }
 
 impl Watching {
     /// Watches what `config` names (and stops watching what it no longer names).
     fn follow(&mut self, watcher: &mut notify::RecommendedWatcher, config: &crate::config::Config) {
         self.files = watched_files(config);
+        self.targets = self.files.iter().map(|f| (f.clone(), target(f))).collect();
         let dirs: HashSet<PathBuf> = self.files.iter().filter_map(|f| folder(f)).collect();
         for gone in self.dirs.difference(&dirs) {
             let _ = watcher.unwatch(gone);
@@ -73,6 +80,19 @@ impl Watching {
         }
         self.dirs = dirs;
     }
+
+    /// Whether `path`, an entry of a watched folder, is a change that counts: a watched file
+    /// itself, or another entry (such as a swapped symlink) after which a watched file leads
+    /// somewhere else. Only file events call this, never the relay.
+    fn changed(&self, path: &Path) -> bool {
+        self.files.contains(&normal(path))
+            || self.targets.iter().any(|(file, was)| target(file) != *was)
+    }
+}
+
+/// Where `file` leads, its symlinks followed.
+fn target(file: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(file).ok()
 }
 
 async fn run(
@@ -91,7 +111,7 @@ async fn run(
                 _ = reloader.reloaded.notified() => break false,
                 _ = stop.cancelled() => return,
             };
-            if watching.files.contains(&normal(&path)) {
+            if watching.changed(&path) {
                 break true;
             }
         };
