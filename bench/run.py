@@ -969,15 +969,22 @@ def report_deflate(results, args):
     names = list(DEFLATE_TARGETS)
     print(f"\npermessage-deflate: the same client (fg-load --deflate, 1 KiB JSON text, no context takeover), 4 connections x 32 "
           f"in flight; medians of {args.reps} (idle: {max(1, args.reps // 2)}), spread min-max\n")
-    print("| metric | " + " | ".join(names) + " | fg+deflate/fg-json | fg+deflate-client/fg-json |")
-    print("|" + "---|" * (len(names) + 3))
+    ratio_table(results, names)
+
+
+def ratio_table(results, names):
+    """A table of medians with their spread, one column per target in `names`, then each
+    later target's ratio to the first."""
+    base = names[0]
+    print("| metric | " + " | ".join(names) + " | " + " | ".join(f"{t}/{base}" for t in names[1:]) + " |")
+    print("|" + "---|" * (2 * len(names)))
     for m in list(dict.fromkeys(m for m, _ in results)):
         cells, med = [], {}
         for t in names:
             med[t], lo, hi = summary(results.get((m, t), []))
             cells.append("" if med[t] is None else f"{fmt(med[t])} [{fmt(lo)}-{fmt(hi)}]")
         for t in names[1:]:
-            cells.append(f"{med[t] / med['fg-json']:.2f}x" if med.get(t) and med.get("fg-json") else "")
+            cells.append(f"{med[t] / med[base]:.2f}x" if med.get(t) and med.get(base) else "")
         print(f"| {m} | " + " | ".join(cells) + " |")
 
 
@@ -1089,16 +1096,7 @@ def report_fleet(results, args):
     names = list(FLEET_TARGETS)
     print(f"\nfleet ([shared] backend = 'redis', redis-server on loopback; fg-redis+1ms through a proxy adding 1 ms to each "
           f"request): medians of {args.reps}, spread min-max\n")
-    print("| metric | " + " | ".join(names) + " | fg-redis/fg-local | fg-redis+1ms/fg-local |")
-    print("|" + "---|" * (len(names) + 3))
-    for m in list(dict.fromkeys(m for m, _ in results)):
-        cells, med = [], {}
-        for t in names:
-            med[t], lo, hi = summary(results.get((m, t), []))
-            cells.append("" if med[t] is None else f"{fmt(med[t])} [{fmt(lo)}-{fmt(hi)}]")
-        for t in names[1:]:
-            cells.append(f"{med[t] / med['fg-local']:.2f}x" if med.get(t) and med.get("fg-local") else "")
-        print(f"| {m} | " + " | ".join(cells) + " |")
+    ratio_table(results, names)
     state = summary(results.get(("msg/s 1 KiB, conn.state rate limit", "fg-local"), []))[0]
     limit = summary(results.get(("msg/s 1 KiB, gw.limit", "fg-redis"), []))[0]
     if state and limit:

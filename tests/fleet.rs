@@ -640,3 +640,49 @@ async fn upgrades_that_wait_at_once_each_keep_their_own_req() {
     drop(open);
     gw.shutdown().await;
 }
+
+/// `on_upgrade`: gw.shared waits from a metamethod and under pcall (Lua 5.4 yields across
+/// them), but not from a C function's callback (a table.sort comparator): that call fails
+/// alone, and the policy's next call waits as usual.
+const THROUGH_A_METAMETHOD: &str = r#"
+return function(req, ctx)
+  gw.shared:set("x", "from redis")
+  local lookup = setmetatable({}, { __index = function(t, k) return gw.shared:get(k) end })
+  local ok, via_meta = pcall(function() return lookup.x end)
+  local sorted, err = pcall(table.sort, { "b", "a" }, function(a, b)
+    return gw.shared:get(a) == nil and a < b
+  end)
+  local n = gw.shared:incr("after-sort", 1)
+  req:set_header("x-seen", tostring(ok) .. "|" .. tostring(via_meta) .. "|" .. tostring(sorted)
+    .. "|" .. tostring(err):match("attempt to yield across a C%-call boundary") .. "|" .. n)
+end
+"#;
+
+#[tokio::test]
+async fn a_gw_shared_call_that_cannot_wait_fails_alone() {
+    let redis = Redis::start().await;
+    let mut up = echo().await;
+    let gw = gateway(&format!(
+        "{}{}",
+        shared_table(&redis, "meta", ""),
+        route(
+            "/m",
+            up.addr,
+            "",
+            &[("on_upgrade", &script("meta.lua", THROUGH_A_METAMETHOD))]
+        )
+    ))
+    .await;
+    let (status, ws) = attempt(gw.local_addrs()[0], "/m").await;
+    assert_eq!(status, 101);
+    let seen = within("the upstream's request", up.requests.recv())
+        .await
+        .unwrap();
+    let header = seen.headers["x-seen"].to_str().unwrap();
+    assert_eq!(
+        header,
+        "true|from redis|false|attempt to yield across a C-call boundary|1"
+    );
+    drop(ws);
+    gw.shutdown().await;
+}

@@ -97,6 +97,9 @@ pub(crate) fn segment(
             .max(Duration::from_micros(1)),
         ..limits
     };
+    // An operation parked by a call that could not yield (inside a metamethod, which Lua
+    // refuses to yield across) is stale: never the answer to this segment's yield.
+    vm.waits.parked.borrow_mut().take();
     vm.waits.driver.set(thread.to_pointer());
     let result = vm.guarded(remaining, || thread.resume::<MultiValue>(args));
     vm.waits.driver.set(std::ptr::null());
