@@ -556,7 +556,7 @@ fn shared_config_errors_point_at_the_value() {
         (
             "[shared]\nbackend = \"redis\"\nurl = \"http://x\"\n",
             "3:7",
-            "is not a redis:// or rediss:// URL",
+            "is not a redis://, rediss:// or redis+sentinel:// URL",
         ),
         (
             "[shared]\nbackend = \"redis\"\nurl = \"redis://x\"\ntimeout = \"0s\"\n",
@@ -684,5 +684,69 @@ async fn a_gw_shared_call_that_cannot_wait_fails_alone() {
         "true|from redis|false|attempt to yield across a C-call boundary|1"
     );
     drop(ws);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary() {
+    let mut primary = Redis::start().await;
+    let replica = Redis::replica_of(&primary).await;
+    let sentinel = Redis::sentinel(&primary, "fleetmaster").await;
+    // The replica has synced, and the Sentinel knows it.
+    primary.command(&["SET", "synced", "1"]).await;
+    within("the replica to sync", async {
+        while replica.command(&["GET", "synced"]).await.as_deref() != Some("1") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    within("the Sentinel to know the replica", async {
+        loop {
+            let replicas = sentinel
+                .command(&["SENTINEL", "REPLICAS", "fleetmaster"])
+                .await;
+            if replicas.is_some_and(|r| r.contains(&replica.addr.port().to_string())) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let upstream = echo().await;
+    let url = format!("redis+sentinel://{}/fleetmaster/0", sentinel.addr);
+    let gw = gateway(&format!(
+        "[shared]\nbackend = \"redis\"\nurl = \"{url}\"\ninstance = \"sentinel-client\"\n{}",
+        limited_route(upstream.addr)
+    ))
+    .await;
+    let addr = gw.local_addrs()[0];
+    let (status, first) = attempt(addr, "/chat?user=ivy").await;
+    assert_eq!(status, 101);
+    assert_eq!(
+        primary
+            .command(&["HVALS", "fg:s:conns:ivy"])
+            .await
+            .as_deref(),
+        Some("1")
+    );
+    // The primary dies; the Sentinel promotes the replica; the gateway follows.
+    primary.stop();
+    let mut open: Vec<Client> = first.into_iter().collect();
+    within("writes to reach the promoted replica", async {
+        loop {
+            let (status, ws) = attempt(addr, "/chat?user=ivy").await;
+            assert_eq!(status, 101, "allowed throughout (on_unavailable = allow)");
+            open.extend(ws);
+            let vals = replica.command(&["HVALS", "fg:s:conns:ivy"]).await;
+            if vals.as_deref().is_some_and(|v| v != "1" && !v.is_empty()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let text = gw.metrics().encode();
+    drop(text);
+    drop(open);
     gw.shutdown().await;
 }

@@ -16,7 +16,7 @@ pub mod validate;
 pub use capture::{CaptureConfig, CaptureMode};
 pub use error::ConfigError;
 pub use jwt::{JwtConfig, JwtKeys, TokenSource};
-pub use shared::{OnUnavailable, RedisConfig, SharedConfig};
+pub use shared::{OnUnavailable, RedisConfig, RedisTarget, SharedConfig};
 pub use tls::{CertificatePair, Place, TlsListener, TlsVersion};
 pub use validate::{OnInvalid, SchemaFile, ValidateConfig};
 

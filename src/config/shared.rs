@@ -5,7 +5,8 @@
 //! ```toml
 //! [shared]
 //! backend = "redis"                   # local (default) | redis
-//! url = "redis://127.0.0.1:6379/0"    # redis:// or rediss://; a password in it or in password_file
+//! url = "redis://127.0.0.1:6379/0"    # redis://, rediss:// or redis+sentinel://s1:26379,s2:26379/service/0;
+//!                                     # a password in it or in password_file
 //! password_file = "redis.password"    # optional, relative to the config file's folder
 //! key_prefix = "fg:"                  # every key framegate writes starts with it
 //! instance = "gw-1"                   # this gateway's name in the fleet
@@ -92,9 +93,101 @@ impl OnUnavailable {
     }
 }
 
+/// Where the Redis of `url` is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `redis://` or `rediss://`: the URL names it.
+    Direct,
+    /// `redis+sentinel://`: the Sentinels name the current primary of `service`.
+    Sentinel {
+        /// The Sentinels, as `redis://host:port` URLs.
+        sentinels: Vec<String>,
+        /// The name the Sentinels monitor the primary by.
+        service: String,
+        /// The database on the primary.
+        db: i64,
+        /// The primary's user and password, if the URL had them.
+        username: Option<String>,
+        /// The primary's password.
+        password: Option<String>,
+    },
+}
+
+/// Parses `redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`.
+fn sentinel_target(url: &str) -> Result<RedisTarget, String> {
+    let rest = &url["redis+sentinel://".len()..];
+    let (authority, path) = rest
+        .split_once('/')
+        .ok_or("no service name after the hosts")?;
+    let (credentials, hosts) = match authority.rsplit_once('@') {
+        Some((c, h)) => (Some(c), h),
+        None => (None, authority),
+    };
+    let decode =
+        |s: &str| percent_decode(s).ok_or_else(|| format!("{s:?} is not valid percent-encoding"));
+    let (username, password) = match credentials {
+        None => (None, None),
+        Some(c) => match c.split_once(':') {
+            Some((u, p)) => (
+                (!u.is_empty()).then(|| decode(u)).transpose()?,
+                Some(decode(p)?),
+            ),
+            None => (Some(decode(c)?), None),
+        },
+    };
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',') {
+        let (name, port) = host
+            .rsplit_once(':')
+            .ok_or_else(|| format!("sentinel {host:?} has no port"))?;
+        if name.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("sentinel {host:?} is not host:port"));
+        }
+        sentinels.push(format!("redis://{host}"));
+    }
+    let mut parts = path.split('/');
+    let service = parts.next().unwrap_or_default().to_owned();
+    if service.is_empty() {
+        return Err("no service name after the hosts".into());
+    }
+    let db = match parts.next() {
+        None | Some("") => 0,
+        Some(db) => db
+            .parse()
+            .map_err(|_| format!("database {db:?} is not a number"))?,
+    };
+    Ok(RedisTarget::Sentinel {
+        sentinels,
+        service,
+        db,
+        username,
+        password,
+    })
+}
+
+/// Undoes URL percent-encoding; `None` if it is broken or not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// `[shared]` with `backend = "redis"`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
+    /// Where Redis is: named by `url`, or by Sentinels.
+    pub target: RedisTarget,
     /// `url`, with the password of `password_file` put in (shown without it).
     pub url: String,
     /// `key_prefix`.
@@ -274,17 +367,13 @@ fn redis(raw: &RawShared, base: &Path, at: At) -> Result<RedisConfig, ConfigErro
         ));
     };
     let mut text = url.get_ref().trim().to_owned();
-    if text.starts_with("redis+sentinel://") {
+    if !["redis://", "rediss://", "redis+sentinel://"]
+        .iter()
+        .any(|s| text.starts_with(s))
+    {
         return Err(at(
             url.span(),
-            "shared.url: redis+sentinel:// is not supported yet".into(),
-            "point url at the master (redis:// or rediss://), or at a proxy that follows Sentinel's failovers (docs/deployment.md)",
-        ));
-    }
-    if !(text.starts_with("redis://") || text.starts_with("rediss://")) {
-        return Err(at(
-            url.span(),
-            format!("shared.url {text:?} is not a redis:// or rediss:// URL"),
+            format!("shared.url {text:?} is not a redis://, rediss:// or redis+sentinel:// URL"),
             "for example url = \"redis://127.0.0.1:6379/0\"",
         ));
     }
@@ -326,13 +415,24 @@ fn redis(raw: &RawShared, base: &Path, at: At) -> Result<RedisConfig, ConfigErro
         };
         text = format!("{}{user}:{encoded}@{rest}", &text[..start]);
     }
-    redis::parse_redis_url(&text).ok_or_else(|| {
-        at(
-            url.span(),
-            "shared.url is not a valid Redis URL".into(),
-            "for example url = \"redis://:password@127.0.0.1:6379/0\"",
-        )
-    })?;
+    let target = if text.starts_with("redis+sentinel://") {
+        sentinel_target(&text).map_err(|e| {
+            at(
+                url.span(),
+                format!("shared.url: {e}"),
+                "write redis+sentinel://[:password@]host:port[,host:port...]/service[/db]",
+            )
+        })?
+    } else {
+        redis::parse_redis_url(&text).ok_or_else(|| {
+            at(
+                url.span(),
+                "shared.url is not a valid Redis URL".into(),
+                "for example url = \"redis://:password@127.0.0.1:6379/0\"",
+            )
+        })?;
+        RedisTarget::Direct
+    };
     let key_prefix = match &raw.key_prefix {
         None => DEFAULT_KEY_PREFIX.to_owned(),
         Some(v) => name(v, "key_prefix", at)?,
@@ -373,6 +473,7 @@ fn redis(raw: &RawShared, base: &Path, at: At) -> Result<RedisConfig, ConfigErro
         ));
     }
     Ok(RedisConfig {
+        target,
         url: text,
         key_prefix,
         instance,
@@ -388,8 +489,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sentinel_urls_name_the_sentinels_and_the_service() {
+        let t =
+            sentinel_target("redis+sentinel://:p%40ss@10.0.0.1:26379,s2:26380/mymaster/2").unwrap();
+        assert!(
+            t == RedisTarget::Sentinel {
+                sentinels: vec!["redis://10.0.0.1:26379".into(), "redis://s2:26380".into()],
+                service: "mymaster".into(),
+                db: 2,
+                username: None,
+                password: Some("p@ss".into()),
+            }
+        );
+        for bad in [
+            "redis+sentinel://h:1",
+            "redis+sentinel://h/m",
+            "redis+sentinel://h:1/",
+            "redis+sentinel://h:1/m/x",
+            "redis+sentinel://h:port/m",
+        ] {
+            assert!(sentinel_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn passwords_are_not_shown() {
         let c = RedisConfig {
+            target: RedisTarget::Direct,
             url: "redis://user:s3cret@127.0.0.1:6379/0".into(),
             key_prefix: "fg:".into(),
             instance: None,

@@ -19,12 +19,14 @@ mod limit;
 mod scripts;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::config::{OnUnavailable, RedisConfig};
+use crate::config::{OnUnavailable, RedisConfig, RedisTarget};
 use crate::policy::shared::{
     decode, encode, FleetError, FleetReply, FleetStore, SharedValue, Write,
 };
@@ -79,9 +81,17 @@ pub struct FleetSample {
 }
 
 thread_local! {
-    /// A worker thread's own connections, by [`Fleet::id`] (one per gateway in the process).
-    static WORKER_CONNECTIONS: std::cell::RefCell<Vec<(u64, ConnectionManager)>> =
+    /// A worker thread's own connections, by [`Fleet::id`] (one per gateway in the process)
+    /// and the generation of the primary they reach.
+    static WORKER_CONNECTIONS: std::cell::RefCell<Vec<(u64, u64, ConnectionManager)>> =
         const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A Redis primary and the gateway's connection to it.
+struct Primary {
+    client: redis::Client,
+    conn: ConnectionManager,
+    generation: u64,
 }
 
 /// Numbers the [`Fleet`]s of this process.
@@ -97,9 +107,11 @@ pub struct Fleet {
     /// `instance#incarnation`: the field of its shares in leased counts. A restarted instance
     /// is a new member: its predecessor's shares go with the predecessor's lease.
     member: String,
-    client: redis::Client,
-    /// Made by [`Fleet::start`], in the runtime that drives it.
-    conn: OnceLock<ConnectionManager>,
+    /// The Redis it talks to now: set by [`Fleet::start`] (in the runtime that drives its
+    /// connection), replaced when the Sentinels name another primary.
+    primary: ArcSwapOption<Primary>,
+    /// Numbers the primaries installed, so that worker connections to an old one are dropped.
+    generation: AtomicU64,
     scripts: scripts::Scripts,
     up: AtomicBool,
     errors: [AtomicU64; 6],
@@ -142,16 +154,18 @@ impl Fleet {
         instance: String,
         max_cached: usize,
     ) -> Result<Arc<Fleet>, String> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| format!("shared.url {}: {e}", config.shown_url()))?;
+        if config.target == RedisTarget::Direct {
+            redis::Client::open(config.url.as_str())
+                .map_err(|e| format!("shared.url {}: {e}", config.shown_url()))?;
+        }
         let incarnation: u32 = rand::random();
         Ok(Arc::new(Fleet {
             id: NEXT_FLEET.fetch_add(1, Relaxed),
             member: format!("{instance}#{incarnation:08x}"),
             instance,
             config: config.clone(),
-            client,
-            conn: OnceLock::new(),
+            primary: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
             scripts: scripts::Scripts::new(),
             up: AtomicBool::new(false),
             errors: Default::default(),
@@ -174,15 +188,7 @@ impl Fleet {
     /// heartbeat, the frame cache's refresher and the writer, on the current runtime, until
     /// `stop`. Waits at most `shared.timeout` for a first heartbeat.
     pub async fn start(self: &Arc<Fleet>, stop: tokio_util::sync::CancellationToken) {
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager_config()) {
-            Ok(conn) => {
-                let _ = self.conn.set(conn);
-            }
-            Err(e) => {
-                tracing::error!(url = %self.config.shown_url(), error = %e, "shared backend: cannot set up the Redis client");
-                return;
-            }
-        }
+        self.resolve().await;
         self.heartbeat().await;
         let me = self.clone();
         let stopped = stop.clone();
@@ -222,13 +228,95 @@ impl Fleet {
                 Duration::from_secs(1).min(self.config.lease / 3)
             };
             tokio::time::sleep(every).await;
+            if !self.is_up() {
+                // After a failover the Sentinels name another primary.
+                self.resolve().await;
+            }
             self.heartbeat().await;
+        }
+    }
+
+    /// Finds the Redis to talk to: the URL's, or the primary the Sentinels name now. A new
+    /// one replaces the connections to the old.
+    async fn resolve(&self) {
+        let RedisTarget::Sentinel {
+            sentinels,
+            service,
+            db,
+            username,
+            password,
+        } = &self.config.target
+        else {
+            if self.primary.load().is_none() {
+                match redis::Client::open(self.config.url.as_str()) {
+                    Ok(client) => self.install(client),
+                    Err(e) => {
+                        tracing::error!(url = %self.config.shown_url(), error = %e, "shared backend: cannot set up the Redis client")
+                    }
+                }
+            }
+            return;
+        };
+        let mut info = redis::RedisConnectionInfo::default().set_db(*db);
+        if let Some(user) = username {
+            info = info.set_username(user);
+        }
+        if let Some(password) = password {
+            info = info.set_password(password);
+        }
+        let node =
+            redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
+        let asked = async {
+            let mut sentinel = redis::sentinel::SentinelClient::build(
+                sentinels.clone(),
+                service,
+                Some(node),
+                redis::sentinel::SentinelServerType::Master,
+            )?;
+            sentinel.async_get_client().await
+        };
+        // The Sentinels are asked one after the other: give them a few timeouts.
+        match tokio::time::timeout(self.config.timeout * 4, asked).await {
+            Ok(Ok(client)) => {
+                let current = self.primary.load();
+                let same = current.as_ref().is_some_and(|p| {
+                    p.client.get_connection_info().addr() == client.get_connection_info().addr()
+                });
+                if !same {
+                    tracing::info!(primary = %client.get_connection_info().addr(), service = %service, "shared backend: the Sentinels name the primary");
+                    self.install(client);
+                }
+            }
+            Ok(Err(e)) => {
+                self.count(Op::Heartbeat);
+                self.mark_down(&format!("no primary from the Sentinels: {e}"));
+            }
+            Err(_) => {
+                self.timed_out(Op::Heartbeat);
+            }
+        }
+    }
+
+    /// Makes `client`'s Redis the one to talk to.
+    fn install(&self, client: redis::Client) {
+        match ConnectionManager::new_lazy_with_config(client.clone(), self.manager_config()) {
+            Ok(conn) => {
+                let generation = self.generation.fetch_add(1, Relaxed) + 1;
+                self.primary.store(Some(Arc::new(Primary {
+                    client,
+                    conn,
+                    generation,
+                })));
+            }
+            Err(e) => {
+                tracing::error!(url = %self.config.shown_url(), error = %e, "shared backend: cannot set up the Redis client")
+            }
         }
     }
 
     /// One heartbeat: renews this member's lease key.
     async fn heartbeat(&self) {
-        let Some(mut conn) = self.conn.get().cloned() else {
+        let Some(mut conn) = self.primary.load().as_ref().map(|p| p.conn.clone()) else {
             return;
         };
         let key = self.live_key(&self.member);
@@ -307,13 +395,15 @@ impl Fleet {
     /// it back). A worker thread gets one of its own, driven by its own runtime: a policy's
     /// command then goes out and its answer comes back without waking another thread.
     fn connection(&self, op: Op) -> Result<ConnectionManager, FleetError> {
-        let shared = match self.conn.get() {
-            Some(conn) if self.is_up() => conn,
+        let primary = self.primary.load();
+        let primary = match primary.as_ref() {
+            Some(primary) if self.is_up() => primary,
             _ => {
                 self.count(op);
                 return Err(FleetError::Unavailable);
             }
         };
+        let shared = &primary.conn;
         let on_worker = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         if !on_worker {
@@ -321,15 +411,19 @@ impl Fleet {
         }
         WORKER_CONNECTIONS.with(|conns| {
             let mut conns = conns.borrow_mut();
-            if let Some((_, conn)) = conns.iter().find(|(id, _)| *id == self.id) {
-                return Ok(conn.clone());
+            if let Some((_, generation, conn)) = conns.iter().find(|(id, _, _)| *id == self.id) {
+                if *generation == primary.generation {
+                    return Ok(conn.clone());
+                }
             }
+            // A connection to an older primary goes.
+            conns.retain(|(id, _, _)| *id != self.id);
             match ConnectionManager::new_lazy_with_config(
-                self.client.clone(),
+                primary.client.clone(),
                 self.manager_config(),
             ) {
                 Ok(conn) => {
-                    conns.push((self.id, conn.clone()));
+                    conns.push((self.id, primary.generation, conn.clone()));
                     Ok(conn)
                 }
                 Err(_) => Ok(shared.clone()),
@@ -351,10 +445,14 @@ impl Fleet {
     /// Redis is not there.
     fn failed(&self, op: Op, error: redis::RedisError) -> FleetError {
         self.count(op);
+        // A replica (the old primary, after a failover) refuses writes: that is a Redis to
+        // leave, not a refusal for the policy.
+        let read_only = error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
         let refused = matches!(
             error.kind(),
             redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
-        ) && !error.is_timeout();
+        ) && !error.is_timeout()
+            && !read_only;
         if refused {
             let detail = error.detail().unwrap_or("refused").to_owned();
             return FleetError::Refused(detail);

@@ -10,6 +10,8 @@ pub struct Redis {
     pub addr: SocketAddr,
     child: Option<Child>,
     dir: super::TempDir,
+    /// Extra arguments (and, for a Sentinel, the config file first).
+    extra: Vec<String>,
 }
 
 fn binary() -> &'static str {
@@ -24,6 +26,44 @@ fn binary() -> &'static str {
 impl Redis {
     /// Starts one on a free port and waits until it answers PING.
     pub async fn start() -> Redis {
+        Redis::start_with(&[]).await
+    }
+
+    /// A replica of `primary`.
+    pub async fn replica_of(primary: &Redis) -> Redis {
+        let port = primary.addr.port().to_string();
+        Redis::start_with(&["--replicaof", "127.0.0.1", &port]).await
+    }
+
+    /// A Sentinel monitoring `primary` as `service` (quorum 1, down after 500 ms).
+    pub async fn sentinel(primary: &Redis, service: &str) -> Redis {
+        let dir = super::TempDir::new("sentinel");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let conf = dir.write(
+            "sentinel.conf",
+            &format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
+                 sentinel monitor {service} 127.0.0.1 {} 1\n\
+                 sentinel down-after-milliseconds {service} 500\n\
+                 sentinel failover-timeout {service} 2000\n",
+                primary.addr.port()
+            ),
+        );
+        let mut redis = Redis {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child: None,
+            dir,
+            extra: vec![conf.display().to_string(), "--sentinel".into()],
+        };
+        redis.run().await;
+        redis
+    }
+
+    /// Starts one on a free port with `extra` arguments.
+    pub async fn start_with(extra: &[&str]) -> Redis {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -32,18 +72,26 @@ impl Redis {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child: None,
             dir: super::TempDir::new("redis"),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         redis.run().await;
         redis
     }
 
     async fn run(&mut self) {
-        let child = Command::new(binary())
-            .args(["--port", &self.addr.port().to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "no", "--loglevel", "warning"])
-            .arg("--dir")
-            .arg(&self.dir.0)
+        let mut command = Command::new(binary());
+        if self.extra.iter().any(|a| a == "--sentinel") {
+            command.args(&self.extra);
+        } else {
+            command
+                .args(["--port", &self.addr.port().to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--protected-mode", "no", "--loglevel", "warning"])
+                .arg("--dir")
+                .arg(&self.dir.0)
+                .args(&self.extra);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -69,7 +117,8 @@ impl Redis {
         self.command(&["PING"]).await.is_some_and(|r| r == "+PONG")
     }
 
-    /// Sends one command and returns the first line of its reply.
+    /// Sends one command and returns its reply: a status, error or integer line as it is, a
+    /// bulk string's value (`(nil)` for none), an array's elements joined by commas.
     pub async fn command(&self, args: &[&str]) -> Option<String> {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.addr).await.ok()?;
@@ -85,6 +134,27 @@ impl Redis {
             .ok()?
             .ok()?;
         let line = line.trim_end().to_owned();
+        if let Some(count) = line.strip_prefix('*') {
+            // Nested arrays (a Sentinel's answers) are flattened.
+            let mut items = Vec::new();
+            let mut remaining = count.parse::<i64>().unwrap_or(0);
+            while remaining > 0 {
+                remaining -= 1;
+                let mut head = String::new();
+                reader.read_line(&mut head).await.ok()?;
+                let head = head.trim_end();
+                if let Some(n) = head.strip_prefix('*') {
+                    remaining += n.parse::<i64>().unwrap_or(0);
+                } else if head.starts_with('$') && head != "$-1" {
+                    let mut value = String::new();
+                    reader.read_line(&mut value).await.ok()?;
+                    items.push(value.trim_end().to_owned());
+                } else {
+                    items.push(head.to_owned());
+                }
+            }
+            return Some(items.join(","));
+        }
         if let Some(len) = line.strip_prefix('$') {
             if len == "-1" {
                 return Some("(nil)".into());
