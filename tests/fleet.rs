@@ -750,3 +750,57 @@ async fn a_sentinel_failover_moves_the_fleet_to_the_new_primary() {
     drop(open);
     gw.shutdown().await;
 }
+
+/// `on_upgrade`: tells the upstream what one `incr` answered.
+const REPORT_INCR: &str = r#"
+return function(req, ctx)
+  local n, err = gw.shared:incr("tls", 1)
+  req:set_header("x-n", tostring(n) .. " " .. tostring(err))
+end
+"#;
+
+#[tokio::test]
+async fn rediss_checks_the_servers_certificate_against_ca_file() {
+    let ca = support::certs::Ca::new();
+    let dir = TempDir::new("rediss");
+    ca.leaf(&["localhost"]).write(&dir, "redis");
+    dir.write("ca.pem", &ca.pem);
+    let redis = Redis::start_tls(&dir.0.join("redis.pem"), &dir.0.join("redis.key")).await;
+    let mut up = echo().await;
+    let url = format!("rediss://localhost:{}/0", redis.addr.port());
+    let route = route(
+        "/tls",
+        up.addr,
+        "",
+        &[("on_upgrade", &script("report.lua", REPORT_INCR))],
+    );
+    // With the CA: the incr goes through TLS.
+    let trusting = start_from(
+        &dir,
+        &format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[shared]\nbackend = \"redis\"\nurl = \"{url}\"\nca_file = \"ca.pem\"\n{route}"
+        ),
+    )
+    .await;
+    let (status, ws) = attempt(trusting.local_addrs()[0], "/tls").await;
+    assert_eq!(status, 101);
+    let seen = within("the upstream's request", up.requests.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.headers["x-n"], "1 nil");
+    drop(ws);
+    trusting.shutdown().await;
+    // Without it, the certificate is not trusted: Redis is unavailable, and the policy says so.
+    let doubting = gateway(&format!(
+        "[shared]\nbackend = \"redis\"\nurl = \"{url}\"\n{route}"
+    ))
+    .await;
+    let (status, ws) = attempt(doubting.local_addrs()[0], "/tls").await;
+    assert_eq!(status, 101);
+    let seen = within("the upstream's request", up.requests.recv())
+        .await
+        .unwrap();
+    assert_eq!(seen.headers["x-n"], "nil shared backend unavailable");
+    drop(ws);
+    doubting.shutdown().await;
+}

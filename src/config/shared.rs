@@ -8,6 +8,7 @@
 //! url = "redis://127.0.0.1:6379/0"    # redis://, rediss:// or redis+sentinel://s1:26379,s2:26379/service/0;
 //!                                     # a password in it or in password_file
 //! password_file = "redis.password"    # optional, relative to the config file's folder
+//! ca_file = "redis-ca.pem"            # optional: the CA of a rediss:// server (default: the web's roots)
 //! key_prefix = "fg:"                  # every key framegate writes starts with it
 //! instance = "gw-1"                   # this gateway's name in the fleet
 //! on_unavailable = "allow"            # allow | deny: what gw.limit answers while Redis is unreachable
@@ -44,6 +45,7 @@ pub(super) struct RawShared {
     backend: Option<Spanned<String>>,
     url: Option<Spanned<String>>,
     password_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
     key_prefix: Option<Spanned<String>>,
     instance: Option<Spanned<String>>,
     on_unavailable: Option<Spanned<String>>,
@@ -188,6 +190,9 @@ fn percent_decode(s: &str) -> Option<String> {
 pub struct RedisConfig {
     /// Where Redis is: named by `url`, or by Sentinels.
     pub target: RedisTarget,
+    /// `ca_file`'s PEM text: the certificate authorities a `rediss://` server's certificate
+    /// must chain to, instead of the web's roots.
+    pub ca: Option<Vec<u8>>,
     /// `url`, with the password of `password_file` put in (shown without it).
     pub url: String,
     /// `key_prefix`.
@@ -331,6 +336,7 @@ pub(super) fn check(raw: RawShared, base: &Path, at: At) -> Result<SharedConfig,
                     raw.frame_staleness.as_ref().map(|v| v.span()),
                 ),
                 ("lease", raw.lease.as_ref().map(|v| v.span())),
+                ("ca_file", raw.ca_file.as_ref().map(|v| v.span())),
             ];
             if let Some((key, Some(span))) = stray.into_iter().find(|(_, s)| s.is_some()) {
                 return Err(at(
@@ -433,6 +439,37 @@ fn redis(raw: &RawShared, base: &Path, at: At) -> Result<RedisConfig, ConfigErro
         })?;
         RedisTarget::Direct
     };
+    let ca = match &raw.ca_file {
+        None => None,
+        Some(file) => {
+            if !text.starts_with("rediss://") {
+                return Err(at(
+                    file.span(),
+                    "shared.ca_file needs a rediss:// url".into(),
+                    "the CA checks the certificate of a Redis spoken to over TLS",
+                ));
+            }
+            let path = base.join(file.get_ref());
+            let pem = std::fs::read(&path).map_err(|e| {
+                at(
+                    file.span(),
+                    format!("shared.ca_file {}: cannot read it: {e}", path.display()),
+                    "",
+                )
+            })?;
+            let certs = rustls_pemfile::certs(&mut &pem[..])
+                .filter(Result::is_ok)
+                .count();
+            if certs == 0 {
+                return Err(at(
+                    file.span(),
+                    format!("shared.ca_file {} holds no PEM certificate", path.display()),
+                    "",
+                ));
+            }
+            Some(pem)
+        }
+    };
     let key_prefix = match &raw.key_prefix {
         None => DEFAULT_KEY_PREFIX.to_owned(),
         Some(v) => name(v, "key_prefix", at)?,
@@ -474,6 +511,7 @@ fn redis(raw: &RawShared, base: &Path, at: At) -> Result<RedisConfig, ConfigErro
     }
     Ok(RedisConfig {
         target,
+        ca,
         url: text,
         key_prefix,
         instance,
@@ -516,6 +554,7 @@ mod tests {
     fn passwords_are_not_shown() {
         let c = RedisConfig {
             target: RedisTarget::Direct,
+            ca: None,
             url: "redis://user:s3cret@127.0.0.1:6379/0".into(),
             key_prefix: "fg:".into(),
             instance: None,

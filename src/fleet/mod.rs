@@ -248,7 +248,17 @@ impl Fleet {
         } = &self.config.target
         else {
             if self.primary.load().is_none() {
-                match redis::Client::open(self.config.url.as_str()) {
+                let client = match &self.config.ca {
+                    None => redis::Client::open(self.config.url.as_str()),
+                    Some(ca) => redis::Client::build_with_tls(
+                        self.config.url.as_str(),
+                        redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(ca.clone()),
+                        },
+                    ),
+                };
+                match client {
                     Ok(client) => self.install(client),
                     Err(e) => {
                         tracing::error!(url = %self.config.shown_url(), error = %e, "shared backend: cannot set up the Redis client")

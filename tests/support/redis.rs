@@ -62,6 +62,37 @@ impl Redis {
         redis
     }
 
+    /// One that speaks only TLS (no plain port) on a free port, with this certificate chain
+    /// and key (PEM files); it needs no client certificate. Ready once the port accepts.
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Redis {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let tls_port = port.to_string();
+        let mut redis = Redis {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            child: None,
+            dir: super::TempDir::new("redis-tls"),
+            extra: [
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-auth-clients",
+                "no",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+        };
+        redis.run().await;
+        redis
+    }
+
     /// Starts one on a free port with `extra` arguments.
     pub async fn start_with(extra: &[&str]) -> Redis {
         let port = {
@@ -80,8 +111,25 @@ impl Redis {
 
     async fn run(&mut self) {
         let mut command = Command::new(binary());
+        let tls = self.extra.iter().any(|a| a == "--tls-port");
         if self.extra.iter().any(|a| a == "--sentinel") {
             command.args(&self.extra);
+        } else if tls {
+            command
+                .args([
+                    "--port",
+                    "0",
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args(["--protected-mode", "no", "--loglevel", "warning"])
+                .arg("--dir")
+                .arg(&self.dir.0)
+                .args(&self.extra);
         } else {
             command
                 .args(["--port", &self.addr.port().to_string()])
@@ -99,7 +147,12 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + super::EVENT_TIMEOUT;
         while Instant::now() < deadline {
-            if self.ping().await {
+            let ready = if tls {
+                tokio::net::TcpStream::connect(self.addr).await.is_ok()
+            } else {
+                self.ping().await
+            };
+            if ready {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
