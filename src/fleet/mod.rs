@@ -221,18 +221,18 @@ impl Fleet {
     /// Renews the lease every third of `shared.lease`; while Redis is down, probes every
     /// second.
     async fn beat(&self) {
+        let every = self.config.lease / 3;
+        let mut last = tokio::time::Instant::now();
         loop {
-            let every = if self.is_up() {
-                self.config.lease / 3
-            } else {
-                Duration::from_secs(1).min(self.config.lease / 3)
-            };
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(Duration::from_secs(1).min(every)).await;
             if !self.is_up() {
                 // After a failover the Sentinels name another primary.
                 self.resolve().await;
+            } else if last.elapsed() < every {
+                continue;
             }
             self.heartbeat().await;
+            last = tokio::time::Instant::now();
         }
     }
 
@@ -331,18 +331,17 @@ impl Fleet {
         };
         let key = self.live_key(&self.member);
         let ms = self.config.lease.as_millis() as u64;
-        let result: redis::RedisResult<()> = redis::cmd("SET")
-            .arg(&key)
-            .arg(1)
-            .arg("PX")
-            .arg(ms)
-            .query_async(&mut conn)
-            .await;
-        match result {
-            Ok(()) => self.mark_up(),
-            Err(e) => {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&key).arg(1).arg("PX").arg(ms);
+        let set = cmd.query_async::<()>(&mut conn);
+        match tokio::time::timeout(self.config.timeout, set).await {
+            Ok(Ok(())) => self.mark_up(),
+            Ok(Err(e)) => {
                 self.count(Op::Heartbeat);
                 self.mark_down(&e);
+            }
+            Err(_) => {
+                self.timed_out(Op::Heartbeat);
             }
         }
     }
