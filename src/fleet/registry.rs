@@ -1,0 +1,506 @@
+//! The registry across the fleet: `scope=fleet` on `GET /admin/connections`,
+//! `DELETE /admin/connections` and `POST /admin/broadcast` (docs/operations.md, "Fleet-wide
+//! registry").
+//!
+//! - Publishing: every third of `shared.lease`, this instance writes a summary of its open
+//!   connections (id, route, client address, opened and expiry times, snapshot, counts, tags;
+//!   never a payload, a ctx, a request header or the upstream URL) to
+//!   `<prefix>reg:<member>`, with a PX of `shared.lease`: a dead instance's entries vanish with
+//!   its lease; a stopped one deletes its key. At most [`MAX_PUBLISHED`] connections and
+//!   [`MAX_PUBLISHED_BYTES`] of JSON are published (the oldest ids first); past either bound,
+//!   the rest are left out and the instance is named in the listing's `truncated`.
+//! - Listing: this instance's own connections come from its registry (fresh); every other
+//!   member's from its published key (at most a third of the lease old), filtered by the same
+//!   [`Filter::matches`] as the local listing.
+//! - Kicks and broadcasts go through pub/sub ([`commands`]): a command on `<prefix>cmd`, one
+//!   answer per instance on the asker's reply channel, collected for at most [`REPLY_WAIT`].
+//!
+//! The registry's traffic has its own Redis connection: its values are large next to
+//! `gw.shared`'s, and must neither queue in front of a handshake's `incr` nor be held to
+//! `shared.timeout`. While the fleet's store is down (its health, see [`Fleet::is_up`]), every
+//! `scope=fleet` request fails at once with [`FleetScopeError::Unavailable`].
+
+mod commands;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::Fleet;
+use crate::registry::{Both, ConnSummary, Control, Filter, Outcome, Registry};
+
+pub use commands::FleetOutcome;
+
+/// Connections one instance publishes at most (the oldest ids first).
+pub const MAX_PUBLISHED: usize = 100_000;
+/// Bytes of JSON one instance publishes at most.
+pub const MAX_PUBLISHED_BYTES: usize = 32 << 20;
+/// Members a `scope=fleet` request reads or waits for at most.
+pub const MAX_MEMBERS: usize = 1_000;
+/// How long a kick or broadcast waits for the other instances' answers.
+pub const REPLY_WAIT: Duration = Duration::from_secs(1);
+/// Bound on one Redis command of the registry (a publication, a read, a subscription).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on a whole `scope=fleet` listing.
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a `scope=fleet` request could not be served (the admin answers 503).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetScopeError {
+    /// Redis does not answer, or did not in time.
+    #[error("scope=fleet: the shared backend (Redis) is unreachable ({0}); scope=local still answers for this instance")]
+    Unavailable(String),
+}
+
+/// One connection as an instance publishes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishedConn {
+    /// Connection id (unique within its instance).
+    pub id: u64,
+    /// Route name.
+    pub route: String,
+    /// Client address.
+    pub client: SocketAddr,
+    /// RFC 3339, UTC.
+    pub opened_at: String,
+    /// RFC 3339, UTC; absent when the route has no `expire`.
+    pub expires_at: Option<String>,
+    /// The instance's configuration snapshot number.
+    pub snapshot: u64,
+    /// Messages forwarded each way, as of the publication.
+    pub messages: Both,
+    /// Payload bytes forwarded each way, as of the publication.
+    pub bytes: Both,
+    /// Tags, by key.
+    pub tags: BTreeMap<String, String>,
+}
+
+impl From<ConnSummary> for PublishedConn {
+    fn from(c: ConnSummary) -> PublishedConn {
+        PublishedConn {
+            id: c.id,
+            route: c.route,
+            client: c.client,
+            opened_at: c.opened_at,
+            expires_at: c.expires_at,
+            snapshot: c.snapshot,
+            messages: c.messages,
+            bytes: c.bytes,
+            tags: c.tags,
+        }
+    }
+}
+
+/// The value of `<prefix>reg:<member>`.
+#[derive(Debug, Deserialize)]
+struct Published {
+    instance: String,
+    /// Connections open at the publication (some may be left out: `truncated`).
+    #[allow(dead_code)]
+    open: usize,
+    truncated: bool,
+    connections: Vec<PublishedConn>,
+}
+
+/// A connection in a `scope=fleet` listing: where it is, and what its instance published.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetConn {
+    /// The instance holding it (`shared.instance`).
+    pub instance: String,
+    /// The rest, as in the local listing (without `upstream`).
+    #[serde(flatten)]
+    pub conn: PublishedConn,
+}
+
+/// A `scope=fleet` listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetListing {
+    /// Matches, by instance and ascending id, at most the filter's `limit`.
+    pub connections: Vec<FleetConn>,
+    /// Number of matches before the limit.
+    pub matched: usize,
+    /// The instances read (this one and every member with a live publication).
+    pub instances: Vec<String>,
+    /// Instances that published only part of their connections (over the bounds).
+    pub truncated: Vec<String>,
+}
+
+/// This gateway's side of the fleet's registry.
+pub struct FleetRegistry {
+    fleet: Arc<Fleet>,
+    registry: Arc<Registry>,
+    /// Made by [`FleetRegistry::start`], for the registry's traffic only.
+    conn: OnceLock<ConnectionManager>,
+    /// Whether the last publication went out (its failures are logged once each way).
+    published: AtomicBool,
+    /// Notified when the first subscription to the fleet's commands is made: an instance
+    /// publishes (becomes a member that kicks wait for) only once it listens.
+    listening: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for FleetRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetRegistry")
+            .field("member", &self.fleet.member())
+            .finish()
+    }
+}
+
+impl FleetRegistry {
+    /// The fleet-wide view of `registry`, through `fleet`'s Redis. Connects nothing until
+    /// [`FleetRegistry::start`].
+    pub fn new(fleet: Arc<Fleet>, registry: Arc<Registry>) -> Arc<FleetRegistry> {
+        Arc::new(FleetRegistry {
+            fleet,
+            registry,
+            conn: OnceLock::new(),
+            published: AtomicBool::new(true),
+            listening: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Starts publishing and listening for commands on the current runtime, until `stop`;
+    /// at `stop`, the publication is deleted (best effort, within [`COMMAND_TIMEOUT`]).
+    pub fn start(self: &Arc<Self>, stop: CancellationToken) {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(5))
+            .set_number_of_retries(3);
+        match ConnectionManager::new_lazy_with_config(self.fleet.client().clone(), config) {
+            Ok(conn) => {
+                let _ = self.conn.set(conn);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "fleet registry: cannot set up its Redis connection");
+                return;
+            }
+        }
+        let me = self.clone();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stopped.cancelled() => me.unpublish().await,
+                () = me.publish_every() => {}
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = commands::serve(&me) => {}
+            }
+        });
+    }
+
+    /// This instance's name in the fleet.
+    pub fn instance(&self) -> &str {
+        self.fleet.instance()
+    }
+
+    fn key(&self, member: &str) -> String {
+        format!("{}reg:{member}", self.fleet.key_prefix())
+    }
+
+    /// The connection, while the fleet's store is up.
+    fn connection(&self) -> Result<ConnectionManager, FleetScopeError> {
+        match self.conn.get() {
+            Some(conn) if self.fleet.is_up() => Ok(conn.clone()),
+            _ => Err(FleetScopeError::Unavailable(
+                "it did not answer the last command; the gateway retries every second".into(),
+            )),
+        }
+    }
+
+    async fn publish_every(&self) {
+        let every = self.fleet.lease() / 3;
+        self.listening.notified().await;
+        loop {
+            if self.fleet.is_up() {
+                self.publish().await;
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Writes this instance's publication.
+    async fn publish(&self) {
+        let Ok(mut conn) = self.connection() else {
+            return;
+        };
+        let registry = self.registry.clone();
+        let instance = self.instance().to_owned();
+        // Listing and serialising up to MAX_PUBLISHED entries is not for the runtime's threads.
+        let Ok(value) =
+            tokio::task::spawn_blocking(move || publication(&registry, &instance)).await
+        else {
+            return;
+        };
+        let ms = self.fleet.lease().as_millis() as u64;
+        let result: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(self.key(self.fleet.member()))
+            .arg(value)
+            .arg("PX")
+            .arg(ms)
+            .query_async(&mut conn)
+            .await;
+        match result {
+            Ok(()) => {
+                if !self.published.swap(true, Relaxed) {
+                    tracing::info!("fleet registry: publishing again");
+                }
+            }
+            Err(e) => {
+                if self.published.swap(false, Relaxed) {
+                    tracing::warn!(error = %e, "fleet registry: cannot publish this instance's connections; other instances stop listing them when its lease runs out");
+                }
+            }
+        }
+    }
+
+    /// Deletes this instance's publication (at shutdown).
+    async fn unpublish(&self) {
+        let Some(mut conn) = self.conn.get().cloned() else {
+            return;
+        };
+        let mut del = redis::cmd("DEL");
+        del.arg(self.key(self.fleet.member()));
+        let _ = tokio::time::timeout(COMMAND_TIMEOUT, del.query_async::<()>(&mut conn)).await;
+    }
+
+    /// Every member with a live publication but this one: `(member, instance)`, at most
+    /// [`MAX_MEMBERS`].
+    async fn members(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<BTreeMap<String, String>, FleetScopeError> {
+        let prefix = self.key("");
+        let pattern = format!("{}*", glob_escape(&prefix));
+        let mut members = BTreeMap::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await
+                .map_err(unavailable)?;
+            for key in keys {
+                let Some(member) = key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if member != self.fleet.member() && members.len() < MAX_MEMBERS {
+                    let instance = member.rsplit_once('#').map_or(member, |(i, _)| i);
+                    members.insert(member.to_owned(), instance.to_owned());
+                }
+            }
+            cursor = next;
+            if cursor == 0 || members.len() >= MAX_MEMBERS {
+                return Ok(members);
+            }
+        }
+    }
+
+    /// `GET /admin/connections?scope=fleet`.
+    pub async fn list(&self, f: &Filter) -> Result<FleetListing, FleetScopeError> {
+        tokio::time::timeout(LIST_TIMEOUT, self.list_unbounded(f))
+            .await
+            .unwrap_or_else(|_| {
+                Err(FleetScopeError::Unavailable(format!(
+                    "the listing took over {LIST_TIMEOUT:?}"
+                )))
+            })
+    }
+
+    async fn list_unbounded(&self, f: &Filter) -> Result<FleetListing, FleetScopeError> {
+        let mut conn = self.connection()?;
+        let members = self.members(&mut conn).await?;
+        let own = self.registry.list(f);
+        let mut instances = BTreeSet::from([self.instance().to_owned()]);
+        let mut truncated = BTreeSet::new();
+        let mut matched = own.matched;
+        let mut found: Vec<FleetConn> = own
+            .connections
+            .into_iter()
+            .map(|c| FleetConn {
+                instance: self.instance().to_owned(),
+                conn: c.into(),
+            })
+            .collect();
+        for member in members.keys() {
+            let value: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(self.key(member))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            // Gone since the scan (its lease ran out), or not ours to read: skipped.
+            let Some(published) = value.and_then(|v| serde_json::from_slice::<Published>(&v).ok())
+            else {
+                continue;
+            };
+            instances.insert(published.instance.clone());
+            if published.truncated {
+                truncated.insert(published.instance.clone());
+            }
+            let mut kept = 0;
+            for c in published.connections {
+                let hit = f.matches(&c.route, c.client.ip(), c.snapshot, |k| {
+                    c.tags.get(k).map(String::as_str)
+                });
+                if !hit {
+                    continue;
+                }
+                matched += 1;
+                if kept < f.limit {
+                    kept += 1;
+                    found.push(FleetConn {
+                        instance: published.instance.clone(),
+                        conn: c,
+                    });
+                }
+            }
+        }
+        found.sort_by(|a, b| (&a.instance, a.conn.id).cmp(&(&b.instance, b.conn.id)));
+        found.truncate(f.limit);
+        Ok(FleetListing {
+            connections: found,
+            matched,
+            instances: instances.into_iter().collect(),
+            truncated: truncated.into_iter().collect(),
+        })
+    }
+
+    /// `DELETE /admin/connections?scope=fleet` (a close) and `POST /admin/broadcast?scope=fleet`
+    /// (a send): `control` for every connection matching `f` on every instance.
+    pub async fn control_matching(
+        &self,
+        f: &Filter,
+        control: &Control,
+    ) -> Result<FleetOutcome, FleetScopeError> {
+        commands::ask(self, f, control).await
+    }
+
+    /// What this instance does with a command: the local registry's bulk action.
+    fn local(&self, f: &Filter, control: &Control) -> Outcome {
+        self.registry.control_matching(f, control)
+    }
+}
+
+/// This instance's publication as JSON: its connections, the oldest ids first, within
+/// [`MAX_PUBLISHED`] and [`MAX_PUBLISHED_BYTES`].
+fn publication(registry: &Registry, instance: &str) -> Vec<u8> {
+    let all = Filter {
+        limit: MAX_PUBLISHED,
+        ..Filter::default()
+    };
+    let listing = registry.list(&all);
+    let mut truncated = listing.matched > listing.connections.len();
+    let mut conns: Vec<u8> = Vec::new();
+    for (i, c) in listing.connections.into_iter().enumerate() {
+        let Ok(json) = serde_json::to_vec(&PublishedConn::from(c)) else {
+            continue;
+        };
+        if conns.len() + json.len() + 1 > MAX_PUBLISHED_BYTES {
+            truncated = true;
+            break;
+        }
+        if i > 0 {
+            conns.push(b',');
+        }
+        conns.extend_from_slice(&json);
+    }
+    let head = serde_json::json!({
+        "instance": instance,
+        "published_at": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "open": listing.matched,
+        "truncated": truncated,
+    })
+    .to_string();
+    // `{...head fields..., "connections": [conns]}`
+    let mut out = Vec::with_capacity(head.len() + conns.len() + 20);
+    out.extend_from_slice(&head.as_bytes()[..head.len() - 1]);
+    out.extend_from_slice(b",\"connections\":[");
+    out.extend_from_slice(&conns);
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// `text` with Redis's glob characters escaped, for `SCAN MATCH`.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn unavailable(e: redis::RedisError) -> FleetScopeError {
+    FleetScopeError::Unavailable(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{NewConnection, Tags, UpgradeRequest};
+
+    #[test]
+    fn a_publication_reads_back_and_filters_like_the_registry() {
+        let registry = Registry::new();
+        let mut tags = Tags::default();
+        tags.insert("user", "ann").unwrap();
+        let _held = registry
+            .register(NewConnection {
+                id: 7,
+                route: "/chat".into(),
+                client: "10.0.0.1:5000".parse().unwrap(),
+                upstream: "ws://u:secret@127.0.0.1:9/".into(),
+                opened_at: SystemTime::UNIX_EPOCH,
+                expires_at: None,
+                snapshot: 1,
+                tags,
+                request: UpgradeRequest::new("GET", "/chat", [("Cookie", &b"s3cret"[..])]),
+                ctx: serde_json::json!({"token": "s3cret"}),
+                capture_config: Arc::default(),
+                capture: None,
+            })
+            .unwrap();
+        let bytes = publication(&registry, "gw-1");
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(!text.contains("secret"), "{text}");
+        let p: Published = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (p.instance.as_str(), p.open, p.truncated),
+            ("gw-1", 1, false)
+        );
+        let c = &p.connections[0];
+        let f = Filter::from_query("tag=user:ann&client_ip=10.0.0.1", &[]).unwrap();
+        assert!(f.matches(&c.route, c.client.ip(), c.snapshot, |k| c
+            .tags
+            .get(k)
+            .map(String::as_str)));
+        let f = Filter::from_query("tag=user:bob", &[]).unwrap();
+        assert!(!f.matches(&c.route, c.client.ip(), c.snapshot, |k| c
+            .tags
+            .get(k)
+            .map(String::as_str)));
+    }
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("fg:reg:"), "fg:reg:");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}
