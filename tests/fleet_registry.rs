@@ -99,10 +99,13 @@ async fn get(gw: &framegate::Running, uri: &str) -> Reply {
 /// A client on `gw` whose first message went through (so it is registered).
 async fn client(gw: &framegate::Running, query: &str) -> Client {
     let mut ws = connect(gw.local_addrs()[0], &format!("/chat?{query}")).await;
-    ws.send(Message::text("hi")).await.unwrap();
-    assert_eq!(next_text(&mut ws).await, "hi");
+    ws.send(Message::text(PAYLOAD)).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, PAYLOAD);
     ws
 }
+
+/// What the clients send: it must never reach Redis.
+const PAYLOAD: &str = "payload-that-stays-here";
 
 /// Polls `uri` on `gw` (bounded) until `done` holds for its JSON answer; returns it.
 async fn until(
@@ -212,6 +215,19 @@ async fn a_fleet_listing_by_tag_names_each_connections_instance() {
     .await;
     assert_eq!(everyone["instances"], serde_json::json!(INSTANCES));
     assert_eq!(everyone["truncated"], serde_json::json!([]));
+    // What Redis holds: one key per instance, leased, with summaries and tags, no payload.
+    assert_eq!(
+        redis.command(&["SCARD", "fg:reg"]).await.as_deref(),
+        Some(":3")
+    );
+    let member = redis.command(&["SRANDMEMBER", "fg:reg"]).await.unwrap();
+    let key = format!("fg:reg:{member}");
+    let value = redis.command(&["GET", &key]).await.unwrap();
+    assert!(value.contains("\"tags\":{\"user\":"), "{value}");
+    assert!(!value.contains(PAYLOAD), "{value}");
+    let ttl = redis.command(&["PTTL", &key]).await.unwrap();
+    let ttl: i64 = ttl.trim_start_matches(':').parse().unwrap();
+    assert!((1..=1000).contains(&ttl), "PTTL {ttl}");
     // The same filters as the local listing: route, client_ip, limit.
     let limited = get(
         &gws[0],
@@ -542,6 +558,11 @@ async fn a_killed_instances_entries_vanish_from_the_fleet_listing_within_its_lea
     )
     .await;
     let after = killed.elapsed();
+    assert_eq!(
+        redis.command(&["SCARD", "fg:reg"]).await.as_deref(),
+        Some(":1"),
+        "the dead member left the set"
+    );
     // The lease, plus room for one poll on a busy machine.
     assert!(
         after <= Duration::from_millis(2000),

@@ -5,8 +5,9 @@
 //! - Publishing: every third of `shared.lease`, this instance writes a summary of its open
 //!   connections (id, route, client address, opened and expiry times, snapshot, counts, tags;
 //!   never a payload, a ctx, a request header or the upstream URL) to
-//!   `<prefix>reg:<member>`, with a PX of `shared.lease`: a dead instance's entries vanish with
-//!   its lease; a stopped one deletes its key. At most [`MAX_PUBLISHED`] connections and
+//!   `<prefix>reg:<member>`, with a PX of `shared.lease`, and adds itself to the set
+//!   `<prefix>reg`: a dead instance's entries vanish with its lease (and readers drop it from
+//!   the set); a stopped one deletes both. It starts publishing once it listens for commands. At most [`MAX_PUBLISHED`] connections and
 //!   [`MAX_PUBLISHED_BYTES`] of JSON are published (the oldest ids first); past either bound,
 //!   the rest are left out and the instance is named in the listing's `truncated`.
 //! - Listing: this instance's own connections come from its registry (fresh); every other
@@ -49,6 +50,20 @@ pub const REPLY_WAIT: Duration = Duration::from_secs(1);
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on a whole `scope=fleet` listing.
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The live members, at most `ARGV[2]` of them; a member whose publication has expired is
+/// removed from the set. `KEYS[1]`: `<prefix>reg`; `ARGV[1]`: `<prefix>reg:`.
+const LIVE_MEMBERS: &str = r"
+local live = {}
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. m) == 1 then
+    if #live < tonumber(ARGV[2]) then live[#live + 1] = m end
+  else
+    redis.call('SREM', KEYS[1], m)
+  end
+end
+return live
+";
 
 /// Why a `scope=fleet` request could not be served (the admin answers 503).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +157,8 @@ pub struct FleetRegistry {
     /// Notified when the first subscription to the fleet's commands is made: an instance
     /// publishes (becomes a member that kicks wait for) only once it listens.
     listening: tokio::sync::Notify,
+    /// [`LIVE_MEMBERS`].
+    live_members: redis::Script,
 }
 
 impl std::fmt::Debug for FleetRegistry {
@@ -162,6 +179,7 @@ impl FleetRegistry {
             conn: OnceLock::new(),
             published: AtomicBool::new(true),
             listening: tokio::sync::Notify::new(),
+            live_members: redis::Script::new(LIVE_MEMBERS),
         })
     }
 
@@ -205,8 +223,15 @@ impl FleetRegistry {
         self.fleet.instance()
     }
 
+    /// `<prefix>reg:<member>`: a member's publication.
     fn key(&self, member: &str) -> String {
         format!("{}reg:{member}", self.fleet.key_prefix())
+    }
+
+    /// `<prefix>reg`: the set of members that have published (the dead ones are dropped by
+    /// the readers, see [`LIVE_MEMBERS`]).
+    fn members_key(&self) -> String {
+        format!("{}reg", self.fleet.key_prefix())
     }
 
     /// The connection, while the fleet's store is up.
@@ -244,11 +269,18 @@ impl FleetRegistry {
             return;
         };
         let ms = self.fleet.lease().as_millis() as u64;
-        let result: redis::RedisResult<()> = redis::cmd("SET")
+        let result: redis::RedisResult<()> = redis::pipe()
+            .atomic()
+            .cmd("SET")
             .arg(self.key(self.fleet.member()))
             .arg(value)
             .arg("PX")
             .arg(ms)
+            .ignore()
+            .cmd("SADD")
+            .arg(self.members_key())
+            .arg(self.fleet.member())
+            .ignore()
             .query_async(&mut conn)
             .await;
         match result {
@@ -270,45 +302,42 @@ impl FleetRegistry {
         let Some(mut conn) = self.conn.get().cloned() else {
             return;
         };
-        let mut del = redis::cmd("DEL");
-        del.arg(self.key(self.fleet.member()));
-        let _ = tokio::time::timeout(COMMAND_TIMEOUT, del.query_async::<()>(&mut conn)).await;
+        let mut gone = redis::pipe();
+        gone.atomic()
+            .cmd("DEL")
+            .arg(self.key(self.fleet.member()))
+            .ignore()
+            .cmd("SREM")
+            .arg(self.members_key())
+            .arg(self.fleet.member())
+            .ignore();
+        let _ = tokio::time::timeout(COMMAND_TIMEOUT, gone.query_async::<()>(&mut conn)).await;
     }
 
     /// Every member with a live publication but this one: `(member, instance)`, at most
-    /// [`MAX_MEMBERS`].
+    /// [`MAX_MEMBERS`]. One script reads the set of members and drops those whose
+    /// publication has expired (instances that died); no scan of the keyspace.
     async fn members(
         &self,
         conn: &mut ConnectionManager,
     ) -> Result<BTreeMap<String, String>, FleetScopeError> {
-        let prefix = self.key("");
-        let pattern = format!("{}*", glob_escape(&prefix));
-        let mut members = BTreeMap::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await
-                .map_err(unavailable)?;
-            for key in keys {
-                let Some(member) = key.strip_prefix(&prefix) else {
-                    continue;
-                };
-                if member != self.fleet.member() && members.len() < MAX_MEMBERS {
-                    let instance = member.rsplit_once('#').map_or(member, |(i, _)| i);
-                    members.insert(member.to_owned(), instance.to_owned());
-                }
-            }
-            cursor = next;
-            if cursor == 0 || members.len() >= MAX_MEMBERS {
-                return Ok(members);
-            }
-        }
+        let live: Vec<String> = self
+            .live_members
+            .key(self.members_key())
+            .arg(self.key(""))
+            .arg(MAX_MEMBERS + 1)
+            .invoke_async(conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(live
+            .into_iter()
+            .filter(|m| m != self.fleet.member())
+            .take(MAX_MEMBERS)
+            .map(|m| {
+                let instance = m.rsplit_once('#').map_or(m.as_str(), |(i, _)| i).to_owned();
+                (m, instance)
+            })
+            .collect())
     }
 
     /// `GET /admin/connections?scope=fleet`.
@@ -435,18 +464,6 @@ fn publication(registry: &Registry, instance: &str) -> Vec<u8> {
     out
 }
 
-/// `text` with Redis's glob characters escaped, for `SCAN MATCH`.
-fn glob_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn unavailable(e: redis::RedisError) -> FleetScopeError {
     FleetScopeError::Unavailable(e.to_string())
 }
@@ -496,11 +513,5 @@ mod tests {
             .tags
             .get(k)
             .map(String::as_str)));
-    }
-
-    #[test]
-    fn glob_characters_are_escaped() {
-        assert_eq!(glob_escape("fg:reg:"), "fg:reg:");
-        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }
