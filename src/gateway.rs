@@ -231,6 +231,7 @@ impl Gateway {
             admin_addr,
             background,
             workers: Some(workers),
+            fleet_registry,
         })
     }
 }
@@ -258,6 +259,8 @@ pub struct Running {
     /// Stops the admin listener and the file watcher.
     background: CancellationToken,
     workers: Option<Workers>,
+    /// Unpublished at the end of a shutdown, so that the fleet stops listing this instance.
+    fleet_registry: Option<Arc<crate::fleet::registry::FleetRegistry>>,
 }
 
 /// How a shutdown ended.
@@ -376,6 +379,9 @@ impl Running {
                     );
                 }
             }
+        }
+        if let Some(registry) = &self.fleet_registry {
+            registry.unpublish().await;
         }
         self.background.cancel();
         outcome

@@ -176,6 +176,7 @@ async fn a_fleet_listing_by_tag_names_each_connections_instance() {
     let redis = Redis::start().await;
     let upstream = echo().await;
     let gws = fleet(&redis, upstream.addr).await;
+    let mut gws = gws;
     let _ann1 = client(&gws[0], "user=ann").await;
     let _bob = client(&gws[1], "user=bob").await;
     let _ann3 = client(&gws[2], "user=ann").await;
@@ -253,6 +254,16 @@ async fn a_fleet_listing_by_tag_names_each_connections_instance() {
     assert_eq!(local["matched"], 1);
     assert!(local["connections"][0].get("instance").is_none());
     assert!(local.get("instances").is_none());
+
+    // A shut-down instance takes itself out at once.
+    let gw3 = gws.pop().unwrap();
+    gw3.shutdown().await;
+    assert_eq!(
+        redis.command(&["SCARD", "fg:reg"]).await.as_deref(),
+        Some(":2")
+    );
+    let listing = get(&gws[0], "/admin/connections?scope=fleet").await.json();
+    assert_eq!(listing["instances"], serde_json::json!(["gw-1", "gw-2"]));
 
     // Anything else than local or fleet is refused, naming both.
     let bad = get(&gws[0], "/admin/connections?scope=world").await;

@@ -159,6 +159,8 @@ pub struct FleetRegistry {
     listening: tokio::sync::Notify,
     /// [`LIVE_MEMBERS`].
     live_members: redis::Script,
+    /// Set by [`FleetRegistry::unpublish`]: no publication after it.
+    stopped: AtomicBool,
 }
 
 impl std::fmt::Debug for FleetRegistry {
@@ -180,11 +182,12 @@ impl FleetRegistry {
             published: AtomicBool::new(true),
             listening: tokio::sync::Notify::new(),
             live_members: redis::Script::new(LIVE_MEMBERS),
+            stopped: AtomicBool::new(false),
         })
     }
 
-    /// Starts publishing and listening for commands on the current runtime, until `stop`;
-    /// at `stop`, the publication is deleted (best effort, within [`COMMAND_TIMEOUT`]).
+    /// Starts publishing and listening for commands on the current runtime, until `stop`.
+    /// [`FleetRegistry::unpublish`] at the end of a shutdown takes this instance out.
     pub fn start(self: &Arc<Self>, stop: CancellationToken) {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
@@ -205,7 +208,7 @@ impl FleetRegistry {
         let stopped = stop.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = stopped.cancelled() => me.unpublish().await,
+                () = stopped.cancelled() => {}
                 () = me.publish_every() => {}
             }
         });
@@ -260,6 +263,9 @@ impl FleetRegistry {
         let Ok(mut conn) = self.connection() else {
             return;
         };
+        if self.stopped.load(Relaxed) {
+            return;
+        }
         let registry = self.registry.clone();
         let instance = self.instance().to_owned();
         // Listing and serialising up to MAX_PUBLISHED entries is not for the runtime's threads.
@@ -297,8 +303,10 @@ impl FleetRegistry {
         }
     }
 
-    /// Deletes this instance's publication (at shutdown).
-    async fn unpublish(&self) {
+    /// Deletes this instance's publication and leaves the set (at the end of a shutdown,
+    /// within [`COMMAND_TIMEOUT`], best effort: else the lease removes it).
+    pub async fn unpublish(&self) {
+        self.stopped.store(true, Relaxed);
         let Some(mut conn) = self.conn.get().cloned() else {
             return;
         };
