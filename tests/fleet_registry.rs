@@ -581,3 +581,38 @@ async fn a_killed_instances_entries_vanish_from_the_fleet_listing_within_its_lea
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_gets_a_bounded_503_not_a_hang() {
+    let redis = Redis::start().await;
+    let upstream = echo().await;
+    let gws = fleet(&redis, upstream.addr).await;
+    let _ann = client(&gws[1], "user=ann").await;
+    all_listening(&gws[0], &INSTANCES).await;
+
+    // SIGSTOP: connections stay open and nothing answers. Each request ends within the
+    // registry's bounds (2 s a command, 5 s a listing) with 503; local scope answers at once.
+    redis.pause(true);
+    for (method, uri) in [
+        ("GET", "/admin/connections?scope=fleet"),
+        ("DELETE", "/admin/connections?tag=user:ann&scope=fleet"),
+    ] {
+        let asked = tokio::time::Instant::now();
+        let r = call(admin(&gws[0]), method, uri, None, Bytes::new()).await;
+        assert_eq!(r.status, 503, "{method} {uri}: {:?}", r.body);
+        assert!(asked.elapsed() < Duration::from_secs(6), "{method} {uri}");
+    }
+    let local = get(&gws[1], "/admin/connections?tag=user:ann").await;
+    assert_eq!(local.json()["matched"], 1);
+    redis.pause(false);
+    until(
+        &gws[0],
+        "/admin/connections?tag=user:ann&scope=fleet",
+        "the fleet listing back",
+        |v| v["matched"] == 1,
+    )
+    .await;
+    for g in gws {
+        g.shutdown().await;
+    }
+}
