@@ -112,13 +112,11 @@ impl From<ConnSummary> for PublishedConn {
     }
 }
 
-/// The value of `<prefix>reg:<member>`.
+/// The value of `<prefix>reg:<member>`, as a listing reads it (it also holds
+/// `published_at` and `open`, the number of connections open at the publication).
 #[derive(Debug, Deserialize)]
 struct Published {
     instance: String,
-    /// Connections open at the publication (some may be left out: `truncated`).
-    #[allow(dead_code)]
-    open: usize,
     truncated: bool,
     connections: Vec<PublishedConn>,
 }
@@ -269,8 +267,10 @@ impl FleetRegistry {
         let registry = self.registry.clone();
         let instance = self.instance().to_owned();
         // Listing and serialising up to MAX_PUBLISHED entries is not for the runtime's threads.
-        let Ok(value) =
-            tokio::task::spawn_blocking(move || publication(&registry, &instance)).await
+        let Ok(value) = tokio::task::spawn_blocking(move || {
+            publication(&registry, &instance, MAX_PUBLISHED, MAX_PUBLISHED_BYTES)
+        })
+        .await
         else {
             return;
         };
@@ -433,11 +433,11 @@ impl FleetRegistry {
     }
 }
 
-/// This instance's publication as JSON: its connections, the oldest ids first, within
-/// [`MAX_PUBLISHED`] and [`MAX_PUBLISHED_BYTES`].
-fn publication(registry: &Registry, instance: &str) -> Vec<u8> {
+/// This instance's publication as JSON: its connections, the oldest ids first, at most
+/// `max` of them in at most `max_bytes` (of their JSON).
+fn publication(registry: &Registry, instance: &str, max: usize, max_bytes: usize) -> Vec<u8> {
     let all = Filter {
-        limit: MAX_PUBLISHED,
+        limit: max,
         ..Filter::default()
     };
     let listing = registry.list(&all);
@@ -447,7 +447,7 @@ fn publication(registry: &Registry, instance: &str) -> Vec<u8> {
         let Ok(json) = serde_json::to_vec(&PublishedConn::from(c)) else {
             continue;
         };
-        if conns.len() + json.len() + 1 > MAX_PUBLISHED_BYTES {
+        if conns.len() + json.len() + 1 > max_bytes {
             truncated = true;
             break;
         }
@@ -481,35 +481,59 @@ mod tests {
     use super::*;
     use crate::registry::{NewConnection, Tags, UpgradeRequest};
 
+    fn conn(id: u64) -> NewConnection {
+        let mut tags = Tags::default();
+        tags.insert("user", "ann").unwrap();
+        NewConnection {
+            id,
+            route: "/chat".into(),
+            client: "10.0.0.1:5000".parse().unwrap(),
+            upstream: "ws://u:secret@127.0.0.1:9/".into(),
+            opened_at: SystemTime::UNIX_EPOCH,
+            expires_at: None,
+            snapshot: 1,
+            tags,
+            request: UpgradeRequest::new("GET", "/chat", [("Cookie", &b"s3cret"[..])]),
+            ctx: serde_json::json!({"token": "s3cret"}),
+            capture_config: Arc::default(),
+            capture: None,
+        }
+    }
+
+    #[test]
+    fn a_publication_past_its_bounds_keeps_the_oldest_and_says_truncated() {
+        let registry = Registry::new();
+        let _held: Vec<_> = (1..=5)
+            .map(|id| registry.register(conn(id)).unwrap())
+            .collect();
+        let by_count: Published =
+            serde_json::from_slice(&publication(&registry, "gw-1", 2, MAX_PUBLISHED_BYTES))
+                .unwrap();
+        assert!(by_count.truncated);
+        let ids: Vec<u64> = by_count.connections.iter().map(|c| c.id).collect();
+        assert_eq!(ids, [1, 2]);
+        let one = serde_json::to_vec(&by_count.connections[0]).unwrap().len();
+        let by_bytes: Published =
+            serde_json::from_slice(&publication(&registry, "gw-1", 100, 3 * one + 2)).unwrap();
+        assert!(by_bytes.truncated);
+        assert_eq!(by_bytes.connections.len(), 3);
+        let whole: Published =
+            serde_json::from_slice(&publication(&registry, "gw-1", 100, 1 << 20)).unwrap();
+        assert!(!whole.truncated);
+        assert_eq!(whole.connections.len(), 5);
+    }
+
     #[test]
     fn a_publication_reads_back_and_filters_like_the_registry() {
         let registry = Registry::new();
-        let mut tags = Tags::default();
-        tags.insert("user", "ann").unwrap();
-        let _held = registry
-            .register(NewConnection {
-                id: 7,
-                route: "/chat".into(),
-                client: "10.0.0.1:5000".parse().unwrap(),
-                upstream: "ws://u:secret@127.0.0.1:9/".into(),
-                opened_at: SystemTime::UNIX_EPOCH,
-                expires_at: None,
-                snapshot: 1,
-                tags,
-                request: UpgradeRequest::new("GET", "/chat", [("Cookie", &b"s3cret"[..])]),
-                ctx: serde_json::json!({"token": "s3cret"}),
-                capture_config: Arc::default(),
-                capture: None,
-            })
-            .unwrap();
-        let bytes = publication(&registry, "gw-1");
+        let _held = registry.register(conn(7)).unwrap();
+        let bytes = publication(&registry, "gw-1", MAX_PUBLISHED, MAX_PUBLISHED_BYTES);
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(!text.contains("secret"), "{text}");
         let p: Published = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(
-            (p.instance.as_str(), p.open, p.truncated),
-            ("gw-1", 1, false)
-        );
+        assert_eq!((p.instance.as_str(), p.truncated), ("gw-1", false));
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["open"], 1);
         let c = &p.connections[0];
         let f = Filter::from_query("tag=user:ann&client_ip=10.0.0.1", &[]).unwrap();
         assert!(f.matches(&c.route, c.client.ip(), c.snapshot, |k| c
