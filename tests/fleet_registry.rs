@@ -179,7 +179,7 @@ async fn a_fleet_listing_by_tag_names_each_connections_instance() {
     let mut gws = gws;
     let _ann1 = client(&gws[0], "user=ann").await;
     let _bob = client(&gws[1], "user=bob").await;
-    let _ann3 = client(&gws[2], "user=ann").await;
+    let ann3 = client(&gws[2], "user=ann").await;
 
     // Asked on gw-2, which holds none of ann's connections.
     let listing = until(
@@ -256,6 +256,7 @@ async fn a_fleet_listing_by_tag_names_each_connections_instance() {
     assert!(local.get("instances").is_none());
 
     // A shut-down instance takes itself out at once.
+    drop(ann3);
     let gw3 = gws.pop().unwrap();
     gw3.shutdown().await;
     assert_eq!(
@@ -276,6 +277,8 @@ async fn a_fleet_listing_by_tag_names_each_connections_instance() {
         "{}",
         bad.json()
     );
+    // Clients gone first: shutdown then has nothing to drain.
+    drop((_ann1, _bob));
     for g in gws {
         g.shutdown().await;
     }
@@ -345,6 +348,7 @@ async fn a_fleet_kick_by_tag_closes_anns_connections_on_every_instance() {
         let r = call(admin(&gws[0]), "DELETE", uri, None, Bytes::new()).await;
         assert_eq!(r.status, 400, "{uri}");
     }
+    drop((anns, bob, again));
     for g in gws {
         g.shutdown().await;
     }
@@ -395,6 +399,7 @@ async fn a_fleet_broadcast_reaches_clients_on_every_instance() {
     // The kitchen heard nothing: its next message is its own echo.
     outside.send(Message::text("mine")).await.unwrap();
     assert_eq!(next_text(&mut outside).await, "mine");
+    drop((room, outside));
     for g in gws {
         g.shutdown().await;
     }
@@ -462,6 +467,7 @@ async fn without_redis_fleet_scope_answers_503_and_local_scope_still_works() {
     for ws in &mut anns {
         assert_eq!(next_text(ws).await, "back");
     }
+    drop(anns);
     for g in gws {
         g.shutdown().await;
     }
@@ -612,6 +618,7 @@ async fn a_redis_that_stops_answering_gets_a_bounded_503_not_a_hang() {
         |v| v["matched"] == 1,
     )
     .await;
+    drop(_ann);
     for g in gws {
         g.shutdown().await;
     }
