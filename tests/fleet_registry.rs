@@ -623,3 +623,38 @@ async fn a_redis_that_stops_answering_gets_a_bounded_503_not_a_hang() {
         g.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn an_instance_refuses_a_fleet_close_without_a_filter_from_redis() {
+    let redis = Redis::start().await;
+    let upstream = echo().await;
+    let gw = gateway(&config(&redis, "gw-1", upstream.addr)).await;
+    let mut ann = client(&gw, "user=ann").await;
+    // An instance publishes once it listens for commands.
+    within("gw-1 published", async {
+        while redis.command(&["SCARD", "fg:reg"]).await.as_deref() != Some(":1") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Whoever writes to Redis is trusted, but not to close every connection at once: the
+    // instance holds the admin's rule too. Commands run in order, so the second one's code is
+    // what the client sees.
+    let command = |filter: &str, code: u16| {
+        format!(
+            r#"{{"from":"elsewhere#1","reply":"fg:reply:elsewhere#1:1","filter":{{"route":null,"client_ip":null,"tag":{filter},"snapshot":null,"limit":100}},"action":"close","code":{code},"reason":"r"}}"#
+        )
+    };
+    for (filter, code) in [("null", 4001), (r#"["user","ann"]"#, 4002)] {
+        assert_eq!(
+            redis
+                .command(&["PUBLISH", "fg:cmd", &command(filter, code)])
+                .await
+                .as_deref(),
+            Some(":1"),
+            "one subscriber"
+        );
+    }
+    assert_eq!(expect_close(&mut ann).await, close_frame(4002, "r"));
+    gw.shutdown().await;
+}

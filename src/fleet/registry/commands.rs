@@ -44,7 +44,9 @@ struct Command {
     reply: String,
     /// Which connections.
     filter: Filter,
-    /// What to do with them.
+    /// What to do with them (`"action": "close" | "text" | "binary"` and its fields, in the
+    /// command itself).
+    #[serde(flatten)]
     action: Action,
 }
 
@@ -291,6 +293,11 @@ async fn handle(me: &FleetRegistry, payload: &[u8]) {
         tracing::debug!("fleet command with an invalid action ignored");
         return;
     };
+    // The admin's rule, held here too: no close of every connection at once.
+    if matches!(control, Control::Close { .. }) && command.filter.is_everything() {
+        tracing::debug!("fleet close without a filter ignored");
+        return;
+    }
     let outcome = me.local(&command.filter, &control);
     let Ok(answer) = serde_json::to_vec(&Reply {
         member: me.fleet.member().to_owned(),
