@@ -165,11 +165,19 @@ impl Gateway {
         // The admin listener and the file watcher stop at the end of shutdown, so that
         // `/readyz` answers 503 while connections drain.
         let background = CancellationToken::new();
+        // `scope=fleet` on the admin's registry endpoints (src/fleet/registry.rs).
+        let fleet_registry = self.shared.fleet.as_ref().map(|fleet| {
+            crate::fleet::registry::FleetRegistry::new(fleet.clone(), self.shared.registry.clone())
+        });
         let admin_addr = match admin {
             None => None,
             Some((listener, token)) => {
                 let addr = listener.local_addr().ok();
-                let api = Arc::new(GatewayApi::new(self.shared.clone(), reloader.clone()));
+                let api = Arc::new(GatewayApi::new(
+                    self.shared.clone(),
+                    reloader.clone(),
+                    fleet_registry.clone(),
+                ));
                 tokio::spawn(admin::serve(listener, background.clone(), token, api));
                 if let Some(addr) = addr {
                     tracing::info!(%addr, "admin API listening");
@@ -184,6 +192,9 @@ impl Gateway {
         // runtime until the end of shutdown (on_close policies may still use it while draining).
         if let Some(fleet) = &self.shared.fleet {
             fleet.start(background.clone()).await;
+        }
+        if let Some(registry) = &fleet_registry {
+            registry.start(background.clone());
         }
         // Active health checks: one task for the whole gateway, whatever its worker count.
         let shared = self.shared.clone();
@@ -220,6 +231,7 @@ impl Gateway {
             admin_addr,
             background,
             workers: Some(workers),
+            fleet_registry,
         })
     }
 }
@@ -247,6 +259,8 @@ pub struct Running {
     /// Stops the admin listener and the file watcher.
     background: CancellationToken,
     workers: Option<Workers>,
+    /// Unpublished at the end of a shutdown, so that the fleet stops listing this instance.
+    fleet_registry: Option<Arc<crate::fleet::registry::FleetRegistry>>,
 }
 
 /// How a shutdown ended.
@@ -365,6 +379,9 @@ impl Running {
                     );
                 }
             }
+        }
+        if let Some(registry) = &self.fleet_registry {
+            registry.unpublish().await;
         }
         self.background.cancel();
         outcome

@@ -349,7 +349,7 @@ pub struct NewConnection {
 }
 
 /// Where an admin message goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     /// To the client, as if the upstream sent it.
@@ -466,7 +466,7 @@ struct Entry {
 }
 
 /// Messages and bytes both ways.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Both {
     /// From the client to the upstream.
     pub client_to_upstream: u64,
@@ -555,15 +555,9 @@ impl Entry {
     }
 
     fn matches(&self, f: &Filter) -> bool {
-        f.route.as_deref().is_none_or(|r| r == self.route)
-            // Canonical forms, so that 10.0.0.1 also finds ::ffff:10.0.0.1 on a dual-stack listener.
-            && f
-                .client_ip
-                .is_none_or(|ip| ip.to_canonical() == self.client.ip().to_canonical())
-            && f.snapshot.is_none_or(|s| s == self.snapshot)
-            && f.tag
-                .as_ref()
-                .is_none_or(|(k, v)| self.tags.get(k) == Some(v.as_str()))
+        f.matches(&self.route, self.client.ip(), self.snapshot, |k| {
+            self.tags.get(k)
+        })
     }
 }
 
@@ -572,7 +566,8 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 /// Which connections a query or a bulk action applies to. All given conditions must hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialised as JSON in the fleet's commands (`src/fleet/registry/commands.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Filter {
     /// Route name, exactly.
     pub route: Option<String>,
@@ -638,6 +633,28 @@ impl Filter {
         Ok(f)
     }
 
+    /// Whether a connection of `route`, from `client`, on `snapshot`, whose tag values `tag`
+    /// looks up, meets every condition (the limit aside). The registry's own entries and the
+    /// fleet's published ones (`src/fleet/registry.rs`) are matched by this one rule.
+    pub fn matches<'t>(
+        &self,
+        route: &str,
+        client: IpAddr,
+        snapshot: u64,
+        tag: impl Fn(&str) -> Option<&'t str>,
+    ) -> bool {
+        self.route.as_deref().is_none_or(|r| r == route)
+            // Canonical forms, so that 10.0.0.1 also finds ::ffff:10.0.0.1 on a dual-stack listener.
+            && self
+                .client_ip
+                .is_none_or(|ip| ip.to_canonical() == client.to_canonical())
+            && self.snapshot.is_none_or(|s| s == snapshot)
+            && self
+                .tag
+                .as_ref()
+                .is_none_or(|(k, v)| tag(k) == Some(v.as_str()))
+    }
+
     /// True when no condition is set (a bulk action would hit every connection).
     pub fn is_everything(&self) -> bool {
         self.route.is_none()
@@ -657,7 +674,7 @@ pub struct Listing {
 }
 
 /// The result of a bulk action.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Outcome {
     /// Connections that matched the filter.
     pub matched: usize,

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::{AdminApi, BoxFuture};
 use crate::config::{Config, OnPolicyError, Route};
+use crate::fleet::registry::FleetRegistry;
 use crate::proxy::Shared;
 use crate::registry::Registry;
 use crate::reload::Reloader;
@@ -16,11 +17,21 @@ use crate::reload::Reloader;
 pub(crate) struct GatewayApi {
     shared: Arc<Shared>,
     reloader: Arc<Reloader>,
+    /// `scope=fleet`: with `[shared] backend = "redis"` only.
+    fleet: Option<Arc<FleetRegistry>>,
 }
 
 impl GatewayApi {
-    pub(crate) fn new(shared: Arc<Shared>, reloader: Arc<Reloader>) -> GatewayApi {
-        GatewayApi { shared, reloader }
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        reloader: Arc<Reloader>,
+        fleet: Option<Arc<FleetRegistry>>,
+    ) -> GatewayApi {
+        GatewayApi {
+            shared,
+            reloader,
+            fleet,
+        }
     }
 }
 
@@ -83,6 +94,10 @@ impl AdminApi for GatewayApi {
 
     fn registry(&self) -> &Registry {
         &self.shared.registry
+    }
+
+    fn fleet(&self) -> Option<Arc<FleetRegistry>> {
+        self.fleet.clone()
     }
 
     fn reload(&self) -> BoxFuture<Result<u64, String>> {

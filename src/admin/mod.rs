@@ -18,6 +18,10 @@
 //!   [`check_close`].
 //! - `DELETE /admin/connections` needs at least one filter; `POST /admin/broadcast` without one
 //!   reaches every connection.
+//! - `scope=fleet` on `GET`/`DELETE /admin/connections` and `POST /admin/broadcast` goes to
+//!   every instance through Redis ([`AdminApi::fleet`], `src/fleet/registry.rs`): 400 without
+//!   `[shared] backend = "redis"`, 503 while Redis is unreachable. `scope=local` (the default)
+//!   is this instance alone, as before.
 
 pub use crate::config::admin as config;
 mod console;
@@ -44,6 +48,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CaptureMode;
+use crate::fleet::registry::{FleetRegistry, FleetScopeError};
 use crate::registry::{check_close, Control, ControlError, Filter, Message, Registry, Target};
 
 pub use config::{AdminConfig, AdminConfigError, RawAdmin};
@@ -83,6 +88,12 @@ pub trait AdminApi: Send + Sync + 'static {
 
     /// The effective configuration, secrets redacted, with its `snapshot` number.
     fn config(&self) -> serde_json::Value;
+
+    /// `scope=fleet` on the registry's endpoints: the registry across the fleet; `None`
+    /// (the default) without `[shared] backend = "redis"`, where `scope=fleet` answers 400.
+    fn fleet(&self) -> Option<Arc<FleetRegistry>> {
+        None
+    }
 
     /// `GET /admin/upstreams`: each `[[upstream]]` pool and its endpoints' live state.
     fn upstreams(&self) -> serde_json::Value {
@@ -186,6 +197,12 @@ fn json_answer(status: StatusCode, body: &impl serde::Serialize) -> Answer {
 impl From<Refusal> for Answer {
     fn from(Refusal(status, message): Refusal) -> Answer {
         json_answer(status, &json!({ "error": message }))
+    }
+}
+
+impl From<FleetScopeError> for Refusal {
+    fn from(e: FleetScopeError) -> Refusal {
+        Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     }
 }
 
@@ -317,11 +334,15 @@ impl Handler {
                 Ok(r)
             }
             (["admin", "connections"], &Method::GET) => {
-                let f = filter(&query, &[])?;
-                Ok(json_answer(StatusCode::OK, &api.registry().list(&f)))
+                let f = filter(&query, &["scope"])?;
+                match self.scope(&query)? {
+                    None => Ok(json_answer(StatusCode::OK, &api.registry().list(&f))),
+                    Some(fleet) => Ok(json_answer(StatusCode::OK, &fleet.list(&f).await?)),
+                }
             }
             (["admin", "connections"], &Method::DELETE) => {
-                let f = filter(&query, &["code", "reason"])?;
+                let f = filter(&query, &["code", "reason", "scope"])?;
+                let fleet = self.scope(&query)?;
                 if f.is_everything() {
                     return Err(Refusal::new(
                         StatusCode::BAD_REQUEST,
@@ -330,10 +351,16 @@ impl Handler {
                 }
                 let (code, reason) = close_params(&query)?;
                 let close = Control::Close { code, reason };
-                Ok(json_answer(
-                    StatusCode::OK,
-                    &api.registry().control_matching(&f, &close),
-                ))
+                match fleet {
+                    None => Ok(json_answer(
+                        StatusCode::OK,
+                        &api.registry().control_matching(&f, &close),
+                    )),
+                    Some(fleet) => Ok(json_answer(
+                        StatusCode::OK,
+                        &fleet.control_matching(&f, &close).await?,
+                    )),
+                }
             }
             (["admin", "connections", id], &Method::GET) => {
                 let id = conn_id(id)?;
@@ -420,16 +447,23 @@ impl Handler {
                 Ok(console::stream(capture, after, self.shutdown.clone()))
             }
             (["admin", "broadcast"], &Method::POST) => {
-                let f = filter(&query, &[])?;
+                let f = filter(&query, &["scope"])?;
+                let fleet = self.scope(&query)?;
                 let message = message(req).await?;
                 let send = Control::Send {
                     to: Target::Client,
                     message,
                 };
-                Ok(json_answer(
-                    StatusCode::OK,
-                    &api.registry().control_matching(&f, &send),
-                ))
+                match fleet {
+                    None => Ok(json_answer(
+                        StatusCode::OK,
+                        &api.registry().control_matching(&f, &send),
+                    )),
+                    Some(fleet) => Ok(json_answer(
+                        StatusCode::OK,
+                        &fleet.control_matching(&f, &send).await?,
+                    )),
+                }
             }
             (["admin", "reload"], &Method::POST) => match api.reload().await {
                 Ok(snapshot) => Ok(json_answer(StatusCode::OK, &json!({"snapshot": snapshot}))),
@@ -460,6 +494,21 @@ impl Handler {
 }
 
 impl Handler {
+    /// `scope=`: `None` for `local` (the default), the fleet's registry for `fleet`.
+    fn scope(&self, query: &str) -> Result<Option<Arc<FleetRegistry>>, Refusal> {
+        match param(query, "scope").as_deref() {
+            None | Some("local") => Ok(None),
+            Some("fleet") => self
+                .api
+                .fleet()
+                .map(Some)
+                .ok_or_else(|| bad_request("scope=fleet needs [shared] backend = \"redis\"")),
+            Some(other) => Err(bad_request(format!(
+                "scope={other:?} is not one of local, fleet"
+            ))),
+        }
+    }
+
     /// The capture of connection `id` (open, or recently closed), or 404.
     fn capture(&self, id: u64) -> Result<Arc<crate::capture::Capture>, Refusal> {
         self.api.registry().capture(id).ok_or_else(|| {

@@ -16,6 +16,7 @@
 
 mod cache;
 mod limit;
+pub mod registry;
 mod scripts;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -619,5 +620,28 @@ impl FleetStore for Arc<Fleet> {
 
     fn on_unavailable(&self) -> OnUnavailable {
         self.config.on_unavailable
+    }
+}
+
+/// What the fleet-wide registry ([`registry`]) needs of this handle.
+impl Fleet {
+    /// The Redis client (the registry makes its own connections from it).
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// `instance#incarnation`.
+    pub(crate) fn member(&self) -> &str {
+        &self.member
+    }
+
+    /// `shared.key_prefix`.
+    pub(crate) fn key_prefix(&self) -> &str {
+        &self.config.key_prefix
+    }
+
+    /// `shared.lease`.
+    pub(crate) fn lease(&self) -> Duration {
+        self.config.lease
     }
 }
