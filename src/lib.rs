@@ -35,6 +35,9 @@
 //!   live snapshot; `worker/accept.rs` the accept loops, `worker/admission.rs` the pending set.
 //! - [`capture`]: the traffic console's per-connection captures (a bounded ring of what each
 //!   message looked like and what became of it), written by the relay, read by the admin.
+//! - [`fleet`]: `[shared] backend = "redis"`: `gw.shared` and `gw.limit` in Redis for a fleet of
+//!   gateways (the policy engine's `FleetStore`), leases, the frame cache and writer, Sentinel;
+//!   `fleet/registry` the fleet-wide connection registry (`scope=fleet`).
 //! - [`admin`]: the admin HTTP listener; `admin/gateway_api.rs` is the gateway's side of it.
 //! - [`gateway`]: build, start, reload and shut down a gateway.
 //! - [`policy_test`]: `framegate policy-test`, running a policy on a message without sockets.

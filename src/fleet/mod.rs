@@ -48,16 +48,19 @@ pub enum Op {
     Heartbeat,
     /// A frame policy's write refused because the queue of writes was full.
     QueueFull,
+    /// The fleet-wide registry's publication or subscription.
+    Registry,
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
+    const ALL: [Op; 7] = [
         Op::Get,
         Op::Set,
         Op::Incr,
         Op::Limit,
         Op::Heartbeat,
         Op::QueueFull,
+        Op::Registry,
     ];
 
     fn as_str(self) -> &'static str {
@@ -68,6 +71,7 @@ impl Op {
             Op::Limit => "limit",
             Op::Heartbeat => "heartbeat",
             Op::QueueFull => "queue_full",
+            Op::Registry => "registry",
         }
     }
 }
@@ -115,7 +119,7 @@ pub struct Fleet {
     generation: AtomicU64,
     scripts: scripts::Scripts,
     up: AtomicBool,
-    errors: [AtomicU64; 6],
+    errors: [AtomicU64; 7],
     cache: cache::Cache,
     leases: limit::Leases,
 }
@@ -625,14 +629,23 @@ impl FleetStore for Arc<Fleet> {
 
 /// What the fleet-wide registry ([`registry`]) needs of this handle.
 impl Fleet {
-    /// The Redis client (the registry makes its own connections from it).
-    pub(crate) fn client(&self) -> &redis::Client {
-        &self.client
+    /// The Redis it talks to now, and that primary's generation (the registry makes its own
+    /// connections from it, and makes them again when a failover installs another).
+    pub(crate) fn primary(&self) -> Option<(u64, redis::Client)> {
+        self.primary
+            .load()
+            .as_ref()
+            .map(|p| (p.generation, p.client.clone()))
     }
 
     /// `instance#incarnation`.
     pub(crate) fn member(&self) -> &str {
         &self.member
+    }
+
+    /// Counts a failure of the registry's publication or subscription.
+    pub(crate) fn registry_failed(&self) {
+        self.count(Op::Registry);
     }
 
     /// `shared.key_prefix`.

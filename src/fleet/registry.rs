@@ -26,7 +26,7 @@ mod commands;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -149,7 +149,8 @@ pub struct FleetRegistry {
     fleet: Arc<Fleet>,
     registry: Arc<Registry>,
     /// Made by [`FleetRegistry::start`], for the registry's traffic only.
-    conn: OnceLock<ConnectionManager>,
+    /// Its own connection, and the generation of the primary it reaches.
+    conn: Mutex<Option<(u64, ConnectionManager)>>,
     /// Whether the last publication went out (its failures are logged once each way).
     published: AtomicBool,
     /// Notified when the first subscription to the fleet's commands is made: an instance
@@ -176,7 +177,7 @@ impl FleetRegistry {
         Arc::new(FleetRegistry {
             fleet,
             registry,
-            conn: OnceLock::new(),
+            conn: Mutex::new(None),
             published: AtomicBool::new(true),
             listening: tokio::sync::Notify::new(),
             live_members: redis::Script::new(LIVE_MEMBERS),
@@ -187,21 +188,6 @@ impl FleetRegistry {
     /// Starts publishing and listening for commands on the current runtime, until `stop`.
     /// [`FleetRegistry::unpublish`] at the end of a shutdown takes this instance out.
     pub fn start(self: &Arc<Self>, stop: CancellationToken) {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_min_delay(Duration::from_millis(100))
-            .set_max_delay(Duration::from_secs(5))
-            .set_number_of_retries(3);
-        match ConnectionManager::new_lazy_with_config(self.fleet.client().clone(), config) {
-            Ok(conn) => {
-                let _ = self.conn.set(conn);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "fleet registry: cannot set up its Redis connection");
-                return;
-            }
-        }
         let me = self.clone();
         let stopped = stop.clone();
         tokio::spawn(async move {
@@ -237,11 +223,46 @@ impl FleetRegistry {
 
     /// The connection, while the fleet's store is up.
     fn connection(&self) -> Result<ConnectionManager, FleetScopeError> {
-        match self.conn.get() {
-            Some(conn) if self.fleet.is_up() => Ok(conn.clone()),
+        match self.current() {
+            Some(conn) if self.fleet.is_up() => Ok(conn),
             _ => Err(FleetScopeError::Unavailable(
                 "it did not answer the last command; the gateway retries every second".into(),
             )),
+        }
+    }
+
+    /// A client of the primary the fleet talks to now, for subscriptions.
+    pub(super) fn client(&self) -> Result<redis::Client, FleetScopeError> {
+        self.fleet.primary().map(|(_, c)| c).ok_or_else(|| {
+            FleetScopeError::Unavailable("the gateway has not reached Redis yet".into())
+        })
+    }
+
+    /// The registry's own connection to the primary the fleet talks to now, made again when
+    /// a failover installed another; `None` before the fleet knows any.
+    pub(super) fn current(&self) -> Option<ConnectionManager> {
+        let (generation, client) = self.fleet.primary()?;
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((made_for, c)) = conn.as_ref() {
+            if *made_for == generation {
+                return Some(c.clone());
+            }
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(5))
+            .set_number_of_retries(3);
+        match ConnectionManager::new_lazy_with_config(client, config) {
+            Ok(c) => {
+                *conn = Some((generation, c.clone()));
+                Some(c)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "fleet registry: cannot set up its Redis connection");
+                None
+            }
         }
     }
 
@@ -296,6 +317,7 @@ impl FleetRegistry {
                 }
             }
             Err(e) => {
+                self.fleet.registry_failed();
                 if self.published.swap(false, Relaxed) {
                     tracing::warn!(error = %e, "fleet registry: cannot publish this instance's connections; other instances stop listing them when its lease runs out");
                 }
@@ -307,7 +329,7 @@ impl FleetRegistry {
     /// within [`COMMAND_TIMEOUT`], best effort: else the lease removes it).
     pub async fn unpublish(&self) {
         self.stopped.store(true, Relaxed);
-        let Some(mut conn) = self.conn.get().cloned() else {
+        let Some(mut conn) = self.current() else {
             return;
         };
         let mut gone = redis::pipe();

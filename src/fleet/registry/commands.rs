@@ -168,7 +168,7 @@ pub(super) async fn ask(
     })
     .map_err(|e| FleetScopeError::Unavailable(e.to_string()))?;
     // Subscribed before the command goes out, so that no answer can come before we listen.
-    let mut sub = bounded(me.fleet.client().get_async_pubsub()).await?;
+    let mut sub = bounded(me.client()?.get_async_pubsub()).await?;
     bounded(sub.subscribe(&reply)).await?;
     let (_sink, mut replies) = sub.split();
     let channel = format!("{}cmd", me.fleet.key_prefix());
@@ -220,6 +220,7 @@ pub(super) async fn serve(me: &Arc<FleetRegistry>) {
     loop {
         match subscribe(me).await {
             Err(e) => {
+                me.fleet.registry_failed();
                 if !logged_down {
                     logged_down = true;
                     tracing::warn!(error = %e, "fleet registry: cannot subscribe to the fleet's commands; retrying with backoff");
@@ -242,7 +243,7 @@ pub(super) async fn serve(me: &Arc<FleetRegistry>) {
 }
 
 async fn subscribe(me: &FleetRegistry) -> Result<redis::aio::PubSub, FleetScopeError> {
-    let mut sub = bounded(me.fleet.client().get_async_pubsub()).await?;
+    let mut sub = bounded(me.client()?.get_async_pubsub()).await?;
     bounded(sub.subscribe(format!("{}cmd", me.fleet.key_prefix()))).await?;
     Ok(sub)
 }
@@ -306,7 +307,7 @@ async fn handle(me: &FleetRegistry, payload: &[u8]) {
     }) else {
         return;
     };
-    let Some(mut conn) = me.conn.get().cloned() else {
+    let Some(mut conn) = me.current() else {
         return;
     };
     let sent = bounded(
