@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::admin_http::{call, Reply};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,6 @@ use framegate::metrics::Metrics;
 use framegate::registry::Registry;
 use framegate::Running;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
@@ -55,51 +56,6 @@ async fn admin_for(gw: &Running) -> (SocketAddr, CancellationToken) {
     let shutdown = CancellationToken::new();
     tokio::spawn(admin::serve(listener, shutdown.clone(), None, api));
     (addr, shutdown)
-}
-
-struct Reply {
-    status: u16,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
-    }
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    uri: &str,
-    content_type: Option<&str>,
-    body: impl Into<Bytes>,
-) -> Reply {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", "admin");
-    if let Some(t) = content_type {
-        req = req.header("content-type", t);
-    }
-    let resp = within(
-        "admin response",
-        sender.send_request(req.body(Full::new(body.into())).unwrap()),
-    )
-    .await
-    .unwrap();
-    let status = resp.status().as_u16();
-    let body = within("admin body", resp.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
-    Reply { status, body }
 }
 
 async fn get(addr: SocketAddr, uri: &str) -> Reply {

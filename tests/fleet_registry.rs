@@ -5,13 +5,14 @@
 
 mod support;
 
+use support::admin_http::{call, Reply};
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use support::redis::Redis;
 use support::*;
@@ -41,51 +42,6 @@ async fn fleet(redis: &Redis, upstream: SocketAddr) -> Vec<framegate::Running> {
         gateways.push(gateway(&config(redis, name, upstream)).await);
     }
     gateways
-}
-
-struct Reply {
-    status: u16,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
-    }
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    uri: &str,
-    content_type: Option<&str>,
-    body: impl Into<Bytes>,
-) -> Reply {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", "admin");
-    if let Some(t) = content_type {
-        req = req.header("content-type", t);
-    }
-    let resp = within(
-        "admin response",
-        sender.send_request(req.body(Full::new(body.into())).unwrap()),
-    )
-    .await
-    .unwrap();
-    let status = resp.status().as_u16();
-    let body = within("admin body", resp.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
-    Reply { status, body }
 }
 
 fn admin(gw: &framegate::Running) -> SocketAddr {
