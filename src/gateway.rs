@@ -146,25 +146,36 @@ impl Gateway {
                 Some((listener, admin.token.clone()))
             }
         };
+        // The fleet's store, before the workers accept: the first upgrades find Redis up (if
+        // it answers within shared.timeout), not an uncounted "unavailable". Its connection,
+        // heartbeat, frame cache and writer run on this runtime until the end of shutdown
+        // (on_close policies may still use it while draining).
+        let background = CancellationToken::new();
+        if let Some(fleet) = &self.shared.fleet {
+            fleet.start(background.clone()).await;
+        }
         let shared = self.shared.clone();
         // Worker start-up blocks on thread creation and script compilation.
         let workers = tokio::task::spawn_blocking(move || {
             worker::start(shared, listeners, crate::listener::serve_boxed)
         })
         .await
-        .map_err(|e| StartError::Worker(e.to_string()))?
-        .map_err(|e| match e {
-            WorkerError::Policy(e) => StartError::Policy(e),
-            WorkerError::Start(e) => StartError::Worker(e),
-        })?;
+        .map_err(|e| StartError::Worker(e.to_string()))
+        .and_then(|started| {
+            started.map_err(|e| match e {
+                WorkerError::Policy(e) => StartError::Policy(e),
+                WorkerError::Start(e) => StartError::Worker(e),
+            })
+        })
+        // A gateway that does not start stops what it started.
+        .inspect_err(|_| background.cancel())?;
         let reloader = Arc::new(Reloader::new(
             self.shared.clone(),
             workers.pool.clone(),
             listening,
         ));
-        // The admin listener and the file watcher stop at the end of shutdown, so that
-        // `/readyz` answers 503 while connections drain.
-        let background = CancellationToken::new();
+        // The admin listener and the file watcher stop at the end of shutdown (`background`),
+        // so that `/readyz` answers 503 while connections drain.
         // `scope=fleet` on the admin's registry endpoints (src/fleet/registry.rs).
         let fleet_registry = self.shared.fleet.as_ref().map(|fleet| {
             crate::fleet::registry::FleetRegistry::new(fleet.clone(), self.shared.registry.clone())
@@ -187,11 +198,6 @@ impl Gateway {
         };
         if snapshot.config.server.watch {
             crate::reload::watch::start(reloader.clone(), background.clone());
-        }
-        // The fleet's store: its connection, heartbeat, frame cache and writer run on this
-        // runtime until the end of shutdown (on_close policies may still use it while draining).
-        if let Some(fleet) = &self.shared.fleet {
-            fleet.start(background.clone()).await;
         }
         if let Some(registry) = &fleet_registry {
             registry.start(background.clone());
