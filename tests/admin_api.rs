@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::admin_http::{request, Reply};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,6 @@ use framegate::registry::{
     Control, Message, NewConnection, Registered, Registry, Tags, Target, UpgradeRequest,
     CONTROL_CAPACITY,
 };
-use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use support::{promtool_check_metrics, within};
 use tokio_util::sync::CancellationToken;
@@ -87,63 +88,6 @@ async fn admin(token: Option<&str>) -> Admin {
         api,
         shutdown,
         served,
-    }
-}
-
-struct Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-    fn error(&self) -> String {
-        self.json()["error"]
-            .as_str()
-            .expect("an error field")
-            .to_owned()
-    }
-}
-
-/// One request over a fresh TCP connection, with hyper's client.
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Reply {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", "admin");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(body.into())).unwrap();
-    let resp = within("admin response", sender.send_request(req))
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = within("admin body", resp.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
     }
 }
 

@@ -5,12 +5,13 @@
 
 mod support;
 
+use support::admin_http::{request, Reply};
+
 use std::net::SocketAddr;
 
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::SinkExt;
-use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,46 +30,11 @@ async fn gateway_with_admin(dir: &TempDir, routes: &str) -> (framegate::Running,
     (gw, admin)
 }
 
-struct Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
-    }
-}
-
 async fn call(addr: SocketAddr, method: &str, uri: &str, headers: &[(&str, &str)]) -> Reply {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", addr.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let res = within(
-        "an admin answer",
-        sender.send_request(req.body(Full::new(Bytes::new())).unwrap()),
-    )
-    .await
-    .unwrap();
-    let status = res.status().as_u16();
-    let headers = res.headers().clone();
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    let host = addr.to_string();
+    let mut with_host = vec![("host", host.as_str())];
+    with_host.extend_from_slice(headers);
+    request(addr, method, uri, &with_host, Bytes::new()).await
 }
 
 fn bearer() -> String {

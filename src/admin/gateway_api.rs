@@ -41,13 +41,7 @@ impl AdminApi for GatewayApi {
     }
 
     fn metrics(&self) -> String {
-        let shared = self.shared.fleet.as_ref().map(|fleet| {
-            let sample = fleet.sample();
-            crate::metrics::SharedBackendSample {
-                up: sample.up,
-                errors: sample.errors,
-            }
-        });
+        let shared = self.shared.fleet.as_ref().map(|fleet| fleet.sample());
         self.shared
             .metrics
             .encode_all(upstream_samples(&self.shared.pools), shared)

@@ -76,15 +76,6 @@ impl Op {
     }
 }
 
-/// What `/metrics` shows of the fleet's store.
-#[derive(Debug, Clone)]
-pub struct FleetSample {
-    /// Whether Redis answers.
-    pub up: bool,
-    /// Failed operations, by `op`.
-    pub errors: Vec<(&'static str, u64)>,
-}
-
 thread_local! {
     /// A worker thread's own connections, by [`Fleet::id`] (one per gateway in the process)
     /// and the generation of the primary they reach.
@@ -383,8 +374,8 @@ impl Fleet {
     }
 
     /// What `/metrics` shows.
-    pub fn sample(&self) -> FleetSample {
-        FleetSample {
+    pub fn sample(&self) -> crate::metrics::SharedBackendSample {
+        crate::metrics::SharedBackendSample {
             up: self.is_up(),
             errors: Op::ALL
                 .iter()
