@@ -537,3 +537,86 @@ async fn server_watch_reloads_when_a_schema_changes() {
     assert_eq!(next_text(&mut old).await, r#"{"type":"a"}"#);
     gw.shutdown().await;
 }
+
+/// A masked client frame; `long` writes a short length in the 16-bit form (allowed, but not
+/// relayed byte for byte: the message is encoded again).
+fn masked(first: u8, payload: &[u8], long: bool) -> Vec<u8> {
+    let key = [0x0f, 0xa0, 0x33, 0xc4];
+    let mut frame = vec![first];
+    if long || payload.len() >= 126 {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | payload.len() as u8);
+    }
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
+/// A direction with a schema and no frame policy is relayed byte for byte after the check.
+/// Frames written in one go, with refused messages among them, in every form a message may
+/// take (a whole frame, a length written long, fragments): the valid ones reach the upstream
+/// in order, the refused ones are dropped and counted.
+#[tokio::test]
+async fn checked_messages_in_one_read_keep_their_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new("batch");
+    let (gw, mut conns) = validated(&dir, Some(CHAT_IN), None, "drop").await;
+    let mut raw = tokio::net::TcpStream::connect(gw.local_addrs()[0])
+        .await
+        .unwrap();
+    raw.write_all(upgrade_request("/v", "").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    within("the 101", async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            let n = raw.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the 101");
+            head.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let mut upstream = within("the upstream connection", conns.recv())
+        .await
+        .unwrap();
+    let ok = |n: u32| format!(r#"{{"type":"chat","text":"m{n}"}}"#);
+    let bad = br#"{"type":"shout","text":"x"}"#;
+    let (ok4, bad_half) = (ok(4), bad.len() / 2);
+    let frames = [
+        masked(0x81, ok(1).as_bytes(), false),
+        masked(0x81, bad, false),
+        masked(0x81, ok(2).as_bytes(), false),
+        masked(0x81, ok(3).as_bytes(), true),
+        masked(0x81, bad, true),
+        masked(0x01, &ok4.as_bytes()[..5], false),
+        masked(0x80, &ok4.as_bytes()[5..], false),
+        masked(0x01, &bad[..bad_half], false),
+        masked(0x80, &bad[bad_half..], false),
+        masked(0x81, b"not json", false),
+        masked(0x81, ok(5).as_bytes(), false),
+    ];
+    raw.write_all(&frames.concat()).await.unwrap();
+    for n in 1..=5 {
+        assert_eq!(next_text(&mut upstream).await, ok(n));
+    }
+    let text = metrics(&gw).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"framegate_validation_failures_total{route="/v",direction="client_to_upstream"}"#
+        ),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"framegate_messages_total{route="/v",direction="client_to_upstream",type="text"}"#
+        ),
+        Some(5.0)
+    );
+}

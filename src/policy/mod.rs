@@ -85,6 +85,25 @@ pub trait FrameHooks {
         true
     }
 
+    /// Whether messages going `direction` are only checked, never changed or answered
+    /// otherwise: the proxy then relays them byte for byte, shows each whole text message to
+    /// [`FrameHooks::check`] first, and never calls `on_message` for them. Asked once, when
+    /// the relay starts; a connection whose messages are inflated or compressed
+    /// (permessage-deflate) gets `on_message` all the same. The default is `false`.
+    fn checks_only(&self, direction: Direction) -> bool {
+        let _ = direction;
+        false
+    }
+
+    /// A whole text message going `direction`, where [`FrameHooks::checks_only`] said so:
+    /// `None` relays it as it came; `Some(Verdict::Drop)` drops it (replies may be queued
+    /// in `out`); `Some(Verdict::Close(_))` closes the connection. A `Some(Verdict::Forward)`
+    /// is taken as `None`: a check cannot replace a message.
+    fn check(&mut self, direction: Direction, text: &str, out: Outbound<'_>) -> Option<Verdict> {
+        let _ = (direction, text, out);
+        None
+    }
+
     /// Called once the upstream has accepted, before the relay starts, with the endpoint
     /// connected to (`ws://host:port`, no path, no credentials): frame policies see it as
     /// `ctx.upstream`. The default does nothing.

@@ -59,6 +59,9 @@ pub(crate) struct Relay {
     inspects: [bool; 2],
     /// Whether the hooks look at client-to-upstream, then upstream-to-client messages.
     hooked: [bool; 2],
+    /// Whether the hooks only check the text messages of a direction (a JSON Schema): they
+    /// are then relayed byte for byte after [`FrameHooks::check`], not reassembled.
+    checked: [bool; 2],
     /// Messages the hooks send besides their verdicts, towards the client and the upstream.
     /// Empty (unallocated) unless a policy sends.
     replies: [VecDeque<Message>; 2],
@@ -108,7 +111,12 @@ impl Relay {
         // Compressed messages cannot be relayed byte for byte: they are inflated, and
         // compressed again for a leg that agreed to it.
         let deflate = client.compresses() || upstream.compresses();
-        let inspects = hooked.map(|h| h || deflate);
+        let checked = [
+            hooks.checks_only(Direction::ClientToUpstream),
+            hooks.checks_only(Direction::UpstreamToClient),
+        ]
+        .map(|c| c && !deflate);
+        let inspects = [0, 1].map(|d| (hooked[d] && !checked[d]) || deflate);
         let (mut client, mut upstream) = (client, upstream);
         client.capture = wiring.capture.clone();
         upstream.capture = wiring.capture.clone();
@@ -121,6 +129,7 @@ impl Relay {
             traffic: [Traffic::default(); 2],
             inspects,
             hooked,
+            checked,
             replies: Default::default(),
             client_first: true,
             shared,
@@ -159,6 +168,7 @@ impl Relay {
             traffic: [mut to_upstream, mut to_client],
             hooks,
             inspects,
+            checked,
             meter,
             capture,
             ..
@@ -174,7 +184,10 @@ impl Relay {
             // proxy. Not on a route whose policy looks at those messages: they could not pass
             // through it any more.
             (LegClose::Fail(_), LegClose::Send(frame))
-                if !inspects[1] && !client.out.is_mid_frame() && !upstream.out.is_mid_frame() =>
+                if !inspects[1]
+                    && !checked[1]
+                    && !client.out.is_mid_frame()
+                    && !upstream.out.is_mid_frame() =>
             {
                 let deadline = tokio::time::Instant::now() + close_timeout;
                 let replied = tokio::time::timeout_at(
@@ -429,14 +442,98 @@ impl Relay {
             Side::Upstream => (1, metrics::Direction::UpstreamToClient),
         };
         let tally = self.meter.tally(direction);
-        let received = if !self.inspects[slot] {
+        let received = if !self.inspects[slot] && !self.checked[slot] {
             reader.poll_receive(
                 cx,
                 Sink::Through {
                     peer: writer,
                     tally,
+                    check: None,
                 },
             )
+        } else if !self.inspects[slot] {
+            // Checked only: relayed byte for byte after the check; what the check sends (a
+            // reply to an invalid message) is queued behind the read.
+            let hooks = &mut self.hooks;
+            let replies = &mut self.replies;
+            let max_queued = self.max_queued;
+            let traffic = &mut self.traffic[slot];
+            let capture = self.capture.as_deref();
+            let mut check = |text: &str, arrived: Arrived, [own, other]: [usize; 2]| {
+                let [to_client, to_upstream] = &mut *replies;
+                let waiting = |q: &VecDeque<Message>| q.iter().map(Message::len).sum::<usize>();
+                let own_room = max_queued.saturating_sub(own);
+                let other_room = max_queued.saturating_sub(other);
+                let (direction, room_to_client, room_to_upstream) = match from {
+                    Side::Client => (
+                        Direction::ClientToUpstream,
+                        own_room.saturating_sub(waiting(to_client)),
+                        other_room.saturating_sub(waiting(to_upstream)),
+                    ),
+                    Side::Upstream => (
+                        Direction::UpstreamToClient,
+                        other_room.saturating_sub(waiting(to_client)),
+                        own_room.saturating_sub(waiting(to_upstream)),
+                    ),
+                };
+                let started = capture.map(|_| std::time::Instant::now());
+                let verdict = match hooks.check(
+                    direction,
+                    text,
+                    Outbound {
+                        to_client: &mut *to_client,
+                        to_upstream: &mut *to_upstream,
+                        room_to_client,
+                        room_to_upstream,
+                        expire_at: &mut None,
+                    },
+                ) {
+                    None | Some(Verdict::Forward(_)) => return Ok(true),
+                    Some(verdict) => verdict,
+                };
+                if let (Some(capture), Some(started)) = (capture, started) {
+                    let (own_replies, other_replies) = match from {
+                        Side::Client => (&*to_client, &*to_upstream),
+                        Side::Upstream => (&*to_upstream, &*to_client),
+                    };
+                    record_hooked(
+                        capture,
+                        Hooked {
+                            direction: direction_of(from),
+                            before: (true, text.as_bytes()),
+                            arrived,
+                            took: started.elapsed(),
+                            verdict: &verdict,
+                            own_replies,
+                            other_replies,
+                        },
+                    );
+                }
+                match verdict {
+                    Verdict::Close(frame) => Err(Ending::Policy(frame)),
+                    _ => {
+                        traffic.dropped_by_policy += 1;
+                        tally.policy_drop();
+                        Ok(false)
+                    }
+                }
+            };
+            let received = reader.poll_receive(
+                cx,
+                Sink::Through {
+                    peer: writer,
+                    tally,
+                    check: Some(&mut check),
+                },
+            );
+            let [to_client, to_upstream] = &mut self.replies;
+            let (own, other) = match from {
+                Side::Client => (to_client, to_upstream),
+                Side::Upstream => (to_upstream, to_client),
+            };
+            drain_into(own, &mut reader.out);
+            drain_into(other, &mut writer.out);
+            received
         } else {
             let hooks = &mut self.hooks;
             let hooked = self.hooked[slot];
@@ -490,7 +587,7 @@ impl Relay {
                         capture,
                         Hooked {
                             direction: direction_of(from),
-                            before: &before,
+                            before: body(&before),
                             arrived,
                             took: started.elapsed(),
                             verdict: &verdict,
@@ -579,7 +676,8 @@ fn body(message: &Message) -> (bool, &[u8]) {
 /// A message a frame policy looked at, for the console.
 struct Hooked<'a> {
     direction: metrics::Direction,
-    before: &'a Message,
+    /// The message as it came: whether text, and its payload.
+    before: (bool, &'a [u8]),
     arrived: Arrived,
     took: Duration,
     verdict: &'a Verdict,
@@ -589,7 +687,7 @@ struct Hooked<'a> {
 
 /// Records a message with the policy's decision, then what the policy sent besides.
 fn record_hooked(capture: &Capture, h: Hooked<'_>) {
-    let (text, payload) = body(h.before);
+    let (text, payload) = h.before;
     let (decision, after) = match h.verdict {
         Verdict::Forward(m) if body(m) == (text, payload) => (Decision::Forwarded, None),
         Verdict::Forward(m) => (Decision::Replaced, Some(body(m))),

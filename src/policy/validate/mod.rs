@@ -15,6 +15,7 @@
 
 mod locate;
 mod schema;
+mod text;
 
 pub use schema::{cut, Schema, MAX_DETAIL};
 
@@ -174,6 +175,18 @@ impl FrameHooks for Validating {
 
     fn inspects(&self, direction: Direction) -> bool {
         self.schemas.for_direction(direction).is_some() || self.inner_inspects[direction as usize]
+    }
+
+    /// A direction with a schema and no inner hook is only checked: the proxy relays its
+    /// messages byte for byte after [`FrameHooks::check`].
+    fn checks_only(&self, direction: Direction) -> bool {
+        self.schemas.for_direction(direction).is_some() && !self.inner_inspects[direction as usize]
+    }
+
+    fn check(&mut self, direction: Direction, text: &str, out: Outbound<'_>) -> Option<Verdict> {
+        let schema = self.schemas.for_direction(direction)?;
+        let detail = schema.check(text).err()?;
+        Some(self.invalid(direction, detail, out))
     }
 
     fn upstream_chosen(&mut self, endpoint: &str) {

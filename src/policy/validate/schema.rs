@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::text::{self, Text};
 use crate::config::{ConfigError, SchemaFile};
 
 /// The longest first error kept, in bytes: a message's own values appear in it (`"…" is not of
@@ -18,6 +19,8 @@ pub struct Schema {
     /// The file it was read from, for errors and logs.
     path: PathBuf,
     validator: jsonschema::Validator,
+    /// The same schema over messages read in place ([`super::text`]), for the common case.
+    in_place: jsonschema::Validator<Text>,
 }
 
 impl std::fmt::Debug for Schema {
@@ -30,32 +33,16 @@ impl Schema {
     /// Compiles `file`. An invalid schema is a configuration error naming the file and, when
     /// the meta-schema refused a part of it, that part's JSON pointer and its `line:column`.
     pub fn compile(file: &SchemaFile) -> Result<Schema, ConfigError> {
-        let validator = jsonschema::options().build(&file.json).map_err(|e| {
-            let pointer = e.instance_path().as_str();
-            let at = if pointer.is_empty() {
-                String::new()
-            } else {
-                format!(" at {pointer}")
-            };
-            // The file as read again: the parsed schema no longer knows where its parts were.
-            let text = std::fs::read_to_string(&file.path).unwrap_or_default();
-            let offset = (!pointer.is_empty())
-                .then(|| super::locate::locate(&text, pointer))
-                .flatten();
-            ConfigError::at(
-                &file.path,
-                &text,
-                offset.map(|o| o..o),
-                format!("invalid JSON Schema{at}: {e}"),
-                Some(
-                    "framegate compiles JSON Schema drafts 2020-12 (the default without \"$schema\"), 2019-09, 7, 6 and 4; $ref may point within the file only"
-                        .into(),
-                ),
-            )
-        })?;
+        let validator = jsonschema::options()
+            .build(&file.json)
+            .map_err(|e| invalid(file, e))?;
+        let in_place = jsonschema::options_for::<Text>()
+            .build(&file.json)
+            .map_err(|e| invalid(file, e))?;
         Ok(Schema {
             path: file.path.clone(),
             validator,
+            in_place,
         })
     }
 
@@ -68,6 +55,11 @@ impl Schema {
     /// (`invalid JSON: …` for text that is not JSON; `/path: …` for a value the schema
     /// refuses, the path being where in the message).
     pub fn check(&self, text: &str) -> Result<(), String> {
+        // Most messages are JSON this reader takes, and pass: no value is built for them.
+        if text::read(text, |root| self.in_place.is_valid(root)) == Some(true) {
+            return Ok(());
+        }
+        // The rest, and the refused ones' first error, through serde_json (the reference).
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => return Err(cut(format!("invalid JSON: {e}"), MAX_DETAIL)),
@@ -90,6 +82,31 @@ impl Schema {
             }
         }
     }
+}
+
+/// An invalid schema as a configuration error at `file:line:column`.
+fn invalid(file: &SchemaFile, e: jsonschema::ValidationError<'_>) -> ConfigError {
+    let pointer = e.instance_path().as_str();
+    let at = if pointer.is_empty() {
+        String::new()
+    } else {
+        format!(" at {pointer}")
+    };
+    // The file as read again: the parsed schema no longer knows where its parts were.
+    let text = std::fs::read_to_string(&file.path).unwrap_or_default();
+    let offset = (!pointer.is_empty())
+        .then(|| super::locate::locate(&text, pointer))
+        .flatten();
+    ConfigError::at(
+        &file.path,
+        &text,
+        offset.map(|o| o..o),
+        format!("invalid JSON Schema{at}: {e}"),
+        Some(
+            "framegate compiles JSON Schema drafts 2020-12 (the default without \"$schema\"), 2019-09, 7, 6 and 4; $ref may point within the file only"
+                .into(),
+        ),
+    )
 }
 
 /// `text` cut to at most `max` bytes on a character boundary, ending in `…` when cut.

@@ -56,6 +56,7 @@ impl Leg {
                 Some((leg, tally)) => Sink::Through {
                     peer: leg,
                     tally: *tally,
+                    check: None,
                 },
                 None => Sink::Discard,
             };

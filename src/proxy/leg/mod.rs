@@ -36,6 +36,11 @@ use read::{Fragments, Streaming};
 /// rest of the read waits).
 pub(crate) type Hook<'a> = dyn FnMut(Message, Arrived, &mut Outbox) -> Result<bool, Ending> + 'a;
 
+/// A check of the whole text messages a direction relays byte for byte (a JSON Schema):
+/// given the text, how it arrived, and the bytes queued for the sender and for the other leg,
+/// it answers whether the message goes on (`false`: dropped), or ends the connection.
+pub(crate) type Check<'a> = dyn FnMut(&str, Arrived, [usize; 2]) -> Result<bool, Ending> + 'a;
+
 /// How a whole message arrived: what the traffic console shows of its frames.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Arrived {
@@ -54,6 +59,8 @@ pub(crate) enum Sink<'a> {
         peer: &'a mut Leg,
         /// The counters of this direction.
         tally: Tally<'a>,
+        /// What each whole text message must pass first, if anything.
+        check: Option<&'a mut Check<'a>>,
     },
     /// Each whole message to a hook, with this leg's own outbox for replies to the sender.
     Hooks(&'a mut Hook<'a>),

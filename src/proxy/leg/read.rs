@@ -11,11 +11,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::super::buffers::{self, take_scratch};
-use super::super::close::Ending;
+use super::super::close::{Ending, Side};
 use super::super::deflate::InflateError;
 use super::super::frame::{self, ClosePayload, FrameError, OpCode};
 use super::super::meter::Tally;
-use super::{Arrived, Leg, Sink};
+use super::{Arrived, Check, Leg, Sink};
 use crate::capture::{Capture, Kind, Seen};
 
 /// The smallest buffer a partial frame is kept in.
@@ -62,20 +62,24 @@ impl Fragments {
 }
 
 /// Frames at the start of a read buffer that are relayed byte for byte, by their length.
-#[derive(Clone, Copy)]
 enum Run {
     /// No whole frame follows them in the buffer.
     AtEnd(usize),
     /// Another frame follows: one that is not relayed byte for byte, or a bad header.
     Before(usize),
-    /// A text frame that is not UTF-8 follows: the leg ends after them.
-    BeforeBadUtf8(usize),
+    /// A text frame its check dropped follows, this long.
+    BeforeDropped(usize, usize),
+    /// A text frame follows that ends the leg: not UTF-8, or closed by its check.
+    BeforeEnding(usize, Ending),
 }
 
 impl Run {
-    fn len(self) -> usize {
+    fn len(&self) -> usize {
         match self {
-            Run::AtEnd(len) | Run::Before(len) | Run::BeforeBadUtf8(len) => len,
+            Run::AtEnd(len)
+            | Run::Before(len)
+            | Run::BeforeDropped(len, _)
+            | Run::BeforeEnding(len, _) => *len,
         }
     }
 }
@@ -107,11 +111,54 @@ fn is_utf8(frame: &mut [u8], header: &frame::Header) -> bool {
     valid
 }
 
+/// Whether the whole text `frame` passes `check`: its payload is unmasked, read as UTF-8 and
+/// shown to the check, then masked again with its own key, so that the frame is left as it
+/// came. `queued`: the bytes waiting for the sender and for the other leg.
+fn check_frame(
+    frame: &mut [u8],
+    header: &frame::Header,
+    side: Side,
+    check: &mut Check<'_>,
+    queued: [usize; 2],
+) -> Result<bool, Ending> {
+    let payload = &mut frame[header.header_len..];
+    if let Some(key) = header.mask {
+        frame::apply_mask(payload, key);
+    }
+    let arrived = Arrived {
+        frames: 1,
+        mask: header.mask,
+    };
+    let passed = match simdutf8::basic::from_utf8(payload) {
+        Ok(text) => check(text, arrived, queued),
+        Err(_) => Err(Ending::BadUtf8(side)),
+    };
+    if let Some(key) = header.mask {
+        frame::apply_mask(payload, key);
+    }
+    passed
+}
+
 impl Leg {
-    /// Passes one whole data message on to the other leg (hooks get theirs from
-    /// `Leg::message`; a closing leg drops it).
-    fn pass_through(&self, sink: &mut Sink<'_>, text: bool, payload: &[u8], arrived: Arrived) {
-        if let Sink::Through { peer, tally } = sink {
+    /// Passes one whole data message on to the other leg, once its text has passed the
+    /// sink's check, if there is one (hooks get theirs from `Leg::message`; a closing leg drops
+    /// it). `Err` when the check ends the connection.
+    fn pass_through(
+        &self,
+        sink: &mut Sink<'_>,
+        text: bool,
+        payload: &[u8],
+        arrived: Arrived,
+    ) -> Result<(), Ending> {
+        if let Sink::Through { peer, tally, check } = sink {
+            if let (true, Some(check)) = (text, check) {
+                let Ok(text) = simdutf8::basic::from_utf8(payload) else {
+                    return Err(Ending::BadUtf8(self.side));
+                };
+                if !check(text, arrived, [self.out.len(), peer.out.len()])? {
+                    return Ok(());
+                }
+            }
             tally.message(text, payload.len());
             peer.out.push_data(text, payload);
             if let Some(capture) = &self.capture {
@@ -122,6 +169,7 @@ impl Leg {
                 });
             }
         }
+        Ok(())
     }
 
     /// Records a control frame (its payload unmasked already), while the console captures.
@@ -208,13 +256,33 @@ impl Leg {
     /// The frames at the start of `buf` that are relayed byte for byte (see
     /// [`Leg::relays_verbatim`]), counted in `tally`; `first` is the first one's header, a
     /// whole frame that is.
-    fn verbatim_run(&self, buf: &mut BytesMut, first: frame::Header, tally: Tally<'_>) -> Run {
+    fn verbatim_run(
+        &self,
+        buf: &mut BytesMut,
+        first: frame::Header,
+        tally: Tally<'_>,
+        mut check: Option<&mut Check<'_>>,
+        peer_queued: usize,
+    ) -> Run {
         let mut len = 0;
         let mut header = first;
         loop {
             let frame = &mut buf[len..len + header.frame_len()];
-            if header.opcode == OpCode::Text && !is_utf8(frame, &header) {
-                return Run::BeforeBadUtf8(len);
+            if header.opcode == OpCode::Text {
+                match check.as_deref_mut() {
+                    None if !is_utf8(frame, &header) => {
+                        return Run::BeforeEnding(len, Ending::BadUtf8(self.side))
+                    }
+                    None => {}
+                    Some(check) => {
+                        let queued = [self.out.len(), peer_queued];
+                        match check_frame(frame, &header, self.side, check, queued) {
+                            Ok(true) => {}
+                            Ok(false) => return Run::BeforeDropped(len, header.frame_len()),
+                            Err(ending) => return Run::BeforeEnding(len, ending),
+                        }
+                    }
+                }
             }
             tally.message(header.opcode == OpCode::Text, header.payload_len);
             len += header.frame_len();
@@ -326,7 +394,7 @@ impl Leg {
                 if n == 0 {
                     return Ok(active);
                 }
-                if let Sink::Through { peer, tally } = sink {
+                if let Sink::Through { peer, tally, .. } = sink {
                     let Leg { io, out, .. } = &mut **peer;
                     out.push_chunk(io, cx, &buf[..n]);
                     tally.chunk(n);
@@ -371,25 +439,28 @@ impl Leg {
             if buf.len() < header.frame_len() {
                 return Ok(active);
             }
-            if let Sink::Through { peer, tally } = sink {
+            if let Sink::Through { peer, tally, check } = sink {
                 if self.relays_verbatim(&header) {
-                    let run = self.verbatim_run(buf, header, *tally);
+                    let peer_queued = peer.out.len();
+                    let run =
+                        self.verbatim_run(buf, header, *tally, check.as_deref_mut(), peer_queued);
+                    let len = run.len();
                     if let Some(capture) = &self.capture {
-                        self.record_run(capture, &buf[..run.len()]);
+                        self.record_run(capture, &buf[..len]);
                     }
                     let Leg { io, out, .. } = &mut **peer;
                     match run {
                         // The run ends the read's whole frames: written out at once.
                         Run::AtEnd(len) => out.write_through(io, cx, &buf[..len]),
-                        // Other frames follow, or a bad one: queued, to go out first.
-                        Run::Before(len) | Run::BeforeBadUtf8(len) if len > 0 => {
-                            out.push_verbatim(&buf[..len])
-                        }
+                        // Other frames follow, or a refused one: queued, to go out first.
+                        _ if len > 0 => out.push_verbatim(&buf[..len]),
                         _ => {}
                     }
-                    buf.advance(run.len());
-                    if let Run::BeforeBadUtf8(_) = run {
-                        return Err(Ending::BadUtf8(self.side));
+                    buf.advance(len);
+                    match run {
+                        Run::BeforeEnding(_, ending) => return Err(ending),
+                        Run::BeforeDropped(_, dropped) => buf.advance(dropped),
+                        _ => {}
                     }
                     active = true;
                     continue;
@@ -432,7 +503,7 @@ impl Leg {
                         if text && !is_text(payload) {
                             return Err(Ending::BadUtf8(self.side));
                         }
-                        self.pass_through(sink, text, payload, arrived);
+                        self.pass_through(sink, text, payload, arrived)?;
                     } else {
                         let mut fragments = Fragments {
                             text,
@@ -484,7 +555,7 @@ impl Leg {
                             if text && !is_text(&data) {
                                 return Err(Ending::BadUtf8(self.side));
                             }
-                            self.pass_through(sink, text, &data, arrived);
+                            self.pass_through(sink, text, &data, arrived)?;
                         }
                     }
                 }
@@ -536,7 +607,7 @@ impl Leg {
         if text && !is_text(&data) {
             return Err(Ending::BadUtf8(self.side));
         }
-        self.pass_through(sink, text, &data, arrived);
+        self.pass_through(sink, text, &data, arrived)?;
         Ok(true)
     }
 
