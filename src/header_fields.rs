@@ -99,6 +99,30 @@ impl HeaderFields {
         HeaderFields::from_spans(Bytes::from(bytes), spans)
     }
 
+    /// The fields of a header map (hyper's parse of a request head), in the map's order:
+    /// names in lower case, the values of a repeated name together. Their bytes are copied
+    /// into one buffer of the exact size (so that it becomes `Bytes` without another copy).
+    pub(crate) fn of_map(map: &http::HeaderMap) -> HeaderFields {
+        let size = map
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len())
+            .sum();
+        let mut bytes = Vec::with_capacity(size);
+        let mut spans = Vec::with_capacity(map.len());
+        let at = |bytes: &Vec<u8>| u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        for (name, value) in map {
+            let name_start = at(&bytes);
+            bytes.extend_from_slice(name.as_str().as_bytes());
+            let value_start = at(&bytes);
+            bytes.extend_from_slice(value.as_bytes());
+            spans.push(Span {
+                name: (name_start, value_start),
+                value: (value_start, at(&bytes)),
+            });
+        }
+        HeaderFields::from_spans(Bytes::from(bytes), spans)
+    }
+
     /// A copy holding only the fields' own bytes, for keeping them longer than the head they
     /// were read from (which holds the rest of the request, and what came after it).
     pub(crate) fn compact(&self) -> HeaderFields {
@@ -137,7 +161,7 @@ impl HeaderFields {
     }
 
     /// Every `(name, value)`, in order; names as they were sent.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone + '_ {
         self.spans
             .iter()
             .map(|s| (self.part(s.name), self.part(s.value)))
@@ -145,7 +169,7 @@ impl HeaderFields {
 
     /// The values of the fields named `name` (given in lower case, matched in any case), in
     /// order.
-    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + Clone + 'a {
         self.iter()
             .filter(move |(n, _)| is_name(n, name))
             .map(|(_, v)| v)

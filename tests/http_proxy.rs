@@ -634,6 +634,55 @@ async fn keepalive_timeout_closes_an_idle_connection_but_not_one_with_a_response
 }
 
 #[tokio::test]
+async fn a_request_head_that_trickles_in_is_cut_after_keepalive_and_header_read_timeout() {
+    let up = http_upstream().await;
+    let gw = gateway_with_server(
+        "keepalive_timeout = \"300ms\"\nheader_read_timeout = \"300ms\"\n",
+        &proxy_route("/a", up.addr, ""),
+    )
+    .await;
+    let stream = TcpStream::connect(gw.local_addr()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    writer
+        .write_all(b"GET /a HTTP/1.1\r\nHost: g\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = within("the first response", reader.read(&mut head))
+        .await
+        .unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &head[..n]);
+    // The next head comes a byte at a time, each within keepalive_timeout: the connection is
+    // never idle, but its head is late once keepalive_timeout and header_read_timeout have
+    // passed since the response.
+    let free_from = tokio::time::Instant::now();
+    let trickle = tokio::spawn(async move {
+        for byte in b"GET /a HTTP/1.1\r\nHost: g\r\nX-Slow: ".iter().cycle() {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let mut rest = Vec::new();
+    within("the gateway closing the connection", async {
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = reader.read(&mut buf).await {
+            rest.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let after = free_from.elapsed();
+    assert!(rest.is_empty(), "answered: {rest:?}");
+    assert!(
+        after >= std::time::Duration::from_millis(550),
+        "cut after {after:?}"
+    );
+    trickle.abort();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn keepalive_requests_bounds_the_requests_on_one_connection() {
     let up = http_upstream().await;
     let gw = gateway_with_server("keepalive_requests = 2\n", &proxy_route("/a", up.addr, "")).await;

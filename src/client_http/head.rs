@@ -67,6 +67,10 @@ pub(crate) struct RequestHead {
     authority: Option<String>,
     /// The request headers.
     pub(crate) headers: HeaderFields,
+    /// Which of `headers` is the first `Host`, if its value is text (see
+    /// [`HeaderFields::get_str`]): found once, as routing, the policy and the forwarded
+    /// headers each ask for the host.
+    host_field: Option<usize>,
     /// The request announces a body (`Transfer-Encoding`, or a `Content-Length` above 0).
     pub(crate) has_body: bool,
     /// The client asked for the connection to end after this request.
@@ -89,9 +93,10 @@ impl RequestHead {
     /// The host the request is for: the authority of an absolute-form target, which wins
     /// over any `Host` header (RFC 9112 §3.2.2), or else the `Host` header.
     pub(crate) fn host(&self) -> Option<&str> {
-        self.authority
-            .as_deref()
-            .or_else(|| self.headers.get_str("host"))
+        self.authority.as_deref().or_else(|| {
+            let value = self.headers.iter().nth(self.host_field?)?.1;
+            std::str::from_utf8(value).ok()
+        })
     }
 
     /// The head's bytes as the client sent them, for handing the request to another HTTP
@@ -169,50 +174,109 @@ pub(crate) fn parse(buf: &mut BytesMut) -> Result<Option<(RequestHead, Bytes)>, 
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let (target, authority) = split_target(request.path.unwrap_or("/"))?;
     // httparse has checked every name and value; the fields are their spans in `read`.
     let headers =
         HeaderFields::from_spans(read.clone(), header_fields::spans(&read, request.headers));
-    let mut close = version == Version::HTTP_10;
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    let mut hosts = 0;
-    for (name, value) in headers.iter() {
-        if is_name(name, "content-length") {
-            for part in value.split(|b| *b == b',') {
-                let n = parse_length(part.trim_ascii()).ok_or(BadRequest::ContentLength)?;
-                if length.replace(n).is_some_and(|prior| prior != n) {
-                    return Err(BadRequest::ContentLength);
-                }
-            }
-        } else if is_name(name, "transfer-encoding") {
-            chunked = true;
-        } else if is_name(name, "connection") {
-            // HTTP/1.0 connections are closed after their answer whatever they ask for, so
-            // only `close` matters here.
-            close |= lists_token(value, b"close");
-        } else if is_name(name, "host") {
-            hosts += 1;
-        }
-    }
-    match hosts {
-        0 if version == Version::HTTP_11 && authority.is_none() => {
-            return Err(BadRequest::Host("missing Host header"));
-        }
-        0 | 1 => {}
-        _ => return Err(BadRequest::Host("more than one Host header")),
-    }
-    let head = RequestHead {
-        method,
-        version,
-        target,
-        authority,
-        headers,
-        has_body: chunked || length.is_some_and(|n| n > 0),
-        close,
-        len,
-    };
+    let target = request.path.unwrap_or("/");
+    let head = RequestHead::checked(method, version, target, headers, len)?;
     Ok(Some((head, read.slice(len..))))
+}
+
+/// The head hyper's server has parsed (HTTP mode), with the fields, checks and routing of
+/// [`parse`]: the method, the target (absolute-form as a whole URL, else its path and query)
+/// and the fields as hyper keeps them (names in lower case, the values of a repeated name
+/// together). Nothing is encoded or parsed again; the fields' bytes are copied once, into one
+/// buffer. The head's own bytes are hyper's: [`RequestHead::raw`] is empty.
+pub(crate) fn of_parts(
+    method: &Method,
+    version: Version,
+    uri: &http::Uri,
+    fields: &http::HeaderMap,
+) -> Result<RequestHead, BadRequest> {
+    if fields.len() > MAX_HEADERS {
+        return Err(BadRequest::TooManyHeaders);
+    }
+    let absolute;
+    let target = match uri.scheme() {
+        Some(_) => {
+            absolute = uri.to_string();
+            absolute.as_str()
+        }
+        None => uri.path_and_query().map_or("/", |p| p.as_str()),
+    };
+    let version = match version {
+        Version::HTTP_10 => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // As long as the head [`parse`] would have read: `METHOD target HTTP/1.x`, the fields
+    // as `name: value` lines, the empty line.
+    let lines: usize = fields
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if method.as_str().len() + target.len() + 11 + lines + 2 > MAX_HEAD {
+        return Err(BadRequest::TooLarge);
+    }
+    let headers = HeaderFields::of_map(fields);
+    RequestHead::checked(method.clone(), version, target, headers, 0)
+}
+
+impl RequestHead {
+    /// A head of `method`, `version`, the request target `target` and `headers`, checked as
+    /// every request head is: the target (origin or absolute form), `Content-Length`, `Host`.
+    fn checked(
+        method: Method,
+        version: Version,
+        target: &str,
+        headers: HeaderFields,
+        len: usize,
+    ) -> Result<RequestHead, BadRequest> {
+        let (target, authority) = split_target(target)?;
+        let mut close = version == Version::HTTP_10;
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut hosts = 0;
+        let mut host_field = None;
+        for (i, (name, value)) in headers.iter().enumerate() {
+            if is_name(name, "content-length") {
+                for part in value.split(|b| *b == b',') {
+                    let n = parse_length(part.trim_ascii()).ok_or(BadRequest::ContentLength)?;
+                    if length.replace(n).is_some_and(|prior| prior != n) {
+                        return Err(BadRequest::ContentLength);
+                    }
+                }
+            } else if is_name(name, "transfer-encoding") {
+                chunked = true;
+            } else if is_name(name, "connection") {
+                // HTTP/1.0 connections are closed after their answer whatever they ask for, so
+                // only `close` matters here.
+                close |= lists_token(value, b"close");
+            } else if is_name(name, "host") {
+                if hosts == 0 && header_fields::is_text_value(value) {
+                    host_field = Some(i);
+                }
+                hosts += 1;
+            }
+        }
+        match hosts {
+            0 if version == Version::HTTP_11 && authority.is_none() => {
+                return Err(BadRequest::Host("missing Host header"));
+            }
+            0 | 1 => {}
+            _ => return Err(BadRequest::Host("more than one Host header")),
+        }
+        Ok(RequestHead {
+            method,
+            version,
+            target,
+            authority,
+            headers,
+            host_field,
+            has_body: chunked || length.is_some_and(|n| n > 0),
+            close,
+            len,
+        })
+    }
 }
 
 /// The origin-form target of a request, and the authority if it came in absolute form.

@@ -10,8 +10,10 @@ mod answer;
 mod head;
 
 pub(crate) use answer::{header_line, switching_protocols, Answer};
+#[cfg(test)]
+pub(crate) use head::parse as parse_head;
 pub(crate) use head::{
-    has_empty_line, lists_token, parse as parse_head, parse_length, BadRequest, RequestHead,
+    has_empty_line, lists_token, of_parts as head_of_parts, parse_length, BadRequest, RequestHead,
     MAX_HEAD,
 };
 

@@ -54,6 +54,15 @@ const FORWARDED_PROTO: &str = "x-forwarded-proto";
 const FORWARDED_HOST: &str = "x-forwarded-host";
 const PROTOCOL: &str = "sec-websocket-protocol";
 
+/// The names the gateway writes itself, in the order they are written: static, so that a
+/// header map takes them without parsing or copying them.
+static OWN_NAMES: [HeaderName; 4] = [
+    HeaderName::from_static(FORWARDED_FOR),
+    HeaderName::from_static(FORWARDED_PROTO),
+    HeaderName::from_static(FORWARDED_HOST),
+    http::header::SEC_WEBSOCKET_PROTOCOL,
+];
+
 /// What goes upstream besides the client's end-to-end headers.
 pub(crate) struct UpstreamRequest<'a> {
     /// The client's address, appended to `X-Forwarded-For`.
@@ -83,12 +92,12 @@ impl UpstreamRequest<'_> {
         }
         let changed = self.changes.iter().rev().find(|(n, _)| is(n.as_str()));
         if let Some((_, value)) = changed {
-            return Some(value.as_ref().map(|v| Own::Bytes(v.as_bytes())));
+            return Some(value.as_ref().map(Own::Value));
         }
         if is(FORWARDED_FOR) {
             Some(Some(Own::ForwardedFor))
         } else if is(FORWARDED_PROTO) {
-            Some(Some(Own::Text(self.proto)))
+            Some(Some(Own::Static(self.proto)))
         } else if is(FORWARDED_HOST) {
             // The host the request was routed by: an absolute-form target's authority, which
             // wins over `Host` (RFC 9112 §3.2.2), or else the client's own Host value.
@@ -107,7 +116,10 @@ impl UpstreamRequest<'_> {
 /// A value the gateway writes itself.
 enum Own<'a> {
     Text(&'a str),
+    Static(&'static str),
     Bytes(&'a [u8]),
+    /// A policy's value.
+    Value(&'a HeaderValue),
     /// The client's `X-Forwarded-For` values and its address, joined with ", ".
     ForwardedFor,
 }
@@ -117,15 +129,28 @@ enum Own<'a> {
 pub(crate) trait HeaderSink {
     /// One header field.
     fn field(&mut self, name: &[u8], value: &[u8]);
+    /// A field the gateway names (its own, or a policy's): a header map takes the name as it
+    /// is.
+    fn named(&mut self, name: &HeaderName, value: &[u8]) {
+        self.field(name.as_str().as_bytes(), value);
+    }
+    /// A field the gateway names, with a value known when the gateway was built.
+    fn named_static(&mut self, name: &HeaderName, value: &'static str) {
+        self.named(name, value.as_bytes());
+    }
+    /// A field the gateway names, with a value the policy made.
+    fn named_value(&mut self, name: &HeaderName, value: &HeaderValue) {
+        self.named(name, value.as_bytes());
+    }
     /// `X-Forwarded-For`: the client's earlier values and its address, joined with ", ".
-    fn forwarded_for<'a>(&mut self, prior: impl Iterator<Item = &'a [u8]>, ip: IpAddr) {
+    fn forwarded_for<'a>(&mut self, prior: impl Iterator<Item = &'a [u8]> + Clone, ip: IpAddr) {
         let mut value = Vec::with_capacity(48);
         for p in prior {
             value.extend_from_slice(p);
             value.extend_from_slice(b", ");
         }
         write_ip(&mut value, ip);
-        self.field(FORWARDED_FOR.as_bytes(), &value);
+        self.named(&OWN_NAMES[0], &value);
     }
 }
 
@@ -135,7 +160,7 @@ impl HeaderSink for Vec<u8> {
         header_line(self, name, value);
     }
 
-    fn forwarded_for<'a>(&mut self, prior: impl Iterator<Item = &'a [u8]>, ip: IpAddr) {
+    fn forwarded_for<'a>(&mut self, prior: impl Iterator<Item = &'a [u8]> + Clone, ip: IpAddr) {
         self.extend_from_slice(b"x-forwarded-for: ");
         for p in prior {
             self.extend_from_slice(p);
@@ -153,6 +178,46 @@ impl HeaderSink for HeaderMap {
             (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
         {
             self.append(name, value);
+        }
+    }
+
+    fn named(&mut self, name: &HeaderName, value: &[u8]) {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            self.append(name.clone(), value);
+        }
+    }
+
+    fn named_static(&mut self, name: &HeaderName, value: &'static str) {
+        self.append(name.clone(), HeaderValue::from_static(value));
+    }
+
+    fn named_value(&mut self, name: &HeaderName, value: &HeaderValue) {
+        self.append(name.clone(), value.clone());
+    }
+
+    /// Written straight into the value's own buffer, of the exact size (one allocation).
+    fn forwarded_for<'a>(&mut self, prior: impl Iterator<Item = &'a [u8]> + Clone, ip: IpAddr) {
+        let ip_len = match ip {
+            IpAddr::V4(v4) => {
+                v4.octets()
+                    .iter()
+                    .map(|&o| 1 + usize::from(o >= 10) + usize::from(o >= 100))
+                    .sum::<usize>()
+                    + 3
+            }
+            IpAddr::V6(_) => 39,
+        };
+        let prior_len: usize = prior.clone().map(|p| p.len() + 2).sum();
+        let mut value = Vec::with_capacity(prior_len + ip_len);
+        for p in prior {
+            value.extend_from_slice(p);
+            value.extend_from_slice(b", ");
+        }
+        write_ip(&mut value, ip);
+        // An IPv6 address may be shorter than the room made for it.
+        value.shrink_to_fit();
+        if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+            self.append(OWN_NAMES[0].clone(), value);
         }
     }
 }
@@ -182,10 +247,37 @@ pub(crate) fn upstream_fields(
             out.field(name, value);
         }
     }
-    let own = [FORWARDED_FOR, FORWARDED_PROTO, FORWARDED_HOST, PROTOCOL];
+    own_fields(out, client, extra);
+}
+
+/// The upstream HTTP request's header map (HTTP mode): the fields [`upstream_fields`] gives,
+/// in the same order, with the client's fields taken from `client_map`, hyper's parse of
+/// the request that `client` was made from (see `HeaderFields::of_map`): their names and
+/// values are shared, not parsed or copied again.
+pub(crate) fn upstream_map(
+    client_map: &HeaderMap,
+    client: &HeaderFields,
+    extra: &UpstreamRequest<'_>,
+) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client_map.len() + OWN_NAMES.len());
+    for (name, value) in client_map {
+        let name_bytes = name.as_str().as_bytes();
+        if !(is_never_forwarded(name_bytes) || named_in_connection(client, name_bytes))
+            && extra.decided(name_bytes, client).is_none()
+        {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    own_fields(&mut out, client, extra);
+    out
+}
+
+/// The fields the gateway or the policy decides (see [`UpstreamRequest::decided`]): the
+/// forwarded headers, the chosen subprotocol, the policy's changes; each name once.
+fn own_fields(out: &mut impl HeaderSink, client: &HeaderFields, extra: &UpstreamRequest<'_>) {
     let names = || {
-        let changed = extra.changes.iter().map(|(name, _)| name.as_str());
-        own.into_iter().chain(changed)
+        let changed = extra.changes.iter().map(|(name, _)| name);
+        OWN_NAMES.iter().chain(changed)
     };
     for (i, name) in names().enumerate() {
         // Each name once: a name the policy changed twice, or one the gateway also sets,
@@ -193,10 +285,11 @@ pub(crate) fn upstream_fields(
         if names().take(i).any(|earlier| earlier == name) {
             continue;
         }
-        let name = name.as_bytes();
-        match extra.decided(name, client) {
-            Some(Some(Own::Text(v))) => out.field(name, v.as_bytes()),
-            Some(Some(Own::Bytes(v))) => out.field(name, v),
+        match extra.decided(name.as_str().as_bytes(), client) {
+            Some(Some(Own::Text(v))) => out.named(name, v.as_bytes()),
+            Some(Some(Own::Static(v))) => out.named_static(name, v),
+            Some(Some(Own::Bytes(v))) => out.named(name, v),
+            Some(Some(Own::Value(v))) => out.named_value(name, v),
             Some(Some(Own::ForwardedFor)) => {
                 out.forwarded_for(client.get_all(FORWARDED_FOR), extra.client_ip)
             }

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 use hyper::upgrade::OnUpgrade;
@@ -19,7 +19,7 @@ use super::body::{self, InFlightGuard, ResponseBody};
 use super::cors::{self, Cors};
 use super::upstream::{OpenError, UpstreamConn};
 use super::Activity;
-use crate::client_http::{header_line, parse_head, Answer, BadRequest, RequestHead};
+use crate::client_http::{head_of_parts, Answer, BadRequest, RequestHead};
 use crate::config::{HttpMode, Route};
 use crate::metrics::RouteMetrics;
 use crate::policy::{UpgradeChanges, UpgradeRequest, UpgradeVerdict};
@@ -48,6 +48,12 @@ pub(crate) struct Conn {
     served: Cell<usize>,
     /// An upgrade hyper is to hand over once it has written the 101.
     upgrade: RefCell<Option<(OnUpgrade, Box<Accepted>)>>,
+    /// The metrics of the route the last request went to, found again only for another route
+    /// (or the same one after a reload): finding them takes the worker's lock and makes the
+    /// route's name.
+    metrics: RefCell<Option<(Arc<Route>, Arc<RouteMetrics>)>>,
+    /// Where the last request went upstream.
+    addressed: RefCell<Addressed>,
 }
 
 impl Conn {
@@ -67,6 +73,21 @@ impl Conn {
             upstream: Cell::new(None),
             served: Cell::new(0),
             upgrade: RefCell::new(None),
+            metrics: RefCell::new(None),
+            addressed: RefCell::default(),
+        }
+    }
+
+    /// The metrics of `route`, this worker's.
+    fn route_metrics(&self, route: &Arc<Route>) -> Arc<RouteMetrics> {
+        let mut cached = self.metrics.borrow_mut();
+        match &*cached {
+            Some((of, metrics)) if Arc::ptr_eq(of, route) => metrics.clone(),
+            _ => {
+                let metrics = self.worker.metrics.route(&route.name());
+                *cached = Some((route.clone(), metrics.clone()));
+                metrics
+            }
         }
     }
 
@@ -142,7 +163,7 @@ impl Conn {
             }
         };
         let route = found.route.route.clone();
-        let metrics = self.worker.metrics.route(&route.name());
+        let metrics = self.route_metrics(&route);
         if route.http == HttpMode::Refuse {
             // As the hand-written path answers it: a refused upgrade.
             return self.refuse(Rejection::NotWebSocket, &head, &metrics, false);
@@ -243,7 +264,6 @@ impl Conn {
             query,
             std::mem::take(&mut changes.headers),
         );
-        let mut fields = HeaderMap::with_capacity(head.headers.len() + 4);
         let extra = headers::UpstreamRequest {
             client_ip: self.peer.ip(),
             client_host: head.host(),
@@ -251,7 +271,7 @@ impl Conn {
             changes: &changed_headers,
             subprotocol: None,
         };
-        headers::upstream_fields(&mut fields, &head.headers, &extra);
+        let mut fields = headers::upstream_map(request.headers(), &head.headers, &extra);
         // hyper's server has met the client's expectation (100 Continue when the body is
         // first read); the upstream gets the body without one.
         fields.remove(header::EXPECT);
@@ -286,7 +306,7 @@ impl Conn {
                     &query,
                 );
                 let target = Target::of(&url).map_err(|reason| bad_url(&url, reason))?;
-                address(
+                self.addressed.borrow_mut().address(
                     &mut upstream_request,
                     &url,
                     target.authority,
@@ -414,7 +434,12 @@ impl Conn {
                 (conn, url, false)
             }
         };
-        address(&mut request, &url, conn.authority(), &path_and_query)?;
+        self.addressed.borrow_mut().address(
+            &mut request,
+            &url,
+            conn.authority(),
+            &path_and_query,
+        )?;
         let response = match conn.send(request).await {
             Ok(response) => response,
             Err((_, Some(unsent))) if reused => {
@@ -422,7 +447,12 @@ impl Conn {
                 let (fresh, url) = reached(target).await?;
                 conn = fresh;
                 let mut unsent = unsent;
-                address(&mut unsent, &url, conn.authority(), &path_and_query)?;
+                self.addressed.borrow_mut().address(
+                    &mut unsent,
+                    &url,
+                    conn.authority(),
+                    &path_and_query,
+                )?;
                 conn.send(unsent)
                     .await
                     .map_err(|(e, _)| exchange_failed(e, &url, route))?
@@ -490,20 +520,49 @@ fn bad_url(url: &str, reason: &str) -> Rejection {
     }
 }
 
-/// Points `request` at the upstream: its `Host` and request target.
-fn address<B>(
-    request: &mut Request<B>,
-    url: &str,
-    authority: &str,
-    path_and_query: &str,
-) -> Result<(), Rejection> {
-    let host = HeaderValue::from_str(authority)
-        .map_err(|_| bad_url(url, "the host is not a valid header value"))?;
-    request.headers_mut().insert(header::HOST, host);
-    *request.uri_mut() = path_and_query
-        .parse()
-        .map_err(|_| bad_url(url, "the path is not a valid request target"))?;
-    Ok(())
+/// Where the last request of a connection went: its `Host` value and request target. A
+/// connection's requests mostly go to the same host, often to the same target: checking a host
+/// and parsing a target again cost about a thousand instructions.
+#[derive(Default)]
+struct Addressed {
+    host: Option<HeaderValue>,
+    /// A target in origin form, parsed from exactly its `path_and_query`.
+    target: Option<Uri>,
+}
+
+impl Addressed {
+    /// Points `request` at the upstream: its `Host` and request target.
+    fn address<B>(
+        &mut self,
+        request: &mut Request<B>,
+        url: &str,
+        authority: &str,
+        path_and_query: &str,
+    ) -> Result<(), Rejection> {
+        let host = match &self.host {
+            Some(host) if host.as_bytes() == authority.as_bytes() => host.clone(),
+            _ => {
+                let host = HeaderValue::from_str(authority)
+                    .map_err(|_| bad_url(url, "the host is not a valid header value"))?;
+                self.host.insert(host).clone()
+            }
+        };
+        request.headers_mut().insert(header::HOST, host);
+        let same = |uri: &Uri| {
+            uri.scheme().is_none()
+                && uri.path_and_query().map(|pq| pq.as_str()) == Some(path_and_query)
+        };
+        *request.uri_mut() = match &self.target {
+            Some(target) if same(target) => target.clone(),
+            _ => {
+                let target: Uri = path_and_query
+                    .parse()
+                    .map_err(|_| bad_url(url, "the path is not a valid request target"))?;
+                self.target.insert(target).clone()
+            }
+        };
+        Ok(())
+    }
 }
 
 /// A request that got no response: its body went over `max_body_size`, or the upstream
@@ -530,32 +589,15 @@ fn is_over_limit(e: &hyper::Error) -> bool {
     false
 }
 
-/// The request head as the gateway's own parser reads it (the same checks, fields and
+/// The request head as the gateway's own parser gives it (the same checks, fields and
 /// routing as an upgrade), from what hyper parsed.
 fn head_of(request: &Request<Incoming>) -> Result<RequestHead, BadRequest> {
-    let mut buf = BytesMut::with_capacity(512);
-    buf.extend_from_slice(request.method().as_str().as_bytes());
-    buf.extend_from_slice(b" ");
-    let uri = request.uri();
-    match uri.scheme() {
-        Some(_) => buf.extend_from_slice(uri.to_string().as_bytes()),
-        None => buf.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes()),
-    }
-    let version: &[u8] = match request.version() {
-        Version::HTTP_10 => b" HTTP/1.0\r\n",
-        _ => b" HTTP/1.1\r\n",
-    };
-    buf.extend_from_slice(version);
-    let mut lines = Vec::with_capacity(256);
-    for (name, value) in request.headers() {
-        header_line(&mut lines, name.as_str().as_bytes(), value.as_bytes());
-    }
-    buf.extend_from_slice(&lines);
-    buf.extend_from_slice(b"\r\n");
-    match parse_head(&mut buf)? {
-        Some((head, _)) => Ok(head),
-        None => Err(BadRequest::Malformed(httparse::Error::Token)),
-    }
+    head_of_parts(
+        request.method(),
+        request.version(),
+        request.uri(),
+        request.headers(),
+    )
 }
 
 /// An answer of the gateway's own, as hyper sends it (hyper writes the framing headers).

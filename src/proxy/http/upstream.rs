@@ -109,7 +109,9 @@ impl UpstreamConn {
             server_name,
         )
         .await?;
+        // As the client side's server: one buffer per write (see `http::serve`).
         let (sender, connection) = http1::Builder::new()
+            .writev(false)
             .handshake::<_, RequestBody>(TokioIo::new(io))
             .await
             .map_err(|e| UpstreamError::Exchange(std::io::Error::other(e)))?;
