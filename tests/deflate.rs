@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The route keys that turn compression on, without context takeover (the default).
+/// The route keys that turn compression on (the default since the twelfth session, named
+/// anyway), without context takeover (the default).
 const ON: &str = "compression = true";
 
 /// A node `ws` echo server, with or without permessage-deflate, and its port.
@@ -183,9 +184,10 @@ async fn chromium_compresses_to_a_plain_and_to_a_compressing_upstream() {
     let chromium = node::chromium().display().to_string();
     let plain = echo().await;
     let (_server, port) = node_server(true).await;
+    // "/plain" with the defaults: compression is on without being asked for.
     let gw = gateway(&format!(
         "{}{}",
-        route("/plain", plain.addr, ON, &[]),
+        route("/plain", plain.addr, "", &[]),
         route_to("/deflate", &format!("ws://127.0.0.1:{port}/"), ON, &[])
     ))
     .await;

@@ -58,8 +58,10 @@ pub mod defaults {
     pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
     /// `route.max_queued_bytes` at least: 4 MiB (or `max_message_size`, if larger).
     pub const MAX_QUEUED_BYTES: usize = 4 << 20;
-    /// `route.compression`: permessage-deflate is offered and accepted on both legs.
-    pub const COMPRESSION: bool = false;
+    /// `route.compression`: permessage-deflate is offered and accepted on both legs. On by
+    /// default since its cost per message came down (compression_level 1 and the threshold;
+    /// docs/performance.md, "Twelfth session: the compression default").
+    pub const COMPRESSION: bool = true;
     /// `route.compression_level`: zlib's fastest, about a third of the CPU of its default
     /// (6) per 1 KiB JSON message, for about a quarter more bytes (docs/performance.md).
     pub const COMPRESSION_LEVEL: u8 = 1;
