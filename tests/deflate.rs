@@ -615,16 +615,18 @@ async fn idle_connection_rss() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(2000);
+    // `compression_threshold = "0"`: the 5-byte messages below are compressed both ways, so
+    // that each connection has used a compressor on both legs.
     let (compressed, extra) = match mode.as_str() {
         "plain" => (false, "compression = false"),
-        "fresh" => (true, "compression = true"),
+        "fresh" => (true, "compression = true\ncompression_threshold = \"0\""),
         "kept" => (
             true,
-            "compression = true\ncompression_context_takeover = true",
+            "compression = true\ncompression_threshold = \"0\"\ncompression_context_takeover = true",
         ),
         "kept9" => (
             true,
-            "compression = true\ncompression_context_takeover = true\ncompression_window_bits = 9",
+            "compression = true\ncompression_threshold = \"0\"\ncompression_context_takeover = true\ncompression_window_bits = 9",
         ),
         other => panic!("FRAMEGATE_RSS_MODE {other:?}: plain, fresh, kept or kept9"),
     };
