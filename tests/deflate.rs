@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The route keys that turn compression on, without context takeover (the default).
+/// The route keys that turn compression on (the default since the twelfth session, named
+/// anyway), without context takeover (the default).
 const ON: &str = "compression = true";
 
 /// A node `ws` echo server, with or without permessage-deflate, and its port.
@@ -183,9 +184,10 @@ async fn chromium_compresses_to_a_plain_and_to_a_compressing_upstream() {
     let chromium = node::chromium().display().to_string();
     let plain = echo().await;
     let (_server, port) = node_server(true).await;
+    // "/plain" with the defaults: compression is on without being asked for.
     let gw = gateway(&format!(
         "{}{}",
-        route("/plain", plain.addr, ON, &[]),
+        route("/plain", plain.addr, "", &[]),
         route_to("/deflate", &format!("ws://127.0.0.1:{port}/"), ON, &[])
     ))
     .await;
@@ -308,7 +310,15 @@ fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn rsv1_breaks_the_protocol_unless_it_starts_an_agreed_message() {
     let up = echo().await;
-    let gw = gateway(&route("/z", up.addr, ON, &[])).await;
+    // Every message compressed, however short (the default threshold would send the 5-byte
+    // echo below as it is).
+    let gw = gateway(&route(
+        "/z",
+        up.addr,
+        "compression = true\ncompression_threshold = \"0\"",
+        &[],
+    ))
+    .await;
     // Not negotiated: the client offered nothing.
     let (mut stream, head) = raw_client(gw.local_addr(), "/z", "").await;
     assert!(!head
@@ -339,6 +349,115 @@ async fn rsv1_breaks_the_protocol_unless_it_starts_an_agreed_message() {
     stream.write_all(&frame(0x01, b"a")).await.unwrap();
     stream.write_all(&frame(0xC0, b"b")).await.unwrap();
     assert_eq!(close_code(&mut stream).await, 1002);
+}
+
+/// Reads one whole frame from the gateway (unmasked, up to 64 KiB): its first byte and
+/// payload.
+async fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    within("a frame", stream.read_exact(&mut head))
+        .await
+        .unwrap();
+    let mut len = usize::from(head[1] & 0x7f);
+    assert!(len < 127, "a test message under 64 KiB");
+    if len == 126 {
+        let mut ext = [0u8; 2];
+        within("a length", stream.read_exact(&mut ext))
+            .await
+            .unwrap();
+        len = usize::from(u16::from_be_bytes(ext));
+    }
+    let mut payload = vec![0u8; len];
+    within("a payload", stream.read_exact(&mut payload))
+        .await
+        .unwrap();
+    (head[0], payload)
+}
+
+/// A masked frame with first byte `b0` (zero masking key) and any payload up to 64 KiB.
+fn long_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![b0, 0x80 | 126];
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A compressed message's payload inflated (the sync tail put back, RFC 7692 §7.2.2).
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    let mut wire = payload.to_vec();
+    wire.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut d = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(1 << 16);
+    d.decompress_vec(&wire, &mut out, flate2::FlushDecompress::Sync)
+        .expect("valid DEFLATE data");
+    out
+}
+
+#[tokio::test]
+async fn the_threshold_and_the_level_choose_what_is_compressed() {
+    let up = echo().await;
+    let gw = gateway(&format!(
+        "{}{}{}",
+        route("/default", up.addr, ON, &[]),
+        route(
+            "/level0",
+            up.addr,
+            "compression = true\ncompression_level = 0",
+            &[]
+        ),
+        route(
+            "/every",
+            up.addr,
+            "compression = true\ncompression_level = 9\ncompression_threshold = \"0\"",
+            &[]
+        ),
+    ))
+    .await;
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate\r\n";
+    let json: String = (0..40)
+        .map(|i| format!(r#"{{"id":{i},"user":"user{}","status":"filled"}},"#, i % 5))
+        .collect();
+    assert!(json.len() >= 1024, "{}", json.len());
+    let short = "Hello";
+    // "Hello" compressed (RFC 7692 §7.2.3.1): every route reads compressed messages.
+    let hello = [0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00];
+
+    // The defaults: level 1, messages from 1 KiB compressed, shorter ones sent as they are.
+    let (mut s, head) = raw_client(gw.local_addr(), "/default", offer).await;
+    assert!(head.contains(NO_TAKEOVER), "{head}");
+    s.write_all(&frame(0x81, short.as_bytes())).await.unwrap();
+    assert_eq!(read_frame(&mut s).await, (0x81, short.into()));
+    s.write_all(&frame(0xC1, &hello)).await.unwrap();
+    assert_eq!(read_frame(&mut s).await, (0x81, short.into()));
+    s.write_all(&long_frame(0x81, json.as_bytes()))
+        .await
+        .unwrap();
+    let (b0, payload) = read_frame(&mut s).await;
+    assert_eq!(b0, 0xC1, "RSV1: compressed");
+    assert!(payload.len() < json.len() / 2, "{} bytes", payload.len());
+    assert_eq!(inflate(&payload), json.as_bytes());
+
+    // Level 0: agreed (the client may compress), but nothing is sent compressed.
+    let (mut s, head) = raw_client(gw.local_addr(), "/level0", offer).await;
+    assert!(head.contains(NO_TAKEOVER), "{head}");
+    s.write_all(&frame(0xC1, &hello)).await.unwrap();
+    assert_eq!(read_frame(&mut s).await, (0x81, short.into()));
+    s.write_all(&long_frame(0x81, json.as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(read_frame(&mut s).await, (0x81, json.clone().into_bytes()));
+
+    // Threshold 0: even "Hello" goes compressed.
+    let (mut s, _) = raw_client(gw.local_addr(), "/every", offer).await;
+    s.write_all(&frame(0x81, short.as_bytes())).await.unwrap();
+    let (b0, payload) = read_frame(&mut s).await;
+    assert_eq!((b0, inflate(&payload)), (0xC1, short.into()));
+    s.write_all(&long_frame(0x81, json.as_bytes()))
+        .await
+        .unwrap();
+    let (b0, payload) = read_frame(&mut s).await;
+    assert_eq!((b0, inflate(&payload)), (0xC1, json.into_bytes()));
 }
 
 #[tokio::test]
@@ -496,16 +615,18 @@ async fn idle_connection_rss() {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(2000);
+    // `compression_threshold = "0"`: the 5-byte messages below are compressed both ways, so
+    // that each connection has used a compressor on both legs.
     let (compressed, extra) = match mode.as_str() {
         "plain" => (false, "compression = false"),
-        "fresh" => (true, "compression = true"),
+        "fresh" => (true, "compression = true\ncompression_threshold = \"0\""),
         "kept" => (
             true,
-            "compression = true\ncompression_context_takeover = true",
+            "compression = true\ncompression_threshold = \"0\"\ncompression_context_takeover = true",
         ),
         "kept9" => (
             true,
-            "compression = true\ncompression_context_takeover = true\ncompression_window_bits = 9",
+            "compression = true\ncompression_threshold = \"0\"\ncompression_context_takeover = true\ncompression_window_bits = 9",
         ),
         other => panic!("FRAMEGATE_RSS_MODE {other:?}: plain, fresh, kept or kept9"),
     };

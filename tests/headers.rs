@@ -50,9 +50,14 @@ async fn request_headers_go_upstream_without_hop_by_hop_ones() {
         "Host names the upstream"
     );
     assert!(h.get("keep-alive").is_none());
-    assert!(
-        h.get("sec-websocket-extensions").is_none(),
-        "permessage-deflate is not negotiated"
+    // The client's offer is not passed on: the gateway negotiates permessage-deflate with
+    // the upstream on its own (compression is on by default).
+    assert_eq!(
+        h.get_all("sec-websocket-extensions")
+            .iter()
+            .collect::<Vec<_>>(),
+        ["permessage-deflate; server_no_context_takeover; client_no_context_takeover"],
+        "the gateway's own offer, not the client's"
     );
     assert!(h.get("sec-websocket-key").is_some());
 }

@@ -130,6 +130,12 @@ async fn admin_reload_swaps_policies_routes_and_keeps_old_connections_on_theirs(
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(config["snapshot"], 2);
     assert_eq!(config["routes"][1]["path"], "/added");
+    // Compression's keys, at their defaults.
+    let added = &config["routes"][1];
+    assert_eq!(
+        (&added["compression_level"], &added["compression_threshold"]),
+        (&serde_json::json!(1), &serde_json::json!(1024))
+    );
 
     // Metrics count both outcomes.
     let (_, metrics) = admin(api, "GET", "/metrics").await;

@@ -237,6 +237,8 @@ fn route(r: &Route) -> Value {
         "compression": r.compression,
         "compression_context_takeover": r.compression_context_takeover,
         "compression_window_bits": r.compression_window_bits,
+        "compression_level": r.compression_level,
+        "compression_threshold": r.compression_threshold,
         "capture": {
             "mode": r.capture.mode.as_str(),
             "max_payload": r.capture.max_payload,

@@ -58,8 +58,15 @@ pub mod defaults {
     pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
     /// `route.max_queued_bytes` at least: 4 MiB (or `max_message_size`, if larger).
     pub const MAX_QUEUED_BYTES: usize = 4 << 20;
-    /// `route.compression`: permessage-deflate is offered and accepted on both legs.
-    pub const COMPRESSION: bool = false;
+    /// `route.compression`: permessage-deflate is offered and accepted on both legs. On by
+    /// default since its cost per message came down (compression_level 1 and the threshold;
+    /// docs/performance.md, "Twelfth session: the compression default").
+    pub const COMPRESSION: bool = true;
+    /// `route.compression_level`: zlib's fastest, about a third of the CPU of its default
+    /// (6) per 1 KiB JSON message, for about a quarter more bytes (docs/performance.md).
+    pub const COMPRESSION_LEVEL: u8 = 1;
+    /// `route.compression_threshold`: shorter messages are sent uncompressed (as Node's `ws`).
+    pub const COMPRESSION_THRESHOLD: usize = 1024;
     /// `route.max_body_size`: the largest HTTP request body proxied on a route with
     /// `http = "proxy"` (16 MiB).
     pub const MAX_BODY_SIZE: u64 = 16 << 20;
@@ -202,6 +209,11 @@ pub struct Route {
     /// `compression_window_bits` (9 to 15): the largest window the gateway compresses with,
     /// and asks its peers to compress with where they let it ask.
     pub compression_window_bits: u8,
+    /// `compression_level` (0 to 9): zlib's level for the messages the gateway compresses;
+    /// 0 sends every message uncompressed.
+    pub compression_level: u8,
+    /// `compression_threshold`: messages shorter than this are sent uncompressed.
+    pub compression_threshold: usize,
     /// `[route.capture]`: what the traffic console records of its connections (see
     /// `src/capture/`); shared by every connection of the route.
     pub capture: Arc<CaptureConfig>,
@@ -721,6 +733,8 @@ impl Validator<'_> {
                 ))
             }
         };
+        let (compression_level, compression_threshold) =
+            self.compression_sending(&raw.compression_level, &raw.compression_threshold)?;
         let max_message_size = match raw.max_message_size {
             None => defaults::MAX_MESSAGE_SIZE,
             Some(v) => {
@@ -896,7 +910,49 @@ impl Validator<'_> {
             compression: raw.compression.unwrap_or(defaults::COMPRESSION),
             compression_context_takeover: raw.compression_context_takeover.unwrap_or(false),
             compression_window_bits,
+            compression_level,
+            compression_threshold,
         })
+    }
+
+    /// `compression_level` and `compression_threshold`.
+    fn compression_sending(
+        &self,
+        level: &Option<Spanned<i64>>,
+        threshold: &Option<Spanned<String>>,
+    ) -> Result<(u8, usize), ConfigError> {
+        let level = match level {
+            None => defaults::COMPRESSION_LEVEL,
+            Some(n) if (0..=9).contains(n.get_ref()) => *n.get_ref() as u8,
+            Some(n) => {
+                return Err(self.err(
+                    n,
+                    "route.compression_level must be between 0 and 9".into(),
+                    "1 is the fastest, 9 the smallest; 0 sends every message uncompressed",
+                ))
+            }
+        };
+        let threshold = match threshold {
+            None => defaults::COMPRESSION_THRESHOLD,
+            Some(v) => {
+                let n = units::parse_size(v.get_ref()).map_err(|e| {
+                    self.err(
+                        v,
+                        format!("route.compression_threshold: {e}"),
+                        "write a size like \"1KiB\", or \"0\" to compress every message",
+                    )
+                })?;
+                if n > (1 << 30) {
+                    return Err(self.err(
+                        v,
+                        "route.compression_threshold must be at most 1GiB".into(),
+                        "",
+                    ));
+                }
+                n as usize
+            }
+        };
+        Ok((level, threshold))
     }
 
     /// `origins` and `allow_missing_origin`.
@@ -1145,6 +1201,37 @@ mod tests {
             e.contains("test.toml:4:") && e.contains("between 9 and 15"),
             "{e}"
         );
+        let r = &load(&route("")).unwrap().routes[0];
+        assert_eq!(
+            (r.compression_level, r.compression_threshold),
+            (defaults::COMPRESSION_LEVEL, defaults::COMPRESSION_THRESHOLD)
+        );
+        let r = &load(&route(
+            "compression_level = 0\ncompression_threshold = \"0\"\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!((r.compression_level, r.compression_threshold), (0, 0));
+        let r = &load(&route(
+            "compression_level = 9\ncompression_threshold = \"4KiB\"\n",
+        ))
+        .unwrap()
+        .routes[0];
+        assert_eq!((r.compression_level, r.compression_threshold), (9, 4096));
+        let e = error(&route("compression_level = 10\n"));
+        assert!(
+            e.contains("test.toml:4:21") && e.contains("between 0 and 9"),
+            "{e}"
+        );
+        let e = error(&route(
+            "compression = true\ncompression_threshold = \"lots\"\n",
+        ));
+        assert!(
+            e.contains("test.toml:5:25") && e.contains("route.compression_threshold: invalid size"),
+            "{e}"
+        );
+        let e = error(&route("compression_threshold = 1024\n"));
+        assert!(e.contains("test.toml:4:"), "{e}");
     }
 
     #[test]

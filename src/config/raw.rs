@@ -86,6 +86,8 @@ pub(super) struct Route {
     pub compression: Option<bool>,
     pub compression_context_takeover: Option<bool>,
     pub compression_window_bits: Option<Spanned<i64>>,
+    pub compression_level: Option<Spanned<i64>>,
+    pub compression_threshold: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

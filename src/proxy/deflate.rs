@@ -5,19 +5,28 @@
 //! One reason to change: how payloads are compressed and inflated. Negotiation is
 //! `extensions.rs`; the framing (RSV1 on the first frame) is the legs'.
 //!
-//! Memory (zlib-rs, through flate2; see docs/configuration.md for measured figures): a
-//! compressor holds its window twice over plus hash tables and a pending buffer, a
-//! decompressor its window plus a few KiB. A leg whose peer resets its window after each
+//! Compressing is zlib-rs's own API (flate2 does not let a compressor choose its memLevel);
+//! inflating is flate2's, over the same zlib-rs.
+//!
+//! Memory (see docs/configuration.md for measured figures): a compressor holds its window
+//! twice over, a 128 KiB hash table and a symbol and a pending buffer that its memLevel sizes;
+//! a decompressor its window plus a few KiB. A leg whose peer resets its window after each
 //! message, or whose gateway side does, needs no state between messages: it uses its worker
 //! thread's compressor or decompressor, reset after each message, so an idle connection holds
 //! none. Only a window kept from message to message (context takeover) costs a connection
 //! its own.
+//!
+//! CPU (docs/performance.md, "Twelfth session"): per message, a compressor reset clears the
+//! hash table and the symbol buffer, and each block's Huffman trees are built and sent; level
+//! 1 (zlib-rs's quick strategy, fixed codes) builds none. Messages shorter than the route's
+//! threshold, and every message at level 0, are sent uncompressed, at no cost here.
 
 use std::cell::RefCell;
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Decompress, FlushDecompress, Status};
+use zlib_rs::{Deflate, DeflateConfig, DeflateFlush, Method, Strategy};
 
-use super::extensions::Agreed;
+use super::extensions::{Agreed, Sending};
 
 /// What a sync flush ends with, removed by the sender and put back by the receiver.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -25,19 +34,39 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// The largest buffer the thread keeps between messages for compressed output.
 const KEEP_SCRATCH: usize = 256 * 1024;
 
+/// zlib's memLevel for every compressor: 5 (Python websockets' default) rather than zlib's
+/// 8. It sizes the symbol buffer (2^(memLevel+6) symbols, cleared after each block and each
+/// reset: 6 KiB instead of 48 KiB) and the pending buffer (8 KiB instead of 64 KiB), so a
+/// message's blocks are at most 2,048 symbols long. Measured on JSON: the same size as
+/// memLevel 8 to within 1% from 256 bytes to 64 KiB (docs/performance.md).
+const MEM_LEVEL: i32 = 5;
+
+/// The levels a compressor can have (1 to 9; 0 compresses nothing) and the window sizes
+/// (9 to 15 bits): one thread compressor per pair in use.
+const LEVELS: usize = 9;
+const WINDOWS: usize = 7;
+
 thread_local! {
-    /// The worker thread's compressors for legs that keep no window, one per window size
-    /// (9 to 15 bits), reset after each message.
-    static COMPRESSORS: RefCell<[Option<Compress>; 7]> = const { RefCell::new([const { None }; 7]) };
+    /// The worker thread's compressors for legs that keep no window, one per level and window
+    /// size in use, reset after each message.
+    static COMPRESSORS: RefCell<[Option<Deflate>; LEVELS * WINDOWS]> =
+        const { RefCell::new([const { None }; LEVELS * WINDOWS]) };
     /// Its decompressor, likewise.
     static DECOMPRESSOR: RefCell<Option<Decompress>> = const { RefCell::new(None) };
     /// Compressed output on its way into a frame.
     static OUTPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A raw DEFLATE compressor with a window of `bits` (9 to 15).
-fn new_compressor(bits: u8) -> Compress {
-    Compress::new_with_window_bits(Compression::default(), false, bits.clamp(9, 15))
+/// A raw DEFLATE compressor at `level` (1 to 9) with a window of `bits` (9 to 15).
+fn new_compressor(level: u8, bits: u8) -> Deflate {
+    Deflate::new_with_config(DeflateConfig {
+        level: i32::from(level.clamp(1, 9)),
+        method: Method::Deflated,
+        // Negative: raw DEFLATE, no zlib header.
+        window_bits: -i32::from(bits.clamp(9, 15)),
+        mem_level: MEM_LEVEL,
+        strategy: Strategy::Default,
+    })
 }
 
 /// Why a compressed message could not be inflated.
@@ -50,69 +79,103 @@ pub(crate) enum InflateError {
 }
 
 /// The sending side of a leg that agreed permessage-deflate.
-pub(crate) enum Deflater {
-    /// A fresh window for each message, with the thread's compressor for this window size.
-    Fresh(u8),
+pub(crate) struct Deflater {
+    /// Messages shorter than this are sent uncompressed.
+    threshold: usize,
+    compressor: Compressor,
+}
+
+/// What compresses a leg's messages.
+enum Compressor {
+    /// A fresh window for each message, with the thread's compressor for this level and
+    /// window size.
+    Fresh { level: u8, bits: u8 },
     /// The window kept from message to message: this leg's own compressor.
-    Kept(Box<Compress>),
+    Kept(Box<Deflate>),
 }
 
 impl Deflater {
-    pub(crate) fn new(agreed: Agreed) -> Self {
+    /// `None` at level 0: the leg sends every message uncompressed (and still reads
+    /// compressed ones).
+    pub(crate) fn new(agreed: Agreed) -> Option<Self> {
+        let Sending { level, threshold } = agreed.sending;
         let bits = agreed.gateway_window_bits.clamp(9, 15);
-        if agreed.gateway_resets {
-            Deflater::Fresh(bits)
-        } else {
-            Deflater::Kept(Box::new(new_compressor(bits)))
-        }
+        let compressor = match level.min(9) {
+            0 => return None,
+            level if agreed.gateway_resets => Compressor::Fresh { level, bits },
+            level => Compressor::Kept(Box::new(new_compressor(level, bits))),
+        };
+        Some(Deflater {
+            threshold,
+            compressor,
+        })
     }
 
-    /// Compresses `payload` and hands the result (without the sync tail) to `encode`.
-    pub(crate) fn deflate<R>(&mut self, payload: &[u8], encode: impl FnOnce(&[u8]) -> R) -> R {
-        OUTPUT.with(|output| {
+    /// Compresses `payload` and hands the result (without the sync tail) to `encode`, whose
+    /// result it returns. `None`: the message is shorter than the threshold and is to be sent
+    /// as it is (RSV1 clear); `encode` was not called. RFC 7692 §6 lets a sender choose per
+    /// message, and a message sent as it is leaves a kept window as it was, on both sides.
+    pub(crate) fn deflate<R>(
+        &mut self,
+        payload: &[u8],
+        encode: impl FnOnce(&[u8]) -> R,
+    ) -> Option<R> {
+        if payload.len() < self.threshold {
+            return None;
+        }
+        Some(OUTPUT.with(|output| {
             let mut output = output.borrow_mut();
-            output.clear();
-            match self {
-                Deflater::Kept(compressor) => compress(compressor, payload, &mut output),
-                Deflater::Fresh(bits) => COMPRESSORS.with(|c| {
+            let len = match &mut self.compressor {
+                Compressor::Kept(compressor) => compress(compressor, payload, &mut output),
+                Compressor::Fresh { level, bits } => COMPRESSORS.with(|c| {
                     let mut c = c.borrow_mut();
-                    let compressor =
-                        c[usize::from(*bits - 9)].get_or_insert_with(|| new_compressor(*bits));
-                    compress(compressor, payload, &mut output);
+                    let slot = usize::from(*level - 1) * WINDOWS + usize::from(*bits - 9);
+                    let compressor = c[slot].get_or_insert_with(|| new_compressor(*level, *bits));
+                    let len = compress(compressor, payload, &mut output);
                     compressor.reset();
+                    len
                 }),
-            }
-            let result = encode(&output);
-            if output.capacity() > KEEP_SCRATCH {
+            };
+            let result = encode(&output[..len]);
+            if output.len() > KEEP_SCRATCH {
                 *output = Vec::new();
             }
             result
-        })
+        }))
     }
 }
 
-/// Compresses `payload` into `out` with a sync flush, then removes the flush's tail
-/// (RFC 7692 §7.2.1). An empty result is sent as a single `00` (§7.2.3.6).
-fn compress(compressor: &mut Compress, payload: &[u8], out: &mut Vec<u8>) {
-    out.reserve(payload.len() / 2 + 64);
-    let mut at = 0;
+/// Compresses `payload` into `out` with a sync flush and returns how many bytes of `out` it
+/// wrote, without the flush's tail (RFC 7692 §7.2.1); an empty result is a single `00`
+/// (§7.2.3.6). `out` is scratch space: its length only grows (zeroed once), so that a message
+/// costs no clearing.
+fn compress(compressor: &mut Deflate, payload: &[u8], out: &mut Vec<u8>) -> usize {
+    let want = payload.len() / 2 + 64;
+    if out.len() < want {
+        out.resize(want, 0);
+    }
+    let (mut at, mut written) = (0, 0);
     loop {
-        let before = compressor.total_in();
+        let (before_in, before_out) = (compressor.total_in(), compressor.total_out());
         // Only fails on a stream-end misuse, which a sync flush never makes.
-        let _ = compressor.compress_vec(&payload[at..], out, FlushCompress::Sync);
-        at += (compressor.total_in() - before) as usize;
+        let _ = compressor.compress(&payload[at..], &mut out[written..], DeflateFlush::SyncFlush);
+        at += (compressor.total_in() - before_in) as usize;
+        written += (compressor.total_out() - before_out) as usize;
         // Done when all input is in and the flush fitted (room was left).
-        if at == payload.len() && out.len() < out.capacity() {
+        if at == payload.len() && written < out.len() {
             break;
         }
-        out.reserve(out.capacity().max(4096));
+        let grow = out.len().max(4096);
+        out.resize(out.len() + grow, 0);
     }
-    if out.ends_with(&TAIL) {
-        out.truncate(out.len() - TAIL.len());
+    if out[..written].ends_with(&TAIL) {
+        written -= TAIL.len();
     }
-    if out.is_empty() {
-        out.push(0);
+    if written == 0 {
+        out[0] = 0;
+        written = 1;
     }
+    written
 }
 
 /// The receiving side of a leg that agreed permessage-deflate.
@@ -215,27 +278,107 @@ fn inflate(
 mod tests {
     use super::*;
 
+    /// Every message compressed, at zlib's default level.
+    const EVERY: Sending = Sending {
+        level: 6,
+        threshold: 0,
+    };
     const RESET: Agreed = Agreed {
         peer_resets: true,
         gateway_resets: true,
         peer_window_bits: 15,
         gateway_window_bits: 15,
+        sending: EVERY,
     };
     const KEEP: Agreed = Agreed {
         peer_resets: false,
         gateway_resets: false,
         peer_window_bits: 15,
         gateway_window_bits: 15,
+        sending: EVERY,
     };
 
+    fn deflater(agreed: Agreed) -> Deflater {
+        Deflater::new(agreed).expect("a level above 0")
+    }
+
+    /// `messages` through a deflater and an inflater that agreed `agreed`; those the deflater
+    /// sends as they are skip the inflater, as a receiver reads a frame without RSV1.
     fn round_trip(agreed: Agreed, messages: &[&[u8]]) {
-        let mut deflater = Deflater::new(agreed);
+        let mut deflater = deflater(agreed);
         let mut inflater = Inflater::new(agreed);
         for m in messages {
-            let wire = deflater.deflate(m, |c| c.to_vec());
+            let Some(wire) = deflater.deflate(m, |c| c.to_vec()) else {
+                assert!(m.len() < agreed.sending.threshold);
+                continue;
+            };
             assert!(!wire.ends_with(&TAIL));
             assert_eq!(inflater.inflate(&wire, 1 << 20).unwrap(), *m);
         }
+    }
+
+    #[test]
+    fn every_level_round_trips() {
+        let json: Vec<u8> = (0..200)
+            .flat_map(|i| format!(r#"{{"id":{i},"user":"u{}","ok":true}},"#, i % 7).into_bytes())
+            .collect();
+        let messages: [&[u8]; 4] = [b"hello", &json, b"", &json[..100]];
+        for level in 1..=9 {
+            let sending = Sending {
+                level,
+                threshold: 0,
+            };
+            round_trip(Agreed { sending, ..RESET }, &messages);
+            round_trip(Agreed { sending, ..KEEP }, &messages);
+        }
+        // Level 1 (fixed codes) still compresses JSON, level 9 at least as well as level 6.
+        let size = |level| {
+            let agreed = Agreed {
+                sending: Sending {
+                    level,
+                    threshold: 0,
+                },
+                ..RESET
+            };
+            deflater(agreed).deflate(&json, |c| c.len()).unwrap()
+        };
+        assert!(size(1) < json.len() / 2, "{} of {}", size(1), json.len());
+        assert!(size(9) <= size(6) && size(6) <= size(1));
+    }
+
+    #[test]
+    fn short_messages_and_level_0_are_sent_as_they_are() {
+        let sending = Sending {
+            level: 1,
+            threshold: 1024,
+        };
+        let mut d = deflater(Agreed { sending, ..RESET });
+        assert_eq!(d.deflate(&[b'a'; 1023], |c| c.len()), None);
+        assert!(d.deflate(&[b'a'; 1024], |c| c.len()).unwrap() < 100);
+        // A kept window only holds what was compressed: messages sent as they are, in
+        // between, leave both sides' windows as they were.
+        let long = [
+            b"abcdefgh".repeat(200),
+            b"x".repeat(5),
+            b"abcdefgh".repeat(300),
+        ];
+        let messages: Vec<&[u8]> = long.iter().map(|m| &m[..]).collect();
+        round_trip(Agreed { sending, ..KEEP }, &messages);
+        round_trip(Agreed { sending, ..RESET }, &messages);
+        let level0 = Sending {
+            level: 0,
+            threshold: 0,
+        };
+        assert!(Deflater::new(Agreed {
+            sending: level0,
+            ..RESET
+        })
+        .is_none());
+        assert!(Deflater::new(Agreed {
+            sending: level0,
+            ..KEEP
+        })
+        .is_none());
     }
 
     #[test]
@@ -272,14 +415,16 @@ mod tests {
     #[test]
     fn a_bomb_stops_at_the_limit() {
         let zeros = vec![0u8; 50 << 20];
-        let wire = Deflater::new(RESET).deflate(&zeros, |c| c.to_vec());
+        let wire = deflater(RESET).deflate(&zeros, |c| c.to_vec()).unwrap();
         assert!(wire.len() < 100 << 10, "{}", wire.len());
         assert_eq!(
             Inflater::new(RESET).inflate(&wire, 1 << 20),
             Err(InflateError::TooBig)
         );
         // Exactly at the limit is fine.
-        let wire = Deflater::new(RESET).deflate(&zeros[..1000], |c| c.to_vec());
+        let wire = deflater(RESET)
+            .deflate(&zeros[..1000], |c| c.to_vec())
+            .unwrap();
         assert_eq!(
             Inflater::new(RESET).inflate(&wire, 1000).unwrap().len(),
             1000

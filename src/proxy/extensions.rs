@@ -6,7 +6,7 @@
 //! One reason to change: the negotiation rules. No compression happens here, and nothing here
 //! touches a socket.
 //!
-//! Window sizes: the compressor (zlib-rs, through flate2) cannot use a 256-byte window
+//! Window sizes: the compressor (zlib-rs) cannot use a 256-byte window
 //! (8 bits) for raw DEFLATE, so the gateway never agrees to compress with one: a client offer
 //! with `server_max_window_bits=8` is declined (RFC 7692 §7.1.2.1 lets a server decline an
 //! offer it cannot honour), and the upstream offer never includes `client_max_window_bits`
@@ -28,6 +28,20 @@ pub(crate) struct Agreed {
     pub(crate) peer_window_bits: u8,
     /// The largest window the gateway may compress with, in bits (9 to 15).
     pub(crate) gateway_window_bits: u8,
+    /// How the gateway compresses what it sends: the route's, not negotiated.
+    pub(crate) sending: Sending,
+}
+
+/// How the gateway compresses the messages it sends on a leg that agreed permessage-deflate:
+/// the route's `compression_level` and `compression_threshold`. Nothing here is negotiated:
+/// RFC 7692 §6 lets a sender send any message uncompressed, and the level is the sender's
+/// own business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sending {
+    /// zlib's level, 1 (fastest) to 9 (smallest); 0: every message is sent uncompressed.
+    pub(crate) level: u8,
+    /// Messages shorter than this many bytes are sent uncompressed.
+    pub(crate) threshold: usize,
 }
 
 /// The route's compression settings, as negotiation needs them.
@@ -39,6 +53,8 @@ pub(crate) struct Settings {
     /// `compression_window_bits` (9 to 15): the largest window the gateway compresses with
     /// and asks its peers to compress with, where the peer lets it ask.
     pub(crate) window_bits: u8,
+    /// How the gateway compresses on the legs that agree.
+    pub(crate) sending: Sending,
 }
 
 /// One extension parameter: its name and value (unquoted), as offered.
@@ -281,6 +297,7 @@ pub(crate) fn answer_client<'a>(
                 gateway_resets: server_resets,
                 peer_window_bits: peer_window_bits.max(9),
                 gateway_window_bits,
+                sending: settings.sending,
             },
         ));
     }
@@ -344,6 +361,7 @@ pub(crate) fn accept_upstream<'a>(
         // No client_max_window_bits was offered, so the upstream cannot ask for a smaller
         // window: the route's own is used (a smaller window than allowed is always fine).
         gateway_window_bits: settings.window_bits,
+        sending: settings.sending,
     }))
 }
 
@@ -351,13 +369,19 @@ pub(crate) fn accept_upstream<'a>(
 mod tests {
     use super::*;
 
+    const SENDING: Sending = Sending {
+        level: 1,
+        threshold: 1024,
+    };
     const NO_TAKEOVER: Settings = Settings {
         context_takeover: false,
         window_bits: 15,
+        sending: SENDING,
     };
     const TAKEOVER: Settings = Settings {
         context_takeover: true,
         window_bits: 15,
+        sending: SENDING,
     };
 
     fn terms(peer_resets: bool, gateway_resets: bool, peer: u8, gateway: u8) -> Agreed {
@@ -366,6 +390,7 @@ mod tests {
             gateway_resets,
             peer_window_bits: peer,
             gateway_window_bits: gateway,
+            sending: SENDING,
         }
     }
 
@@ -424,6 +449,7 @@ mod tests {
         let small = Settings {
             context_takeover: true,
             window_bits: 10,
+            sending: SENDING,
         };
         let (response, agreed) =
             answer(&["permessage-deflate; client_max_window_bits"], small).unwrap();

@@ -390,6 +390,10 @@ async fn upgrade(
     let deflate = route.compression.then_some(extensions::Settings {
         context_takeover: route.compression_context_takeover,
         window_bits: route.compression_window_bits,
+        sending: extensions::Sending {
+            level: route.compression_level,
+            threshold: route.compression_threshold,
+        },
     });
     if let Some(settings) = deflate {
         crate::client_http::header_line(

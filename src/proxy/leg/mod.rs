@@ -104,7 +104,7 @@ impl Leg {
         deflate: Option<Agreed>,
     ) -> Self {
         let mut out = Outbox::new(role_on(side));
-        out.deflate = deflate.map(Deflater::new);
+        out.deflate = deflate.and_then(Deflater::new);
         Leg {
             io: socket.io,
             side,

@@ -48,7 +48,8 @@ pub(crate) struct Outbox {
     /// Bytes at the start of `buf` that belong to a streamed frame whose header was written
     /// before; frames are aligned from here.
     head_skip: usize,
-    /// With permessage-deflate agreed on this leg: every data message is sent compressed.
+    /// With permessage-deflate agreed on this leg (and a `compression_level` above 0): data
+    /// messages from the route's `compression_threshold` up are sent compressed.
     pub(super) deflate: Option<Deflater>,
 }
 
@@ -163,14 +164,14 @@ impl Outbox {
         self.buf().extend_from_slice(frame);
     }
 
-    /// Queues one data message, compressed on a leg that agreed permessage-deflate.
+    /// Queues one data message, compressed on a leg that agreed permessage-deflate unless it
+    /// is shorter than the route's `compression_threshold`.
     pub(crate) fn push_data(&mut self, text: bool, payload: &[u8]) {
         let opcode = if text { OpCode::Text } else { OpCode::Binary };
-        if self.deflate.is_none() {
+        let Some(mut deflater) = self.deflate.take() else {
             return self.push(opcode, payload);
-        }
-        let mut deflater = self.deflate.take().expect("checked above");
-        deflater.deflate(payload, |compressed| {
+        };
+        let compressed = deflater.deflate(payload, |compressed| {
             let mask = self.mask();
             let buf = self.buf();
             let at = buf.len();
@@ -178,6 +179,9 @@ impl Outbox {
             buf[at] |= frame::RSV1;
         });
         self.deflate = Some(deflater);
+        if compressed.is_none() {
+            self.push(opcode, payload);
+        }
     }
 
     /// Queues a message a policy produced.
