@@ -423,21 +423,6 @@ async fn raw_upstream_then_hang_up(announced: usize, sent: usize) -> std::net::S
     raw_upstream_hanging_up(move |accept| answer_with_cut_frame(accept, announced, sent)).await
 }
 
-/// A masked client frame: `first` is the first header byte (FIN and opcode); `long` writes the
-/// length in the 16-bit form even when it would fit in 7 bits (allowed to parse, not to send).
-fn masked_frame(first: u8, key: [u8; 4], payload: &[u8], long: bool) -> Vec<u8> {
-    let mut frame = vec![first];
-    if long || payload.len() >= 126 {
-        frame.push(0x80 | 126);
-        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    } else {
-        frame.push(0x80 | payload.len() as u8);
-    }
-    frame.extend_from_slice(&key);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    frame
-}
-
 /// Data frames in a direction without hooks cross byte for byte: a client's frame keeps the
 /// client's masking key on its way upstream (as through HAProxy or NGINX), whole or relayed as
 /// it arrives, an upstream's frame reaches the client unchanged, and a frame whose length was

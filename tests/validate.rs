@@ -538,22 +538,6 @@ async fn server_watch_reloads_when_a_schema_changes() {
     gw.shutdown().await;
 }
 
-/// A masked client frame; `long` writes a short length in the 16-bit form (allowed, but not
-/// relayed byte for byte: the message is encoded again).
-fn masked(first: u8, payload: &[u8], long: bool) -> Vec<u8> {
-    let key = [0x0f, 0xa0, 0x33, 0xc4];
-    let mut frame = vec![first];
-    if long || payload.len() >= 126 {
-        frame.push(0x80 | 126);
-        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    } else {
-        frame.push(0x80 | payload.len() as u8);
-    }
-    frame.extend_from_slice(&key);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    frame
-}
-
 /// A direction with a schema and no frame policy is relayed byte for byte after the check.
 /// Frames written in one go, with refused messages among them, in every form a message may
 /// take (a whole frame, a length written long, fragments): the valid ones reach the upstream
@@ -583,21 +567,22 @@ async fn checked_messages_in_one_read_keep_their_order() {
     let mut upstream = within("the upstream connection", conns.recv())
         .await
         .unwrap();
+    const KEY: [u8; 4] = [0x0f, 0xa0, 0x33, 0xc4];
     let ok = |n: u32| format!(r#"{{"type":"chat","text":"m{n}"}}"#);
     let bad = br#"{"type":"shout","text":"x"}"#;
     let (ok4, bad_half) = (ok(4), bad.len() / 2);
     let frames = [
-        masked(0x81, ok(1).as_bytes(), false),
-        masked(0x81, bad, false),
-        masked(0x81, ok(2).as_bytes(), false),
-        masked(0x81, ok(3).as_bytes(), true),
-        masked(0x81, bad, true),
-        masked(0x01, &ok4.as_bytes()[..5], false),
-        masked(0x80, &ok4.as_bytes()[5..], false),
-        masked(0x01, &bad[..bad_half], false),
-        masked(0x80, &bad[bad_half..], false),
-        masked(0x81, b"not json", false),
-        masked(0x81, ok(5).as_bytes(), false),
+        masked_frame(0x81, KEY, ok(1).as_bytes(), false),
+        masked_frame(0x81, KEY, bad, false),
+        masked_frame(0x81, KEY, ok(2).as_bytes(), false),
+        masked_frame(0x81, KEY, ok(3).as_bytes(), true),
+        masked_frame(0x81, KEY, bad, true),
+        masked_frame(0x01, KEY, &ok4.as_bytes()[..5], false),
+        masked_frame(0x80, KEY, &ok4.as_bytes()[5..], false),
+        masked_frame(0x01, KEY, &bad[..bad_half], false),
+        masked_frame(0x80, KEY, &bad[bad_half..], false),
+        masked_frame(0x81, KEY, b"not json", false),
+        masked_frame(0x81, KEY, ok(5).as_bytes(), false),
     ];
     raw.write_all(&frames.concat()).await.unwrap();
     for n in 1..=5 {

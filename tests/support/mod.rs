@@ -388,6 +388,21 @@ pub fn switching_head(accept: &str) -> String {
     )
 }
 
+/// A masked client frame: `first` is the first header byte (FIN and opcode); `long` writes the
+/// length in the 16-bit form even when it would fit in 7 bits (allowed to parse, not to send).
+pub fn masked_frame(first: u8, key: [u8; 4], payload: &[u8], long: bool) -> Vec<u8> {
+    let mut frame = vec![first];
+    if long || payload.len() >= 126 {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    } else {
+        frame.push(0x80 | payload.len() as u8);
+    }
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
 /// A well-formed upgrade request for `path`, with extra header lines (each ending in \r\n).
 pub fn upgrade_request(path: &str, extra: &str) -> String {
     format!(
