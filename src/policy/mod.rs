@@ -5,7 +5,9 @@
 //!
 //! Phases, in order: upgrade ([`RoutePolicy::on_upgrade`], before the upstream is contacted),
 //! each data message in either direction ([`FrameHooks::on_message`], whole and reassembled;
-//! control frames never reach a hook), then close ([`FrameHooks::on_close`]).
+//! control frames never reach a hook; or [`FrameHooks::check`] for a direction that is only
+//! checked, whose messages the proxy keeps relaying byte for byte), then close
+//! ([`FrameHooks::on_close`]).
 //!
 //! [`validate`] is a layer of hooks around the Lua ones: `[route.validate]`'s JSON Schemas
 //! check each text message before the frame policy sees it.

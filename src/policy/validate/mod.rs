@@ -7,7 +7,10 @@
 //! the frame policy. Binary messages are not checked (the schema is for JSON text); they go
 //! to the inner hooks as before. A route without `[route.validate]` gets no layer at all, so
 //! its messages cost nothing more (and a direction no one inspects is still relayed straight
-//! from the read buffer).
+//! from the read buffer). A direction with a schema and no frame policy is only checked
+//! ([`FrameHooks::checks_only`]): the proxy relays it byte for byte too, and shows each whole
+//! text message to [`FrameHooks::check`] on the way. Messages are read in place for the
+//! check (`text.rs`); serde_json decides what that reader leaves to it.
 //!
 //! The schemas are compiled once per snapshot ([`Schemas::compile`], from
 //! `Snapshot::build`) and shared by every connection routed with that snapshot, on every
