@@ -5,13 +5,15 @@
 //! - A connection has a [`Capture`] only when its route's `[route.capture] mode` is not `off`,
 //!   or once the console turned it on. Without one, the relay's only added work is a check of
 //!   an `Option` per message.
-//! - The relay writes entries ([`Capture::record`]); the admin reads them
+//! - The relay writes entries ([`Capture::record`], or a [`Recorder`] for the messages of one
+//!   read: one lock and one clock reading for all of them); the admin reads them
 //!   ([`Capture::read`]). They share one short mutex per capture: a record copies at most
-//!   `max_payload` bytes and holds the lock only to push the entry; a reader clones what it
+//!   `max_payload` bytes and holds the lock only to write the entry; a reader clones what it
 //!   takes (payloads are reference-counted [`Bytes`]). No reader ever makes the relay wait
-//!   for it: the ring forgets its oldest entry to make room, and a reader that fell behind is
-//!   told how many it lost.
-//! - A payload is kept as it came off the wire, cut at `max_payload`: one copy. Undoing the
+//!   for it: the ring overwrites its oldest entry, in place, to make room, and a reader that
+//!   fell behind is told how many it lost.
+//! - A payload is kept as it came off the wire, cut at `max_payload`: one copy, into the
+//!   ring's chunks (`Chunks`: one allocation per chunk, not per message). Undoing the
 //!   WebSocket masking and replacing the `mask` fields of JSON text ([`mask`]) happen when an
 //!   entry is shown ([`Capture::show`]), on the admin's side: the secrets are in the gateway's
 //!   memory anyway, as the messages it relays are, and never leave it through the admin API.
@@ -20,7 +22,7 @@ pub mod mask;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -167,36 +169,57 @@ impl<'a> Seen<'a> {
     }
 }
 
-/// A payload as kept.
+/// A payload as kept: its start, at most `max_payload` bytes.
 #[derive(Debug, Clone)]
 struct Kept {
-    size: usize,
-    text: bool,
-    /// `None` in `metadata` mode. As it came: still WebSocket-masked with `masked_with` when
-    /// that is set, and with its secrets in. Both are undone when it is shown (the admin's
-    /// work, not the relay's).
-    bytes: Option<Bytes>,
+    /// As it came: still WebSocket-masked with `masked_with` when that is set, and with its
+    /// secrets in. Both are undone when it is shown (the admin's work, not the relay's).
+    bytes: Bytes,
     masked_with: Option<[u8; 4]>,
     truncated: bool,
+}
+
+/// What a policy passed on instead of a message.
+#[derive(Debug, Clone)]
+struct After {
+    size: usize,
+    text: bool,
+    /// `None` in `metadata` mode.
+    kept: Option<Kept>,
+}
+
+/// The parts of an entry that few messages have, boxed so that the common entry stays small
+/// (it is written into the ring, over the oldest one, once per message).
+#[derive(Debug, Clone, Default)]
+struct Rare {
+    after: Option<After>,
+    close: Option<(u16, Box<str>)>,
 }
 
 /// One recorded message.
 #[derive(Debug, Clone)]
 pub struct Entry {
     seq: u64,
-    /// When it was recorded (converted to milliseconds only when shown).
+    /// When it was recorded (converted to milliseconds only when shown). The messages of one
+    /// read share the time of that read.
     time: SystemTime,
+    meta: Meta,
+    /// `None` in `metadata` mode.
+    payload: Option<Kept>,
+    rare: Option<Box<Rare>>,
+}
+
+/// What `metadata` mode keeps of a message.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    size: usize,
+    policy_us: Option<u32>,
+    frames: u32,
+    mask: Option<[u8; 4]>,
     direction: Direction,
     from: From,
     kind: Kind,
-    size: usize,
-    frames: u32,
-    mask: Option<[u8; 4]>,
     decision: Option<Decision>,
-    policy_us: Option<u64>,
-    payload: Option<Kept>,
-    after: Option<Kept>,
-    close: Option<(u16, Box<str>)>,
 }
 
 impl Entry {
@@ -215,33 +238,40 @@ impl Entry {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         m.insert("time_ms".into(), time_ms.into());
-        m.insert("direction".into(), self.direction.as_str().into());
-        m.insert("from".into(), self.from.as_str().into());
-        m.insert("type".into(), self.kind.as_str().into());
-        m.insert("size".into(), self.size.into());
-        m.insert("frames".into(), self.frames.into());
+        m.insert("direction".into(), self.meta.direction.as_str().into());
+        m.insert("from".into(), self.meta.from.as_str().into());
+        m.insert("type".into(), self.meta.kind.as_str().into());
+        m.insert("size".into(), self.meta.size.into());
+        m.insert("frames".into(), self.meta.frames.into());
         m.insert(
             "mask".into(),
-            self.mask.map_or(Value::Null, |k| Value::String(hex(&k))),
+            self.meta
+                .mask
+                .map_or(Value::Null, |k| Value::String(hex(&k))),
         );
         m.insert(
             "decision".into(),
-            self.decision.map_or(Value::Null, |d| d.as_str().into()),
+            self.meta
+                .decision
+                .map_or(Value::Null, |d| d.as_str().into()),
         );
         m.insert(
             "policy_us".into(),
-            self.policy_us.map_or(Value::Null, Value::from),
+            self.meta.policy_us.map_or(Value::Null, Value::from),
         );
         if let Some(p) = &self.payload {
-            p.put(&mut m, names);
+            p.put(&mut m, self.meta.kind == Kind::Text, names);
         }
-        if let Some(a) = &self.after {
+        let rare = self.rare.as_deref();
+        if let Some(a) = rare.and_then(|r| r.after.as_ref()) {
             let mut after = Map::new();
             after.insert("size".into(), a.size.into());
-            a.put(&mut after, names);
+            if let Some(kept) = &a.kept {
+                kept.put(&mut after, a.text, names);
+            }
             m.insert("after".into(), Value::Object(after));
         }
-        if let Some((code, reason)) = &self.close {
+        if let Some((code, reason)) = rare.and_then(|r| r.close.as_ref()) {
             m.insert("code".into(), (*code).into());
             m.insert("reason".into(), (**reason).into());
         }
@@ -251,21 +281,18 @@ impl Entry {
 
 impl Kept {
     /// Adds the payload as shown: unmasked, and with the `names` fields of JSON text masked.
-    fn put(&self, m: &mut Map<String, Value>, names: &[String]) {
-        let Some(kept) = &self.bytes else {
-            return;
-        };
-        let mut bytes = kept.to_vec();
+    fn put(&self, m: &mut Map<String, Value>, text: bool, names: &[String]) {
+        let mut bytes = self.bytes.to_vec();
         if let Some(key) = self.masked_with {
             crate::masking::apply_mask(&mut bytes, key);
         }
-        if self.text {
+        if text {
             if let Some(masked) = mask::json_fields(&bytes, names) {
                 bytes = masked;
             }
         }
         let (payload, encoding) = match std::str::from_utf8(&bytes) {
-            Ok(text) if self.text => (text.to_owned(), "utf8"),
+            Ok(shown) if text => (shown.to_owned(), "utf8"),
             _ => (
                 base64::engine::general_purpose::STANDARD.encode(&bytes),
                 "base64",
@@ -320,10 +347,88 @@ pub struct Batch {
 
 #[derive(Debug, Default)]
 struct Ring {
-    entries: VecDeque<Entry>,
+    /// Up to `keep` entries; once full, a new entry takes the oldest one's place (in place:
+    /// nothing moves), and the oldest is at `oldest`.
+    slots: Vec<Slot>,
+    oldest: usize,
     /// The sequence number the next entry gets, from 1.
     next: u64,
     closed: Option<Closed>,
+    chunks: Chunks,
+}
+
+/// An entry as the ring holds it: its payload (`payload` mode) a place in [`Chunks`].
+#[derive(Debug)]
+struct Slot {
+    seq: u64,
+    time: SystemTime,
+    meta: Meta,
+    /// The chunk that was being filled when the entry was recorded (its payload's, if it has
+    /// one): chunks before the oldest entry's are no longer needed.
+    chunk: u64,
+    payload: Option<Stored>,
+    rare: Option<Box<Rare>>,
+}
+
+/// Where a kept payload is, in its slot's chunk.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    start: u32,
+    len: u32,
+    masked_with: Option<[u8; 4]>,
+    truncated: bool,
+}
+
+/// Kept payloads, copied one after another into chunks of [`CHUNK`] bytes (a longer payload
+/// gets a chunk of its own size). Entries refer to them by place, so recording a payload is
+/// a copy and no allocation, reference count or release per message; a chunk is freed, whole,
+/// once the ring no longer holds an entry from it. A capture holds at most one chunk more
+/// than its entries' payloads need, plus the room left in the last one.
+#[derive(Debug, Default)]
+struct Chunks {
+    list: VecDeque<Vec<u8>>,
+    /// The id of `list[0]`; ids go up by one a chunk.
+    first: u64,
+    /// The id of the chunk being filled, the last in `list` (0 before the first).
+    current: u64,
+}
+
+/// The size of a chunk of kept payloads.
+const CHUNK: usize = 16 * 1024;
+
+impl Chunks {
+    /// Copies `bytes` in; returns the chunk's id and where they start in it.
+    fn put(&mut self, bytes: &[u8]) -> (u64, usize) {
+        let fits = self
+            .list
+            .back()
+            .is_some_and(|c| c.capacity() - c.len() >= bytes.len());
+        if !fits {
+            self.list
+                .push_back(Vec::with_capacity(CHUNK.max(bytes.len())));
+            self.current = self.first + self.list.len() as u64 - 1;
+        }
+        let chunk = self.list.back_mut().expect("a chunk was just added");
+        let start = chunk.len();
+        chunk.extend_from_slice(bytes);
+        (self.current, start)
+    }
+
+    /// The bytes at `start` in chunk `id`, while it is held.
+    fn get(&self, id: u64, start: usize, len: usize) -> &[u8] {
+        id.checked_sub(self.first)
+            .and_then(|i| self.list.get(i as usize))
+            .and_then(|c| c.get(start..start + len))
+            .unwrap_or_default()
+    }
+
+    /// Frees the chunks before chunk `id`.
+    fn forget_before(&mut self, id: u64) {
+        while self.first < id && !self.list.is_empty() {
+            self.list.pop_front();
+            self.first += 1;
+        }
+    }
 }
 
 /// One connection's capture.
@@ -399,77 +504,33 @@ impl Capture {
         let _ = self.response.set(headers);
     }
 
-    /// Records one message, if the capture is on.
+    /// Records one message, if the capture is on. Out of line: the relay calls it from several
+    /// places of its message loop, which stays as small as it is without a capture.
+    #[inline(never)]
     pub fn record(&self, seen: &Seen<'_>) {
+        if let Some(mut recorder) = self.recorder() {
+            recorder.record(seen);
+        }
+    }
+
+    /// A recorder for the messages of one read (they share its time and one lock), or `None`
+    /// while the capture is off or after the connection ended.
+    pub fn recorder(&self) -> Option<Recorder<'_>> {
         let mode = self.mode();
         if mode == CaptureMode::Off {
-            return;
+            return None;
         }
-        let with_payload = mode == CaptureMode::Payload && seen.kind != Kind::Close;
-        let text = seen.kind == Kind::Text;
-        let payload =
-            with_payload.then(|| self.keep(seen.size, text, seen.payload, seen.masked_with));
-        let after = seen.after.map(|(text, bytes)| {
-            if with_payload {
-                self.keep(bytes.len(), text, bytes, None)
-            } else {
-                Kept {
-                    size: bytes.len(),
-                    text,
-                    bytes: None,
-                    masked_with: None,
-                    truncated: false,
-                }
-            }
-        });
-        let mut entry = Entry {
-            seq: 0,
-            time: SystemTime::now(),
-            direction: seen.direction,
-            from: seen.from,
-            kind: seen.kind,
-            size: seen.size,
-            frames: seen.frames,
-            mask: seen.mask,
-            decision: seen.decision,
-            policy_us: seen.policy.map(|d| d.as_micros() as u64),
-            payload,
-            after,
-            close: seen.close.map(|(c, r)| (c, r.into())),
-        };
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if ring.closed.is_some() {
-            return;
+            return None;
         }
-        entry.seq = ring.next;
-        ring.next += 1;
-        if ring.entries.len() >= self.config.keep {
-            ring.entries.pop_front();
-        }
-        ring.entries.push_back(entry);
+        Some(Recorder {
+            keep: self.config.keep,
+            max_payload: (mode == CaptureMode::Payload).then_some(self.config.max_payload),
+            time: SystemTime::now(),
+            ring,
+        })
     }
-
-    /// The start of a payload as kept: at most `max_payload` bytes, unmasked, text cut at a
-    /// character boundary and its `mask` fields replaced.
-    fn keep(&self, size: usize, text: bool, payload: &[u8], masked_with: Option<[u8; 4]>) -> Kept {
-        let mut cut = payload.len().min(self.config.max_payload);
-        // Text (UTF-8 already: the relay checked it) is cut at a character boundary.
-        while text
-            && cut < payload.len()
-            && cut > 0
-            && is_continuation(payload[cut], masked_with, cut)
-        {
-            cut -= 1;
-        }
-        Kept {
-            size,
-            text,
-            truncated: cut < size,
-            bytes: Some(Bytes::copy_from_slice(&payload[..cut])),
-            masked_with,
-        }
-    }
-
     /// Marks the end of the connection; later records are ignored.
     pub fn finish(&self, closed: Closed) {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
@@ -482,10 +543,31 @@ impl Capture {
     /// end once everything before it was read.
     pub fn read(&self, after: u64, max: usize) -> Batch {
         let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        let first = ring.entries.front().map_or(ring.next, |e| e.seq);
+        let first = ring.next - ring.slots.len() as u64;
         let lost = first.saturating_sub(after + 1);
         let skip = (after + 1).saturating_sub(first) as usize;
-        let entries: Vec<Entry> = ring.entries.iter().skip(skip).take(max).cloned().collect();
+        let (newer, older) = ring.slots.split_at(ring.oldest);
+        let entries: Vec<Entry> = older
+            .iter()
+            .chain(newer)
+            .skip(skip)
+            .take(max)
+            .map(|slot| Entry {
+                seq: slot.seq,
+                time: slot.time,
+                meta: slot.meta,
+                payload: slot.payload.map(|p| Kept {
+                    bytes: Bytes::copy_from_slice(ring.chunks.get(
+                        slot.chunk,
+                        p.start as usize,
+                        p.len as usize,
+                    )),
+                    masked_with: p.masked_with,
+                    truncated: p.truncated,
+                }),
+                rare: slot.rare.clone(),
+            })
+            .collect();
         let read_all = entries.last().map_or(ring.next, |e| e.seq + 1) == ring.next;
         Batch {
             entries,
@@ -538,6 +620,170 @@ impl Capture {
             "lost": batch.lost,
             "closed": batch.closed.as_ref().map_or(Value::Null, Closed::to_json),
         })
+    }
+}
+
+/// Records the messages of one read: the capture's lock held and the time read once.
+pub struct Recorder<'a> {
+    keep: usize,
+    /// `Some` in `payload` mode.
+    max_payload: Option<usize>,
+    time: SystemTime,
+    ring: MutexGuard<'a, Ring>,
+}
+
+impl Recorder<'_> {
+    /// Records one message.
+    pub fn record(&mut self, seen: &Seen<'_>) {
+        let max_payload = self.max_payload.filter(|_| seen.kind != Kind::Close);
+        let payload = max_payload.map(|max| {
+            cut(
+                max,
+                (seen.size, seen.kind == Kind::Text),
+                seen.payload,
+                seen.masked_with,
+            )
+        });
+        let rare = (seen.after.is_some() || seen.close.is_some()).then(|| {
+            Box::new(Rare {
+                after: seen.after.map(|(text, bytes)| After {
+                    size: bytes.len(),
+                    text,
+                    kept: max_payload.map(|max| {
+                        let cut = cut(max, (bytes.len(), text), bytes, None);
+                        Kept {
+                            bytes: Bytes::copy_from_slice(cut.bytes),
+                            masked_with: None,
+                            truncated: cut.truncated,
+                        }
+                    }),
+                }),
+                close: seen.close.map(|(c, r)| (c, r.into())),
+            })
+        });
+        let meta = Meta {
+            size: seen.size,
+            policy_us: seen
+                .policy
+                .map(|d| d.as_micros().min(u32::MAX.into()) as u32),
+            frames: seen.frames,
+            mask: seen.mask,
+            direction: seen.direction,
+            from: seen.from,
+            kind: seen.kind,
+            decision: seen.decision,
+        };
+        self.push(meta, payload, rare);
+    }
+
+    /// Records a data message relayed as its sender wrote it, in one frame: what
+    /// [`Recorder::record`] does with [`Seen::data`], the frame's `mask` as its masking key and
+    /// `payload` still masked with it.
+    #[inline]
+    pub fn relayed(
+        &mut self,
+        direction: Direction,
+        text: bool,
+        payload: &[u8],
+        mask: Option<[u8; 4]>,
+    ) {
+        let kept = self
+            .max_payload
+            .map(|max| cut(max, (payload.len(), text), payload, mask));
+        let seen = Seen::data(direction, text, payload);
+        let meta = Meta {
+            size: payload.len(),
+            policy_us: None,
+            frames: 1,
+            mask,
+            direction,
+            from: seen.from,
+            kind: seen.kind,
+            decision: seen.decision,
+        };
+        self.push(meta, kept, None);
+    }
+
+    /// Adds an entry, with its payload's kept start; once the ring is full, in the oldest
+    /// one's place.
+    #[inline(always)]
+    fn push(&mut self, meta: Meta, payload: Option<Cut<'_>>, rare: Option<Box<Rare>>) {
+        let ring = &mut *self.ring;
+        let seq = ring.next;
+        ring.next += 1;
+        let (chunk, payload) = match payload {
+            None => (ring.chunks.current, None),
+            Some(cut) => {
+                let (chunk, start) = ring.chunks.put(cut.bytes);
+                let stored = Stored {
+                    // Within a chunk, which is at most `MAX_MAX_PAYLOAD` or `CHUNK` long.
+                    start: start as u32,
+                    len: cut.bytes.len() as u32,
+                    masked_with: cut.masked_with,
+                    truncated: cut.truncated,
+                };
+                (chunk, Some(stored))
+            }
+        };
+        if ring.slots.len() < self.keep {
+            ring.slots.push(Slot {
+                seq,
+                time: self.time,
+                meta,
+                chunk,
+                payload,
+                rare,
+            });
+            return;
+        }
+        let oldest = ring.oldest;
+        ring.oldest = if oldest + 1 == self.keep {
+            0
+        } else {
+            oldest + 1
+        };
+        let slot = &mut ring.slots[oldest];
+        slot.seq = seq;
+        slot.time = self.time;
+        slot.meta = meta;
+        slot.chunk = chunk;
+        slot.payload = payload;
+        // Tested first, so that an entry without one drops nothing.
+        if slot.rare.is_some() || rare.is_some() {
+            slot.rare = rare;
+        }
+        let still_needed = ring.slots[ring.oldest].chunk;
+        ring.chunks.forget_before(still_needed);
+    }
+}
+
+/// The start of a payload as kept.
+struct Cut<'a> {
+    bytes: &'a [u8],
+    /// The key `bytes` are still masked with.
+    masked_with: Option<[u8; 4]>,
+    /// Whether `bytes` are less than the whole message.
+    truncated: bool,
+}
+
+/// The start of a payload as kept: at most `max` bytes, text cut at a character boundary
+/// (`size`: the whole message's; `payload` may be only its start).
+fn cut(
+    max: usize,
+    (size, text): (usize, bool),
+    payload: &[u8],
+    masked_with: Option<[u8; 4]>,
+) -> Cut<'_> {
+    let mut cut = payload.len().min(max);
+    // Text (UTF-8 already: the relay checked it) is cut at a character boundary.
+    while text && cut < payload.len() && cut > 0 && is_continuation(payload[cut], masked_with, cut)
+    {
+        cut -= 1;
+    }
+    Cut {
+        bytes: &payload[..cut],
+        masked_with,
+        truncated: cut < size,
     }
 }
 
@@ -616,6 +862,39 @@ mod tests {
             (bin["payload"].as_str(), bin["encoding"].as_str()),
             (Some("AP8="), Some("base64"))
         );
+    }
+
+    #[test]
+    fn payloads_stay_right_as_chunks_fill_and_are_freed() {
+        let c = capture(4, 6000);
+        let payload = |i: usize| -> Vec<u8> {
+            // 100 B to 6,000 B (some longer than a chunk's room, some cut), each its own bytes.
+            let len = [100, 3000, 5999, 7000, 16_000][i % 5];
+            (0..len).map(|j| (i * 7 + j) as u8).collect()
+        };
+        for i in 0..200 {
+            c.record(&Seen::data(Direction::UpstreamToClient, false, &payload(i)));
+            let b = c.read(0, 10);
+            assert_eq!(b.entries.len(), (i + 1).min(4));
+            for e in &b.entries {
+                let want = payload(e.seq() as usize - 1);
+                let kept = e.payload.as_ref().unwrap();
+                let n = want.len().min(6000);
+                assert_eq!(&kept.bytes[..], &want[..n], "entry {}", e.seq());
+                assert_eq!(kept.truncated, want.len() > 6000);
+            }
+            // The chunks held stay bounded: those of the four entries kept, and the last.
+            let held: usize = c
+                .ring
+                .lock()
+                .unwrap()
+                .chunks
+                .list
+                .iter()
+                .map(Vec::capacity)
+                .sum();
+            assert!(held <= 4 * 6000 * 2 + CHUNK, "{held} bytes held");
+        }
     }
 
     #[test]

@@ -194,6 +194,38 @@ pub(crate) fn parse_header(
     }))
 }
 
+/// The header of a frame at the start of `buf` that [`parse_header`] has already read and
+/// passed, and that `buf` holds whole: read again without its checks (the console's
+/// record of a run relayed byte for byte). `None` at the end of `buf`.
+pub(crate) fn reread_header(buf: &[u8]) -> Option<Header> {
+    let [b0, b1, ..] = *buf else { return None };
+    let (payload_len, mut at) = match b1 & 0x7F {
+        126 => (
+            usize::from(u16::from_be_bytes(*buf.get(2..4)?.first_chunk()?)),
+            4,
+        ),
+        127 => {
+            let len = u64::from_be_bytes(*buf.get(2..10)?.first_chunk()?);
+            (usize::try_from(len).ok()?, 10)
+        }
+        small => (usize::from(small), 2),
+    };
+    let mask = if b1 & 0x80 != 0 {
+        at += 4;
+        Some(*buf.get(at - 4..at)?.first_chunk()?)
+    } else {
+        None
+    };
+    Some(Header {
+        fin: b0 & 0x80 != 0,
+        opcode: OpCode::from_bits(b0 & 0x0F)?,
+        mask,
+        header_len: at,
+        payload_len,
+        compressed: b0 & RSV1 != 0,
+    })
+}
+
 /// Appends the header of a final (FIN) frame with a payload of `payload_len` bytes. `mask` is
 /// `Some` on a client leg, where every frame must be masked.
 pub(crate) fn encode_header(
@@ -336,9 +368,12 @@ mod tests {
                     apply_mask(&mut body, key);
                 }
                 assert_eq!(body, payload);
+                // Read again without the checks, it is the same header.
+                assert_eq!(reread_header(&out), Some(h));
                 // Every strict prefix of the header asks for more bytes.
                 for cut in 0..h.header_len {
                     assert_eq!(parse(&out[..cut], role), Ok(None));
+                    assert_eq!(reread_header(&out[..cut]), None);
                 }
             }
         }

@@ -295,23 +295,25 @@ impl Leg {
         }
     }
 
-    /// Records each frame of a run relayed byte for byte (`run`: whole, checked frames). A pass
-    /// of its own, made only while the console captures, so that the run's loop stays as it
-    /// was without a capture.
+    /// Records each frame of a run relayed byte for byte (`run`: whole, checked frames), in
+    /// a pass of its own made only while the console captures, and out of line, so that the
+    /// run's loop stays as it is without a capture. One lock and one clock reading for the run.
+    #[inline(never)]
     fn record_run(&self, capture: &Capture, run: &[u8]) {
+        let Some(mut recorder) = capture.recorder() else {
+            return;
+        };
+        let direction = self.direction();
         let mut at = 0;
-        while let Ok(Some(header)) = self.header(&run[at..]) {
-            let frame = &run[at..at + header.frame_len()];
-            capture.record(&Seen {
-                mask: header.mask,
-                masked_with: header.mask,
-                ..Seen::data(
-                    self.direction(),
-                    header.opcode == OpCode::Text,
-                    &frame[header.header_len..],
-                )
-            });
-            at += header.frame_len();
+        while let Some(header) = run.get(at..).and_then(frame::reread_header) {
+            let end = (at + header.frame_len()).min(run.len());
+            recorder.relayed(
+                direction,
+                header.opcode == OpCode::Text,
+                &run[at + header.header_len..end],
+                header.mask,
+            );
+            at = end;
         }
     }
 
