@@ -381,51 +381,64 @@ struct Stored {
 
 /// Kept payloads, copied one after another into chunks of [`CHUNK`] bytes (a longer payload
 /// gets a chunk of its own size). Entries refer to them by place, so recording a payload is
-/// a copy and no allocation, reference count or release per message; a chunk is freed, whole,
-/// once the ring no longer holds an entry from it. A capture holds at most one chunk more
-/// than its entries' payloads need, plus the room left in the last one.
+/// a copy and no allocation, reference count or release per message. A full chunk is sealed
+/// into a shared [`Bytes`] (no copy), from which a reader cuts its entries' payloads by
+/// reference: the relay never waits for a reader's copy, except of the chunk being filled. A
+/// chunk is freed, whole, once the ring holds no entry from it (and no reader holds a payload
+/// cut from it). A capture holds at most about twice what its entries keep, plus a chunk.
 #[derive(Debug, Default)]
 struct Chunks {
-    list: VecDeque<Vec<u8>>,
-    /// The id of `list[0]`; ids go up by one a chunk.
+    /// The sealed chunks, from id `first` on.
+    sealed: VecDeque<Bytes>,
     first: u64,
-    /// The id of the chunk being filled, the last in `list` (0 before the first).
-    current: u64,
+    /// The chunk being filled, id `first + sealed.len()`.
+    filling: Vec<u8>,
 }
 
 /// The size of a chunk of kept payloads.
 const CHUNK: usize = 16 * 1024;
 
 impl Chunks {
+    /// The id of the chunk being filled.
+    fn current(&self) -> u64 {
+        self.first + self.sealed.len() as u64
+    }
+
     /// Copies `bytes` in; returns the chunk's id and where they start in it.
     fn put(&mut self, bytes: &[u8]) -> (u64, usize) {
-        let fits = self
-            .list
-            .back()
-            .is_some_and(|c| c.capacity() - c.len() >= bytes.len());
-        if !fits {
-            self.list
-                .push_back(Vec::with_capacity(CHUNK.max(bytes.len())));
-            self.current = self.first + self.list.len() as u64 - 1;
+        if self.filling.capacity() - self.filling.len() < bytes.len() {
+            let new = Vec::with_capacity(CHUNK.max(bytes.len()));
+            let full = std::mem::replace(&mut self.filling, new);
+            // The first chunk replaces an empty `Vec` and takes its id.
+            if full.capacity() > 0 {
+                self.sealed.push_back(Bytes::from(full));
+            }
         }
-        let chunk = self.list.back_mut().expect("a chunk was just added");
-        let start = chunk.len();
-        chunk.extend_from_slice(bytes);
-        (self.current, start)
+        let start = self.filling.len();
+        self.filling.extend_from_slice(bytes);
+        (self.current(), start)
     }
 
-    /// The bytes at `start` in chunk `id`, while it is held.
-    fn get(&self, id: u64, start: usize, len: usize) -> &[u8] {
-        id.checked_sub(self.first)
-            .and_then(|i| self.list.get(i as usize))
-            .and_then(|c| c.get(start..start + len))
-            .unwrap_or_default()
+    /// The bytes at `start` in chunk `id`, while it is held: cut from a sealed chunk (shared),
+    /// or copied from the chunk being filled (at most one chunk's worth under the lock).
+    fn get(&self, id: u64, start: usize, len: usize) -> Bytes {
+        let range = start..start + len;
+        match id.checked_sub(self.first).map(|i| i as usize) {
+            Some(i) if i < self.sealed.len() && range.end <= self.sealed[i].len() => {
+                self.sealed[i].slice(range)
+            }
+            Some(i) if i == self.sealed.len() => self
+                .filling
+                .get(range)
+                .map_or_else(Bytes::new, Bytes::copy_from_slice),
+            _ => Bytes::new(),
+        }
     }
 
-    /// Frees the chunks before chunk `id`.
+    /// Frees the sealed chunks before chunk `id`.
     fn forget_before(&mut self, id: u64) {
-        while self.first < id && !self.list.is_empty() {
-            self.list.pop_front();
+        while self.first < id && !self.sealed.is_empty() {
+            self.sealed.pop_front();
             self.first += 1;
         }
     }
@@ -557,11 +570,9 @@ impl Capture {
                 time: slot.time,
                 meta: slot.meta,
                 payload: slot.payload.map(|p| Kept {
-                    bytes: Bytes::copy_from_slice(ring.chunks.get(
-                        slot.chunk,
-                        p.start as usize,
-                        p.len as usize,
-                    )),
+                    bytes: ring
+                        .chunks
+                        .get(slot.chunk, p.start as usize, p.len as usize),
                     masked_with: p.masked_with,
                     truncated: p.truncated,
                 }),
@@ -712,7 +723,7 @@ impl Recorder<'_> {
         let seq = ring.next;
         ring.next += 1;
         let (chunk, payload) = match payload {
-            None => (ring.chunks.current, None),
+            None => (ring.chunks.current(), None),
             Some(cut) => {
                 let (chunk, start) = ring.chunks.put(cut.bytes);
                 let stored = Stored {
@@ -884,17 +895,24 @@ mod tests {
                 assert_eq!(kept.truncated, want.len() > 6000);
             }
             // The chunks held stay bounded: those of the four entries kept, and the last.
-            let held: usize = c
-                .ring
-                .lock()
-                .unwrap()
-                .chunks
-                .list
-                .iter()
-                .map(Vec::capacity)
-                .sum();
+            let ring = c.ring.lock().unwrap();
+            let sealed: usize = ring.chunks.sealed.iter().map(Bytes::len).sum();
+            let held = sealed + ring.chunks.filling.capacity();
+            drop(ring);
             assert!(held <= 4 * 6000 * 2 + CHUNK, "{held} bytes held");
         }
+        // What a reader takes from a sealed chunk is that chunk's memory, not a copy made
+        // while the relay waits for the lock.
+        let b = c.read(0, 10);
+        let ring = c.ring.lock().unwrap();
+        let shared = b.entries.iter().filter(|e| {
+            let at = e.payload.as_ref().unwrap().bytes.as_ptr();
+            ring.chunks
+                .sealed
+                .iter()
+                .any(|chunk| chunk.as_ptr_range().contains(&at))
+        });
+        assert!(shared.count() > 0);
     }
 
     #[test]
