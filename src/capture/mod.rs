@@ -190,7 +190,7 @@ struct After {
 
 /// The parts of an entry that few messages have, boxed so that the common entry stays small
 /// (it is written into the ring, over the oldest one, once per message).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Rare {
     after: Option<After>,
     close: Option<(u16, Box<str>)>,

@@ -146,23 +146,12 @@ pub(crate) fn parse_header(
         (Role::Client, true) => return Err(FrameError::Protocol("masked frame from server")),
         _ => {}
     }
-    let (len, mut at) = match b1 & 0x7F {
-        126 => match buf.get(2..4) {
-            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
-            None => return Ok(None),
-        },
-        127 => match buf.get(2..10) {
-            Some(b) => {
-                let len = u64::from_be_bytes(b.try_into().expect("8 bytes"));
-                if len >> 63 != 0 {
-                    return Err(FrameError::Protocol("payload length with the top bit set"));
-                }
-                (len, 10)
-            }
-            None => return Ok(None),
-        },
-        small => (u64::from(small), 2),
+    let Some((len, mut at)) = written_length(buf) else {
+        return Ok(None);
     };
+    if len >> 63 != 0 {
+        return Err(FrameError::Protocol("payload length with the top bit set"));
+    }
     if opcode.is_control() {
         if !fin {
             return Err(FrameError::Protocol("fragmented control frame"));
@@ -176,11 +165,11 @@ pub(crate) fn parse_header(
         return Err(FrameError::TooBig);
     }
     let mask = if masked {
-        let Some(key) = buf.get(at..at + 4) else {
+        let Some(key) = masking_key(buf, at) else {
             return Ok(None);
         };
         at += 4;
-        Some(key.try_into().expect("4 bytes"))
+        Some(key)
     } else {
         None
     };
@@ -199,20 +188,10 @@ pub(crate) fn parse_header(
 /// record of a run relayed byte for byte). `None` at the end of `buf`.
 pub(crate) fn reread_header(buf: &[u8]) -> Option<Header> {
     let [b0, b1, ..] = *buf else { return None };
-    let (payload_len, mut at) = match b1 & 0x7F {
-        126 => (
-            usize::from(u16::from_be_bytes(*buf.get(2..4)?.first_chunk()?)),
-            4,
-        ),
-        127 => {
-            let len = u64::from_be_bytes(*buf.get(2..10)?.first_chunk()?);
-            (usize::try_from(len).ok()?, 10)
-        }
-        small => (usize::from(small), 2),
-    };
+    let (payload_len, mut at) = written_length(buf)?;
     let mask = if b1 & 0x80 != 0 {
         at += 4;
-        Some(*buf.get(at - 4..at)?.first_chunk()?)
+        Some(masking_key(buf, at - 4)?)
     } else {
         None
     };
@@ -221,9 +200,27 @@ pub(crate) fn reread_header(buf: &[u8]) -> Option<Header> {
         opcode: OpCode::from_bits(b0 & 0x0F)?,
         mask,
         header_len: at,
-        payload_len,
+        payload_len: usize::try_from(payload_len).ok()?,
         compressed: b0 & RSV1 != 0,
     })
+}
+
+/// The payload length the header at the start of `buf` writes (unchecked), and where the
+/// length ends; `None` until `buf` holds it.
+fn written_length(buf: &[u8]) -> Option<(u64, usize)> {
+    Some(match *buf.get(1)? & 0x7F {
+        126 => (
+            u64::from(u16::from_be_bytes(*buf.get(2..4)?.first_chunk()?)),
+            4,
+        ),
+        127 => (u64::from_be_bytes(*buf.get(2..10)?.first_chunk()?), 10),
+        small => (u64::from(small), 2),
+    })
+}
+
+/// The masking key at `at` in `buf`, once `buf` holds it.
+fn masking_key(buf: &[u8], at: usize) -> Option<[u8; 4]> {
+    buf.get(at..at + 4)?.first_chunk().copied()
 }
 
 /// Appends the header of a final (FIN) frame with a payload of `payload_len` bytes. `mask` is
