@@ -328,8 +328,10 @@ async fn peers_that_answer_pings_stay_and_pings_do_not_count_as_activity() {
     ))
     .await;
     let mut client = connect(gw.local_addr(), "/echo").await;
-    round_trip(&mut client, "hello").await.expect("echo");
+    // Timed from before the send: the gateway's idle timer starts when it relays the echo,
+    // a moment before this client reads it, so a later start could see the close early.
     let last_message = Instant::now();
+    round_trip(&mut client, "hello").await.expect("echo");
     let mut pings = 0;
     let close = within("the idle close", async {
         loop {

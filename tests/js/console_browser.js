@@ -283,8 +283,17 @@ async function main() {
     await shot("closed");
 
     step("plain");
-    // The plain connection: no capture until the console turns it on.
-    await page.click(`[data-testid=conn-row][data-id="${(await rowOf(plainRoute)).id}"]`);
+    // The plain connection: no capture until the console turns it on. The closed connection
+    // leaves the list at the next poll, moving the rows below it: click once it has gone, or
+    // the click can land where the plain connection's row was a moment before.
+    await waitFor("the closed connection to leave the list", (route) =>
+      !Array.from(document.querySelectorAll("[data-testid=conn-row]")).some(
+        (r) => r.querySelector("[data-testid=conn-route]").textContent === route,
+      ), capturedRoute);
+    const plainId = (await rowOf(plainRoute)).id;
+    await page.click(`[data-testid=conn-row][data-id="${plainId}"]`);
+    await waitFor("the plain connection's detail", (id) =>
+      document.querySelector("[data-testid=detail-id]").textContent === `#${id}`, plainId);
     await waitFor("the capture-off notice", () =>
       /Capture is off/.test(document.querySelector("[data-testid=msg-empty]").textContent));
     results.plain = {
