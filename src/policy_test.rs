@@ -8,13 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::config::{Config, OnInvalid};
 use crate::policy::lua::{test_hooks, Engine};
 use crate::policy::shared::SharedDict;
 use crate::policy::validate::Schemas;
-use crate::policy::{Direction, FrameHooks, Outbound, PassThrough, Verdict};
+use crate::policy::{Data, Direction, FrameHooks, Outbound, PassThrough, Verdict};
 
 /// `--schema`: the JSON Schema a message is validated against before the policy, for both
 /// directions, and what an invalid message gets.
@@ -78,13 +77,13 @@ impl std::fmt::Display for Decision {
     }
 }
 
-fn shown(m: &Message) -> String {
-    match m {
-        Message::Text(t) => t.to_string(),
-        other => format!(
+fn shown(m: &Data) -> String {
+    match m.as_text() {
+        Some(text) => text.to_owned(),
+        None => format!(
             "<binary {} bytes: {}>",
-            other.len(),
-            String::from_utf8_lossy(&other.clone().into_data())
+            m.len(),
+            String::from_utf8_lossy(m.payload())
         ),
     }
 }
@@ -179,9 +178,9 @@ fn decide(tested: &Tested, case: &Case) -> Result<Decision, String> {
             None => "not checked".to_owned(),
         });
     let message = if case.binary {
-        Message::binary(case.message.clone().into_bytes())
+        Data::binary(case.message.clone().into_bytes())
     } else {
-        Message::text(case.message.clone())
+        Data::text(case.message.clone())
     };
     let (mut to_client, mut to_upstream) = (VecDeque::new(), VecDeque::new());
     let verdict = hooks.on_message(

@@ -811,8 +811,9 @@ impl Validator<'_> {
                     "set ping_interval too, e.g. ping_interval = \"30s\"",
                 ))
             }
-            (Some(_), Some(_)) => {
-                self.positive_duration(&raw.ping_timeout, "route.ping_timeout", Duration::ZERO)?
+            // Its default is the interval, which the hint names.
+            (Some(_), Some(interval)) => {
+                self.positive_duration(&raw.ping_timeout, "route.ping_timeout", interval)?
             }
             (None, interval) => interval.unwrap_or_default(),
         };
@@ -1265,6 +1266,11 @@ mod tests {
         assert!(
             error(&route("ping_interval = \"30s\"\nping_timeout = \"0s\"\n"))
                 .contains("route.ping_timeout must be greater than 0")
+        );
+        // The hint names the real default: the interval, not 0s.
+        assert!(
+            error(&route("ping_interval = \"30s\"\nping_timeout = \"0s\"\n"))
+                .contains("leave it out for the default (30s)")
         );
         assert!(error(&route("max_queued_bytes = \"1KiB\"\n")).contains("between 64KiB and 1GiB"));
     }

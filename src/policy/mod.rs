@@ -12,6 +12,7 @@
 //! [`validate`] is a layer of hooks around the Lua ones: `[route.validate]`'s JSON Schemas
 //! check each text message before the frame policy sees it.
 
+mod data;
 pub mod limit;
 pub mod lua;
 pub mod shared;
@@ -25,7 +26,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::header_fields::HeaderFields;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+
+pub use data::Data;
 
 use crate::proxy::CloseSummary;
 
@@ -42,7 +44,7 @@ pub enum Direction {
 #[derive(Debug)]
 pub enum Verdict {
     /// Send this message on (the original, or a replacement).
-    Forward(Message),
+    Forward(Data),
     /// Do not send it; counted as a policy drop.
     Drop,
     /// Close both legs with this frame.
@@ -57,9 +59,9 @@ pub enum Verdict {
 /// over a room must not push the message (the Lua API answers `nil, "queue full"`).
 pub struct Outbound<'a> {
     /// Queue towards the client.
-    pub to_client: &'a mut std::collections::VecDeque<Message>,
+    pub to_client: &'a mut std::collections::VecDeque<Data>,
     /// Queue towards the upstream.
-    pub to_upstream: &'a mut std::collections::VecDeque<Message>,
+    pub to_upstream: &'a mut std::collections::VecDeque<Data>,
     /// Payload bytes that may still be queued towards the client.
     pub room_to_client: usize,
     /// Payload bytes that may still be queued towards the upstream.
@@ -73,14 +75,14 @@ pub struct Outbound<'a> {
 pub trait FrameHooks {
     /// Called with each whole data message (text or binary) before it is forwarded.
     /// The default forwards it unchanged.
-    fn on_message(&mut self, direction: Direction, message: Message, out: Outbound<'_>) -> Verdict {
+    fn on_message(&mut self, direction: Direction, message: Data, out: Outbound<'_>) -> Verdict {
         let _ = (direction, out);
         Verdict::Forward(message)
     }
 
     /// Whether [`FrameHooks::on_message`] looks at messages going `direction`. When it does
     /// not, the proxy relays them straight from its read buffer, without building a
-    /// [`Message`], and never calls `on_message` for them. Asked once, when the relay starts.
+    /// [`Data`], and never calls `on_message` for them. Asked once, when the relay starts.
     /// The default is `true`.
     fn inspects(&self, direction: Direction) -> bool {
         let _ = direction;

@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::close::{Ending, LegClose, Side, Traffic};
@@ -36,7 +35,7 @@ use super::meter::Meter;
 use super::Shared;
 use crate::capture::{self, Capture, Decision, Seen};
 use crate::metrics;
-use crate::policy::{Direction, FrameHooks, Outbound, Verdict};
+use crate::policy::{Data, Direction, FrameHooks, Outbound, Verdict};
 use crate::registry::{self, Control, Target, CONTROL_CAPACITY};
 
 /// A leg is not read while more than this many bytes of replies wait to be written to it.
@@ -64,7 +63,7 @@ pub(crate) struct Relay {
     checked: [bool; 2],
     /// Messages the hooks send besides their verdicts, towards the client and the upstream.
     /// Empty (unallocated) unless a policy sends.
-    replies: [VecDeque<Message>; 2],
+    replies: [VecDeque<Data>; 2],
     /// Alternates which leg is read first, so neither can starve the other.
     client_first: bool,
     /// Set when shutdown starts; checked on every wake-up (no lock).
@@ -461,7 +460,7 @@ impl Relay {
             let capture = self.capture.as_deref();
             let mut check = |text: &str, arrived: Arrived, [own, other]: [usize; 2]| {
                 let [to_client, to_upstream] = &mut *replies;
-                let waiting = |q: &VecDeque<Message>| q.iter().map(Message::len).sum::<usize>();
+                let waiting = |q: &VecDeque<Data>| q.iter().map(Data::len).sum::<usize>();
                 let own_room = max_queued.saturating_sub(own);
                 let other_room = max_queued.saturating_sub(other);
                 let (direction, room_to_client, room_to_upstream) = match from {
@@ -542,7 +541,7 @@ impl Relay {
             let traffic = &mut self.traffic[slot];
             let expire_at = &mut self.expire_at;
             let capture = self.capture.as_deref();
-            let mut hook = |message: Message, arrived: Arrived, own: &mut Outbox| {
+            let mut hook = |message: Data, arrived: Arrived, own: &mut Outbox| {
                 if !hooked {
                     // Reassembled only to be inflated or compressed.
                     tally.message(message.is_text(), message.len());
@@ -665,12 +664,8 @@ fn direction_of(side: Side) -> metrics::Direction {
 }
 
 /// Whether a message is text, and its payload.
-fn body(message: &Message) -> (bool, &[u8]) {
-    match message {
-        Message::Text(t) => (true, t.as_bytes()),
-        Message::Binary(b) => (false, b),
-        _ => (false, &[]),
-    }
+fn body(message: &Data) -> (bool, &[u8]) {
+    (message.is_text(), message.payload())
 }
 
 /// A message a frame policy looked at, for the console.
@@ -681,8 +676,8 @@ struct Hooked<'a> {
     arrived: Arrived,
     took: Duration,
     verdict: &'a Verdict,
-    own_replies: &'a VecDeque<Message>,
-    other_replies: &'a VecDeque<Message>,
+    own_replies: &'a VecDeque<Data>,
+    other_replies: &'a VecDeque<Data>,
 }
 
 /// Records a message with the policy's decision, then what the policy sent besides.
@@ -719,7 +714,7 @@ fn record_hooked(capture: &Capture, h: Hooked<'_>) {
     }
 }
 
-fn drain_into(queue: &mut VecDeque<Message>, out: &mut Outbox) {
+fn drain_into(queue: &mut VecDeque<Data>, out: &mut Outbox) {
     // Most calls reply nothing: an empty queue is not even drained (a drain costs about 50
     // instructions to set up and drop).
     if queue.is_empty() {

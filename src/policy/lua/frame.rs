@@ -10,13 +10,12 @@ use bytes::Bytes;
 use mlua::{AnyUserData, Lua, Table, UserData, UserDataFields, UserDataMethods, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::codec::Codec;
 use super::{misuse, Engine, Limits, LuaRoutePolicy, Script, Vm};
 use crate::config::OnPolicyError;
 use crate::metrics::{Phase, PolicyErrorKind, RouteMetrics};
-use crate::policy::{Direction, FrameHooks, Outbound, PolicyError, Verdict};
+use crate::policy::{Data, Direction, FrameHooks, Outbound, PolicyError, Verdict};
 use crate::proxy::CloseSummary;
 
 /// At most this many messages may be sent by one policy call.
@@ -30,7 +29,7 @@ struct CallState {
     /// True during `on_close`.
     closing: bool,
     /// Messages sent by the call: (towards the client?, message).
-    sends: Vec<(bool, Message)>,
+    sends: Vec<(bool, Data)>,
     /// Set by `conn:close`.
     close: Option<CloseFrame>,
     /// Payload bytes the call may still send towards the client, then the upstream (see
@@ -101,7 +100,7 @@ impl UserData for Msg {
             Ok(m.0.borrow().decoded(lua).1.clone())
         });
         fields.add_field_method_get("text", |lua, m| {
-            match std::str::from_utf8(&m.0.borrow().payload) {
+            match simdutf8::basic::from_utf8(&m.0.borrow().payload) {
                 Ok(s) => Ok(Value::String(lua.create_string(s)?)),
                 Err(_) => Ok(Value::Nil),
             }
@@ -176,9 +175,9 @@ fn to_message(
     what: &str,
     data: Value,
     codec: Option<&'static dyn Codec>,
-) -> mlua::Result<Message> {
+) -> mlua::Result<Data> {
     match data {
-        Value::String(s) => Ok(bytes_message(Bytes::copy_from_slice(&s.as_bytes()))),
+        Value::String(s) => Ok(Data::text_or_binary(Bytes::copy_from_slice(&s.as_bytes()))),
         Value::Table(_) => {
             let codec = codec.ok_or_else(|| {
                 misuse(
@@ -192,9 +191,9 @@ fn to_message(
                 .encode(lua, &data)
                 .map_err(|e| misuse(lua, format!("{what}: {e}")))?;
             Ok(if codec.is_text() {
-                bytes_message(Bytes::from(encoded))
+                Data::text_or_binary(Bytes::from(encoded))
             } else {
-                Message::Binary(Bytes::from(encoded))
+                Data::binary(encoded)
             })
         }
         other => Err(misuse(
@@ -204,14 +203,6 @@ fn to_message(
                 other.type_name()
             ),
         )),
-    }
-}
-
-fn bytes_message(bytes: Bytes) -> Message {
-    if std::str::from_utf8(&bytes).is_ok() {
-        Message::Text(Utf8Bytes::try_from(bytes).expect("checked to be UTF-8"))
-    } else {
-        Message::Binary(bytes)
     }
 }
 
@@ -460,7 +451,7 @@ impl LuaFrameHooks {
         direction: Direction,
         kind: PolicyErrorKind,
         error: PolicyError,
-        message: Message,
+        message: Data,
     ) -> Verdict {
         if let Some(metrics) = &self.metrics {
             metrics.policy_error(phase(direction), kind);
@@ -482,7 +473,7 @@ impl LuaFrameHooks {
         direction: Direction,
         script: &Script,
         returned: Value,
-        message: Message,
+        message: Data,
     ) -> Verdict {
         let failed =
             |error, message| self.failed(direction, PolicyErrorKind::Error, error, message);
@@ -493,9 +484,9 @@ impl LuaFrameHooks {
             Value::String(s) => {
                 let bytes = Bytes::copy_from_slice(&s.as_bytes());
                 if message.is_text() {
-                    match Utf8Bytes::try_from(bytes) {
-                        Ok(text) => Verdict::Forward(Message::Text(text)),
-                        Err(_) => failed(
+                    match Data::checked_text(bytes) {
+                        Some(text) => Verdict::Forward(text),
+                        None => failed(
                             script.plain_error(
                                 "returned a string that is not UTF-8 for a text message",
                             ),
@@ -503,7 +494,7 @@ impl LuaFrameHooks {
                         ),
                     }
                 } else {
-                    Verdict::Forward(Message::Binary(bytes))
+                    Verdict::Forward(Data::binary(bytes))
                 }
             }
             table @ Value::Table(_) => {
@@ -552,7 +543,7 @@ impl FrameHooks for LuaFrameHooks {
         }
     }
 
-    fn on_message(&mut self, direction: Direction, message: Message, out: Outbound<'_>) -> Verdict {
+    fn on_message(&mut self, direction: Direction, message: Data, out: Outbound<'_>) -> Verdict {
         let script = match direction {
             Direction::ClientToUpstream => &self.on_client_frame,
             Direction::UpstreamToClient => &self.on_server_frame,
@@ -560,11 +551,7 @@ impl FrameHooks for LuaFrameHooks {
         let Some(script) = script.clone() else {
             return Verdict::Forward(message);
         };
-        let (payload, is_text) = match &message {
-            Message::Text(t) => (Bytes::from(t.clone()), true),
-            Message::Binary(b) => (b.clone(), false),
-            _ => return Verdict::Forward(message),
-        };
+        let (payload, is_text) = (message.payload().clone(), message.is_text());
         // One `msg` object per connection, refilled for each message: no allocation per call.
         {
             let mut msg = self.msg_state.borrow_mut();

@@ -26,9 +26,8 @@ use std::sync::Arc;
 
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
 
-use super::{Direction, FrameHooks, Outbound, Verdict};
+use super::{Data, Direction, FrameHooks, Outbound, Verdict};
 use crate::config::{ConfigError, OnInvalid, ValidateConfig};
 use crate::metrics::RouteMetrics;
 use crate::proxy::CloseSummary;
@@ -145,7 +144,7 @@ impl Validating {
                     Direction::UpstreamToClient => (out.to_upstream, out.room_to_upstream),
                 };
                 if reply.len() <= room {
-                    queue.push_back(Message::text(reply));
+                    queue.push_back(Data::text(reply));
                 } else if !self.reply_refused {
                     self.reply_refused = true;
                     tracing::warn!(
@@ -161,11 +160,11 @@ impl Validating {
 }
 
 impl FrameHooks for Validating {
-    fn on_message(&mut self, direction: Direction, message: Message, out: Outbound<'_>) -> Verdict {
-        if let (Some(schema), Message::Text(text)) =
-            (self.schemas.for_direction(direction), &message)
+    fn on_message(&mut self, direction: Direction, message: Data, out: Outbound<'_>) -> Verdict {
+        if let (Some(schema), Some(text)) =
+            (self.schemas.for_direction(direction), message.as_text())
         {
-            if let Err(detail) = schema.check(text.as_str()) {
+            if let Err(detail) = schema.check(text) {
                 return self.invalid(direction, detail, out);
             }
         }
@@ -230,7 +229,7 @@ mod tests {
 
     /// Runs one client message through the layer around no hooks: the verdict and what was
     /// queued for the client.
-    fn run(on_invalid: OnInvalid, text: &str, room: usize) -> (Verdict, VecDeque<Message>) {
+    fn run(on_invalid: OnInvalid, text: &str, room: usize) -> (Verdict, VecDeque<Data>) {
         let mut hooks = wrap(
             Box::new(super::super::PassThrough),
             Some(&schemas(on_invalid)),
@@ -241,7 +240,7 @@ mod tests {
         let (mut to_client, mut to_upstream) = (VecDeque::new(), VecDeque::new());
         let verdict = hooks.on_message(
             Direction::ClientToUpstream,
-            Message::text(text),
+            Data::text(text),
             Outbound {
                 to_client: &mut to_client,
                 to_upstream: &mut to_upstream,
@@ -257,7 +256,7 @@ mod tests {
     #[test]
     fn each_on_invalid() {
         let (v, q) = run(OnInvalid::Close, r#"{"type":"a"}"#, 1 << 20);
-        assert!(matches!(v, Verdict::Forward(m) if m == Message::text(r#"{"type":"a"}"#)));
+        assert!(matches!(v, Verdict::Forward(m) if m == Data::text(r#"{"type":"a"}"#)));
         assert!(q.is_empty());
         let (v, _) = run(OnInvalid::Close, "{}", 1 << 20);
         let Verdict::Close(frame) = v else {
@@ -270,7 +269,7 @@ mod tests {
         let (v, q) = run(OnInvalid::Reply, "{}", 1 << 20);
         assert!(matches!(v, Verdict::Drop));
         assert_eq!(
-            q.front().unwrap().to_text().unwrap(),
+            q.front().unwrap().as_text().unwrap(),
             r#"{"error":"invalid message","detail":"\"type\" is a required property"}"#
         );
         // No room for the reply: the message is dropped all the same, without it.

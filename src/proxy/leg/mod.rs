@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::buffers;
 use super::close::{Ending, Side};
@@ -26,6 +25,7 @@ use super::extensions::Agreed;
 use super::frame::{self, FrameError, Role};
 use super::meter::Tally;
 use crate::capture::Capture;
+use crate::policy::Data;
 use crate::upstream::{Io, Socket};
 
 pub(crate) use outbox::Outbox;
@@ -34,7 +34,7 @@ use read::{Fragments, Streaming};
 /// A hook over whole data messages, given with how the message arrived and the sender's own
 /// outbox (for replies). It answers whether the read may go on (`false`: a queue is full, the
 /// rest of the read waits).
-pub(crate) type Hook<'a> = dyn FnMut(Message, Arrived, &mut Outbox) -> Result<bool, Ending> + 'a;
+pub(crate) type Hook<'a> = dyn FnMut(Data, Arrived, &mut Outbox) -> Result<bool, Ending> + 'a;
 
 /// A check of the whole text messages a direction relays byte for byte (a JSON Schema):
 /// given the text, how it arrived, and the bytes queued for the sender and for the other leg,

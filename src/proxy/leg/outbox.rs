@@ -8,11 +8,11 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::AsyncWrite;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::super::buffers;
 use super::super::deflate::Deflater;
 use super::super::frame::{self, OpCode, Role};
+use crate::policy::Data;
 use crate::upstream::Io;
 
 thread_local! {
@@ -184,16 +184,9 @@ impl Outbox {
         }
     }
 
-    /// Queues a message a policy produced.
-    pub(crate) fn push_message(&mut self, message: &Message) {
-        match message {
-            Message::Text(t) => self.push_data(true, t.as_bytes()),
-            Message::Binary(b) => self.push_data(false, b),
-            Message::Ping(p) => self.push(OpCode::Ping, p),
-            Message::Pong(p) => self.push(OpCode::Pong, p),
-            Message::Close(f) => self.push_close(f.as_ref()),
-            Message::Frame(_) => {}
-        }
+    /// Queues a data message a hook forwarded or sent.
+    pub(crate) fn push_message(&mut self, message: &Data) {
+        self.push_data(message.is_text(), message.payload());
     }
 
     /// Queues a close frame.

@@ -8,7 +8,6 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::super::buffers::{self, take_scratch};
 use super::super::close::{Ending, Side};
@@ -17,6 +16,7 @@ use super::super::frame::{self, ClosePayload, FrameError, OpCode};
 use super::super::meter::Tally;
 use super::{Arrived, Check, Leg, Sink};
 use crate::capture::{Capture, Kind, Seen};
+use crate::policy::Data;
 
 /// The smallest buffer a partial frame is kept in.
 const MIN_PARTIAL: usize = 4 * 1024;
@@ -614,13 +614,11 @@ impl Leg {
     }
 
     /// A message for the hooks; text is checked to be UTF-8 here.
-    fn message(&self, text: bool, payload: Bytes) -> Result<Message, Ending> {
+    fn message(&self, text: bool, payload: Bytes) -> Result<Data, Ending> {
         if text {
-            Utf8Bytes::try_from(payload)
-                .map(Message::Text)
-                .map_err(|_| Ending::BadUtf8(self.side))
+            Data::checked_text(payload).ok_or(Ending::BadUtf8(self.side))
         } else {
-            Ok(Message::Binary(payload))
+            Ok(Data::binary(payload))
         }
     }
 
