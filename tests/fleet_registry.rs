@@ -35,6 +35,11 @@ fn config(redis: &Redis, instance: &str, upstream: SocketAddr) -> String {
     )
 }
 
+/// The tests that start a fleet run one at a time: together they would be two dozen gateways
+/// and their Redis servers on the machine's cores, and a fleet command waits at most 1 s for
+/// each instance's answer (an answer starved past it would make the instance `missing`).
+static ONE_FLEET_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Three gateways named gw-1..gw-3 on one Redis.
 async fn fleet(redis: &Redis, upstream: SocketAddr) -> Vec<framegate::Running> {
     let mut gateways = Vec::new();
@@ -129,6 +134,7 @@ fn instances_of(listing: &Value) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn a_fleet_listing_by_tag_names_each_connections_instance() {
+    let _one = ONE_FLEET_AT_A_TIME.lock().await;
     let redis = Redis::start().await;
     let upstream = echo().await;
     let gws = fleet(&redis, upstream.addr).await;
@@ -242,6 +248,7 @@ async fn a_fleet_listing_by_tag_names_each_connections_instance() {
 
 #[tokio::test]
 async fn a_fleet_kick_by_tag_closes_anns_connections_on_every_instance() {
+    let _one = ONE_FLEET_AT_A_TIME.lock().await;
     let redis = Redis::start().await;
     let upstream = echo().await;
     let gws = fleet(&redis, upstream.addr).await;
@@ -312,6 +319,7 @@ async fn a_fleet_kick_by_tag_closes_anns_connections_on_every_instance() {
 
 #[tokio::test]
 async fn a_fleet_broadcast_reaches_clients_on_every_instance() {
+    let _one = ONE_FLEET_AT_A_TIME.lock().await;
     let redis = Redis::start().await;
     let upstream = echo().await;
     let gws = fleet(&redis, upstream.addr).await;
@@ -363,6 +371,7 @@ async fn a_fleet_broadcast_reaches_clients_on_every_instance() {
 
 #[tokio::test]
 async fn without_redis_fleet_scope_answers_503_and_local_scope_still_works() {
+    let _one = ONE_FLEET_AT_A_TIME.lock().await;
     let mut redis = Redis::start().await;
     let upstream = echo().await;
     let gws = fleet(&redis, upstream.addr).await;
@@ -546,6 +555,7 @@ async fn a_killed_instances_entries_vanish_from_the_fleet_listing_within_its_lea
 
 #[tokio::test]
 async fn a_redis_that_stops_answering_gets_a_bounded_503_not_a_hang() {
+    let _one = ONE_FLEET_AT_A_TIME.lock().await;
     let redis = Redis::start().await;
     let upstream = echo().await;
     let gws = fleet(&redis, upstream.addr).await;
