@@ -12,9 +12,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use framegate::header_fields::HeaderFields;
 use framegate::policy::lua::{test_hooks, Engine};
 use framegate::policy::shared::SharedDict;
-use framegate::policy::{Direction, Outbound, UpgradeRequest, UpgradeVerdict, Verdict};
+use framegate::policy::{Data, Direction, Outbound, UpgradeRequest, UpgradeVerdict, Verdict};
 use framegate::Config;
-use tokio_tungstenite::tungstenite::Message;
 
 fn routes_config() -> Config {
     let mut toml = String::new();
@@ -69,7 +68,7 @@ fn engine_hooking(hook: &str, name: &str, source: &str) -> Engine {
     Engine::new(&config, Arc::new(SharedDict::default())).expect("script compiles")
 }
 
-fn call(hooks: &mut dyn framegate::policy::FrameHooks, message: &Message) -> Verdict {
+fn call(hooks: &mut dyn framegate::policy::FrameHooks, message: &Data) -> Verdict {
     let (mut to_client, mut to_upstream) = (VecDeque::new(), VecDeque::new());
     let mut expire_at = None;
     hooks.on_message(
@@ -87,7 +86,7 @@ fn call(hooks: &mut dyn framegate::policy::FrameHooks, message: &Message) -> Ver
 
 fn lua_policies(c: &mut Criterion) {
     let mut group = c.benchmark_group("lua_frame_policy");
-    let small = Message::text(r#"{"type":"chat","text":"hello"}"#);
+    let small = Data::text(r#"{"type":"chat","text":"hello"}"#);
 
     let engine = engine_with(
         "trivial.lua",
@@ -120,7 +119,7 @@ fn lua_policies(c: &mut Criterion) {
         body.push_str("lorem ipsum ");
     }
     body.push_str(r#""}"#);
-    let kib = Message::text(body);
+    let kib = Data::text(body);
     group.bench_function("json_decode_modify_encode_1kib", |b| {
         b.iter(|| call(hooks.as_mut(), &kib))
     });
@@ -181,7 +180,7 @@ end"#,
 fn lua_patterns(c: &mut Criterion) {
     let mut group = c.benchmark_group("lua_patterns");
     let data = format!("{}x", "abcdefghij ".repeat(93));
-    let message = Message::text(data.clone());
+    let message = Data::text(data.clone());
     for (name, op) in [
         ("find_char", r#"d:find("x")"#),
         ("find_plain", r#"d:find("j x", 1, true)"#),

@@ -47,7 +47,8 @@ impl Fragments {
         if !self.text || self.compressed {
             return true;
         }
-        match std::str::from_utf8(&self.data[self.checked..]) {
+        // simdutf8's std-compatible check: it also tells where a cut character starts.
+        match simdutf8::compat::from_utf8(&self.data[self.checked..]) {
             Ok(_) => {
                 self.checked = self.data.len();
                 true
