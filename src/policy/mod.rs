@@ -16,6 +16,7 @@ mod data;
 pub mod limit;
 pub mod lua;
 pub mod shared;
+mod summary;
 pub mod validate;
 
 use std::net::IpAddr;
@@ -28,8 +29,7 @@ use crate::header_fields::HeaderFields;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 pub use data::Data;
-
-use crate::proxy::CloseSummary;
+pub use summary::{CloseSummary, ClosedBy, Traffic};
 
 /// Which way a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

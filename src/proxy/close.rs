@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
+pub use crate::policy::{CloseSummary, ClosedBy, Traffic};
+
 /// One of the two legs of a proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -30,28 +32,6 @@ impl Side {
         match self {
             Side::Client => Side::Upstream,
             Side::Upstream => Side::Client,
-        }
-    }
-}
-
-/// Who ended the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClosedBy {
-    /// The client sent a close frame, dropped its connection, or broke the protocol.
-    Client,
-    /// The upstream did.
-    Upstream,
-    /// framegate did (lifetime, idle timeout, shutdown, a policy).
-    Gateway,
-}
-
-impl ClosedBy {
-    /// `client`, `upstream` or `gateway`, as logged.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClosedBy::Client => "client",
-            ClosedBy::Upstream => "upstream",
-            ClosedBy::Gateway => "gateway",
         }
     }
 }
@@ -278,44 +258,6 @@ impl Ending {
             | Ending::Admin(_) => None,
         }
     }
-}
-
-/// Counters for one direction of a connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Traffic {
-    /// Data messages forwarded.
-    pub messages: u64,
-    /// Payload bytes forwarded.
-    pub bytes: u64,
-    /// Data messages a policy dropped.
-    pub dropped_by_policy: u64,
-    /// Data messages that were queued when the connection closed and could not be delivered.
-    pub undelivered: u64,
-}
-
-/// Everything known about a connection when it ends: the final log line and `on_close` input.
-#[derive(Debug, Clone)]
-pub struct CloseSummary {
-    /// Connection id, unique within the process.
-    pub id: u64,
-    /// The route's name (host and path template).
-    pub route: String,
-    /// The client's address.
-    pub client: SocketAddr,
-    /// The upstream URL after substitution.
-    pub upstream: String,
-    /// Time from the 101 to the end.
-    pub duration: Duration,
-    /// Client-to-upstream traffic.
-    pub client_to_upstream: Traffic,
-    /// Upstream-to-client traffic.
-    pub upstream_to_client: Traffic,
-    /// Close code describing the end (1005: no code given, 1006: no close frame).
-    pub code: u16,
-    /// Close reason describing the end.
-    pub reason: String,
-    /// Who ended it.
-    pub closed_by: ClosedBy,
 }
 
 impl CloseSummary {

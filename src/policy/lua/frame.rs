@@ -15,8 +15,7 @@ use super::codec::Codec;
 use super::{misuse, Engine, Limits, LuaRoutePolicy, Script, Vm};
 use crate::config::OnPolicyError;
 use crate::metrics::{Phase, PolicyErrorKind, RouteMetrics};
-use crate::policy::{Data, Direction, FrameHooks, Outbound, PolicyError, Verdict};
-use crate::proxy::CloseSummary;
+use crate::policy::{CloseSummary, Data, Direction, FrameHooks, Outbound, PolicyError, Verdict};
 
 /// At most this many messages may be sent by one policy call.
 const MAX_SENDS_PER_CALL: usize = 64;

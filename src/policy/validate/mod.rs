@@ -27,10 +27,9 @@ use std::sync::Arc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-use super::{Data, Direction, FrameHooks, Outbound, Verdict};
+use super::{CloseSummary, Data, Direction, FrameHooks, Outbound, Verdict};
 use crate::config::{ConfigError, OnInvalid, ValidateConfig};
 use crate::metrics::RouteMetrics;
-use crate::proxy::CloseSummary;
 
 /// The longest close reason RFC 6455 allows (a control frame's 125 bytes, less the code).
 const MAX_CLOSE_REASON: usize = 123;
