@@ -15,10 +15,10 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::policy::lua::{Engine, LoadError};
 use crate::policy::shared::SharedDict;
-use crate::proxy::Shared;
 use crate::registry::Registry;
 use crate::reload::{ReloadError, Reloader};
 use crate::snapshot::{Snapshot, SnapshotError};
+use crate::state::Shared;
 use crate::worker::{self, Serves, WorkerError, Workers};
 
 /// Why a gateway could not start.
@@ -56,10 +56,6 @@ pub enum StartError {
     #[error("[shared]: {0}")]
     Shared(String),
 }
-
-/// A bound listener as the reloader keeps it: bound address, what it serves (with its
-/// configured address), and the token that stops accepting on it.
-pub(crate) type Bound = (SocketAddr, Serves, CancellationToken);
 
 /// A validated gateway, ready to start.
 pub struct Gateway {

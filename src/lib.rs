@@ -5,10 +5,15 @@
 //! - [`route`]: path resolvers, `(host, path) -> route`, over any [`route::Routable`];
 //!   [`route::origin`] a route's `Origin` allow-list ([`config::Route::allows_origin`]).
 //! - [`snapshot`] (`src/snapshot.rs`): everything derived from one configuration (routes,
-//!   router, TLS settings, script text), immutable and numbered; connections keep theirs.
+//!   router, TLS settings, script text), immutable and numbered; connections keep theirs;
+//!   `snapshot/tls.rs` the `wss://` listeners' certificates (SNI). `state`: what every
+//!   connection of the running gateway shares (the current snapshot, shutdown, registry,
+//!   metrics, pools), held by the workers, the proxy, the reloader and the admin API.
 //! - [`reload`] (`src/reload.rs`; `reload/watch.rs` for `server.watch`, `reload/drain.rs` for
 //!   `server.drain_old`): validate, compile on every worker, swap the snapshot.
-//! - [`policy`]: the hook trait the proxy calls at each phase, and its verdicts; no sockets.
+//! - [`policy`]: the hook traits the proxy calls at each phase, what they take and give
+//!   (`policy/data.rs` a data message, `policy/summary.rs` a connection's end) and their
+//!   verdicts; no sockets, and nothing from the proxy.
 //!   The Lua engine is `src/policy/lua/mod.rs` (one VM per worker and snapshot);
 //!   `src/policy/validate/` the `[route.validate]` JSON Schema layer around a route's hooks.
 //! - [`proxy`]: the upgrade (`proxy/upgrade.rs`, both handshakes), the relay loop
@@ -20,7 +25,8 @@
 //! - [`metrics`] (`src/metrics/`): per-worker counters, summed and encoded for Prometheus on
 //!   each scrape.
 //! - [`registry`] (`src/registry.rs`): the open connections, their tags, live counts and
-//!   bounded control channels, for the admin API.
+//!   bounded control channels, for the admin API; [`request_record`] the upgrade request as
+//!   the registry and the captures keep it, secrets masked.
 //! - [`jwt`] (`src/jwt/`): `[route.jwt]`: finding, verifying and stripping tokens; the
 //!   process-wide JWKS cache and its HTTPS fetches.
 //! - [`upstream`]: connecting to upstreams over TCP or TLS; [`upstream::pool`] the `[[upstream]]`
@@ -30,7 +36,7 @@
 //!   `proxy/pooled.rs` the attempts and retries before the 101; [`config::pool`] their tables.
 //! - `client_http`: the client's HTTP/1.1 side: request heads under a timeout, answers, the 101.
 //! - `listener`: the connection cap, serving one client connection (in its tracing span);
-//!   `listener/tls.rs` the `[[server.tls]]` listeners' certificates (SNI) and TLS handshake.
+//!   `listener/tls.rs` the `[[server.tls]]` listeners' TLS handshake.
 //! - `worker`: worker threads, each a current-thread runtime with its compiled policies per
 //!   live snapshot; `worker/accept.rs` the accept loops, `worker/admission.rs` the pending set.
 //! - [`capture`]: the traffic console's per-connection captures (a bounded ring of what each
@@ -84,9 +90,11 @@ pub mod policy_test;
 pub mod proxy;
 pub mod registry;
 pub mod reload;
+pub mod request_record;
 pub mod route;
 pub mod samples;
 pub mod snapshot;
+mod state;
 pub mod upstream;
 mod worker;
 

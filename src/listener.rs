@@ -21,8 +21,6 @@
 
 mod tls;
 
-pub(crate) use tls::server_config as tls_server_config;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;

@@ -17,9 +17,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::metrics::ReloadResult;
 use crate::policy::lua::{Engine, LoadError};
-use crate::proxy::Shared;
 use crate::snapshot::{Snapshot, SnapshotError};
+use crate::state::Shared;
 use crate::worker::{self, Command, Pool, Serves};
+
+/// A bound listener as the reloader keeps it: bound address, what it serves (with its
+/// configured address), and the token that stops accepting on it.
+pub(crate) type Bound = (SocketAddr, Serves, CancellationToken);
 
 /// Why a reload changed nothing. Its text is what `POST /admin/reload` answers and what is
 /// logged: `file:line:column: message` for configuration errors, `script:line: message` for
@@ -121,11 +125,7 @@ fn prepare_timeout(server: &ServerConfig) -> Duration {
 impl Reloader {
     /// A reloader for `shared`, whose workers are `pool`, listening on `listening`
     /// (bound address, what it serves, stop token).
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        pool: Arc<Pool>,
-        listening: Vec<crate::gateway::Bound>,
-    ) -> Reloader {
+    pub(crate) fn new(shared: Arc<Shared>, pool: Arc<Pool>, listening: Vec<Bound>) -> Reloader {
         let snapshot = shared.snapshot();
         Reloader {
             started: snapshot.config.server.clone(),

@@ -9,6 +9,8 @@
 //! own compiled [`Engine`](crate::policy::lua::Engine) per live snapshot number (see
 //! `worker::Engines`).
 
+mod tls;
+
 use std::sync::Arc;
 
 use crate::config::{Config, Route};
@@ -107,7 +109,7 @@ impl Snapshot {
             .server
             .tls
             .iter()
-            .map(|l| crate::listener::tls_server_config(l, &config.origin).map(|c| (l.listen, c)))
+            .map(|l| tls::server_config(l, &config.origin).map(|c| (l.listen, c)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(SnapshotError::Certificate)?;
         let routes = config

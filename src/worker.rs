@@ -38,8 +38,8 @@ use crate::config::Route;
 use crate::policy::lua::{Engine, LoadError};
 use crate::policy::shared::Backend;
 use crate::policy::{PolicyError, RoutePolicy};
-use crate::proxy::Shared;
 use crate::snapshot::Snapshot;
+use crate::state::Shared;
 
 pub(crate) use accept::bind;
 pub(crate) use admission::{Pending, PendingSet, Refusals};

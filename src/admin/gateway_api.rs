@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 use super::{AdminApi, BoxFuture};
 use crate::config::{Config, OnPolicyError, Route};
 use crate::fleet::registry::FleetRegistry;
-use crate::proxy::Shared;
 use crate::registry::Registry;
 use crate::reload::Reloader;
+use crate::state::Shared;
 
 /// [`AdminApi`] for one running gateway.
 pub(crate) struct GatewayApi {

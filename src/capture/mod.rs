@@ -31,7 +31,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{CaptureConfig, CaptureMode};
 use crate::metrics::Direction;
-use crate::registry::UpgradeRequest;
+use crate::request_record::UpgradeRequest;
 
 /// Who put a message on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,7 +511,7 @@ impl Capture {
     pub fn set_response<'a>(&self, headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
         let headers = headers
             .into_iter()
-            .take(crate::registry::MAX_HEADERS)
+            .take(crate::request_record::MAX_HEADERS)
             .map(|(n, v)| (n.to_owned(), String::from_utf8_lossy(v).into_owned()))
             .collect();
         let _ = self.response.set(headers);

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::proxy::Shared;
 use crate::registry::{Control, Filter, Registry};
+use crate::state::Shared;
 
 /// The close code and reason of a drained connection.
 pub(crate) const DRAIN_CLOSE: (u16, &str) = (1012, "service restart");

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{place, ServeFn, Serves, WorkerCtx};
-use crate::proxy::Shared;
+use crate::state::Shared;
 
 /// A listening socket made ready for this worker's runtime.
 pub(super) fn listener(listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
