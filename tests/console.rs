@@ -373,5 +373,20 @@ async fn the_console_shows_live_traffic_and_controls_a_connection_in_chromium() 
         Seen::Data(m) => assert_eq!(m, Message::text("late capture")),
         Seen::Close(frame) => panic!("the plain client closed: {frame:?}"),
     }
+
+    // Kicked while the pointer was over the list: its row stayed, marked closed (and no longer
+    // counted), until the pointer left.
+    let gone = &seen["gone"];
+    assert_eq!(gone["kicked"], 200, "{seen}");
+    assert_eq!(gone["kept"]["age"], "closed", "{seen}");
+    assert_eq!(gone["kept"]["count"], "(0)", "{seen}");
+    assert_eq!(gone["removed"], true, "{seen}");
+    match next_seen(&mut b_seen).await {
+        Seen::Close(frame) => assert_eq!(
+            frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+            Some((4002, "gone".to_owned()))
+        ),
+        Seen::Data(m) => panic!("expected the kick, got {m:?}"),
+    }
     gw.shutdown().await;
 }

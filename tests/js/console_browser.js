@@ -310,6 +310,31 @@ async function main() {
     });
     results.plain.messages = await page.evaluate(messageRows);
     results.plain.response_line = await page.$eval("[data-testid=response-line]", (e) => e.textContent);
+
+    step("gone");
+    // A connection that ends while the pointer is over the list keeps its row, marked closed,
+    // so that the rows do not move under the pointer; the row goes when the pointer leaves.
+    const plainRow = `[data-testid=conn-row][data-id="${plainId}"]`;
+    await page.hover(plainRow);
+    const kicked = await page.evaluate(
+      (id) => fetch(`/admin/connections/${id}?code=4002&reason=gone`, { method: "DELETE" }).then((r) => r.status),
+      plainId,
+    );
+    await waitFor("the closed connection's row kept under the pointer", (sel) => {
+      const tr = document.querySelector(sel);
+      return !!tr && tr.classList.contains("gone");
+    }, plainRow);
+    results.gone = {
+      kicked,
+      kept: await page.$eval(plainRow, (tr) => ({
+        age: tr.querySelector("[data-testid=conn-age]").textContent,
+        count: document.querySelector("[data-testid=conn-count]").textContent,
+      })),
+    };
+    await page.mouse.move(1, 1);
+    await waitFor("the closed connection's row to go once the pointer has left", (sel) =>
+      !document.querySelector(sel), plainRow);
+    results.gone.removed = true;
     results.page_errors = errors;
   } finally {
     await browser.close();

@@ -211,7 +211,8 @@
 
   // ---- connection list ----
 
-  const list = { rows: new Map(), conns: new Map(), filter: "" };
+  // gone: connections that ended while the pointer was over the list (id -> last data).
+  const list = { rows: new Map(), conns: new Map(), gone: new Map(), filter: "", pointerIn: false };
 
   function connMatches(c, f) {
     if (!f) return true;
@@ -227,7 +228,8 @@
     return tr;
   }
 
-  function fillConnRow(tr, c) {
+  function fillConnRow(tr, c, gone) {
+    tr.conn = c;
     const cells = tr.children;
     const m = c.messages || {};
     const set = (i, text) => {
@@ -237,7 +239,7 @@
     set(1, c.route || "");
     set(2, c.client || "");
     set(3, c.upstream || "");
-    set(4, formatAge(ageOf(c)));
+    set(4, gone ? "closed" : formatAge(ageOf(c)));
     set(5, `${m.client_to_upstream ?? 0} / ${m.upstream_to_client ?? 0}`);
     set(6, tagText(c.tags).join(" "));
     cells[3].title = c.upstream || "";
@@ -249,23 +251,34 @@
     const body = $("conn-rows");
     const f = list.filter;
     let shown = 0;
+    // A connection that ended leaves the list, and the rows below it move up. While the
+    // pointer is over the list its row stays instead, marked closed, so that a click meant
+    // for one connection cannot land on another; it goes when the pointer leaves.
     for (const [id, tr] of list.rows) {
-      if (!list.conns.has(id)) {
+      if (list.conns.has(id)) {
+        list.gone.delete(id);
+      } else if (list.pointerIn) {
+        if (!list.gone.has(id)) list.gone.set(id, tr.conn);
+      } else {
+        list.gone.delete(id);
         tr.remove();
         list.rows.delete(id);
       }
     }
     let before = null;
     // Ascending ids, as the API lists them; rows are reused so a click never hits a stale one.
-    for (const c of [...list.conns.values()].reverse()) {
+    const all = [...list.conns.values(), ...list.gone.values()].sort((a, b) => a.id - b.id);
+    for (const c of all.reverse()) {
       let tr = list.rows.get(c.id);
       if (!tr) {
         tr = connRow(c);
         list.rows.set(c.id, tr);
       }
-      fillConnRow(tr, c);
+      const gone = list.gone.has(c.id);
+      fillConnRow(tr, c, gone);
+      tr.classList.toggle("gone", gone);
       tr.hidden = !connMatches(c, f);
-      if (!tr.hidden) shown++;
+      if (!tr.hidden && !gone) shown++;
       if (tr.nextSibling !== before || tr.parentNode !== body) body.insertBefore(tr, before);
       before = tr;
     }
@@ -710,6 +723,13 @@
       if (tr) select(Number(tr.dataset.id));
     };
     $("conn-rows").addEventListener("click", pick);
+    $("conn-rows").addEventListener("mouseenter", () => {
+      list.pointerIn = true;
+    });
+    $("conn-rows").addEventListener("mouseleave", () => {
+      list.pointerIn = false;
+      renderList();
+    });
     $("conn-rows").addEventListener("keydown", (e) => {
       if (e.key === "Enter" || e.key === " ") {
         e.preventDefault();
