@@ -318,7 +318,8 @@ fn hex(bytes: &[u8]) -> String {
 /// How a connection ended, as its capture shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Closed {
-    /// The close code the client got (1006 when it got none).
+    /// The close code of the connection's close line (1006 for a dropped connection, even when
+    /// the other side was sent 1011 or 1001).
     pub code: u16,
     /// Its reason.
     pub reason: String,

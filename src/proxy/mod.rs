@@ -21,6 +21,6 @@ mod upgrade;
 
 pub use close::{CloseSummary, ClosedBy, Side, Traffic};
 
-pub(crate) use upgrade::{handle, Accepted, Handled, Rejection};
+pub(crate) use upgrade::{handle, Abandoned, Accepted, Handled, Rejection};
 
 pub(crate) use crate::state::Shared;

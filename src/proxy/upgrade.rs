@@ -652,9 +652,9 @@ impl Accepted {
         std::mem::take(&mut self.response)
     }
 
-    /// Ends an upgrade whose client is gone before the relay (where another HTTP stack wrote
-    /// the 101): the upstream is told, `on_close` runs and the close line is written.
-    pub(crate) async fn abandon(self: Box<Self>, reason: String) {
+    /// Ends an upgrade that never reached the relay (where another HTTP stack wrote the 101):
+    /// the upstream is told, `on_close` runs and the close line is written.
+    pub(crate) async fn abandon(self: Box<Self>, why: Abandoned) {
         let close_timeout = self.snapshot.config.server.close_timeout;
         let Accepted {
             upstream,
@@ -664,7 +664,6 @@ impl Accepted {
             ..
         } = *self;
         let opened = tokio::time::Instant::now();
-        let why = (reason, ClosedBy::Client);
         Box::pin(abandon(
             upstream,
             hooks,
@@ -711,13 +710,13 @@ impl Accepted {
             Err(e) => Err(e),
         };
         if let Err(e) = written {
-            let reason = format!("client left during the upgrade: {e}");
+            let why = Abandoned::client_left(format!("client left during the upgrade: {e}"));
             return Box::pin(abandon(
                 upstream,
                 hooks,
                 summary,
                 opened,
-                (reason, ClosedBy::Client),
+                why,
                 close_timeout,
                 span,
             ))
@@ -864,37 +863,68 @@ fn count_close(metrics: &RouteMetrics, ending: &super::close::Ending, summary: &
     }
 }
 
-/// Ends a connection that never reached the relay: the upstream is told the client is gone,
+/// Why an upgrade ended before its relay: the close line's reason, who ended it, and the
+/// close frame the upstream gets.
+pub(crate) struct Abandoned {
+    reason: String,
+    closed_by: ClosedBy,
+    upstream: &'static str,
+}
+
+impl Abandoned {
+    /// The client left (or its 101 could not be written): the upstream gets 1001
+    /// `client connection lost`.
+    pub(crate) fn client_left(reason: String) -> Abandoned {
+        Abandoned {
+            reason,
+            closed_by: ClosedBy::Client,
+            upstream: super::close::reasons::CLIENT_LOST,
+        }
+    }
+
+    /// The gateway is shutting down: 1001 `server shutting down`, as for a relayed connection.
+    pub(crate) fn shutdown() -> Abandoned {
+        Abandoned {
+            reason: super::close::reasons::SHUTDOWN.to_owned(),
+            closed_by: ClosedBy::Gateway,
+            upstream: super::close::reasons::SHUTDOWN,
+        }
+    }
+
+    /// The gateway cannot go on with the client's stream (`reason` says why).
+    pub(crate) fn gateway(reason: String) -> Abandoned {
+        Abandoned {
+            reason,
+            closed_by: ClosedBy::Gateway,
+            upstream: super::close::reasons::CLIENT_LOST,
+        }
+    }
+}
+
+/// Ends a connection that never reached the relay: the upstream is told with a 1001,
 /// `on_close` runs (it may release what `on_upgrade` took) and the close line is written.
 async fn abandon(
     mut upstream: Leg,
     mut hooks: Box<dyn FrameHooks>,
     mut summary: CloseSummary,
     opened: tokio::time::Instant,
-    (reason, closed_by): (String, ClosedBy),
+    why: Abandoned,
     close_timeout: std::time::Duration,
     span: tracing::Span,
 ) {
-    let _ = tokio::time::timeout(
-        close_timeout,
-        upstream.close(Some(&frame_for_lost_client())),
-    )
-    .await;
-    summary.reason = reason;
-    summary.closed_by = closed_by;
+    let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away,
+        reason: why.upstream.into(),
+    };
+    let _ = tokio::time::timeout(close_timeout, upstream.close(Some(&frame))).await;
+    summary.reason = why.reason;
+    summary.closed_by = why.closed_by;
     summary.duration = opened.elapsed();
     span.in_scope(|| hooks.on_close(&summary));
     if let Some(rest) = hooks.close_pending() {
         tracing::Instrument::instrument(rest, span.clone()).await;
     }
     span.in_scope(|| summary.log());
-}
-
-fn frame_for_lost_client() -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
-    tokio_tungstenite::tungstenite::protocol::CloseFrame {
-        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away,
-        reason: super::close::reasons::CLIENT_LOST.into(),
-    }
 }
 
 /// The earlier of the route's deadline and one a policy asked for (a wall-clock time).

@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
-use super::{Accepted, Shared};
+use super::{Abandoned, Accepted, Shared};
 use crate::client_http::RequestHead;
 use crate::config::HttpMode;
 use crate::snapshot::Snapshot;
@@ -245,7 +245,7 @@ where
                 // A response still going (a long poll) gets `close_timeout` to end.
                 let _ = tokio::time::timeout(close_timeout, connection.as_mut()).await;
                 if let Some((_, accepted)) = conn.take_upgrade() {
-                    accepted.abandon("server shutting down".into()).await;
+                    accepted.abandon(Abandoned::shutdown()).await;
                 }
                 return None;
             }
@@ -256,7 +256,9 @@ where
     if let Err(e) = ended {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
         accepted
-            .abandon(format!("client left during the upgrade: {e}"))
+            .abandon(Abandoned::client_left(format!(
+                "client left during the upgrade: {e}"
+            )))
             .await;
         return None;
     }
@@ -264,7 +266,9 @@ where
         Ok(upgraded) => upgraded,
         Err(e) => {
             accepted
-                .abandon(format!("client left during the upgrade: {e}"))
+                .abandon(Abandoned::client_left(format!(
+                    "client left during the upgrade: {e}"
+                )))
                 .await;
             return None;
         }
@@ -273,7 +277,9 @@ where
         Ok(parts) => parts,
         Err(_) => {
             accepted
-                .abandon("the upgraded stream is not the client's".into())
+                .abandon(Abandoned::gateway(
+                    "the upgraded stream is not the client's".into(),
+                ))
                 .await;
             return None;
         }
