@@ -17,6 +17,8 @@
 
 (() => {
   const POLL_MS = 1000;
+  // Closed connections' rows kept while the pointer rests on the list (see renderList).
+  const MAX_GONE = 200;
   const LIST_LIMIT = 1000;
   // The page keeps at most this many entries of one connection (the gateway keeps fewer).
   const MAX_ENTRIES = 2000;
@@ -253,11 +255,12 @@
     let shown = 0;
     // A connection that ended leaves the list, and the rows below it move up. While the
     // pointer is over the list its row stays instead, marked closed, so that a click meant
-    // for one connection cannot land on another; it goes when the pointer leaves.
+    // for one connection cannot land on another; it goes when the pointer leaves (or when
+    // MAX_GONE rows are kept already: a busy gateway's churn must not grow the page).
     for (const [id, tr] of list.rows) {
       if (list.conns.has(id)) {
         list.gone.delete(id);
-      } else if (list.pointerIn) {
+      } else if (list.pointerIn && (list.gone.has(id) || list.gone.size < MAX_GONE)) {
         if (!list.gone.has(id)) list.gone.set(id, tr.conn);
       } else {
         list.gone.delete(id);
