@@ -78,8 +78,10 @@ impl Data {
     }
 }
 
-/// Whether `bytes` are UTF-8 (simdutf8, with SIMD chosen at run time).
-fn is_utf8(bytes: &[u8]) -> bool {
+/// Whether `bytes` are UTF-8: simdutf8's check, with SIMD chosen at run time (several times
+/// faster than std's on the relayed sizes). The proxy checks the text it relays byte for byte
+/// with it too.
+pub fn is_utf8(bytes: &[u8]) -> bool {
     simdutf8::basic::from_utf8(bytes).is_ok()
 }
 

@@ -28,7 +28,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use crate::header_fields::HeaderFields;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-pub use data::Data;
+pub use data::{is_utf8, Data};
 pub use summary::{CloseSummary, ClosedBy, Traffic};
 
 /// Which way a message travels.

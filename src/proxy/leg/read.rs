@@ -16,7 +16,7 @@ use super::super::frame::{self, ClosePayload, FrameError, OpCode};
 use super::super::meter::Tally;
 use super::{Arrived, Check, Leg, Sink};
 use crate::capture::{Capture, Kind, Seen};
-use crate::policy::Data;
+use crate::policy::{self, Data};
 
 /// The smallest buffer a partial frame is kept in.
 const MIN_PARTIAL: usize = 4 * 1024;
@@ -93,21 +93,15 @@ pub(super) struct Streaming {
     total: usize,
 }
 
-/// Whether `bytes` are UTF-8: simdutf8's check, with SIMD chosen at run time (several times
-/// faster than std's on the text messages relayed byte for byte).
-fn is_text(bytes: &[u8]) -> bool {
-    simdutf8::basic::from_utf8(bytes).is_ok()
-}
-
 /// Whether the payload of the whole `frame` is UTF-8. A masked payload is unmasked to be
 /// checked, then masked again with its own key, so that the frame is left as it came.
 fn is_utf8(frame: &mut [u8], header: &frame::Header) -> bool {
     let payload = &mut frame[header.header_len..];
     let Some(key) = header.mask else {
-        return is_text(payload);
+        return policy::is_utf8(payload);
     };
     frame::apply_mask(payload, key);
-    let valid = is_text(payload);
+    let valid = policy::is_utf8(payload);
     frame::apply_mask(payload, key);
     valid
 }
@@ -503,7 +497,7 @@ impl Leg {
                             }
                             continue;
                         }
-                        if text && !is_text(payload) {
+                        if text && !policy::is_utf8(payload) {
                             return Err(Ending::BadUtf8(self.side));
                         }
                         self.pass_through(sink, text, payload, arrived)?;
@@ -555,7 +549,7 @@ impl Leg {
                                 return Ok(true);
                             }
                         } else {
-                            if text && !is_text(&data) {
+                            if text && !policy::is_utf8(&data) {
                                 return Err(Ending::BadUtf8(self.side));
                             }
                             self.pass_through(sink, text, &data, arrived)?;
@@ -607,7 +601,7 @@ impl Leg {
             let message = self.message(text, Bytes::from(data))?;
             return hook(message, arrived, &mut self.out);
         }
-        if text && !is_text(&data) {
+        if text && !policy::is_utf8(&data) {
             return Err(Ending::BadUtf8(self.side));
         }
         self.pass_through(sink, text, &data, arrived)?;
